@@ -1,0 +1,129 @@
+"""What lazyhasty accepts as a "loader", and how models are run over one.
+
+A loader is any iterable of batches. A batch is a tensor (the inputs), a tuple/list whose first
+element is the input tensor (the rest, e.g. labels or ``None``, is ignored) or a dict with key ``"x"``.
+A bare tensor passed as the loader itself is the whole probe set, cut into batches of
+``DEFAULT_BATCH_SIZE`` examples along dim 0.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+DEFAULT_BATCH_SIZE = 1024
+
+
+def batch_inputs(batch) -> torch.Tensor:
+    """The input tensor ``x`` of one batch (see the module docstring for the accepted forms)."""
+    if isinstance(batch, torch.Tensor):
+        x = batch
+    elif isinstance(batch, Mapping):
+        if "x" not in batch:
+            raise ValueError(f"a dict batch must have the key 'x' (the inputs); got keys {sorted(map(str, batch))}")
+        x = batch["x"]
+    elif isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise ValueError("a tuple/list batch must have the inputs as its first element; got an empty one")
+        x = batch[0]
+    else:
+        raise TypeError(
+            f"cannot read inputs from a batch of type {type(batch).__name__}: expected a tensor, a tuple/list "
+            "whose first element is the input tensor, or a dict with key 'x'"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"the inputs of a batch must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError("the inputs of a batch must have a batch dimension (dim 0); got a 0-d tensor")
+    return x
+
+
+def iter_inputs(loader, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+    """Yield the input tensor of every non-empty batch of ``loader``, moved to ``device``.
+
+    Raises ``ValueError`` when the loader yields no example at all.
+    """
+    if isinstance(loader, torch.Tensor):
+        if loader.dim() == 0:
+            raise ValueError("a tensor loader must have a batch dimension (dim 0)")
+        loader = loader.split(DEFAULT_BATCH_SIZE)
+    elif not isinstance(loader, Iterable):
+        raise TypeError(f"a loader must be an iterable of batches, got {type(loader).__name__}")
+    seen = 0
+    for batch in loader:
+        x = batch_inputs(batch)
+        if x.shape[0] == 0:
+            continue
+        seen += x.shape[0]
+        yield x.to(device, non_blocking=True) if device is not None else x
+    if seen == 0:
+        raise ValueError("the loader is empty: it yielded no examples")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module with neither)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(*models: nn.Module):
+    """Run models in eval mode (dropout off, BatchNorm on running stats) and restore their modes after."""
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for per_model in modes:
+            for m, training in per_model:
+                m.training = training
+
+
+def check_same_architecture(model: nn.Module, reference: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first difference between two modules' parameter/buffer layouts."""
+    a, b = model.state_dict(), reference.state_dict()
+    missing = [k for k in a if k not in b]
+    extra = [k for k in b if k not in a]
+    if missing or extra:
+        raise ValueError(
+            "reference is not the same architecture as model: "
+            f"entries only in model: {missing[:5]}, only in reference: {extra[:5]}"
+        )
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(
+                f"reference is not the same architecture as model: {k!r} has shape "
+                f"{tuple(b[k].shape)} in reference and {tuple(a[k].shape)} in model"
+            )
+
+
+def as_reference_module(model: nn.Module, reference) -> nn.Module:
+    """``reference`` as a module: a module of the same architecture, or a state_dict loaded into a copy."""
+    import copy
+
+    if isinstance(reference, nn.Module):
+        check_same_architecture(model, reference)
+        return reference
+    if isinstance(reference, Mapping):
+        ref = copy.deepcopy(model)
+        own = ref.state_dict()
+        bad_shapes = [
+            k for k, v in reference.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+        ]
+        missing = [k for k in own if k not in reference]
+        extra = [k for k in reference if k not in own]
+        if missing or extra or bad_shapes:
+            raise ValueError(
+                "reference state_dict does not match the model's architecture: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}, shape mismatch {bad_shapes[:5]}"
+            )
+        ref.load_state_dict(reference)
+        return ref
+    raise TypeError(f"reference must be an nn.Module or a state_dict, got {type(reference).__name__}")

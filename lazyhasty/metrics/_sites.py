@@ -1,0 +1,132 @@
+"""Finding and hooking the modules whose outputs (or inputs) a probe reads."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+def relu_modules(model: nn.Module, modules: Sequence[nn.Module | str] | None = None) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every ``nn.ReLU`` in ``model`` (or of the given modules / names).
+
+    Functional ``F.relu`` / ``torch.relu`` calls cannot be observed: wrap them in ``nn.ReLU`` modules.
+    """
+    named = list(model.named_modules())
+    if modules is None:
+        found = [(name, m) for name, m in named if isinstance(m, nn.ReLU)]
+        if not found:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.ReLU module: sign similarity needs ReLU modules "
+                "(functional F.relu calls cannot be hooked; use nn.ReLU or pass modules=[...])"
+            )
+        return found
+    if isinstance(modules, (nn.Module, str)):
+        modules = [modules]
+    if len(modules) == 0:
+        raise ValueError("modules= is empty: pass None for all nn.ReLU modules, or a list of modules/names")
+    by_id = {id(m): name for name, m in named}
+    by_name = dict(named)
+    out = []
+    for m in modules:
+        if isinstance(m, str):
+            if m not in by_name:
+                raise ValueError(f"model has no submodule named {m!r}")
+            out.append((m, by_name[m]))
+        elif isinstance(m, nn.Module):
+            if id(m) not in by_id:
+                raise ValueError(f"module {type(m).__name__} given in modules= is not a submodule of the model")
+            out.append((by_id[id(m)], m))
+        else:
+            raise TypeError(f"modules= entries must be modules or qualified names, got {type(m).__name__}")
+    return out
+
+
+def same_modules(reference: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The modules of ``reference`` with the given qualified names (a clear error if one is missing)."""
+    by_name = dict(reference.named_modules())
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"reference has no submodule named {missing[0]!r}: is it the same architecture as the model?")
+    return [(n, by_name[n]) for n in names]
+
+
+def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> tuple[str, nn.Module]:
+    """The representation layer: ``layer`` (module or qualified name) or the last ``nn.Linear``."""
+    named = list(model.named_modules())
+    if layer is None:
+        linears = [(name, m) for name, m in named if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(
+                f"{type(model).__name__} has no nn.Linear: the default representation is the input of the last "
+                "nn.Linear; pass layer= (a module or its qualified name)"
+            )
+        return linears[-1]
+    if isinstance(layer, str):
+        by_name = dict(named)
+        if layer not in by_name:
+            raise ValueError(f"model has no submodule named {layer!r}")
+        return layer, by_name[layer]
+    if isinstance(layer, nn.Module):
+        for name, m in named:
+            if m is layer:
+                return name, m
+        raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
+    raise TypeError(f"layer must be a module, a qualified name or None, got {type(layer).__name__}")
+
+
+class CallRecorder:
+    """Forward hooks calling ``fn(site_name, tensor)`` on each call of each module, in call order.
+
+    A module called several times per forward (e.g. one ``nn.ReLU`` reused in a block) gives one site
+    per call, named ``"name"``, ``"name#1"``, ``"name#2"``...
+    """
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]], fn: Callable[[str, torch.Tensor], None],
+                 where: str = "output"):
+        if where not in ("output", "input"):
+            raise ValueError(f"where must be 'output' or 'input', got {where!r}")
+        self.fn = fn
+        self.calls: dict[str, int] = {}
+        self.handles = []
+        for name, m in modules:
+            if where == "output":
+                self.handles.append(m.register_forward_hook(self._out_hook(name)))
+            else:
+                self.handles.append(m.register_forward_pre_hook(self._in_hook(name)))
+
+    def _site(self, name: str) -> str:
+        k = self.calls.get(name, 0)
+        self.calls[name] = k + 1
+        return name if k == 0 else f"{name}#{k}"
+
+    def _call(self, name, t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"module {name!r} produced a {type(t).__name__}, expected a tensor")
+        self.fn(self._site(name), t)
+
+    def _out_hook(self, name):
+        def hook(module, args, output):
+            self._call(name, output)
+        return hook
+
+    def _in_hook(self, name):
+        def hook(module, args):
+            if len(args) == 0:
+                raise TypeError(f"module {name!r} was called without a positional input")
+            self._call(name, args[0])
+        return hook
+
+    def new_forward(self) -> None:
+        self.calls.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()

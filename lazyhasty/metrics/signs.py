@@ -1,0 +1,238 @@
+"""ReLU sign similarity: the fraction of (example, unit) pairs whose on/off status is unchanged since init.
+
+The hot path packs each ReLU site's signs into 32-bit words and compares them by XOR + popcount
+(:mod:`lazyhasty.ops.signs`), so a probe set costs ``n * units / 8`` bytes, not ``n * units`` booleans,
+and the stateful :class:`SignPatterns` keeps the init model's words so it is not rerun at every log.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._loaders import as_reference_module, evaluating, iter_inputs, model_device
+from ..ops.signs import pack_signs, sign_mismatch
+from ._sites import CallRecorder, relu_modules, same_modules
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+
+
+class _Pass:
+    """One forward of a model with hooks on its sign sites; either packs or compares against given words."""
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]], backend: str | None, role: str):
+        self.relu = {name: isinstance(m, nn.ReLU) for name, m in modules}
+        self.backend = backend
+        self.role = role
+        self.recorder = CallRecorder(modules, self._on_call)
+        self.reset(None)
+        self.active = False
+
+    def reset(self, against: "_BatchWords | None") -> None:
+        self.recorder.new_forward()
+        self.active = True
+        self.against = against
+        self.sites: list[str] = []
+        self.units: list[int] = []
+        self.bits: list[torch.Tensor] = []
+        self.nan_flags: list[torch.Tensor] = []
+        self.counts: torch.Tensor | None = None
+
+    def _on_call(self, site: str, t: torch.Tensor) -> None:
+        if not self.active:  # the model and the reference may share modules (even be one object)
+            return
+        if t.dim() == 0:
+            raise ValueError(f"module {site!r} returned a 0-d tensor: sign patterns need a batch dimension")
+        x = _flat(t.detach())
+        base = site.split("#")[0]
+        # ReLU outputs are >= 0 or NaN, so their sum is NaN exactly when one is NaN: one cheap reduction.
+        self.nan_flags.append(x.sum(dtype=torch.float32).isnan() if self.relu[base] else x.isnan().any())
+        k = len(self.sites)
+        self.sites.append(site)
+        self.units.append(x.shape[1])
+        if self.against is None:
+            self.bits.append(pack_signs(x, backend=self.backend))
+            return
+        ref = self.against
+        if k >= len(ref.sites) or ref.sites[k] != site or ref.units[k] != x.shape[1]:
+            theirs = f"{ref.sites[k]!r} with {ref.units[k]} units" if k < len(ref.sites) else "nothing"
+            raise ValueError(
+                f"sign site {k} is {site!r} with {x.shape[1]} units in the model but {theirs} in the reference: "
+                "the model and the reference must be the same architecture"
+            )
+        c = sign_mismatch(x, ref.bits[k], backend=self.backend)
+        self.counts = c if self.counts is None else self.counts + c
+
+    def check(self, other_sites: list[str] | None = None) -> None:
+        self.active = False
+        if not self.sites:
+            raise ValueError("no hooked module ran during the forward pass: nothing to compare")
+        if self.nan_flags and bool(torch.stack(self.nan_flags).any()):
+            bad = next(s for s, f in zip(self.sites, self.nan_flags) if bool(f))
+            raise ValueError(f"NaN in the activations of {bad!r} ({self.role}): sign similarity is undefined")
+        if other_sites is not None and len(other_sites) != len(self.sites):
+            raise ValueError(
+                f"the {self.role} ran {len(self.sites)} sign sites but the reference ran {len(other_sites)}: "
+                "not the same architecture"
+            )
+
+
+class _BatchWords:
+    def __init__(self, sites, units, bits):
+        self.sites, self.units, self.bits = sites, units, bits
+
+
+def _fingerprint(x: torch.Tensor) -> torch.Tensor:
+    f = x.reshape(x.shape[0], -1).double()
+    return torch.stack([f.sum(1), (f * f).sum(1)], 1).cpu()
+
+
+class SignPatterns:
+    """Packed ReLU sign patterns of a reference model (the model at init) on a fixed probe set.
+
+    Capture once, compare at every logging step without rerunning the reference::
+
+        init = SignPatterns.capture(model_at_init, probe_loader)      # n * units / 8 bytes
+        ...
+        s = init.similarity(model, probe_loader)                      # float in [0, 1]
+
+    The probe loader must yield the same examples in the same order each time (a fingerprint of every
+    example's inputs is stored and checked). ``bits[k]`` is ``[n, ceil(units[k] / 32)]`` int32 for site
+    ``sites[k]`` (a module name, with ``#j`` for the j-th extra call of a module called several times).
+    """
+
+    def __init__(self, module_names: list[str], sites: list[str], units: list[int], bits: list[torch.Tensor],
+                 fingerprints: torch.Tensor):
+        self.module_names = module_names
+        self.sites = sites
+        self.units = units
+        self.bits = bits
+        self.fingerprints = fingerprints
+
+    @property
+    def n(self) -> int:
+        return self.fingerprints.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.bits)
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, reference: nn.Module, loader, *, modules: Sequence[nn.Module | str] | None = None,
+                backend: str | None = None) -> "SignPatterns":
+        """Run ``reference`` (eval mode) over ``loader`` and keep its packed sign patterns."""
+        named = relu_modules(reference, modules)
+        device = model_device(reference)
+        run = _Pass(named, backend, "reference")
+        sites, units, chunks, prints = None, None, [], []
+        try:
+            with evaluating(reference):
+                for x in iter_inputs(loader, device):
+                    run.reset(None)
+                    reference(x)
+                    run.check(sites)
+                    if sites is None:
+                        sites, units = list(run.sites), list(run.units)
+                    elif run.sites != sites or run.units != units:
+                        raise ValueError("the sign sites changed between batches (inputs of different sizes?)")
+                    chunks.append(run.bits)
+                    prints.append(_fingerprint(x))
+        finally:
+            run.recorder.remove()
+        bits = [torch.cat([c[k] for c in chunks]) for k in range(len(sites))]
+        return cls([n for n, _ in named], sites, units, bits, torch.cat(prints))
+
+    def to(self, device) -> "SignPatterns":
+        return SignPatterns(self.module_names, self.sites, self.units, [b.to(device) for b in self.bits],
+                            self.fingerprints)
+
+    @torch.no_grad()
+    def similarity(self, model: nn.Module, loader, *, reduction: str = "mean", backend: str | None = None):
+        """Sign similarity of ``model`` with the captured reference on the same probe set.
+
+        ``reduction="mean"``: a float, matching units over all ``n * sum(units)`` pairs.
+        ``reduction="none"``: ``[n]`` float64, per-example fraction of matching units.
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        named = same_modules(model, self.module_names)
+        device = model_device(model)
+        bits = [b.to(device) for b in self.bits]
+        run = _Pass(named, backend, "model")
+        counts, start = [], 0
+        try:
+            with evaluating(model):
+                for x in iter_inputs(loader, device):
+                    b = x.shape[0]
+                    if start + b > self.n:
+                        raise ValueError(f"the loader yields more than the {self.n} examples captured")
+                    if not torch.allclose(_fingerprint(x), self.fingerprints[start:start + b], rtol=1e-5, atol=1e-6):
+                        raise ValueError(
+                            f"examples {start}..{start + b - 1} differ from the captured probe set: the loader "
+                            "must yield the same examples in the same order (no shuffling)"
+                        )
+                    run.reset(_BatchWords(self.sites, self.units, [w[start:start + b] for w in bits]))
+                    model(x)
+                    run.check(self.sites)
+                    counts.append(run.counts)
+                    start += b
+        finally:
+            run.recorder.remove()
+        if start != self.n:
+            raise ValueError(f"the loader yielded {start} examples but {self.n} were captured")
+        return _reduce(torch.cat(counts), sum(self.units), reduction)
+
+
+def _reduce(mismatches: torch.Tensor, units_per_example: int, reduction: str):
+    if reduction == "none":
+        return 1.0 - mismatches.double().cpu() / units_per_example
+    total = mismatches.sum().item()
+    return 1.0 - total / (mismatches.shape[0] * units_per_example)
+
+
+@torch.no_grad()
+def sign_similarity(model: nn.Module, loader, reference, *, modules: Sequence[nn.Module | str] | None = None,
+                    reduction: str = "mean", backend: str | None = None):
+    """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.
+
+    Pooled over all units of all ``nn.ReLU`` modules of ``model`` (or of ``modules``, given as modules of
+    ``model`` or qualified names). ``reference`` is the model at init: a module of the same architecture or
+    its state_dict. Both run in eval mode under ``torch.no_grad`` on each batch, so any loader works,
+    shuffled or not. ``reduction="none"`` gives ``[n]`` per-example similarities.
+
+        s = sign_similarity(model, probe_loader, init_state_dict)    # 1.0 at init, lower as ReLUs flip
+
+    With math: ``1 - sum_i sum_u [sign(h_u(x_i)) != sign(h0_u(x_i))] / (n U)`` where ``sign`` means ``> 0``.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    ref = as_reference_module(model, reference)
+    named = relu_modules(model, modules)
+    names = [n for n, _ in named]
+    ref_named = same_modules(ref, names)
+    device, ref_device = model_device(model), model_device(ref)
+    ref_run = _Pass(ref_named, backend, "reference")
+    run = _Pass(named, backend, "model")
+    counts, units = [], None
+    try:
+        with evaluating(model, ref):
+            for x in iter_inputs(loader, device):
+                ref_run.reset(None)
+                ref(x.to(ref_device))
+                ref_run.check()
+                words = _BatchWords(ref_run.sites, ref_run.units, [w.to(device) for w in ref_run.bits])
+                run.reset(words)
+                model(x)
+                run.check(ref_run.sites)
+                if units is not None and sum(run.units) != units:
+                    raise ValueError("the number of ReLU units changed between batches (inputs of different sizes?)")
+                units = sum(run.units)
+                counts.append(run.counts)
+    finally:
+        ref_run.recorder.remove()
+        run.recorder.remove()
+    return _reduce(torch.cat(counts), units, reduction)
