@@ -8,9 +8,20 @@
 #pragma once
 #include <cstdint>
 
+#ifndef LAZYHASTY_HD
+#define LAZYHASTY_HD
+#endif
+
 namespace lazyhasty {
 
-inline int64_t sign_words(int64_t units) { return (units + 31) / 32; }
+LAZYHASTY_HD inline int64_t sign_words(int64_t units) { return (units + 31) / 32; }
+
+// Valid bits of word w: all 32 except in the last word of a row whose unit count is not a multiple of
+// 32. Reference words may carry garbage past u (e.g. a column slice of wider words): it is ignored.
+LAZYHASTY_HD inline uint32_t word_mask(int64_t w, int64_t u) {
+  const int64_t rem = u - w * 32;
+  return rem >= 32 ? 0xffffffffu : ((1u << rem) - 1u);
+}
 
 // out[r * so0 + w] = packed signs of row r, words w < sign_words(u).
 void pack_signs_cpu(int elem_size, const void* x, int64_t n, int64_t u, int64_t sx0, int64_t sx1,

@@ -36,7 +36,7 @@ void mismatch_impl(const T* x, int64_t n, int64_t u, int64_t sx0, int64_t sx1, c
     const T* row = x + r * sx0;
     const uint32_t* ref_row = ref + r * sr0;
     for (int64_t w = 0; w < words; ++w)
-      diff += __builtin_popcount(pack_word(row, sx1, w * 32, u) ^ ref_row[w]);
+      diff += __builtin_popcount((pack_word(row, sx1, w * 32, u) ^ ref_row[w]) & word_mask(w, u));
     counts[r] = diff;
   }
 }

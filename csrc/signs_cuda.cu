@@ -2,6 +2,7 @@
 // 32 w + l, so a warp's loads are contiguous (coalesced) when the unit stride is 1.
 #include <cuda_runtime.h>
 
+#define LAZYHASTY_HD __host__ __device__
 #include "signs.h"
 
 namespace lazyhasty {
@@ -41,7 +42,7 @@ __global__ void mismatch_kernel(const T* __restrict__ x, int64_t n, int64_t u, i
       const int64_t c = w * 32 + lane;
       const bool pos = c < u && x[r * sx0 + c * sx1] > 0;
       const uint32_t word = __ballot_sync(0xffffffffu, pos);
-      diff += __popc(word ^ ref[r * sr0 + w]);  // every lane holds the same word: lane 0 adds
+      diff += __popc((word ^ ref[r * sr0 + w]) & word_mask(w, u));  // every lane holds the same word: lane 0 adds
     }
     if (lane == 0 && diff) atomicAdd(counts + r, static_cast<unsigned long long>(diff));
   }

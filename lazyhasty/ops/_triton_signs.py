@@ -54,7 +54,10 @@ def sign_mismatch_kernel(x_ptr, ref_ptr, part_ptr, n, u, words, sx0, sx1, sr0, n
     wcols = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
     mask = (rows[:, None] < n) & (wcols[None, :] < words)
     ref = tl.load(ref_ptr + rows[:, None].to(tl.int64) * sr0 + wcols[None, :], mask=mask, other=0)
-    diff = _popcount32(w ^ ref.to(tl.uint32, bitcast=True))
+    # Bits past u in the last word are ignored (reference words may carry garbage there).
+    rem = u - wcols * 32
+    valid = tl.where(rem >= 32, 0xFFFFFFFF, (tl.full([BLOCK_W], 1, tl.uint32) << tl.minimum(rem, 31).to(tl.uint32)) - 1)
+    diff = _popcount32((w ^ ref.to(tl.uint32, bitcast=True)) & valid.to(tl.uint32)[None, :])
     # Per-(row, chunk) partial sums instead of atomics: deterministic, and summed by torch after.
     partial = tl.sum(diff.to(tl.int32), axis=1)
     tl.store(part_ptr + rows.to(tl.int64) * n_chunks + pid_w, partial, mask=rows < n)

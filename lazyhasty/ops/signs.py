@@ -6,7 +6,8 @@ Two ops, each on four backends (torch, cpp, cuda, triton; see :mod:`lazyhasty._b
 int32 words, bit ``b`` of word ``w`` being ``x[:, 32 w + b] > 0``; bits past ``u`` are zero.
 
 ``sign_mismatch(x, bits) -> counts``: ``[n]`` int64, the number of units whose sign ``x > 0`` differs
-from the stored bit: ``popcount(pack(x) XOR bits)`` per row, without writing ``pack(x)``.
+from the stored bit: ``popcount(pack(x) XOR bits)`` per row (bits past ``u`` ignored), without
+writing ``pack(x)``.
 
 Both are ``torch.library.custom_op`` s (``lazyhasty::pack_signs``, ``lazyhasty::sign_mismatch``) with fake
 implementations, so they trace under ``torch.compile``.
@@ -77,7 +78,11 @@ def _popcount32_torch(v: torch.Tensor) -> torch.Tensor:
 
 
 def _mismatch_torch(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    return _popcount32_torch(_pack_torch(x) ^ bits).sum(1)
+    diff = _pack_torch(x) ^ bits
+    rem = x.shape[1] % 32
+    if rem:  # ignore whatever the reference words hold past u
+        diff[:, -1] &= (1 << rem) - 1
+    return _popcount32_torch(diff).sum(1)
 
 
 # --- compiled backends ----------------------------------------------------------------------------
