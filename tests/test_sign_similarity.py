@@ -1,0 +1,133 @@
+"""sign_similarity / SignPatterns against reference.sign_similarity on every backend."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import SignPatterns, sign_similarity
+
+from conftest import CPU_BACKENDS, CUDA_BACKENDS
+from models import SmallCNN, batches, mlp, perturbed
+
+
+def _pair(kind):
+    if kind == "mlp":  # units 1, 31, 1007 per layer: none divides a 32-bit word evenly but 31 < 32
+        m0 = mlp((2, 1, 31, 1007, 1))
+        x = torch.randn(513, 2)
+    else:
+        m0 = SmallCNN()
+        x = torch.randn(513, 1, 9, 9)
+    return m0, perturbed(m0), x
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("n", [1, 513])
+def test_matches_reference(backend, kind, n):
+    m0, m, x = _pair(kind)
+    x = x[:n]
+    want = R.sign_similarity(m, [x], m0)
+    assert 0.3 < want < 0.99 or n == 1  # the perturbation flips a real fraction of signs
+    got = sign_similarity(m, batches(x, 200), m0, backend=backend)
+    assert got == pytest.approx(want, abs=1e-12)
+    per = sign_similarity(m, batches(x, 200), m0, reduction="none", backend=backend)
+    assert torch.allclose(per, R.sign_similarity(m, [x], m0, reduction="none"), atol=1e-12)
+    patterns = SignPatterns.capture(m0, batches(x, 100), backend=backend)
+    assert patterns.similarity(m, batches(x, 100), backend=backend) == pytest.approx(want, abs=1e-12)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_matches_reference(backend):
+    m0, m, x = _pair("cnn")
+    want = R.sign_similarity(m, [x], m0)
+    got = sign_similarity(m.cuda(), batches(x, 100), m0.cuda(), backend=backend)
+    assert got == pytest.approx(want, abs=1e-6)  # GPU convs may round a few near-zero units differently
+    patterns = SignPatterns.capture(m0.cuda(), batches(x, 100), backend=backend)
+    assert patterns.similarity(m.cuda(), batches(x, 100), backend=backend) == pytest.approx(got, abs=1e-12)
+
+
+def test_reused_relu_module_counts_every_call():
+    m0, m, x = _pair("cnn")
+    # SmallCNN calls self.relu twice: both calls (5*9*9 and 5*5*5 units) plus act (7 units) are pooled.
+    patterns = SignPatterns.capture(m0, x)
+    assert patterns.sites == ["relu", "relu#1", "act"]
+    assert patterns.units == [5 * 9 * 9, 5 * 5 * 5, 7]
+    assert patterns.nbytes == 513 * 4 * sum(math.ceil(u / 32) for u in patterns.units)
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 513])
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict"])
+def test_batching_and_batch_forms_do_not_matter(size, form):
+    m0, m, x = _pair("mlp")
+    want = R.sign_similarity(m, [x], m0)
+    assert sign_similarity(m, batches(x, size, form), m0) == pytest.approx(want, abs=1e-12)
+
+
+def test_dataloader_shuffled_is_fine_for_the_paired_form():
+    m0, m, x = _pair("mlp")
+    loader = DataLoader(TensorDataset(x, torch.zeros(len(x))), batch_size=64, shuffle=True)
+    assert sign_similarity(m, loader, m0) == pytest.approx(R.sign_similarity(m, [x], m0), abs=1e-12)
+
+
+def test_state_dict_reference_and_identity():
+    m0, m, x = _pair("cnn")
+    assert sign_similarity(m, x, m0.state_dict()) == sign_similarity(m, x, m0)
+    assert sign_similarity(m, x, m) == 1.0
+    assert SignPatterns.capture(m, x).similarity(m, x) == 1.0
+
+
+def test_modules_subset_by_module_and_name():
+    m0, m, x = _pair("cnn")
+    got = sign_similarity(m, x, m0, modules=[m.act])
+    assert got == sign_similarity(m, x, m0, modules=["act"])
+    assert got == pytest.approx(R.sign_similarity(m, [x], m0, modules=["act"]), abs=1e-12)
+
+
+def test_eval_mode_is_used_and_restored():
+    m0 = nn.Sequential(nn.Linear(3, 50), nn.Dropout(0.5), nn.ReLU(), nn.Linear(50, 1))
+    m0.train()
+    x = torch.randn(64, 3)
+    assert sign_similarity(m0, x, copy.deepcopy(m0)) == 1.0  # dropout off: deterministic patterns
+    assert m0.training and m0[1].training
+
+
+def test_bad_inputs():
+    m0, m, x = _pair("mlp")
+    with pytest.raises(ValueError, match="empty"):
+        sign_similarity(m, [], m0)
+    with pytest.raises(ValueError, match="empty"):
+        sign_similarity(m, [x[:0]], m0)
+    with pytest.raises(ValueError, match="architecture"):
+        sign_similarity(m, x, mlp((2, 1, 31, 1006, 1)))
+    with pytest.raises(ValueError, match="architecture"):
+        sign_similarity(m, x, {"0.weight": torch.zeros(1, 2)})
+    with pytest.raises(ValueError, match="no nn.ReLU"):
+        sign_similarity(nn.Linear(2, 3), x, nn.Linear(2, 3))
+    with pytest.raises(ValueError, match="no submodule named"):
+        sign_similarity(m, x, m0, modules=["nope"])
+    with pytest.raises(ValueError, match="NaN"):
+        sign_similarity(m, torch.full((4, 2), float("nan")), m0)
+    with pytest.raises(TypeError, match="reference must be"):
+        sign_similarity(m, x, 3)
+    with pytest.raises(ValueError, match="'x'"):
+        sign_similarity(m, [{"inputs": x}], m0)
+    with pytest.raises(ValueError, match="reduction"):
+        sign_similarity(m, x, m0, reduction="sum")
+
+
+def test_sign_patterns_refuse_a_different_probe_set():
+    m0, m, x = _pair("mlp")
+    patterns = SignPatterns.capture(m0, batches(x, 100))
+    with pytest.raises(ValueError, match="same order"):
+        patterns.similarity(m, batches(x[torch.randperm(len(x))], 100))
+    with pytest.raises(ValueError, match="yielded 500"):
+        patterns.similarity(m, batches(x[:500], 100))
+    with pytest.raises(ValueError, match="more than"):
+        patterns.similarity(m, batches(torch.cat([x, x[:3]]), 100))
+    other = mlp((2, 1, 31, 1006, 1))
+    with pytest.raises(ValueError, match="same architecture"):
+        patterns.similarity(other, batches(x, 100))
