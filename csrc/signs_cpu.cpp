@@ -1,14 +1,48 @@
 #include "signs.h"
 
 #include <stdexcept>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 namespace lazyhasty {
 namespace {
+
+#if defined(__SSE2__)
+// 32 contiguous values -> one word with compare + movemask (SSE2 is baseline on x86-64: no -march needed).
+inline uint32_t pack32_simd(const int32_t* p) {
+  const __m128i z = _mm_setzero_si128();
+  uint32_t w = 0;
+  for (int k = 0; k < 8; ++k) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 4 * k));
+    w |= static_cast<uint32_t>(_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(v, z)))) << (4 * k);
+  }
+  return w;
+}
+inline uint32_t pack32_simd(const int16_t* p) {
+  const __m128i z = _mm_setzero_si128();
+  uint32_t w = 0;
+  for (int k = 0; k < 2; ++k) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k + 8));
+    const __m128i m = _mm_packs_epi16(_mm_cmpgt_epi16(a, z), _mm_cmpgt_epi16(b, z));
+    w |= static_cast<uint32_t>(_mm_movemask_epi8(m) & 0xffff) << (16 * k);
+  }
+  return w;
+}
+#endif
 
 template <typename T>
 inline uint32_t pack_word(const T* row, int64_t sx1, int64_t c0, int64_t u) {
   uint32_t word = 0;
   const int64_t c1 = (c0 + 32 < u) ? c0 + 32 : u;
+#if defined(__SSE2__)
+  if constexpr (!std::is_same_v<T, int64_t>) {
+    if (sx1 == 1 && c1 - c0 == 32) return pack32_simd(row + c0);
+  }
+#endif
   if (sx1 == 1) {
     for (int64_t c = c0; c < c1; ++c) word |= static_cast<uint32_t>(row[c] > 0) << (c - c0);
   } else {

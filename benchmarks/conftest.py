@@ -1,0 +1,48 @@
+"""Benchmark records: device, versions and commit go into pytest-benchmark's machine_info.
+
+Run:  pytest benchmarks --benchmark-json benchmarks/results/<device>-<date>.json
+Each file has a naive provider beside the lazyhasty ones; compare them as ratios within one run.
+"""
+import os
+import platform
+import subprocess
+
+os.environ.setdefault("TRITON_INTERPRET", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lazyhasty import _backend  # noqa: E402
+
+import memory  # noqa: E402,F401  (sets malloc options before any benchmark allocates)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["lazyhasty"] = _backend.summary()
+    machine_info["commit"] = _commit()
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                              else f"cpu: {platform.processor() or platform.machine()}")
+    try:
+        import triton
+
+        machine_info["triton"] = triton.__version__
+    except ImportError:
+        machine_info["triton"] = None
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
