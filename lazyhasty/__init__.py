@@ -4,6 +4,6 @@ See README.md. Subpackages: :mod:`lazyhasty.metrics` (linearity probes), :mod:`l
 (kernels), :mod:`lazyhasty.reference` (the plain-torch spec every fast path is tested against).
 """
 from . import _backend  # noqa: F401  (capability flags; warns once if a compiled backend is missing)
-from . import metrics, ops, reference  # noqa: F401
+from . import metrics, ntk, ops, reference  # noqa: F401
 
 __version__ = "0.1.0"

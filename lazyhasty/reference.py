@@ -116,3 +116,50 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer=None,
     phi = _features(model, name, where, loader, model_device(model))
     phi0 = _features(ref, name, where, loader, model_device(ref))
     return kernel_alignment(phi @ phi.T, phi0 @ phi0.T, centered=centered)
+
+
+# --- empirical NTK --------------------------------------------------------------------------------
+def _trainable(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def jacobian_rows(model: nn.Module, loader) -> torch.Tensor:
+    """``[n, k, p]``: d f_a(x_i) / d theta, one ``torch.autograd.grad`` call per example and output."""
+    params = _trainable(model)
+    device = model_device(model)
+    rows = []
+    for x in iter_inputs(loader, device):
+        for i in range(x.shape[0]):
+            out = model(x[i:i + 1]).reshape(-1)
+            per_out = []
+            for a in range(out.shape[0]):
+                g = torch.autograd.grad(out[a], params, retain_graph=a + 1 < out.shape[0], allow_unused=True)
+                per_out.append(torch.cat([(gi if gi is not None else torch.zeros_like(p)).reshape(-1)
+                                          for gi, p in zip(g, params)]))
+            rows.append(torch.stack(per_out))
+    return torch.stack(rows)
+
+
+def ntk_gram(model: nn.Module, loader, *, kernel: str = "full") -> torch.Tensor:
+    """Naive empirical NTK: per-example, per-output autograd Jacobian rows, then ``J J^T`` in float64.
+
+    ``kernel="full"``: ``[n, k, n, k]``; ``"trace"``: ``[n, n]`` (sum over a = b); ``"diagonal"``: ``[n, k, k]``.
+    """
+    J = jacobian_rows(model, loader).double()  # [n, k, p]
+    if kernel == "full":
+        return torch.einsum("iap,jbp->iajb", J, J)
+    if kernel == "trace":
+        return torch.einsum("iap,jap->ij", J, J)
+    if kernel == "diagonal":
+        return torch.einsum("iap,ibp->iab", J, J)
+    raise ValueError(f"kernel must be 'full', 'trace' or 'diagonal', got {kernel!r}")
+
+
+def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False) -> float:
+    """Naive NTK alignment: both kernels materialized, then :func:`kernel_alignment`."""
+    ref = as_reference_module(model, reference)
+    K = ntk_gram(model, loader, kernel=kernel)
+    K0 = ntk_gram(ref, loader, kernel=kernel)
+    if kernel == "diagonal":
+        K, K0 = torch.block_diag(*K), torch.block_diag(*K0)
+    return kernel_alignment(K, K0, centered=centered)

@@ -1,0 +1,5 @@
+"""Empirical neural tangent kernel engine: exact Gram matrices and streamed alignment.
+
+See :func:`ntk_gram` and :func:`ntk_alignment` (also exported from :mod:`lazyhasty.metrics`).
+"""
+from ._engine import IMPLEMENTATIONS, KERNELS, Featurizer, ntk_alignment, ntk_gram  # noqa: F401

@@ -1,0 +1,437 @@
+"""Empirical NTK Gram matrices and streamed NTK alignment (see :mod:`lazyhasty.ntk`)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from .. import _backend
+from .._loaders import as_reference_module, iter_inputs, model_device
+from .._progress import Progress
+from . import _features as feat
+from ._layers import (
+    batch_grad_from_factors, check_per_example, choose_form, embedding_factors, linear_factors, norm_grads,
+    plan_layers, to_materialized, trainable_params,
+)
+
+KERNELS = ("full", "trace", "diagonal")
+IMPLEMENTATIONS = ("auto", "naive", "jacobian", "layerwise")
+DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """No silent tf32: fp32 GEMMs and convolutions in full fp32 precision on GPUs that could use tf32."""
+    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def _check_args(kernel: str, implementation: str, block_size) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+class Featurizer:
+    """Per-block NTK features of one model (layerwise factors, or torch.func Jacobians)."""
+
+    def __init__(self, model: nn.Module, implementation: str, kernel: str, dtype: torch.dtype | None):
+        check_per_example(model)
+        trainable_params(model)
+        pdtype = next(p.dtype for p in model.parameters())
+        if dtype is not None and dtype != pdtype:
+            model = copy.deepcopy(model).to(dtype)
+        self.model = model
+        self.dtype = dtype or pdtype
+        self.device = model_device(model)
+        self.kernel = kernel
+        self.implementation = "layerwise" if implementation == "auto" else implementation
+        self.excluded: set[int] = set()
+        self.plans, self.generic = plan_layers(model, self.implementation)
+        self.verified = False
+        self.k: int | None = None
+        self.checked_mixing = False
+
+    # -- public ------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> list:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        if not self.checked_mixing:
+            self._check_batch_independence(x)
+        while True:
+            feats = self._features(x)
+            if feats is not None:
+                return feats
+
+    def describe(self) -> dict:
+        return {"layers": {p.name: f"{p.kind}/{p.form}" for p in self.plans}, "generic": list(self.generic)}
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _check_batch_independence(self, x: torch.Tensor) -> None:
+        self.checked_mixing = True
+        if x.shape[0] < 2:
+            return
+        with torch.no_grad():
+            full = self.model(x[:2]).reshape(2, -1)
+            one = self.model(x[:1]).reshape(1, -1)
+        if not torch.allclose(full[:1], one, rtol=1e-3, atol=1e-5 * (1 + float(one.abs().max()))):
+            raise ValueError(
+                "the model's output for an example depends on the other examples of the batch (a module mixes "
+                "examples, e.g. BatchNorm with batch statistics): the per-example tangent kernel is ill-defined; "
+                "use model.eval() or remove the batch-mixing module"
+            )
+
+    def _features(self, x: torch.Tensor):
+        b = x.shape[0]
+        feats: list = []
+        if self.plans:
+            layer_feats = self._layer_features(x)
+            if layer_feats is None:  # verification moved a layer to the fallback: redo this block
+                return None
+            feats.extend(layer_feats)
+        if self.generic:
+            feats.append(feat.Materialized(self._generic_jacobian(x)))
+        mats = [f for f in feats if isinstance(f, feat.Materialized)]
+        others = [f for f in feats if not isinstance(f, feat.Materialized)]
+        out = ([feat.Materialized.merge(mats)] if mats else []) + others
+        if self.k is None:
+            self.k = (out[0].F.shape[1] if isinstance(out[0], feat.Materialized) else out[0].g.shape[1])
+        assert all(f.g.shape[0] == b for f in others)
+        return out
+
+    def _layer_features(self, x: torch.Tensor):
+        plans = self.plans
+        for p in plans:
+            p.inputs.clear()
+            p.outputs.clear()
+
+        def hook_for(p):
+            def hook(module, args, output):
+                p.inputs.append(args[0].detach())
+                p.outputs.append(output)
+            return hook
+
+        handles = [p.module.register_forward_hook(hook_for(p)) for p in plans]
+        try:
+            with torch.enable_grad():
+                out = self.model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        b = x.shape[0]
+        out = out.reshape(b, -1)
+        k = out.shape[1]
+        outs = [o for p in plans for o in p.outputs]
+        if any(not o.requires_grad for o in outs):
+            # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
+            bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
+            self._exclude(bad)
+            return None
+        verify = not self.verified
+        vparams = [t for p in plans for _, t in p.params()] if verify else []
+        per_out = [[] for _ in outs]
+        batch_grads = [[] for _ in vparams]
+        for a in range(k):
+            gs = torch.autograd.grad(out[:, a].sum(), outs + vparams, retain_graph=a + 1 < k, allow_unused=True)
+            for i, g in enumerate(gs[: len(outs)]):
+                per_out[i].append(torch.zeros_like(outs[i]) if g is None else g)
+            for i, g in enumerate(gs[len(outs):]):
+                batch_grads[i].append(torch.zeros_like(vparams[i]) if g is None else g)
+        grads = [torch.stack(g) for g in per_out]  # each [k, b, ...]
+        feats, pos, vpos, bad = [], 0, 0, []
+        for p in plans:
+            g_calls = grads[pos: pos + len(p.outputs)]
+            pos += len(p.outputs)
+            if p.kind == "norm":
+                F = norm_grads(p, g_calls)
+                if verify:
+                    sums = F.sum(0)  # [k, P]
+                    ref = torch.cat([torch.stack(batch_grads[vpos + j]).reshape(k, -1)
+                                     for j in range(len(p.params()))], 1)
+                    if not _close(sums, ref):
+                        bad.append(p)
+                feats.append(feat.Materialized(F))
+            else:
+                a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
+                if verify:
+                    for j in range(k):
+                        mine = batch_grad_from_factors(p, a, g, j)
+                        theirs = [batch_grads[vpos + q][j] for q in range(len(p.params()))]
+                        if p.kind == "embedding":
+                            theirs = theirs[:1]
+                        if not all(_close(u, v) for u, v in zip(mine, theirs)):
+                            bad.append(p)
+                            break
+                if p.form is None:
+                    p.form = choose_form(p, a.shape if p.kind != "embedding" else None, g.shape, self.kernel)
+                if p.kind == "embedding":
+                    feats.append(feat.GhostEmbedding(a, g))
+                elif p.form == "ghost":
+                    feats.append(feat.GhostLinear(a, g))
+                else:
+                    feats.append(feat.Materialized(to_materialized(a, g)))
+            vpos += len(p.params()) if verify else 0
+            p.inputs.clear()
+            p.outputs.clear()
+        if bad:
+            self._exclude(bad)
+            return None
+        self.verified = True
+        return feats
+
+    def _exclude(self, bad) -> None:
+        self.excluded |= {id(p.module) for p in bad}
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        self.verified = False
+
+    def _generic_jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, k, P] per-example Jacobians for the fallback parameters only."""
+        from torch.func import functional_call, jacrev, vmap
+
+        named = dict(self.model.named_parameters())
+        b = x.shape[0]
+        if not getattr(self, "_vmap_failed", False):
+            sub = {n: named[n].detach() for n in self.generic}
+
+            def f(p, xi):
+                return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+            try:
+                with torch.enable_grad():
+                    J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
+                return torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in self.generic], -1)
+            except (RuntimeError, NotImplementedError):
+                # some ops have no (correct) batching rule (e.g. PReLU's backward): exact loop instead
+                self._vmap_failed = True
+        params = [named[n] for n in self.generic]
+        rows = []
+        with torch.enable_grad():
+            for i in range(b):
+                out = self.model(x[i:i + 1]).reshape(-1)
+                per_out = []
+                for a in range(out.shape[0]):
+                    gs = torch.autograd.grad(out[a], params, retain_graph=a + 1 < out.shape[0], allow_unused=True)
+                    per_out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                              for g, p in zip(gs, params)]))
+                rows.append(torch.stack(per_out))
+        return torch.stack(rows)
+
+
+def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
+    return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
+
+
+def _blocks(loader, device, block_size: int | None) -> list[torch.Tensor]:
+    xs = list(iter_inputs(loader, device))
+    if block_size is None:
+        return xs if len(xs) > 1 or xs[0].shape[0] <= 4096 else list(xs[0].split(1024))
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    return list(x.split(block_size))
+
+
+def _default_block_size(n: int, k: int | None = None) -> int:
+    return max(16, min(512, 512 // max(1, (k or 1))))
+
+
+def _naive(model, loader, kernel, dtype):
+    from .. import reference
+
+    m = model if dtype is None else copy.deepcopy(model).to(dtype)
+    xs = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
+          for x in iter_inputs(loader, model_device(m))]
+    check_per_example(m)
+    K = reference.ntk_gram(m, xs, kernel=kernel)
+    return K.to(dtype or next(p.dtype for p in model.parameters()))
+
+
+def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
+             dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
+
+    ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
+    (``requires_grad=True``), with ``f(x)`` flattened to ``[b, k]`` (k = 1 for outputs ``[b]`` / ``[b, 1]``).
+
+    kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (sum over a = b);
+    ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks).
+
+    implementation:
+      ``"naive"``     one autograd call per example and output (the spec; O(n k) backward passes).
+      ``"jacobian"``  per-block Jacobians by ``torch.func.vmap(jacrev)``, then ``J_I J_J^T`` per tile pair.
+                      Memory ``block * k * p``; wins for small models and many outputs per parameter.
+      ``"layerwise"`` one forward + k backward passes per block capture layer inputs and output gradients;
+                      per layer, a cost model picks the ghost form (``G S^2 (d_in + k^2 d_out)`` flops per
+                      example pair; few positions S, wide layers: MLPs, last ResNet stages) or materialized
+                      per-example gradients (``k^2 G d_in d_out``; many positions, narrow layers: early convs).
+                      Modules it does not know get exact torch.func Jacobians for their parameters only.
+      ``"auto"``      layerwise.
+
+    dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
+    ~1e-15 relative error; float32 ~1e-6; bfloat16 ~1e-2. block_size: examples per tile (memory of a
+    tile is ``(block k)^2``). The model must not mix examples (eval mode for BatchNorm, no dropout).
+
+    >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
+    """
+    _check_args(kernel, implementation, block_size)
+    if implementation == "naive":
+        return _naive(model, loader, kernel, dtype)
+    fz = Featurizer(model, implementation, kernel, dtype)
+    blocks = _blocks(loader, fz.device, block_size)
+    n = sum(x.shape[0] for x in blocks)
+    with exact_fp32():
+        feats = []
+        with Progress(len(blocks), "ntk features", progress) as bar:
+            for x in blocks:
+                feats.append(fz(x))
+                bar.update()
+        k = fz.k
+        dt = fz.dtype
+        starts = [0]
+        for x in blocks:
+            starts.append(starts[-1] + x.shape[0])
+        if kernel == "diagonal":
+            return torch.cat([feat.diagonal(f) for f in feats])
+        K = torch.empty((n, k, n, k) if kernel == "full" else (n, n), dtype=dt, device=fz.device)
+        pairs = [(I, J) for I in range(len(blocks)) for J in range(I, len(blocks))]
+        with Progress(len(pairs), "ntk tiles", progress) as bar:
+            for I, J in pairs:
+                t = feat.tile(feats[I], feats[J], kernel)
+                si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
+                if kernel == "full":
+                    K[si, :, sj, :] = t
+                    if I != J:
+                        K[sj, :, si, :] = t.permute(2, 3, 0, 1)
+                else:
+                    K[si, sj] = t
+                    if I != J:
+                        K[sj, si] = t.T
+                bar.update()
+    return K
+
+
+class _AlignmentSums:
+    """float64 partial sums for KA and its centred form, accumulated tile by tile."""
+
+    def __init__(self, n: int, k: int, kernel: str, centered: bool, device):
+        self.n, self.kernel, self.centered = n, kernel, centered
+        self.cross = torch.zeros((), dtype=torch.float64, device=device)
+        self.sq_t = torch.zeros_like(self.cross)
+        self.sq_0 = torch.zeros_like(self.cross)
+        if centered:
+            shape = (n, k, k) if kernel == "full" else (n,)
+            self.R_t = torch.zeros(shape, dtype=torch.float64, device=device)
+            self.R_0 = torch.zeros_like(self.R_t)
+
+    def add(self, Kt: torch.Tensor, K0: torch.Tensor, si: slice, sj: slice, off_diagonal: bool) -> None:
+        w = 2.0 if off_diagonal else 1.0
+        Kt, K0 = Kt.double(), K0.double()
+        self.cross += w * (Kt * K0).sum()
+        self.sq_t += w * (Kt * Kt).sum()
+        self.sq_0 += w * (K0 * K0).sum()
+        if self.centered:
+            for K, R in ((Kt, self.R_t), (K0, self.R_0)):
+                if self.kernel == "full":
+                    R[si] += K.sum(2)
+                    if off_diagonal:
+                        R[sj] += K.sum(0).permute(1, 2, 0)
+                else:
+                    R[si] += K.sum(1)
+                    if off_diagonal:
+                        R[sj] += K.sum(0)
+
+    def alignment(self) -> float:
+        cross, st, s0 = self.cross, self.sq_t, self.sq_0
+        if self.centered:
+            # sum (H A H)(H B H) = sum A B - (2/n) sum R_A R_B + (1/n^2) sum_ab S_A S_B  (R: row sums,
+            # S: total sums per output pair; symmetric kernels, centring over examples)
+            n = self.n
+
+            def c(Ra, Rb, plain):
+                Sa, Sb = Ra.sum(0), Rb.sum(0)
+                return plain - 2.0 / n * (Ra * Rb).sum() + (Sa * Sb).sum() / n**2
+
+            cross, st, s0 = c(self.R_t, self.R_0, cross), c(self.R_t, self.R_t, st), c(self.R_0, self.R_0, s0)
+        cross, st, s0 = float(cross), float(st), float(s0)
+        if any(v != v for v in (cross, st, s0)):
+            raise ValueError("NaN in the tangent kernel: alignment is undefined")
+        if st <= 0.0 or s0 <= 0.0:
+            raise ValueError("a tangent kernel has zero Frobenius norm: alignment is undefined")
+        return cross / (st ** 0.5 * s0 ** 0.5)
+
+
+def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
+                  implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
+                  max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False) -> float:
+    """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
+
+    Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
+    ``nk x nk``) matrix is ever held. Per-block features (see :func:`ntk_gram`) are kept while they fit
+    in ``max_cache_bytes``, otherwise recomputed for each tile pair, so memory is then set by
+    ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass.
+    ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
+    init, a module of the same architecture or its state_dict.
+
+    >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
+    """
+    _check_args(kernel, implementation, block_size)
+    if kernel == "diagonal" and centered:
+        raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
+    ref = as_reference_module(model, reference)
+    if implementation == "naive":
+        from .. import reference as R
+
+        return R.ntk_alignment(model, list(iter_inputs(loader, model_device(model))), ref, kernel=kernel,
+                               centered=centered)
+    fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
+    xs = list(iter_inputs(loader, fz.device))
+    n = sum(x.shape[0] for x in xs)
+    bs = block_size or _default_block_size(n)
+    x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
+    blocks = list(x_all.split(bs))
+    starts = [0]
+    for x in blocks:
+        starts.append(starts[-1] + x.shape[0])
+    with exact_fp32():
+        first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
+        per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
+        cache = per_block * len(blocks) <= max_cache_bytes
+        cached = {0: first} if cache else {}
+
+        def get(I):
+            if I in cached:
+                return cached[I]
+            f = (fz(blocks[I]), fz0(blocks[I].to(fz0.device)))
+            if cache:
+                cached[I] = f
+            return f
+
+        sums = _AlignmentSums(n, fz.k, kernel, centered, fz.device)
+        nb = len(blocks)
+        total = nb if kernel == "diagonal" else nb * (nb + 1) // 2
+        with Progress(total, "ntk alignment", progress) as bar:
+            for I in range(nb):
+                fi, fi0 = get(I)
+                si = slice(starts[I], starts[I + 1])
+                if kernel == "diagonal":
+                    sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
+                    bar.update()
+                    continue
+                for J in range(I, nb):
+                    fj, fj0 = (fi, fi0) if J == I else get(J)
+                    Kt = feat.tile(fi, fj, kernel)
+                    K0 = feat.tile(fi0, fj0, kernel).to(fz.device)
+                    sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
+                    bar.update()
+    return sums.alignment()

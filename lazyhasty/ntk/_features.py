@@ -1,0 +1,163 @@
+"""Per-block NTK features and the tile products between two blocks.
+
+A block of b examples is described, for each group of parameters, by one feature object; the kernel
+tile between blocks I and J is the sum over feature objects of ``feat_I.full(feat_J)`` (``[bI, k, bJ, k]``),
+``.trace(feat_J)`` (``[bI, bJ]``) or, on the diagonal, ``feat_I.diagonal()`` (``[bI, k, k]``).
+
+* :class:`Materialized` — per-example gradients ``F`` ``[b, k, P]``: a tile is one GEMM ``F_I F_J^T``
+  (for ``trace``: one GEMM per output, which keeps float32 accurate). Cost per pair ``k^2 P``.
+* :class:`GhostLinear` — factors of a linear map applied at S positions in G groups (Linear, Conv):
+  ``a`` ``[b, S, G, d_in]`` (layer inputs / patches, with a column of ones for a bias) and ``g``
+  ``[b, k, S, G, d_out]`` (output gradients). The per-example gradient is ``sum_s g[s] a[s]^T`` and
+  ``<grad_i, grad_j> = sum_{s,t} (a_i[s].a_j[t]) (g_i[s].g_j[t])``, never forming it.
+  Cost per pair ``G S^2 (d_in + k^2 d_out)``: wins when positions are few and the layer is wide.
+* :class:`GhostEmbedding` — the same with ``a_i[s].a_j[t]`` replaced by ``[idx_i[s] == idx_j[t]]``.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one ghost intermediate (b k S x b k S) before it is split into chunks.
+GHOST_CHUNK_ELEMENTS = 1 << 23
+
+
+class Materialized:
+    kind = "materialized"
+
+    def __init__(self, F: torch.Tensor):
+        self.F = F  # [b, k, P]
+
+    @property
+    def nbytes(self) -> int:
+        return self.F.numel() * self.F.element_size()
+
+    def full(self, o: "Materialized") -> torch.Tensor:
+        b, k, P = self.F.shape
+        bo = o.F.shape[0]
+        return (self.F.reshape(b * k, P) @ o.F.reshape(bo * k, P).T).view(b, k, bo, k)
+
+    def trace(self, o: "Materialized") -> torch.Tensor:
+        k = self.F.shape[1]
+        out = self.F[:, 0] @ o.F[:, 0].T
+        for a in range(1, k):
+            out += self.F[:, a] @ o.F[:, a].T
+        return out
+
+    def diagonal(self) -> torch.Tensor:
+        return self.F @ self.F.transpose(1, 2)
+
+    @staticmethod
+    def merge(feats: list["Materialized"]) -> "Materialized":
+        return feats[0] if len(feats) == 1 else Materialized(torch.cat([f.F for f in feats], dim=2))
+
+
+class _Ghost:
+    kind = "ghost"
+    g: torch.Tensor  # [b, k, S, G, d_out]
+
+    def _a_gram(self, o, grp: int, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def b(self) -> int:
+        return self.g.shape[0]
+
+    def _chunks(self, bo: int, per_pair: int):
+        # rows of i per chunk so that one [ci k S, bo k S] intermediate stays below GHOST_CHUNK_ELEMENTS
+        ci = max(1, min(self.b, GHOST_CHUNK_ELEMENTS // max(1, per_pair * bo)))
+        return [(i, min(i + ci, self.b)) for i in range(0, self.b, ci)]
+
+    def full(self, o: "_Ghost") -> torch.Tensor:
+        b, k, S, G, do = self.g.shape
+        bo, So = o.g.shape[0], o.g.shape[2]
+        out = self.g.new_zeros(b, k, bo, k)
+        for grp in range(G):
+            gj = o.g[:, :, :, grp].reshape(bo * k * So, do)
+            for i0, i1 in self._chunks(bo, k * S * k * So):
+                A = self._a_gram(o, grp, i0, i1, 0, bo)  # [ci, S, bo, So]
+                gi = self.g[i0:i1, :, :, grp].reshape(-1, do)
+                Gm = (gi @ gj.T).view(i1 - i0, k, S, bo, k, So)
+                if S == 1 and So == 1:
+                    out[i0:i1] += A.view(i1 - i0, 1, bo, 1) * Gm.view(i1 - i0, k, bo, k)
+                else:
+                    out[i0:i1] += torch.einsum("isjt,iasjbt->iajb", A, Gm)
+        return out
+
+    def trace(self, o: "_Ghost") -> torch.Tensor:
+        b, k, S, G, do = self.g.shape
+        bo, So = o.g.shape[0], o.g.shape[2]
+        out = self.g.new_zeros(b, bo)
+        for grp in range(G):
+            for i0, i1 in self._chunks(bo, S * So):
+                A = self._a_gram(o, grp, i0, i1, 0, bo).reshape((i1 - i0) * S, bo * So)
+                for a in range(k):
+                    gi = self.g[i0:i1, a, :, grp].reshape(-1, do)
+                    gj = o.g[:, a, :, grp].reshape(-1, do)
+                    prod = A * (gi @ gj.T)
+                    out[i0:i1] += prod.view(i1 - i0, S, bo, So).sum((1, 3))
+        return out
+
+    def diagonal(self) -> torch.Tensor:
+        b, k, S, G, do = self.g.shape
+        out = self.g.new_zeros(b, k, k)
+        for grp in range(G):
+            A = self._self_a_gram(grp)  # [b, S, S]
+            g = self.g[:, :, :, grp].reshape(b, k * S, do)
+            Gm = (g @ g.transpose(1, 2)).view(b, k, S, k, S)
+            out += torch.einsum("ist,iasbt->iab", A, Gm)
+        return out
+
+
+class GhostLinear(_Ghost):
+    def __init__(self, a: torch.Tensor, g: torch.Tensor):
+        self.a = a  # [b, S, G, d_in]
+        self.g = g  # [b, k, S, G, d_out]
+
+    @property
+    def nbytes(self) -> int:
+        return (self.a.numel() + self.g.numel()) * self.g.element_size()
+
+    def _a_gram(self, o, grp, i0, i1, j0, j1):
+        ai = self.a[i0:i1, :, grp]
+        aj = o.a[j0:j1, :, grp]
+        S, So = ai.shape[1], aj.shape[1]
+        return (ai.reshape(-1, ai.shape[-1]) @ aj.reshape(-1, aj.shape[-1]).T).view(i1 - i0, S, j1 - j0, So)
+
+    def _self_a_gram(self, grp):
+        a = self.a[:, :, grp]
+        return a @ a.transpose(1, 2)
+
+
+class GhostEmbedding(_Ghost):
+    def __init__(self, idx: torch.Tensor, g: torch.Tensor):
+        self.idx = idx  # [b, S] long
+        self.g = g  # [b, k, S, 1, D]
+
+    @property
+    def nbytes(self) -> int:
+        return self.idx.numel() * 8 + self.g.numel() * self.g.element_size()
+
+    def _a_gram(self, o, grp, i0, i1, j0, j1):
+        ii, jj = self.idx[i0:i1], o.idx[j0:j1]
+        eq = ii.reshape(-1, 1) == jj.reshape(1, -1)
+        return eq.to(self.g.dtype).view(i1 - i0, ii.shape[1], j1 - j0, jj.shape[1])
+
+    def _self_a_gram(self, grp):
+        return (self.idx[:, :, None] == self.idx[:, None, :]).to(self.g.dtype)
+
+
+def tile(feats_i: list, feats_j: list, kernel: str) -> torch.Tensor:
+    """Kernel tile between two blocks: the sum of every feature pair's product."""
+    out = None
+    for fi, fj in zip(feats_i, feats_j):
+        t = fi.full(fj) if kernel == "full" else fi.trace(fj)
+        out = t if out is None else out.add_(t)
+    return out
+
+
+def diagonal(feats: list) -> torch.Tensor:
+    out = None
+    for f in feats:
+        t = f.diagonal()
+        out = t if out is None else out.add_(t)
+    return out

@@ -1,0 +1,241 @@
+"""Which parameters get which exact per-layer treatment, and the features of one block of examples.
+
+For the "layerwise" implementation every trainable parameter is covered exactly once:
+
+* ``nn.Linear`` (any leading dims: positions are summed), ``nn.Conv1d`` / ``nn.Conv2d`` (stride,
+  padding incl. string and non-zero modes, dilation, groups) and ``nn.Embedding``: from the captured
+  layer input and the output gradient, either in ghost form or as materialized per-example gradients,
+  chosen per layer by a cost model;
+* ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d`` in eval mode (affine parameters): materialized
+  per-example gradients from the normalized input;
+* every other trainable parameter (other modules, parameters shared between modules, parametrized
+  weights, ``scale_grad_by_freq`` embeddings...): exact per-example Jacobians by ``torch.func``
+  (``vmap(jacrev)``) for those parameters only.
+
+A module called several times per forward contributes the positions of all its calls. On the first
+block, each layer's per-example gradients summed over the block are checked against autograd's batch
+gradient; a parameter also used outside its module's forward fails that check and is moved to the
+exact fallback, so no term is ever missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._features import GhostEmbedding, GhostLinear, Materialized
+
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    kind: str  # linear | conv | embedding | norm
+    use_weight: bool
+    use_bias: bool
+    form: str | None = None  # ghost | materialized (chosen on the first block)
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+    def params(self) -> list[tuple[str, torch.Tensor]]:
+        out = []
+        if self.use_weight:
+            out.append(("weight", self.module.weight))
+        if self.use_bias:
+            out.append(("bias", self.module.bias))
+        return out
+
+
+def check_per_example(model: nn.Module) -> None:
+    """Refuse modules whose output for one example depends on the rest of the batch."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.training or not m.track_running_stats or m.running_mean is None:
+                raise ValueError(
+                    f"{name or type(m).__name__} ({type(m).__name__}) normalizes with batch statistics "
+                    "(train mode or no running stats), so each example's output depends on the others and "
+                    "the per-example tangent kernel is ill-defined: call model.eval() (with running stats)"
+                )
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(
+                f"{name or type(m).__name__} is an active dropout: the network is random, so its tangent "
+                "kernel is ill-defined: call model.eval() (or set p=0)"
+            )
+
+
+def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameter (requires_grad=True): its NTK is zero")
+    return params
+
+
+def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = frozenset()):
+    """(layer plans, generic parameter names) covering every trainable parameter exactly once."""
+    params = trainable_params(model)
+    if implementation == "jacobian":
+        return [], [n for n, _ in params]
+    owners: dict[int, int] = {}
+    for _, m in model.named_modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    plans, covered = [], set()
+    for name, m in model.named_modules():
+        if type(m) not in _LINEAR_TYPES or id(m) in excluded:
+            continue
+        if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
+            continue  # frequency scaling / renorm in forward: left to the exact fallback
+        w = m._parameters.get("weight")
+        b = m._parameters.get("bias")
+        use_w = w is not None and w.requires_grad and owners.get(id(w)) == 1
+        use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
+        if not (use_w or use_b):
+            continue
+        kind = ("linear" if isinstance(m, nn.Linear) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
+                else "embedding" if isinstance(m, nn.Embedding) else "norm")
+        plans.append(LayerPlan(name, m, kind, use_w, use_b))
+        if use_w:
+            covered.add(id(w))
+        if use_b:
+            covered.add(id(b))
+    generic = [n for n, p in params if id(p) not in covered]
+    return plans, generic
+
+
+# --- factors from captured inputs and output gradients --------------------------------------------
+def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """[b, L, G, C_in/G * prod(kernel)] patches of a convolution's input, in the weight's layout."""
+    if isinstance(m, nn.Conv1d):
+        x = x.unsqueeze(2)
+        ks, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
+        pad = (0, m.padding[0]) if not isinstance(m.padding, str) else m.padding
+    else:
+        ks, st, dl = m.kernel_size, m.stride, m.dilation
+        pad = m.padding
+    if isinstance(pad, str) or m.padding_mode != "zeros":
+        # explicit padding exactly as the module does it ('same' may be asymmetric; reflect/circular modes)
+        rp = list(m._reversed_padding_repeated_twice)
+        if isinstance(m, nn.Conv1d):
+            rp = rp + [0, 0]
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, rp, mode=mode) if any(rp) else x
+        pad = (0, 0)
+    cols = F.unfold(x, ks, dilation=dl, padding=pad, stride=st)  # [b, C_in * kh * kw, L]
+    b, _, L = cols.shape
+    G = m.groups
+    return cols.view(b, G, -1, L).permute(0, 3, 1, 2)
+
+
+def _with_ones(a: torch.Tensor, use_w: bool, use_b: bool) -> torch.Tensor:
+    if not use_b:
+        return a
+    ones = a.new_ones(a.shape[:-1] + (1,))
+    return torch.cat([a, ones], -1) if use_w else ones
+
+
+def linear_factors(plan: LayerPlan, grads: list[torch.Tensor]):
+    """(a [b, S, G, d_in'], g [b, k, S, G, d_out]) over all calls of the module."""
+    m = plan.module
+    a_calls, g_calls = [], []
+    for x, gk in zip(plan.inputs, grads):  # gk: [k, b, ...out]
+        k, b = gk.shape[:2]
+        if plan.kind == "linear":
+            a = x.reshape(b, -1, 1, m.in_features)
+            g = gk.reshape(k, b, -1, 1, m.out_features)
+        else:
+            a = _conv_patches(m, x)
+            G = m.groups
+            g = gk.reshape(k, b, G, m.out_channels // G, -1).permute(0, 1, 4, 2, 3)
+        a_calls.append(_with_ones(a, plan.use_weight, plan.use_bias))
+        g_calls.append(g)
+    a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]
+    g = torch.cat(g_calls, 2) if len(g_calls) > 1 else g_calls[0]
+    return a, g.transpose(0, 1)
+
+
+def embedding_factors(plan: LayerPlan, grads):
+    m = plan.module
+    idx_calls, g_calls = [], []
+    for idx, gk in zip(plan.inputs, grads):
+        k, b = gk.shape[:2]
+        idx = idx.reshape(b, -1)
+        g = gk.reshape(k, b, -1, 1, m.embedding_dim)
+        if m.padding_idx is not None:  # embedding backward gives no gradient to padding_idx
+            g = g * (idx != m.padding_idx).to(g.dtype)[None, :, :, None, None]
+        idx_calls.append(idx)
+        g_calls.append(g)
+    idx = torch.cat(idx_calls, 1) if len(idx_calls) > 1 else idx_calls[0]
+    g = torch.cat(g_calls, 2) if len(g_calls) > 1 else g_calls[0]
+    return idx, g.transpose(0, 1)
+
+
+def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
+    """Materialized per-example gradients [b, k, P] of a norm layer's affine parameters."""
+    m = plan.module
+    total = None
+    for x, gk in zip(plan.inputs, grads):
+        k, b = gk.shape[:2]
+        if isinstance(m, nn.LayerNorm):
+            xhat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
+            nd = len(m.normalized_shape)
+            red = tuple(range(2, gk.dim() - nd))  # leading (position) dims, after [k, b]
+        elif isinstance(m, nn.GroupNorm):
+            xhat = F.group_norm(x, m.num_groups, eps=m.eps)
+            red = tuple(range(3, gk.dim()))
+        else:
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            xhat = (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+            red = tuple(range(3, gk.dim()))
+        parts = []
+        if plan.use_weight:
+            gw = gk * xhat.unsqueeze(0)
+            parts.append((gw.sum(red) if red else gw).reshape(k, b, -1))
+        if plan.use_bias:
+            parts.append((gk.sum(red) if red else gk).reshape(k, b, -1))
+        cur = torch.cat(parts, -1)
+        total = cur if total is None else total + cur
+    return total.transpose(0, 1).contiguous()
+
+
+# --- cost model -------------------------------------------------------------------------------------
+def choose_form(plan: LayerPlan, a_shape, g_shape, kernel: str) -> str:
+    """Ghost or materialized, whichever needs fewer flops per example pair (ties: materialized)."""
+    if plan.kind == "embedding":
+        return "ghost"
+    if plan.kind == "norm":
+        return "materialized"
+    _, S, G, din = a_shape
+    k, dout = g_shape[1], g_shape[-1]
+    kk = k * k if kernel == "full" else k
+    ghost = G * S * S * (din + kk * dout) + kk * S * S
+    materialized = kk * G * din * dout
+    return "ghost" if ghost < materialized else "materialized"
+
+
+def to_materialized(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients [b, k, G * d_out * d_in] from linear factors (sum over positions)."""
+    b, k = g.shape[:2]
+    return torch.einsum("bksgo,bsgi->bkgoi", g, a).reshape(b, k, -1)
+
+
+def batch_grad_from_factors(plan: LayerPlan, a, g, out_index: int) -> list[torch.Tensor]:
+    """Sum over the block of per-example gradients of output ``out_index``, in the parameters' shapes."""
+    m = plan.module
+    if plan.kind == "embedding":
+        flat_g = g[:, out_index, :, 0].reshape(-1, m.embedding_dim)
+        W = torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), flat_g)
+        return [W]
+    full = torch.einsum("bsgo,bsgi->goi", g[:, out_index], a)  # [G, d_out, d_in']
+    out = []
+    if plan.use_weight:
+        w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
+        out.append(w.reshape(m.weight.shape))
+    if plan.use_bias:
+        out.append(full[..., -1].reshape(m.bias.shape))
+    return out

@@ -1,0 +1,153 @@
+"""Architectures the NTK engine is checked on (each returns model, inputs)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp_paper(n=7):
+    """The paper's 4-layer ReLU MLP on 2-D inputs, output [b]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(2, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                                     nn.Linear(20, 20), nn.ReLU(), nn.Linear(20, 1))
+
+        def forward(self, x):
+            return self.net(x).squeeze(1)
+    return M(), torch.rand(n, 2) * 2 - 1
+
+
+def cnn_strided(n=5):
+    """Stride, padding, dilation, groups; no biases; output [b, 3]."""
+    m = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2, bias=False), nn.ReLU(),
+        nn.Conv2d(6, 6, 1, groups=3, bias=False), nn.Tanh(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 3, bias=False))
+    return m, torch.randn(n, 2, 7, 7)
+
+
+class _Block(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.relu = nn.ReLU()
+        self.short = nn.Conv2d(c_in, c_out, 1, stride) if stride != 1 or c_in != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.relu(self.conv2(self.relu(self.conv1(x))) + self.short(x))
+
+
+def resnet_small(n=4):
+    """Residual blocks without BatchNorm, a reused ReLU, global pooling, output [b, 4]."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), _Block(4, 4, 1), _Block(4, 8, 2),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return m, torch.randn(n, 3, 8, 8)
+
+
+def layernorm_seq(n=5):
+    """Linear over [b, T, d] (positions summed) with LayerNorm, output [b, 2]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.ln = nn.LayerNorm(8)
+            self.mix = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.ln(self.inp(x)))
+            return self.head(torch.tanh(self.mix(h)).mean(1))
+    return M(), torch.randn(n, 6, 3)
+
+
+def shared_linear(n=6):
+    """One Linear called twice per forward (shared weights), output [b, 2]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 9)
+            self.shared = nn.Linear(9, 9)
+            self.out = nn.Linear(9, 2)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            h = torch.tanh(self.shared(h))
+            h = torch.relu(self.shared(h))
+            return self.out(h)
+    return M(), torch.randn(n, 4)
+
+
+def embedding_bag(n=6):
+    """Embedding (with padding_idx) over a token sequence, mean-pooled, output [b, 3]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 5, padding_idx=0)
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, idx):
+            return self.fc(torch.tanh(self.emb(idx)).mean(1))
+    g = torch.Generator().manual_seed(3)
+    return M(), torch.randint(0, 11, (n, 7), generator=g)
+
+
+def batchnorm_eval(n=5):
+    """BatchNorm2d and BatchNorm1d in eval mode with non-trivial running stats, output [b, 3]."""
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(4 * 4 * 4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m.eval(), torch.randn(n, 1, 6, 6)
+
+
+def conv1d_groupnorm(n=4):
+    """Conv1d with 'same' and reflect padding, GroupNorm, output [b, 2]."""
+    m = nn.Sequential(nn.Conv1d(2, 6, 4, padding="same"), nn.GroupNorm(3, 6), nn.ReLU(),
+                      nn.Conv1d(6, 4, 3, stride=2, padding=1, padding_mode="reflect"), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(4 * 5, 2))
+    return m, torch.randn(n, 2, 9)
+
+
+def generic_params(n=5):
+    """Parameters the layerwise path does not know (PReLU, a free scale) plus a frozen layer."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen = nn.Linear(3, 7)
+            self.frozen.requires_grad_(False)
+            self.act = nn.PReLU(7)
+            self.fc = nn.Linear(7, 2)
+            self.scale = nn.Parameter(torch.tensor(1.3))
+
+        def forward(self, x):
+            return self.scale * self.fc(self.act(self.frozen(x)))
+    return M(), torch.randn(n, 3)
+
+
+def tied_and_outside_use(n=5):
+    """An Embedding tied to the output Linear, and a Linear weight also used outside its forward."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.proj = nn.Linear(6, 6)
+            self.dec = nn.Linear(6, 9, bias=False)
+            self.dec.weight = self.emb.weight
+
+        def forward(self, idx):
+            h = torch.tanh(self.proj(self.emb(idx).mean(1)))
+            h = h + 0.5 * F.linear(h, self.proj.weight)  # proj.weight used outside proj's forward
+            return self.dec(h)
+    g = torch.Generator().manual_seed(5)
+    return M(), torch.randint(0, 9, (n, 4), generator=g)
+
+
+ZOO = {f.__name__: f for f in (mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+                               batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

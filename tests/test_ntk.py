@@ -1,0 +1,163 @@
+"""NTK engine: every implementation vs the naive spec on a zoo of architectures; streamed alignment."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import kernel_alignment, ntk_alignment, ntk_gram
+from lazyhasty.ntk import Featurizer
+
+from ntk_zoo import ZOO
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _model(name, dtype):
+    torch.manual_seed(0)
+    m, x = ZOO[name]()
+    m = m.to(dtype)
+    return m, (x.to(dtype) if x.is_floating_point() else x)
+
+
+@pytest.mark.parametrize("kernel", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("implementation", ["jacobian", "layerwise"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_float64_matches_naive(name, implementation, kernel):
+    m, x = _model(name, torch.float64)
+    want = R.ntk_gram(m, [x], kernel=kernel)
+    got = ntk_gram(m, [x[:2], x[2:]], kernel=kernel, implementation=implementation, block_size=3)
+    assert got.shape == want.shape
+    assert _rel(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("implementation", ["jacobian", "layerwise", "naive"])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_float32_matches_naive(name, implementation):
+    m, x = _model(name, torch.float32)
+    want = R.ntk_gram(m.double(), [x.double() if x.is_floating_point() else x], kernel="full")
+    m = m.float()
+    got = ntk_gram(m, x, implementation=implementation)
+    assert got.dtype == torch.float32
+    assert _rel(got, want) <= 1e-5
+
+
+def test_dtype_argument_computes_in_float64():
+    m, x = _model("cnn_strided", torch.float32)
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()])
+    got = ntk_gram(m, x, dtype=torch.float64)
+    assert got.dtype == torch.float64 and _rel(got, want) <= 1e-10
+    assert next(m.parameters()).dtype == torch.float32  # the user's model is untouched
+
+
+def test_layerwise_uses_the_exact_forms_it_should():
+    m, x = _model("tied_and_outside_use", torch.float64)
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    d = fz.describe()
+    # tied weight and the weight used outside its module go to the exact torch.func fallback
+    assert set(d["generic"]) == {"emb.weight", "proj.weight", "proj.bias"}
+    m, x = _model("generic_params", torch.float64)
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert set(fz.describe()["generic"]) == {"act.weight", "scale"}  # frozen layer excluded entirely
+    m, x = _model("mlp_paper", torch.float64)
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert fz.describe()["layers"]["net.2"] == "linear/ghost"  # S = 1, wide: ghost
+
+
+def test_output_shapes_b_and_b1_give_k1():
+    m, x = _model("mlp_paper", torch.float64)
+    K = ntk_gram(m, x)
+    assert K.shape == (7, 1, 7, 1)
+    m1 = nn.Sequential(*list(m.net))  # same net, output [b, 1]
+    assert torch.allclose(ntk_gram(m1, x), K)
+
+
+def test_frozen_parameters_are_excluded():
+    m, x = _model("mlp_paper", torch.float64)
+    m.net[0].requires_grad_(False)
+    J = R.jacobian_rows(m, [x])
+    assert J.shape[-1] == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert _rel(ntk_gram(m, x), torch.einsum("iap,jbp->iajb", J, J).double()) <= 1e-10
+
+
+@pytest.mark.parametrize("kernel", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("centered", [False, True])
+@pytest.mark.parametrize("block_size", [1, 3, 64])
+def test_alignment_equals_materialized_for_any_block_size(kernel, centered, block_size):
+    if kernel == "diagonal" and centered:
+        pytest.skip("not defined")
+    m0, x = _model("resnet_small", torch.float64)
+    x = torch.cat([x, torch.randn(3, 3, 8, 8, dtype=torch.float64)])
+    m = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    K, K0 = R.ntk_gram(m, [x], kernel=kernel), R.ntk_gram(m0, [x], kernel=kernel)
+    if kernel == "diagonal":
+        K, K0 = torch.block_diag(*K), torch.block_diag(*K0)
+    want = kernel_alignment(K, K0, centered=centered)
+    assert 0.2 < want < 0.9999
+    got = ntk_alignment(m, [x[:2], x[2:]], m0, kernel=kernel, centered=centered, block_size=block_size)
+    assert got == pytest.approx(want, rel=1e-10)
+    nocache = ntk_alignment(m, [x], m0.state_dict(), kernel=kernel, centered=centered, block_size=block_size,
+                            max_cache_bytes=0)
+    assert nocache == pytest.approx(want, rel=1e-10)
+
+
+def test_alignment_float32_and_naive():
+    m0, x = _model("cnn_strided", torch.float32)
+    m = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.5)
+    want = R.ntk_alignment(m.double(), [x.double()], m0.double())
+    assert ntk_alignment(m.float(), x, m0.float()) == pytest.approx(want, rel=1e-5)
+    assert ntk_alignment(m.float(), x, m0.float(), implementation="naive") == pytest.approx(want, rel=1e-5)
+    assert ntk_alignment(m0, x, m0, kernel="trace") == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ill_defined_kernels_are_refused():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="batch statistics.*model.eval"):
+        ntk_gram(m, x)
+    m.eval()
+    ntk_gram(m, x)  # fine in eval mode
+    d = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.2), nn.Linear(4, 1))
+    with pytest.raises(ValueError, match="dropout"):
+        ntk_gram(d, x)
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h - h.mean(0, keepdim=True)
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        ntk_gram(Mix(), x)
+
+
+def test_bad_arguments():
+    m, x = _model("mlp_paper", torch.float32)
+    with pytest.raises(ValueError, match="kernel must be"):
+        ntk_gram(m, x, kernel="block")
+    with pytest.raises(ValueError, match="implementation must be"):
+        ntk_gram(m, x, implementation="fast")
+    with pytest.raises(ValueError, match="block_size"):
+        ntk_gram(m, x, block_size=0)
+    with pytest.raises(ValueError, match="empty"):
+        ntk_gram(m, [])
+    with pytest.raises(ValueError, match="no trainable"):
+        ntk_gram(copy.deepcopy(m).requires_grad_(False), x)
+    with pytest.raises(ValueError, match="architecture"):
+        ntk_alignment(m, x, nn.Linear(2, 1))
+    with pytest.raises(ValueError, match="diagonal"):
+        ntk_alignment(m, x, m, kernel="diagonal", centered=True)
