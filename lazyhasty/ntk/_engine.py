@@ -12,7 +12,8 @@ from .._loaders import as_reference_module, iter_inputs, model_device
 from .._progress import Progress
 from . import _features as feat
 from ._layers import (
-    batch_grad_from_factors, check_per_example, choose_form, embedding_factors, linear_factors, norm_grads,
+    batch_grad_from_factors, check_per_example, choose_form, embedding_factors, ghost_layout, linear_factors,
+    linear_g, norm_grads,
     plan_layers, to_materialized, trainable_params,
 )
 
@@ -93,7 +94,6 @@ class Featurizer:
             )
 
     def _features(self, x: torch.Tensor):
-        b = x.shape[0]
         feats: list = []
         if self.plans:
             layer_feats = self._layer_features(x)
@@ -102,13 +102,10 @@ class Featurizer:
             feats.extend(layer_feats)
         if self.generic:
             feats.append(feat.Materialized(self._generic_jacobian(x)))
-        mats = [f for f in feats if isinstance(f, feat.Materialized)]
-        others = [f for f in feats if not isinstance(f, feat.Materialized)]
-        out = ([feat.Materialized.merge(mats)] if mats else []) + others
         if self.k is None:
-            self.k = (out[0].F.shape[1] if isinstance(out[0], feat.Materialized) else out[0].g.shape[1])
-        assert all(f.g.shape[0] == b for f in others)
-        return out
+            self.k = feats[0].F.shape[1] if isinstance(feats[0], feat.Materialized) else feats[0].g.shape[1]
+        # one GEMM per layer (no concatenated copy of all per-example gradients)
+        return feats
 
     def _layer_features(self, x: torch.Tensor):
         plans = self.plans
@@ -139,49 +136,57 @@ class Featurizer:
             self._exclude(bad)
             return None
         verify = not self.verified
-        vparams = [t for p in plans for _, t in p.params()] if verify else []
         per_out = [[] for _ in outs]
-        batch_grads = [[] for _ in vparams]
         for a in range(k):
-            gs = torch.autograd.grad(out[:, a].sum(), outs + vparams, retain_graph=a + 1 < k, allow_unused=True)
-            for i, g in enumerate(gs[: len(outs)]):
+            gs = torch.autograd.grad(out[:, a].sum(), outs, retain_graph=verify or a + 1 < k, allow_unused=True)
+            for i, g in enumerate(gs):
                 per_out[i].append(torch.zeros_like(outs[i]) if g is None else g)
-            for i, g in enumerate(gs[len(outs):]):
-                batch_grads[i].append(torch.zeros_like(vparams[i]) if g is None else g)
-        grads = [torch.stack(g) for g in per_out]  # each [k, b, ...]
+        grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
+        if verify:
+            # One random combination v of the outputs checks every layer: sum_i v . J_i from the captured
+            # factors must equal autograd's gradient of v . sum_i f(x_i) (it does not when a parameter is
+            # also used outside its module's forward; such layers go to the exact fallback).
+            gen = torch.Generator(device="cpu").manual_seed(1234)
+            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            vparams = [t for p in plans for _, t in p.params()]
+            vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
+            vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
         feats, pos, vpos, bad = [], 0, 0, []
         for p in plans:
             g_calls = grads[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
+            np_ = len(p.params())
+            theirs = vgrads[vpos: vpos + np_] if verify else None
+            vpos += np_
             if p.kind == "norm":
                 F = norm_grads(p, g_calls)
                 if verify:
-                    sums = F.sum(0)  # [k, P]
-                    ref = torch.cat([torch.stack(batch_grads[vpos + j]).reshape(k, -1)
-                                     for j in range(len(p.params()))], 1)
-                    if not _close(sums, ref):
+                    mine = torch.einsum("k,kp->p", v, F.sum(0))
+                    if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                         bad.append(p)
                 feats.append(feat.Materialized(F))
             else:
                 a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
                 if verify:
-                    for j in range(k):
-                        mine = batch_grad_from_factors(p, a, g, j)
-                        theirs = [batch_grads[vpos + q][j] for q in range(len(p.params()))]
-                        if p.kind == "embedding":
-                            theirs = theirs[:1]
-                        if not all(_close(u, v) for u, v in zip(mine, theirs)):
-                            bad.append(p)
-                            break
-                if p.form is None:
-                    p.form = choose_form(p, a.shape if p.kind != "embedding" else None, g.shape, self.kernel)
+                    # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
+                    gv_calls = [torch.einsum("k,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
+                    if p.kind == "embedding":
+                        g_v = embedding_factors(p, gv_calls)[1][:, 0]
+                    else:
+                        gv = [linear_g(p, gk) for gk in gv_calls]
+                        g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
+                    mine = batch_grad_from_factors(p, a, g_v)
+                    if not all(_close(u, w) for u, w in zip(mine, theirs)):
+                        bad.append(p)
                 if p.kind == "embedding":
                     feats.append(feat.GhostEmbedding(a, g))
-                elif p.form == "ghost":
-                    feats.append(feat.GhostLinear(a, g))
                 else:
-                    feats.append(feat.Materialized(to_materialized(a, g)))
-            vpos += len(p.params()) if verify else 0
+                    if p.form is None:
+                        p.form = choose_form(p, a.shape, g.shape, self.kernel)
+                    if p.form == "ghost":
+                        feats.append(feat.GhostLinear(*ghost_layout(a, g)))
+                    else:
+                        feats.append(feat.Materialized(to_materialized(a, g)))
             p.inputs.clear()
             p.outputs.clear()
         if bad:
@@ -243,7 +248,7 @@ def _blocks(loader, device, block_size: int | None) -> list[torch.Tensor]:
 
 
 def _default_block_size(n: int, k: int | None = None) -> int:
-    return max(16, min(512, 512 // max(1, (k or 1))))
+    return max(32, 1024 // max(1, (k or 1)))
 
 
 def _naive(model, loader, kernel, dtype):
@@ -336,11 +341,13 @@ class _AlignmentSums:
 
     def add(self, Kt: torch.Tensor, K0: torch.Tensor, si: slice, sj: slice, off_diagonal: bool) -> None:
         w = 2.0 if off_diagonal else 1.0
-        Kt, K0 = Kt.double(), K0.double()
-        self.cross += w * (Kt * K0).sum()
-        self.sq_t += w * (Kt * Kt).sum()
-        self.sq_0 += w * (K0 * K0).sum()
+        # tile products in the kernel's dtype, every sum accumulated in float64
+        f64 = torch.float64
+        self.cross += w * torch.sum(Kt * K0, dtype=f64)
+        self.sq_t += w * torch.sum(Kt * Kt, dtype=f64)
+        self.sq_0 += w * torch.sum(K0 * K0, dtype=f64)
         if self.centered:
+            Kt, K0 = Kt.double(), K0.double()
             for K, R in ((Kt, self.R_t), (K0, self.R_0)):
                 if self.kernel == "full":
                     R[si] += K.sum(2)

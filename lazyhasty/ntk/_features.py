@@ -46,9 +46,6 @@ class Materialized:
     def diagonal(self) -> torch.Tensor:
         return self.F @ self.F.transpose(1, 2)
 
-    @staticmethod
-    def merge(feats: list["Materialized"]) -> "Materialized":
-        return feats[0] if len(feats) == 1 else Materialized(torch.cat([f.F for f in feats], dim=2))
 
 
 class _Ghost:
@@ -72,15 +69,24 @@ class _Ghost:
         bo, So = o.g.shape[0], o.g.shape[2]
         out = self.g.new_zeros(b, k, bo, k)
         for grp in range(G):
-            gj = o.g[:, :, :, grp].reshape(bo * k * So, do)
-            for i0, i1 in self._chunks(bo, k * S * k * So):
+            if S == 1 and So == 1:
+                # K = (a_i.a_j) (g_ia.g_jb): one GEMM for the g Gram, one for the a Gram
+                gj = o.g[:, :, 0, grp].reshape(bo * k, do)
+                for i0, i1 in self._chunks(bo, k * k):
+                    A = self._a_gram(o, grp, i0, i1, 0, bo).view(i1 - i0, 1, bo, 1)
+                    Gm = (self.g[i0:i1, :, 0, grp].reshape(-1, do) @ gj.T).view(i1 - i0, k, bo, k)
+                    out[i0:i1].addcmul_(A, Gm)
+                continue
+            # Positions: contract A with g_J over t first (H), then with g_I over (s, o):
+            # S So k do + k^2 S do flops per pair instead of S So k^2 do for the (g_I . g_J) Gram.
+            gj = o.g[:, :, :, grp].permute(0, 2, 1, 3).reshape(bo, So, k * do)
+            for i0, i1 in self._chunks(bo, S * k * do):
+                ci = i1 - i0
                 A = self._a_gram(o, grp, i0, i1, 0, bo)  # [ci, S, bo, So]
-                gi = self.g[i0:i1, :, :, grp].reshape(-1, do)
-                Gm = (gi @ gj.T).view(i1 - i0, k, S, bo, k, So)
-                if S == 1 and So == 1:
-                    out[i0:i1] += A.view(i1 - i0, 1, bo, 1) * Gm.view(i1 - i0, k, bo, k)
-                else:
-                    out[i0:i1] += torch.einsum("isjt,iasjbt->iajb", A, Gm)
+                H = torch.bmm(A.permute(2, 0, 1, 3).reshape(bo, ci * S, So), gj)  # [bo, ci S, k do]
+                H = H.view(bo, ci, S, k, do).permute(1, 2, 4, 0, 3).reshape(ci, S * do, bo * k)
+                gi = self.g[i0:i1, :, :, grp].reshape(ci, k, S * do)
+                out[i0:i1] += torch.bmm(gi, H).view(ci, k, bo, k)
         return out
 
     def trace(self, o: "_Ghost") -> torch.Tensor:

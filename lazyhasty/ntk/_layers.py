@@ -110,7 +110,7 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
 
 # --- factors from captured inputs and output gradients --------------------------------------------
 def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """[b, L, G, C_in/G * prod(kernel)] patches of a convolution's input, in the weight's layout."""
+    """[b, G, C_in/G * prod(kernel), L] patches of a convolution's input, in the weight's layout."""
     if isinstance(m, nn.Conv1d):
         x = x.unsqueeze(2)
         ks, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
@@ -128,51 +128,62 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         pad = (0, 0)
     cols = F.unfold(x, ks, dilation=dl, padding=pad, stride=st)  # [b, C_in * kh * kw, L]
     b, _, L = cols.shape
-    G = m.groups
-    return cols.view(b, G, -1, L).permute(0, 3, 1, 2)
+    return cols.view(b, m.groups, -1, L)
 
 
-def _with_ones(a: torch.Tensor, use_w: bool, use_b: bool) -> torch.Tensor:
-    if not use_b:
+def linear_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+    """Layer input of one call as ``[b, G, d_in', S]`` (a row of ones appended for a bias)."""
+    m = plan.module
+    if plan.kind == "linear":
+        a = x.reshape(x.shape[0], -1, m.in_features).transpose(1, 2).unsqueeze(1)
+    else:
+        a = _conv_patches(m, x)
+    if not plan.use_bias:
         return a
-    ones = a.new_ones(a.shape[:-1] + (1,))
-    return torch.cat([a, ones], -1) if use_w else ones
+    ones = a.new_ones(a.shape[:2] + (1, a.shape[3]))
+    return torch.cat([a, ones], 2) if plan.use_weight else ones
+
+
+def linear_g(plan: LayerPlan, gk: torch.Tensor) -> torch.Tensor:
+    """Output gradients of one call ``[b, k, ...out]`` as ``[b, k, G, d_out, S]``."""
+    m = plan.module
+    b, k = gk.shape[:2]
+    if plan.kind == "linear":
+        return gk.reshape(b, k, -1, m.out_features).transpose(2, 3).unsqueeze(2)
+    G = m.groups
+    return gk.reshape(b, k, G, m.out_channels // G, -1)
 
 
 def linear_factors(plan: LayerPlan, grads: list[torch.Tensor]):
-    """(a [b, S, G, d_in'], g [b, k, S, G, d_out]) over all calls of the module."""
-    m = plan.module
-    a_calls, g_calls = [], []
-    for x, gk in zip(plan.inputs, grads):  # gk: [k, b, ...out]
-        k, b = gk.shape[:2]
-        if plan.kind == "linear":
-            a = x.reshape(b, -1, 1, m.in_features)
-            g = gk.reshape(k, b, -1, 1, m.out_features)
-        else:
-            a = _conv_patches(m, x)
-            G = m.groups
-            g = gk.reshape(k, b, G, m.out_channels // G, -1).permute(0, 1, 4, 2, 3)
-        a_calls.append(_with_ones(a, plan.use_weight, plan.use_bias))
-        g_calls.append(g)
-    a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]
-    g = torch.cat(g_calls, 2) if len(g_calls) > 1 else g_calls[0]
-    return a, g.transpose(0, 1)
+    """Natural layouts over all calls of the module (positions of the calls concatenated):
+    a ``[b, G, d_in', S]`` and g ``[b, k, G, d_out, S]``."""
+    a_calls = [linear_a(plan, x) for x in plan.inputs]
+    g_calls = [linear_g(plan, gk) for gk in grads]
+    a = torch.cat(a_calls, -1) if len(a_calls) > 1 else a_calls[0]
+    g = torch.cat(g_calls, -1) if len(g_calls) > 1 else g_calls[0]
+    return a, g
+
+
+def ghost_layout(a: torch.Tensor, g: torch.Tensor):
+    """Natural layouts to the ghost form's ``a [b, S, G, d_in]``, ``g [b, k, S, G, d_out]`` (views)."""
+    return a.permute(0, 3, 1, 2), g.permute(0, 1, 4, 2, 3)
 
 
 def embedding_factors(plan: LayerPlan, grads):
+    """(idx [b, S], g [b, k, S, 1, D]) over all calls."""
     m = plan.module
     idx_calls, g_calls = [], []
     for idx, gk in zip(plan.inputs, grads):
-        k, b = gk.shape[:2]
+        b, k = gk.shape[:2]
         idx = idx.reshape(b, -1)
-        g = gk.reshape(k, b, -1, 1, m.embedding_dim)
+        g = gk.reshape(b, k, -1, 1, m.embedding_dim)
         if m.padding_idx is not None:  # embedding backward gives no gradient to padding_idx
-            g = g * (idx != m.padding_idx).to(g.dtype)[None, :, :, None, None]
+            g = g * (idx != m.padding_idx).to(g.dtype)[:, None, :, None, None]
         idx_calls.append(idx)
         g_calls.append(g)
     idx = torch.cat(idx_calls, 1) if len(idx_calls) > 1 else idx_calls[0]
     g = torch.cat(g_calls, 2) if len(g_calls) > 1 else g_calls[0]
-    return idx, g.transpose(0, 1)
+    return idx, g
 
 
 def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
@@ -180,11 +191,11 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
     m = plan.module
     total = None
     for x, gk in zip(plan.inputs, grads):
-        k, b = gk.shape[:2]
+        b, k = gk.shape[:2]
         if isinstance(m, nn.LayerNorm):
             xhat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
             nd = len(m.normalized_shape)
-            red = tuple(range(2, gk.dim() - nd))  # leading (position) dims, after [k, b]
+            red = tuple(range(2, gk.dim() - nd))  # leading (position) dims, after [b, k]
         elif isinstance(m, nn.GroupNorm):
             xhat = F.group_norm(x, m.num_groups, eps=m.eps)
             red = tuple(range(3, gk.dim()))
@@ -194,44 +205,59 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
             red = tuple(range(3, gk.dim()))
         parts = []
         if plan.use_weight:
-            gw = gk * xhat.unsqueeze(0)
-            parts.append((gw.sum(red) if red else gw).reshape(k, b, -1))
+            gw = gk * xhat.unsqueeze(1)
+            parts.append((gw.sum(red) if red else gw).reshape(b, k, -1))
         if plan.use_bias:
-            parts.append((gk.sum(red) if red else gk).reshape(k, b, -1))
+            parts.append((gk.sum(red) if red else gk).reshape(b, k, -1))
         cur = torch.cat(parts, -1)
         total = cur if total is None else total + cur
-    return total.transpose(0, 1).contiguous()
+    return total
 
 
 # --- cost model -------------------------------------------------------------------------------------
 def choose_form(plan: LayerPlan, a_shape, g_shape, kernel: str) -> str:
-    """Ghost or materialized, whichever needs fewer flops per example pair (ties: materialized)."""
+    """Ghost or materialized, whichever needs fewer flops per example pair (ties: materialized).
+
+    a_shape ``[b, G, d_in, S]``, g_shape ``[b, k, G, d_out, S]`` (natural layouts).
+    """
     if plan.kind == "embedding":
         return "ghost"
     if plan.kind == "norm":
         return "materialized"
-    _, S, G, din = a_shape
-    k, dout = g_shape[1], g_shape[-1]
-    kk = k * k if kernel == "full" else k
-    ghost = G * S * S * (din + kk * dout) + kk * S * S
-    materialized = kk * G * din * dout
+    _, G, din, S = a_shape
+    k, dout = g_shape[1], g_shape[3]
+    if kernel == "full":
+        ghost = G * (S * S * din + (S * k * dout * (S + k) if S > 1 else k * k * dout))
+        materialized = k * k * G * din * dout
+    else:
+        ghost = G * S * S * (din + k * dout)
+        materialized = k * G * din * dout
     return "ghost" if ghost < materialized else "materialized"
 
 
 def to_materialized(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-example gradients [b, k, G * d_out * d_in] from linear factors (sum over positions)."""
-    b, k = g.shape[:2]
-    return torch.einsum("bksgo,bsgi->bkgoi", g, a).reshape(b, k, -1)
+    """Per-example gradients ``[b, k, G * d_out * d_in]`` from natural layouts (sum over positions).
+
+    For G = 1 this is one batched GEMM ``[k d_out, S] @ [S, d_in]`` per example on the layouts the
+    convolution already produced (no permuted copies).
+    """
+    b, k, G, do, S = g.shape
+    if G == 1:
+        return torch.bmm(g.reshape(b, k * do, S), a.reshape(b, -1, S).transpose(1, 2)).view(b, k, -1)
+    return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
 
-def batch_grad_from_factors(plan: LayerPlan, a, g, out_index: int) -> list[torch.Tensor]:
-    """Sum over the block of per-example gradients of output ``out_index``, in the parameters' shapes."""
+def batch_grad_from_factors(plan: LayerPlan, a, g_v) -> list[torch.Tensor]:
+    """Sum over the block of per-example gradients, in the parameters' shapes.
+
+    ``g_v``: output gradients of one (random) combination of the outputs, natural layout without the k
+    axis (``[b, G, d_out, S]``; for an embedding ``[b, S, 1, D]``).
+    """
     m = plan.module
     if plan.kind == "embedding":
-        flat_g = g[:, out_index, :, 0].reshape(-1, m.embedding_dim)
-        W = torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), flat_g)
-        return [W]
-    full = torch.einsum("bsgo,bsgi->goi", g[:, out_index], a)  # [G, d_out, d_in']
+        flat_g = g_v[:, :, 0].reshape(-1, m.embedding_dim)
+        return [torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), flat_g)]
+    full = torch.einsum("bgos,bgis->goi", g_v, a)  # [G, d_out, d_in']
     out = []
     if plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]

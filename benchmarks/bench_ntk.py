@@ -1,0 +1,108 @@
+"""Empirical NTK: lazyhasty vs naive autograd, torch.func vmap(jacrev) and nngeometry (when installed).
+
+Cases (CPU sizes the issue anchored its targets on):
+  mlp-full     MLP 2-256-256-256-1, n = 1000, kernel="full"
+  cnn-full     3 convs + linear on 3x32x32, n = 256, k = 10, "full"   (+ the J @ J.T floor)
+  cnn-trace    same, "trace"
+  resnet-full  ResNet18 layout at width 16 without BatchNorm (0.7M params), n = 128, k = 10, "full"
+  resnet-trace same, "trace"
+  mlp-align    ntk_alignment of the MLP with its init on n = 20,000 (peak memory recorded)
+Slow providers run one round; compare medians as ratios within one JSON.
+"""
+import copy
+
+import pytest
+import torch
+from torch.func import functional_call, jacrev, vmap
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import ntk_alignment, ntk_gram
+from memory import peak_bytes
+from ntk_models import cnn3, mlp_256, resnet18_w16
+
+try:
+    from nngeometry.backend import TorchHooksJacobianBackend
+    from nngeometry.object import FMatDense
+except Exception:  # noqa: BLE001
+    FMatDense = None
+
+CASES = {
+    "mlp-full": (mlp_256, (1000, 2), "full"),
+    "cnn-full": (cnn3, (256, 3, 32, 32), "full"),
+    "cnn-trace": (cnn3, (256, 3, 32, 32), "trace"),
+    "resnet-full": (resnet18_w16, (128, 3, 32, 32), "full"),
+    "resnet-trace": (resnet18_w16, (128, 3, 32, 32), "trace"),
+}
+
+
+def torchfunc_jacobian(model, x):
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+    J = vmap(jacrev(f), in_dims=(None, 0))(params, x)
+    return torch.cat([J[n].reshape(x.shape[0], J[n].shape[1], -1) for n in params], -1)
+
+
+def torchfunc_ntk(model, x, kernel):
+    J = torchfunc_jacobian(model, x)
+    if kernel == "full":
+        return torch.einsum("iap,jbp->iajb", J, J)
+    return sum(J[:, a] @ J[:, a].T for a in range(J.shape[1]))
+
+
+def nngeometry_ntk(model, x):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=256)
+    return FMatDense(TorchHooksJacobianBackend(model), examples=loader).data
+
+
+PROVIDERS = ["lazyhasty", "lazyhasty-jacobian", "torch.func", "naive", "nngeometry", "jjt-floor"]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_ntk_gram(benchmark, case, provider, device):
+    make, shape, kernel = CASES[case]
+    torch.manual_seed(0)
+    model = make().to(device)
+    x = torch.rand(shape, device=device) * 2 - 1
+    slow = provider in ("naive", "nngeometry") or case.startswith("resnet")
+    if provider == "lazyhasty":
+        fn = lambda: ntk_gram(model, x, kernel=kernel)  # noqa: E731
+    elif provider == "lazyhasty-jacobian":
+        fn = lambda: ntk_gram(model, x, kernel=kernel, implementation="jacobian")  # noqa: E731
+    elif provider == "torch.func":
+        fn = lambda: torchfunc_ntk(model, x, kernel)  # noqa: E731
+    elif provider == "naive":
+        fn = lambda: R.ntk_gram(model, [x], kernel=kernel)  # noqa: E731
+    elif provider == "nngeometry":
+        if FMatDense is None:
+            pytest.skip("nngeometry not installed (pip install --no-deps nngeometry)")
+        if kernel != "full":
+            pytest.skip("nngeometry computes the full kernel only")
+        fn = lambda: nngeometry_ntk(model, x)  # noqa: E731
+    else:
+        if case != "cnn-full":
+            pytest.skip("the J @ J.T floor is recorded for the CNN only")
+        J = torchfunc_jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))
+        fn = lambda: J @ J.T  # noqa: E731
+    benchmark.group = f"ntk {case} {device.type}"
+    benchmark.extra_info["n"] = shape[0]
+    benchmark.pedantic(fn, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
+
+
+@pytest.mark.parametrize("provider", ["lazyhasty", "lazyhasty-nocache"])
+def test_ntk_alignment_n20000(benchmark, provider, device):
+    torch.manual_seed(0)
+    m0 = mlp_256().to(device)
+    m = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(20000, 2, device=device) * 2 - 1
+    kw = {"max_cache_bytes": 0} if provider.endswith("nocache") else {}
+    fn = lambda: ntk_alignment(m, x, m0, **kw)  # noqa: E731
+    benchmark.extra_info["peak_mem_bytes"] = peak_bytes(fn, device)
+    benchmark.group = f"ntk_alignment mlp n=20000 {device.type}"
+    benchmark.pedantic(fn, rounds=1, warmup_rounds=0)
