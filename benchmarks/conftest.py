@@ -14,8 +14,6 @@ import torch  # noqa: E402
 
 from lazyhasty import _backend  # noqa: E402
 
-import memory  # noqa: E402,F401  (sets malloc options before any benchmark allocates)
-
 
 def _commit() -> str:
     try:

@@ -5,13 +5,21 @@ import gc
 import torch
 
 # glibc keeps freed blocks and raises its mmap threshold dynamically, so RSS would hide later peaks.
-# A fixed low mmap threshold returns every large buffer to the OS on free: RSS then tracks live memory.
+# While measuring, a fixed low mmap threshold returns every large buffer to the OS on free, so RSS tracks
+# live memory; afterwards the thresholds go back up (near glibc's own dynamic maxima) so that timings
+# are not charged a page fault for every large allocation.
 try:
     _libc = ctypes.CDLL("libc.so.6")
-    _libc.mallopt(-3, 64 * 1024)   # M_MMAP_THRESHOLD
-    _libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 except OSError:
-    pass
+    _libc = None
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_for_measuring(on: bool) -> None:
+    if _libc is None:
+        return
+    _libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 if on else 32 * 2**20)
+    _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 if on else 64 * 2**20)
 
 
 def _status(key: str) -> int:
@@ -32,8 +40,13 @@ def peak_bytes(fn, device) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current RSS
-    before = _status("VmRSS")
-    fn()
-    return _status("VmHWM") - before
+    _malloc_for_measuring(True)
+    try:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status("VmRSS")
+        fn()
+        return _status("VmHWM") - before
+    finally:
+        _malloc_for_measuring(False)

@@ -34,6 +34,19 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
+def _ntk_backend(device: torch.device, backend: str | None) -> str:
+    """Triton on CUDA when installed (or on CPU in the interpreter); torch/BLAS otherwise.
+
+    The C++ and CUDA extensions have no NTK kernels: on CPU, BLAS GEMMs in tiles are the fastest
+    measured path, so ``backend="cpp"`` runs the torch path.
+    """
+    chosen = _backend.select(device, backend)
+    if chosen in ("triton", "cuda") and _backend.has_triton and (
+            device.type == "cuda" or _backend.triton_interpreted()):
+        return "triton" if chosen == "triton" or device.type == "cuda" else "torch"
+    return "torch"
+
+
 def _check_args(kernel: str, implementation: str, block_size) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -263,7 +276,8 @@ def _naive(model, loader, kernel, dtype):
 
 
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
-             dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False) -> torch.Tensor:
+             dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
+             backend: str | None = None) -> torch.Tensor:
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -293,6 +307,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     if implementation == "naive":
         return _naive(model, loader, kernel, dtype)
     fz = Featurizer(model, implementation, kernel, dtype)
+    be = _ntk_backend(fz.device, backend)
     blocks = _blocks(loader, fz.device, block_size)
     n = sum(x.shape[0] for x in blocks)
     with exact_fp32():
@@ -312,7 +327,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         pairs = [(I, J) for I in range(len(blocks)) for J in range(I, len(blocks))]
         with Progress(len(pairs), "ntk tiles", progress) as bar:
             for I, J in pairs:
-                t = feat.tile(feats[I], feats[J], kernel)
+                t = feat.tile(feats[I], feats[J], kernel, be)
                 si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
                 if kernel == "full":
                     K[si, :, sj, :] = t
@@ -358,6 +373,13 @@ class _AlignmentSums:
                     if off_diagonal:
                         R[sj] += K.sum(0)
 
+    def add_partials(self, parts: torch.Tensor, w: float) -> None:
+        """Partial sums (cross, sq_t, sq_0) of a tile reduced elsewhere (the fused Triton kernel)."""
+        parts = parts.to(self.cross.device)
+        self.cross += w * parts[0]
+        self.sq_t += w * parts[1]
+        self.sq_0 += w * parts[2]
+
     def alignment(self) -> float:
         cross, st, s0 = self.cross, self.sq_t, self.sq_0
         if self.centered:
@@ -380,7 +402,8 @@ class _AlignmentSums:
 
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
-                  max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False) -> float:
+                  max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
+                  backend: str | None = None) -> float:
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
@@ -402,6 +425,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         return R.ntk_alignment(model, list(iter_inputs(loader, model_device(model))), ref, kernel=kernel,
                                centered=centered)
     fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
+    be = _ntk_backend(fz.device, backend)
     xs = list(iter_inputs(loader, fz.device))
     n = sum(x.shape[0] for x in xs)
     bs = block_size or _default_block_size(n)
@@ -414,12 +438,22 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
         per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
         cache = per_block * len(blocks) <= max_cache_bytes
-        cached = {0: first} if cache else {}
+        fused = be == "triton" and kernel != "diagonal" and not centered
+
+        def prepare(f):
+            if not fused:
+                return f
+            # Triton: all-materialized blocks become one row matrix each, and the fused kernel reduces
+            # K_t * K_0 tiles without writing them.
+            rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
+            return rows if rows[0] is not None and rows[1] is not None else f
+
+        cached = {0: prepare(first)} if cache else {}
 
         def get(I):
             if I in cached:
                 return cached[I]
-            f = (fz(blocks[I]), fz0(blocks[I].to(fz0.device)))
+            f = prepare((fz(blocks[I]), fz0(blocks[I].to(fz0.device))))
             if cache:
                 cached[I] = f
             return f
@@ -437,8 +471,15 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
                     continue
                 for J in range(I, nb):
                     fj, fj0 = (fi, fi0) if J == I else get(J)
-                    Kt = feat.tile(fi, fj, kernel)
-                    K0 = feat.tile(fi0, fj0, kernel).to(fz.device)
-                    sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
+                    if isinstance(fi, torch.Tensor):
+                        from ._triton_ntk import alignment_partials
+
+                        parts = alignment_partials(fi, fj, fi0.to(fz.device), fj0.to(fz.device), I == J,
+                                                   _backend.triton_interpreted())
+                        sums.add_partials(parts, 2.0 if I != J else 1.0)
+                    else:
+                        Kt = feat.tile(fi, fj, kernel, be)
+                        K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
+                        sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
                     bar.update()
     return sums.alignment()

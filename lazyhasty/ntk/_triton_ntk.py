@@ -1,0 +1,125 @@
+"""Triton kernels of the NTK engine (GPU; CPU only in the interpreter, for tests).
+
+``alignment_partials``: fused ``K_t = F_t[I] F_t[J]^T`` and ``K_0 = F_0[I] F_0[J]^T`` tiles reduced in
+registers to partial sums of ``K_t * K_0``, ``K_t^2``, ``K_0^2`` (never written to memory). For a
+diagonal block (I = J) only tiles with ``pid_m <= pid_n`` run, off-diagonal ones weighted twice.
+
+``ghost_gram``: ``K[r, c] = sum_{s,t} (a[r // k, s] . a[c // k, t]) (g[r, s] . g[c, t])`` for the ghost
+form of a linear layer (rows r = (example, output)); symmetric when both sides are the same block.
+
+Both use ``input_precision="ieee"`` for fp32 (GPUs would otherwise use tf32 in ``tl.dot``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gemm_tile(x_ptr, y_ptr, rows, cols, M, N, P, sxm, sym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * sxm + ks[None, :],
+                    mask=(rows[:, None] < M) & (ks[None, :] < P), other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + cols[:, None].to(tl.int64) * sym + ks[None, :],
+                    mask=(cols[:, None] < N) & (ks[None, :] < P), other=0.0).to(tl.float32)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(y), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(y))
+    return acc
+
+
+@triton.jit
+def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt, P0, sti, stj, szi, szj,
+                              SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n_n = tl.num_programs(1)
+    pid = pid_m * n_n + pid_n
+    if SYMMETRIC and pid_m > pid_n:
+        tl.store(out_ptr + pid * 3 + tl.arange(0, 4), tl.zeros((4,), tl.float32), mask=tl.arange(0, 4) < 3)
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kt = _gemm_tile(ti_ptr, tj_ptr, rows, cols, M, N, Pt, sti, stj, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    k0 = _gemm_tile(zi_ptr, zj_ptr, rows, cols, M, N, P0, szi, szj, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    w = 1.0
+    if SYMMETRIC and pid_m < pid_n:
+        w = 2.0
+    c = tl.sum(tl.sum(kt * k0, axis=1), axis=0) * w
+    a = tl.sum(tl.sum(kt * kt, axis=1), axis=0) * w
+    b = tl.sum(tl.sum(k0 * k0, axis=1), axis=0) * w
+    idx = tl.arange(0, 4)
+    vals = tl.where(idx == 0, c, tl.where(idx == 1, a, b))
+    tl.store(out_ptr + pid * 3 + idx, vals, mask=idx < 3)
+
+
+@triton.jit
+def ghost_gram_kernel(ai_ptr, aj_ptr, gi_ptr, gj_ptr, out_ptr, M, N, BI, BJ, S, K_OUT, DIN, DOUT,
+                      sai, saj, sgi, sgj, so, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if SYMMETRIC and pid_m > pid_n:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (example, output) rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ex_r = rows // K_OUT
+    ex_c = cols // K_OUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(0, S):
+        for t in range(0, S):
+            # a rows of the examples at positions s and t; g rows of (example, output) at s and t
+            aa = _gemm_tile(ai_ptr + s * DIN, aj_ptr + t * DIN, ex_r, ex_c, BI, BJ, DIN, sai, saj,
+                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            gg = _gemm_tile(gi_ptr + s * DOUT, gj_ptr + t * DOUT, rows, cols, M, N, DOUT, sgi, sgj,
+                            BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+            acc += aa * gg
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * so + cols[None, :], acc, mask=mask)
+    if SYMMETRIC:
+        tl.store(out_ptr + cols[None, :].to(tl.int64) * so + rows[:, None], acc, mask=mask)
+
+
+def _blocks(interpreted: bool):
+    return (32, 32, 32) if interpreted else (64, 64, 32)
+
+
+def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: bool) -> torch.Tensor:
+    """``[3]`` float64: sums of ``Kt*K0``, ``Kt^2``, ``K0^2`` over the tile ``(F_I F_J^T)`` of both models.
+
+    ft_*: ``[M|N, Pt]``, f0_*: ``[M|N, P0]`` row-major (last stride 1), fp32 (or fp16/bf16, upcast).
+    """
+    M, N = ft_i.shape[0], ft_j.shape[0]
+    bm, bn, bk = _blocks(interpreted)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    out = torch.empty(grid[0] * grid[1] * 3, dtype=torch.float32, device=ft_i.device)
+    alignment_partials_kernel[grid](ft_i, ft_j, f0_i, f0_j, out, M, N, ft_i.shape[1], f0_i.shape[1],
+                                    ft_i.stride(0), ft_j.stride(0), f0_i.stride(0), f0_j.stride(0),
+                                    SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                    IEEE=ft_i.dtype == torch.float32)
+    return out.view(-1, 3).double().sum(0)
+
+
+def ghost_gram(a_i, a_j, g_i, g_j, symmetric: bool, interpreted: bool) -> torch.Tensor:
+    """``[bI k, bJ k]`` ghost-form Gram of one linear layer (one group).
+
+    a_*: ``[b, S, d_in]``; g_*: ``[b, k, S, d_out]`` (rows (example, output)); contiguous.
+    """
+    bI, k, S, dout = g_i.shape
+    bJ = g_j.shape[0]
+    din = a_i.shape[2]
+    M, N = bI * k, bJ * k
+    out = torch.empty((M, N), dtype=torch.float32, device=g_i.device)
+    bm, bn, bk = _blocks(interpreted)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    ghost_gram_kernel[grid](a_i, a_j, g_i, g_j, out, M, N, bI, bJ, S, k, din, dout,
+                            S * din, S * din, S * dout, S * dout, N,
+                            SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                            IEEE=g_i.dtype == torch.float32)
+    return out

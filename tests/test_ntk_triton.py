@@ -1,0 +1,63 @@
+"""Triton NTK kernels (interpreter on CPU) against torch twins, on sizes that do not divide the tiles."""
+import copy
+
+import pytest
+import torch
+
+from lazyhasty import _backend
+from lazyhasty.metrics import ntk_alignment, ntk_gram
+
+from ntk_zoo import ZOO
+
+pytestmark = pytest.mark.skipif(not (_backend.has_triton and _backend.triton_interpreted()),
+                                reason="needs triton (interpreted on CPU)")
+
+
+@pytest.mark.parametrize("M,N,Pt,P0", [(1, 1, 1, 1), (33, 7, 45, 70), (40, 40, 33, 31)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_alignment_partials(M, N, Pt, P0, symmetric):
+    from lazyhasty.ntk._triton_ntk import alignment_partials
+
+    g = torch.Generator().manual_seed(M + N)
+    ft_i, f0_i = torch.randn(M, Pt, generator=g), torch.randn(M, P0, generator=g)
+    if symmetric:
+        ft_j, f0_j = ft_i, f0_i
+    else:
+        ft_j, f0_j = torch.randn(N, Pt, generator=g), torch.randn(N, P0, generator=g)
+    Kt, K0 = (ft_i @ ft_j.T).double(), (f0_i @ f0_j.T).double()
+    want = torch.stack([(Kt * K0).sum(), (Kt * Kt).sum(), (K0 * K0).sum()])
+    got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, True)
+    assert torch.allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("b_i,b_j,k,S,din,dout", [(1, 1, 1, 1, 1, 1), (5, 3, 2, 3, 7, 5), (9, 9, 1, 2, 33, 4)])
+def test_ghost_gram(b_i, b_j, k, S, din, dout):
+    from lazyhasty.ntk._triton_ntk import ghost_gram
+
+    g = torch.Generator().manual_seed(S)
+    a_i, g_i = torch.randn(b_i, S, din, generator=g), torch.randn(b_i, k, S, dout, generator=g)
+    sym = b_i == b_j
+    a_j, g_j = (a_i, g_i) if sym else (torch.randn(b_j, S, din, generator=g), torch.randn(b_j, k, S, dout, generator=g))
+    A = torch.einsum("isd,jtd->isjt", a_i, a_j)
+    G = torch.einsum("iasd,jbtd->iasjbt", g_i, g_j)
+    want = torch.einsum("isjt,iasjbt->iajb", A, G).reshape(b_i * k, b_j * k)
+    got = ghost_gram(a_i, a_j, g_i, g_j, sym, True)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mlp_paper", "cnn_strided", "shared_linear"])
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_engine_with_triton_backend_matches_torch(name, kernel):
+    torch.manual_seed(0)
+    m, x = ZOO[name]()
+    want = ntk_gram(m, x, kernel=kernel, backend="torch")
+    got = ntk_gram(m, x, kernel=kernel, backend="triton", block_size=4)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    m1 = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in m1.parameters():
+            p.mul_(1.2)
+    a_torch = ntk_alignment(m1, x, m, kernel=kernel, backend="torch", block_size=3)
+    for impl in ("layerwise", "jacobian"):
+        a_triton = ntk_alignment(m1, x, m, kernel=kernel, backend="triton", block_size=3, implementation=impl)
+        assert a_triton == pytest.approx(a_torch, rel=1e-5)
