@@ -2,8 +2,8 @@
 
 No download. Full-batch gradient descent on the logistic loss with the paper's scaling
 ``f_alpha = f_0 + alpha (f - f_0)`` and learning rate ``lr / alpha^2``; at every log the linearity probes
-(sign similarity, representation alignment) are measured on a held-out probe set against the init model.
-Expected: at alpha = 100 both probes stay near 1 (lazy); at alpha = 1 they drop (features are learned).
+(sign similarity, representation alignment, NTK alignment) are measured on a held-out probe set against the init model.
+Expected: at alpha = 100 the probes stay near 1 (lazy); at alpha = 1 they drop (features are learned).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import torch
 from torch import nn
 
-from .metrics import SignPatterns, representation_alignment
+from .metrics import SignPatterns, ntk_alignment, representation_alignment
 
 
 def yinyang_xy(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +50,7 @@ def train_alpha(model0: nn.Module, alpha: float, x, y, probe, *, lr: float, step
                 "train_loss": loss.item(),
                 "sign_similarity": init_signs.similarity(model, probe),
                 "repr_alignment": representation_alignment(model, probe, model0),
+                "ntk_alignment": ntk_alignment(model, probe, model0),
             })
         opt.zero_grad()
         loss.backward()
@@ -67,7 +68,8 @@ def run_demo(*, steps: int = 2000, log_every: int = 500, n_train: int = 200, n_p
         t = time.perf_counter()
         out[alpha] = train_alpha(model0, alpha, x, y, probe, lr=lr, steps=steps, log_every=log_every)
         print(f"alpha = {alpha:g}  ({time.perf_counter() - t:.1f} s)")
-        print(f"  {'step':>6} {'train loss':>11} {'sign sim.':>10} {'repr. align.':>13}")
+        print(f"  {'step':>6} {'train loss':>11} {'sign sim.':>10} {'repr. align.':>13} {'NTK align.':>11}")
         for r in out[alpha]:
-            print(f"  {r['step']:>6} {r['train_loss']:>11.4f} {r['sign_similarity']:>10.4f} {r['repr_alignment']:>13.4f}")
+            print(f"  {r['step']:>6} {r['train_loss']:>11.4f} {r['sign_similarity']:>10.4f} "
+                  f"{r['repr_alignment']:>13.4f} {r['ntk_alignment']:>11.4f}")
     return out

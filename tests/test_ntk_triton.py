@@ -30,6 +30,15 @@ def test_alignment_partials(M, N, Pt, P0, symmetric):
     assert torch.allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M,N,P", [(1, 1, 1), (33, 7, 45), (40, 40, 70)])
+def test_gram(M, N, P):
+    from lazyhasty.ntk._triton_ntk import gram
+
+    x = torch.randn(M, P)
+    y = x if M == N else torch.randn(N, P)
+    assert torch.allclose(gram(x, y, M == N, True), x @ y.T, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("b_i,b_j,k,S,din,dout", [(1, 1, 1, 1, 1, 1), (5, 3, 2, 3, 7, 5), (9, 9, 1, 2, 33, 4)])
 def test_ghost_gram(b_i, b_j, k, S, din, dout):
     from lazyhasty.ntk._triton_ntk import ghost_gram
@@ -51,8 +60,9 @@ def test_engine_with_triton_backend_matches_torch(name, kernel):
     torch.manual_seed(0)
     m, x = ZOO[name]()
     want = ntk_gram(m, x, kernel=kernel, backend="torch")
-    got = ntk_gram(m, x, kernel=kernel, backend="triton", block_size=4)
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    for impl in ("layerwise", "jacobian"):
+        got = ntk_gram(m, x, kernel=kernel, backend="triton", block_size=4, implementation=impl)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
     m1 = copy.deepcopy(m)
     with torch.no_grad():
         for p in m1.parameters():

@@ -155,13 +155,31 @@ class GhostEmbedding(_Ghost):
 def tile(feats_i: list, feats_j: list, kernel: str, backend: str = "torch") -> torch.Tensor:
     """Kernel tile between two blocks: the sum of every feature pair's product."""
     out = None
-    for fi, fj in zip(feats_i, feats_j):
+    pairs = list(zip(feats_i, feats_j))
+    if backend == "triton":
+        mats = [(fi, fj) for fi, fj in pairs if isinstance(fi, Materialized)]
+        if mats:
+            out = _gram_triton([p[0] for p in mats], [p[1] for p in mats], kernel, feats_i is feats_j)
+        pairs = [(fi, fj) for fi, fj in pairs if not isinstance(fi, Materialized)]
+    for fi, fj in pairs:
         if backend == "triton" and isinstance(fi, GhostLinear) and fi.g.shape[3] == 1:
             t = _ghost_triton(fi, fj, kernel)
         else:
             t = fi.full(fj) if kernel == "full" else fi.trace(fj)
         out = t if out is None else out.add_(t)
     return out
+
+
+def _gram_triton(mi: list, mj: list, kernel: str, symmetric: bool) -> torch.Tensor:
+    from .. import _backend
+    from ._triton_ntk import gram
+
+    ri = flat_rows(mi, kernel)
+    rj = ri if symmetric else flat_rows(mj, kernel)
+    b_i, k = mi[0].F.shape[:2]
+    b_j = mj[0].F.shape[0]
+    t = gram(ri.contiguous(), rj.contiguous(), symmetric, _backend.triton_interpreted()).to(mi[0].F.dtype)
+    return t.view(b_i, k, b_j, k) if kernel == "full" else t
 
 
 def _ghost_triton(fi: "GhostLinear", fj: "GhostLinear", kernel: str) -> torch.Tensor:

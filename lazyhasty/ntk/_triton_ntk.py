@@ -86,6 +86,22 @@ def ghost_gram_kernel(ai_ptr, aj_ptr, gi_ptr, gj_ptr, out_ptr, M, N, BI, BJ, S, 
         tl.store(out_ptr + cols[None, :].to(tl.int64) * so + rows[:, None], acc, mask=mask)
 
 
+@triton.jit
+def gram_kernel(x_ptr, y_ptr, out_ptr, M, N, P, sx, sy, so, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if SYMMETRIC and pid_m > pid_n:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = _gemm_tile(x_ptr, y_ptr, rows, cols, M, N, P, sx, sy, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * so + cols[None, :], acc, mask=mask)
+    if SYMMETRIC:
+        tl.store(out_ptr + cols[None, :].to(tl.int64) * so + rows[:, None], acc, mask=mask)
+
+
 def _blocks(interpreted: bool):
     return (32, 32, 32) if interpreted else (64, 64, 32)
 
@@ -122,4 +138,15 @@ def ghost_gram(a_i, a_j, g_i, g_j, symmetric: bool, interpreted: bool) -> torch.
                             S * din, S * din, S * dout, S * dout, N,
                             SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                             IEEE=g_i.dtype == torch.float32)
+    return out
+
+
+def gram(x: torch.Tensor, y: torch.Tensor, symmetric: bool, interpreted: bool) -> torch.Tensor:
+    """``x @ y.T`` (fp32 accumulation, IEEE fp32); with ``symmetric`` (x is y) only i <= j tiles run."""
+    M, N, P = x.shape[0], y.shape[0], x.shape[1]
+    out = torch.empty((M, N), dtype=torch.float32, device=x.device)
+    bm, bn, bk = _blocks(interpreted)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    gram_kernel[grid](x, y, out, M, N, P, x.stride(0), y.stride(0), N, SYMMETRIC=symmetric,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32)
     return out
