@@ -20,6 +20,8 @@ def _malloc_for_measuring(on: bool) -> None:
         return
     _libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024 if on else 32 * 2**20)
     _libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 if on else 64 * 2**20)
+    if on:
+        _libc.malloc_trim(0)  # give free heap pages back, so that reusing them shows up in RSS
 
 
 def _status(key: str) -> int:

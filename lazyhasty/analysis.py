@@ -1,0 +1,144 @@
+"""Comparing runs at equal progress (mean training loss), not at equal step.
+
+The progress column is made monotone by a running minimum (as the paper does); every other column is
+interpolated, for every run, at the first time the run's progress reached each value of one common grid.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class ProgressTable:
+    """``grid`` ``[G]`` progress values (decreasing: from early to late training) and, per run, every logged
+    numeric column interpolated on it: ``table[run_name][column]`` -> ``[G]``."""
+
+    def __init__(self, progress: str, grid: np.ndarray, columns: dict[str, dict[str, np.ndarray]]):
+        self.progress, self.grid, self.columns = progress, grid, columns
+
+    def __getitem__(self, run: str) -> dict[str, np.ndarray]:
+        return self.columns[run]
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.columns)
+
+    def to_rows(self) -> list[dict]:
+        rows = []
+        for g, value in enumerate(self.grid):
+            row = {self.progress: float(value)}
+            for run, cols in self.columns.items():
+                for col, v in cols.items():
+                    row[f"{run}/{col}"] = float(v[g])
+            rows.append(row)
+        return rows
+
+
+def _rows_of(run):
+    rows = getattr(run, "rows", run)
+    name = getattr(run, "name", None)
+    return name, list(rows)
+
+
+def monotone(values: np.ndarray) -> np.ndarray:
+    """Running minimum: progress that never goes back (noisy SGD losses)."""
+    return np.minimum.accumulate(np.asarray(values, dtype=np.float64))
+
+
+def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | np.ndarray = 200,
+                      names: Sequence[str] | None = None) -> ProgressTable:
+    """Interpolate every logged numeric column of every run onto one grid of progress values.
+
+    runs: :class:`lazyhasty.train.Run` objects or lists of row dicts. grid: a number of points spanning the
+    progress range all runs reached (from the largest initial value... to the smallest final value any
+    run did not go below, i.e. the intersection), or explicit values. Columns a run did not log at some
+    rows are interpolated over the rows that have them.
+    """
+    if not runs:
+        raise ValueError("no runs to compare")
+    parsed = []
+    for i, run in enumerate(runs):
+        name, rows = _rows_of(run)
+        name = (names[i] if names else None) or name or f"run{i}"
+        if not rows:
+            raise ValueError(f"run {name!r} has no logged rows")
+        if any(progress not in r for r in rows):
+            raise ValueError(f"run {name!r}: some rows have no {progress!r} column")
+        p = monotone([r[progress] for r in rows])
+        if not np.all(np.isfinite(p)):
+            raise ValueError(f"run {name!r}: non-finite {progress!r}")
+        parsed.append((name, rows, p))
+    hi = min(p[0] for _, _, p in parsed)
+    lo = max(p[-1] for _, _, p in parsed)
+    if isinstance(grid, int):
+        if grid < 2:
+            raise ValueError("grid must have at least 2 points")
+        if not hi > lo:
+            raise ValueError(f"the runs' {progress!r} ranges do not overlap ([{lo}, {hi}])")
+        g = np.linspace(hi, lo, grid)
+    else:
+        g = np.asarray(grid, dtype=np.float64)
+    columns = {}
+    for name, rows, p in parsed:
+        # first time each progress value was reached: keep the first row of every flat stretch
+        first = np.concatenate([[True], p[1:] < p[:-1]])
+        xp = p[first][::-1]  # increasing for np.interp
+        cols = {}
+        keys = [k for k in rows[0] if k != progress] + sorted({k for r in rows for k in r} - set(rows[0]))
+        for key in keys:
+            vals = np.array([r.get(key, np.nan) if isinstance(r.get(key, np.nan), (int, float)) else np.nan
+                             for r in rows], dtype=np.float64)
+            if np.all(np.isnan(vals)):
+                continue
+            sel = first & ~np.isnan(vals)
+            if sel.sum() == 0:
+                continue
+            xk, yk = p[sel][::-1], vals[sel][::-1]
+            cols[key] = np.interp(g, xk, yk, left=np.nan, right=np.nan) if xk.size > 1 else np.where(
+                g == xk[0], yk[0], np.nan)
+        cols[progress] = g.copy()
+        columns[name] = cols
+        del xp
+    return ProgressTable(progress, g, columns)
+
+
+def difference(table: ProgressTable, run_a: str, run_b: str, columns: Sequence[str] | None = None) -> dict:
+    """``run_a - run_b`` per column at equal progress, e.g. non-linear minus linear per group loss."""
+    a, b = table[run_a], table[run_b]
+    keys = columns or [k for k in a if k in b and k != table.progress]
+    missing = [k for k in keys if k not in a or k not in b]
+    if missing:
+        raise KeyError(f"columns not logged by both runs: {missing}")
+    return {k: a[k] - b[k] for k in keys}
+
+
+def plot_groups(table: ProgressTable, columns: Sequence[str], path, *, title: str = "",
+                ylabel: str = "loss", styles=("-", "--", ":", "-.")) -> None:
+    """Per-group curves against progress for every run (paper Fig. 2 left): colour = group, style = run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(columns))))
+    for r, run in enumerate(table.runs):
+        for c, col in zip(colors, columns):
+            if col in table[run]:
+                ax.plot(table.grid, table[run][col], styles[r % len(styles)], color=c, label=f"{col} ({run})")
+    ax.set_xlabel(f"{table.progress} (training progress)")
+    ax.set_ylabel(ylabel)
+    ax.invert_xaxis()
+    ax.set_title(title)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_linearity(table: ProgressTable, path, *, metrics=("sign_similarity", "repr_alignment", "ntk_alignment"),
+                   title: str = "") -> None:
+    """Linearity metrics against progress for every run (paper Fig. 2 right)."""
+    plot_groups(table, [m for m in metrics if any(m in table[r] for r in table.runs)], path, title=title,
+                ylabel="linearity metric")

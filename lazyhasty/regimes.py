@@ -1,0 +1,102 @@
+"""Training regimes from one initialization: alpha-scaled models and the exact linearization.
+
+``AlphaScaled(model, alpha)`` computes ``f_0(x) + alpha (f(x) - f_0(x))`` (paper eq. 4) and is trained with
+``scaled_lr(lr, alpha) = lr / alpha^2``: alpha = 1 is standard training, alpha = 100 lazy, alpha < 1
+extra adaptive. ``center=True`` gives ``alpha (f(x) - f_0(x))``, the form the authors' code trained.
+``Linearized(model)`` is the exact first-order Taylor model around the parameters at wrap time
+(the alpha -> infinity reference).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def scaled_lr(lr: float, alpha: float) -> float:
+    """``lr / alpha^2``: keeps the first-order change of ``f_alpha`` per step independent of alpha."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    return lr / alpha**2
+
+
+class AlphaScaled(nn.Module):
+    """``f_alpha(x) = f_0(x) + alpha (f(x) - f_0(x))`` (or ``alpha (f(x) - f_0(x))`` with ``center=True``).
+
+    ``.model`` is the trainable inner module; ``f_0`` is a frozen copy taken at wrap time: no grad,
+    same device (moves with ``.to``), saved in ``state_dict`` under ``f0.`` but excluded from
+    ``parameters()``, and always run in eval mode (its dropout and BatchNorm statistics never change).
+
+        >>> lazy = AlphaScaled(net, 100.0)
+        >>> opt = torch.optim.SGD(lazy.parameters(), lr=scaled_lr(0.1, 100.0))
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, *, center: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        alpha = float(alpha)
+        if not alpha > 0 or alpha != alpha or alpha == float("inf"):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+        self.model = model
+        self.f0 = copy.deepcopy(model).requires_grad_(False).eval()
+        self.alpha = alpha
+        self.center = bool(center)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
+            if not name[len(prefix):].lstrip(".").startswith("f0."):
+                yield name, p
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.f0.eval()
+        return self
+
+    def forward(self, *args, **kwargs):
+        f = self.model(*args, **kwargs)
+        with torch.no_grad():
+            f0 = self.f0(*args, **kwargs)
+        if self.center:
+            return self.alpha * (f - f0)
+        return f0 + self.alpha * (f - f0)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha:g}, center={self.center}"
+
+
+class _Frozen(nn.Module):
+    """Holds the expansion point as buffers (in state_dict, moved by .to, not parameters)."""
+
+
+class Linearized(nn.Module):
+    """Exact first-order Taylor model ``f(x; theta0) + J(x; theta0) (theta - theta0)`` (torch.func.jvp).
+
+    Its parameters are the wrapped model's own (same order); ``theta0`` is a frozen copy taken at wrap
+    time. Buffers (e.g. BatchNorm statistics) are read from the model. One forward costs about two
+    forwards of the model (a forward-mode JVP).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.theta0 = _Frozen()
+        self._names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self._names:
+            raise ValueError("the model has no trainable parameter to linearize")
+        for i, n in enumerate(self._names):
+            self.theta0.register_buffer(f"p{i}", dict(model.named_parameters())[n].detach().clone())
+
+    def forward(self, x):
+        from torch.func import functional_call, jvp
+
+        params = dict(self.model.named_parameters())
+        theta0 = {n: getattr(self.theta0, f"p{i}") for i, n in enumerate(self._names)}
+        delta = {n: params[n] - theta0[n] for n in self._names}
+
+        def f(p):
+            return functional_call(self.model, p, (x,))
+
+        out0, tangent = jvp(f, (theta0,), (delta,))
+        return out0 + tangent

@@ -1,0 +1,414 @@
+"""Alpha-scaled training with probes, crash-safe run directories and exact resume.
+
+A run directory holds ``config.json``, ``log.jsonl`` (append-only, one row per log, flushed and fsync'd)
+and ``checkpoint.pt`` (model incl. f_0, optimizer, RNG states, step, logging state; written to a temp
+file then renamed). A run killed at any point (SIGKILL included) and resumed with ``resume=True``
+continues from the last checkpoint, drops any log row written after it (it is recomputed identically),
+and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._progress import Progress
+from .data import Dataset
+from .regimes import AlphaScaled, scaled_lr
+
+LOSSES = ("cross_entropy", "logistic", "mse")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training produced a NaN/inf loss; the run stopped, its log and last checkpoint are kept."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run (compared on resume).
+
+    steps: optimizer steps in total. batch_size: None = full-batch gradient descent. lr: the alpha = 1
+    learning rate; the optimizer uses ``lr / alpha^2`` when ``scale_lr``. log_every: log every N steps,
+    or, with ``log_geometric=q``, when the training loss first falls below ``L0 q^m`` (m = 1, 2, ...;
+    the authors used q = 0.96; the first and last steps are always logged). probe_every: linearity
+    probes at every m-th log (0: never).
+    """
+
+    steps: int
+    lr: float
+    alpha: float = 1.0
+    center: bool = False
+    scale_lr: bool = True
+    batch_size: int | None = None
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    loss: str = "cross_entropy"
+    log_every: int | None = 100
+    log_geometric: float | None = None
+    probe_every: int = 1
+    probes: tuple = ("sign_similarity", "repr_alignment", "ntk_alignment")
+    ntk_kernel: str = "trace"
+    seed: int = 0
+    eval_batch_size: int = 1024
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not self.lr > 0:
+            raise ValueError("lr must be > 0")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1 or None (full batch)")
+        if self.log_geometric is not None and not 0 < self.log_geometric < 1:
+            raise ValueError("log_geometric must be in (0, 1)")
+        if self.log_geometric is None and (self.log_every is None or self.log_every < 1):
+            raise ValueError("give log_every >= 1 or log_geometric")
+        unknown = set(self.probes) - {"sign_similarity", "repr_alignment", "ntk_alignment"}
+        if unknown:
+            raise ValueError(f"unknown probes {sorted(unknown)}")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["probes"] = list(self.probes)
+        return d
+
+
+# --- losses -------------------------------------------------------------------------------------------
+def per_example_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[b]`` losses. cross_entropy: logits ``[b, C]``, labels long. logistic: ``[b]``/``[b, 1]`` score,
+    labels in {-1, +1} or {0, 1}. mse: outputs and targets of the same shape (labels are one-hot
+    encoded when ``out`` is ``[b, C]`` and ``y`` holds class indices)."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(out, y.long(), reduction="none")
+    if kind == "logistic":
+        s = out.reshape(out.shape[0], -1)
+        if s.shape[1] != 1:
+            raise ValueError(f"logistic loss needs one output per example, got {tuple(out.shape)}")
+        s = s[:, 0]
+        yy = y.to(s.dtype)
+        yy = torch.where(yy > 0, 1.0, -1.0) if bool(((yy == 0) | (yy == 1)).all()) else yy
+        return F.softplus(-yy * s)
+    target = y.to(out.dtype)
+    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and out.shape[1] > 1:
+        target = F.one_hot(y.long(), out.shape[1]).to(out.dtype)
+    return ((out - target.reshape(out.shape)) ** 2).reshape(out.shape[0], -1).sum(1) / 2
+
+
+def predictions_correct(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 2 and out.shape[1] > 1:
+        return out.argmax(1) == y.long()
+    s = out.reshape(-1)
+    yy = y.to(s.dtype)
+    if bool(((yy == 0) | (yy == 1)).all()):
+        yy = yy * 2 - 1
+    return torch.sign(s) == torch.sign(yy)
+
+
+# --- run directory ------------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.exists():
+        for line in path.read_text().split("\n"):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash: everything after it is dropped
+    return rows
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+          "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), st["python_pos"]))
+    np.random.set_state(("MT19937", np.array(st["numpy"], dtype=np.uint32), st["numpy_pos"]))
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class Run:
+    """A finished (or stopped) run: its directory, config and logged rows."""
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or self.path.name
+        self.config = json.loads((self.path / "config.json").read_text())
+        self.rows = _read_rows(self.path / "log.jsonl")
+
+    def column(self, key: str) -> np.ndarray:
+        return np.array([r.get(key, np.nan) for r in self.rows], dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, {len(self.rows)} rows)"
+
+
+def _dataset_fingerprint(ds: Dataset) -> list:
+    x = ds.x.reshape(len(ds), -1).double()
+    return [len(ds), round(float(x.sum()), 6), round(float(ds.y.double().sum()), 6)]
+
+
+# --- trainer ------------------------------------------------------------------------------------------
+class Trainer:
+    """Train ``AlphaScaled(model, alpha)`` on ``train`` and log losses and linearity probes.
+
+    probes: ``{"name": Dataset}`` evaluated at every log (loss and accuracy, e.g. ``"train/decile0"``,
+    ``"test/noisy"``); probe_set: the examples the linearity probes use (sign similarity, representation
+    and NTK alignment of the inner model against ``f_0``), every ``probe_every``-th log.
+
+        >>> t = Trainer(net, train_ds, TrainConfig(steps=1000, lr=0.1, alpha=100), run_dir="runs/a100",
+        ...             probes={"test": test_ds}, probe_set=train_ds[:1000])
+        >>> run = t.fit(resume=True)
+    """
+
+    def __init__(self, model: nn.Module, train: Dataset, config: TrainConfig, run_dir: str | os.PathLike, *,
+                 probes: Mapping[str, Dataset] | None = None, probe_set: Dataset | None = None,
+                 device: str | torch.device | None = None, progress: bool = False,
+                 checkpoint_every: int = 1, on_log: Callable[[dict], None] | None = None):
+        config.validate()
+        if not isinstance(train, Dataset):
+            raise TypeError("train must be a lazyhasty.data.Dataset")
+        if len(train) == 0:
+            raise ValueError("the training set is empty")
+        for name, ds in (probes or {}).items():
+            if not isinstance(ds, Dataset) or len(ds) == 0:
+                raise ValueError(f"probe set {name!r} must be a non-empty Dataset")
+        self.config = config
+        self.device = torch.device(device) if device is not None else next(
+            (p.device for p in model.parameters()), torch.device("cpu"))
+        self.net = AlphaScaled(model, config.alpha, center=config.center).to(self.device)
+        self.train_ds = train.to(self.device)
+        self.probes = {k: v.to(self.device) for k, v in (probes or {}).items()}
+        self.probe_set = probe_set.to(self.device) if probe_set is not None else None
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.checkpoint_every = max(1, checkpoint_every)
+        self.on_log = on_log
+        lr = scaled_lr(config.lr, config.alpha) if config.scale_lr else config.lr
+        self.opt = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=config.momentum,
+                                   weight_decay=config.weight_decay)
+        self.bs = config.batch_size or len(train)
+        self.loader = train.loader(self.bs, shuffle=config.batch_size is not None, seed=config.seed)
+        self.steps_per_epoch = len(self.loader)
+        self._signs = None
+
+    # -- config / resume --------------------------------------------------------------------------------
+    def _full_config(self) -> dict:
+        return {"train": self.config.to_json(), "model": type(self.net.model).__name__,
+                "n_parameters": sum(p.numel() for p in self.net.parameters()),
+                "train_data": _dataset_fingerprint(self.train_ds),
+                "probes": {k: _dataset_fingerprint(v) for k, v in self.probes.items()},
+                "probe_set": _dataset_fingerprint(self.probe_set) if self.probe_set is not None else None}
+
+    def _prepare_dir(self, resume: bool) -> dict | None:
+        cfg = self._full_config()
+        cfg_path, ckpt = self.run_dir / "config.json", self.run_dir / "checkpoint.pt"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())
+            if not resume:
+                raise FileExistsError(f"{self.run_dir} already holds a run: pass resume=True or another run_dir")
+            diffs = _diff(old, cfg)
+            if diffs:
+                raise ValueError(f"cannot resume {self.run_dir} with a different config: " + "; ".join(diffs))
+            if ckpt.exists():
+                return torch.load(ckpt, map_location=self.device, weights_only=True)
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
+        return None
+
+    def _checkpoint(self, step: int, state: dict, n_rows: int) -> None:
+        blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": _rng_state(),
+                "step": step, "log_state": state, "n_rows": n_rows}
+        tmp = self.run_dir / "checkpoint.pt.tmp"
+        torch.save(blob, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.run_dir / "checkpoint.pt")
+
+    # -- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _evaluate(self, ds: Dataset) -> tuple[float, float]:
+        was = self.net.training
+        self.net.eval()
+        tot, correct = 0.0, 0
+        for s in range(0, len(ds), self.config.eval_batch_size):
+            x, y = ds.x[s:s + self.config.eval_batch_size], ds.y[s:s + self.config.eval_batch_size]
+            out = self.net(x)
+            tot += float(per_example_loss(self.config.loss, out, y).double().sum())
+            correct += int(predictions_correct(self.config.loss, out, y).sum())
+        self.net.train(was)
+        return tot / len(ds), correct / len(ds)
+
+    def _linearity(self) -> dict:
+        from .metrics import SignPatterns, ntk_alignment, representation_alignment
+
+        out = {}
+        model, f0, probe = self.net.model, self.net.f0, self.probe_set
+        want = set(self.config.probes)
+        if "sign_similarity" in want:
+            try:
+                if self._signs is None:
+                    self._signs = SignPatterns.capture(f0, probe.x)
+                out["sign_similarity"] = self._signs.similarity(model, probe.x)
+            except ValueError as exc:
+                if "no nn.ReLU" not in str(exc):
+                    raise
+        if "repr_alignment" in want:
+            out["repr_alignment"] = representation_alignment(model, probe.x, f0)
+        if "ntk_alignment" in want:
+            out["ntk_alignment"] = ntk_alignment(model, probe.x, f0, kernel=self.config.ntk_kernel)
+        return out
+
+    def _row(self, step: int, log_index: int) -> dict:
+        row = {"step": step, "epoch": step / self.steps_per_epoch}
+        row["train_loss"], row["train_acc"] = self._evaluate(self.train_ds)
+        for name, ds in self.probes.items():
+            row[f"{name}/loss"], row[f"{name}/acc"] = self._evaluate(ds)
+        pe = self.config.probe_every
+        if self.probe_set is not None and pe and log_index % pe == 0:
+            row.update(self._linearity())
+        return row
+
+    # -- loop --------------------------------------------------------------------------------------------
+    def _batch(self, step: int):
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self.config.batch_size is None:
+            return self.train_ds.x, self.train_ds.y
+        idx = self.loader.order(epoch)[pos * self.bs:(pos + 1) * self.bs].to(self.device)
+        return self.train_ds.x[idx], self.train_ds.y[idx]
+
+    def fit(self, *, resume: bool = False) -> Run:
+        """Train to ``config.steps``; with ``resume=True`` continue a run stopped at any point."""
+        cfg = self.config
+        ckpt = self._prepare_dir(resume)
+        log_path = self.run_dir / "log.jsonl"
+        torch.manual_seed(cfg.seed)
+        if ckpt is not None:
+            self.net.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            _set_rng_state(ckpt["rng"])
+            start, state = ckpt["step"], ckpt["log_state"]
+            rows = _read_rows(log_path)[: ckpt["n_rows"]]
+        else:
+            start, state, rows = 0, {"logs": 0, "next_m": 1, "L0": None, "ema": None}, []
+        # rewrite the log so that it holds exactly the rows the checkpoint knows (drops torn/extra lines)
+        _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self.net.train()
+        with open(log_path, "a") as log, Progress(cfg.steps - start, "train", self.progress) as bar:
+            def write(step):
+                row = self._row(step, state["logs"])
+                state["logs"] += 1
+                if state["L0"] is None:
+                    state["L0"] = row["train_loss"]
+                if not math.isfinite(row["train_loss"]):
+                    row["stopped"] = "non-finite training loss"
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+                rows.append(row)
+                if self.on_log:
+                    self.on_log(row)
+                return row
+
+            if start == 0 and not rows:
+                write(0)
+                self._checkpoint(0, state, len(rows))
+            for step in range(start, cfg.steps):
+                x, y = self._batch(step)
+                loss = per_example_loss(cfg.loss, self.net(x), y).mean()
+                if not torch.isfinite(loss):
+                    self._checkpoint(step, state, len(rows))
+                    raise NonFiniteLoss(
+                        f"non-finite training loss ({float(loss)}) at step {step} (alpha={cfg.alpha}, "
+                        f"lr={cfg.lr}): the run stopped; its log ({len(rows)} rows) and last checkpoint are kept. "
+                        "Lower the learning rate.")
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                done = step + 1
+                lv = float(loss)
+                state["ema"] = lv if state["ema"] is None else 0.9 * state["ema"] + 0.1 * lv
+                bar.update(1, f"loss {lv:.4f}")
+                if self._should_log(done, state):
+                    row = write(done)
+                    if not math.isfinite(row["train_loss"]):
+                        self._checkpoint(done, state, len(rows))
+                        raise NonFiniteLoss(f"non-finite training loss at step {done}: the run stopped, log kept")
+                    if state["logs"] % self.checkpoint_every == 0 or done == cfg.steps:
+                        self._checkpoint(done, state, len(rows))
+        return Run(self.run_dir)
+
+    def _should_log(self, done: int, state: dict) -> bool:
+        cfg = self.config
+        if done == cfg.steps:
+            return True
+        if cfg.log_geometric is None:
+            return done % cfg.log_every == 0
+        # geometric in loss: the running (EMA) minibatch loss; full-batch GD: the exact loss
+        level = state["L0"] * cfg.log_geometric ** state["next_m"]
+        if state["ema"] is not None and state["ema"] < level:
+            while state["ema"] < state["L0"] * cfg.log_geometric ** state["next_m"]:
+                state["next_m"] += 1
+            return True
+        return False
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "<missing>"), new.get(k, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_diff(a, b, f"{prefix}{k}."))
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def compare_regimes(model: nn.Module, train: Dataset, config: TrainConfig, run_root: str | os.PathLike, *,
+                    alphas=(1.0, 100.0), steps: Mapping[float, int] | None = None, resume: bool = False,
+                    **trainer_kwargs) -> list[Run]:
+    """Train ``model`` at every alpha from the same initial parameters and the same minibatch order.
+
+    Each run lives in ``run_root/alpha=<alpha>``; ``steps`` optionally gives a step count per alpha (the
+    lazy run usually needs more). Returns the runs in the order of ``alphas``.
+    """
+    runs = []
+    init = copy.deepcopy(model.state_dict())
+    for alpha in alphas:
+        m = copy.deepcopy(model)
+        m.load_state_dict(init)
+        cfg = dataclasses.replace(config, alpha=float(alpha), steps=(steps or {}).get(alpha, config.steps))
+        t = Trainer(m, train, cfg, Path(run_root) / f"alpha={alpha:g}", **trainer_kwargs)
+        runs.append(t.fit(resume=resume))
+        runs[-1].name = f"alpha={alpha:g}"
+    return runs
