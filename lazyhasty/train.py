@@ -246,9 +246,9 @@ class Trainer:
         _atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
         return None
 
-    def _checkpoint(self, step: int, state: dict, n_rows: int) -> None:
-        blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": _rng_state(),
-                "step": step, "log_state": state, "n_rows": n_rows}
+    def _checkpoint(self, step: int, state: dict, n_rows: int, rng: dict) -> None:
+        blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
+                "step": step, "log_state": dict(state), "n_rows": n_rows}
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(blob, tmp)
         with open(tmp, "rb") as f:
@@ -308,7 +308,12 @@ class Trainer:
         return self.train_ds.x[idx], self.train_ds.y[idx]
 
     def fit(self, *, resume: bool = False) -> Run:
-        """Train to ``config.steps``; with ``resume=True`` continue a run stopped at any point."""
+        """Train to ``config.steps``; with ``resume=True`` continue a run stopped at any point.
+
+        A log at step s records the state before update s (step 0 = init, step ``steps`` = the end).
+        The geometric policy decides on the loss of that same state (full batch: exact; minibatches:
+        an EMA of minibatch losses), so each logged row is the first state below its level.
+        """
         cfg = self.config
         ckpt = self._prepare_dir(resume)
         log_path = self.run_dir / "log.jsonl"
@@ -320,63 +325,61 @@ class Trainer:
             start, state = ckpt["step"], ckpt["log_state"]
             rows = _read_rows(log_path)[: ckpt["n_rows"]]
         else:
-            start, state, rows = 0, {"logs": 0, "next_m": 1, "L0": None, "ema": None}, []
-        # rewrite the log so that it holds exactly the rows the checkpoint knows (drops torn/extra lines)
+            start, rows = 0, []
+            state = {"logs": 0, "next_m": 1, "L0": None, "ema": None, "last_logged": -1}
+        # the log holds exactly the rows the checkpoint knows (drops torn or later lines: recomputed)
         _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
         self.net.train()
         with open(log_path, "a") as log, Progress(cfg.steps - start, "train", self.progress) as bar:
-            def write(step):
+            def log_and_checkpoint(step: int, rng: dict, force_checkpoint: bool = False) -> dict:
                 row = self._row(step, state["logs"])
                 state["logs"] += 1
+                state["last_logged"] = step
                 if state["L0"] is None:
                     state["L0"] = row["train_loss"]
-                if not math.isfinite(row["train_loss"]):
-                    row["stopped"] = "non-finite training loss"
                 log.write(json.dumps(row) + "\n")
                 log.flush()
                 os.fsync(log.fileno())
                 rows.append(row)
                 if self.on_log:
                     self.on_log(row)
+                if force_checkpoint or state["logs"] % self.checkpoint_every == 0:
+                    self._checkpoint(step, state, len(rows), rng)
                 return row
 
-            if start == 0 and not rows:
-                write(0)
-                self._checkpoint(0, state, len(rows))
             for step in range(start, cfg.steps):
+                rng = _rng_state()  # before this step's forward: a resume at `step` replays it exactly
                 x, y = self._batch(step)
                 loss = per_example_loss(cfg.loss, self.net(x), y).mean()
-                if not torch.isfinite(loss):
-                    self._checkpoint(step, state, len(rows))
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
                     raise NonFiniteLoss(
-                        f"non-finite training loss ({float(loss)}) at step {step} (alpha={cfg.alpha}, "
-                        f"lr={cfg.lr}): the run stopped; its log ({len(rows)} rows) and last checkpoint are kept. "
-                        "Lower the learning rate.")
+                        f"non-finite training loss ({lv}) at step {step} (alpha={cfg.alpha}, lr={cfg.lr}): the run "
+                        f"stopped; its log ({len(rows)} rows) and last checkpoint are kept. Lower the learning rate.")
+                ema_before = state["ema"]
+                state["ema"] = lv if ema_before is None or cfg.batch_size is None else 0.9 * ema_before + 0.1 * lv
+                if step > state["last_logged"] and self._should_log(step, state):
+                    saved_ema, state["ema"] = state["ema"], ema_before  # the checkpoint replays this step
+                    log_and_checkpoint(step, rng)
+                    state["ema"] = saved_ema
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
-                done = step + 1
-                lv = float(loss)
-                state["ema"] = lv if state["ema"] is None else 0.9 * state["ema"] + 0.1 * lv
                 bar.update(1, f"loss {lv:.4f}")
-                if self._should_log(done, state):
-                    row = write(done)
-                    if not math.isfinite(row["train_loss"]):
-                        self._checkpoint(done, state, len(rows))
-                        raise NonFiniteLoss(f"non-finite training loss at step {done}: the run stopped, log kept")
-                    if state["logs"] % self.checkpoint_every == 0 or done == cfg.steps:
-                        self._checkpoint(done, state, len(rows))
+            if state["last_logged"] < cfg.steps:
+                row = log_and_checkpoint(cfg.steps, _rng_state(), force_checkpoint=True)
+                if not math.isfinite(row["train_loss"]):
+                    raise NonFiniteLoss(f"non-finite training loss at the end (step {cfg.steps}); log kept")
         return Run(self.run_dir)
 
-    def _should_log(self, done: int, state: dict) -> bool:
+    def _should_log(self, step: int, state: dict) -> bool:
         cfg = self.config
-        if done == cfg.steps:
+        if step == 0:
             return True
         if cfg.log_geometric is None:
-            return done % cfg.log_every == 0
-        # geometric in loss: the running (EMA) minibatch loss; full-batch GD: the exact loss
+            return step % cfg.log_every == 0
         level = state["L0"] * cfg.log_geometric ** state["next_m"]
-        if state["ema"] is not None and state["ema"] < level:
+        if state["ema"] < level:
             while state["ema"] < state["L0"] * cfg.log_geometric ** state["next_m"]:
                 state["next_m"] += 1
             return True

@@ -44,12 +44,12 @@ def test_trainer_logs_losses_groups_and_probes(tmp_path):
 
 def test_geometric_logging(tmp_path):
     net, ds = small_setup()
-    cfg = TrainConfig(steps=200, lr=1.0, loss="logistic", log_every=None, log_geometric=0.8, probe_every=0)
+    cfg = TrainConfig(steps=200, lr=1.0, loss="logistic", log_every=None, log_geometric=0.96, probe_every=0)
     run = Trainer(net, ds, cfg, tmp_path / "geo").fit()
     losses = run.column("train_loss")
     L0 = losses[0]
     # each logged loss (after the first) is below the next geometric level: no level is logged twice
-    levels = np.floor(np.log(losses[1:-1] / L0) / np.log(0.8))
+    levels = np.floor(np.log(losses[1:-1] / L0) / np.log(0.96))
     assert len(run.rows) >= 4 and np.all(np.diff(levels) >= 1)
 
 

@@ -47,6 +47,21 @@ def _ntk_backend(device: torch.device, backend: str | None) -> str:
     return "torch"
 
 
+@contextlib.contextmanager
+def _same_trainable(model: nn.Module, ref: nn.Module):
+    """The reference's kernel is over the parameters trainable in ``model`` (by name), whatever the
+    reference's own flags are (e.g. a frozen copy at init); its flags are restored afterwards."""
+    want = {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = [(p, p.requires_grad) for _, p in ref.named_parameters()]
+    try:
+        for n, p in ref.named_parameters():
+            p.requires_grad_(n in want)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
 def _check_args(kernel: str, implementation: str, block_size) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -422,64 +437,66 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     if implementation == "naive":
         from .. import reference as R
 
-        return R.ntk_alignment(model, list(iter_inputs(loader, model_device(model))), ref, kernel=kernel,
-                               centered=centered)
-    fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
-    be = _ntk_backend(fz.device, backend)
-    xs = list(iter_inputs(loader, fz.device))
-    n = sum(x.shape[0] for x in xs)
-    bs = block_size or _default_block_size(n)
-    x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
-    blocks = list(x_all.split(bs))
-    starts = [0]
-    for x in blocks:
-        starts.append(starts[-1] + x.shape[0])
-    with exact_fp32():
-        first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
-        per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
-        cache = per_block * len(blocks) <= max_cache_bytes
-        fused = be == "triton" and kernel != "diagonal" and not centered
-
-        def prepare(f):
-            if not fused:
+        with _same_trainable(model, ref):
+            return R.ntk_alignment(model, list(iter_inputs(loader, model_device(model))), ref, kernel=kernel,
+                                   centered=centered)
+    with _same_trainable(model, ref):
+        fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
+        be = _ntk_backend(fz.device, backend)
+        xs = list(iter_inputs(loader, fz.device))
+        n = sum(x.shape[0] for x in xs)
+        bs = block_size or _default_block_size(n)
+        x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
+        blocks = list(x_all.split(bs))
+        starts = [0]
+        for x in blocks:
+            starts.append(starts[-1] + x.shape[0])
+        with exact_fp32():
+            first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
+            per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
+            cache = per_block * len(blocks) <= max_cache_bytes
+            fused = be == "triton" and kernel != "diagonal" and not centered
+    
+            def prepare(f):
+                if not fused:
+                    return f
+                # Triton: all-materialized blocks become one row matrix each, and the fused kernel reduces
+                # K_t * K_0 tiles without writing them.
+                rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
+                return rows if rows[0] is not None and rows[1] is not None else f
+    
+            cached = {0: prepare(first)} if cache else {}
+    
+            def get(I):
+                if I in cached:
+                    return cached[I]
+                f = prepare((fz(blocks[I]), fz0(blocks[I].to(fz0.device))))
+                if cache:
+                    cached[I] = f
                 return f
-            # Triton: all-materialized blocks become one row matrix each, and the fused kernel reduces
-            # K_t * K_0 tiles without writing them.
-            rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
-            return rows if rows[0] is not None and rows[1] is not None else f
-
-        cached = {0: prepare(first)} if cache else {}
-
-        def get(I):
-            if I in cached:
-                return cached[I]
-            f = prepare((fz(blocks[I]), fz0(blocks[I].to(fz0.device))))
-            if cache:
-                cached[I] = f
-            return f
-
-        sums = _AlignmentSums(n, fz.k, kernel, centered, fz.device)
-        nb = len(blocks)
-        total = nb if kernel == "diagonal" else nb * (nb + 1) // 2
-        with Progress(total, "ntk alignment", progress) as bar:
-            for I in range(nb):
-                fi, fi0 = get(I)
-                si = slice(starts[I], starts[I + 1])
-                if kernel == "diagonal":
-                    sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
-                    bar.update()
-                    continue
-                for J in range(I, nb):
-                    fj, fj0 = (fi, fi0) if J == I else get(J)
-                    if isinstance(fi, torch.Tensor):
-                        from ._triton_ntk import alignment_partials
-
-                        parts = alignment_partials(fi, fj, fi0.to(fz.device), fj0.to(fz.device), I == J,
-                                                   _backend.triton_interpreted())
-                        sums.add_partials(parts, 2.0 if I != J else 1.0)
-                    else:
-                        Kt = feat.tile(fi, fj, kernel, be)
-                        K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
-                        sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
-                    bar.update()
-    return sums.alignment()
+    
+            sums = _AlignmentSums(n, fz.k, kernel, centered, fz.device)
+            nb = len(blocks)
+            total = nb if kernel == "diagonal" else nb * (nb + 1) // 2
+            with Progress(total, "ntk alignment", progress) as bar:
+                for I in range(nb):
+                    fi, fi0 = get(I)
+                    si = slice(starts[I], starts[I + 1])
+                    if kernel == "diagonal":
+                        sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
+                        bar.update()
+                        continue
+                    for J in range(I, nb):
+                        fj, fj0 = (fi, fi0) if J == I else get(J)
+                        if isinstance(fi, torch.Tensor):
+                            from ._triton_ntk import alignment_partials
+    
+                            parts = alignment_partials(fi, fj, fi0.to(fz.device), fj0.to(fz.device), I == J,
+                                                       _backend.triton_interpreted())
+                            sums.add_partials(parts, 2.0 if I != J else 1.0)
+                        else:
+                            Kt = feat.tile(fi, fj, kernel, be)
+                            K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
+                            sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
+                        bar.update()
+        return sums.alignment()
