@@ -1,34 +1,114 @@
-"""Command line: ``lazyhasty demo`` (also ``python -m lazyhasty demo``)."""
+"""lazyhasty command line.
+
+  lazyhasty demo                      the embedded default: yin-yang, alpha = 1 vs 100, quick (no download)
+  lazyhasty run NAME [options]        NAME: yinyang | label-noise | cscores | spurious | quadratic
+  lazyhasty info                      which compiled backends this installation has
+
+Every run writes DIR (default ./lazyhasty-runs/NAME): config.json, JSONL logs under runs/, PNG figures
+and summary.json, where each of the paper's claims is a measured number with the sign it should have.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
+
+EXPERIMENT_NAMES = ("yinyang", "label-noise", "cscores", "spurious", "quadratic")
+
+
+def _value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"lazyhasty: config file {p} not found")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+
+            cfg = tomllib.loads(text)
+        else:
+            cfg = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise SystemExit(f"lazyhasty: cannot parse config file {p}: {exc}") from exc
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"lazyhasty: config file {p} must hold a mapping of option names to values")
+    return cfg
+
+
+def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--out", metavar="DIR", default=default_out, help="run directory (default: ./lazyhasty-runs/NAME)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (init, data, minibatch order)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--config", metavar="FILE", help="JSON or TOML file of experiment options (e.g. {\"seeds\": 10})")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="one experiment option (repeatable), e.g. --set epochs=50 --set lr=0.02")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier experiment in --out")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazyhasty", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    demo = sub.add_parser("demo", help="yin-yang at alpha = 1 vs 100 in quick mode (no download, < 2 min on 2 cores)")
+    _common(demo, "lazyhasty-demo")
+    run = sub.add_parser("run", help="reproduce one of the paper's experiments",
+                         description="Reproduce one of the paper's experiments; see README for each one's options.")
+    run.add_argument("name", choices=EXPERIMENT_NAMES, help="which experiment")
+    run.add_argument("--quick", action="store_true", help="small sizes: seconds to a few minutes on a CPU")
+    run.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, celeba, waterbirds (per experiment)")
+    run.add_argument("--root", help="folder of a local dataset copy (cifar10, celeba, waterbirds, fashion-mnist)")
+    _common(run, None)
+    sub.add_parser("info", help="print which backends this installation has")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lazyhasty", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="yin-yang toy at alpha = 1 vs 100 with linearity probes (no download)")
-    demo.add_argument("--steps", type=int, default=2000, help="full-batch gradient steps per alpha")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", metavar="FILE", help="also write the logged rows as JSON")
-    sub.add_parser("info", help="print which backends this installation has")
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     if args.command == "info":
         from . import _backend
 
         print(json.dumps(_backend.summary(), indent=2))
         return 0
-    from .demo import run_demo
+    from .experiments.common import Context, run_experiment
 
-    if args.steps < 1:
-        parser.error("--steps must be >= 1")
-    rows = run_demo(steps=args.steps, log_every=max(1, args.steps // 4), seed=args.seed)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({str(k): v for k, v in rows.items()}, f, indent=1)
+    options = _load_config(args.config)
+    for item in args.set:
+        if "=" not in item:
+            raise SystemExit(f"lazyhasty: --set needs KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        options[k.strip()] = _value(v)
+    name = "yinyang" if args.command == "demo" else args.name
+    quick = True if args.command == "demo" else args.quick
+    for key in ("dataset", "root"):
+        if getattr(args, key, None):
+            options[key] = getattr(args, key)
+    out = Path(args.out or Path("lazyhasty-runs") / name)
+    ctx = Context(out=out, seed=args.seed, device=args.device, quick=quick, progress=not args.no_progress,
+                  options=options, overwrite=args.overwrite)
+    try:
+        summary = run_experiment(name, ctx)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"lazyhasty: {exc}", file=sys.stderr)
+        return 2
+    print(f"\n{name}: {summary['wall_time_s']:.1f} s; run directory {out}/")
+    for c in summary["claims"]:
+        mark = "holds " if c["holds"] else "FAILS "
+        print(f"  [{mark}] {c['value']:+.4f} (expected {c['expected']}): {c['claim']}")
+    if "final" in summary:
+        for run_name, vals in summary["final"].items():
+            print(f"  {run_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))
+    print("  figures: " + ", ".join(str(out / f) for f in summary.get("figures", [])))
     return 0
 
 

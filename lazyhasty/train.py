@@ -140,11 +140,13 @@ def _read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-          "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])}
+def _rng_state(torch_only: bool = False) -> dict:
+    st = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
+    if not torch_only:
+        st.update({"python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+                   "numpy": np.random.get_state()[1].tolist(), "numpy_pos": int(np.random.get_state()[2])})
     return st
 
 
@@ -181,6 +183,7 @@ def _dataset_fingerprint(ds: Dataset) -> list:
 class Trainer:
     """Train ``AlphaScaled(model, alpha)`` on ``train`` and log losses and linearity probes.
 
+    on_log(row, net): called after each logged row (e.g. to keep predictions on a grid in memory).
     probes: ``{"name": Dataset}`` evaluated at every log (loss and accuracy, e.g. ``"train/decile0"``,
     ``"test/noisy"``); probe_set: the examples the linearity probes use (sign similarity, representation
     and NTK alignment of the inner model against ``f_0``), every ``probe_every``-th log.
@@ -193,7 +196,7 @@ class Trainer:
     def __init__(self, model: nn.Module, train: Dataset, config: TrainConfig, run_dir: str | os.PathLike, *,
                  probes: Mapping[str, Dataset] | None = None, probe_set: Dataset | None = None,
                  device: str | torch.device | None = None, progress: bool = False,
-                 checkpoint_every: int = 1, on_log: Callable[[dict], None] | None = None):
+                 checkpoint_every: int = 1, on_log: Callable[[dict, nn.Module], None] | None = None):
         config.validate()
         if not isinstance(train, Dataset):
             raise TypeError("train must be a lazyhasty.data.Dataset")
@@ -247,6 +250,8 @@ class Trainer:
         return None
 
     def _checkpoint(self, step: int, state: dict, n_rows: int, rng: dict) -> None:
+        # torch RNG as it was before this step's forward; python/numpy RNGs are not drawn from by the loop
+        rng = {**_rng_state(), **rng}
         blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 "step": step, "log_state": dict(state), "n_rows": n_rows}
         tmp = self.run_dir / "checkpoint.pt.tmp"
@@ -342,13 +347,13 @@ class Trainer:
                 os.fsync(log.fileno())
                 rows.append(row)
                 if self.on_log:
-                    self.on_log(row)
+                    self.on_log(row, self.net)
                 if force_checkpoint or state["logs"] % self.checkpoint_every == 0:
                     self._checkpoint(step, state, len(rows), rng)
                 return row
 
             for step in range(start, cfg.steps):
-                rng = _rng_state()  # before this step's forward: a resume at `step` replays it exactly
+                rng = _rng_state(torch_only=True)  # before this step's forward: a resume replays it exactly
                 x, y = self._batch(step)
                 loss = per_example_loss(cfg.loss, self.net(x), y).mean()
                 lv = float(loss.detach())

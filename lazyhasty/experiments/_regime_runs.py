@@ -1,0 +1,48 @@
+"""Training several alphas from one init on an image dataset, and reading the runs at equal progress."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..analysis import at_equal_progress, plot_groups
+from ..train import TrainConfig, compare_regimes
+from .common import Context, small_cnn
+
+
+def train_regimes(ctx: Context, train, probes: dict, probe_set, *, alphas, classes: int, loss: str = "cross_entropy",
+                  default_epochs=30, quick_epochs=8, lazy_factor: float = 3.0, default_lr=0.05):
+    epochs = int(ctx.opt("epochs", default_epochs, quick=quick_epochs))
+    batch = int(ctx.opt("batch_size", 64))
+    lr = float(ctx.opt("lr", default_lr))
+    width = int(ctx.opt("width", 16, quick=8))
+    spe = -(-len(train) // batch)
+    steps = epochs * spe
+    lazy_steps = int(steps * float(ctx.opt("lazy_factor", lazy_factor)))
+    model = small_cnn(train.x.shape[1], classes, train.x.shape[-1], width=width, seed=ctx.seed)
+    cfg = TrainConfig(steps=steps, lr=lr, loss=loss, batch_size=batch, momentum=0.9,
+                      log_every=max(1, spe // 2), probe_every=int(ctx.opt("probe_every", 4, quick=4)), seed=ctx.seed)
+    per_alpha_steps = {a: (lazy_steps if a >= 10 else steps) for a in alphas}
+    runs = compare_regimes(model.to(ctx.device), train, cfg, ctx.out / "runs", alphas=alphas, steps=per_alpha_steps,
+                           probes=probes, probe_set=probe_set, device=ctx.device, progress=ctx.progress)
+    config = {"epochs": epochs, "lazy_steps": lazy_steps, "steps": steps, "batch_size": batch, "lr": lr,
+              "width": width, "alphas": list(alphas), "optimizer": "SGD momentum 0.9", "loss": loss,
+              "model": "3 ReLU convs + linear, no BatchNorm"}
+    return runs, config
+
+
+def mean_over_grid(values: np.ndarray) -> float:
+    v = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+
+
+def linearity_at_end(run) -> dict:
+    rows = [r for r in run.rows if "sign_similarity" in r or "ntk_alignment" in r]
+    return {k: rows[-1].get(k, float("nan")) for k in ("sign_similarity", "repr_alignment", "ntk_alignment")} if rows else {}
+
+
+def figures(ctx: Context, runs, progress: str, groups: list[str], name: str, ylabel: str = "loss"):
+    table = at_equal_progress(runs, progress=progress, grid=100)
+    plot_groups(table, groups, ctx.path(f"{name}.png"), ylabel=ylabel)
+    lin = at_equal_progress(runs, progress=progress, grid=100)
+    plot_groups(lin, [m for m in ("sign_similarity", "repr_alignment", "ntk_alignment")], ctx.path("linearity.png"),
+                ylabel="linearity metric")
+    return table

@@ -1,0 +1,157 @@
+"""Shared pieces of the experiments: run directories, models, claims, summaries."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    out: Path
+    seed: int = 0
+    device: str = "cpu"
+    quick: bool = False
+    progress: bool = True
+    options: dict = field(default_factory=dict)
+    overwrite: bool = False
+
+    def opt(self, name: str, default, quick=None):
+        """An experiment option: the config file / CLI value, else the quick or full default."""
+        if name in self.options and self.options[name] is not None:
+            return self.options[name]
+        return quick if (self.quick and quick is not None) else default
+
+    def path(self, *parts) -> Path:
+        p = self.out.joinpath(*parts)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+@dataclass
+class Claim:
+    """One of the paper's claims as a measured number: holds when ``value`` has the expected sign."""
+
+    name: str
+    value: float
+    expected: str  # "> 0" | "< 0" | "> x" | "< x"
+    note: str = ""
+
+    @property
+    def holds(self) -> bool:
+        op, ref = self.expected.split()
+        v = float(self.value)
+        if not np.isfinite(v):
+            return False
+        return v > float(ref) if op == ">" else v < float(ref)
+
+    def as_dict(self) -> dict:
+        return {"claim": self.name, "value": float(self.value), "expected": self.expected, "holds": self.holds,
+                "note": self.note}
+
+
+def write_summary(ctx: Context, experiment: str, claims: list[Claim], started: float, extra: dict | None = None) -> dict:
+    summary = {
+        "experiment": experiment,
+        "wall_time_s": round(time.time() - started, 2),
+        "quick": ctx.quick,
+        "seed": ctx.seed,
+        "device": ctx.device,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "claims": [c.as_dict() for c in claims],
+        "all_hold": all(c.holds for c in claims),
+        **(extra or {}),
+    }
+    tmp = ctx.path("summary.json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, ctx.path("summary.json"))
+    return summary
+
+
+def write_config(ctx: Context, experiment: str, config: dict) -> None:
+    cfg = {"experiment": experiment, "seed": ctx.seed, "device": ctx.device, "quick": ctx.quick, **config}
+    ctx.path("config.json").write_text(json.dumps(cfg, indent=1, default=str))
+
+
+def mlp4(width: int = 100, d_in: int = 2, out: int = 1, seed: int = 0) -> nn.Sequential:
+    """The paper's 4-layer ReLU MLP."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                         nn.Linear(width, width), nn.ReLU(), nn.Linear(width, out))
+
+
+def small_cnn(in_ch: int, classes: int, size: int, width: int = 16, seed: int = 0) -> nn.Sequential:
+    """Three ReLU convolutions and a linear head; no BatchNorm (as the paper's alpha-scaled runs)."""
+    torch.manual_seed(seed)
+    s = size
+    s2 = (s + 1) // 2
+    s4 = (s2 + 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(2 * width * s4 * s4, classes))
+
+
+def load_image_dataset(name: str, root: str | None, split: str):
+    from .. import data as D
+
+    if name == "digits":
+        ds = D.digits()
+        g = torch.Generator().manual_seed(1234)
+        perm = torch.randperm(len(ds), generator=g)  # fixed train/test split of the 1797 images
+        return ds[perm[:1400]] if split == "train" else ds[perm[1400:]]
+    if name == "fashion-mnist":
+        return D.fashion_mnist(root, split)
+    if name == "cifar10":
+        if root is None:
+            raise ValueError("cifar10 needs --root (a folder with cifar-10-batches-py/)")
+        return D.cifar10(root, split)
+    raise ValueError(f"unknown dataset {name!r}: choose digits, fashion-mnist or cifar10")
+
+
+def first_crossing(values: np.ndarray, level: float) -> int | None:
+    idx = np.flatnonzero(np.asarray(values) <= level)
+    return int(idx[0]) if idx.size else None
+
+
+EXPERIMENTS: dict[str, callable] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        EXPERIMENTS[name] = fn
+        return fn
+    return deco
+
+
+def run_experiment(name: str, ctx: Context) -> dict:
+    import importlib
+
+    for mod in ("yinyang", "label_noise", "cscores", "spurious", "quadratic"):
+        try:
+            importlib.import_module(f"{__package__}.{mod}")  # registers it
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{mod}":
+                raise
+
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    if (ctx.out / "runs").exists() or (ctx.out / "summary.json").exists():
+        if not ctx.overwrite:
+            raise FileExistsError(f"{ctx.out} already holds an experiment: choose another --out, or pass --overwrite "
+                                  "to replace its runs/ and summary")
+        import shutil
+
+        shutil.rmtree(ctx.out / "runs", ignore_errors=True)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(ctx.seed)
+    return EXPERIMENTS[name](ctx)

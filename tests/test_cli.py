@@ -1,0 +1,62 @@
+"""The lazyhasty command line, end to end at tiny sizes (seconds each)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lazyhasty.__main__ import EXPERIMENT_NAMES, main
+
+TINY = {
+    "yinyang": ["--set", "seeds=1", "--set", "steps=150", "--set", "steps_lazy=300", "--set", "resolution=10",
+                "--set", "width=16"],
+    "label-noise": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4"],
+    "cscores": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "cscore_epochs=2"],
+    "spurious": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "per_group=10"],
+    "quadratic": [],
+}
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+def test_each_experiment_end_to_end(tmp_path, name, capsys):
+    if name in ("label-noise", "cscores", "spurious"):
+        pytest.importorskip("sklearn")
+    out = tmp_path / name
+    assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == name and summary["claims"]
+    for c in summary["claims"]:
+        assert {"claim", "value", "expected", "holds"} <= set(c)
+        assert isinstance(c["holds"], bool)
+    for fig in summary["figures"]:
+        assert (out / fig).stat().st_size > 5000
+    assert json.loads((out / "config.json").read_text())["experiment"] == name
+    if name != "quadratic":
+        assert list((out / "runs").rglob("log.jsonl"))
+    printed = capsys.readouterr().out
+    assert "expected" in printed
+    # a second run into the same directory is refused unless --overwrite
+    assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 2
+    assert main(["run", name, "--quick", "--out", str(out), "--no-progress", "--overwrite"] + TINY[name]) == 0
+
+
+def test_help_on_every_command():
+    for args in (["--help"], ["demo", "--help"], ["run", "--help"], ["info", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "lazyhasty"] + args, capture_output=True, text=True,
+                             env=dict(os.environ, TRITON_INTERPRET="0"))
+        assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_config_file_and_bad_options(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"sigma": 0.001}))
+    assert main(["run", "quadratic", "--out", str(tmp_path / "q"), "--config", str(cfg), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["sigma"] == 0.001
+    with pytest.raises(SystemExit):
+        main(["run", "quadratic", "--config", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit):
+        main(["run", "quadratic", "--set", "novalue"])
+    with pytest.raises(SystemExit):
+        main(["run", "nosuch"])
+    assert main(["run", "label-noise", "--dataset", "cifar10", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
