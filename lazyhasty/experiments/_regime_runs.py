@@ -9,7 +9,7 @@ from .common import Context, small_cnn
 
 
 def train_regimes(ctx: Context, train, probes: dict, probe_set, *, alphas, classes: int, loss: str = "cross_entropy",
-                  default_epochs=30, quick_epochs=8, lazy_factor: float = 3.0, default_lr=0.05):
+                  default_epochs=30, quick_epochs=8, lazy_factor: float = 5.0, default_lr=0.05):
     epochs = int(ctx.opt("epochs", default_epochs, quick=quick_epochs))
     batch = int(ctx.opt("batch_size", 64))
     lr = float(ctx.opt("lr", default_lr))
@@ -18,8 +18,10 @@ def train_regimes(ctx: Context, train, probes: dict, probe_set, *, alphas, class
     steps = epochs * spe
     lazy_steps = int(steps * float(ctx.opt("lazy_factor", lazy_factor)))
     model = small_cnn(train.x.shape[1], classes, train.x.shape[-1], width=width, seed=ctx.seed)
-    cfg = TrainConfig(steps=steps, lr=lr, loss=loss, batch_size=batch, momentum=0.9,
-                      log_every=max(1, spe // 2), probe_every=int(ctx.opt("probe_every", 4, quick=4)), seed=ctx.seed)
+    # geometric logging in the (EMA of the minibatch) loss, as the authors did: dense where the loss moves
+    cfg = TrainConfig(steps=steps, lr=lr, loss=loss, batch_size=batch, momentum=0.9, log_every=None,
+                      log_geometric=float(ctx.opt("log_q", 0.97)), probe_every=int(ctx.opt("probe_every", 4)),
+                      seed=ctx.seed)
     per_alpha_steps = {a: (lazy_steps if a >= 10 else steps) for a in alphas}
     runs = compare_regimes(model.to(ctx.device), train, cfg, ctx.out / "runs", alphas=alphas, steps=per_alpha_steps,
                            probes=probes, probe_set=probe_set, device=ctx.device, progress=ctx.progress)
