@@ -2,14 +2,11 @@
 
 MLP 2-256-256-256-1; phi = input of the last Linear (d = 256); n = 1,000 and 20,000; batches of 1,000.
 """
-import copy
-
 import pytest
 import torch
-from torch import nn
-
 from lazyhasty.metrics import representation_alignment
 from memory import peak_bytes
+from ntk_models import perturbed_pair
 
 
 def naive_representation_alignment(model, loader, reference):
@@ -30,14 +27,7 @@ def naive_representation_alignment(model, loader, reference):
 
 def _setup(n, device):
     torch.manual_seed(0)
-    m0 = nn.Sequential(nn.Linear(2, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                       nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)).to(device)
-    m = copy.deepcopy(m0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x = (torch.rand(n, 2, device=device) * 2 - 1)
-    return m0, m, list(x.split(1000))
+    return perturbed_pair(n, device)
 
 
 @pytest.mark.parametrize("n", [1000, 20000])

@@ -2,27 +2,17 @@
 
 MLP 2-256-256-256-1, probe sets of n = 1,000 and 20,000 examples in batches of 1,000.
 """
-import copy
-
 import pytest
 import torch
-from torch import nn
-
 from lazyhasty import reference as R
 from lazyhasty.metrics import SignPatterns, sign_similarity
 from memory import peak_bytes
+from ntk_models import perturbed_pair
 
 
 def _setup(n, device):
     torch.manual_seed(0)
-    m0 = nn.Sequential(nn.Linear(2, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                       nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)).to(device)
-    m = copy.deepcopy(m0)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    x = (torch.rand(n, 2, device=device) * 2 - 1)
-    return m0, m, list(x.split(1000))
+    return perturbed_pair(n, device)
 
 
 PROVIDERS = ["naive", "lazyhasty", "lazyhasty-torch-backend", "lazyhasty-patterns"]

@@ -62,3 +62,16 @@ class ResNet18(nn.Module):
 def resnet18_w16(k=10):
     torch.manual_seed(0)
     return ResNet18(16, k, "cifar")
+
+
+def perturbed_pair(n: int, device, scale: float = 0.1):
+    """(init model, perturbed copy, probe batches of 1000) for the MLP 2-256-256-256-1 probe benchmarks."""
+    import copy
+
+    m0 = mlp_256().to(device)
+    m = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn_like(p))
+    x = torch.rand(n, 2, device=device) * 2 - 1
+    return m0, m, list(x.split(1000))

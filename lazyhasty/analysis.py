@@ -142,3 +142,34 @@ def plot_linearity(table: ProgressTable, path, *, metrics=("sign_similarity", "r
     """Linearity metrics against progress for every run (paper Fig. 2 right)."""
     plot_groups(table, [m for m in metrics if any(m in table[r] for r in table.runs)], path, title=title,
                 ylabel="linearity metric")
+
+
+def plot_runs(runs: Sequence, progress: str, columns: Sequence[str], path, *, ylabel: str = "",
+              styles=("-", "--", ":", "-.")) -> None:
+    """Each run's logged columns against its own (monotone) progress, over the run's whole range.
+
+    Unlike :func:`plot_groups`, runs are not cut to the range they share (e.g. a lazy run that never
+    reaches the non-linear run's final loss)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(columns))))
+    for r, run in enumerate(runs):
+        name, rows = _rows_of(run)
+        name = name or f"run{r}"
+        p = monotone([row[progress] for row in rows])
+        for c, col in zip(colors, columns):
+            sel = [i for i, row in enumerate(rows) if isinstance(row.get(col), (int, float))]
+            if sel:
+                ax.plot(p[sel], [rows[i][col] for i in sel], styles[r % len(styles)], color=c, marker=".", ms=3,
+                        label=f"{col} ({name})")
+    ax.set_xlabel(f"{progress} (training progress)")
+    ax.set_ylabel(ylabel)
+    ax.invert_xaxis()
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -123,9 +123,12 @@ def _trainable(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def jacobian_rows(model: nn.Module, loader) -> torch.Tensor:
-    """``[n, k, p]``: d f_a(x_i) / d theta, one ``torch.autograd.grad`` call per example and output."""
-    params = _trainable(model)
+def jacobian_rows(model: nn.Module, loader, params: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``[n, k, p]``: d f_a(x_i) / d theta, one ``torch.autograd.grad`` call per example and output.
+
+    ``params``: the parameters theta (default: all trainable ones), in this order.
+    """
+    params = _trainable(model) if params is None else list(params)
     device = model_device(model)
     rows = []
     for x in iter_inputs(loader, device):

@@ -333,6 +333,24 @@ def group_mse(ex: Example, t, regime: str) -> dict[str, np.ndarray]:
     return {name: err[:, idx].mean(1) for name, idx in ex.groups.items()}
 
 
+def at_equal_group_mse(ex: Example, lead: str, other: str, level: float) -> dict[str, float]:
+    """MSE of group ``other`` in both regimes at the time group ``lead`` reaches ``level`` x its initial MSE."""
+    from scipy.optimize import brentq
+
+    out = {}
+    for regime in REGIMES:
+        m0 = group_mse(ex, [0.0], regime)[lead][0]
+
+        def f(t):
+            return group_mse(ex, [t], regime)[lead][0] - level * m0
+
+        hi = half_time(ex.model, regime)
+        while f(hi) > 0:
+            hi *= 2
+        out[regime] = float(group_mse(ex, [brentq(f, 0.0, hi)], regime)[other][0])
+    return out
+
+
 def figure4(path, *, examples=None, span: float = 6.0, num: int = 400) -> dict:
     """Draw the paper's Figure 4 (three panels) to ``path`` (PNG) and return the plotted numbers.
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lazyhasty.theory import QuadraticModel, example1, example2, example3, figure4, group_mse, half_time
+from lazyhasty.theory import QuadraticModel, at_equal_group_mse, example1, example2, example3, figure4
 
 TIMES = [0.0, 0.3, 1.0, 3.0, 10.0, 40.0]
 
@@ -66,38 +66,19 @@ def test_example1_order_reverses():
     assert np.all(np.diff(t_lin) > 0)  # linear: low index (large mu_i) first
 
 
-def _at_equal(ex, lead: str, other: str, level: float):
-    """MSE of group `other` in both regimes when group `lead` reaches `level` x its initial MSE."""
-    from scipy.optimize import brentq
-
-    out = {}
-    for regime in ("nonlinear", "linear"):
-        m0 = group_mse(ex, [0.0], regime)[lead][0]
-
-        def f(t):
-            return group_mse(ex, [t], regime)[lead][0] - level * m0
-
-        hi = half_time(ex.model, regime)
-        while f(hi) > 0:
-            hi *= 2
-        t = brentq(f, 0.0, hi)
-        out[regime] = group_mse(ex, [t], regime)[other][0]
-    return out
-
-
 def test_example2_nonlinear_learns_clean_first():
     ex = example2()
     for level in (0.7, 0.5, 0.3):
-        noisy = _at_equal(ex, "clean", "noisy", level)
+        noisy = at_equal_group_mse(ex, "clean", "noisy", level)
         assert noisy["nonlinear"] > noisy["linear"]
-    noisy = _at_equal(ex, "clean", "noisy", 0.3)
+    noisy = at_equal_group_mse(ex, "clean", "noisy", 0.3)
     assert noisy["nonlinear"] > 1.0  # noisy examples pushed the wrong way (initial MSE ~ 1)
 
 
 def test_example3_nonlinear_prioritizes_the_spurious_feature():
     ex = example3()
     for level in (0.7, 0.5, 0.3):
-        minority = _at_equal(ex, "spurious", "no spur.", level)
+        minority = at_equal_group_mse(ex, "spurious", "no spur.", level)
         assert minority["nonlinear"] > minority["linear"]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..analysis import at_equal_progress, plot_groups
+from ..analysis import at_equal_progress, plot_groups, plot_runs
 from ..train import TrainConfig, compare_regimes
 from .common import Context, small_cnn
 
@@ -20,7 +20,7 @@ def train_regimes(ctx: Context, train, probes: dict, probe_set, *, alphas, class
     model = small_cnn(train.x.shape[1], classes, train.x.shape[-1], width=width, seed=ctx.seed)
     # geometric logging in the (EMA of the minibatch) loss, as the authors did: dense where the loss moves
     cfg = TrainConfig(steps=steps, lr=lr, loss=loss, batch_size=batch, momentum=0.9, log_every=None,
-                      log_geometric=float(ctx.opt("log_q", 0.97)), probe_every=int(ctx.opt("probe_every", 4)),
+                      log_geometric=float(ctx.opt("log_q", 0.97)), probe_every=int(ctx.opt("probe_every", 2)),
                       seed=ctx.seed)
     per_alpha_steps = {a: (lazy_steps if a >= 10 else steps) for a in alphas}
     runs = compare_regimes(model.to(ctx.device), train, cfg, ctx.out / "runs", alphas=alphas, steps=per_alpha_steps,
@@ -44,7 +44,6 @@ def linearity_at_end(run) -> dict:
 def figures(ctx: Context, runs, progress: str, groups: list[str], name: str, ylabel: str = "loss"):
     table = at_equal_progress(runs, progress=progress, grid=100)
     plot_groups(table, groups, ctx.path(f"{name}.png"), ylabel=ylabel)
-    lin = at_equal_progress(runs, progress=progress, grid=100)
-    plot_groups(lin, [m for m in ("sign_similarity", "repr_alignment", "ntk_alignment")], ctx.path("linearity.png"),
-                ylabel="linearity metric")
+    plot_runs(runs, progress, ["sign_similarity", "repr_alignment", "ntk_alignment"], ctx.path("linearity.png"),
+              ylabel="linearity metric")
     return table

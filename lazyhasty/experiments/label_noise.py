@@ -30,7 +30,7 @@ def run(ctx: Context) -> dict:
     table = at_equal_progress(runs, progress="clean/loss", grid=100)
     plot_groups(table, ["noisy/loss", "test/loss"], ctx.path("loss_vs_clean_loss.png"), ylabel="loss")
     plot_groups(table, ["clean/acc", "noisy/acc", "test/acc"], ctx.path("accuracy_vs_clean_loss.png"), ylabel="accuracy")
-    figures(ctx, runs, "train_loss", ["train_loss"], "train_loss")
+    figures(ctx, runs, "clean/loss", ["train_loss"], "train_loss")
     d = difference(table, "alpha=1", "alpha=100", ["noisy/loss", "test/loss"])
     best = {r.name: float(np.nanmin(r.column("test/loss"))) for r in runs}
     end = {r.name: linearity_at_end(r) for r in runs}

@@ -5,25 +5,8 @@ import time
 
 import numpy as np
 
-from ..theory import example1, example2, example3, figure4, group_mse, half_time
+from ..theory import at_equal_group_mse, example1, example2, example3, figure4
 from .common import Claim, Context, register, write_config, write_summary
-
-
-def _at_equal(ex, lead, other, level):
-    from scipy.optimize import brentq
-
-    out = {}
-    for regime in ("nonlinear", "linear"):
-        m0 = group_mse(ex, [0.0], regime)[lead][0]
-
-        def f(t):
-            return group_mse(ex, [t], regime)[lead][0] - level * m0
-
-        hi = half_time(ex.model, regime)
-        while f(hi) > 0:
-            hi *= 2
-        out[regime] = group_mse(ex, [brentq(f, 0.0, hi)], regime)[other][0]
-    return out
 
 
 @register("quadratic")
@@ -38,8 +21,8 @@ def run(ctx: Context) -> dict:
     t_lin = ex1.model.example_times(0.05, "linear")
     rank_nl, rank_lin = np.argsort(np.argsort(t_nl)), np.argsort(np.argsort(t_lin))
     rho = float(np.corrcoef(rank_nl, rank_lin)[0, 1])
-    noisy = _at_equal(ex2, "clean", "noisy", 0.5)
-    minority = _at_equal(ex3, "spurious", "no spur.", 0.5)
+    noisy = at_equal_group_mse(ex2, "clean", "noisy", 0.5)
+    minority = at_equal_group_mse(ex3, "spurious", "no spur.", 0.5)
     claims = [
         Claim("Example 1: rank correlation of the per-example learning order, non-linear vs linear", rho, "< 0",
               "-1 means the order is exactly reversed"),

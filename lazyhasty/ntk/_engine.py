@@ -247,18 +247,10 @@ class Featurizer:
             except (RuntimeError, NotImplementedError):
                 # some ops have no (correct) batching rule (e.g. PReLU's backward): exact loop instead
                 self._vmap_failed = True
-        params = [named[n] for n in self.generic]
-        rows = []
-        with torch.enable_grad():
-            for i in range(b):
-                out = self.model(x[i:i + 1]).reshape(-1)
-                per_out = []
-                for a in range(out.shape[0]):
-                    gs = torch.autograd.grad(out[a], params, retain_graph=a + 1 < out.shape[0], allow_unused=True)
-                    per_out.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                              for g, p in zip(gs, params)]))
-                rows.append(torch.stack(per_out))
-        return torch.stack(rows)
+        from .. import reference
+
+        with torch.enable_grad():  # the exact per-example, per-output autograd loop
+            return reference.jacobian_rows(self.model, [x], params=[named[n] for n in self.generic])
 
 
 def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
