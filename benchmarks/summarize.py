@@ -13,7 +13,7 @@ def main(path):
     print(f"device: {info.get('device')}  torch {info['lazyhasty']['torch']}  commit {info.get('commit', '')[:10]}")
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
-        provider = b["params"]["provider"]
+        provider = b["params"].get("provider") or b["params"].get("what") or b["name"]
         groups[b["group"]][provider] = (b["stats"]["median"], b["extra_info"].get("peak_mem_bytes", 0))
     for g, rows in groups.items():
         t0, m0 = rows.get("naive", (None, None))
