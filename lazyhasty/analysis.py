@@ -83,7 +83,6 @@ def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | 
     for name, rows, p in parsed:
         # first time each progress value was reached: keep the first row of every flat stretch
         first = np.concatenate([[True], p[1:] < p[:-1]])
-        xp = p[first][::-1]  # increasing for np.interp
         cols = {}
         keys = [k for k in rows[0] if k != progress] + sorted({k for r in rows for k in r} - set(rows[0]))
         for key in keys:
@@ -99,7 +98,6 @@ def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | 
                 g == xk[0], yk[0], np.nan)
         cols[progress] = g.copy()
         columns[name] = cols
-        del xp
     return ProgressTable(progress, g, columns)
 
 

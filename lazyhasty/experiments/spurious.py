@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..analysis import at_equal_progress, difference, plot_groups
