@@ -145,6 +145,15 @@ def run_experiment(name: str, ctx: Context) -> dict:
 
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    import importlib.util
+
+    needs = {"matplotlib": "plots", "scipy": "theory"} if name == "quadratic" else {"matplotlib": "plots"}
+    if name in ("label-noise", "cscores", "spurious") and ctx.options.get("dataset", "digits") == "digits":
+        needs["sklearn"] = "data"
+    missing = [f"{mod} (pip install 'lazyhasty[{extra}]')" for mod, extra in needs.items()
+               if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise ValueError(f"experiment {name!r} needs " + ", ".join(missing))
     if (ctx.out / "runs").exists() or (ctx.out / "summary.json").exists():
         if not ctx.overwrite:
             raise FileExistsError(f"{ctx.out} already holds an experiment: choose another --out, or pass --overwrite "
