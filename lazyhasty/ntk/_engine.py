@@ -13,7 +13,7 @@ from .._progress import Progress
 from . import _features as feat
 from ._layers import (
     batch_grad_from_factors, check_per_example, choose_form, embedding_factors, ghost_layout, linear_factors,
-    linear_g, norm_grads,
+    linear_g, norm_grads, split_params,
     plan_layers, to_materialized, trainable_params,
 )
 
@@ -195,26 +195,30 @@ class Featurizer:
                 feats.append(feat.Materialized(F))
             else:
                 a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
+                if p.kind != "embedding" and p.form is None:
+                    p.form = choose_form(p, a.shape, g.shape, self.kernel)
+                F = to_materialized(a, g) if p.kind != "embedding" and p.form == "materialized" else None
                 if verify:
-                    # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
-                    gv_calls = [torch.einsum("k,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
-                    if p.kind == "embedding":
-                        g_v = embedding_factors(p, gv_calls)[1][:, 0]
+                    if F is not None:  # the per-example gradients are at hand: sum them
+                        G, do = g.shape[2], g.shape[3]
+                        mine = split_params(p, torch.einsum("k,kp->p", v, F.sum(0)).view(G, do, -1))
                     else:
-                        gv = [linear_g(p, gk) for gk in gv_calls]
-                        g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
-                    mine = batch_grad_from_factors(p, a, g_v)
+                        # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
+                        gv_calls = [torch.einsum("k,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
+                        if p.kind == "embedding":
+                            g_v = embedding_factors(p, gv_calls)[1][:, 0]
+                        else:
+                            gv = [linear_g(p, gk) for gk in gv_calls]
+                            g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
+                        mine = batch_grad_from_factors(p, a, g_v)
                     if not all(_close(u, w) for u, w in zip(mine, theirs)):
                         bad.append(p)
                 if p.kind == "embedding":
                     feats.append(feat.GhostEmbedding(a, g))
+                elif F is not None:
+                    feats.append(feat.Materialized(F))
                 else:
-                    if p.form is None:
-                        p.form = choose_form(p, a.shape, g.shape, self.kernel)
-                    if p.form == "ghost":
-                        feats.append(feat.GhostLinear(*ghost_layout(a, g)))
-                    else:
-                        feats.append(feat.Materialized(to_materialized(a, g)))
+                    feats.append(feat.GhostLinear(*ghost_layout(a, g)))
             p.inputs.clear()
             p.outputs.clear()
         if bad:

@@ -246,6 +246,18 @@ def to_materialized(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
 
+def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
+    """A summed gradient in factor layout ``[G, d_out, d_in']`` as the parameters' shapes."""
+    m = plan.module
+    out = []
+    if plan.use_weight:
+        w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
+        out.append(w.reshape(m.weight.shape))
+    if plan.use_bias:
+        out.append(full[..., -1].reshape(m.bias.shape))
+    return out
+
+
 def batch_grad_from_factors(plan: LayerPlan, a, g_v) -> list[torch.Tensor]:
     """Sum over the block of per-example gradients, in the parameters' shapes.
 
@@ -256,11 +268,4 @@ def batch_grad_from_factors(plan: LayerPlan, a, g_v) -> list[torch.Tensor]:
     if plan.kind == "embedding":
         flat_g = g_v[:, :, 0].reshape(-1, m.embedding_dim)
         return [torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), flat_g)]
-    full = torch.einsum("bgos,bgis->goi", g_v, a)  # [G, d_out, d_in']
-    out = []
-    if plan.use_weight:
-        w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
-        out.append(w.reshape(m.weight.shape))
-    if plan.use_bias:
-        out.append(full[..., -1].reshape(m.bias.shape))
-    return out
+    return split_params(plan, torch.einsum("bgos,bgis->goi", g_v, a))  # [G, d_out, d_in']
