@@ -43,6 +43,7 @@ class AlphaScaled(nn.Module):
         self.f0 = copy.deepcopy(model).requires_grad_(False).eval()
         self.alpha = alpha
         self.center = bool(center)
+        self._f0_cache = None  # (x, x._version, f0(x)): full-batch GD feeds the same tensor every step
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
         for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
@@ -54,10 +55,27 @@ class AlphaScaled(nn.Module):
         self.f0.eval()
         return self
 
+    def load_state_dict(self, *args, **kwargs):
+        self._f0_cache = None
+        return super().load_state_dict(*args, **kwargs)
+
+    def _f0_of(self, args, kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            c = self._f0_cache
+            # identity + version: the cache holds x itself (its memory cannot be reused) and notices in-place edits
+            if c is not None and c[0] is x and c[1] == x._version:
+                return c[2]
+            with torch.no_grad():
+                out = self.f0(x)
+            self._f0_cache = (x, x._version, out)
+            return out
+        with torch.no_grad():
+            return self.f0(*args, **kwargs)
+
     def forward(self, *args, **kwargs):
         f = self.model(*args, **kwargs)
-        with torch.no_grad():
-            f0 = self.f0(*args, **kwargs)
+        f0 = self._f0_of(args, kwargs)
         if self.center:
             return self.alpha * (f - f0)
         return f0 + self.alpha * (f - f0)

@@ -36,6 +36,20 @@ def test_alpha_scaled_definition(center):
     assert not a.f0.training
 
 
+def test_f0_cache_for_a_repeated_input_is_exact():
+    net = _net()
+    a = AlphaScaled(net, 3.0)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    first = a(x)
+    assert a._f0_cache[0] is x
+    assert torch.equal(a(x), first)
+    x.mul_(2.0)  # an in-place edit invalidates the cached f0(x)
+    want = a.f0(x) + 3.0 * (net(x) - a.f0(x))
+    assert torch.allclose(a(x), want)
+    a.load_state_dict(a.state_dict())
+    assert a._f0_cache is None
+
+
 def test_bad_alpha():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="alpha"):
