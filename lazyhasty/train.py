@@ -174,9 +174,32 @@ class Run:
         return f"Run({self.name!r}, {len(self.rows)} rows)"
 
 
-def _dataset_fingerprint(ds: Dataset) -> list:
-    x = ds.x.reshape(len(ds), -1).double()
-    return [len(ds), round(float(x.sum()), 6), round(float(ds.y.double().sum()), 6)]
+def _labelled_batches(ds, batch_size: int, device):
+    """(x, y) batches of a Dataset (sliced) or of any loader of (x, y, ...) tuples / {"x", "y"} dicts."""
+    if isinstance(ds, Dataset):
+        for s in range(0, len(ds), batch_size):
+            yield ds.x[s:s + batch_size], ds.y[s:s + batch_size]
+        return
+    for batch in ds:
+        if isinstance(batch, Mapping):
+            x, y = batch.get("x"), batch.get("y")
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+            x, y = batch[0], batch[1]
+        else:
+            raise ValueError("a probe loader must yield (x, y, ...) tuples or dicts with 'x' and 'y'")
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise ValueError("a probe loader's batches must hold tensors x and y")
+        yield x.to(device), y.to(device)
+
+
+def _dataset_fingerprint(ds) -> list:
+    """[n, sum x, sum y]: enough to notice that a resumed run was handed other data."""
+    n, sx, sy = 0, 0.0, 0.0
+    for x, y in _labelled_batches(ds, 4096, "cpu"):
+        n += x.shape[0]
+        sx += float(x.double().sum())
+        sy += float(y.double().sum())
+    return [n, round(sx, 6), round(sy, 6)]
 
 
 # --- trainer ------------------------------------------------------------------------------------------
@@ -203,14 +226,16 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("the training set is empty")
         for name, ds in (probes or {}).items():
-            if not isinstance(ds, Dataset) or len(ds) == 0:
-                raise ValueError(f"probe set {name!r} must be a non-empty Dataset")
+            if isinstance(ds, Dataset) and len(ds) == 0:
+                raise ValueError(f"probe set {name!r} is empty")
+            if not isinstance(ds, Dataset) and not hasattr(ds, "__iter__"):
+                raise ValueError(f"probe set {name!r} must be a Dataset or a loader of (x, y) batches")
         self.config = config
         self.device = torch.device(device) if device is not None else next(
             (p.device for p in model.parameters()), torch.device("cpu"))
         self.net = AlphaScaled(model, config.alpha, center=config.center).to(self.device)
         self.train_ds = train.to(self.device)
-        self.probes = {k: v.to(self.device) for k, v in (probes or {}).items()}
+        self.probes = {k: (v.to(self.device) if isinstance(v, Dataset) else v) for k, v in (probes or {}).items()}
         self.probe_set = probe_set.to(self.device) if probe_set is not None else None
         self.run_dir = Path(run_dir)
         self.progress = progress
@@ -262,17 +287,19 @@ class Trainer:
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _evaluate(self, ds: Dataset) -> tuple[float, float]:
+    def _evaluate(self, ds) -> tuple[float, float]:
         was = self.net.training
         self.net.eval()
-        tot, correct = 0.0, 0
-        for s in range(0, len(ds), self.config.eval_batch_size):
-            x, y = ds.x[s:s + self.config.eval_batch_size], ds.y[s:s + self.config.eval_batch_size]
+        tot, correct, n = 0.0, 0, 0
+        for x, y in _labelled_batches(ds, self.config.eval_batch_size, self.device):
             out = self.net(x)
             tot += float(per_example_loss(self.config.loss, out, y).double().sum())
             correct += int(predictions_correct(self.config.loss, out, y).sum())
+            n += x.shape[0]
         self.net.train(was)
-        return tot / len(ds), correct / len(ds)
+        if n == 0:
+            raise ValueError("a probe loader yielded no examples")
+        return tot / n, correct / n
 
     def _linearity(self) -> dict:
         from .metrics import SignPatterns, ntk_alignment, representation_alignment

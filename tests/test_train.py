@@ -28,7 +28,9 @@ def small_setup(seed=0):
 def test_trainer_logs_losses_groups_and_probes(tmp_path):
     net, ds = small_setup()
     cfg = TrainConfig(steps=60, lr=0.5, alpha=1.0, loss="logistic", log_every=20, batch_size=32)
-    run = Trainer(net, ds, cfg, tmp_path / "run", probes={"noisy": ds[ds.noisy], "clean": ds[~ds.noisy]},
+    clean_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ds.x[~ds.noisy], ds.y[~ds.noisy]),
+                                               batch_size=17)  # any loader of (x, y) batches works too
+    run = Trainer(net, ds, cfg, tmp_path / "run", probes={"noisy": ds[ds.noisy], "clean": clean_loader},
                   probe_set=ds[:50]).fit()
     assert [r["step"] for r in run.rows] == [0, 20, 40, 60]
     r0 = run.rows[0]
@@ -37,6 +39,11 @@ def test_trainer_logs_losses_groups_and_probes(tmp_path):
     assert run.rows[-1]["train_loss"] < r0["train_loss"]
     assert run.rows[-1]["sign_similarity"] < 1.0
     assert {"noisy/loss", "noisy/acc", "clean/loss", "clean/acc"} <= set(r0)
+    from lazyhasty.train import per_example_loss
+    with torch.no_grad():
+        clean = ds[~ds.noisy]
+        assert r0["clean/loss"] == pytest.approx(float(per_example_loss("logistic", small_setup()[0](clean.x), clean.y).mean()),
+                                                 rel=1e-5)
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["alpha"] == 1.0
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 60 and ck["n_rows"] == 4
@@ -119,8 +126,10 @@ def test_bad_inputs(tmp_path):
         Trainer(net, ds[:0], TrainConfig(steps=1, lr=0.1), tmp_path / "b")
     with pytest.raises(ValueError, match="loss"):
         Trainer(net, ds, TrainConfig(steps=1, lr=0.1, loss="hinge"), tmp_path / "c")
-    with pytest.raises(ValueError, match="probe set"):
+    with pytest.raises(ValueError, match="probe set 'x' is empty"):
         Trainer(net, ds, TrainConfig(steps=1, lr=0.1), tmp_path / "d", probes={"x": ds[:0]})
+    with pytest.raises(ValueError, match="probe set"):
+        Trainer(net, ds, TrainConfig(steps=1, lr=0.1), tmp_path / "e", probes={"x": 3})
 
 
 def test_compare_regimes_share_init_and_order(tmp_path):
