@@ -264,11 +264,10 @@ def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
 
 
 def _blocks(loader, device, block_size: int | None) -> list[torch.Tensor]:
+    """The probe set re-cut into blocks of ``block_size`` examples (default 1024), whatever the batching."""
     xs = list(iter_inputs(loader, device))
-    if block_size is None:
-        return xs if len(xs) > 1 or xs[0].shape[0] <= 4096 else list(xs[0].split(1024))
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    return list(x.split(block_size))
+    return list(x.split(block_size or 1024))
 
 
 def _default_block_size(n: int, k: int | None = None) -> int:
