@@ -93,15 +93,36 @@ class Featurizer:
 
     # -- public ------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> list:
-        x = x.to(self.device)
-        if x.is_floating_point():
-            x = x.to(self.dtype)
-        if not self.checked_mixing:
-            self._check_batch_independence(x)
+        x = self._prepare(x)
         while True:
             feats = self._features(x)
             if feats is not None:
                 return feats
+
+    def stream(self, x: torch.Tensor, sink, reset) -> None:
+        """Hand each feature of the block to ``sink`` as soon as it exists, then drop it.
+
+        Materialized per-example gradients are written into one reused buffer, so a block whose tile is
+        reduced at once (a single-block Gram) never holds every layer's ``[b, k, P]`` at the same time.
+        ``reset()`` is called before a block is recomputed (a layer moved to the fallback).
+        """
+        x = self._prepare(x)
+        while self._features(x, sink) is None:
+            reset()
+
+    def _prepare(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        if check and not self.checked_mixing:
+            self._check_batch_independence(x)
+        return x
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.numel() < numel:
+            buf = self._buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel]
 
     def describe(self) -> dict:
         return {"layers": {p.name: f"{p.kind}/{p.form}" for p in self.plans}, "generic": list(self.generic)}
@@ -121,21 +142,24 @@ class Featurizer:
                 "use model.eval() or remove the batch-mixing module"
             )
 
-    def _features(self, x: torch.Tensor):
+    def _features(self, x: torch.Tensor, sink=None):
         feats: list = []
         if self.plans:
-            layer_feats = self._layer_features(x)
+            layer_feats = self._layer_features(x, sink)
             if layer_feats is None:  # verification moved a layer to the fallback: redo this block
                 return None
             feats.extend(layer_feats)
         if self.generic:
-            feats.append(feat.Materialized(self._generic_jacobian(x)))
-        if self.k is None:
-            self.k = feats[0].F.shape[1] if isinstance(feats[0], feat.Materialized) else feats[0].g.shape[1]
+            f = feat.Materialized(self._generic_jacobian(x))
+            self.k = f.F.shape[1]
+            if sink is not None:
+                sink(f)
+            else:
+                feats.append(f)
         # one GEMM per layer (no concatenated copy of all per-example gradients)
         return feats
 
-    def _layer_features(self, x: torch.Tensor):
+    def _layer_features(self, x: torch.Tensor, sink=None):
         plans = self.plans
         for p in plans:
             p.inputs.clear()
@@ -156,7 +180,7 @@ class Featurizer:
                 h.remove()
         b = x.shape[0]
         out = out.reshape(b, -1)
-        k = out.shape[1]
+        k = self.k = out.shape[1]
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
@@ -180,6 +204,7 @@ class Featurizer:
             vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
             vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
         feats, pos, vpos, bad = [], 0, 0, []
+        emit = sink if sink is not None else feats.append
         for p in plans:
             g_calls = grads[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
@@ -192,12 +217,14 @@ class Featurizer:
                     mine = torch.einsum("k,kp->p", v, F.sum(0))
                     if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                         bad.append(p)
-                feats.append(feat.Materialized(F))
+                emit(feat.Materialized(F))
             else:
                 a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
                 if p.kind != "embedding" and p.form is None:
                     p.form = choose_form(p, a.shape, g.shape, self.kernel)
-                F = to_materialized(a, g) if p.kind != "embedding" and p.form == "materialized" else None
+                F = None
+                if p.kind != "embedding" and p.form == "materialized":
+                    F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
                 if verify:
                     if F is not None:  # the per-example gradients are at hand: sum them
                         G, do = g.shape[2], g.shape[3]
@@ -214,11 +241,11 @@ class Featurizer:
                     if not all(_close(u, w) for u, w in zip(mine, theirs)):
                         bad.append(p)
                 if p.kind == "embedding":
-                    feats.append(feat.GhostEmbedding(a, g))
+                    emit(feat.GhostEmbedding(a, g))
                 elif F is not None:
-                    feats.append(feat.Materialized(F))
+                    emit(feat.Materialized(F))
                 else:
-                    feats.append(feat.GhostLinear(*ghost_layout(a, g)))
+                    emit(feat.GhostLinear(*ghost_layout(a, g)))
             p.inputs.clear()
             p.outputs.clear()
         if bad:
@@ -257,21 +284,31 @@ class Featurizer:
             return reference.jacobian_rows(self.model, [x], params=[named[n] for n in self.generic])
 
 
+def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
+    b, k, G, do, _ = g.shape
+    return b * k * G * do * a.shape[2]
+
+
 def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
     scale = float(theirs.abs().max()) if theirs.numel() else 0.0
     tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
     return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
 
 
-def _blocks(loader, device, block_size: int | None) -> list[torch.Tensor]:
-    """The probe set re-cut into blocks of ``block_size`` examples (default 1024), whatever the batching."""
+def _inputs(loader, device) -> torch.Tensor:
     xs = list(iter_inputs(loader, device))
-    x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    return list(x.split(block_size or 1024))
+    return torch.cat(xs) if len(xs) > 1 else xs[0]
 
 
-def _default_block_size(n: int, k: int | None = None) -> int:
-    return max(32, 1024 // max(1, (k or 1)))
+def default_block_size(n: int, k: int) -> int:
+    """About four blocks a side (tiles with i <= j only: ~half the pair work of one n x n tile), at least
+    32 examples (GEMM efficiency), at most 1024 and ``8192 / k`` (a [b k, b k] tile stays <= 256 MB)."""
+    return int(max(1, min(max(32, -(-n // 4)), 1024, max(1, 8192 // max(1, k)))))
+
+
+def _output_size(fz: "Featurizer", x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(fz.model(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
 
 
 def _naive(model, loader, kernel, dtype):
@@ -309,7 +346,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
     ~1e-15 relative error; float32 ~1e-6; bfloat16 ~1e-2. block_size: examples per tile (memory of a
-    tile is ``(block k)^2``). The model must not mix examples (eval mode for BatchNorm, no dropout).
+    tile is ``(block k)^2``; default :func:`default_block_size`). The model must not mix examples (eval mode for BatchNorm, no dropout).
 
     >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
     """
@@ -318,9 +355,23 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         return _naive(model, loader, kernel, dtype)
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend)
-    blocks = _blocks(loader, fz.device, block_size)
+    x_all = _inputs(loader, fz.device)
+    blocks = list(x_all.split(block_size or default_block_size(x_all.shape[0], _output_size(fz, x_all))))
     n = sum(x.shape[0] for x in blocks)
     with exact_fp32():
+        if len(blocks) == 1 and kernel != "diagonal":
+            # one tile: reduce each layer's features as soon as they exist (no [b, k, P] per layer kept)
+            acc = {}
+
+            def sink(f):
+                if be == "triton":
+                    t = feat.tile([f], [f], kernel, be)
+                else:
+                    t = f.full(f) if kernel == "full" else f.trace(f)
+                acc["K"] = t if "K" not in acc else acc["K"].add_(t)
+
+            fz.stream(blocks[0], sink, acc.clear)
+            return acc["K"].contiguous()
         feats = []
         with Progress(len(blocks), "ntk features", progress) as bar:
             for x in blocks:
@@ -438,11 +489,9 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend)
-        xs = list(iter_inputs(loader, fz.device))
-        n = sum(x.shape[0] for x in xs)
-        bs = block_size or _default_block_size(n)
-        x_all = torch.cat(xs) if len(xs) > 1 else xs[0]
-        blocks = list(x_all.split(bs))
+        x_all = _inputs(loader, fz.device)
+        n = x_all.shape[0]
+        blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
         starts = [0]
         for x in blocks:
             starts.append(starts[-1] + x.shape[0])

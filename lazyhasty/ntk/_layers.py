@@ -234,7 +234,7 @@ def choose_form(plan: LayerPlan, a_shape, g_shape, kernel: str) -> str:
     return "ghost" if ghost < materialized else "materialized"
 
 
-def to_materialized(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def to_materialized(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example gradients ``[b, k, G * d_out * d_in]`` from natural layouts (sum over positions).
 
     For G = 1 this is one batched GEMM ``[k d_out, S] @ [S, d_in]`` per example on the layouts the
@@ -242,6 +242,10 @@ def to_materialized(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """
     b, k, G, do, S = g.shape
     if G == 1:
+        din = a.shape[2]
+        if out is not None:  # into a caller's (reused) buffer: no fresh pages for every layer
+            return torch.bmm(g.reshape(b, k * do, S), a.reshape(b, -1, S).transpose(1, 2),
+                             out=out.view(b, k * do, din)).view(b, k, -1)
         return torch.bmm(g.reshape(b, k * do, S), a.reshape(b, -1, S).transpose(1, 2)).view(b, k, -1)
     return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
