@@ -268,24 +268,28 @@ def _labels(n: int, seed: int) -> np.ndarray:
     return rng.permutation(y)
 
 
+def _labels_with_flips(n: int, q: int, seed: int):
+    """Balanced labels in {-1, +1} and kappa = -1 on q random examples (the minority / noisy ones)."""
+    if not 1 <= q < -(-n // 2):
+        raise ValueError(f"q must satisfy 1 <= q < ceil(n/2), got q={q}, n={n}")
+    y = _labels(n, seed)
+    kappa = np.ones(n)
+    flipped = np.random.default_rng(seed + 1).choice(n, size=q, replace=False)
+    kappa[flipped] = -1.0
+    return y, kappa, np.sort(flipped), np.setdiff1d(np.arange(n), flipped)
+
+
 def example2(n: int = 20, q: int = 3, eta: float = 0.6, sigma: float = 1e-2, seed: int = 0) -> Example:
     """Example 2, label noise: ``x_i = kappa_i y_i e_1 + eta e_{i+1}`` in R^{n+1}; q examples have kappa = -1.
 
     The dominant mode fits the labels of the input's class ``kappa_i y_i``: learning it first learns the
     clean examples and pushes the noisy ones the wrong way.
     """
-    if not 1 <= q < -(-n // 2):
-        raise ValueError(f"q must satisfy 1 <= q < ceil(n/2), got q={q}, n={n}")
-    y = _labels(n, seed)
-    kappa = np.ones(n)
-    noisy = np.random.default_rng(seed + 1).choice(n, size=q, replace=False)
-    kappa[noisy] = -1.0
+    y, kappa, noisy, clean = _labels_with_flips(n, q, seed)
     X = np.zeros((n, n + 1))
     X[:, 0] = kappa * y
     X[np.arange(n), np.arange(n) + 1] = eta
-    clean = np.setdiff1d(np.arange(n), noisy)
-    return Example(QuadraticModel(X, y, w0=np.sqrt(sigma)), {"clean": clean, "noisy": np.sort(noisy)},
-                   "label noise")
+    return Example(QuadraticModel(X, y, w0=np.sqrt(sigma)), {"clean": clean, "noisy": noisy}, "label noise")
 
 
 def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma: float = 1e-2,
@@ -295,21 +299,15 @@ def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma:
     e_2 is the core feature (separates everything), e_1 the spurious one: it agrees with the label on
     the majority (kappa = 1) and disagrees on q minority examples.
     """
-    if not 1 <= q < -(-n // 2):
-        raise ValueError(f"q must satisfy 1 <= q < ceil(n/2), got q={q}, n={n}")
     if not 0 < lam < 1:
         raise ValueError("lam must be in (0, 1)")
-    y = _labels(n, seed)
-    kappa = np.ones(n)
-    minority = np.random.default_rng(seed + 1).choice(n, size=q, replace=False)
-    kappa[minority] = -1.0
+    y, kappa, minority, majority = _labels_with_flips(n, q, seed)
     X = np.zeros((n, n + 2))
     X[:, 0] = kappa * y
     X[:, 1] = lam * y
     X[np.arange(n), np.arange(n) + 2] = eta
-    majority = np.setdiff1d(np.arange(n), minority)
     return Example(QuadraticModel(X, y, w0=np.sqrt(sigma)),
-                   {"spurious": majority, "no spur.": np.sort(minority)}, "spurious correlation")
+                   {"spurious": majority, "no spur.": minority}, "spurious correlation")
 
 
 def half_time(model: QuadraticModel, regime: str) -> float:
