@@ -302,21 +302,17 @@ class Trainer:
         return tot / n, correct / n
 
     def _linearity(self) -> dict:
-        from .metrics import SignPatterns, ntk_alignment, representation_alignment
+        from .metrics import LinearityProbe, ntk_alignment
 
         out = {}
         model, f0, probe = self.net.model, self.net.f0, self.probe_set
         want = set(self.config.probes)
-        if "sign_similarity" in want:
-            try:
-                if self._signs is None:
-                    self._signs = SignPatterns.capture(f0, probe.x)
-                out["sign_similarity"] = self._signs.similarity(model, probe.x)
-            except ValueError as exc:
-                if "no nn.ReLU" not in str(exc):
-                    raise
-        if "repr_alignment" in want:
-            out["repr_alignment"] = representation_alignment(model, probe.x, f0)
+        if want & {"sign_similarity", "repr_alignment"}:
+            # f0's side is captured once; then one no-grad forward of the model serves both probes
+            if self._signs is None:
+                self._signs = LinearityProbe.capture(f0, probe.x)
+            got = self._signs.measure(model)
+            out.update({k: v for k, v in got.items() if k in want})
         if "ntk_alignment" in want:
             out["ntk_alignment"] = ntk_alignment(model, probe.x, f0, kernel=self.config.ntk_kernel)
         return out

@@ -131,3 +131,20 @@ def test_sign_patterns_refuse_a_different_probe_set():
     other = mlp((2, 1, 31, 1006, 1))
     with pytest.raises(ValueError, match="same architecture"):
         patterns.similarity(other, batches(x, 100))
+
+
+def test_linearity_probe_shares_one_forward_and_matches_the_separate_metrics():
+    from lazyhasty.metrics import LinearityProbe, representation_alignment
+
+    m0, m, x = _pair("cnn")
+    probe = LinearityProbe.capture(m0, x, batch_size=100)
+    calls = []
+    h = m.register_forward_hook(lambda *a: calls.append(1))
+    got = probe.measure(m)
+    h.remove()
+    assert len(calls) == len(x.split(100))  # one forward of the model per batch for both probes
+    assert got["sign_similarity"] == pytest.approx(sign_similarity(m, x, m0), abs=1e-12)
+    assert got["repr_alignment"] == pytest.approx(representation_alignment(m, batches(x, 100), m0), rel=1e-6)
+    no_relu = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1))
+    only_repr = LinearityProbe.capture(no_relu, torch.randn(10, 2)).measure(no_relu)
+    assert set(only_repr) == {"repr_alignment"} and only_repr["repr_alignment"] == pytest.approx(1.0)

@@ -2,3 +2,4 @@
 from .signs import SignPatterns, sign_similarity  # noqa: F401
 from .alignment import kernel_alignment, representation_alignment  # noqa: F401
 from ..ntk import ntk_alignment, ntk_gram  # noqa: F401
+from .probe import LinearityProbe  # noqa: F401,E402

@@ -1,0 +1,97 @@
+"""Sign similarity and representation alignment from one forward of the model per logging step."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._loaders import evaluating, model_device
+from ._sites import CallRecorder, resolve_layer, same_modules
+from .alignment import _FeatureGrams, _no_tf32
+from .signs import SignPatterns, _BatchWords, _Pass, _reduce
+
+
+class LinearityProbe:
+    """The init model's side of the no-grad linearity probes, captured once on a fixed probe set.
+
+    ``capture`` keeps the reference's packed ReLU sign patterns and its representation features
+    ``[n, d]``; ``measure(model)`` then runs the model once per batch, with both hooks on, and returns
+    ``{"sign_similarity", "repr_alignment"}`` (the same numbers as :func:`sign_similarity` and
+    :func:`representation_alignment`, without rerunning the reference or the model twice).
+
+        >>> probe = LinearityProbe.capture(model_at_init, probe_x)
+        >>> probe.measure(model)     # every logging step
+    """
+
+    def __init__(self, x: torch.Tensor, batch_size: int, signs: SignPatterns | None, layer_name: str, where: str,
+                 ref_features: list[torch.Tensor]):
+        self.x, self.batch_size, self.signs = x, batch_size, signs
+        self.layer_name, self.where, self.ref_features = layer_name, where, ref_features
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
+                where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
+                batch_size: int = 1024, backend: str | None = None) -> "LinearityProbe":
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError("the probe set must be a non-empty tensor of inputs [n, ...]")
+        batches = list(x.split(batch_size))
+        try:
+            signs = SignPatterns.capture(reference, batches, modules=modules, backend=backend)
+        except ValueError as exc:
+            if "no nn.ReLU" not in str(exc):
+                raise
+            signs = None  # a model without ReLU: only representation alignment is measured
+        name, module = resolve_layer(reference, layer)
+        where = where or ("input" if layer is None else "output")
+        feats: list[torch.Tensor] = []
+        rec = CallRecorder([(name, module)], lambda site, t: feats.append(t.detach().reshape(t.shape[0], -1)), where)
+        device = model_device(reference)
+        try:
+            with evaluating(reference):
+                for xb in batches:
+                    n_before = len(feats)
+                    rec.new_forward()
+                    reference(xb.to(device))
+                    if len(feats) != n_before + 1:
+                        raise ValueError(f"layer {name!r} must run exactly once per forward")
+        finally:
+            rec.remove()
+        return cls(x, batch_size, signs, name, where, feats)
+
+    @torch.no_grad()
+    def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
+        device = model_device(model)
+        (_, module), = same_modules(model, [self.layer_name])
+        got: list[torch.Tensor] = []
+        rec = CallRecorder([(self.layer_name, module)], lambda site, t: got.append(t.detach()), self.where)
+        run = _Pass(same_modules(model, self.signs.module_names), backend, "model") if self.signs else None
+        bits = [b.to(device) for b in self.signs.bits] if self.signs else None
+        grams = _FeatureGrams(None)
+        counts, start = [], 0
+        try:
+            with evaluating(model), _no_tf32():
+                for xb, phi0 in zip(self.x.split(self.batch_size), self.ref_features):
+                    xb = xb.to(device)
+                    b = xb.shape[0]
+                    got.clear()
+                    rec.new_forward()
+                    if run is not None:
+                        run.reset(_BatchWords(self.signs.sites, self.signs.units, [w[start:start + b] for w in bits]))
+                    model(xb)
+                    if run is not None:
+                        run.check(self.signs.sites)
+                        counts.append(run.counts)
+                    if len(got) != 1:
+                        raise ValueError(f"layer {self.layer_name!r} must run exactly once per forward")
+                    grams.add(got[0].reshape(b, -1), phi0.to(device))
+                    start += b
+        finally:
+            rec.remove()
+            if run is not None:
+                run.recorder.remove()
+        out = {"repr_alignment": grams.alignment(centered)}
+        if self.signs is not None:
+            out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
+        return out
