@@ -155,6 +155,10 @@ def test_bad_arguments():
         ntk_gram(m, x, block_size=0)
     with pytest.raises(ValueError, match="empty"):
         ntk_gram(m, [])
+    with pytest.raises(ValueError, match="NaN"):
+        ntk_gram(m, torch.full((3, 2), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        ntk_alignment(m, torch.full((3, 2), float("nan")), copy.deepcopy(m))
     with pytest.raises(ValueError, match="no trainable"):
         ntk_gram(copy.deepcopy(m).requires_grad_(False), x)
     with pytest.raises(ValueError, match="architecture"):

@@ -118,11 +118,6 @@ def load_image_dataset(name: str, root: str | None, split: str):
     raise ValueError(f"unknown dataset {name!r}: choose digits, fashion-mnist or cifar10")
 
 
-def first_crossing(values: np.ndarray, level: float) -> int | None:
-    idx = np.flatnonzero(np.asarray(values) <= level)
-    return int(idx[0]) if idx.size else None
-
-
 EXPERIMENTS: dict[str, callable] = {}
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from .. import _backend
 from .._loaders import as_reference_module, iter_inputs, model_device
 from .._progress import Progress
+from ..metrics.alignment import _ratio
 from . import _features as feat
 from ._layers import (
     batch_grad_from_factors, check_per_example, choose_form, embedding_factors, ghost_layout, linear_factors,
@@ -135,6 +136,8 @@ class Featurizer:
         with torch.no_grad():
             full = self.model(x[:2]).reshape(2, -1)
             one = self.model(x[:1]).reshape(1, -1)
+        if not bool(torch.isfinite(full).all()):
+            raise ValueError("the model's outputs contain NaN/inf on the probe set: the tangent kernel is undefined")
         if not torch.allclose(full[:1], one, rtol=1e-3, atol=1e-5 * (1 + float(one.abs().max()))):
             raise ValueError(
                 "the model's output for an example depends on the other examples of the batch (a module mixes "
@@ -371,7 +374,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                 acc["K"] = t if "K" not in acc else acc["K"].add_(t)
 
             fz.stream(blocks[0], sink, acc.clear)
-            return acc["K"].contiguous()
+            return _finite(acc["K"].contiguous())
         feats = []
         with Progress(len(blocks), "ntk features", progress) as bar:
             for x in blocks:
@@ -383,7 +386,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         for x in blocks:
             starts.append(starts[-1] + x.shape[0])
         if kernel == "diagonal":
-            return torch.cat([feat.diagonal(f) for f in feats])
+            return _finite(torch.cat([feat.diagonal(f) for f in feats]))
         K = torch.empty((n, k, n, k) if kernel == "full" else (n, n), dtype=dt, device=fz.device)
         pairs = [(I, J) for I in range(len(blocks)) for J in range(I, len(blocks))]
         with Progress(len(pairs), "ntk tiles", progress) as bar:
@@ -399,6 +402,12 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                     if I != J:
                         K[sj, si] = t.T
                 bar.update()
+    return _finite(K)
+
+
+def _finite(K: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(K).all()):
+        raise ValueError("the tangent kernel has NaN/inf entries (non-finite inputs, parameters or activations)")
     return K
 
 
@@ -453,12 +462,7 @@ class _AlignmentSums:
                 return plain - 2.0 / n * (Ra * Rb).sum() + (Sa * Sb).sum() / n**2
 
             cross, st, s0 = c(self.R_t, self.R_0, cross), c(self.R_t, self.R_t, st), c(self.R_0, self.R_0, s0)
-        cross, st, s0 = float(cross), float(st), float(s0)
-        if any(v != v for v in (cross, st, s0)):
-            raise ValueError("NaN in the tangent kernel: alignment is undefined")
-        if st <= 0.0 or s0 <= 0.0:
-            raise ValueError("a tangent kernel has zero Frobenius norm: alignment is undefined")
-        return cross / (st ** 0.5 * s0 ** 0.5)
+        return _ratio(cross, st.clamp(min=0) ** 0.5, s0.clamp(min=0) ** 0.5, "the tangent kernel")
 
 
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
@@ -509,7 +513,8 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
                 rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
                 return rows if rows[0] is not None and rows[1] is not None else f
     
-            cached = {0: prepare(first)} if cache else {}
+            # block 0 is kept for the first row of tiles even without caching (it is not computed twice)
+            cached = {0: prepare(first)}
     
             def get(I):
                 if I in cached:
@@ -525,6 +530,8 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
             with Progress(total, "ntk alignment", progress) as bar:
                 for I in range(nb):
                     fi, fi0 = get(I)
+                    if I == 1 and not cache:
+                        cached.pop(0, None)
                     si = slice(starts[I], starts[I + 1])
                     if kernel == "diagonal":
                         sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
