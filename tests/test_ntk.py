@@ -34,6 +34,55 @@ def test_float64_matches_naive(name, implementation, kernel):
     assert _rel(got, want) <= 1e-10
 
 
+@pytest.mark.parametrize("store_ghosts", [True, False])
+@pytest.mark.parametrize("name", list(ZOO))
+def test_trace_one_block_matches_naive(name, store_ghosts, monkeypatch):
+    """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
+    row blocks of 2 examples (several blocks, mirrored), ghost accumulators stored or not."""
+    from lazyhasty.ntk import _trace
+
+    monkeypatch.setattr(_trace, "ROW_BLOCK_MIN", 2)
+    if not store_ghosts:
+        monkeypatch.setattr(_trace, "GHOST_ACCUMULATOR_ELEMENTS", 0)
+    m, x = _model(name, torch.float64)
+    want = R.ntk_gram(m, [x], kernel="trace")
+    got = ntk_gram(m, x, kernel="trace")
+    assert _rel(got, want) <= 1e-10
+    assert torch.equal(got, got.T)
+    m32 = m.float()
+    got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
+    assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
+
+
+def test_trace_one_block_moves_tied_weights_to_the_fallback():
+    m, x = _model("tied_and_outside_use", torch.float64)
+    fz = Featurizer(m, "layerwise", "trace", None)
+    K = fz.trace_gram(x)
+    assert set(fz.describe()["generic"]) == {"emb.weight", "proj.weight", "proj.bias"}
+    assert _rel(K, R.ntk_gram(m, [x], kernel="trace")) <= 1e-10
+
+
+def test_channels_last_falls_back_for_models_that_need_contiguous_inputs():
+    class ViewNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 5 * 5, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).view(x.shape[0], -1))  # needs the standard layout
+
+    torch.manual_seed(0)
+    m, x = ViewNet().double(), torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        m(x.contiguous(memory_format=torch.channels_last))
+    fz = Featurizer(m, "layerwise", "trace", None)
+    K = fz.trace_gram(x)
+    assert not fz.channels_last
+    assert _rel(K, R.ntk_gram(m, [x], kernel="trace")) <= 1e-10
+    assert _rel(ntk_gram(m, x), R.ntk_gram(m, [x])) <= 1e-10
+
+
 @pytest.mark.parametrize("implementation", ["jacobian", "layerwise", "naive"])
 @pytest.mark.parametrize("name", list(ZOO))
 def test_float32_matches_naive(name, implementation):

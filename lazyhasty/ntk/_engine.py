@@ -21,6 +21,9 @@ from ._layers import (
 KERNELS = ("full", "trace", "diagonal")
 IMPLEMENTATIONS = ("auto", "naive", "jacobian", "layerwise")
 DEFAULT_CACHE_BYTES = 1 << 30
+# Up to this many examples the trace kernel is one block (batched backward passes are most efficient
+# and the products inside the block are symmetric anyway); beyond, tiles of default_block_size.
+TRACE_SINGLE_BLOCK = 512
 
 
 @contextlib.contextmanager
@@ -91,6 +94,10 @@ class Featurizer:
         self.verified = False
         self.k: int | None = None
         self.checked_mixing = False
+        # amortizes forming per-example gradients in the ghost/materialized choice (set by the caller)
+        self.pairs_per_example = 0.0
+        # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
 
     # -- public ------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor) -> list:
@@ -99,6 +106,16 @@ class Featurizer:
             feats = self._features(x)
             if feats is not None:
                 return feats
+
+    def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
+        from ._trace import trace_gram
+
+        x = self._prepare(x)
+        while True:
+            K = trace_gram(self, x, backend)
+            if K is not None:
+                return K
 
     def stream(self, x: torch.Tensor, sink, reset) -> None:
         """Hand each feature of the block to ``sink`` as soon as it exists, then drop it.
@@ -134,8 +151,8 @@ class Featurizer:
         if x.shape[0] < 2:
             return
         with torch.no_grad():
-            full = self.model(x[:2]).reshape(2, -1)
-            one = self.model(x[:1]).reshape(1, -1)
+            full = self._call(x[:2]).reshape(2, -1)
+            one = self._call(x[:1]).reshape(1, -1)
         if not bool(torch.isfinite(full).all()):
             raise ValueError("the model's outputs contain NaN/inf on the probe set: the tangent kernel is undefined")
         if not torch.allclose(full[:1], one, rtol=1e-3, atol=1e-5 * (1 + float(one.abs().max()))):
@@ -164,23 +181,7 @@ class Featurizer:
 
     def _layer_features(self, x: torch.Tensor, sink=None):
         plans = self.plans
-        for p in plans:
-            p.inputs.clear()
-            p.outputs.clear()
-
-        def hook_for(p):
-            def hook(module, args, output):
-                p.inputs.append(args[0].detach())
-                p.outputs.append(output)
-            return hook
-
-        handles = [p.module.register_forward_hook(hook_for(p)) for p in plans]
-        try:
-            with torch.enable_grad():
-                out = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        out = self._forward_capture(x)
         b = x.shape[0]
         out = out.reshape(b, -1)
         k = self.k = out.shape[1]
@@ -224,7 +225,8 @@ class Featurizer:
             else:
                 a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
                 if p.kind != "embedding" and p.form is None:
-                    p.form = choose_form(p, a.shape, g.shape, self.kernel)
+                    p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
+                                         self.pairs_per_example)
                 F = None
                 if p.kind != "embedding" and p.form == "materialized":
                     F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
@@ -256,6 +258,40 @@ class Featurizer:
             return None
         self.verified = True
         return feats
+
+    def _forward_capture(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call."""
+        def hook_for(p):
+            def hook(module, args, output):
+                p.inputs.append(args[0].detach())
+                p.outputs.append(output)
+            return hook
+
+        def reset():
+            for p in self.plans:
+                p.inputs.clear()
+                p.outputs.clear()
+
+        reset()
+        handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
+        try:
+            with torch.enable_grad():
+                return self._call(x, reset)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _call(self, x: torch.Tensor, reset=None) -> torch.Tensor:
+        """The model on ``x``, channels-last for convolutional models (unless the model cannot take it)."""
+        if self.channels_last and x.dim() == 4 and x.is_floating_point():
+            try:
+                return self.model(x.contiguous(memory_format=torch.channels_last))
+            except RuntimeError:
+                # e.g. a .view() that needs the standard layout: this model runs on contiguous inputs
+                self.channels_last = False
+                if reset is not None:
+                    reset()
+        return self.model(x)
 
     def _exclude(self, bad) -> None:
         self.excluded |= {id(p.module) for p in bad}
@@ -359,9 +395,14 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend)
     x_all = _inputs(loader, fz.device)
-    blocks = list(x_all.split(block_size or default_block_size(x_all.shape[0], _output_size(fz, x_all))))
-    n = sum(x.shape[0] for x in blocks)
+    n = x_all.shape[0]
+    fz.pairs_per_example = (n + 1) / 2
+    if block_size is None and kernel == "trace" and n <= TRACE_SINGLE_BLOCK:
+        block_size = n  # one block, symmetric products inside it, one output's gradients at a time
+    blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
     with exact_fp32():
+        if len(blocks) == 1 and kernel == "trace":
+            return _finite(fz.trace_gram(blocks[0], be))
         if len(blocks) == 1 and kernel != "diagonal":
             # one tile: reduce each layer's features as soon as they exist (no [b, k, P] per layer kept)
             acc = {}
@@ -495,6 +536,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         be = _ntk_backend(fz.device, backend)
         x_all = _inputs(loader, fz.device)
         n = x_all.shape[0]
+        fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
         blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
         starts = [0]
         for x in blocks:

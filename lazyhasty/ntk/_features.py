@@ -93,18 +93,26 @@ class _Ghost:
                 out[i0:i1] += torch.bmm(gi, H).view(ci, k, bo, k)
         return out
 
+    def _g_by_position(self, grp: int) -> torch.Tensor:
+        """``[b S, k d_out]``: every output's gradient at one position in one row (made once per block)."""
+        cache = self.__dict__.setdefault("_gpos", {})
+        if grp not in cache:
+            b, k, S, _, do = self.g.shape
+            cache[grp] = self.g[:, :, :, grp].permute(0, 2, 1, 3).reshape(b * S, k * do)
+        return cache[grp]
+
     def trace(self, o: "_Ghost") -> torch.Tensor:
+        # sum_a sum_{s,t} A[s,t] (g_ia[s].g_ja[t]) = sum_{s,t} A[s,t] G[s,t] with G = sum_a g_ia[s].g_ja[t]:
+        # the sum over outputs is the inner dimension of one GEMM (k d_out long) instead of k GEMMs
         b, k, S, G, do = self.g.shape
         bo, So = o.g.shape[0], o.g.shape[2]
         out = self.g.new_zeros(b, bo)
         for grp in range(G):
+            gi_all, gj = self._g_by_position(grp), o._g_by_position(grp)
             for i0, i1 in self._chunks(bo, S * So):
                 A = self._a_gram(o, grp, i0, i1, 0, bo).reshape((i1 - i0) * S, bo * So)
-                for a in range(k):
-                    gi = self.g[i0:i1, a, :, grp].reshape(-1, do)
-                    gj = o.g[:, a, :, grp].reshape(-1, do)
-                    prod = A * (gi @ gj.T)
-                    out[i0:i1] += prod.view(i1 - i0, S, bo, So).sum((1, 3))
+                A.mul_(gi_all[i0 * S: i1 * S] @ gj.T)
+                out[i0:i1] += A.view(i1 - i0, S, bo, So).sum((1, 3))
         return out
 
     def diagonal(self) -> torch.Tensor:

@@ -130,6 +130,74 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.view(b, m.groups, -1, L)
 
 
+def conv_patches_by_position(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``[b, S, G, kh * kw * C_in/G]`` patches, position-major, with columns in ``(kh, kw, c)`` order.
+
+    One strided copy of the (padded) input in its own memory layout: for a channels-last input each
+    patch row is a few contiguous runs of channels (no transposes, unlike ``unfold``'s ``[b, C k k, S]``).
+    """
+    if isinstance(m, nn.Conv1d):
+        x = x.unsqueeze(2)
+        ks, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
+        pad = (0, 0) if isinstance(m.padding, str) else (0, m.padding[0])
+    else:
+        ks, st, dl = m.kernel_size, m.stride, m.dilation
+        pad = (0, 0) if isinstance(m.padding, str) else m.padding
+    if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        rp = list(m._reversed_padding_repeated_twice)
+        if isinstance(m, nn.Conv1d):
+            rp = rp + [0, 0]
+        mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+        x = F.pad(x, rp, mode=mode) if any(rp) else x
+    elif any(pad):
+        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    b, C, Hp, Wp = x.shape
+    sb, sc, sh, sw = x.stride()
+    Ho = (Hp - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    Wo = (Wp - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    G = m.groups
+    Cg = C // G
+    v = x.as_strided((b, Ho, Wo, G, ks[0], ks[1], Cg),
+                     (sb, sh * st[0], sw * st[1], sc * Cg, sh * dl[0], sw * dl[1], sc), x.storage_offset())
+    return v.reshape(b, Ho * Wo, G, ks[0] * ks[1] * Cg)
+
+
+def position_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
+    """Layer input of one call, position-major: ``[b, S, G, d_in']`` (a column of ones for a bias)."""
+    m = plan.module
+    if plan.kind == "linear":
+        a = x.reshape(x.shape[0], -1, 1, m.in_features)
+    else:
+        a = conv_patches_by_position(m, x)
+    if not plan.use_bias:
+        return a
+    ones = a.new_ones(a.shape[:3] + (1,))
+    return torch.cat([a, ones], 3) if plan.use_weight else ones
+
+
+def position_g(plan: LayerPlan, g: torch.Tensor) -> torch.Tensor:
+    """One output's gradient at one call's output, position-major: ``[b, S, G, d_out]``."""
+    m = plan.module
+    b = g.shape[0]
+    if plan.kind == "linear":
+        return g.reshape(b, -1, 1, m.out_features)
+    return g.flatten(2).transpose(1, 2).reshape(b, -1, m.groups, m.out_channels // m.groups)
+
+
+def position_to_factor_layout(plan: LayerPlan, full: torch.Tensor) -> torch.Tensor:
+    """A summed gradient ``[G, d_out, d_in']`` with conv columns in ``(kh, kw, c)`` order to the
+    ``(c, kh, kw)`` order of the weight (what :func:`split_params` expects)."""
+    m = plan.module
+    if plan.kind != "conv" or not plan.use_weight:
+        return full
+    G, do = full.shape[:2]
+    ks = m.kernel_size if isinstance(m, nn.Conv2d) else (1, m.kernel_size[0])
+    cg = m.in_channels // m.groups
+    nw = ks[0] * ks[1] * cg
+    w = full[..., :nw].reshape(G, do, ks[0], ks[1], cg).permute(0, 1, 4, 2, 3).reshape(G, do, nw)
+    return torch.cat([w, full[..., nw:]], -1) if full.shape[-1] > nw else w
+
+
 def linear_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     """Layer input of one call as ``[b, G, d_in', S]`` (a row of ones appended for a bias)."""
     m = plan.module
@@ -214,23 +282,26 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
 
 
 # --- cost model -------------------------------------------------------------------------------------
-def choose_form(plan: LayerPlan, a_shape, g_shape, kernel: str) -> str:
-    """Ghost or materialized, whichever needs fewer flops per example pair (ties: materialized).
+def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, kernel: str,
+                pairs_per_example: float = 0.0) -> str:
+    """Ghost or materialized, whichever needs fewer flops (ties: materialized).
 
-    a_shape ``[b, G, d_in, S]``, g_shape ``[b, k, G, d_out, S]`` (natural layouts).
+    Per example pair: ghost ``G S^2 (d_in + k d_out)`` (trace; the full kernel's H contraction costs
+    ``G S k d_out (S + k)``), materialized ``k G d_in d_out`` (``k^2`` for the full kernel). Forming the
+    materialized gradients costs ``k G S d_in d_out`` per example, amortized over ``pairs_per_example``
+    (about n / 2 for n examples); 0 ignores it.
     """
     if plan.kind == "embedding":
         return "ghost"
     if plan.kind == "norm":
         return "materialized"
-    _, G, din, S = a_shape
-    k, dout = g_shape[1], g_shape[3]
+    form_cost = k * G * S * din * dout / pairs_per_example if pairs_per_example > 0 else 0.0
     if kernel == "full":
         ghost = G * (S * S * din + (S * k * dout * (S + k) if S > 1 else k * k * dout))
-        materialized = k * k * G * din * dout
+        materialized = k * k * G * din * dout + form_cost
     else:
         ghost = G * S * S * (din + k * dout)
-        materialized = k * G * din * dout
+        materialized = k * G * din * dout + form_cost
     return "ghost" if ghost < materialized else "materialized"
 
 

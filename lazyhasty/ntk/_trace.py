@@ -1,0 +1,248 @@
+"""The trace kernel of one block, one output at a time.
+
+``K_trace = sum_a K_a`` where ``K_a`` is the NTK of the scalar output ``f_a``, so the block needs only
+one output's gradients at a time: after the forward, output ``a``'s backward pass gives every layer's
+output gradient ``g_a``, which is reduced into the kernel at once and dropped. Nothing of size
+``[b, k, ...]`` is ever stacked (the tile path holds every output's gradients of every layer).
+
+* materialized layers: ``F_a = sum_s g_a[s] a[s]^T`` per example (one batched GEMM on position-major
+  layouts), then ``K += F_a F_a^T`` on row blocks ``i <= j`` only (mirrored at the end);
+* ghost layers: ``A = a a^T`` over (example, position) rows is formed once, and
+  ``G += g_a g_a^T`` accumulates over outputs; at the end ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]``,
+  again on row blocks ``i <= j``: the flops of one GEMM with inner dimension ``k d_out``.
+
+Both layouts are position-major (``[b, S, G, d]``), which is the memory layout of a channels-last
+activation: the conv gradients and patches need no transposes.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._layers import (
+    choose_form, embedding_factors, norm_grads, position_a, position_g, position_to_factor_layout, split_params,
+)
+
+# Elements of the ghost accumulators (A and G over row blocks i <= j, all ghost layers) in one block.
+GHOST_ACCUMULATOR_ELEMENTS = 1 << 26
+
+
+# Rows of the smallest row block (GEMM efficiency).
+ROW_BLOCK_MIN = 32
+
+
+def row_blocks(b: int) -> list[tuple[int, int]]:
+    """Row blocks of a symmetric ``[b, b]`` product: ~4 of them (rows i0:i1 against columns i0:)."""
+    r = max(ROW_BLOCK_MIN, -(-b // 4))
+    return [(i, min(i + r, b)) for i in range(0, b, r)]
+
+
+def ghost_elements(b: int, S: int) -> int:
+    """Elements of one ghost layer's two accumulators over row blocks ``i <= j``."""
+    return 2 * sum((i1 - i0) * S * (b - i0) * S for i0, i1 in row_blocks(b))
+
+
+def _sym_gram_(K: torch.Tensor, F: torch.Tensor) -> None:
+    """``K[i, j] += F_i . F_j`` for the row blocks' columns ``j >= i0`` (float32 GEMMs of one output)."""
+    b = F.shape[0]
+    for i0, i1 in row_blocks(b):
+        K[i0:i1, i0:].addmm_(F[i0:i1], F[i0:].T)
+
+
+def _mirror(K: torch.Tensor) -> torch.Tensor:
+    """Upper block triangle (diagonal blocks full) to the symmetric matrix."""
+    out = torch.triu(K)
+    return out.add_(torch.triu(K, 1).T)
+
+
+class _Ghost:
+    """One ghost layer (one group): ``A`` (inputs) and ``G`` (gradients summed over outputs) on row blocks
+    ``i <= j``. When they do not fit (``store=False``), each output's term is reduced at once instead,
+    recomputing the ``A`` blocks (at most about twice the flops, no memory)."""
+
+    def __init__(self, rows: torch.Tensor | None, idx: torch.Tensor | None, b: int, S: int,
+                 dtype: torch.dtype, store: bool):
+        self.rows, self.idx, self.b, self.S, self.dtype = rows, idx, b, S, dtype
+        self.blocks = row_blocks(b)
+        self.A = [self._a_block(i0, i1) for i0, i1 in self.blocks] if store else None
+        self.G = [torch.zeros_like(A) for A in self.A] if store else None
+
+    def _a_block(self, i0: int, i1: int) -> torch.Tensor:
+        S = self.S
+        if self.idx is None:  # rows: [b S, d_in] inputs of one group
+            return self.rows[i0 * S: i1 * S] @ self.rows[i0 * S:].T
+        # embedding: A = [idx_i[s] == idx_j[t]]
+        return (self.idx[i0:i1].reshape(-1, 1) == self.idx[i0:].reshape(1, -1)).to(self.dtype)
+
+    def add(self, g: torch.Tensor, K: torch.Tensor) -> None:
+        """g: ``[b S, d_out]`` gradients of one output."""
+        S, b = self.S, self.b
+        for j, (i0, i1) in enumerate(self.blocks):
+            if self.G is not None:
+                self.G[j].addmm_(g[i0 * S: i1 * S], g[i0 * S:].T)
+            else:
+                P = self._a_block(i0, i1).mul_(g[i0 * S: i1 * S] @ g[i0 * S:].T)
+                K[i0:i1, i0:] += P.view(i1 - i0, S, b - i0, S).sum((1, 3))
+
+    def reduce_into(self, K: torch.Tensor) -> None:
+        if self.G is None:
+            return
+        S, b = self.S, self.b
+        for (i0, i1), A, G in zip(self.blocks, self.A, self.G):
+            K[i0:i1, i0:] += A.mul_(G).view(i1 - i0, S, b - i0, S).sum((1, 3))
+        self.A = self.G = None
+
+
+def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
+    """``[b, b]`` trace kernel of the block ``x``; None when verification moved a layer to the fallback."""
+    plans = fz.plans
+    b = x.shape[0]
+    out = fz._forward_capture(x) if plans else None
+    K = torch.zeros(b, b, dtype=fz.dtype, device=x.device)  # upper row blocks (torch path)
+    dense = torch.zeros_like(K)  # full products (Triton, fallback parameters)
+    if plans:
+        bad = _layer_terms(fz, plans, out, K, dense, backend)
+        if bad:
+            fz._exclude(bad)
+            return None
+    if fz.generic:
+        J = fz._generic_jacobian(x)  # [b, k, P]
+        fz.k = J.shape[1]
+        for a in range(J.shape[1]):
+            dense.addmm_(J[:, a], J[:, a].T)
+    fz.verified = True
+    return _mirror(K).add_(dense)
+
+
+def _layer_terms(fz, plans, out, K, dense, backend) -> list:
+    b = out.shape[0]
+    out = out.reshape(b, -1)
+    k = fz.k = out.shape[1]
+    outs = [o for p in plans for o in p.outputs]
+    if any(not o.requires_grad for o in outs):
+        return [p for p in plans if any(not o.requires_grad for o in p.outputs)]
+    # per layer: position-major inputs (or embedding indices), form, accumulators
+    state = []
+    budget = GHOST_ACCUMULATOR_ELEMENTS
+
+    def ghost(rows, idx, S):
+        nonlocal budget
+        need = ghost_elements(b, S)
+        store = need <= budget
+        budget -= need if store else 0
+        return _Ghost(rows, idx, b, S, K.dtype, store)
+
+    for p in plans:
+        if p.kind in ("linear", "conv"):
+            a_calls = [position_a(p, xi) for xi in p.inputs]
+            a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]  # [b, S, G, din]
+            if p.form is None:
+                p.form = choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, _dout(p), "trace",
+                                     fz.pairs_per_example or (b + 1) / 2)
+            ghosts = None
+            if p.form == "ghost":
+                G, din = a.shape[2], a.shape[3]
+                ghosts = [ghost(a[:, :, grp].reshape(-1, din), None, a.shape[1]) for grp in range(G)]
+            state.append({"a": a, "ghosts": ghosts})
+        elif p.kind == "embedding":
+            idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
+            state.append({"idx": idx, "ghosts": [ghost(None, idx, idx.shape[1])]})
+        else:
+            state.append({})
+    verify = not fz.verified
+    if verify:
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        v = torch.randn(k, generator=gen, dtype=torch.float64).tolist()
+        mine = [None] * len(plans)
+    for a_out in range(k):
+        gs = torch.autograd.grad(out[:, a_out].sum(), outs, retain_graph=verify or a_out + 1 < k,
+                                 allow_unused=True)
+        gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs)]
+        pos = 0
+        for i, (p, st) in enumerate(zip(plans, state)):
+            g_calls = gs[pos: pos + len(p.outputs)]
+            pos += len(p.outputs)
+            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer)
+            if verify:
+                mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
+        del gs
+    for st in state:
+        for gh in st.get("ghosts") or ():
+            gh.reduce_into(K)
+    if not verify:
+        return []
+    vt = torch.tensor(v, dtype=out.dtype, device=out.device)
+    vparams = [t for p in plans for _, t in p.params()]
+    theirs = torch.autograd.grad((out * vt).sum(), vparams, allow_unused=True)
+    theirs = [torch.zeros_like(t) if g is None else g for g, t in zip(theirs, vparams)]
+    from ._engine import _close
+
+    bad, vpos = [], 0
+    for p, st, m in zip(plans, state, mine):
+        np_ = len(p.params())
+        ref = theirs[vpos: vpos + np_]
+        vpos += np_
+        if p.kind in ("linear", "conv"):
+            # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
+            # position-major gradients [b, S, G, d_out]
+            full = m if st["ghosts"] is None else torch.einsum("bsgo,bsgi->goi", m, st["a"])
+            got = split_params(p, position_to_factor_layout(p, full))
+        elif p.kind == "embedding":
+            got = [torch.zeros_like(p.module.weight).index_add_(0, st["idx"].reshape(-1),
+                                                                m.reshape(-1, p.module.embedding_dim))]
+        else:
+            got = [m]
+            ref = [torch.cat([t.reshape(-1) for t in ref])]
+        if not all(_close(u, w) for u, w in zip(got, ref)):
+            bad.append(p)
+    for p in plans:
+        p.inputs.clear()
+        p.outputs.clear()
+    return bad
+
+
+def _dout(p) -> int:
+    m = p.module
+    return m.out_features if p.kind == "linear" else m.out_channels // m.groups
+
+
+def _one_output(p, st, g_calls, K, dense, backend, workspace) -> torch.Tensor:
+    """Reduce one output's gradients of layer ``p`` into the kernel; return what verification sums over
+    outputs: the batch sum of materialized per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for
+    norms), or, for ghost layers, the position-major gradients (``[b, S, G, d_out]``; embeddings
+    ``[b, S, D]``), whose batch gradient is formed once at the end."""
+    b = g_calls[0].shape[0]
+    if p.kind == "norm":
+        F = norm_grads(p, [g.unsqueeze(1) for g in g_calls])[:, 0]  # [b, P]
+        _gram(F, K, dense, backend)
+        return F.sum(0)
+    if p.kind == "embedding":
+        _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
+        g = g[:, 0, :, 0]
+        st["ghosts"][0].add(g.reshape(-1, g.shape[-1]), K)
+        return g
+    gp = [position_g(p, g) for g in g_calls]
+    g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
+    if st["ghosts"] is not None:
+        for grp, gh in enumerate(st["ghosts"]):
+            gh.add(g[:, :, grp].reshape(-1, g.shape[3]), K)
+        return g
+    a = st["a"]
+    b, _, G, din = a.shape
+    do = g.shape[3]
+    if G == 1:
+        F = torch.bmm(g[:, :, 0].transpose(1, 2), a[:, :, 0], out=workspace(b * do * din).view(b, do, din))
+    else:
+        F = torch.einsum("bsgo,bsgi->bgoi", g, a)
+    F = F.reshape(b, -1)
+    _gram(F, K, dense, backend)
+    return F.sum(0).view(G, do, din)  # verification needs only the batch sum
+
+
+def _gram(F: torch.Tensor, K: torch.Tensor, dense: torch.Tensor, backend: str) -> None:
+    if backend == "triton":
+        from .. import _backend
+        from ._triton_ntk import gram
+
+        dense += gram(F.contiguous(), F.contiguous(), True, _backend.triton_interpreted()).to(dense.dtype)
+    else:
+        _sym_gram_(K, F)
