@@ -21,9 +21,10 @@ from ._layers import (
 KERNELS = ("full", "trace", "diagonal")
 IMPLEMENTATIONS = ("auto", "naive", "jacobian", "layerwise")
 DEFAULT_CACHE_BYTES = 1 << 30
-# Up to this many examples the trace kernel is one block (batched backward passes are most efficient
-# and the products inside the block are symmetric anyway); beyond, tiles of default_block_size.
-TRACE_SINGLE_BLOCK = 512
+# The trace kernel is one block (one output's backward pass at a time, symmetric products inside the
+# block) while that block's layer inputs, activations and one output's gradients fit in this many bytes;
+# beyond, tiles of default_block_size.
+TRACE_BLOCK_BYTES = 1 << 30
 
 
 @contextlib.contextmanager
@@ -106,6 +107,29 @@ class Featurizer:
             feats = self._features(x)
             if feats is not None:
                 return feats
+
+    def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
+        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes, from what one
+        example of ``x`` needs (layer inputs as patches, activations and gradients) and the ``[b, b]``
+        kernels."""
+        from ._layers import position_a
+
+        x1 = self._prepare(x[:1], check=False)
+        with torch.no_grad():
+            out = self._forward_capture(x1, grad=False)
+        per = 0
+        for p in self.plans:
+            for xi, o in zip(p.inputs, p.outputs):
+                per += 3 * o.numel() + (position_a(p, xi).numel() if p.kind in ("linear", "conv") else 0)
+            p.inputs.clear()
+            p.outputs.clear()
+        if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
+            named = dict(self.model.named_parameters())
+            per += out.numel() * sum(named[n].numel() for n in self.generic)
+        # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
+        # both models' kernels in an alignment); ghost accumulators have their own bound
+        elems = (TRACE_BLOCK_BYTES if budget is None else budget) / (x1.element_size() if x1.is_floating_point() else 4)
+        return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
@@ -259,7 +283,7 @@ class Featurizer:
         self.verified = True
         return feats
 
-    def _forward_capture(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """Forward pass (with grad) recording each planned layer's inputs and outputs of every call."""
         def hook_for(p):
             def hook(module, args, output):
@@ -275,7 +299,7 @@ class Featurizer:
         reset()
         handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
         try:
-            with torch.enable_grad():
+            with torch.set_grad_enabled(grad):
                 return self._call(x, reset)
         finally:
             for h in handles:
@@ -345,6 +369,12 @@ def default_block_size(n: int, k: int) -> int:
     return int(max(1, min(max(32, -(-n // 4)), 1024, max(1, 8192 // max(1, k)))))
 
 
+def _one_trace_block(fz: "Featurizer", x_all: torch.Tensor, block_size: int | None) -> bool:
+    """Whether the trace kernel is computed as one block (see :meth:`Featurizer.trace_block_limit`)."""
+    n = x_all.shape[0]
+    return block_size >= n if block_size is not None else n <= fz.trace_block_limit(x_all)
+
+
 def _output_size(fz: "Featurizer", x: torch.Tensor) -> int:
     with torch.no_grad():
         return int(fz.model(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
@@ -397,8 +427,8 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     x_all = _inputs(loader, fz.device)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
-    if block_size is None and kernel == "trace" and n <= TRACE_SINGLE_BLOCK:
-        block_size = n  # one block, symmetric products inside it, one output's gradients at a time
+    if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
+        block_size = n
     blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
     with exact_fp32():
         if len(blocks) == 1 and kernel == "trace":
@@ -537,6 +567,14 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         x_all = _inputs(loader, fz.device)
         n = x_all.shape[0]
         fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
+        if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
+            # both [n, n] trace kernels of one block (one output at a time), reduced at once
+            with exact_fp32():
+                sums = _AlignmentSums(n, 1, kernel, centered, fz.device)
+                Kt = fz.trace_gram(x_all, be)
+                sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
+                         False)
+            return sums.alignment()
         blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
         starts = [0]
         for x in blocks:
