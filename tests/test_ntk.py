@@ -34,16 +34,17 @@ def test_float64_matches_naive(name, implementation, kernel):
     assert _rel(got, want) <= 1e-10
 
 
-@pytest.mark.parametrize("store_ghosts", [True, False])
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("name", list(ZOO))
-def test_trace_one_block_matches_naive(name, store_ghosts, monkeypatch):
+def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
     """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
-    row blocks of 2 examples (several blocks, mirrored), ghost accumulators stored or not."""
+    row blocks of 2 examples (several blocks, mirrored), ghost products in one chunk per row block or
+    one example at a time."""
     from lazyhasty.ntk import _trace
 
     monkeypatch.setattr(_trace, "ROW_BLOCK_MIN", 2)
-    if not store_ghosts:
-        monkeypatch.setattr(_trace, "GHOST_ACCUMULATOR_ELEMENTS", 0)
+    if chunked:
+        monkeypatch.setattr(_trace, "GHOST_CHUNK_ELEMENTS", 1)
     m, x = _model(name, torch.float64)
     want = R.ntk_gram(m, [x], kernel="trace")
     got = ntk_gram(m, x, kernel="trace")

@@ -21,8 +21,8 @@ from ._layers import (
 KERNELS = ("full", "trace", "diagonal")
 IMPLEMENTATIONS = ("auto", "naive", "jacobian", "layerwise")
 DEFAULT_CACHE_BYTES = 1 << 30
-# The trace kernel is one block (one output's backward pass at a time, symmetric products inside the
-# block) while that block's layer inputs, activations and one output's gradients fit in this many bytes;
+# On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
+# the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
 # beyond, tiles of default_block_size.
 TRACE_BLOCK_BYTES = 1 << 30
 
@@ -109,26 +109,45 @@ class Featurizer:
                 return feats
 
     def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
-        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes, from what one
-        example of ``x`` needs (layer inputs as patches, activations and gradients) and the ``[b, b]``
+        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
+        :data:`TRACE_BLOCK_BYTES` on CPU, half the free memory on CUDA), from what one example of ``x``
+        needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
+        layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
         kernels."""
         from ._layers import position_a
 
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
             out = self._forward_capture(x1, grad=False)
-        per = 0
+        k = out.numel()
+        per, widest = 0, 0
         for p in self.plans:
             for xi, o in zip(p.inputs, p.outputs):
-                per += 3 * o.numel() + (position_a(p, xi).numel() if p.kind in ("linear", "conv") else 0)
+                per += 3 * o.numel()
+                if p.kind in ("linear", "conv"):
+                    a = position_a(p, xi)  # [1, S, G, din]
+                    per += a.numel()
+                    dout = o.numel() // (a.shape[1] * a.shape[2])
+                    form = p.form or choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, dout, "trace",
+                                                 self.pairs_per_example)
+                    if form == "ghost":
+                        per += k * o.numel()
+                    else:
+                        widest = max(widest, a.shape[2] * a.shape[3] * dout)
+                elif p.kind == "embedding":
+                    per += k * o.numel()
             p.inputs.clear()
             p.outputs.clear()
+        per += widest
         if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
             named = dict(self.model.named_parameters())
-            per += out.numel() * sum(named[n].numel() for n in self.generic)
+            per += k * sum(named[n].numel() for n in self.generic)
+        if budget is None:
+            budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+                      else TRACE_BLOCK_BYTES)
         # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
-        # both models' kernels in an alignment); ghost accumulators have their own bound
-        elems = (TRACE_BLOCK_BYTES if budget is None else budget) / (x1.element_size() if x1.is_floating_point() else 4)
+        # both models' kernels in an alignment)
+        elems = budget / (x1.element_size() if x1.is_floating_point() else 4)
         return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
@@ -411,11 +430,20 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                       example pair; few positions S, wide layers: MLPs, last ResNet stages) or materialized
                       per-example gradients (``k^2 G d_in d_out``; many positions, narrow layers: early convs).
                       Modules it does not know get exact torch.func Jacobians for their parameters only.
+                      The cost model also charges forming per-example gradients (``k S G d_in d_out`` per
+                      example, spread over its ~n/2 pairs).
       ``"auto"``      layerwise.
 
     dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
     ~1e-15 relative error; float32 ~1e-6; bfloat16 ~1e-2. block_size: examples per tile (memory of a
-    tile is ``(block k)^2``; default :func:`default_block_size`). The model must not mix examples (eval mode for BatchNorm, no dropout).
+    tile is ``(block k)^2``; default :func:`default_block_size`). The model must not mix examples (eval
+    mode for BatchNorm, no dropout).
+
+    ``kernel="trace"`` runs as one block while all n examples fit :data:`TRACE_BLOCK_BYTES` (estimated
+    from one example; or when ``block_size >= n``): ``K = sum_a K_a``, so output ``a``'s backward pass is
+    reduced into the kernel and dropped before the next one (per-example gradients formed one output at a
+    time, ghost layers accumulating ``sum_a g_a g_a^T``, symmetric products on row blocks i <= j), on
+    channels-last activations for convolutional models. Beyond that, tiles as for the full kernel.
 
     >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
     """
@@ -543,7 +571,9 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
-    ``nk x nk``) matrix is ever held. Per-block features (see :func:`ntk_gram`) are kept while they fit
+    ``nk x nk``) matrix is ever held, except for ``kernel="trace"`` while one block of all n examples
+    fits :data:`TRACE_BLOCK_BYTES` (then both ``[n, n]`` kernels are formed one output at a time, as in
+    :func:`ntk_gram`, and reduced at once). Per-block features (see :func:`ntk_gram`) are kept while they fit
     in ``max_cache_bytes``, otherwise recomputed for each tile pair, so memory is then set by
     ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass.
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at

@@ -7,9 +7,9 @@ output gradient ``g_a``, which is reduced into the kernel at once and dropped. N
 
 * materialized layers: ``F_a = sum_s g_a[s] a[s]^T`` per example (one batched GEMM on position-major
   layouts), then ``K += F_a F_a^T`` on row blocks ``i <= j`` only (mirrored at the end);
-* ghost layers: ``A = a a^T`` over (example, position) rows is formed once, and
-  ``G += g_a g_a^T`` accumulates over outputs; at the end ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]``,
-  again on row blocks ``i <= j``: the flops of one GEMM with inner dimension ``k d_out``.
+* ghost layers: every output's gradients are gathered (``[b S, k, d_out]``, linear in b); at the end
+  ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` with ``A = a a^T`` and ``G = sum_a g_a g_a^T`` (one GEMM
+  of inner dimension ``k d_out``), again on row blocks ``i <= j``, in bounded chunks.
 
 Both layouts are position-major (``[b, S, G, d]``), which is the memory layout of a channels-last
 activation: the conv gradients and patches need no transposes.
@@ -22,8 +22,8 @@ from ._layers import (
     choose_form, embedding_factors, norm_grads, position_a, position_g, position_to_factor_layout, split_params,
 )
 
-# Elements of the ghost accumulators (A and G over row blocks i <= j, all ghost layers) in one block.
-GHOST_ACCUMULATOR_ELEMENTS = 1 << 26
+# Elements of one [rows, cols] product of a ghost layer's reduction.
+GHOST_CHUNK_ELEMENTS = 1 << 23
 
 
 # Rows of the smallest row block (GEMM efficiency).
@@ -34,11 +34,6 @@ def row_blocks(b: int) -> list[tuple[int, int]]:
     """Row blocks of a symmetric ``[b, b]`` product: ~4 of them (rows i0:i1 against columns i0:)."""
     r = max(ROW_BLOCK_MIN, -(-b // 4))
     return [(i, min(i + r, b)) for i in range(0, b, r)]
-
-
-def ghost_elements(b: int, S: int) -> int:
-    """Elements of one ghost layer's two accumulators over row blocks ``i <= j``."""
-    return 2 * sum((i1 - i0) * S * (b - i0) * S for i0, i1 in row_blocks(b))
 
 
 def _sym_gram_(K: torch.Tensor, F: torch.Tensor) -> None:
@@ -55,41 +50,38 @@ def _mirror(K: torch.Tensor) -> torch.Tensor:
 
 
 class _Ghost:
-    """One ghost layer (one group): ``A`` (inputs) and ``G`` (gradients summed over outputs) on row blocks
-    ``i <= j``. When they do not fit (``store=False``), each output's term is reduced at once instead,
-    recomputing the ``A`` blocks (at most about twice the flops, no memory)."""
+    """One ghost layer (one group): inputs ``rows`` ``[b S, d_in]`` (or embedding indices ``[b, S]``) and
+    every output's gradients gathered into ``g`` ``[b S, k, d_out]`` over the backward passes. At the end,
+    on row blocks ``i <= j``: ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` with ``A = a a^T`` and
+    ``G = sum_a g_a g_a^T`` as one GEMM of inner dimension ``k d_out``. Memory is linear in b (the
+    ``[rows, cols]`` products are chunked to ``GHOST_CHUNK_ELEMENTS``)."""
 
-    def __init__(self, rows: torch.Tensor | None, idx: torch.Tensor | None, b: int, S: int,
-                 dtype: torch.dtype, store: bool):
-        self.rows, self.idx, self.b, self.S, self.dtype = rows, idx, b, S, dtype
-        self.blocks = row_blocks(b)
-        self.A = [self._a_block(i0, i1) for i0, i1 in self.blocks] if store else None
-        self.G = [torch.zeros_like(A) for A in self.A] if store else None
+    def __init__(self, rows: torch.Tensor | None, idx: torch.Tensor | None, b: int, S: int, k: int, dout: int,
+                 like: torch.Tensor):
+        self.rows, self.idx, self.b, self.S = rows, idx, b, S
+        self.g = like.new_empty(b * S, k, dout)
+
+    def add(self, a_out: int, g: torch.Tensor) -> None:
+        """g: ``[b S, d_out]`` gradients of output ``a_out``."""
+        self.g[:, a_out].copy_(g)
 
     def _a_block(self, i0: int, i1: int) -> torch.Tensor:
         S = self.S
-        if self.idx is None:  # rows: [b S, d_in] inputs of one group
+        if self.idx is None:
             return self.rows[i0 * S: i1 * S] @ self.rows[i0 * S:].T
         # embedding: A = [idx_i[s] == idx_j[t]]
-        return (self.idx[i0:i1].reshape(-1, 1) == self.idx[i0:].reshape(1, -1)).to(self.dtype)
-
-    def add(self, g: torch.Tensor, K: torch.Tensor) -> None:
-        """g: ``[b S, d_out]`` gradients of one output."""
-        S, b = self.S, self.b
-        for j, (i0, i1) in enumerate(self.blocks):
-            if self.G is not None:
-                self.G[j].addmm_(g[i0 * S: i1 * S], g[i0 * S:].T)
-            else:
-                P = self._a_block(i0, i1).mul_(g[i0 * S: i1 * S] @ g[i0 * S:].T)
-                K[i0:i1, i0:] += P.view(i1 - i0, S, b - i0, S).sum((1, 3))
+        return (self.idx[i0:i1].reshape(-1, 1) == self.idx[i0:].reshape(1, -1)).to(self.g.dtype)
 
     def reduce_into(self, K: torch.Tensor) -> None:
-        if self.G is None:
-            return
         S, b = self.S, self.b
-        for (i0, i1), A, G in zip(self.blocks, self.A, self.G):
-            K[i0:i1, i0:] += A.mul_(G).view(i1 - i0, S, b - i0, S).sum((1, 3))
-        self.A = self.G = None
+        g = self.g.view(b * S, -1)
+        for r0, r1 in row_blocks(b):
+            step = max(1, GHOST_CHUNK_ELEMENTS // (S * S * (b - r0)))
+            for i0 in range(r0, r1, step):
+                i1 = min(i0 + step, r1)
+                P = self._a_block(i0, i1).mul_(g[i0 * S: i1 * S] @ g[i0 * S:].T)
+                K[i0:i1, i0:] += P.view(i1 - i0, S, b - i0, S).sum((1, 3))
+        self.g = None
 
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
@@ -122,15 +114,6 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         return [p for p in plans if any(not o.requires_grad for o in p.outputs)]
     # per layer: position-major inputs (or embedding indices), form, accumulators
     state = []
-    budget = GHOST_ACCUMULATOR_ELEMENTS
-
-    def ghost(rows, idx, S):
-        nonlocal budget
-        need = ghost_elements(b, S)
-        store = need <= budget
-        budget -= need if store else 0
-        return _Ghost(rows, idx, b, S, K.dtype, store)
-
     for p in plans:
         if p.kind in ("linear", "conv"):
             a_calls = [position_a(p, xi) for xi in p.inputs]
@@ -141,11 +124,11 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             ghosts = None
             if p.form == "ghost":
                 G, din = a.shape[2], a.shape[3]
-                ghosts = [ghost(a[:, :, grp].reshape(-1, din), None, a.shape[1]) for grp in range(G)]
+                ghosts = [_Ghost(a[:, :, grp].reshape(-1, din), None, b, a.shape[1], k, _dout(p), K) for grp in range(G)]
             state.append({"a": a, "ghosts": ghosts})
         elif p.kind == "embedding":
             idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
-            state.append({"idx": idx, "ghosts": [ghost(None, idx, idx.shape[1])]})
+            state.append({"idx": idx, "ghosts": [_Ghost(None, idx, b, idx.shape[1], k, p.module.embedding_dim, K)]})
         else:
             state.append({})
     verify = not fz.verified
@@ -161,7 +144,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer)
+            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
@@ -205,7 +188,7 @@ def _dout(p) -> int:
     return m.out_features if p.kind == "linear" else m.out_channels // m.groups
 
 
-def _one_output(p, st, g_calls, K, dense, backend, workspace) -> torch.Tensor:
+def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int) -> torch.Tensor:
     """Reduce one output's gradients of layer ``p`` into the kernel; return what verification sums over
     outputs: the batch sum of materialized per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for
     norms), or, for ghost layers, the position-major gradients (``[b, S, G, d_out]``; embeddings
@@ -218,13 +201,13 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace) -> torch.Tensor:
     if p.kind == "embedding":
         _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
         g = g[:, 0, :, 0]
-        st["ghosts"][0].add(g.reshape(-1, g.shape[-1]), K)
+        st["ghosts"][0].add(a_out, g.reshape(-1, g.shape[-1]))
         return g
     gp = [position_g(p, g) for g in g_calls]
     g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
     if st["ghosts"] is not None:
         for grp, gh in enumerate(st["ghosts"]):
-            gh.add(g[:, :, grp].reshape(-1, g.shape[3]), K)
+            gh.add(a_out, g[:, :, grp].reshape(-1, g.shape[3]))
         return g
     a = st["a"]
     b, _, G, din = a.shape
