@@ -55,6 +55,16 @@ def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
     assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel", ["full", "trace", "diagonal"])
+@pytest.mark.parametrize("name", ["cnn_strided", "tied_and_outside_use"])
+def test_features_beyond_the_cache_are_recomputed(name, kernel):
+    m, x = _model(name, torch.float64)
+    want = R.ntk_gram(m, [x], kernel=kernel)
+    for cache in (0, 1 << 16):  # nothing kept; some blocks kept
+        got = ntk_gram(m, x, kernel=kernel, block_size=2, max_cache_bytes=cache)
+        assert _rel(got, want) <= 1e-10
+
+
 def test_trace_one_block_moves_tied_weights_to_the_fallback():
     m, x = _model("tied_and_outside_use", torch.float64)
     fz = Featurizer(m, "layerwise", "trace", None)

@@ -412,7 +412,7 @@ def _naive(model, loader, kernel, dtype):
 
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
-             backend: str | None = None) -> torch.Tensor:
+             backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -436,8 +436,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
     ~1e-15 relative error; float32 ~1e-6; bfloat16 ~1e-2. block_size: examples per tile (memory of a
-    tile is ``(block k)^2``; default :func:`default_block_size`). The model must not mix examples (eval
-    mode for BatchNorm, no dropout).
+    tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
+    fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the result is
+    bounded. The model must not mix examples (eval mode for BatchNorm, no dropout).
 
     ``kernel="trace"`` runs as one block while all n examples fit :data:`TRACE_BLOCK_BYTES` (estimated
     from one example; or when ``block_size >= n``): ``K = sum_a K_a``, so output ``a``'s backward pass is
@@ -474,33 +475,51 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
             fz.stream(blocks[0], sink, acc.clear)
             return _finite(acc["K"].contiguous())
-        feats = []
-        with Progress(len(blocks), "ntk features", progress) as bar:
-            for x in blocks:
-                feats.append(fz(x))
-                bar.update()
-        k = fz.k
-        dt = fz.dtype
         starts = [0]
         for x in blocks:
             starts.append(starts[-1] + x.shape[0])
-        if kernel == "diagonal":
-            return _finite(torch.cat([feat.diagonal(f) for f in feats]))
-        K = torch.empty((n, k, n, k) if kernel == "full" else (n, n), dtype=dt, device=fz.device)
-        pairs = [(I, J) for I in range(len(blocks)) for J in range(I, len(blocks))]
-        with Progress(len(pairs), "ntk tiles", progress) as bar:
-            for I, J in pairs:
-                t = feat.tile(feats[I], feats[J], kernel, be)
-                si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
-                if kernel == "full":
-                    K[si, :, sj, :] = t
-                    if I != J:
-                        K[sj, :, si, :] = t.permute(2, 3, 0, 1)
-                else:
-                    K[si, sj] = t
-                    if I != J:
-                        K[sj, si] = t.T
-                bar.update()
+        if kernel == "diagonal":  # per-block features are used once: nothing is kept
+            diags = []
+            with Progress(len(blocks), "ntk features", progress) as bar:
+                for x in blocks:
+                    diags.append(feat.diagonal(fz(x)))
+                    bar.update()
+            return _finite(torch.cat(diags))
+        # Features of a block are kept while they fit max_cache_bytes; the others are recomputed for each
+        # row of tiles that needs them, so memory beyond the [n, (k,) n, (k)] result stays bounded.
+        cached, room = {}, [max_cache_bytes]
+
+        def get(I):
+            if I in cached:
+                return cached[I]
+            f = fz(blocks[I])
+            size = sum(x.nbytes for x in f)
+            if size <= room[0]:
+                cached[I] = f
+                room[0] -= size
+            return f
+
+        K = None
+        nb = len(blocks)
+        with Progress(nb * (nb + 1) // 2, "ntk tiles", progress) as bar:
+            for I in range(nb):
+                fi = get(I)
+                for J in range(I, nb):
+                    t = feat.tile(fi, fi if J == I else get(J), kernel, be)
+                    if K is None:
+                        k = fz.k
+                        K = torch.empty((n, k, n, k) if kernel == "full" else (n, n), dtype=fz.dtype,
+                                        device=fz.device)
+                    si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
+                    if kernel == "full":
+                        K[si, :, sj, :] = t
+                        if I != J:
+                            K[sj, :, si, :] = t.permute(2, 3, 0, 1)
+                    else:
+                        K[si, sj] = t
+                        if I != J:
+                            K[sj, si] = t.T
+                    bar.update()
     return _finite(K)
 
 
