@@ -13,9 +13,10 @@ pytestmark = pytest.mark.skipif(not (_backend.has_triton and _backend.triton_int
                                 reason="needs triton (interpreted on CPU)")
 
 
-@pytest.mark.parametrize("M,N,Pt,P0", [(1, 1, 1, 1), (33, 7, 45, 70), (40, 40, 33, 31)])
+@pytest.mark.parametrize("M,N,Pt,P0,outputs", [(1, 1, 1, 1, 1), (33, 7, 45, 70, 1), (40, 40, 33, 31, 1),
+                                                (9, 5, 12, 6, 3)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_alignment_partials(M, N, Pt, P0, symmetric):
+def test_alignment_partials(M, N, Pt, P0, outputs, symmetric):
     from lazyhasty.ntk._triton_ntk import alignment_partials
 
     g = torch.Generator().manual_seed(M + N)
@@ -26,17 +27,17 @@ def test_alignment_partials(M, N, Pt, P0, symmetric):
         ft_j, f0_j = torch.randn(N, Pt, generator=g), torch.randn(N, P0, generator=g)
     Kt, K0 = (ft_i @ ft_j.T).double(), (f0_i @ f0_j.T).double()
     want = torch.stack([(Kt * K0).sum(), (Kt * Kt).sum(), (K0 * K0).sum()])
-    got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, True)
+    got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, True, outputs)
     assert torch.allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("M,N,P", [(1, 1, 1), (33, 7, 45), (40, 40, 70)])
-def test_gram(M, N, P):
+@pytest.mark.parametrize("M,N,P,outputs", [(1, 1, 1, 1), (33, 7, 45, 1), (40, 40, 70, 1), (7, 7, 36, 4), (5, 3, 20, 2)])
+def test_gram(M, N, P, outputs):
     from lazyhasty.ntk._triton_ntk import gram
 
     x = torch.randn(M, P)
     y = x if M == N else torch.randn(N, P)
-    assert torch.allclose(gram(x, y, M == N, True), x @ y.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(gram(x, y, M == N, True, outputs), x @ y.T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("b_i,b_j,k,S,din,dout", [(1, 1, 1, 1, 1, 1), (5, 3, 2, 3, 7, 5), (9, 9, 1, 2, 33, 4)])

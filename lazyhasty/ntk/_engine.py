@@ -672,7 +672,8 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
                             from ._triton_ntk import alignment_partials
     
                             parts = alignment_partials(fi, fj, fi0.to(fz.device), fj0.to(fz.device), I == J,
-                                                       _backend.triton_interpreted())
+                                                       _backend.triton_interpreted(),
+                                                       fz.k if kernel == "trace" else 1)
                             sums.add_partials(parts, 2.0 if I != J else 1.0)
                         else:
                             Kt = feat.tile(fi, fj, kernel, be)

@@ -190,7 +190,8 @@ def _gram_triton(mi: list, mj: list, kernel: str, symmetric: bool) -> torch.Tens
     rj = ri if symmetric else flat_rows(mj, kernel)
     b_i, k = mi[0].F.shape[:2]
     b_j = mj[0].F.shape[0]
-    t = gram(ri.contiguous(), rj.contiguous(), symmetric, _backend.triton_interpreted()).to(mi[0].F.dtype)
+    outputs = k if kernel == "trace" else 1  # trace: one dot product per output (float32 accuracy)
+    t = gram(ri.contiguous(), rj.contiguous(), symmetric, _backend.triton_interpreted(), outputs).to(mi[0].F.dtype)
     return t.view(b_i, k, b_j, k) if kernel == "full" else t
 
 

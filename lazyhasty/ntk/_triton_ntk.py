@@ -34,7 +34,19 @@ def _gemm_tile(x_ptr, y_ptr, rows, cols, M, N, P, sxm, sym, BLOCK_M: tl.constexp
 
 
 @triton.jit
-def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt, P0, sti, stj, szi, szj,
+def _gemm_tile_outputs(x_ptr, y_ptr, rows, cols, M, N, P, K_OUT, sxm, sym, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    # rows of K_OUT segments of P columns (one per output): one dot product per output, then their sum
+    # (a single fp32 dot over all outputs and parameters loses accuracy in the trace kernel)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for a in range(0, K_OUT):
+        acc += _gemm_tile(x_ptr + a * P, y_ptr + a * P, rows, cols, M, N, P, sxm, sym, BLOCK_M, BLOCK_N,
+                          BLOCK_K, IEEE)
+    return acc
+
+
+@triton.jit
+def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt, P0, K_OUT, sti, stj, szi, szj,
                               SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -46,8 +58,10 @@ def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt,
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kt = _gemm_tile(ti_ptr, tj_ptr, rows, cols, M, N, Pt, sti, stj, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
-    k0 = _gemm_tile(zi_ptr, zj_ptr, rows, cols, M, N, P0, szi, szj, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    kt = _gemm_tile_outputs(ti_ptr, tj_ptr, rows, cols, M, N, Pt, K_OUT, sti, stj, BLOCK_M, BLOCK_N, BLOCK_K,
+                            IEEE)
+    k0 = _gemm_tile_outputs(zi_ptr, zj_ptr, rows, cols, M, N, P0, K_OUT, szi, szj, BLOCK_M, BLOCK_N, BLOCK_K,
+                            IEEE)
     w = 1.0
     if SYMMETRIC and pid_m < pid_n:
         w = 2.0
@@ -87,7 +101,7 @@ def ghost_gram_kernel(ai_ptr, aj_ptr, gi_ptr, gj_ptr, out_ptr, M, N, BI, BJ, S, 
 
 
 @triton.jit
-def gram_kernel(x_ptr, y_ptr, out_ptr, M, N, P, sx, sy, so, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
+def gram_kernel(x_ptr, y_ptr, out_ptr, M, N, P, K_OUT, sx, sy, so, SYMMETRIC: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -95,7 +109,7 @@ def gram_kernel(x_ptr, y_ptr, out_ptr, M, N, P, sx, sy, so, SYMMETRIC: tl.conste
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = _gemm_tile(x_ptr, y_ptr, rows, cols, M, N, P, sx, sy, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
+    acc = _gemm_tile_outputs(x_ptr, y_ptr, rows, cols, M, N, P, K_OUT, sx, sy, BLOCK_M, BLOCK_N, BLOCK_K, IEEE)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * so + cols[None, :], acc, mask=mask)
     if SYMMETRIC:
@@ -106,17 +120,19 @@ def _blocks(interpreted: bool):
     return (32, 32, 32) if interpreted else (64, 64, 32)
 
 
-def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: bool) -> torch.Tensor:
+def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: bool, outputs: int = 1) -> torch.Tensor:
     """``[3]`` float64: sums of ``Kt*K0``, ``Kt^2``, ``K0^2`` over the tile ``(F_I F_J^T)`` of both models.
 
     ft_*: ``[M|N, Pt]``, f0_*: ``[M|N, P0]`` row-major (last stride 1), fp32 (or fp16/bf16, upcast).
+    ``outputs``: rows are that many equal segments (the trace kernel's per-output gradients), each
+    reduced by its own dot product before they are summed.
     """
     M, N = ft_i.shape[0], ft_j.shape[0]
     bm, bn, bk = _blocks(interpreted)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     out = torch.empty(grid[0] * grid[1] * 3, dtype=torch.float32, device=ft_i.device)
-    alignment_partials_kernel[grid](ft_i, ft_j, f0_i, f0_j, out, M, N, ft_i.shape[1], f0_i.shape[1],
-                                    ft_i.stride(0), ft_j.stride(0), f0_i.stride(0), f0_j.stride(0),
+    alignment_partials_kernel[grid](ft_i, ft_j, f0_i, f0_j, out, M, N, ft_i.shape[1] // outputs,
+                                    f0_i.shape[1] // outputs, outputs, ft_i.stride(0), ft_j.stride(0), f0_i.stride(0), f0_j.stride(0),
                                     SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                     IEEE=ft_i.dtype == torch.float32)
     return out.view(-1, 3).double().sum(0)
@@ -141,12 +157,13 @@ def ghost_gram(a_i, a_j, g_i, g_j, symmetric: bool, interpreted: bool) -> torch.
     return out
 
 
-def gram(x: torch.Tensor, y: torch.Tensor, symmetric: bool, interpreted: bool) -> torch.Tensor:
-    """``x @ y.T`` (fp32 accumulation, IEEE fp32); with ``symmetric`` (x is y) only i <= j tiles run."""
-    M, N, P = x.shape[0], y.shape[0], x.shape[1]
+def gram(x: torch.Tensor, y: torch.Tensor, symmetric: bool, interpreted: bool, outputs: int = 1) -> torch.Tensor:
+    """``x @ y.T`` (fp32 accumulation, IEEE fp32); with ``symmetric`` (x is y) only i <= j tiles run.
+    ``outputs``: rows are that many equal segments, one dot product each (see :func:`alignment_partials`)."""
+    M, N, P = x.shape[0], y.shape[0], x.shape[1] // outputs
     out = torch.empty((M, N), dtype=torch.float32, device=x.device)
     bm, bn, bk = _blocks(interpreted)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    gram_kernel[grid](x, y, out, M, N, P, x.stride(0), y.stride(0), N, SYMMETRIC=symmetric,
+    gram_kernel[grid](x, y, out, M, N, P, outputs, x.stride(0), y.stride(0), N, SYMMETRIC=symmetric,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32)
     return out
