@@ -73,3 +73,15 @@ def test_engine_with_triton_backend_matches_torch(name, kernel):
     for impl in ("layerwise", "jacobian"):
         a_triton = ntk_alignment(m1, x, m, kernel=kernel, backend="triton", block_size=3, implementation=impl)
         assert a_triton == pytest.approx(a_torch, rel=1e-5)
+
+
+def test_float64_never_runs_the_float32_triton_kernels():
+    from lazyhasty import reference as R
+
+    torch.manual_seed(0)
+    m, x = ZOO["cnn_strided"]()
+    m, x = m.double(), x.double()
+    want = R.ntk_gram(m, [x], kernel="trace")
+    for bs in (2, None):
+        got = ntk_gram(m, x, kernel="trace", backend="triton", block_size=bs)
+        assert float((got - want).norm() / want.norm()) <= 1e-12

@@ -39,12 +39,15 @@ def exact_fp32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-def _ntk_backend(device: torch.device, backend: str | None) -> str:
+def _ntk_backend(device: torch.device, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
     """Triton on CUDA when installed (or on CPU in the interpreter); torch/BLAS otherwise.
 
     The C++ and CUDA extensions have no NTK kernels: on CPU, BLAS GEMMs in tiles are the fastest
-    measured path, so ``backend="cpp"`` runs the torch path.
+    measured path, so ``backend="cpp"`` runs the torch path. The Triton kernels accumulate in float32,
+    so float64 always runs the torch path (whatever ``backend`` says): it must not silently lose digits.
     """
+    if dtype == torch.float64:
+        return "torch"
     chosen = _backend.select(device, backend)
     if chosen in ("triton", "cuda") and _backend.has_triton and (
             device.type == "cuda" or _backend.triton_interpreted()):
@@ -452,7 +455,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     if implementation == "naive":
         return _naive(model, loader, kernel, dtype)
     fz = Featurizer(model, implementation, kernel, dtype)
-    be = _ntk_backend(fz.device, backend)
+    be = _ntk_backend(fz.device, backend, fz.dtype)
     x_all = _inputs(loader, fz.device)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
@@ -612,7 +615,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
                                    centered=centered)
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
-        be = _ntk_backend(fz.device, backend)
+        be = _ntk_backend(fz.device, backend, fz.dtype)
         x_all = _inputs(loader, fz.device)
         n = x_all.shape[0]
         fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
