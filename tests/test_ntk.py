@@ -73,6 +73,22 @@ def test_trace_one_block_moves_tied_weights_to_the_fallback():
     assert _rel(K, R.ntk_gram(m, [x], kernel="trace")) <= 1e-10
 
 
+def test_layer_check_runs_once_per_model_structure():
+    m, x = _model("tied_and_outside_use", torch.float64)
+    want = R.ntk_gram(m, [x], kernel="trace")
+    assert _rel(ntk_gram(m, x, kernel="trace"), want) <= 1e-10
+    fz = Featurizer(m, "layerwise", "trace", None)
+    assert fz.verified  # from the first call: the same layers are in the fallback, without a new check
+    assert set(fz.describe()["generic"]) == {"emb.weight", "proj.weight", "proj.bias"}
+    assert _rel(fz.trace_gram(x), want) <= 1e-10
+    # the weight now used outside its module's forward belongs to a new module: checked again
+    m.proj = nn.Linear(6, 6).double()
+    fz = Featurizer(m, "layerwise", "trace", None)
+    assert not fz.verified
+    assert _rel(fz.trace_gram(x), R.ntk_gram(m, [x], kernel="trace")) <= 1e-10
+    assert set(fz.describe()["generic"]) == {"emb.weight", "proj.weight", "proj.bias"}
+
+
 def test_channels_last_falls_back_for_models_that_need_contiguous_inputs():
     class ViewNet(nn.Module):
         def __init__(self):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 
 import torch
 from torch import nn
@@ -86,6 +87,7 @@ class Featurizer:
         check_per_example(model)
         trainable_params(model)
         pdtype = next(p.dtype for p in model.parameters())
+        self._user_model = model
         if dtype is not None and dtype != pdtype:
             model = copy.deepcopy(model).to(dtype)
         self.model = model
@@ -96,6 +98,13 @@ class Featurizer:
         self.excluded: set[int] = set()
         self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
+        known = _VERIFIED.get(self._user_model)
+        if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
+            # this model's structure was checked before: the same layers go to the fallback
+            names = known[1]
+            self.excluded = {id(m) for n, m in model.named_modules() if n in names}
+            self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
+            self.verified = True
         self.k: int | None = None
         self.checked_mixing = False
         # amortizes forming per-example gradients in the ghost/materialized choice (set by the caller)
@@ -302,7 +311,8 @@ class Featurizer:
         if bad:
             self._exclude(bad)
             return None
-        self.verified = True
+        if verify:
+            self._mark_verified()
         return feats
 
     def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
@@ -339,6 +349,11 @@ class Featurizer:
                     reset()
         return self.model(x)
 
+    def _mark_verified(self) -> None:
+        self.verified = True
+        names = frozenset(n for n, m in self.model.named_modules() if id(m) in self.excluded)
+        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names)
+
     def _exclude(self, bad) -> None:
         self.excluded |= {id(p.module) for p in bad}
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
@@ -367,6 +382,19 @@ class Featurizer:
 
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
             return reference.jacobian_rows(self.model, [x], params=[named[n] for n in self.generic])
+
+
+# Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
+# gradients were checked against autograd (first block of the first call). Whether a weight is also used
+# outside its module is a property of the model's code, so later calls on the same structure skip the
+# extra backward pass; any change of modules or parameters (objects, shapes, requires_grad) redoes it.
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(model: nn.Module, implementation: str) -> tuple:
+    return (implementation,
+            tuple((n, id(m), type(m)) for n, m in model.named_modules()),
+            tuple((n, id(p), tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()))
 
 
 def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
