@@ -2,8 +2,8 @@
 
 ``K_trace = sum_a K_a`` where ``K_a`` is the NTK of the scalar output ``f_a``, so the block needs only
 one output's gradients at a time: after the forward, output ``a``'s backward pass gives every layer's
-output gradient ``g_a``, which is reduced into the kernel at once and dropped. Nothing of size
-``[b, k, ...]`` is ever stacked (the tile path holds every output's gradients of every layer).
+output gradient ``g_a``, which is reduced into the kernel at once and dropped. Only ghost layers (few
+positions) keep every output's gradients; the tile path holds them for every layer.
 
 * materialized layers: ``F_a = sum_s g_a[s] a[s]^T`` per example (one batched GEMM on position-major
   layouts), then ``K += F_a F_a^T`` on row blocks ``i <= j`` only (mirrored at the end);
@@ -126,11 +126,13 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             ghosts = None
             if p.form == "ghost":
                 G, din = a.shape[2], a.shape[3]
-                ghosts = [_Ghost(a[:, :, grp].reshape(-1, din), None, b, a.shape[1], k, _dout(p), K) for grp in range(G)]
+                ghosts = [_Ghost(a[:, :, grp].reshape(-1, din), None, b, a.shape[1], k, _dout(p), K)
+                          for grp in range(G)]
             state.append({"a": a, "ghosts": ghosts})
         elif p.kind == "embedding":
             idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
-            state.append({"idx": idx, "ghosts": [_Ghost(None, idx, b, idx.shape[1], k, p.module.embedding_dim, K)]})
+            gh = _Ghost(None, idx, b, idx.shape[1], k, p.module.embedding_dim, K)
+            state.append({"idx": idx, "ghosts": [gh]})
         else:
             state.append({})
     verify = not fz.verified
@@ -146,7 +148,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out)
+            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out, verify)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
@@ -190,16 +192,16 @@ def _dout(p) -> int:
     return m.out_features if p.kind == "linear" else m.out_channels // m.groups
 
 
-def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int) -> torch.Tensor:
-    """Reduce one output's gradients of layer ``p`` into the kernel; return what verification sums over
-    outputs: the batch sum of materialized per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for
+def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, verify: bool):
+    """Reduce one output's gradients of layer ``p`` into the kernel; with ``verify``, return what the
+    check sums over outputs: the batch sum of materialized per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for
     norms), or, for ghost layers, the position-major gradients (``[b, S, G, d_out]``; embeddings
     ``[b, S, D]``), whose batch gradient is formed once at the end."""
     b = g_calls[0].shape[0]
     if p.kind == "norm":
         F = norm_grads(p, [g.unsqueeze(1) for g in g_calls])[:, 0]  # [b, P]
         _gram(F, K, dense, backend)
-        return F.sum(0)
+        return F.sum(0) if verify else None
     if p.kind == "embedding":
         _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
         g = g[:, 0, :, 0]
@@ -220,7 +222,7 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int) -> tor
         F = torch.einsum("bsgo,bsgi->bgoi", g, a)
     F = F.reshape(b, -1)
     _gram(F, K, dense, backend)
-    return F.sum(0).view(G, do, din)  # verification needs only the batch sum
+    return F.sum(0).view(G, do, din) if verify else None  # the check needs only the batch sum
 
 
 def _gram(F: torch.Tensor, K: torch.Tensor, dense: torch.Tensor, backend: str) -> None:

@@ -120,7 +120,8 @@ def _blocks(interpreted: bool):
     return (32, 32, 32) if interpreted else (64, 64, 32)
 
 
-def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: bool, outputs: int = 1) -> torch.Tensor:
+def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: bool,
+                       outputs: int = 1) -> torch.Tensor:
     """``[3]`` float64: sums of ``Kt*K0``, ``Kt^2``, ``K0^2`` over the tile ``(F_I F_J^T)`` of both models.
 
     ft_*: ``[M|N, Pt]``, f0_*: ``[M|N, P0]`` row-major (last stride 1), fp32 (or fp16/bf16, upcast).
