@@ -133,7 +133,8 @@ def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: boo
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     out = torch.empty(grid[0] * grid[1] * 3, dtype=torch.float32, device=ft_i.device)
     alignment_partials_kernel[grid](ft_i, ft_j, f0_i, f0_j, out, M, N, ft_i.shape[1] // outputs,
-                                    f0_i.shape[1] // outputs, outputs, ft_i.stride(0), ft_j.stride(0), f0_i.stride(0), f0_j.stride(0),
+                                    f0_i.shape[1] // outputs, outputs, ft_i.stride(0), ft_j.stride(0),
+                                    f0_i.stride(0), f0_j.stride(0),
                                     SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                     IEEE=ft_i.dtype == torch.float32)
     return out.view(-1, 3).double().sum(0)
