@@ -1,4 +1,5 @@
-"""Empirical NTK: lazyhasty vs naive autograd, torch.func vmap(jacrev) and nngeometry (when installed).
+"""Empirical NTK: lazyhasty vs naive autograd, torch.func vmap(jacrev), nngeometry and neural-tangents
+(the last two when installed; neural-tangents gets a JAX twin of each model with the same weights).
 
 Cases (CPU sizes the issue anchored its targets on):
   mlp-full     MLP 2-256-256-256-1, n = 1000, kernel="full"
@@ -25,6 +26,14 @@ try:
     from nngeometry.object import FMatDense
 except Exception:  # noqa: BLE001
     FMatDense = None
+
+try:  # neural-tangents 0.6.5 runs with jax 0.4.23 (numpy < 2, tensorflow 2.15): see results/README.md
+    import jax
+    import neural_tangents as nt
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+except Exception:  # noqa: BLE001
+    nt = None
 
 CASES = {
     "mlp-full": (mlp_256, (1000, 2), "full"),
@@ -57,7 +66,33 @@ def nngeometry_ntk(model, x):
     return FMatDense(TorchHooksJacobianBackend(model), examples=loader).data
 
 
-PROVIDERS = ["lazyhasty", "lazyhasty-jacobian", "torch.func", "naive", "nngeometry", "jjt-floor"]
+PROVIDERS = ["lazyhasty", "lazyhasty-jacobian", "torch.func", "naive", "nngeometry", "nt-jacobian", "nt-structured",
+             "jjt-floor"]
+
+
+def neural_tangents_ntk(model, x, kernel, provider, benchmark):
+    """neural-tangents' empirical NTK of the same function (JAX twin with the same weights), jitted; its
+    agreement with lazyhasty is recorded beside the time."""
+    import numpy as np
+
+    from ntk_models_jax import as_numpy, jax_model
+
+    f, params = jax_model(model)
+    impl = {"nt-jacobian": nt.NtkImplementation.JACOBIAN_CONTRACTION,
+            "nt-structured": nt.NtkImplementation.STRUCTURED_DERIVATIVES}[provider]
+    kfn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=() if kernel == "full" else (-1,), vmap_axes=0,
+                                      implementation=impl))
+    xj = as_numpy(x)
+
+    def fn():
+        return kfn(xj, None, params).block_until_ready()
+
+    K = np.asarray(fn())  # compiles
+    # neural-tangents' trace_axes average over the outputs: its trace kernel is ours / k
+    K = K.transpose(0, 2, 1, 3) if kernel == "full" else K * model(x[:1]).shape[1]
+    ours = ntk_gram(model, x, kernel=kernel).numpy()
+    benchmark.extra_info["rel_err_vs_lazyhasty"] = float(np.linalg.norm(K - ours) / np.linalg.norm(ours))
+    return fn
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -69,6 +104,7 @@ def test_ntk_gram(benchmark, case, provider, device):
     x = torch.rand(shape, device=device) * 2 - 1
     # the anchors that take tens of seconds run once; lazyhasty always gets a warm-up round
     slow = provider in ("naive", "nngeometry") or (case.startswith("resnet") and provider != "lazyhasty")
+    warmup = 0 if slow or provider.startswith("nt-") else 1  # neural-tangents: compiled before timing
     if provider == "lazyhasty":
         fn = lambda: ntk_gram(model, x, kernel=kernel)  # noqa: E731
     elif provider == "lazyhasty-jacobian":
@@ -83,6 +119,12 @@ def test_ntk_gram(benchmark, case, provider, device):
         if kernel != "full":
             pytest.skip("nngeometry computes the full kernel only")
         fn = lambda: nngeometry_ntk(model, x)  # noqa: E731
+    elif provider.startswith("nt-"):
+        if nt is None:
+            pytest.skip("neural-tangents not installed (it needs jax 0.4.x)")
+        if device.type != "cpu":
+            pytest.skip("neural-tangents runs on the CPU here")
+        fn = neural_tangents_ntk(model, x, kernel, provider, benchmark)
     else:
         if case != "cnn-full":
             pytest.skip("the J @ J.T floor is recorded for the CNN only")
@@ -90,7 +132,7 @@ def test_ntk_gram(benchmark, case, provider, device):
         fn = lambda: J @ J.T  # noqa: E731
     benchmark.group = f"ntk {case} {device.type}"
     benchmark.extra_info["n"] = shape[0]
-    benchmark.pedantic(fn, rounds=1 if slow else 3, warmup_rounds=0 if slow else 1)
+    benchmark.pedantic(fn, rounds=1 if slow else 3, warmup_rounds=warmup)
 
 
 @pytest.mark.parametrize("provider", ["lazyhasty", "lazyhasty-nocache"])
