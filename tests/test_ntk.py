@@ -234,6 +234,12 @@ def test_bad_arguments():
         ntk_gram(m, x, implementation="fast")
     with pytest.raises(ValueError, match="block_size"):
         ntk_gram(m, x, block_size=0)
+    with pytest.raises(ValueError, match="max_cache_bytes"):
+        ntk_gram(m, x, max_cache_bytes=-1)
+    with pytest.raises(ValueError, match="max_cache_bytes"):
+        ntk_alignment(m, x, m, max_cache_bytes=0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        ntk_gram(m, torch.full((3, 2), float("nan")), kernel="trace")  # the one-block trace path
     with pytest.raises(ValueError, match="empty"):
         ntk_gram(m, [])
     with pytest.raises(ValueError, match="NaN"):

@@ -71,13 +71,15 @@ def _same_trainable(model: nn.Module, ref: nn.Module):
             p.requires_grad_(flag)
 
 
-def _check_args(kernel: str, implementation: str, block_size) -> None:
+def _check_args(kernel: str, implementation: str, block_size, max_cache_bytes=0) -> None:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(max_cache_bytes, int) or max_cache_bytes < 0:
+        raise ValueError(f"max_cache_bytes must be a non-negative int, got {max_cache_bytes!r}")
 
 
 class Featurizer:
@@ -159,7 +161,7 @@ class Featurizer:
                       else TRACE_BLOCK_BYTES)
         # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
         # both models' kernels in an alignment)
-        elems = budget / (x1.element_size() if x1.is_floating_point() else 4)
+        elems = budget / (torch.finfo(self.dtype).bits // 8)
         return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
@@ -479,7 +481,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
     """
-    _check_args(kernel, implementation, block_size)
+    _check_args(kernel, implementation, block_size, max_cache_bytes)
     if implementation == "naive":
         return _naive(model, loader, kernel, dtype)
     fz = Featurizer(model, implementation, kernel, dtype)
@@ -497,11 +499,8 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
             # one tile: reduce each layer's features as soon as they exist (no [b, k, P] per layer kept)
             acc = {}
 
-            def sink(f):
-                if be == "triton":
-                    t = feat.tile([f], [f], kernel, be)
-                else:
-                    t = f.full(f) if kernel == "full" else f.trace(f)
+            def sink(f):  # the full kernel (one-block trace kernels took trace_gram above)
+                t = feat.tile([f], [f], kernel, be) if be == "triton" else f.full(f)
                 acc["K"] = t if "K" not in acc else acc["K"].add_(t)
 
             fz.stream(blocks[0], sink, acc.clear)
@@ -631,7 +630,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
 
     >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
     """
-    _check_args(kernel, implementation, block_size)
+    _check_args(kernel, implementation, block_size, max_cache_bytes)
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
     ref = as_reference_module(model, reference)

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from ._layers import (
-    choose_form, embedding_factors, norm_grads, position_a, position_g, position_to_factor_layout, split_params,
+    batch_grad_from_factors, choose_form, embedding_factors, norm_grads, position_a, position_g,
+    position_to_factor_layout, split_params,
 )
 
 # Elements of one [rows, cols] product of a ghost layer's reduction (x 8 on CUDA).
@@ -173,9 +174,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             # position-major gradients [b, S, G, d_out]
             full = m if st["ghosts"] is None else torch.einsum("bsgo,bsgi->goi", m, st["a"])
             got = split_params(p, position_to_factor_layout(p, full))
-        elif p.kind == "embedding":
-            got = [torch.zeros_like(p.module.weight).index_add_(0, st["idx"].reshape(-1),
-                                                                m.reshape(-1, p.module.embedding_dim))]
+        elif p.kind == "embedding":  # m: [b, S, D] as the helper's [b, S, 1, D]
+            got = batch_grad_from_factors(p, st["idx"], m.unsqueeze(2))
         else:
             got = [m]
             ref = [torch.cat([t.reshape(-1) for t in ref])]
