@@ -3,8 +3,9 @@
 A run directory holds ``config.json``, ``log.jsonl`` (append-only, one row per log, flushed and fsync'd)
 and ``checkpoint.pt`` (model incl. f_0, optimizer, RNG states, step, logging state; written to a temp
 file then renamed). A run killed at any point (SIGKILL included) and resumed with ``resume=True``
-continues from the last checkpoint, drops any log row written after it (it is recomputed identically),
-and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
+continues from the last checkpoint, recomputes the log rows written after it (each checked against the
+row on disk), and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
+No row on disk is ever lost: see :mod:`lazyhasty._runlog` for the rules on torn or damaged logs.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import Progress
+from ._runlog import LogDamaged, RunLog, atomic_write, read_rows
 from .data import Dataset
 from .regimes import AlphaScaled, scaled_lr
 
@@ -118,28 +120,6 @@ def predictions_correct(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 # --- run directory ------------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _read_rows(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().split("\n"):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line from a crash: everything after it is dropped
-    return rows
-
-
 def _rng_state(torch_only: bool = False) -> dict:
     st = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -158,14 +138,54 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def read_config(path: Path) -> dict:
+    """A run's ``config.json``; a missing or corrupt file is an error naming it."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found: not a lazyhasty run directory") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt ({str(exc)[:80]}); it was left as it is: restore it, or start a "
+                         "new run directory") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} is corrupt (a JSON {type(cfg).__name__}, not an object)")
+    return cfg
+
+
+def load_checkpoint(path: Path, device) -> dict:
+    """``checkpoint.pt`` (tensors only: ``weights_only=True``); a damaged file is an error naming it."""
+    import pickle
+
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, AttributeError) as exc:
+        raise LogDamaged(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}): "
+            "the checkpoint is damaged (truncated, overwritten, or not written by lazyhasty). It was left as it "
+            "is; move it aside to recompute the run from its start (the log's rows are then checked, not "
+            "lost), or restore it.") from None
+    need = {"model", "optimizer", "rng", "step", "log_state", "n_rows"}
+    if not isinstance(blob, dict) or not need <= set(blob):
+        raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing {sorted(need - set(blob or {}))})")
+    return blob
+
+
+def _structure(model: nn.Module) -> str:
+    """A fingerprint of the module tree (types, hyper-parameters in ``repr``) and the parameter shapes."""
+    import hashlib
+
+    desc = repr(model) + "".join(f"|{n}:{tuple(p.shape)}:{p.dtype}" for n, p in model.named_parameters())
+    return hashlib.sha256(desc.encode()).hexdigest()[:16]
+
+
 class Run:
     """A finished (or stopped) run: its directory, config and logged rows."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None):
         self.path = Path(path)
         self.name = name or self.path.name
-        self.config = json.loads((self.path / "config.json").read_text())
-        self.rows = _read_rows(self.path / "log.jsonl")
+        self.config = read_config(self.path / "config.json")
+        self.rows = read_rows(self.path / "log.jsonl")
 
     def column(self, key: str) -> np.ndarray:
         return np.array([r.get(key, np.nan) for r in self.rows], dtype=np.float64)
@@ -253,6 +273,7 @@ class Trainer:
     def _full_config(self) -> dict:
         return {"train": self.config.to_json(), "model": type(self.net.model).__name__,
                 "n_parameters": sum(p.numel() for p in self.net.parameters()),
+                "structure": _structure(self.net.model),
                 "train_data": _dataset_fingerprint(self.train_ds),
                 "probes": {k: _dataset_fingerprint(v) for k, v in self.probes.items()},
                 "probe_set": _dataset_fingerprint(self.probe_set) if self.probe_set is not None else None}
@@ -261,17 +282,19 @@ class Trainer:
         cfg = self._full_config()
         cfg_path, ckpt = self.run_dir / "config.json", self.run_dir / "checkpoint.pt"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
+            old = read_config(cfg_path)
             if not resume:
                 raise FileExistsError(f"{self.run_dir} already holds a run: pass resume=True or another run_dir")
             diffs = _diff(old, cfg)
             if diffs:
-                raise ValueError(f"cannot resume {self.run_dir} with a different config: " + "; ".join(diffs))
+                what = " (the model's modules or parameter shapes changed)" if any(
+                    d.startswith("structure") for d in diffs) else ""
+                raise ValueError(f"cannot resume {self.run_dir} with a different config{what}: " + "; ".join(diffs))
             if ckpt.exists():
-                return torch.load(ckpt, map_location=self.device, weights_only=True)
+                return load_checkpoint(ckpt, self.device)
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
+        atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
         return None
 
     def _checkpoint(self, step: int, state: dict, n_rows: int, rng: dict) -> None:
@@ -351,24 +374,21 @@ class Trainer:
             self.opt.load_state_dict(ckpt["optimizer"])
             _set_rng_state(ckpt["rng"])
             start, state = ckpt["step"], ckpt["log_state"]
-            rows = _read_rows(log_path)[: ckpt["n_rows"]]
         else:
-            start, rows = 0, []
+            start = 0
             state = {"logs": 0, "next_m": 1, "L0": None, "ema": None, "last_logged": -1}
-        # the log holds exactly the rows the checkpoint knows (drops torn or later lines: recomputed)
-        _atomic_write(log_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        # rows the checkpoint knows are kept; later ones stay on disk and are checked as they are recomputed
+        runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt")
+        rows = runlog.rows
         self.net.train()
-        with open(log_path, "a") as log, Progress(cfg.steps - start, "train", self.progress) as bar:
+        with runlog, Progress(cfg.steps - start, "train", self.progress) as bar:
             def log_and_checkpoint(step: int, rng: dict, force_checkpoint: bool = False) -> dict:
                 row = self._row(step, state["logs"])
                 state["logs"] += 1
                 state["last_logged"] = step
                 if state["L0"] is None:
                     state["L0"] = row["train_loss"]
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                os.fsync(log.fileno())
-                rows.append(row)
+                runlog.append(row)
                 if self.on_log:
                     self.on_log(row, self.net)
                 if force_checkpoint or state["logs"] % self.checkpoint_every == 0:

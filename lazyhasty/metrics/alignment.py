@@ -13,17 +13,11 @@ import torch
 from torch import nn
 
 from .._loaders import as_reference_module, evaluating, iter_inputs, model_device
+from ._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
 
 # d x d float64 accumulators above this size are refused with a hint (a conv feature map is rarely meant).
 MAX_ACCUMULATOR_BYTES = 4 * 2**30
-
-
-def _center(K: torch.Tensor) -> torch.Tensor:
-    if K.dim() == 2:
-        return K - K.mean(0, keepdim=True) - K.mean(1, keepdim=True) + K.mean()
-    # [n, k, n, k]: centre over the example axes, separately for each output pair (a, b).
-    return K - K.mean(0, keepdim=True) - K.mean(2, keepdim=True) + K.mean((0, 2), keepdim=True)
 
 
 def _check_gram(K: torch.Tensor, name: str) -> None:
@@ -37,23 +31,23 @@ def _check_gram(K: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be [n, n] or [n, k, n, k], got shape {tuple(K.shape)}")
     if K.numel() == 0:
         raise ValueError(f"{name} is empty")
-
-
-def _ratio(cross: torch.Tensor, n1: torch.Tensor, n2: torch.Tensor, what: str) -> float:
-    cross, n1, n2 = float(cross), float(n1), float(n2)
-    if any(v != v for v in (cross, n1, n2)):
-        raise ValueError(f"NaN in {what}: alignment is undefined")
-    if n1 == 0.0 or n2 == 0.0:
-        raise ValueError(f"{what} has zero Frobenius norm (e.g. all units dead): alignment is undefined")
-    return cross / (n1 * n2)
+    if not bool(torch.isfinite(K).all()):
+        raise ValueError(f"NaN/inf in {name}: alignment is undefined")
+    m = K.reshape(K.shape[0] * (K.shape[1] if K.dim() == 4 else 1), -1).detach()
+    asym = float((m - m.T).abs().max())
+    if asym > 64 * torch.finfo(K.dtype).eps * max(float(m.abs().max()), 1e-300):
+        raise ValueError(f"{name} is not symmetric (max |K - K^T| = {asym:.3g}): a Gram matrix is expected")
 
 
 def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, *, centered: bool = False) -> float:
-    """Kernel alignment ``Tr[K1 K2] / (|K1|_F |K2|_F)`` of two Gram matrices, computed in float64.
+    """Kernel alignment ``Tr[K1 K2] / (|K1|_F |K2|_F)`` of two symmetric Gram matrices, exactly.
 
     K1, K2: ``[n, n]`` or ``[n, k, n, k]`` (flattened to ``[nk, nk]``), same shape. ``centered=True``
-    uses ``H K H`` with ``H = I - 11^T / n`` over examples (CKA). Symmetric inputs are assumed
-    (``Tr[K1 K2] = sum(K1 * K2)``).
+    uses ``H K H`` with ``H = I - 11^T / n`` over examples (CKA). The sums are error-free in float64
+    (:mod:`lazyhasty.metrics._exact`), so the result is within ~1e-15 of the exact value of the given
+    entries even when the centred kernels are 1e-4 of the uncentred ones; a centred kernel that is zero
+    to the inputs' working precision (duplicated rows, one example) is an error, not a number. The result
+    lies in ``[-1, 1]``.
 
     >>> f = torch.randn(5, 3)
     >>> kernel_alignment(f @ f.T, 2 * f @ f.T)   # invariant to scale
@@ -63,57 +57,27 @@ def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, *, centered: bool = Fal
     _check_gram(K2, "K2")
     if K1.shape != K2.shape:
         raise ValueError(f"K1 and K2 must have the same shape, got {tuple(K1.shape)} and {tuple(K2.shape)}")
-    K1 = K1.detach().to(torch.float64)
-    K2 = K2.detach().to(K1.device, torch.float64)
-    if centered:
-        K1, K2 = _center(K1), _center(K2)
-    return _ratio((K1 * K2).sum(), torch.linalg.vector_norm(K1), torch.linalg.vector_norm(K2), "the kernels")
+    K1 = K1.detach()
+    K2 = K2.detach().to(K1.device)
+    n = K1.shape[0]
+    full = K1.dim() == 4
+    sums = AlignmentSums(n, K1.shape[1] if full else 1, "full" if full else "trace", centered, K1.device)
+    sums.add(K1, K2, slice(0, n), slice(0, n), False)
+    sums.lower = -1.0  # arbitrary symmetric matrices: [-1, 1] (NTKs, PSD: [0, 1])
+    return sums.alignment("the kernels")
 
 
-class _FeatureGrams:
-    """Streamed second moments of two feature sets: ``Phi_a^T Phi_a``, ``Phi_b^T Phi_b``, ``Phi_a^T Phi_b``."""
+def _accumulator_guard(da: int, db: int) -> None:
+    nbytes = 8 * (da ** 2 + db ** 2 + da * db)
+    if nbytes > MAX_ACCUMULATOR_BYTES:
+        raise ValueError(
+            f"representation of {da} features needs {nbytes / 2**30:.1f} GiB of d x d accumulators: "
+            "choose a pooled / lower-dimensional layer with layer="
+        )
 
-    def __init__(self, dtype: torch.dtype | None):
-        self.dtype = dtype
-        self.n = 0
-        self.aa = self.bb = self.ab = self.sa = self.sb = None
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.shape[0] != b.shape[0]:
-            raise ValueError(f"batch sizes differ: {a.shape[0]} vs {b.shape[0]}")
-        if self.aa is None:
-            nbytes = 8 * (a.shape[1] ** 2 + b.shape[1] ** 2 + a.shape[1] * b.shape[1])
-            if nbytes > MAX_ACCUMULATOR_BYTES:
-                raise ValueError(
-                    f"representation of {a.shape[1]} features needs {nbytes / 2**30:.1f} GiB of d x d accumulators: "
-                    "choose a pooled / lower-dimensional layer with layer="
-                )
-        cd = self.dtype or (torch.float64 if a.dtype == torch.float64 else torch.float32)
-        a, b = a.to(cd), b.to(cd)
-        # Per-batch products in the compute dtype, sums across batches in float64.
-        aa, bb, ab = (a.T @ a).double(), (b.T @ b).double(), (a.T @ b).double()
-        sa, sb = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
-        if self.aa is None:
-            self.aa, self.bb, self.ab, self.sa, self.sb = aa, bb, ab, sa, sb
-        else:
-            if aa.shape != self.aa.shape or bb.shape != self.bb.shape:
-                raise ValueError("the representation size changed between batches")
-            self.aa += aa
-            self.bb += bb
-            self.ab += ab
-            self.sa += sa
-            self.sb += sb
-        self.n += a.shape[0]
-
-    def alignment(self, centered: bool) -> float:
-        aa, bb, ab = self.aa, self.bb, self.ab
-        if centered:
-            n = self.n
-            aa = aa - torch.outer(self.sa, self.sa) / n
-            bb = bb - torch.outer(self.sb, self.sb) / n
-            ab = ab - torch.outer(self.sa, self.sb) / n
-        cross = torch.linalg.vector_norm(ab) ** 2
-        return _ratio(cross, torch.linalg.vector_norm(aa), torch.linalg.vector_norm(bb), "the representation Gram")
+def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> CentredMoments:
+    return CentredMoments(centered, dtype, _accumulator_guard)
 
 
 @contextlib.contextmanager
@@ -138,7 +102,9 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
     ``model`` or its qualified name) it is that module's output (``where="input"`` for its input).
     ``K[i, j] = phi(x_i) . phi(x_j)``; returns ``Tr[K_t K_0] / (|K_t|_F |K_0|_F)`` computed from ``d x d``
     accumulators (exact for any batching, memory independent of n). ``centered=True`` centres the
-    features over the whole probe set (linear CKA). ``dtype``: per-batch GEMM precision (default fp32,
+    features over the whole probe set (linear CKA): each batch is centred on its own mean and the
+    co-moments merged (no large sum minus a large correction), so it stays exact when the features
+    vary by 1e-4 of their size; identical representations (one example) are an error. ``dtype``: per-batch GEMM precision (default fp32,
     fp64 for fp64 features); cross-batch sums are float64. Both models run in eval mode.
 
         ra = representation_alignment(model, probe_loader, init_state_dict)   # 1.0 at init
@@ -158,7 +124,7 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
         return fn
 
     device, ref_device = model_device(model), model_device(ref)
-    grams = _FeatureGrams(dtype)
+    grams = _feature_moments(centered, dtype)
     rec_m = CallRecorder([(name, module)], keep("model"), where)
     rec_r = CallRecorder([(name, ref_module)], keep("ref"), where) if ref_module is not module else None
     try:
@@ -182,4 +148,4 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
         rec_m.remove()
         if rec_r is not None:
             rec_r.remove()
-    return grams.alignment(centered)
+    return grams.alignment()

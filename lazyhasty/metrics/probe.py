@@ -8,7 +8,7 @@ from torch import nn
 
 from .._loaders import evaluating, model_device
 from ._sites import CallRecorder, resolve_layer, same_modules
-from .alignment import _FeatureGrams, _no_tf32
+from .alignment import _feature_moments, _no_tf32
 from .signs import SignPatterns, _BatchWords, _Pass, _reduce
 
 
@@ -68,7 +68,7 @@ class LinearityProbe:
         rec = CallRecorder([(self.layer_name, module)], lambda site, t: got.append(t.detach()), self.where)
         run = _Pass(same_modules(model, self.signs.module_names), backend, "model") if self.signs else None
         bits = [b.to(device) for b in self.signs.bits] if self.signs else None
-        grams = _FeatureGrams(None)
+        grams = _feature_moments(centered)
         counts, start = [], 0
         try:
             with evaluating(model), _no_tf32():
@@ -91,7 +91,7 @@ class LinearityProbe:
             rec.remove()
             if run is not None:
                 run.recorder.remove()
-        out = {"repr_alignment": grams.alignment(centered)}
+        out = {"repr_alignment": grams.alignment()}
         if self.signs is not None:
             out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
         return out

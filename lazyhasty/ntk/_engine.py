@@ -11,7 +11,7 @@ from torch import nn
 from .. import _backend
 from .._loaders import as_reference_module, iter_inputs, model_device
 from .._progress import Progress
-from ..metrics.alignment import _ratio
+from ..metrics._exact import AlignmentSums
 from . import _features as feat
 from ._layers import (
     batch_grad_from_factors, check_per_example, choose_form, embedding_factors, ghost_layout, linear_factors,
@@ -559,60 +559,6 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
     return K
 
 
-class _AlignmentSums:
-    """float64 partial sums for KA and its centred form, accumulated tile by tile."""
-
-    def __init__(self, n: int, k: int, kernel: str, centered: bool, device):
-        self.n, self.kernel, self.centered = n, kernel, centered
-        self.cross = torch.zeros((), dtype=torch.float64, device=device)
-        self.sq_t = torch.zeros_like(self.cross)
-        self.sq_0 = torch.zeros_like(self.cross)
-        if centered:
-            shape = (n, k, k) if kernel == "full" else (n,)
-            self.R_t = torch.zeros(shape, dtype=torch.float64, device=device)
-            self.R_0 = torch.zeros_like(self.R_t)
-
-    def add(self, Kt: torch.Tensor, K0: torch.Tensor, si: slice, sj: slice, off_diagonal: bool) -> None:
-        w = 2.0 if off_diagonal else 1.0
-        # tile products in the kernel's dtype, every sum accumulated in float64
-        f64 = torch.float64
-        self.cross += w * torch.sum(Kt * K0, dtype=f64)
-        self.sq_t += w * torch.sum(Kt * Kt, dtype=f64)
-        self.sq_0 += w * torch.sum(K0 * K0, dtype=f64)
-        if self.centered:
-            Kt, K0 = Kt.double(), K0.double()
-            for K, R in ((Kt, self.R_t), (K0, self.R_0)):
-                if self.kernel == "full":
-                    R[si] += K.sum(2)
-                    if off_diagonal:
-                        R[sj] += K.sum(0).permute(1, 2, 0)
-                else:
-                    R[si] += K.sum(1)
-                    if off_diagonal:
-                        R[sj] += K.sum(0)
-
-    def add_partials(self, parts: torch.Tensor, w: float) -> None:
-        """Partial sums (cross, sq_t, sq_0) of a tile reduced elsewhere (the fused Triton kernel)."""
-        parts = parts.to(self.cross.device)
-        self.cross += w * parts[0]
-        self.sq_t += w * parts[1]
-        self.sq_0 += w * parts[2]
-
-    def alignment(self) -> float:
-        cross, st, s0 = self.cross, self.sq_t, self.sq_0
-        if self.centered:
-            # sum (H A H)(H B H) = sum A B - (2/n) sum R_A R_B + (1/n^2) sum_ab S_A S_B  (R: row sums,
-            # S: total sums per output pair; symmetric kernels, centring over examples)
-            n = self.n
-
-            def c(Ra, Rb, plain):
-                Sa, Sb = Ra.sum(0), Rb.sum(0)
-                return plain - 2.0 / n * (Ra * Rb).sum() + (Sa * Sb).sum() / n**2
-
-            cross, st, s0 = c(self.R_t, self.R_0, cross), c(self.R_t, self.R_t, st), c(self.R_0, self.R_0, s0)
-        return _ratio(cross, st.clamp(min=0) ** 0.5, s0.clamp(min=0) ** 0.5, "the tangent kernel")
-
-
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
@@ -624,7 +570,10 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     fits :data:`TRACE_BLOCK_BYTES` (then both ``[n, n]`` kernels are formed one output at a time, as in
     :func:`ntk_gram`, and reduced at once). Per-block features (see :func:`ntk_gram`) are kept while they fit
     in ``max_cache_bytes``, otherwise recomputed for each tile pair, so memory is then set by
-    ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass.
+    ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass:
+    the sums are error-free (:class:`lazyhasty.metrics._exact.AlignmentSums`), so nothing large cancels
+    when the centred kernels are small against the uncentred ones. float32 kernels carry rounding of
+    ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
     init, a module of the same architecture or its state_dict.
 
@@ -649,7 +598,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
             # both [n, n] trace kernels of one block (one output at a time), reduced at once
             with exact_fp32():
-                sums = _AlignmentSums(n, 1, kernel, centered, fz.device)
+                sums = AlignmentSums(n, 1, kernel, centered, fz.device)
                 Kt = fz.trace_gram(x_all, be)
                 sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
                          False)
@@ -683,7 +632,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
                     cached[I] = f
                 return f
     
-            sums = _AlignmentSums(n, fz.k, kernel, centered, fz.device)
+            sums = AlignmentSums(n, fz.k, kernel, centered, fz.device)
             nb = len(blocks)
             total = nb if kernel == "diagonal" else nb * (nb + 1) // 2
             with Progress(total, "ntk alignment", progress) as bar:

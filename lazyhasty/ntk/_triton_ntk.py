@@ -54,7 +54,7 @@ def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt,
     n_n = tl.num_programs(1)
     pid = pid_m * n_n + pid_n
     if SYMMETRIC and pid_m > pid_n:
-        tl.store(out_ptr + pid * 3 + tl.arange(0, 4), tl.zeros((4,), tl.float32), mask=tl.arange(0, 4) < 3)
+        tl.store(out_ptr + pid * 3 + tl.arange(0, 4), tl.zeros((4,), tl.float64), mask=tl.arange(0, 4) < 3)
         return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -65,6 +65,9 @@ def alignment_partials_kernel(ti_ptr, tj_ptr, zi_ptr, zj_ptr, out_ptr, M, N, Pt,
     w = 1.0
     if SYMMETRIC and pid_m < pid_n:
         w = 2.0
+    # products of fp32 tile entries are exact in fp64; their sums too up to ~1e-16 (no fp32 accumulation)
+    kt = kt.to(tl.float64)
+    k0 = k0.to(tl.float64)
     c = tl.sum(tl.sum(kt * k0, axis=1), axis=0) * w
     a = tl.sum(tl.sum(kt * kt, axis=1), axis=0) * w
     b = tl.sum(tl.sum(k0 * k0, axis=1), axis=0) * w
@@ -131,13 +134,13 @@ def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: boo
     M, N = ft_i.shape[0], ft_j.shape[0]
     bm, bn, bk = _blocks(interpreted)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    out = torch.empty(grid[0] * grid[1] * 3, dtype=torch.float32, device=ft_i.device)
+    out = torch.empty(grid[0] * grid[1] * 3, dtype=torch.float64, device=ft_i.device)
     alignment_partials_kernel[grid](ft_i, ft_j, f0_i, f0_j, out, M, N, ft_i.shape[1] // outputs,
                                     f0_i.shape[1] // outputs, outputs, ft_i.stride(0), ft_j.stride(0),
                                     f0_i.stride(0), f0_j.stride(0),
                                     SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                     IEEE=ft_i.dtype == torch.float32)
-    return out.view(-1, 3).double().sum(0)
+    return out.view(-1, 3).sum(0)
 
 
 def ghost_gram(a_i, a_j, g_i, g_j, symmetric: bool, interpreted: bool) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""A run's ``log.jsonl``: append-only rows that are never lost, whatever happened to the file.
+
+Rules (what a resume may and may not do to a user's log):
+
+- A torn *last* line (no newline after it and not a JSON object: a crash while writing it) is not a row.
+  It is moved to ``log.jsonl.torn`` and reported; the rows before it stay.
+- Any other damage (a line in the middle that is not a JSON object) is an error naming the file and the
+  line; the file is left exactly as it is.
+- The checkpoint counts the rows it knows. A log with fewer rows than that is an error (rows are
+  missing): nothing is changed.
+- Rows after the checkpoint's count (written between a row and the next checkpoint) are kept on disk:
+  the resumed run recomputes them and checks each against the row on disk. Should one differ (another
+  machine, another torch), the whole old log is first copied to ``log.jsonl.diverged-<n>``, then the
+  new rows replace the old ones from there on. A log is never rewritten with fewer rows than it held.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+
+class LogDamaged(ValueError):
+    """A run log that cannot be resumed without losing rows; the files were left as they are."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_log(path: Path) -> tuple[list[dict], bytes | None]:
+    """The rows of a ``log.jsonl`` and the bytes of a torn last line (``None`` when there is none).
+
+    Raises :class:`LogDamaged` (file and line named) for any line but the last that is not a JSON object.
+    """
+    path = Path(path)
+    if not path.exists():
+        return [], None
+    lines = path.read_bytes().split(b"\n")
+    rows: list[dict] = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            if i == len(lines) - 1:  # no newline after it: the write was interrupted
+                return rows, raw
+            raise LogDamaged(
+                f"{path}, line {i + 1}: not a log row ({str(exc)[:80]}); the file was left as it is. Repair or "
+                "remove that line (the rows after it are kept), then resume.") from None
+        rows.append(row)
+    return rows, None
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows for reading (``Run``): a torn last line is skipped with a warning, other damage is an error."""
+    rows, torn = read_log(path)
+    if torn is not None:
+        warnings.warn(f"{path}: ignoring a torn last line ({len(torn)} bytes, a crash while writing it); "
+                      f"{len(rows)} rows read", RuntimeWarning, stacklevel=3)
+    return rows
+
+
+def _aside(path: Path, tag: str) -> Path:
+    cand = path.with_name(f"{path.name}.{tag}")
+    i = 1
+    while cand.exists():
+        i += 1
+        cand = path.with_name(f"{path.name}.{tag}-{i}")
+    return cand
+
+
+def _line(row: dict) -> str:
+    return json.dumps(row) + "\n"
+
+
+class RunLog:
+    """The log of a run being trained: known rows, rows on disk awaiting recomputation, appends.
+
+    ``RunLog.open(path, n_checkpoint)`` applies the rules of the module docstring; ``append(row)``
+    writes (fsync'd) or verifies a row; ``rows`` are the rows the run has now.
+    """
+
+    def __init__(self, path: Path, rows: list[dict], pending: list[dict]):
+        self.path, self.rows, self.pending = path, rows, pending
+        self._file = open(path, "a")
+
+    @classmethod
+    def open(cls, path: Path, n_checkpoint: int | None, checkpoint: Path | None = None) -> "RunLog":
+        path = Path(path)
+        rows, torn = read_log(path)
+        known = n_checkpoint or 0
+        if len(rows) < known:
+            raise LogDamaged(
+                f"{path} holds {len(rows)} rows but {checkpoint or 'the checkpoint'} counts {known}"
+                f"{' (its last line is torn)' if torn is not None else ''}: rows the run wrote are missing (the "
+                "log was truncated or edited). Nothing was changed: restore the log, or move the checkpoint "
+                "aside to recompute the run from its start (the rows on disk are then checked, not lost).")
+        if torn is not None:
+            aside = _aside(path, "torn")
+            aside.write_bytes(torn)
+            warnings.warn(f"{path}: its last line was torn (a crash while writing it); moved to {aside.name}. "
+                          f"{len(rows)} rows kept; the run recomputes the rest.", RuntimeWarning, stacklevel=3)
+        if torn is not None or (path.exists() and not path.read_bytes().endswith(b"\n") and rows):
+            atomic_write(path, "".join(_line(r) for r in rows).encode())  # every row stays
+        return cls(path, rows[:known], rows[known:])
+
+    def append(self, row: dict) -> None:
+        if self.pending:
+            if _line(self.pending[0]) == _line(row):  # already on disk (a resume recomputing it)
+                self.pending.pop(0)
+                self.rows.append(row)
+                return
+            aside = _aside(self.path, f"diverged-{len(self.rows)}")
+            shutil.copy2(self.path, aside)
+            warnings.warn(
+                f"{self.path}: recomputed row {len(self.rows)} differs from the row on disk (another device or "
+                f"library version?); the old log was copied to {aside.name} and the new rows replace it from there",
+                RuntimeWarning, stacklevel=2)
+            self._file.close()
+            atomic_write(self.path, "".join(_line(r) for r in self.rows).encode())
+            self._file = open(self.path, "a")
+            self.pending = []
+        self._file.write(_line(row))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "RunLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,210 @@
+"""Run directories: no row of a log is ever lost, every resume continues exactly or refuses with the reason."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lazyhasty._runlog import LogDamaged, read_log
+from lazyhasty.train import Run, TrainConfig, Trainer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import _script, small_setup  # noqa: E402
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def _train(run_dir, steps=30, crash_at=None, **kw):
+    net, ds = small_setup()
+    cfg = TrainConfig(steps=steps, lr=0.5, loss="logistic", log_every=1, batch_size=16, probe_every=0)
+
+    def on_log(row, net):
+        if crash_at is not None and row["step"] == crash_at:
+            raise Crash("after writing the row, before its checkpoint")
+
+    return Trainer(net, ds, cfg, run_dir, on_log=on_log, **kw).fit(resume=True)
+
+
+@pytest.fixture(scope="module")
+def reference_rows(tmp_path_factory):
+    return _train(tmp_path_factory.mktemp("ref") / "run").rows
+
+
+def _lines(path):
+    return Path(path).read_bytes().split(b"\n")
+
+
+def test_damaged_middle_line_is_an_error_and_the_file_is_kept(tmp_path, reference_rows):
+    _train(tmp_path / "r")
+    log = tmp_path / "r" / "log.jsonl"
+    lines = _lines(log)
+    lines[14] = lines[14][:20]  # a line in the middle cut short
+    log.write_bytes(b"\n".join(lines))
+    before = log.read_bytes()
+    with pytest.raises(LogDamaged, match=r"log.jsonl, line 15"):
+        _train(tmp_path / "r")
+    with pytest.raises(LogDamaged, match="line 15"):
+        Run(tmp_path / "r")
+    assert log.read_bytes() == before  # untouched: the 30 good rows are all still there
+    assert len([x for x in before.split(b"\n") if x.strip()]) == len(reference_rows)
+
+
+def test_torn_last_line_beyond_the_checkpoint_is_dropped_and_said(tmp_path, reference_rows):
+    _train(tmp_path / "r", crash_at=None, steps=30)
+    log = tmp_path / "r" / "log.jsonl"
+    with open(log, "ab") as f:
+        f.write(b'{"step": 31, "train_lo')  # a crash while writing a row the checkpoint does not count
+    with pytest.warns(RuntimeWarning, match="torn last line"):
+        assert Run(tmp_path / "r").rows == reference_rows
+    with pytest.warns(RuntimeWarning, match="torn"):
+        run = _train(tmp_path / "r")
+    assert run.rows == reference_rows
+    assert (tmp_path / "r" / "log.jsonl.torn").read_bytes() == b'{"step": 31, "train_lo'
+    assert log.read_bytes().endswith(b"\n")
+
+
+def test_torn_row_that_the_checkpoint_counts_is_refused(tmp_path):
+    _train(tmp_path / "r")
+    log = tmp_path / "r" / "log.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(data[:-25])  # the last row (counted by the checkpoint) torn
+    before = log.read_bytes()
+    with pytest.raises(LogDamaged, match="counts 31"):
+        _train(tmp_path / "r")
+    assert log.read_bytes() == before
+
+
+def test_rows_after_the_checkpoint_are_recomputed_and_checked_not_dropped(tmp_path, reference_rows):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=12)  # row 12 on disk, checkpoint counts rows 0..11
+    log = tmp_path / "r" / "log.jsonl"
+    assert len(read_log(log)[0]) == 13
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["n_rows"] == 12
+    assert _train(tmp_path / "r").rows == reference_rows  # none doubled, none lost
+    assert not list((tmp_path / "r").glob("log.jsonl.diverged*"))
+
+
+def test_a_recomputed_row_that_differs_keeps_the_old_log_aside(tmp_path, reference_rows):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=12)
+    log = tmp_path / "r" / "log.jsonl"
+    rows = read_log(log)[0]
+    rows[12]["train_loss"] = 123.0  # as if another machine had written it
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(RuntimeWarning, match="differs"):
+        assert _train(tmp_path / "r").rows == reference_rows
+    aside, = (tmp_path / "r").glob("log.jsonl.diverged*")
+    assert read_log(aside)[0] == rows  # the old rows, all of them
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not-a-checkpoint"])
+def test_damaged_checkpoint_is_a_clear_error_and_moving_it_aside_recomputes(tmp_path, reference_rows, damage):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=20)
+    ck = tmp_path / "r" / "checkpoint.pt"
+    data = ck.read_bytes()
+    if damage == "truncated":
+        ck.write_bytes(data[: len(data) // 2])
+    elif damage == "random":
+        ck.write_bytes(os.urandom(4096))
+    elif damage == "empty":
+        ck.write_bytes(b"")
+    else:
+        torch.save({"weights": torch.zeros(3)}, ck)
+    log_before = (tmp_path / "r" / "log.jsonl").read_bytes()
+    with pytest.raises(LogDamaged, match=r"checkpoint.pt"):
+        _train(tmp_path / "r")
+    assert (tmp_path / "r" / "log.jsonl").read_bytes() == log_before
+    ck.rename(tmp_path / "r" / "checkpoint.pt.damaged")
+    assert _train(tmp_path / "r").rows == reference_rows  # recomputed from step 0, rows checked
+
+
+def test_corrupt_config_is_a_clear_error(tmp_path):
+    _train(tmp_path / "r", steps=3)
+    (tmp_path / "r" / "config.json").write_text('{"train": {"steps": 3')
+    with pytest.raises(ValueError, match=r"config.json is corrupt"):
+        _train(tmp_path / "r", steps=3)
+    with pytest.raises(ValueError, match=r"config.json is corrupt"):
+        Run(tmp_path / "r")
+
+
+def test_resume_refuses_a_changed_architecture(tmp_path):
+    net, ds = small_setup()
+    cfg = TrainConfig(steps=3, lr=0.5, loss="logistic", log_every=1, probe_every=0)
+    Trainer(net, ds, cfg, tmp_path / "r").fit()
+    other, _ = small_setup()
+    other[1] = torch.nn.Tanh()  # same class name, same parameter count
+    with pytest.raises(ValueError, match="modules or parameter shapes changed"):
+        Trainer(other, ds, cfg, tmp_path / "r").fit(resume=True)
+
+
+def test_fault_injection_kill_and_damage(tmp_path):
+    """kill -9 at random moments and damage the files between runs: no row on disk is ever lost."""
+    steps = 400
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    subprocess.run([sys.executable, "-c", _script(ref_dir, steps)], check=True, env=env, timeout=300)
+    want = Run(ref_dir).rows
+    log, ck = run_dir / "log.jsonl", run_dir / "checkpoint.pt"
+    rng = random.Random(0)
+
+    def on_disk():
+        return read_log(log)[0] if log.exists() else []
+
+    refusals = kills = 0
+    for it in range(7):
+        seen = on_disk()
+        snapshot = {p: p.read_bytes() for p in run_dir.glob("*")} if run_dir.exists() else {}
+        p = subprocess.Popen([sys.executable, "-c", _script(run_dir, steps)], env=env, stderr=subprocess.PIPE)
+        try:
+            _, err = p.communicate(timeout=rng.uniform(1.0, 2.5))
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            _, err = p.communicate()
+            kills += 1
+        if p.returncode not in (0, -signal.SIGKILL):
+            # a refusal: it names the damage, and the run directory is exactly as it was
+            assert b"LogDamaged" in err, err.decode()[-2000:]
+            refusals += 1
+            assert {q: q.read_bytes() for q in run_dir.glob("*")} == snapshot
+            ck.rename(run_dir / f"checkpoint.pt.aside-{it}")  # the user's way out: recompute, rows checked
+            continue
+        now = on_disk()
+        # every row that was on disk is still there, at its index, or kept in a copy beside the log
+        kept = [read_log(a)[0] for a in run_dir.glob("log.jsonl.diverged*")]
+        for i, row in enumerate(seen):
+            assert (i < len(now) and now[i] == row) or any(i < len(k) and k[i] == row for k in kept)
+        # then damage: a torn row, a row the checkpoint counts cut short, or a damaged checkpoint
+        damage = rng.choice(["none", "torn", "cut", "checkpoint"])
+        if damage == "torn" and log.exists():
+            with open(log, "ab") as f:
+                f.write(b'{"step": 1e9, "tr')
+        elif damage == "cut" and log.exists() and log.stat().st_size > 40:
+            log.write_bytes(log.read_bytes()[:-7])
+        elif damage == "checkpoint" and ck.exists():
+            ck.write_bytes(ck.read_bytes()[:100])
+    for q in run_dir.glob("checkpoint.pt"):  # a damaged checkpoint left by the last round: step aside
+        try:
+            torch.load(q, weights_only=True)
+        except Exception:
+            q.rename(run_dir / "checkpoint.pt.aside-final")
+    for _ in range(3):
+        r = subprocess.run([sys.executable, "-c", _script(run_dir, steps)], env=env, timeout=300,
+                           capture_output=True)
+        if r.returncode == 0:
+            break
+        assert b"LogDamaged" in r.stderr
+        ck.rename(run_dir / f"checkpoint.pt.aside-end-{_}")
+    assert r.returncode == 0
+    assert Run(run_dir).rows == want
+    assert kills >= 1
+    shutil.rmtree(tmp_path)
