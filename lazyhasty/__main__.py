@@ -101,6 +101,10 @@ def main(argv=None) -> int:
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"lazyhasty: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. an output directory that cannot be written
+        where = exc.filename or out
+        print(f"lazyhasty: cannot write {where}: {exc.strerror or exc}; choose another --out", file=sys.stderr)
+        return 2
     print(f"\n{name}: {summary['wall_time_s']:.1f} s; run directory {out}/")
     for c in summary["claims"]:
         mark = "holds " if c["holds"] else "FAILS "

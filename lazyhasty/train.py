@@ -64,8 +64,30 @@ class TrainConfig:
     eval_batch_size: int = 1024
 
     def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
+        def integer(name, lo, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}{' or None' if optional else ''}, got {v!r}")
+
+        def number(name):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+
+        integer("steps", 1)
+        integer("batch_size", 1, optional=True)
+        integer("log_every", 1, optional=True)
+        integer("probe_every", 0)
+        integer("seed", 0)
+        integer("eval_batch_size", 1)
+        for name in ("lr", "alpha", "momentum", "weight_decay"):
+            number(name)
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError("momentum and weight_decay must be >= 0")
+        if self.ntk_kernel not in ("trace", "full", "diagonal"):
+            raise ValueError(f"ntk_kernel must be 'trace', 'full' or 'diagonal', got {self.ntk_kernel!r}")
         if not self.alpha > 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not self.lr > 0:

@@ -4,6 +4,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,21 @@ def test_summary_names_versions():
     s = _backend.summary()
     assert s["torch"] == torch.__version__
     assert lazyhasty.__version__
+
+
+def test_readme_second_block_is_what_ci_runs_and_is_self_contained():
+    """CI runs exactly the README's second bash block; it installs everything the tests import."""
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"^```bash\n(.*?)^```$", (root / "README.md").read_text(), flags=re.S | re.M)
+    assert len(blocks) >= 2
+    test_cmd = blocks[1].strip()
+    assert test_cmd.startswith("pip install torch==2.13.0") and "pytest tests" in test_cmd
+    extras = re.search(r'pip install "\.\[([a-z,]+)\]"', test_cmd).group(1).split(",")
+    optional = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = {d.split(">")[0].split("=")[0] for e in extras for d in optional[e]}
+    assert {"pytest", "hypothesis", "scipy", "matplotlib", "scikit-learn", "triton"} <= installed
+    ci = (root / ".ci" / "run").read_text()
+    assert "n==2" in ci and "pip install" not in ci.replace("apt-get install", "")  # no install of its own

@@ -20,8 +20,7 @@ TINY = {
 
 @pytest.mark.parametrize("name", EXPERIMENT_NAMES)
 def test_each_experiment_end_to_end(tmp_path, name, capsys):
-    if name in ("label-noise", "cscores", "spurious"):
-        pytest.importorskip("sklearn")
+    _needs(name)
     out = tmp_path / name
     assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -48,7 +47,17 @@ def test_help_on_every_command():
         assert out.returncode == 0 and "usage" in out.stdout
 
 
+def _needs(name):
+    """The optional dependencies an experiment checks up front (skip with the reason when absent)."""
+    pytest.importorskip("matplotlib", reason="experiments write figures: pip install 'lazyhasty[plots]'")
+    if name == "quadratic":
+        pytest.importorskip("scipy", reason="the quadratic experiment needs pip install 'lazyhasty[theory]'")
+    if name in ("label-noise", "cscores", "spurious"):
+        pytest.importorskip("sklearn", reason="the digits dataset needs pip install 'lazyhasty[data]'")
+
+
 def test_config_file_and_bad_options(tmp_path):
+    _needs("quadratic")
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"sigma": 0.001}))
     assert main(["run", "quadratic", "--out", str(tmp_path / "q"), "--config", str(cfg), "--no-progress"]) == 0

@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+pytest.importorskip("scipy", reason="the quadratic model's gradient-flow checks need scipy (pip install 'lazyhasty[theory]')")
+
 from lazyhasty.theory import QuadraticModel, at_equal_group_mse, example1, example2, example3, figure4
 
 TIMES = [0.0, 0.3, 1.0, 3.0, 10.0, 40.0]

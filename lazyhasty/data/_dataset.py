@@ -32,6 +32,10 @@ class Dataset:
         self.name = name
         if num_classes is None and not y.is_floating_point() and y.numel():
             num_classes = int(y.max()) + 1
+        elif num_classes is not None and not y.is_floating_point() and y.numel():
+            lo, hi = int(y.min()), int(y.max())
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(f"{name}: class labels must lie in 0..{num_classes - 1}, found {lo}..{hi}")
         self.num_classes = num_classes
 
     def __len__(self) -> int:

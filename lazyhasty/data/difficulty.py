@@ -80,6 +80,12 @@ def load_cscores(path: str | os.PathLike) -> CScores:
         raise ValueError(f"{path}: labels {labels.shape} and scores {scores.shape} must be equal 1-D arrays")
     if not np.all(np.isfinite(scores)):
         raise ValueError(f"{path}: non-finite scores")
+    if labels.dtype.kind == "f" and not (np.all(np.isfinite(labels)) and np.all(labels == np.round(labels))):
+        raise ValueError(f"{path}: labels must be integers, got non-integer values")
+    if labels.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{path}: negative labels")
     return CScores(torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(labels.astype(np.int64)))
 
 
@@ -152,6 +158,8 @@ def estimate_cscores(ds: Dataset, model_factory, *, ratios=(0.2, 0.4, 0.6, 0.8),
 
 def difficulty_groups(scores: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Quantile bins of ``scores``: ``[n]`` long in 0..bins-1; 0 holds the lowest scores (hardest)."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be a positive integer, got {bins!r}")
     scores = torch.as_tensor(scores, dtype=torch.float64)
     if scores.dim() != 1 or scores.numel() < bins:
         raise ValueError(f"need a 1-D score vector with at least {bins} entries")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -39,6 +40,21 @@ def digits() -> Dataset:
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+def check_labels(labels: np.ndarray, num_classes: int, where) -> np.ndarray:
+    """Integer class labels in ``0..num_classes-1`` as int64, or an error naming ``where``."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            bad = labels[~np.isfinite(labels) | (labels != np.round(labels))][:3].tolist()
+            raise ValueError(f"{where}: labels must be integers, got non-integer values (e.g. {bad})")
+    elif labels.dtype.kind not in "iu":
+        raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise ValueError(f"{where}: labels must lie in 0..{num_classes - 1}, found {bad[:3].tolist()}")
+    return labels.astype(np.int64)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (``.gz`` or raw) into a numpy array; a clear error for a corrupt file."""
     path = Path(path)
@@ -56,9 +72,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", data[4:header])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header cannot overflow
     if len(data) - header != expected:
-        raise ValueError(f"{path}: IDX payload has {len(data) - header} bytes, header says {expected} (corrupt or truncated)")
+        raise ValueError(f"{path}: IDX payload has {len(data) - header} bytes, its header {tuple(shape)} says "
+                         f"{expected} (corrupt or truncated)")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
@@ -85,8 +102,11 @@ def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -
             images, labels = read_idx(img), read_idx(lab)
             if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
                 raise ValueError(f"{r}: images {images.shape} and labels {labels.shape} do not match")
+            if images.dtype != np.uint8:
+                raise ValueError(f"{img}: Fashion-MNIST images must be unsigned bytes (0-255), got {images.dtype}")
             x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-            return Dataset(x, torch.from_numpy(labels.astype(np.int64)), num_classes=10, name=f"fashion-mnist-{split}")
+            y = check_labels(labels, 10, lab)
+            return Dataset(x, torch.from_numpy(y), num_classes=10, name=f"fashion-mnist-{split}")
     where = root if root is not None else " or ".join(FASHION_MNIST_ROOTS)
     raise FileNotFoundError(
         f"Fashion-MNIST IDX files not found in {where}: expected {prefix}-images-idx3-ubyte[.gz] and "
@@ -136,8 +156,19 @@ def cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
         labels = d.get("labels", d.get(b"labels"))
         if data is None or labels is None:
             raise ValueError(f"{base / n}: no 'data'/'labels' entries")
-        xs.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(labels, dtype=np.int64))
+        data = np.asarray(data)
+        if data.dtype != np.uint8:  # a cast would wrap out-of-range values silently (1e6 -> 0.25)
+            if data.dtype.kind not in "iuf" or data.size and (data.min() < 0 or data.max() > 255 or (
+                    data.dtype.kind == "f" and not np.all(data == np.round(data)))):
+                raise ValueError(f"{base / n}: pixel values must be integers in 0..255 (got dtype {data.dtype}, "
+                                 f"range {data.min() if data.size else '-'}..{data.max() if data.size else '-'})")
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{base / n}: 'data' must be [n, 3072], got {data.shape}")
+        labels = check_labels(labels, 10, base / n)
+        if labels.shape != (data.shape[0],):
+            raise ValueError(f"{base / n}: {data.shape[0]} images but labels of shape {labels.shape}")
+        xs.append(data.astype(np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(labels)
     x = torch.from_numpy(np.concatenate(xs).astype(np.float32) / 255.0)
     return Dataset(x, torch.from_numpy(np.concatenate(ys)), num_classes=10, name=f"cifar10-{split}")
 

@@ -119,13 +119,44 @@ def load_image_dataset(name: str, root: str | None, split: str):
 
 
 EXPERIMENTS: dict[str, callable] = {}
+OPTIONS: dict[str, dict[str, type]] = {}  # experiment -> {option: type}, checked before anything runs
+
+# options of every experiment that trains several alphas with train_regimes (see _regime_runs.py)
+REGIME_OPTIONS = {"epochs": int, "batch_size": int, "lr": float, "width": int, "lazy_factor": float,
+                  "log_q": float, "probe_every": int}
+_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of numbers"}
 
 
-def register(name: str):
+def register(name: str, options: dict[str, type]):
+    """Register an experiment with the options it reads (``ctx.opt``) and their types."""
     def deco(fn):
         EXPERIMENTS[name] = fn
+        OPTIONS[name] = dict(options)
         return fn
     return deco
+
+
+def check_options(name: str, options: dict) -> None:
+    """Unknown keys and values of the wrong type are errors naming the key (a typo must not run the defaults)."""
+    import difflib
+
+    valid = OPTIONS[name]
+    for key, value in options.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, list(valid), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown option {key!r} for experiment {name!r}{hint}; valid options: "
+                             + ", ".join(sorted(valid)))
+        if value is None:
+            continue
+        want = valid[key]
+        ok = (isinstance(value, want) and not isinstance(value, bool)) if want is not float else (
+            isinstance(value, (int, float)) and not isinstance(value, bool))
+        if want is list:
+            ok = isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise ValueError(f"option {key!r} expects {_TYPE_NAMES[want]}, got {value!r} ({type(value).__name__})")
 
 
 def run_experiment(name: str, ctx: Context) -> dict:
@@ -140,6 +171,7 @@ def run_experiment(name: str, ctx: Context) -> dict:
 
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
+    check_options(name, ctx.options)
     import importlib.util
 
     needs = {"matplotlib": "plots", "scipy": "theory"} if name == "quadratic" else {"matplotlib": "plots"}

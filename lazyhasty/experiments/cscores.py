@@ -10,10 +10,12 @@ from torch import nn
 from ..analysis import at_equal_progress, difference, plot_groups
 from ..data import difficulty_groups, estimate_cscores, load_cscores
 from ._regime_runs import figures, linearity_at_end, mean_over_grid, train_regimes
-from .common import Claim, Context, load_image_dataset, register, write_config, write_summary
+from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
+                     write_summary)
 
 
-@register("cscores")
+@register("cscores", dict(REGIME_OPTIONS, dataset=str, root=str, cscores=str, n_train=int, cscore_ratios=list,
+                           cscore_runs=int, cscore_epochs=int))
 def run(ctx: Context) -> dict:
     started = time.time()
     name = ctx.opt("dataset", "digits")

@@ -8,10 +8,11 @@ import numpy as np
 from ..analysis import at_equal_progress, difference, plot_groups
 from ..data import with_label_noise
 from ._regime_runs import figures, linearity_at_end, mean_over_grid, train_regimes
-from .common import Claim, Context, load_image_dataset, register, write_config, write_summary
+from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
+                     write_summary)
 
 
-@register("label-noise")
+@register("label-noise", dict(REGIME_OPTIONS, dataset=str, root=str, noise=float, n_train=int))
 def run(ctx: Context) -> dict:
     started = time.time()
     name = ctx.opt("dataset", "digits")

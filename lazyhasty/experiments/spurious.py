@@ -13,7 +13,8 @@ import torch
 from ..analysis import at_equal_progress, difference, plot_groups
 from ..data import Dataset, balanced_groups, celeba, waterbirds, with_spurious_feature
 from ._regime_runs import mean_over_grid, train_regimes
-from .common import Claim, Context, load_image_dataset, register, write_config, write_summary
+from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
+                     write_summary)
 
 ALPHAS = (0.5, 1.0, 100.0)
 
@@ -28,7 +29,8 @@ def _synthetic(ctx: Context, name: str, root):
     return tr, te, tr.agrees, te.agrees
 
 
-@register("spurious")
+@register("spurious", dict(REGIME_OPTIONS, agreement=float, dataset=str, root=str, n_train=int, n_test=int,
+                            per_group=int))
 def run(ctx: Context) -> dict:
     started = time.time()
     name = ctx.opt("dataset", "digits")

@@ -36,7 +36,8 @@ def _at_threshold(losses: np.ndarray, grids: np.ndarray, thr: float):
     return (1 - w) * grids[j - 1] + w * grids[j]
 
 
-@register("yinyang")
+@register("yinyang", dict(seeds=int, n_train=int, width=int, lr=float, steps=int, steps_lazy=int,
+                           resolution=int))
 def run(ctx: Context) -> dict:
     started = time.time()
     seeds = int(ctx.opt("seeds", 20, quick=3))

@@ -6,7 +6,7 @@ and the stateful :class:`SignPatterns` keeps the init model's words so it is not
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -125,6 +125,12 @@ class SignPatterns:
     def capture(cls, reference: nn.Module, loader, *, modules: Sequence[nn.Module | str] | None = None,
                 backend: str | None = None) -> "SignPatterns":
         """Run ``reference`` (eval mode) over ``loader`` and keep its packed sign patterns."""
+        if not isinstance(reference, nn.Module):
+            hint = (": a state_dict has no forward pass; load it into a module of the same architecture "
+                    "(ref = copy.deepcopy(model); ref.load_state_dict(state_dict)) and capture that"
+                    ) if isinstance(reference, Mapping) else ""
+            raise TypeError(f"SignPatterns.capture needs the reference model (an nn.Module), got "
+                            f"{type(reference).__name__}{hint}")
         named = relu_modules(reference, modules)
         device = model_device(reference)
         run = _Pass(named, backend, "reference")

@@ -14,7 +14,7 @@ from .._progress import Progress
 from ..metrics._exact import AlignmentSums
 from . import _features as feat
 from ._layers import (
-    batch_grad_from_factors, check_per_example, choose_form, embedding_factors, ghost_layout, linear_factors,
+    batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, select_output, tensor_output, embedding_factors, ghost_layout, linear_factors,
     linear_g, norm_grads, split_params,
     plan_layers, to_materialized, trainable_params,
 )
@@ -71,15 +71,18 @@ def _same_trainable(model: nn.Module, ref: nn.Module):
             p.requires_grad_(flag)
 
 
-def _check_args(kernel: str, implementation: str, block_size, max_cache_bytes=0) -> None:
-    if kernel not in KERNELS:
+def _check_args(kernel: str, implementation: str, block_size, max_cache_bytes=0, dtype=None) -> None:
+    if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not isinstance(max_cache_bytes, int) or max_cache_bytes < 0:
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
+                                   or block_size < 1):
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 0:
         raise ValueError(f"max_cache_bytes must be a non-negative int, got {max_cache_bytes!r}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}")
 
 
 class Featurizer:
@@ -205,19 +208,7 @@ class Featurizer:
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
         self.checked_mixing = True
-        if x.shape[0] < 2:
-            return
-        with torch.no_grad():
-            full = self._call(x[:2]).reshape(2, -1)
-            one = self._call(x[:1]).reshape(1, -1)
-        if not bool(torch.isfinite(full).all()):
-            raise ValueError("the model's outputs contain NaN/inf on the probe set: the tangent kernel is undefined")
-        if not torch.allclose(full[:1], one, rtol=1e-3, atol=1e-5 * (1 + float(one.abs().max()))):
-            raise ValueError(
-                "the model's output for an example depends on the other examples of the batch (a module mixes "
-                "examples, e.g. BatchNorm with batch statistics): the per-example tangent kernel is ill-defined; "
-                "use model.eval() or remove the batch-mixing module"
-            )
+        check_probe_inputs(self._call, x)
 
     def _features(self, x: torch.Tensor, sink=None):
         feats: list = []
@@ -343,13 +334,13 @@ class Featurizer:
         """The model on ``x``, channels-last for convolutional models (unless the model cannot take it)."""
         if self.channels_last and x.dim() == 4 and x.is_floating_point():
             try:
-                return self.model(x.contiguous(memory_format=torch.channels_last))
+                return tensor_output(self.model(x.contiguous(memory_format=torch.channels_last)))
             except RuntimeError:
                 # e.g. a .view() that needs the standard layout: this model runs on contiguous inputs
                 self.channels_last = False
                 if reset is not None:
                     reset()
-        return self.model(x)
+        return tensor_output(self.model(x))
 
     def _mark_verified(self) -> None:
         self.verified = True
@@ -429,7 +420,7 @@ def _one_trace_block(fz: "Featurizer", x_all: torch.Tensor, block_size: int | No
 
 def _output_size(fz: "Featurizer", x: torch.Tensor) -> int:
     with torch.no_grad():
-        return int(fz.model(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
+        return int(fz._call(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
 
 
 def _naive(model, loader, kernel, dtype):
@@ -438,14 +429,23 @@ def _naive(model, loader, kernel, dtype):
     m = model if dtype is None else copy.deepcopy(model).to(dtype)
     xs = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
           for x in iter_inputs(loader, model_device(m))]
-    check_per_example(m)
+    _guard_naive(m, xs)
     K = reference.ntk_gram(m, xs, kernel=kernel)
-    return K.to(dtype or next(p.dtype for p in model.parameters()))
+    return _finite(K.to(dtype or next(p.dtype for p in model.parameters())))
+
+
+def _guard_naive(model: nn.Module, xs: list) -> None:
+    """The checks the other implementations run (Featurizer), before the naive loop touches the model."""
+    check_per_example(model)
+    trainable_params(model)
+    if not xs:
+        raise ValueError("the probe set is empty")
+    check_probe_inputs(model, torch.cat(xs) if len(xs) > 1 else xs[0])
 
 
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
-             backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
+             backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None) -> torch.Tensor:
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -467,6 +467,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                       example, spread over its ~n/2 pairs).
       ``"auto"``      layerwise.
 
+    output: for a model returning a tuple, list or dict, which element the kernel is of: an index, a key,
+    or a callable (``output=lambda out: out.logits``).
+
     dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
     ~1e-15 relative error; float32 ~1e-6; bfloat16 ~1e-2. block_size: examples per tile (memory of a
     tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
@@ -481,7 +484,8 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
     """
-    _check_args(kernel, implementation, block_size, max_cache_bytes)
+    _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+    model = select_output(model, output)
     if implementation == "naive":
         return _naive(model, loader, kernel, dtype)
     fz = Featurizer(model, implementation, kernel, dtype)
@@ -562,7 +566,7 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                  backend: str | None = None) -> float:
+                  backend: str | None = None, output=None) -> float:
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
@@ -575,20 +579,23 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     when the centred kernels are small against the uncentred ones. float32 kernels carry rounding of
     ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
-    init, a module of the same architecture or its state_dict.
+    init, a module of the same architecture or its state_dict. ``output``: as in :func:`ntk_gram`.
 
     >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
     """
-    _check_args(kernel, implementation, block_size, max_cache_bytes)
+    _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
-    ref = as_reference_module(model, reference)
+    ref = select_output(as_reference_module(model, reference), output)
+    model = select_output(model, output)
     if implementation == "naive":
         from .. import reference as R
 
         with _same_trainable(model, ref):
-            return R.ntk_alignment(model, list(iter_inputs(loader, model_device(model))), ref, kernel=kernel,
-                                   centered=centered)
+            xs = list(iter_inputs(loader, model_device(model)))
+            _guard_naive(model, xs)
+            _guard_naive(ref, [x.to(model_device(ref)) for x in xs])
+            return R.ntk_alignment(model, xs, ref, kernel=kernel, centered=centered)
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend, fz.dtype)

@@ -67,6 +67,77 @@ def check_per_example(model: nn.Module) -> None:
             )
 
 
+class SelectOutput(nn.Module):
+    """``model`` whose output is picked from a tuple/list/dict by ``output``: an index, a key or a callable.
+
+    The wrapped model is the only child, so parameter names gain a ``model.`` prefix (consistently for a
+    model and its reference).
+    """
+
+    def __init__(self, model: nn.Module, output):
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        try:
+            picked = self.output(out) if callable(self.output) else out[self.output]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise ValueError(f"output={self.output!r} cannot pick from the model's {type(out).__name__} output "
+                             f"({exc})") from None
+        return tensor_output(picked, "output= selected")
+
+
+def select_output(model: nn.Module, output) -> nn.Module:
+    if output is None:
+        return model
+    if not (callable(output) or isinstance(output, (int, str))) or isinstance(output, bool):
+        raise TypeError(f"output= must be an index, a key or a callable, got {output!r}")
+    return SelectOutput(model, output)
+
+
+def tensor_output(out, what: str = "the model returned"):
+    """``out`` when it is a tensor; a clear error naming the fix otherwise."""
+    if isinstance(out, torch.Tensor):
+        return out
+    kind = type(out).__name__
+    keys = f" with keys {list(out)[:5]}" if isinstance(out, dict) else (
+        f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
+    raise TypeError(f"{what} a {kind}{keys}, not a tensor: pass output= (an index, a key, or a callable "
+                    "such as lambda out: out.logits) to choose the tensor the tangent kernel is of")
+
+
+def check_probe_inputs(call, x: torch.Tensor, *, sample: int = 16) -> None:
+    """Guards every NTK implementation runs before its first block (naive included).
+
+    ``call``: the model as a function of a batch. Non-finite inputs or outputs are errors; so is a model
+    whose output for an example depends on the rest of the batch: the outputs of a random subset, in a
+    random order, of up to ``sample`` examples must equal those of the same examples within the whole
+    sample (batch statistics, order-dependent mixing and per-batch randomness all change them). Costs
+    two forwards of at most ``sample`` examples, under ``no_grad``.
+    """
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
+    b = min(x.shape[0], sample)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(b)
+        pick = torch.randperm(x.shape[0], generator=g)[:b].to(x.device)
+        full = tensor_output(call(x[pick])).reshape(b, -1)
+        if not bool(torch.isfinite(full).all()):
+            raise ValueError("the model's outputs contain NaN/inf on the probe set: the tangent kernel is undefined")
+        if b < 2:
+            return
+        sub = torch.randperm(b, generator=g)[: max(1, b // 2)].to(x.device)  # a random half, shuffled
+        part = call(x[pick][sub]).reshape(sub.numel(), -1)
+    ref = full[sub]
+    if not torch.allclose(part, ref, rtol=1e-3, atol=1e-5 * (1 + float(ref.abs().max()))):
+        raise ValueError(
+            "the model's output for an example depends on the other examples of the batch (a module mixes "
+            "examples, e.g. BatchNorm with batch statistics, or is random): the per-example tangent kernel is "
+            "ill-defined; use model.eval() or remove the batch-mixing module")
+
+
 def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
