@@ -334,3 +334,25 @@ def test_alignment_sums_tiles_equal_one_block():
     want = exact_alignment(K1, K2, True)
     assert abs(one.alignment() - want) <= 1e-13
     assert abs(tiled.alignment() - want) <= 1e-13
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bias=st.sampled_from([0.0, 10.0, 1000.0]), noise=st.sampled_from([1.0, 1e-2, 1e-4]),
+       dup=st.integers(1, 2), kernel=st.sampled_from(["trace", "full"]), block=st.sampled_from([None, 7]),
+       seed=st.integers(0, 1000))
+def test_property_ntk_alignment_centred_exact_or_undefined(bias, noise, dup, kernel, block, seed):
+    ref = _biased_mlp(torch.float64, bias=bias, seed=seed % 7)
+    model = _perturbed(ref, seed=seed)
+    x = _clustered(torch.float64, noise, n=12, seed=seed).repeat_interleave(dup, 0)
+    K = ntk_gram(model, x, kernel=kernel, block_size=block)
+    K0 = ntk_gram(ref, x, kernel=kernel, block_size=block)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            got = ntk_alignment(model, x, ref, kernel=kernel, centered=True, block_size=block)
+    except ValueError as exc:
+        assert "undefined" in str(exc)
+        return
+    assert 0.0 <= got <= 1.0
+    rel2 = min(float(torch.linalg.vector_norm(R._center(k)) ** 2 / torch.linalg.vector_norm(k) ** 2) for k in (K, K0))
+    assert abs(got - exact_alignment(K, K0, True)) <= max(1e-12, 1e-30 / rel2)

@@ -51,34 +51,48 @@ def two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return p, ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
-def exact_sum(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sum(x)`` (over ``dim``, or all) of a float64 tensor as ``(hi, lo)``, error ~1e-32 of ``sum |x|``."""
-    if x.numel() == 0:
-        shape = () if dim is None else x.sum(dim).shape
-        z = torch.zeros(shape, dtype=F64, device=x.device)
-        return z, z.clone()
+def _sigma(m: int, bound: float) -> float:
+    """A power of two >= 2 m bound: multiples of its ulp below it add exactly in float64."""
+    return math.ldexp(1.0, math.frexp(m * bound)[1] + 1)
+
+
+def exact_sum(x: torch.Tensor, dim: int | None = None, *, bound: float | None = None,
+              inplace: bool = False, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum(x)`` (over ``dim``, or all) of a float64 tensor as ``(hi, lo)``.
+
+    Two extraction levels, then a plain sum of what is left (each value below ``(2 m)^2 2^-106 max|x|``):
+    the error is below ``~(2m)^4 2^-159 max|x|``, i.e. ~1e-23 of ``max|x|`` for a million terms.
+    bound: a known ``>= max|x|`` (saves a pass); inplace: ``x`` may be overwritten (it becomes the
+    remainders); scratch: a float64 buffer of ``x``'s size for the extracted parts.
+    """
     m = x.numel() if dim is None else x.shape[dim]
 
     def total(t):
         return t.sum() if dim is None else t.sum(dim)
 
+    if x.numel() == 0:
+        z = total(x)
+        return z, torch.zeros_like(z)
+    if bound is None:
+        bound = float(x.abs().max())
+    if bound == 0.0 or not math.isfinite(bound):
+        s = total(x)
+        return s, torch.zeros_like(s)
+    r = x if inplace else x.clone()
+    q = torch.empty_like(r) if scratch is None else scratch.view(r.shape)
     hi = lo = None
-    r = x
-    for _ in range(3):  # each level leaves remainders ~m eps of the last: 3 levels ~ (m eps)^3 max|x|
-        amax = float(r.abs().max())
-        if amax == 0.0 or not math.isfinite(amax):
-            break
-        sigma = math.ldexp(1.0, math.frexp(m * amax)[1] + 1)
-        q = (r + sigma) - sigma  # high bits, multiples of ulp(sigma): summed exactly in any order
-        r = r - q  # exact remainders, each below ulp(sigma)
+    sigma = _sigma(m, bound)
+    for _ in range(2):
+        torch.add(r, sigma, out=q)
+        q.sub_(sigma)  # high bits of every value: multiples of ulp(sigma), their sum is exact
+        r.sub_(q)  # exact remainders, each below ulp(sigma) / 2
         if hi is None:
-            hi, lo = total(q), torch.zeros_like(total(q))
+            hi = total(q)
+            lo = torch.zeros_like(hi)
         else:
             hi, e = two_sum(hi, total(q))
             lo = lo + e
-    if hi is None:
-        s = total(x)
-        return s, torch.zeros_like(s)
+        sigma = _sigma(m, math.ldexp(sigma, -53))
     return two_sum(hi, lo + total(r))
 
 
@@ -86,9 +100,9 @@ def exact_dot(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     """``sum(a * b)`` of same-shape tensors as ``(hi, lo)``; products exact (see module docstring)."""
     if a.dtype in (torch.float32, torch.float16, torch.bfloat16) and b.dtype in (
             torch.float32, torch.float16, torch.bfloat16):
-        return exact_sum(a.to(F64) * b.to(F64))  # <= 48 significant bits: exact in float64
+        return exact_sum(a.to(F64) * b.to(F64), inplace=True)  # <= 48 significant bits: exact in float64
     p, e = two_prod(a.to(F64), b.to(F64))
-    hi, lo = exact_sum(p)
+    hi, lo = exact_sum(p, inplace=True)
     return hi, lo + e.sum()
 
 
@@ -217,32 +231,58 @@ class AlignmentSums:
         self.cross, self.sq_t, self.sq_0 = (DD(_scalar_zero(device)) for _ in range(3))
         self.eps = 0.0
         self.lower = 0.0  # NTKs are PSD: Tr[A B] >= 0 (kernel_alignment of any symmetric matrices: -1)
+        self._ws: dict[str, torch.Tensor] = {}
         if centered:
             shape = (n, k, k) if kernel == "full" else (n,)
             self.R_t, self.R_0 = DD.zeros(shape, device), DD.zeros(shape, device)
 
+    def _buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        # reused float64 workspaces: fresh tile-sized buffers cost more in page faults than the arithmetic
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < like.numel() or buf.device != like.device:
+            buf = self._ws[name] = torch.empty(like.numel(), dtype=F64, device=like.device)
+        return buf[:like.numel()].view(like.shape)
+
     def add(self, Kt: torch.Tensor, K0: torch.Tensor, si: slice, sj: slice, off_diagonal: bool) -> None:
         self.eps = max(self.eps, _eps(Kt.dtype), _eps(K0.dtype))
         w = 2.0 if off_diagonal else 1.0
-        for acc, (a, b) in ((self.cross, (Kt, K0)), (self.sq_t, (Kt, Kt)), (self.sq_0, (K0, K0))):
-            hi, lo = exact_dot(a, b)
-            acc.add_(w * hi, w * lo)  # w = 2: exact
-        if self.centered:
-            for K, R in ((Kt, self.R_t), (K0, self.R_0)):
-                K = K.to(F64)  # exact
-                full = self.kernel == "full"
-                rows = exact_sum(K, 2 if full else 1)
-                cols = exact_sum(K, 0)
-                if full:  # [k(a), bj, k(b)] -> [j, b, a] (K[i,a,j,b] = K[j,b,i,a])
-                    cols = tuple(c.permute(1, 2, 0) for c in cols)
-                if off_diagonal:
-                    R.add_(*rows, index=si)
-                    R.add_(*cols, index=sj)
-                else:
-                    # a diagonal tile is symmetric only up to its GEMM's rounding: centre the symmetric
-                    # kernel (K + K^T) / 2, whose row sums are the mean of K's row and column sums (exact)
-                    s, e = two_sum(rows[0], cols[0])
-                    R.add_(0.5 * s, 0.5 * (e + rows[1] + cols[1]), index=si)
+        A = self._buffer("a", Kt).copy_(Kt)  # exact (float32 -> float64)
+        B = self._buffer("b", K0).copy_(K0)
+        if not self.centered:
+            # float64 dots: products of float32 values are exact, and without centring nothing cancels
+            # beyond |sum a b| <= |A|_F |B|_F (Cauchy-Schwarz): the ratio is accurate to ~1e-16 * log(m)
+            a, b = A.reshape(-1), B.reshape(-1)
+            for acc, (x, y) in ((self.cross, (a, b)), (self.sq_t, (a, a)), (self.sq_0, (b, b))):
+                acc.add_(w * torch.dot(x, y))
+            return
+        amax = {"a": float(A.abs().max()), "b": float(B.abs().max())}
+        P, Q = self._buffer("p", A), self._buffer("q", A)
+        two_prod_needed = Kt.dtype == F64 or K0.dtype == F64
+        for acc, (x, y, bx, by) in ((self.cross, (A, B, "a", "b")), (self.sq_t, (A, A, "a", "a")),
+                                    (self.sq_0, (B, B, "b", "b"))):
+            if two_prod_needed:
+                p, e = two_prod(x, y)
+                P.copy_(p)
+                err = e.sum()
+            else:
+                torch.mul(x, y, out=P)  # exact
+                err = 0.0
+            hi, lo = exact_sum(P, bound=amax[bx] * amax[by], inplace=True, scratch=Q)
+            acc.add_(w * hi, w * (lo + err))  # w = 2: exact
+        full = self.kernel == "full"
+        for K, R, name in ((A, self.R_t, "a"), (B, self.R_0, "b")):
+            cols = exact_sum(P.copy_(K), 0, bound=amax[name], inplace=True, scratch=Q)
+            rows = exact_sum(K, 2 if full else 1, bound=amax[name], inplace=True, scratch=Q)
+            if full:  # [k(a), bj, k(b)] -> [j, b, a] (K[i,a,j,b] = K[j,b,i,a])
+                cols = tuple(c.permute(1, 2, 0) for c in cols)
+            if off_diagonal:
+                R.add_(*rows, index=si)
+                R.add_(*cols, index=sj)
+            else:
+                # a diagonal tile is symmetric only up to its GEMM's rounding: centre the symmetric
+                # kernel (K + K^T) / 2, whose row sums are the mean of K's row and column sums (exact)
+                s, e = two_sum(rows[0], cols[0])
+                R.add_(0.5 * s, 0.5 * (e + rows[1] + cols[1]), index=si)
 
     def add_partials(self, parts: torch.Tensor, w: float) -> None:
         """Partial sums ``(cross, sq_t, sq_0)`` of a tile reduced elsewhere (the fused Triton kernel)."""
@@ -286,12 +326,34 @@ class CentredMoments:
         self.sum_a = self.sum_b = None  # DD feature sums (centred only)
         self.plain_a = self.plain_b = None  # |Phi|_F^2 (float64 tensors), for the "zero to working precision" test
         self.eps = 0.0
+        self._pending: list = []
+        self._pending_rows = 0
+
+    # small batches are gathered up to this many rows first: each merge costs O(d^2) whatever the batch
+    CHUNK_ROWS = 256
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"batch sizes differ: {a.shape[0]} vs {b.shape[0]}")
         if a.shape[0] == 0:
             return
+        if a.shape[0] >= self.CHUNK_ROWS and not self._pending:
+            self._merge(a, b)
+            return
+        self._pending.append((a, b))
+        self._pending_rows += a.shape[0]
+        if self._pending_rows >= self.CHUNK_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            pa, pb = zip(*self._pending)
+            if len({t.shape[1:] for t in pa}) > 1 or len({t.shape[1:] for t in pb}) > 1:
+                raise ValueError("the representation size changed between batches")
+            self._pending, self._pending_rows = [], 0
+            self._merge(torch.cat(pa), torch.cat(pb))
+
+    def _merge(self, a: torch.Tensor, b: torch.Tensor) -> None:
         if self.aa is None:
             self.check_bytes(a.shape[1], b.shape[1])
         elif a.shape[1] != self.aa.shape[0] or b.shape[1] != self.bb.shape[0]:
@@ -331,6 +393,7 @@ class CentredMoments:
         self.n += m
 
     def alignment(self, what: str = "the representation Gram") -> float:
+        self._flush()
         if self.aa is None:
             raise ValueError("the probe set is empty: alignment is undefined")
         aa2, bb2 = float((self.aa * self.aa).sum()), float((self.bb * self.bb).sum())
