@@ -1,14 +1,32 @@
 """Print a pytest-benchmark JSON as ratio tables: median time and peak memory relative to the naive provider.
 
-    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json
+    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json [--markdown]
 """
 import json
 import sys
 from collections import defaultdict
 
 
-def main(path):
+def markdown(data) -> str:
+    """The same as one markdown table (device, versions, then a row per benchmark and its extra_info)."""
+    info = data["machine_info"]
+    lines = [f"device: {info.get('device')}; torch {info['lazyhasty']['torch']}; triton {info.get('triton')}; "
+             f"commit {info.get('commit', '')[:10]}", "",
+             "| group | case | median s | peak MB | extra |", "| --- | --- | --- | --- | --- |"]
+    for b in data["benchmarks"]:
+        params = ", ".join(f"{k}={v}" for k, v in (b.get("params") or {}).items())
+        extra = {k: v for k, v in b["extra_info"].items() if k != "peak_mem_bytes"}
+        peak = b["extra_info"].get("peak_mem_bytes")
+        lines.append(f"| {b['group']} | {params} | {b['stats']['median']:.4f} | "
+                     f"{'' if peak is None else f'{peak / 2**20:.0f}'} | {json.dumps(extra) if extra else ''} |")
+    return "\n".join(lines)
+
+
+def main(path, md=False):
     data = json.load(open(path))
+    if md:
+        print(markdown(data))
+        return
     info = data["machine_info"]
     print(f"device: {info.get('device')}  torch {info['lazyhasty']['torch']}  commit {info.get('commit', '')[:10]}")
     groups = defaultdict(dict)
@@ -26,4 +44,4 @@ def main(path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], md="--markdown" in sys.argv[2:])

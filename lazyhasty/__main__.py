@@ -3,6 +3,7 @@
   lazyhasty demo                      the embedded default: yin-yang, alpha = 1 vs 100, quick (no download)
   lazyhasty run NAME [options]        NAME: yinyang | label-noise | cscores | spurious | quadratic
   lazyhasty info                      which compiled backends this installation has
+  lazyhasty check [--device D]        every op on every backend of the device against the reference
 
 Every run writes DIR (default ./lazyhasty-runs/NAME): config.json, JSONL logs under runs/, PNG figures
 and summary.json, where each of the paper's claims is a measured number with the sign it should have.
@@ -70,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root", help="folder of a local dataset copy (cifar10, celeba, waterbirds, fashion-mnist)")
     _common(run, None)
     sub.add_parser("info", help="print which backends this installation has")
+    check = sub.add_parser("check", help="compare every op on every backend with lazyhasty.reference",
+                           description="Compare every op on every available backend with lazyhasty.reference on "
+                                       "awkward shapes; exit status 1 on any mismatch.")
+    check.add_argument("--device", default="all", choices=("cpu", "cuda", "all"),
+                       help="where to check (all: cpu, and cuda when torch sees a GPU)")
+    check.add_argument("--quick", action="store_true", help="fewer shapes and dtypes (seconds)")
+    check.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    check.add_argument("--failures-only", action="store_true", help="print only the rows that are not ok")
     return parser
 
 
@@ -80,6 +89,14 @@ def main(argv=None) -> int:
 
         print(json.dumps(_backend.summary(), indent=2))
         return 0
+    if args.command == "check":
+        from . import check
+
+        try:
+            return check.main(args.device, args.quick, args.json, show_all=not args.failures_only)
+        except RuntimeError as exc:
+            print(f"lazyhasty: {exc}", file=sys.stderr)
+            return 2
     from .experiments.common import Context, run_experiment
 
     options = _load_config(args.config)

@@ -20,10 +20,20 @@ def _backend_params():
 
 CPU_BACKENDS = _backend_params()
 CUDA_BACKENDS = [
-    pytest.param(b, id=f"cuda-{b}", marks=pytest.mark.skipif(
+    pytest.param(b, id=f"cuda-{b}", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available() or (b == "cuda" and not _backend.has_cuda_ext),
-        reason="needs a CUDA GPU (and lazyhasty._cuda for the cuda backend)"))
+        reason="needs a CUDA GPU (and lazyhasty._cuda for the cuda backend)")])
     for b in ("cuda", "triton", "torch")
+]
+
+# Where the Triton kernels run: the CPU interpreter (TRITON_INTERPRET=1, CI) and a GPU (TRITON_INTERPRET=0,
+# benchmarks/device.sh). Tests parametrized over TRITON_DEVICES run on whichever this process can.
+TRITON_DEVICES = [
+    pytest.param("cpu", id="triton-cpu", marks=pytest.mark.skipif(
+        not (_backend.has_triton and _backend.triton_interpreted()), reason="needs triton, interpreted on CPU")),
+    pytest.param("cuda", id="triton-cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not (_backend.has_triton and torch.cuda.is_available() and not _backend.triton_interpreted()),
+        reason="needs triton on a CUDA GPU (TRITON_INTERPRET=0)")]),
 ]
 
 

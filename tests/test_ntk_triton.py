@@ -7,16 +7,20 @@ import torch
 from lazyhasty import _backend
 from lazyhasty.metrics import ntk_alignment, ntk_gram
 
+from conftest import TRITON_DEVICES
 from ntk_zoo import ZOO
 
-pytestmark = pytest.mark.skipif(not (_backend.has_triton and _backend.triton_interpreted()),
-                                reason="needs triton (interpreted on CPU)")
+pytestmark = pytest.mark.parametrize("device", TRITON_DEVICES)
+
+
+def _interp() -> bool:
+    return _backend.triton_interpreted()
 
 
 @pytest.mark.parametrize("M,N,Pt,P0,outputs", [(1, 1, 1, 1, 1), (33, 7, 45, 70, 1), (40, 40, 33, 31, 1),
                                                 (9, 5, 12, 6, 3)])
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_alignment_partials(M, N, Pt, P0, outputs, symmetric):
+def test_alignment_partials(M, N, Pt, P0, outputs, symmetric, device):
     from lazyhasty.ntk._triton_ntk import alignment_partials
 
     g = torch.Generator().manual_seed(M + N)
@@ -25,41 +29,46 @@ def test_alignment_partials(M, N, Pt, P0, outputs, symmetric):
         ft_j, f0_j = ft_i, f0_i
     else:
         ft_j, f0_j = torch.randn(N, Pt, generator=g), torch.randn(N, P0, generator=g)
-    Kt, K0 = (ft_i @ ft_j.T).double(), (f0_i @ f0_j.T).double()
+    Kt, K0 = (ft_i.double() @ ft_j.double().T), (f0_i.double() @ f0_j.double().T)
     want = torch.stack([(Kt * K0).sum(), (Kt * Kt).sum(), (K0 * K0).sum()])
-    got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, True, outputs)
-    assert torch.allclose(got, want, rtol=1e-5)
+    ft_i, ft_j, f0_i, f0_j = (t.to(device) for t in (ft_i, ft_j, f0_i, f0_j))
+    got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, _interp(), outputs)
+    assert got.dtype == torch.float64
+    assert torch.allclose(got.cpu(), want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("M,N,P,outputs", [(1, 1, 1, 1), (33, 7, 45, 1), (40, 40, 70, 1), (7, 7, 36, 4), (5, 3, 20, 2)])
-def test_gram(M, N, P, outputs):
+def test_gram(M, N, P, outputs, device):
     from lazyhasty.ntk._triton_ntk import gram
 
-    x = torch.randn(M, P)
-    y = x if M == N else torch.randn(N, P)
-    assert torch.allclose(gram(x, y, M == N, True, outputs), x @ y.T, rtol=1e-5, atol=1e-5)
+    x = torch.randn(M, P, device=device)
+    y = x if M == N else torch.randn(N, P, device=device)
+    want = (x.double() @ y.double().T).float()
+    assert torch.allclose(gram(x, y, M == N, _interp(), outputs), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("b_i,b_j,k,S,din,dout", [(1, 1, 1, 1, 1, 1), (5, 3, 2, 3, 7, 5), (9, 9, 1, 2, 33, 4)])
-def test_ghost_gram(b_i, b_j, k, S, din, dout):
+def test_ghost_gram(b_i, b_j, k, S, din, dout, device):
     from lazyhasty.ntk._triton_ntk import ghost_gram
 
     g = torch.Generator().manual_seed(S)
     a_i, g_i = torch.randn(b_i, S, din, generator=g), torch.randn(b_i, k, S, dout, generator=g)
     sym = b_i == b_j
     a_j, g_j = (a_i, g_i) if sym else (torch.randn(b_j, S, din, generator=g), torch.randn(b_j, k, S, dout, generator=g))
-    A = torch.einsum("isd,jtd->isjt", a_i, a_j)
-    G = torch.einsum("iasd,jbtd->iasjbt", g_i, g_j)
-    want = torch.einsum("isjt,iasjbt->iajb", A, G).reshape(b_i * k, b_j * k)
-    got = ghost_gram(a_i, a_j, g_i, g_j, sym, True)
-    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    A = torch.einsum("isd,jtd->isjt", a_i.double(), a_j.double())
+    G = torch.einsum("iasd,jbtd->iasjbt", g_i.double(), g_j.double())
+    want = torch.einsum("isjt,iasjbt->iajb", A, G).reshape(b_i * k, b_j * k).float()
+    a_i, a_j, g_i, g_j = (t.to(device) for t in (a_i, a_j, g_i, g_j))
+    got = ghost_gram(a_i, a_j, g_i, g_j, sym, _interp())
+    assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["mlp_paper", "cnn_strided", "shared_linear"])
 @pytest.mark.parametrize("kernel", ["full", "trace"])
-def test_engine_with_triton_backend_matches_torch(name, kernel):
+def test_engine_with_triton_backend_matches_torch(name, kernel, device):
     torch.manual_seed(0)
     m, x = ZOO[name]()
+    m, x = m.to(device), x.to(device)
     want = ntk_gram(m, x, kernel=kernel, backend="torch")
     for impl in ("layerwise", "jacobian"):
         for bs in (4, None):  # tiles; one block (for the trace: one output at a time)
@@ -75,12 +84,12 @@ def test_engine_with_triton_backend_matches_torch(name, kernel):
         assert a_triton == pytest.approx(a_torch, rel=1e-5)
 
 
-def test_float64_never_runs_the_float32_triton_kernels():
+def test_float64_never_runs_the_float32_triton_kernels(device):
     from lazyhasty import reference as R
 
     torch.manual_seed(0)
     m, x = ZOO["cnn_strided"]()
-    m, x = m.double(), x.double()
+    m, x = m.double().to(device), x.double().to(device)
     want = R.ntk_gram(m, [x], kernel="trace")
     for bs in (2, None):
         got = ntk_gram(m, x, kernel="trace", backend="triton", block_size=bs)

@@ -7,11 +7,10 @@ summed batch by batch: exact for any batching, memory ``O(d^2)`` whatever n is.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from .._precision import exact_fp32
 from .._loaders import as_reference_module, evaluating, iter_inputs, model_device
 from ._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
@@ -80,17 +79,6 @@ def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> Centre
     return CentredMoments(centered, dtype, _accumulator_guard)
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    # fp32 GEMMs on Ampere+ may silently run in tf32 when a user enabled it; alignment needs fp32.
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-
-
 @torch.no_grad()
 def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.Module | str | None = None,
                              where: str | None = None, centered: bool = False,
@@ -128,7 +116,7 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
     rec_m = CallRecorder([(name, module)], keep("model"), where)
     rec_r = CallRecorder([(name, ref_module)], keep("ref"), where) if ref_module is not module else None
     try:
-        with evaluating(model, ref), _no_tf32():
+        with evaluating(model, ref), exact_fp32():
             for x in iter_inputs(loader, device):
                 got.clear()
                 rec_m.new_forward()

@@ -8,7 +8,8 @@ from torch import nn
 
 from .._loaders import evaluating, model_device
 from ._sites import CallRecorder, resolve_layer, same_modules
-from .alignment import _feature_moments, _no_tf32
+from .._precision import exact_fp32
+from .alignment import _feature_moments
 from .signs import SignPatterns, _BatchWords, _Pass, _reduce
 
 
@@ -71,7 +72,7 @@ class LinearityProbe:
         grams = _feature_moments(centered)
         counts, start = [], 0
         try:
-            with evaluating(model), _no_tf32():
+            with evaluating(model), exact_fp32():
                 for xb, phi0 in zip(self.x.split(self.batch_size), self.ref_features):
                     xb = xb.to(device)
                     b = xb.shape[0]

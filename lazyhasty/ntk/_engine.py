@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _backend
 from .._loaders import as_reference_module, iter_inputs, model_device
+from .._precision import exact_fp32
 from .._progress import Progress
 from ..metrics._exact import AlignmentSums
 from . import _features as feat
@@ -26,18 +27,6 @@ DEFAULT_CACHE_BYTES = 1 << 30
 # the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
 # beyond, tiles of default_block_size.
 TRACE_BLOCK_BYTES = 1 << 30
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """No silent tf32: fp32 GEMMs and convolutions in full fp32 precision on GPUs that could use tf32."""
-    prev = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
 def _ntk_backend(device: torch.device, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
