@@ -158,6 +158,16 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full") -> torch.Tensor:
     raise ValueError(f"kernel must be 'full', 'trace' or 'diagonal', got {kernel!r}")
 
 
+def ntk_cross(model: nn.Module, loader1, loader2, *, kernel: str = "full") -> torch.Tensor:
+    """Naive cross kernel ``K(X1, X2)``: ``[n1, k, n2, k]`` (full) or ``[n1, n2]`` (trace), in float64."""
+    J1, J2 = jacobian_rows(model, loader1).double(), jacobian_rows(model, loader2).double()
+    if kernel == "full":
+        return torch.einsum("iap,jbp->iajb", J1, J2)
+    if kernel == "trace":
+        return torch.einsum("iap,jap->ij", J1, J2)
+    raise ValueError(f"kernel must be 'full' or 'trace' for a cross kernel, got {kernel!r}")
+
+
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False) -> float:
     """Naive NTK alignment: both kernels materialized, then :func:`kernel_alignment`."""
     ref = as_reference_module(model, reference)

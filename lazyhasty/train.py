@@ -290,6 +290,7 @@ class Trainer:
         self.loader = train.loader(self.bs, shuffle=config.batch_size is not None, seed=config.seed)
         self.steps_per_epoch = len(self.loader)
         self._signs = None
+        self._ntk = None
 
     # -- config / resume --------------------------------------------------------------------------------
     def _full_config(self) -> dict:
@@ -347,7 +348,7 @@ class Trainer:
         return tot / n, correct / n
 
     def _linearity(self) -> dict:
-        from .metrics import LinearityProbe, ntk_alignment
+        from .metrics import LinearityProbe, NTKReference
 
         out = {}
         model, f0, probe = self.net.model, self.net.f0, self.probe_set
@@ -359,7 +360,10 @@ class Trainer:
             got = self._signs.measure(model)
             out.update({k: v for k, v in got.items() if k in want})
         if "ntk_alignment" in want:
-            out["ntk_alignment"] = ntk_alignment(model, probe.x, f0, kernel=self.config.ntk_kernel)
+            if self._ntk is None:  # K_0 of f0 formed once: each log forms only the model's kernel
+                trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+                self._ntk = NTKReference.capture(f0, probe.x, kernel=self.config.ntk_kernel, trainable=trainable)
+            out["ntk_alignment"] = self._ntk.alignment(model)
         return out
 
     def _row(self, step: int, log_index: int) -> dict:

@@ -19,22 +19,28 @@ class LinearityProbe:
     ``capture`` keeps the reference's packed ReLU sign patterns and its representation features
     ``[n, d]``; ``measure(model)`` then runs the model once per batch, with both hooks on, and returns
     ``{"sign_similarity", "repr_alignment"}`` (the same numbers as :func:`sign_similarity` and
-    :func:`representation_alignment`, without rerunning the reference or the model twice).
+    :func:`representation_alignment`, without rerunning the reference or the model twice), and
+    ``"ntk_alignment"`` when captured with ``ntk=`` (the reference's kernel is formed once).
 
         >>> probe = LinearityProbe.capture(model_at_init, probe_x)
         >>> probe.measure(model)     # every logging step
     """
 
     def __init__(self, x: torch.Tensor, batch_size: int, signs: SignPatterns | None, layer_name: str, where: str,
-                 ref_features: list[torch.Tensor]):
+                 ref_features: list[torch.Tensor], ntk=None):
         self.x, self.batch_size, self.signs = x, batch_size, signs
         self.layer_name, self.where, self.ref_features = layer_name, where, ref_features
+        self.ntk = ntk  # NTKReference or None
 
     @classmethod
     @torch.no_grad()
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
-                batch_size: int = 1024, backend: str | None = None) -> "LinearityProbe":
+                batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
+                trainable=None) -> "LinearityProbe":
+        """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
+        (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
+        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``."""
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
             raise ValueError("the probe set must be a non-empty tensor of inputs [n, ...]")
         batches = list(x.split(batch_size))
@@ -59,7 +65,12 @@ class LinearityProbe:
                         raise ValueError(f"layer {name!r} must run exactly once per forward")
         finally:
             rec.remove()
-        return cls(x, batch_size, signs, name, where, feats)
+        kernel_ref = None
+        if ntk is not None:
+            from ..ntk import NTKReference
+
+            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable)
+        return cls(x, batch_size, signs, name, where, feats, kernel_ref)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
@@ -95,4 +106,6 @@ class LinearityProbe:
         out = {"repr_alignment": grams.alignment()}
         if self.signs is not None:
             out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
+        if self.ntk is not None:
+            out["ntk_alignment"] = self.ntk.alignment(model)
         return out

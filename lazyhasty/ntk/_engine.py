@@ -15,7 +15,8 @@ from .._progress import Progress
 from ..metrics._exact import AlignmentSums
 from . import _features as feat
 from ._layers import (
-    batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, select_output, tensor_output, embedding_factors, ghost_layout, linear_factors,
+    batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, embedding_factors, ghost_layout,
+    linear_factors, select_output, tensor_output,
     linear_g, norm_grads, split_params,
     plan_layers, to_materialized, trainable_params,
 )
@@ -412,14 +413,22 @@ def _output_size(fz: "Featurizer", x: torch.Tensor) -> int:
         return int(fz._call(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
 
 
-def _naive(model, loader, kernel, dtype):
+def _naive(model, loader, kernel, dtype, loader2=None):
     from .. import reference
 
     m = model if dtype is None else copy.deepcopy(model).to(dtype)
     xs = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
           for x in iter_inputs(loader, model_device(m))]
     _guard_naive(m, xs)
-    K = reference.ntk_gram(m, xs, kernel=kernel)
+    if loader2 is not None:
+        if kernel == "diagonal":
+            raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
+        xs2 = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
+               for x in iter_inputs(loader2, model_device(m))]
+        _guard_naive(m, xs2)
+        K = reference.ntk_cross(m, xs, xs2, kernel=kernel)
+    else:
+        K = reference.ntk_gram(m, xs, kernel=kernel)
     return _finite(K.to(dtype or next(p.dtype for p in model.parameters())))
 
 
@@ -432,9 +441,11 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
     check_probe_inputs(model, torch.cat(xs) if len(xs) > 1 else xs[0])
 
 
+@torch.enable_grad()  # per-example gradients need autograd, also when called under no_grad (a probe)
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
-             backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None) -> torch.Tensor:
+             backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
+             loader2=None) -> torch.Tensor:
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -442,6 +453,10 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (sum over a = b);
     ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks).
+
+    loader2: a second set of examples gives the cross kernel ``K(X1, X2)``: ``[n1, k, n2, k]`` (full) or
+    ``[n1, n2]`` (trace), e.g. test points against training points for kernel predictions; streamed in
+    tiles like the Gram (the second set's block features are kept while they fit ``max_cache_bytes``).
 
     implementation:
       ``"naive"``     one autograd call per example and output (the spec; O(n k) backward passes).
@@ -476,10 +491,15 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     model = select_output(model, output)
     if implementation == "naive":
-        return _naive(model, loader, kernel, dtype)
+        return _naive(model, loader, kernel, dtype, loader2)
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
     x_all = _inputs(loader, fz.device)
+    if loader2 is not None:
+        if kernel == "diagonal":
+            raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
+        return _cross_gram(fz, x_all, _inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
+                           progress)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
     if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
@@ -546,12 +566,57 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
+def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: str, block_size: int | None, be: str,
+                max_cache_bytes: int, progress: bool) -> torch.Tensor:
+    """``K(X1, X2)``: every tile (I of X1, J of X2); X2's block features cached within the budget."""
+    if x1.shape[1:] != x2.shape[1:]:
+        raise ValueError(f"the two example sets differ in shape: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}")
+    n1, n2 = x1.shape[0], x2.shape[0]
+    fz.pairs_per_example = n2  # each example of X1 meets every example of X2
+    bs = block_size or default_block_size(max(n1, n2), _output_size(fz, x1))
+    b1, b2 = list(x1.split(bs)), list(x2.split(bs))
+    s1, s2 = [0], [0]
+    for b, s in ((b1, s1), (b2, s2)):
+        for x in b:
+            s.append(s[-1] + x.shape[0])
+    cached, room = {}, [max_cache_bytes]
+
+    def get(J):
+        if J in cached:
+            return cached[J]
+        f = fz(b2[J])
+        size = sum(t.nbytes for t in f)
+        if size <= room[0]:
+            cached[J] = f
+            room[0] -= size
+        return f
+
+    K = None
+    with exact_fp32(), Progress(len(b1) * len(b2), "ntk cross tiles", progress) as bar:
+        for I, xi in enumerate(b1):
+            fi = fz(xi)
+            for J in range(len(b2)):
+                t = feat.tile(fi, get(J), kernel, be)
+                if K is None:
+                    k = fz.k
+                    K = torch.empty((n1, k, n2, k) if kernel == "full" else (n1, n2), dtype=fz.dtype, device=fz.device)
+                si, sj = slice(s1[I], s1[I + 1]), slice(s2[J], s2[J + 1])
+                if kernel == "full":
+                    K[si, :, sj, :] = t
+                else:
+                    K[si, sj] = t
+                bar.update()
+    return _finite(K)
+
+
 def _finite(K: torch.Tensor) -> torch.Tensor:
+    K = K.detach()  # a kernel, not a node of an autograd graph (that would keep the graph alive)
     if not bool(torch.isfinite(K).all()):
         raise ValueError("the tangent kernel has NaN/inf entries (non-finite inputs, parameters or activations)")
     return K
 
 
+@torch.enable_grad()
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
