@@ -68,3 +68,129 @@ def test_cross_kernel_against_explicit_jacobians(implementation, kernel, block_s
         ntk_gram(m0, x, loader2=x2, kernel="diagonal", implementation=implementation)
     with pytest.raises(ValueError, match="differ in shape"):
         ntk_gram(m0, x, loader2=torch.randn(3, 2, 7, 7, dtype=torch.float64))
+
+
+# --- kernel predictions of lazy training ------------------------------------------------------------
+def _digits_setup(n=60, m=25):
+    from lazyhasty.data import digits
+
+    pytest.importorskip("sklearn")
+    ds = digits()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).double()
+    x, y = ds.x[:n].double(), ds.y[:n]
+    xt, yt = ds.x[n:n + m].double(), ds.y[n:n + m]
+    return model, x, y, xt, yt
+
+
+def _train_linearized(model, x, y, loss, lr, steps, alpha=None):
+    from lazyhasty.regimes import AlphaScaled, Linearized, scaled_lr
+    from lazyhasty.train import per_example_loss
+
+    net = Linearized(copy.deepcopy(model)) if alpha is None else AlphaScaled(copy.deepcopy(model), alpha)
+    opt = torch.optim.SGD(net.parameters(), lr=lr if alpha is None else scaled_lr(lr, alpha))
+    for _ in range(steps):
+        opt.zero_grad()
+        per_example_loss(loss, net(x), y).mean().backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_predict_matches_a_trained_linearized_model(loss):
+    from lazyhasty.kernels import predict
+    from lazyhasty.train import per_example_loss
+
+    model, x, y, xt, yt = _digits_setup()
+    K = ntk_gram(model, x, kernel="full")
+    Kx = ntk_gram(model, xt, loader2=x, kernel="full")
+    with torch.no_grad():
+        f0, g0 = model(x), model(xt)
+    n = x.shape[0]
+    lam_max = float(torch.linalg.eigvalsh(K.reshape(n * 10, n * 10))[-1])
+    lr, steps = 0.5 * n / lam_max, 40  # a quarter of gradient descent's stability limit 2 n / lambda_max
+    out = predict(K, Kx, y, f0, g0, loss=loss, lr=lr, times=[0, steps // 2, steps], y_test=yt)
+    net = _train_linearized(model, x, y, loss, lr, steps)
+    with torch.no_grad():
+        f, g = net(x), net(xt)
+    # exact: a linear model under gradient descent is the kernel recursion
+    assert torch.allclose(out["f_train"][-1], f, atol=1e-9)
+    assert torch.allclose(out["f_test"][-1], g, atol=1e-9)
+    assert torch.allclose(out["loss_train"][-1], per_example_loss(loss, f, y), atol=1e-9)
+    assert torch.allclose(out["loss_test"][-1], per_example_loss(loss, g, yt), atol=1e-9)
+    assert torch.allclose(out["f_train"][0], f0)
+    # alpha-scaled runs of the network itself approach it as alpha grows (the lazy regime)
+    errs = []
+    for alpha in (1.0, 100.0, 1000.0):
+        net = _train_linearized(model, x, y, loss, lr, steps, alpha=alpha)
+        with torch.no_grad():
+            errs.append(float((net(x) - f).abs().max() / (f - f0).abs().max()))  # relative to the motion
+    assert errs[0] > errs[1] > errs[2] and errs[1] < 0.1 and errs[2] < 1e-2
+
+
+def test_predict_flow_closed_form_and_rk4_agree_with_small_steps():
+    from lazyhasty.kernels import predict
+
+    model, x, y, xt, _ = _digits_setup(n=30, m=10)
+    K, Kx = ntk_gram(model, x, kernel="full"), ntk_gram(model, xt, loader2=x, kernel="full")
+    with torch.no_grad():
+        f0, g0 = model(x), model(xt)
+    # small steps (eta lambda_max / n ~ 0.01): gradient descent follows the flow to O(eta lambda / n)
+    flow = predict(K, Kx, y, f0, g0, loss="mse", lr=0.002, times=[0.0, 250.0, 1500.0], dynamics="flow")
+    gd = predict(K, Kx, y, f0, g0, loss="mse", lr=0.002, times=[0, 250, 1500])
+    assert float((flow["f_train"][-1] - f0).abs().max()) > 0.3  # it moved
+    assert torch.allclose(flow["f_train"], gd["f_train"], atol=1e-3)
+    assert torch.allclose(flow["f_test"], gd["f_test"], atol=1e-3)
+    ce_flow = predict(K, Kx, y, f0, g0, loss="cross_entropy", lr=0.002, times=[1500.0], dynamics="flow")
+    ce_gd = predict(K, Kx, y, f0, g0, loss="cross_entropy", lr=0.002, times=[1500])
+    assert torch.allclose(ce_flow["f_train"], ce_gd["f_train"], atol=1e-3)
+    assert torch.allclose(ce_flow["f_test"], ce_gd["f_test"], atol=1e-3)
+    # the per-output form ([n, n] for every output) on a model with one output equals the full one
+    m1 = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    z = torch.randn(12, 3, dtype=torch.float64)
+    Kf, Kt = ntk_gram(m1, z, kernel="full"), ntk_gram(m1, z, kernel="trace")
+    yy = torch.randn(12, 1, dtype=torch.float64)
+    with torch.no_grad():
+        h0 = m1(z)
+    a = predict(Kf, None, yy, h0, loss="mse", lr=0.1, times=[7.5], dynamics="flow")
+    b = predict(Kt, None, yy, h0, loss="mse", lr=0.1, times=[7.5], dynamics="flow")
+    assert torch.allclose(a["f_train"], b["f_train"], atol=1e-12)
+
+
+def test_predict_bad_inputs():
+    from lazyhasty.kernels import predict
+
+    K = torch.eye(4, dtype=torch.float64)
+    f0 = torch.zeros(4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        predict(-K, None, torch.ones(4, 1), f0, lr=0.1, times=[1])
+    with pytest.raises(ValueError, match=r"must be \[4, 4\]"):
+        predict(torch.eye(5), None, torch.ones(4, 1), f0, lr=0.1, times=[1])
+    with pytest.raises(ValueError, match="integer step counts"):
+        predict(K, None, torch.ones(4, 1), f0, lr=0.1, times=[1.5])
+    with pytest.raises(ValueError, match="class indices"):
+        predict(K, None, torch.ones(4, 1), f0, loss="cross_entropy", lr=0.1, times=[1])
+
+
+# --- spectrum and modes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("kernel", ["trace", "full"])
+def test_ntk_eigh_materialized_and_streamed_agree_with_eigh(kernel):
+    from lazyhasty.kernels import mode_residuals, ntk_eigh
+
+    m0, _, x = _pair()
+    K = ntk_gram(m0, x, kernel=kernel)
+    N = K.shape[0] * (K.shape[1] if kernel == "full" else 1)
+    lam, V = torch.linalg.eigh(K.reshape(N, N))
+    want = lam.flip(0)[:4]
+    got, vecs = ntk_eigh(m0, x, 4, kernel=kernel)
+    assert torch.allclose(got, want, rtol=1e-10)
+    streamed, svecs = ntk_eigh(m0, x, 4, kernel=kernel, max_bytes=0, block_size=4, tol=1e-14, max_iter=2000)
+    assert torch.allclose(streamed, want, rtol=1e-6)
+    # eigenvectors up to sign
+    assert torch.allclose((svecs.T @ vecs).abs().diagonal(), torch.ones(4, dtype=torch.float64), atol=1e-4)
+    with pytest.raises(ValueError, match="r must be an integer"):
+        ntk_eigh(m0, x, N + 1, kernel=kernel)
+    if kernel == "trace":
+        f = torch.randn(x.shape[0], dtype=torch.float64)
+        y = torch.randn(x.shape[0], dtype=torch.float64)
+        assert torch.allclose(mode_residuals(vecs, f, y), vecs.T @ (f - y))

@@ -1,0 +1,291 @@
+"""The tangent kernel as an instrument: predictions of lazy training, spectra and modes.
+
+Training ``L = (1/n) sum_i l(f(x_i), y_i)`` (the Trainer's loss: a mean of per-example losses) with
+gradient descent at learning rate ``eta``, the linearized model (the alpha -> infinity regime) moves in
+function space by ``f_{s+1} = f_s - (eta / n) K (dl/df)(f_s)`` on the training points and
+``f_test <- f_test - (eta / n) K_test,train (dl/df)(f_s)`` elsewhere, ``K`` the NTK at init. For MSE
+(``l = |f - y|^2 / 2``) it is solved in the eigenbasis ``K = V diag(lambda) V^T``:
+
+    gradient flow (time t in steps):  f_t - y = V exp(-eta lambda t / n) V^T (f_0 - y)
+    gradient descent (s steps):       f_s - y = V (1 - eta lambda / n)^s V^T (f_0 - y)
+    test points:                      f_t(x) = f_0(x) - K(x, X) V diag((1 - phi_t(lambda)) / lambda) V^T (f_0 - y)
+
+(``phi_t`` the training factor above; ``(1 - phi) / lambda`` -> ``eta t / n`` as lambda -> 0). Cross-entropy
+has no closed form: gradient descent is iterated exactly, gradient flow integrated by RK4.
+
+    >>> K = ntk_gram(model, x_train, kernel="full"); Kx = ntk_gram(model, x_test, loader2=x_train, kernel="full")
+    >>> out = predict(K, Kx, y_train, model(x_train), model(x_test), loss="mse", lr=0.1, times=[0, 10, 100])
+    >>> out["loss_train"]      # [3, n] per-example losses of the linearized model after 0, 10, 100 steps
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+F64 = torch.float64
+LOSSES = ("mse", "cross_entropy")
+
+
+def _flat_kernel(K: torch.Tensor, n: int, k: int, name: str, m: int | None = None) -> tuple[torch.Tensor, bool]:
+    """``[rows, cols]`` float64 and whether it is per output (``[n, n]``, the same for every output)."""
+    rows = n if m is None else m
+    if not isinstance(K, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(K).__name__}")
+    if K.dim() == 2 and K.shape == (rows, n):
+        return K.to(F64), True
+    if K.dim() == 4 and K.shape == (rows, k, n, k):
+        return K.to(F64).reshape(rows * k, n * k), False
+    raise ValueError(f"{name} must be [{rows}, {n}] (one kernel for every output) or [{rows}, {k}, {n}, {k}], got "
+                     f"{tuple(K.shape)}")
+
+
+def _targets(y: torch.Tensor, n: int, k: int, loss: str) -> torch.Tensor:
+    y = torch.as_tensor(y)
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} rows, the training kernel {n}")
+    if y.dim() == 1 and not y.is_floating_point():  # class indices
+        if int(y.min()) < 0 or int(y.max()) >= k:
+            raise ValueError(f"class labels must lie in 0..{k - 1}")
+        return F.one_hot(y.long(), k).to(F64)
+    if loss == "cross_entropy":
+        raise ValueError("cross_entropy needs class indices y [n] (long)")
+    return y.to(F64).reshape(n, k)
+
+
+def _losses(f: torch.Tensor, Y: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "mse":
+        return ((f - Y) ** 2).sum(-1) / 2
+    return -(Y * torch.log_softmax(f, -1)).sum(-1)
+
+
+def _factors(lam: torch.Tensor, t: float, lr: float, n: int, dynamics: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``phi`` (the residual's factor) and ``psi = (1 - phi) / lambda`` (the test points'), per eigenvalue."""
+    c = lr * lam / n  # per-step rate
+    if dynamics == "flow":
+        a = c * t
+        phi = torch.exp(-a)
+        # (1 - e^{-a}) / lambda = (eta t / n) (1 - e^{-a}) / a, continuous at a = 0
+        ratio = torch.where(a.abs() > 1e-12, -torch.expm1(-a) / torch.where(a == 0, 1.0, a), 1.0 - a / 2)
+        return phi, (lr * t / n) * ratio
+    phi = torch.pow(1.0 - c, t)
+    small = c.abs() <= 1e-12
+    psi = torch.where(small, lr * t / n, (1.0 - phi) / torch.where(small, 1.0, lam))
+    return phi, psi
+
+
+def predict(K_train: torch.Tensor, K_test_train: torch.Tensor | None, y: torch.Tensor, f0_train: torch.Tensor,
+            f0_test: torch.Tensor | None = None, *, loss: str = "mse", lr: float, times: Sequence[float],
+            dynamics: str = "gd", y_test: torch.Tensor | None = None, rk4_step: float | None = None) -> dict:
+    """Outputs and per-example losses of the linearized model trained from ``f0`` with kernel ``K_train``.
+
+    K_train: ``[n, k, n, k]`` (the full NTK) or ``[n, n]`` (one kernel for every output, e.g. the trace
+    kernel over k when outputs are exchangeable). K_test_train: ``[m, k, n, k]`` / ``[m, n]`` or None.
+    y: ``[n, k]`` targets (MSE) or ``[n]`` class indices (one-hot for MSE). f0_train ``[n, k]``,
+    f0_test ``[m, k]``: the model's outputs at init. lr: the step size of ``L = mean_i l_i``; times:
+    steps (``dynamics="gd"``: integers, discrete gradient descent) or continuous time in steps
+    (``"flow"``: gradient flow). y_test: labels of the test points for their losses.
+
+    Returns ``{"times": [T], "f_train": [T, n, k], "loss_train": [T, n], "f_test": [T, m, k],
+    "loss_test": [T, m]}`` (float64; test entries only when given).
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if dynamics not in ("gd", "flow"):
+        raise ValueError(f"dynamics must be 'gd' (gradient descent) or 'flow' (gradient flow), got {dynamics!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    times = [float(t) for t in times]
+    if not times or any(t < 0 or not math.isfinite(t) for t in times):
+        raise ValueError("times must be a non-empty list of non-negative numbers")
+    if dynamics == "gd" and any(t != int(t) for t in times):
+        raise ValueError("gradient descent takes integer step counts in times (use dynamics='flow' otherwise)")
+    f0 = torch.as_tensor(f0_train).detach().to(F64)
+    n = f0.shape[0]
+    f0 = f0.reshape(n, -1)
+    k = f0.shape[1]
+    Kf, per_output = _flat_kernel(K_train, n, k, "K_train")
+    Y = _targets(y, n, k, loss).to(Kf.device)
+    f0 = f0.to(Kf.device)
+    test = K_test_train is not None
+    if test:
+        if f0_test is None:
+            raise ValueError("f0_test is needed with K_test_train")
+        g0 = torch.as_tensor(f0_test).detach().to(F64).to(Kf.device)
+        m = g0.shape[0]
+        g0 = g0.reshape(m, k)
+        Kx, px = _flat_kernel(K_test_train, n, k, "K_test_train", m)
+        if px != per_output:
+            raise ValueError("K_train and K_test_train must both be full ([.., k, .., k]) or both per output")
+        Yt = None if y_test is None else _targets(y_test, m, k, loss).to(Kf.device)
+    if not bool(torch.isfinite(Kf).all()):
+        raise ValueError("K_train has NaN/inf entries")
+    asym = float((Kf - Kf.T).abs().max())
+    if asym > 1e-6 * float(Kf.abs().max()):
+        raise ValueError(f"K_train is not symmetric (max |K - K^T| = {asym:.3g})")
+    lam, V = torch.linalg.eigh((Kf + Kf.T) / 2)
+    if float(lam.min()) < -1e-6 * max(float(lam.max()), 1e-300):
+        raise ValueError(f"K_train is not positive semi-definite (smallest eigenvalue {float(lam.min()):.3g}): "
+                         "not a tangent kernel")
+    lam = lam.clamp(min=0.0)
+
+    def residual_basis(R):  # [n, k] -> coefficients in the eigenbasis
+        return V.T @ (R if per_output else R.reshape(-1))
+
+    def from_basis(C):
+        out = V @ C
+        return out if per_output else out.reshape(n, k)
+
+    out = {"times": torch.tensor(times, dtype=F64)}
+    fs, gs = [], []
+    if loss == "mse":
+        c0 = residual_basis(f0 - Y)
+        for t in times:
+            phi, psi = _factors(lam, t, float(lr), n, dynamics)
+            scale = (lambda v: v[:, None]) if per_output else (lambda v: v)
+            fs.append(Y + from_basis(scale(phi) * c0))
+            if test:
+                step = from_basis(scale(psi) * c0)
+                gs.append(g0 - (Kx @ step if per_output else (Kx @ step.reshape(-1)).reshape(m, k)))
+    else:
+        fs, gs = _cross_entropy(Kf, Kx if test else None, per_output, f0, g0 if test else None, Y, float(lr), n, k,
+                                times, dynamics, rk4_step, lam)
+    out["f_train"] = torch.stack(fs)
+    out["loss_train"] = _losses(out["f_train"], Y, loss)
+    if test:
+        out["f_test"] = torch.stack(gs)
+        if Yt is not None:
+            out["loss_test"] = _losses(out["f_test"], Yt, loss)
+    return out
+
+
+def _cross_entropy(Kf, Kx, per_output, f0, g0, Y, lr, n, k, times, dynamics, rk4_step, lam):
+    """Cross-entropy: exact gradient-descent iterations, or RK4 on the gradient flow."""
+    def apply(Km, G):  # K (dl/df) for [n, k] gradients
+        return Km @ G if per_output else (Km @ G.reshape(-1)).reshape(-1, k)
+
+    def grad(f):
+        return torch.softmax(f, -1) - Y
+
+    order = sorted(range(len(times)), key=lambda i: times[i])
+    fs, gs = [None] * len(times), [None] * len(times)
+    f, g, t = f0.clone(), None if g0 is None else g0.clone(), 0.0
+    if dynamics == "gd":
+        for i in order:
+            while t < times[i]:
+                G = grad(f)
+                f = f - (lr / n) * apply(Kf, G)
+                if g is not None:
+                    g = g - (lr / n) * apply(Kx, G)
+                t += 1
+            fs[i], gs[i] = f.clone(), None if g is None else g.clone()
+        return fs, gs
+    # gradient flow: the softmax Hessian is at most 1/2, so the stiffest rate is eta lambda_max / (2 n)
+    h_max = rk4_step or min(1.0, 1.0 / max(lr * float(lam.max()) / (2 * n), 1e-12))
+
+    def rhs(f):
+        G = grad(f)
+        return -(lr / n) * apply(Kf, G), None if g is None else -(lr / n) * apply(Kx, G)
+
+    for i in order:
+        while t < times[i] - 1e-12:
+            h = min(h_max, times[i] - t)
+            k1, l1 = rhs(f)
+            k2, l2 = rhs(f + h / 2 * k1)
+            k3, l3 = rhs(f + h / 2 * k2)
+            k4, l4 = rhs(f + h * k3)
+            f = f + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+            if g is not None:
+                g = g + h / 6 * (l1 + 2 * l2 + 2 * l3 + l4)
+            t += h
+        fs[i], gs[i] = f.clone(), None if g is None else g.clone()
+    return fs, gs
+
+
+def mode_residuals(eigvecs: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Residuals ``f - y`` projected on kernel eigenvectors: ``[r]`` (or ``[r, k]`` per output).
+
+    eigvecs: ``[n, r]`` (columns: eigenvectors of an ``[n, n]`` kernel, e.g. from :func:`ntk_eigh`);
+    f, y: ``[n]`` or ``[n, k]`` (class indices are one-hot encoded for ``[n, k]`` outputs).
+    """
+    f = torch.as_tensor(f).detach().to(F64)
+    n = f.shape[0]
+    if eigvecs.dim() != 2 or eigvecs.shape[0] != n:
+        raise ValueError(f"eigvecs must be [n, r] with n = {n}, got {tuple(eigvecs.shape)}")
+    y = torch.as_tensor(y)
+    if f.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        y = F.one_hot(y.long(), f.shape[1])
+    y = y.to(F64).reshape(f.shape)
+    return eigvecs.to(F64).T @ (f - y.to(f.device))
+
+
+def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1 << 30, block_size: int | None = None,
+             dtype: torch.dtype | None = None, tol: float = 1e-10, max_iter: int = 200, seed: int = 0,
+             **ntk_options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``r`` eigenpairs ``(values [r] descending, vectors [n, r])`` of the NTK on the probe set.
+
+    ``kernel="trace"``: the ``[n, n]`` trace kernel; ``"full"``: the ``[nk, nk]`` kernel (vectors ``[n k, r]``).
+    From the materialized kernel (``torch.linalg.eigh``) while it fits ``max_bytes``; otherwise by block
+    subspace iteration with Rayleigh-Ritz on streamed kernel-vector products ``K V`` formed tile by tile
+    (:func:`kernel_matvec`), never holding the ``n x n`` matrix.
+    """
+    from ._loaders import iter_inputs, model_device
+    from .ntk import ntk_gram
+
+    if kernel not in ("trace", "full"):
+        raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
+    xs = list(iter_inputs(loader, model_device(model)))
+    if not xs:
+        raise ValueError("the probe set is empty")
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    n = x.shape[0]
+    with torch.no_grad():
+        k = int(model(x[:1]).reshape(1, -1).shape[1])
+    N = n if kernel == "trace" else n * k
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= N:
+        raise ValueError(f"r must be an integer in 1..{N} (the kernel's size), got {r!r}")
+    if 8 * N * N <= max_bytes:
+        K = ntk_gram(model, x, kernel=kernel, block_size=block_size, dtype=dtype, **ntk_options).to(F64)
+        lam, V = torch.linalg.eigh(K.reshape(N, N))
+        return lam.flip(0)[:r], V.flip(1)[:, :r]
+    return _subspace_iteration(lambda Q: kernel_matvec(model, x, Q, kernel=kernel, block_size=block_size,
+                                                       dtype=dtype, **ntk_options),
+                               N, r, tol, max_iter, seed, x.device)
+
+
+def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    p = min(N, r + max(5, r // 2))  # oversampling: the convergence rate is lambda_{p+1} / lambda_r
+    Q, _ = torch.linalg.qr(torch.randn(N, p, generator=g, dtype=F64).to(device))
+    prev = None
+    for _ in range(max_iter):
+        Z = matvec(Q)
+        H = Q.T @ Z
+        lam, W = torch.linalg.eigh((H + H.T) / 2)
+        lam, W = lam.flip(0), W.flip(1)
+        if prev is not None and float((lam[:r] - prev).abs().max()) <= tol * float(lam[0]):
+            return lam[:r], (Q @ W)[:, :r]
+        prev = lam[:r]
+        Q, _ = torch.linalg.qr(Z @ W)
+    return lam[:r], (Q @ W)[:, :r]
+
+
+def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", block_size: int | None = None,
+                  dtype: torch.dtype | None = None, **ntk_options) -> torch.Tensor:
+    """``K Q`` for ``Q`` ``[N, p]`` (``N = n`` trace, ``n k`` full), one row of tiles at a time: memory
+    ``O(block n)``, never the ``N x N`` kernel."""
+    from ._loaders import iter_inputs, model_device
+    from .ntk import ntk_gram
+    from .ntk._engine import default_block_size
+
+    xs = list(iter_inputs(loader, model_device(model)))
+    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    n = x.shape[0]
+    bs = block_size or default_block_size(n, 1)
+    rows = []
+    for xi in x.split(bs):
+        t = ntk_gram(model, xi, loader2=x, kernel=kernel, block_size=bs, dtype=dtype, **ntk_options).to(F64)
+        rows.append(t.reshape(t.shape[0] * (t.shape[1] if kernel == "full" else 1), -1) @ Q)
+    return torch.cat(rows)
