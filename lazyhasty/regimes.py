@@ -24,6 +24,9 @@ def scaled_lr(lr: float, alpha: float) -> float:
 class AlphaScaled(nn.Module):
     """``f_alpha(x) = f_0(x) + alpha (f(x) - f_0(x))`` (or ``alpha (f(x) - f_0(x))`` with ``center=True``).
 
+    ``at=state_dict``: expand around a checkpoint ``theta_t`` instead (the model is loaded with it first, and
+    ``f_0`` is the model there): fork a run at step t into another regime.
+
     ``.model`` is the trainable inner module; ``f_0`` is a frozen copy taken at wrap time: no grad,
     same device (moves with ``.to``), saved in ``state_dict`` under ``f0.`` but excluded from
     ``parameters()``, and always run in eval mode (its dropout and BatchNorm statistics never change).
@@ -32,10 +35,21 @@ class AlphaScaled(nn.Module):
         >>> opt = torch.optim.SGD(lazy.parameters(), lr=scaled_lr(0.1, 100.0))
     """
 
-    def __init__(self, model: nn.Module, alpha: float, *, center: bool = False):
+    def __init__(self, model: nn.Module, alpha: float, *, center: bool = False, at=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if at is not None:
+            # fork from a checkpoint theta_t (the authors' --fork_from): the model starts there and f_0 is it
+            if isinstance(at, nn.Module):
+                at = at.state_dict()
+            if not isinstance(at, dict):
+                raise TypeError(f"at= must be a state_dict (or a module) of the model, got {type(at).__name__}")
+            sd = {k[len("model."):]: v for k, v in at.items() if k.startswith("model.")} if any(
+                k.startswith("model.") for k in at) else at  # an AlphaScaled state_dict works too
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"at= does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         alpha = float(alpha)
         if not alpha > 0 or alpha != alpha or alpha == float("inf"):
             raise ValueError(f"alpha must be a finite number > 0, got {alpha}")

@@ -363,7 +363,16 @@ class Trainer:
             if self._ntk is None:  # K_0 of f0 formed once: each log forms only the model's kernel
                 trainable = {n for n, p in model.named_parameters() if p.requires_grad}
                 self._ntk = NTKReference.capture(f0, probe.x, kernel=self.config.ntk_kernel, trainable=trainable)
-            out["ntk_alignment"] = self._ntk.alignment(model)
+            got = self._ntk.measure(model)
+            out["ntk_alignment"] = got["ntk_alignment"]
+            if "ntk_rel_change" in got:  # distance from the lazy regime: |K_t - K_0|_F / |K_0|_F
+                out["ntk_rel_change"] = got["ntk_rel_change"]
+        # distance from the expansion point: |theta_t - theta_0| / |theta_0|
+        num = den = 0.0
+        for (_, p), (_, p0) in zip(model.named_parameters(), f0.named_parameters()):
+            num += float((p.detach() - p0).double().pow(2).sum())
+            den += float(p0.double().pow(2).sum())
+        out["param_distance"] = (num / den) ** 0.5 if den > 0 else float("nan")
         return out
 
     def _row(self, step: int, log_index: int) -> dict:

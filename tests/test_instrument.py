@@ -194,3 +194,73 @@ def test_ntk_eigh_materialized_and_streamed_agree_with_eigh(kernel):
         f = torch.randn(x.shape[0], dtype=torch.float64)
         y = torch.randn(x.shape[0], dtype=torch.float64)
         assert torch.allclose(mode_residuals(vecs, f, y), vecs.T @ (f - y))
+
+
+# --- other views of the same kernel ------------------------------------------------------------------
+def test_target_alignment_against_the_definition_and_per_group():
+    from lazyhasty.metrics import target_alignment
+
+    m0, _, x = _pair()
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    K = ntk_gram(m0, x, kernel="trace")
+    Y = torch.nn.functional.one_hot(y, 3).double()
+    for centered in (False, True):
+        want = R.kernel_alignment(K, Y @ Y.T, centered=centered)
+        assert target_alignment(K, y, centered=centered) == pytest.approx(want, abs=1e-12)
+    Kf = ntk_gram(m0, x, kernel="full")
+    assert target_alignment(Kf, y) == pytest.approx(
+        R.kernel_alignment(Kf, torch.einsum("ia,jb->iajb", Y, Y)), abs=1e-12)
+    mask = torch.arange(13) < 6
+    per = target_alignment(K, y, groups=mask)
+    assert per[True] == pytest.approx(R.kernel_alignment(K[:6, :6], (Y @ Y.T)[:6, :6]), abs=1e-12)
+    assert set(per) == {True, False}
+    with pytest.raises(ValueError, match="groups must be"):
+        target_alignment(K, y, groups=torch.ones(5, dtype=torch.bool))
+
+
+def test_representation_alignment_feature_gram():
+    from lazyhasty.metrics import representation_alignment
+
+    m0, m, x = _pair()
+    got = representation_alignment(m, x, m0, gram="features")
+    phi = R._features(m, "3", "input", x, torch.device("cpu"))
+    phi0 = R._features(m0, "3", "input", x, torch.device("cpu"))
+    A, B = phi.T @ phi, phi0.T @ phi0
+    assert got == pytest.approx(float((A * B).sum() / (A.norm() * B.norm())), abs=1e-12)
+    assert got != pytest.approx(representation_alignment(m, x, m0), abs=1e-6)  # not the example Gram
+    with pytest.raises(ValueError, match="gram must be"):
+        representation_alignment(m, x, m0, gram="both")
+
+
+def test_alpha_scaled_forked_at_a_checkpoint():
+    from lazyhasty.regimes import AlphaScaled
+
+    m0, m, x = _pair()
+    lazy = AlphaScaled(copy.deepcopy(m0), 100.0, at=m.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(lazy(x), m(x))  # f_alpha = f_{theta_t} at the fork
+        assert all(torch.equal(a, b) for a, b in zip(lazy.f0.parameters(), m.parameters()))
+    again = AlphaScaled(copy.deepcopy(m0), 10.0, at=lazy.state_dict())  # an AlphaScaled state_dict
+    assert all(torch.equal(a, b) for a, b in zip(again.model.parameters(), m.parameters()))
+    with pytest.raises(ValueError, match="does not match"):
+        AlphaScaled(copy.deepcopy(m0), 10.0, at={"nope": torch.zeros(1)})
+
+
+def test_kernel_change_and_parameter_distance_in_the_trainer(tmp_path):
+    from lazyhasty.data import yinyang
+    from lazyhasty.train import TrainConfig, Trainer
+
+    m0, m, x = _pair()
+    ref = NTKReference.capture(m0, x, kernel="trace")
+    got = ref.measure(m)
+    K, K0 = ntk_gram(m, x, kernel="trace"), ntk_gram(m0, x, kernel="trace")
+    assert got["ntk_rel_change"] == pytest.approx(float((K - K0).norm() / K0.norm()), rel=1e-9)
+    assert ref.measure(m0)["ntk_rel_change"] == pytest.approx(0.0, abs=1e-7)
+    torch.manual_seed(0)
+    ds = yinyang(64, seed=0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    run = Trainer(net, ds, TrainConfig(steps=20, lr=0.5, loss="logistic", log_every=10), tmp_path / "r",
+                  probe_set=ds[:20]).fit()
+    first, last = run.rows[0], run.rows[-1]
+    assert first["param_distance"] == 0.0 and first["ntk_rel_change"] == pytest.approx(0.0, abs=1e-6)
+    assert last["param_distance"] > 0 and last["ntk_rel_change"] > 0

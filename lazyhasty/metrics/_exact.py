@@ -392,8 +392,16 @@ class CentredMoments:
         self.ab += ab
         self.n += m
 
-    def alignment(self, what: str = "the representation Gram") -> float:
+    def alignment(self, what: str = "the representation Gram", gram: str = "examples") -> float:
+        """KA of the two feature sets' Gram matrices.
+
+        gram="examples": the ``n x n`` Grams ``Phi Phi^T`` (the paper's definition), via
+        ``Tr[K_a K_b] = |Phi_a^T Phi_b|_F^2``; "features": the ``d x d`` Grams ``Phi^T Phi`` (what the
+        authors' code computed; needs ``d_a = d_b``), ``Tr[A B] / (|A|_F |B|_F)``.
+        """
         self._flush()
+        if gram not in ("examples", "features"):
+            raise ValueError(f"gram must be 'examples' or 'features', got {gram!r}")
         if self.aa is None:
             raise ValueError("the probe set is empty: alignment is undefined")
         aa2, bb2 = float((self.aa * self.aa).sum()), float((self.bb * self.bb).sum())
@@ -409,5 +417,11 @@ class CentredMoments:
                         f"{what} ({which}): the centred features are zero to working precision "
                         f"(|Phi - mean|_F / |Phi|_F = {rel:.2g}): every example has the same representation "
                         "(identical inputs, one example, a constant layer): the centred alignment is undefined")
+        if gram == "features":
+            if self.aa.shape != self.bb.shape:
+                raise ValueError(f"gram='features' needs features of the same size, got {self.aa.shape[0]} and "
+                                 f"{self.bb.shape[0]}")
+            cross = float((self.aa * self.bb).sum())
+            return ratio(cross, aa2 ** 0.5, bb2 ** 0.5, what, lower=0.0)
         cross = float((self.ab * self.ab).sum())
         return ratio(cross, aa2 ** 0.5, bb2 ** 0.5, what, lower=0.0)

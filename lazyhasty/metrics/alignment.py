@@ -82,7 +82,7 @@ def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> Centre
 @torch.no_grad()
 def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.Module | str | None = None,
                              where: str | None = None, centered: bool = False,
-                             dtype: torch.dtype | None = None) -> float:
+                             dtype: torch.dtype | None = None, gram: str = "examples") -> float:
     """Kernel alignment of the representation Gram matrices of ``model`` and ``reference`` over all examples.
 
     phi(x) (flattened to ``[d]``) is, by default, the input of the last ``nn.Linear`` in
@@ -92,11 +92,16 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
     accumulators (exact for any batching, memory independent of n). ``centered=True`` centres the
     features over the whole probe set (linear CKA): each batch is centred on its own mean and the
     co-moments merged (no large sum minus a large correction), so it stays exact when the features
-    vary by 1e-4 of their size; identical representations (one example) are an error. ``dtype``: per-batch GEMM precision (default fp32,
+    vary by 1e-4 of their size; identical representations (one example) are an error.
+    ``gram="examples"`` (default) aligns the ``n x n`` example Grams (the paper's text); ``"features"``
+    the ``d x d`` feature Grams ``Phi^T Phi`` (what the authors' code computed): the two agree at init
+    and differ once the features rotate (the feature Gram ignores which example carries which feature). ``dtype``: per-batch GEMM precision (default fp32,
     fp64 for fp64 features); cross-batch sums are float64. Both models run in eval mode.
 
         ra = representation_alignment(model, probe_loader, init_state_dict)   # 1.0 at init
     """
+    if gram not in ("examples", "features"):
+        raise ValueError(f"gram must be 'examples' or 'features', got {gram!r}")
     ref = as_reference_module(model, reference)
     name, module = resolve_layer(model, layer)
     if where is None:
@@ -136,4 +141,42 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
         rec_m.remove()
         if rec_r is not None:
             rec_r.remove()
-    return grams.alignment()
+    return grams.alignment(gram=gram)
+
+
+def target_alignment(K: torch.Tensor, y: torch.Tensor, *, centered: bool = False, groups=None):
+    """Kernel-target alignment ``KA(K, Y Y^T)`` (Cristianini et al. 2001; Baratin et al. 2021).
+
+    K: ``[n, n]`` or ``[n, k, n, k]``; y: ``[n]`` class indices (one-hot ``Y`` ``[n, C]``; for a full kernel
+    C must be k), ``[n, k]`` targets, or ``[n]`` real targets. groups: an ``[n]`` boolean mask or integer
+    group labels: then ``{group: KA of the group's sub-kernel with its targets}`` (a mask gives
+    ``{True: ..., False: ...}``). Exact sums as :func:`kernel_alignment`.
+
+    >>> target_alignment(ntk_gram(model, x, kernel="trace"), labels)   # how much the NTK "sees" the labels
+    """
+    _check_gram(K, "K")
+    n = K.shape[0]
+    y = torch.as_tensor(y).to(K.device)
+    if y.shape[0] != n:
+        raise ValueError(f"y has {y.shape[0]} rows, the kernel {n}")
+    if y.dim() == 1 and not y.is_floating_point():
+        C = K.shape[1] if K.dim() == 4 else int(y.max()) + 1
+        if int(y.min()) < 0 or int(y.max()) >= C:
+            raise ValueError(f"class labels must lie in 0..{C - 1}")
+        Y = torch.nn.functional.one_hot(y.long(), C).to(torch.float64)
+    else:
+        Y = y.to(torch.float64).reshape(n, -1)
+    if K.dim() == 4 and Y.shape[1] != K.shape[1]:
+        raise ValueError(f"a full kernel with k = {K.shape[1]} outputs needs targets [n, {K.shape[1]}]")
+    if groups is not None:
+        g = torch.as_tensor(groups).to(K.device)
+        if g.shape != (n,):
+            raise ValueError(f"groups must be an [n] = [{n}] mask or label vector, got shape {tuple(g.shape)}")
+        out = {}
+        for v in torch.unique(g).tolist():
+            idx = (g == v).nonzero().flatten()
+            sub = K[idx][:, idx] if K.dim() == 2 else K[idx][:, :, idx]
+            out[v] = target_alignment(sub, Y[idx], centered=centered)
+        return out
+    T = Y @ Y.T if K.dim() == 2 else torch.einsum("ia,jb->iajb", Y, Y)
+    return kernel_alignment(K, T.to(K.dtype) if K.dtype == torch.float64 else T, centered=centered)

@@ -86,9 +86,14 @@ class NTKReference:
 
     def alignment(self, model: nn.Module) -> float:
         """``KA(K_model, K_0)`` (centred if captured so) on the captured probe set."""
+        return self.measure(model)["ntk_alignment"]
+
+    def measure(self, model: nn.Module) -> dict:
+        """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only
+        while ``K_0`` is stored; from the same exact sums: ``|K_t|^2 + |K_0|^2 - 2 <K_t, K_0>``)."""
         if self.K0 is None:
-            return ntk_alignment(model, self.x, self.reference, kernel=self.kernel, centered=self.centered,
-                                 **self.options)
+            return {"ntk_alignment": ntk_alignment(model, self.x, self.reference, kernel=self.kernel,
+                                                   centered=self.centered, **self.options)}
         have = {n for n, p in model.named_parameters() if p.requires_grad}
         if have != set(self.trainable):
             raise ValueError("the model's trainable parameters differ from those the reference kernel was captured "
@@ -97,4 +102,6 @@ class NTKReference:
         n = self.x.shape[0]
         sums = AlignmentSums(n, Kt.shape[1] if self.kernel == "full" else 1, self.kernel, self.centered, Kt.device)
         sums.add(Kt, self.K0.to(Kt.device), slice(0, n), slice(0, n), False)
-        return sums.alignment()
+        change = (sums.sq_t + sums.sq_0 + sums.cross.scale(-2.0)).value()
+        return {"ntk_alignment": sums.alignment(),
+                "ntk_rel_change": max(change, 0.0) ** 0.5 / max(sums.sq_0.value(), 1e-300) ** 0.5}
