@@ -13,7 +13,8 @@ pytest.importorskip("sklearn")
 
 from lazyhasty import reference as R  # noqa: E402
 from lazyhasty.data import digits  # noqa: E402
-from lazyhasty.metrics import SignPatterns, ntk_alignment, representation_alignment  # noqa: E402
+from lazyhasty.metrics import (LinearityProbe, NTKReference, SignPatterns, ntk_alignment,  # noqa: E402
+                               representation_alignment)
 from lazyhasty.regimes import AlphaScaled  # noqa: E402
 from lazyhasty.train import per_example_loss  # noqa: E402
 
@@ -33,7 +34,7 @@ def setup():
     return ds, net, opt, probe
 
 
-@pytest.mark.parametrize("what", ["epoch", "probes", "probes-naive"])
+@pytest.mark.parametrize("what", ["epoch", "probes", "probes-captured", "ntk-only", "ntk-captured", "probes-naive"])
 def test_probe_cost(benchmark, setup, what):
     ds, net, opt, probe = setup
     if what == "epoch":
@@ -51,6 +52,21 @@ def test_probe_cost(benchmark, setup, what):
         def fn():
             return (signs.similarity(net.model, probe), representation_alignment(net.model, probe, net.f0),
                     ntk_alignment(net.model, probe, net.f0, kernel="trace"))
+    elif what == "probes-captured":  # the Trainer's path: f0's signs, features and K_0 captured once
+        names = {n for n, p in net.model.named_parameters() if p.requires_grad}
+        captured = LinearityProbe.capture(net.f0, probe, ntk="trace", trainable=names)
+
+        def fn():
+            return captured.measure(net.model)
+    elif what == "ntk-only":
+        def fn():
+            return ntk_alignment(net.model, probe, net.f0, kernel="trace")
+    elif what == "ntk-captured":
+        names = {n for n, p in net.model.named_parameters() if p.requires_grad}
+        ref = NTKReference.capture(net.f0, probe, kernel="trace", trainable=names)
+
+        def fn():
+            return ref.alignment(net.model)
     else:
         m0 = copy.deepcopy(net.f0).requires_grad_(True)
 
