@@ -264,3 +264,22 @@ def test_kernel_change_and_parameter_distance_in_the_trainer(tmp_path):
     first, last = run.rows[0], run.rows[-1]
     assert first["param_distance"] == 0.0 and first["ntk_rel_change"] == pytest.approx(0.0, abs=1e-6)
     assert last["param_distance"] > 0 and last["ntk_rel_change"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["trace", "full"])
+@pytest.mark.parametrize("implementation", ["auto", "jacobian"])
+def test_by_layer_kernels_sum_to_the_kernel_and_match_each_group(kernel, implementation):
+    m0, m, x = _pair()
+    parts = ntk_gram(m0, x, kernel=kernel, by_layer=True, block_size=5, implementation=implementation)
+    assert set(parts) == {"0", "3"}  # the modules owning parameters
+    assert torch.allclose(sum(parts.values()), ntk_gram(m0, x, kernel=kernel), atol=1e-12)
+    # one group = the kernel over that group's parameters only
+    only = copy.deepcopy(m0)
+    only[3].requires_grad_(False)
+    assert torch.allclose(parts["0"], ntk_gram(only, x, kernel=kernel), atol=1e-12)
+    per = ntk_alignment(m, x, m0, kernel=kernel, by_layer=True, block_size=5, implementation=implementation)
+    ref = ntk_gram(m, x, kernel=kernel, by_layer=True)
+    for name in ("0", "3"):
+        assert per[name] == pytest.approx(R.kernel_alignment(ref[name], parts[name]), abs=1e-12)
+    with pytest.raises(ValueError, match="by_layer"):
+        ntk_gram(m0, x, kernel="diagonal", by_layer=True)

@@ -101,6 +101,7 @@ class Featurizer:
             self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
             self.verified = True
         self.k: int | None = None
+        self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
         self.checked_mixing = False
         # amortizes forming per-example gradients in the ghost/materialized choice (set by the caller)
         self.pairs_per_example = 0.0
@@ -208,12 +209,28 @@ class Featurizer:
                 return None
             feats.extend(layer_feats)
         if self.generic:
-            f = feat.Materialized(self._generic_jacobian(x))
-            self.k = f.F.shape[1]
-            if sink is not None:
-                sink(f)
+            J = self._generic_jacobian(x)
+            self.k = J.shape[1]
+            if self.by_layer:  # one feature per owning module (the kernel's per-layer parts)
+                named = dict(self.model.named_parameters())
+                parts, start = {}, 0
+                for n in self.generic:
+                    size = named[n].numel()
+                    parts.setdefault(n.rpartition(".")[0], []).append((start, start + size))
+                    start += size
+                gen = []
+                for owner, spans in parts.items():
+                    f = feat.Materialized(torch.cat([J[:, :, a:b] for a, b in spans], -1))
+                    f.name = owner
+                    gen.append(f)
             else:
-                feats.append(f)
+                gen = [feat.Materialized(J)]
+                gen[0].name = "generic"
+            for f in gen:
+                if sink is not None:
+                    sink(f)
+                else:
+                    feats.append(f)
         # one GEMM per layer (no concatenated copy of all per-example gradients)
         return feats
 
@@ -259,7 +276,9 @@ class Featurizer:
                     mine = torch.einsum("k,kp->p", v, F.sum(0))
                     if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                         bad.append(p)
-                emit(feat.Materialized(F))
+                f = feat.Materialized(F)
+                f.name = p.name
+                emit(f)
             else:
                 a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
                 if p.kind != "embedding" and p.form is None:
@@ -284,11 +303,13 @@ class Featurizer:
                     if not all(_close(u, w) for u, w in zip(mine, theirs)):
                         bad.append(p)
                 if p.kind == "embedding":
-                    emit(feat.GhostEmbedding(a, g))
+                    f = feat.GhostEmbedding(a, g)
                 elif F is not None:
-                    emit(feat.Materialized(F))
+                    f = feat.Materialized(F)
                 else:
-                    emit(feat.GhostLinear(*ghost_layout(a, g)))
+                    f = feat.GhostLinear(*ghost_layout(a, g))
+                f.name = p.name
+                emit(f)
             p.inputs.clear()
             p.outputs.clear()
         if bad:
@@ -445,7 +466,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
-             loader2=None) -> torch.Tensor:
+             loader2=None, by_layer: bool = False):
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -453,6 +474,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (sum over a = b);
     ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks).
+
+    by_layer: ``{parameter group: K_l}`` with ``K = sum_l K_l``, one kernel per module owning trainable
+    parameters (its qualified name; the per-layer terms the engine forms anyway), tile by tile.
 
     loader2: a second set of examples gives the cross kernel ``K(X1, X2)``: ``[n1, k, n2, k]`` (full) or
     ``[n1, n2]`` (trace), e.g. test points against training points for kernel predictions; streamed in
@@ -495,6 +519,11 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
     x_all = _inputs(loader, fz.device)
+    if by_layer:
+        if kernel == "diagonal" or loader2 is not None:
+            raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
+        fz.by_layer = True
+        return _gram_by_layer(fz, x_all, kernel, block_size, be)
     if loader2 is not None:
         if kernel == "diagonal":
             raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
@@ -566,6 +595,70 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
+def _layer_tiles(fi: list, fj: list, kernel: str, be: str) -> dict:
+    """Per parameter group (feature name): its tile between two blocks."""
+    out: dict = {}
+    for a, b in zip(fi, fj):
+        t = feat.tile([a], [b], kernel, be)
+        out[a.name] = t if a.name not in out else out[a.name].add_(t)
+    return out
+
+
+def _block_pairs(n: int, bs: int):
+    starts = list(range(0, n, bs)) + [n]
+    nb = len(starts) - 1
+    for I in range(nb):
+        for J in range(I, nb):
+            yield I, J, slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
+
+
+def _gram_by_layer(fz: "Featurizer", x: torch.Tensor, kernel: str, block_size: int | None, be: str) -> dict:
+    n = x.shape[0]
+    bs = block_size or default_block_size(n, _output_size(fz, x))
+    fz.pairs_per_example = (n + 1) / 2
+    feats, K = {}, {}
+    with exact_fp32():
+        for I, J, si, sj in _block_pairs(n, bs):
+            for b, sl in ((I, si), (J, sj)):
+                if b not in feats:
+                    feats[b] = fz(x[sl])
+            for name, t in _layer_tiles(feats[I], feats[J], kernel, be).items():
+                if name not in K:
+                    k = fz.k
+                    K[name] = torch.zeros((n, k, n, k) if kernel == "full" else (n, n), dtype=fz.dtype,
+                                          device=fz.device)
+                if kernel == "full":
+                    K[name][si, :, sj, :] = t
+                    if I != J:
+                        K[name][sj, :, si, :] = t.permute(2, 3, 0, 1)
+                else:
+                    K[name][si, sj] = t
+                    if I != J:
+                        K[name][sj, si] = t.T
+    return {name: _finite(k) for name, k in K.items()}
+
+
+def _alignment_by_layer(fz, fz0, x, kernel, centered, block_size, be) -> dict:
+    n = x.shape[0]
+    bs = block_size or default_block_size(n, _output_size(fz, x))
+    fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
+    feats, sums = {}, {}
+    with exact_fp32():
+        for I, J, si, sj in _block_pairs(n, bs):
+            for b, sl in ((I, si), (J, sj)):
+                if b not in feats:
+                    feats[b] = (fz(x[sl]), fz0(x[sl].to(fz0.device)))
+            tt = _layer_tiles(feats[I][0], feats[J][0], kernel, be)
+            t0 = _layer_tiles(feats[I][1], feats[J][1], kernel, be)
+            if set(tt) != set(t0):
+                raise ValueError(f"the model's and the reference's parameter groups differ: {sorted(set(tt) ^ set(t0))}")
+            for name in tt:
+                if name not in sums:
+                    sums[name] = AlignmentSums(n, fz.k, kernel, centered, fz.device)
+                sums[name].add(tt[name], t0[name].to(fz.device), si, sj, I != J)
+    return {name: s.alignment(f"the tangent kernel of {name}") for name, s in sums.items()}
+
+
 def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: str, block_size: int | None, be: str,
                 max_cache_bytes: int, progress: bool) -> torch.Tensor:
     """``K(X1, X2)``: every tile (I of X1, J of X2); X2's block features cached within the budget."""
@@ -620,7 +713,7 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                  backend: str | None = None, output=None) -> float:
+                  backend: str | None = None, output=None, by_layer: bool = False):
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
@@ -634,6 +727,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
     init, a module of the same architecture or its state_dict. ``output``: as in :func:`ntk_gram`.
+    ``by_layer=True``: ``{parameter group: KA(K_t,l, K_0,l)}``, each layer's kernel aligned with its own at init.
 
     >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
     """
@@ -655,6 +749,11 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
         be = _ntk_backend(fz.device, backend, fz.dtype)
         x_all = _inputs(loader, fz.device)
         n = x_all.shape[0]
+        if by_layer:
+            if kernel == "diagonal":
+                raise ValueError("by_layer=True takes kernel='full' or 'trace'")
+            fz.by_layer = fz0.by_layer = True
+            return _alignment_by_layer(fz, fz0, x_all, kernel, centered, block_size, be)
         fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
         if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
             # both [n, n] trace kernels of one block (one output at a time), reduced at once
