@@ -1,7 +1,7 @@
 """lazyhasty command line.
 
   lazyhasty demo                      the embedded default: yin-yang, alpha = 1 vs 100, quick (no download)
-  lazyhasty run NAME [options]        NAME: yinyang | label-noise | cscores | spurious | quadratic
+  lazyhasty run NAME [options]        NAME: yinyang | label-noise | cscores | spurious | quadratic | modes
   lazyhasty info                      which compiled backends this installation has
   lazyhasty check [--device D]        every op on every backend of the device against the reference
 
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-EXPERIMENT_NAMES = ("yinyang", "label-noise", "cscores", "spurious", "quadratic")
+EXPERIMENT_NAMES = ("yinyang", "label-noise", "cscores", "spurious", "quadratic", "modes")
 
 
 def _value(text: str):

@@ -43,7 +43,9 @@ class TrainConfig:
     learning rate; the optimizer uses ``lr / alpha^2`` when ``scale_lr``. log_every: log every N steps,
     or, with ``log_geometric=q``, when the training loss first falls below ``L0 q^m`` (m = 1, 2, ...;
     the authors used q = 0.96; the first and last steps are always logged). probe_every: linearity
-    probes at every m-th log (0: never).
+    probes at every m-th log (0: never). modes: with r > 0, every log also records the residuals
+    ``f_t - y`` on the probe set projected on the top-r eigenvectors of ``f_0``'s trace kernel there
+    (``mode/0`` .. ``mode/{r-1}``; their eigenvalues go to ``modes.json`` in the run directory).
     """
 
     steps: int
@@ -60,6 +62,7 @@ class TrainConfig:
     probe_every: int = 1
     probes: tuple = ("sign_similarity", "repr_alignment", "ntk_alignment")
     ntk_kernel: str = "trace"
+    modes: int = 0
     seed: int = 0
     eval_batch_size: int = 1024
 
@@ -80,6 +83,7 @@ class TrainConfig:
         integer("batch_size", 1, optional=True)
         integer("log_every", 1, optional=True)
         integer("probe_every", 0)
+        integer("modes", 0)
         integer("seed", 0)
         integer("eval_batch_size", 1)
         for name in ("lr", "alpha", "momentum", "weight_decay"):
@@ -291,6 +295,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self._signs = None
         self._ntk = None
+        self._modes = None
 
     # -- config / resume --------------------------------------------------------------------------------
     def _full_config(self) -> dict:
@@ -383,7 +388,44 @@ class Trainer:
         pe = self.config.probe_every
         if self.probe_set is not None and pe and log_index % pe == 0:
             row.update(self._linearity())
+        if self.config.modes and self.probe_set is not None:
+            row.update(self._mode_residuals())
         return row
+
+    def _mode_residuals(self) -> dict:
+        """Residuals on the probe set in the eigenbasis of f_0's trace kernel (formed once)."""
+        from .kernels import mode_residuals
+        from .metrics import ntk_gram
+
+        probe = self.probe_set
+        if self._modes is None:
+            r = self.config.modes
+            f0 = copy.deepcopy(self.net.f0)
+            names = {n for n, p in self.net.model.named_parameters() if p.requires_grad}
+            for n, p in f0.named_parameters():
+                p.requires_grad_(n in names)
+            K0 = ntk_gram(f0, probe.x, kernel="trace").double()
+            if r > K0.shape[0]:
+                raise ValueError(f"modes={r} exceeds the probe set's {K0.shape[0]} examples")
+            lam, V = torch.linalg.eigh(K0)
+            self._modes = (lam.flip(0)[:r], V.flip(1)[:, :r])
+            path = self.run_dir / "modes.json"
+            if not path.exists():
+                atomic_write(path, json.dumps({"eigenvalues": self._modes[0].tolist()}).encode())
+        with torch.no_grad():
+            was = self.net.training
+            self.net.eval()
+            f = torch.cat([self.net(xb) for xb in probe.x.split(self.config.eval_batch_size)]).double()
+            self.net.train(was)
+        f = f.reshape(f.shape[0], -1)
+        y = probe.y
+        if f.shape[1] == 1:
+            y = y.double().reshape(-1, 1)
+            if self.config.loss == "logistic" and bool(((y == 0) | (y == 1)).all()):
+                y = y * 2 - 1
+        res = mode_residuals(self._modes[1], f, y)  # [r, k]
+        vals = res[:, 0] if res.shape[1] == 1 else res.norm(dim=1)
+        return {f"mode/{i}": float(v) for i, v in enumerate(vals)}
 
     # -- loop --------------------------------------------------------------------------------------------
     def _batch(self, step: int):

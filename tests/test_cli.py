@@ -15,6 +15,8 @@ TINY = {
     "cscores": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "cscore_epochs=2"],
     "spurious": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "per_group=10"],
     "quadratic": [],
+    "modes": ["--set", "seeds=1", "--set", "steps=60", "--set", "steps_lazy=60", "--set", "modes=4",
+              "--set", "n_train=30", "--set", "width=16"],
 }
 
 

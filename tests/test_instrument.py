@@ -1,6 +1,8 @@
 """The tangent kernel as an instrument: captured reference, cross kernels, predictions, spectra (issue 14)."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -283,3 +285,33 @@ def test_by_layer_kernels_sum_to_the_kernel_and_match_each_group(kernel, impleme
         assert per[name] == pytest.approx(R.kernel_alignment(ref[name], parts[name]), abs=1e-12)
     with pytest.raises(ValueError, match="by_layer"):
         ntk_gram(m0, x, kernel="diagonal", by_layer=True)
+
+
+def test_trainer_logs_mode_residuals(tmp_path):
+    import json
+
+    from lazyhasty.data import yinyang
+    from lazyhasty.experiments.modes import times_to_eps
+    from lazyhasty.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    ds = yinyang(40, seed=0)
+    ds = type(ds)(ds.x, ds.y.float() * 2 - 1, name="yy")
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+    init = copy.deepcopy(net)
+    run = Trainer(net, ds, TrainConfig(steps=200, lr=0.5, loss="mse", log_every=20, probe_every=0, modes=5),
+                  tmp_path / "r", probe_set=ds).fit()
+    lam = json.loads((tmp_path / "r" / "modes.json").read_text())["eigenvalues"]
+    K0 = ntk_gram(init, ds.x, kernel="trace").double()
+    want_lam, V = torch.linalg.eigh(K0)
+    assert torch.allclose(torch.tensor(lam, dtype=torch.float64), want_lam.flip(0)[:5], rtol=1e-5)
+    with torch.no_grad():
+        r0 = V.flip(1)[:, :5].T @ (init(ds.x).double()[:, 0] - ds.y.double())
+    got0 = torch.tensor([run.rows[0][f"mode/{i}"] for i in range(5)], dtype=torch.float64)
+    assert torch.allclose(got0.abs(), r0.abs(), rtol=1e-4, atol=1e-6)  # eigenvectors up to sign
+    # the top mode is learned: its residual shrinks
+    assert abs(run.rows[-1]["mode/0"]) < 0.8 * abs(run.rows[0]["mode/0"])
+    t = times_to_eps(run, 5, 0.8)
+    assert np.isfinite(t[0]) and t[0] > 0
+    with pytest.raises(ValueError, match="modes"):
+        TrainConfig(steps=1, lr=0.1, modes=-1).validate()

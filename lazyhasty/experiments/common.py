@@ -162,7 +162,7 @@ def check_options(name: str, options: dict) -> None:
 def run_experiment(name: str, ctx: Context) -> dict:
     import importlib
 
-    for mod in ("yinyang", "label_noise", "cscores", "spurious", "quadratic"):
+    for mod in ("yinyang", "label_noise", "cscores", "spurious", "quadratic", "modes"):
         try:
             importlib.import_module(f"{__package__}.{mod}")  # registers it
         except ModuleNotFoundError as exc:
