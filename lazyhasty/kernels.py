@@ -250,9 +250,10 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
         K = ntk_gram(model, x, kernel=kernel, block_size=block_size, dtype=dtype, **ntk_options).to(F64)
         lam, V = torch.linalg.eigh(K.reshape(N, N))
         return lam.flip(0)[:r], V.flip(1)[:, :r]
-    return _subspace_iteration(lambda Q: kernel_matvec(model, x, Q, kernel=kernel, block_size=block_size,
-                                                       dtype=dtype, **ntk_options),
-                               N, r, tol, max_iter, seed, x.device)
+    from .ntk import KernelOperator
+
+    op = KernelOperator(model, x, kernel=kernel, block_size=block_size, dtype=dtype, **ntk_options)
+    return _subspace_iteration(op, N, r, tol, max_iter, seed, x.device)
 
 
 def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device):
@@ -272,20 +273,12 @@ def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device):
     return lam[:r], (Q @ W)[:, :r]
 
 
-def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", block_size: int | None = None,
-                  dtype: torch.dtype | None = None, **ntk_options) -> torch.Tensor:
-    """``K Q`` for ``Q`` ``[N, p]`` (``N = n`` trace, ``n k`` full), one row of tiles at a time: memory
-    ``O(block n)``, never the ``N x N`` kernel."""
+def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **ntk_options) -> torch.Tensor:
+    """``K Q`` for ``Q`` ``[N, p]`` (``N = n`` trace, ``n k`` full) over tiles ``I <= J``, never the ``N x N``
+    kernel (see :class:`lazyhasty.ntk.KernelOperator`, which keeps the block features for repeated products)."""
     from ._loaders import iter_inputs, model_device
-    from .ntk import ntk_gram
-    from .ntk._engine import default_block_size
+    from .ntk import KernelOperator
 
     xs = list(iter_inputs(loader, model_device(model)))
     x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    n = x.shape[0]
-    bs = block_size or default_block_size(n, 1)
-    rows = []
-    for xi in x.split(bs):
-        t = ntk_gram(model, xi, loader2=x, kernel=kernel, block_size=bs, dtype=dtype, **ntk_options).to(F64)
-        rows.append(t.reshape(t.shape[0] * (t.shape[1] if kernel == "full" else 1), -1) @ Q)
-    return torch.cat(rows)
+    return KernelOperator(model, x, kernel=kernel, **ntk_options)(Q)

@@ -315,3 +315,18 @@ def test_trainer_logs_mode_residuals(tmp_path):
     assert np.isfinite(t[0]) and t[0] > 0
     with pytest.raises(ValueError, match="modes"):
         TrainConfig(steps=1, lr=0.1, modes=-1).validate()
+
+
+@pytest.mark.parametrize("kernel", ["trace", "full"])
+def test_kernel_matvec_equals_the_explicit_product(kernel):
+    from lazyhasty.kernels import kernel_matvec
+
+    m0, _, x = _pair()
+    K = ntk_gram(m0, x, kernel=kernel)
+    N = K.shape[0] * (K.shape[1] if kernel == "full" else 1)
+    Q = torch.randn(N, 3, dtype=torch.float64)
+    for bs in (None, 4):
+        got = kernel_matvec(m0, x, Q, kernel=kernel, block_size=bs, max_cache_bytes=0 if bs else 1 << 30)
+        assert torch.allclose(got, K.reshape(N, N) @ Q, atol=1e-10)
+    with pytest.raises(ValueError, match="rows"):
+        kernel_matvec(m0, x, Q[:-1], kernel=kernel)

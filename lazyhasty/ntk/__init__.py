@@ -2,5 +2,5 @@
 
 See :func:`ntk_gram` and :func:`ntk_alignment` (also exported from :mod:`lazyhasty.metrics`).
 """
-from ._engine import IMPLEMENTATIONS, KERNELS, Featurizer, ntk_alignment, ntk_gram  # noqa: F401
+from ._engine import IMPLEMENTATIONS, KERNELS, Featurizer, KernelOperator, ntk_alignment, ntk_gram  # noqa: F401
 from ._reference import NTKReference  # noqa: F401,E402

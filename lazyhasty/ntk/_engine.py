@@ -659,6 +659,61 @@ def _alignment_by_layer(fz, fz0, x, kernel, centered, block_size, be) -> dict:
     return {name: s.alignment(f"the tangent kernel of {name}") for name, s in sums.items()}
 
 
+class KernelOperator:
+    """``Q -> K Q`` for the NTK of ``model`` on ``x`` without forming ``K``: features of every block are formed
+    once (kept within ``max_cache_bytes``, else recomputed) and each product runs over tiles ``I <= J``
+    (``K_JI = K_IJ^T``). ``Q``: ``[N, p]`` with ``N = n`` (trace) or ``n k`` (full, rows (example, output)).
+    Memory: the cached features, one tile, and ``Q``."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, *, kernel: str = "trace", implementation: str = "auto",
+                 dtype: torch.dtype | None = None, block_size: int | None = None, backend: str | None = None,
+                 max_cache_bytes: int = DEFAULT_CACHE_BYTES):
+        if kernel not in ("trace", "full"):
+            raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
+        _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+        self.fz = Featurizer(model, implementation, kernel, dtype)
+        self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
+        self.x, self.kernel = x.to(self.fz.device), kernel
+        n = x.shape[0]
+        self.k = _output_size(self.fz, self.x)
+        self.fz.pairs_per_example = (n + 1) / 2
+        bs = block_size or default_block_size(n, self.k)
+        self.starts = list(range(0, n, bs)) + [n]
+        self.cache, self.room = {}, max_cache_bytes
+        self.N = n * (self.k if kernel == "full" else 1)
+
+    def _feats(self, I: int):
+        if I in self.cache:
+            return self.cache[I]
+        f = self.fz(self.x[self.starts[I]:self.starts[I + 1]])
+        size = sum(t.nbytes for t in f)
+        if size <= self.room:
+            self.cache[I] = f
+            self.room -= size
+        return f
+
+    @torch.enable_grad()
+    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
+        Q = Q.to(self.fz.device, torch.float64)
+        if Q.shape[0] != self.N:
+            raise ValueError(f"Q must have {self.N} rows, got {tuple(Q.shape)}")
+        m = self.k if self.kernel == "full" else 1
+        out = torch.zeros_like(Q)
+        nb = len(self.starts) - 1
+        with exact_fp32():
+            for I in range(nb):
+                fi = self._feats(I)
+                ri = slice(self.starts[I] * m, self.starts[I + 1] * m)
+                for J in range(I, nb):
+                    t = feat.tile(fi, fi if J == I else self._feats(J), self.kernel, self.be).detach().double()
+                    t = t.reshape(t.shape[0] * m, -1)
+                    rj = slice(self.starts[J] * m, self.starts[J + 1] * m)
+                    out[ri] += t @ Q[rj]
+                    if J != I:
+                        out[rj] += t.T @ Q[ri]
+        return out
+
+
 def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: str, block_size: int | None, be: str,
                 max_cache_bytes: int, progress: bool) -> torch.Tensor:
     """``K(X1, X2)``: every tile (I of X1, J of X2); X2's block features cached within the budget."""
