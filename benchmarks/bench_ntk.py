@@ -195,3 +195,37 @@ def test_resnet18_trace_alignment_gpu(benchmark, provider):
         benchmark.extra_info["extrapolated_10000_s_linear_to_quadratic"] = [t * 10000 / n, t * (10000 / n) ** 2]
     benchmark.group = "ntk_alignment resnet18 trace cuda"
     benchmark.pedantic(fn, rounds=1, warmup_rounds=0)
+
+
+def test_ntk_eigh_n20000(benchmark, device):
+    """Top-20 eigenpairs of the MLP's trace NTK on 20,000 examples: streamed (the kernel would be 3.2 GB)."""
+    from lazyhasty.kernels import ntk_eigh
+
+    torch.manual_seed(0)
+    m = mlp_256().to(device)
+    x = torch.rand(20000, 2, device=device) * 2 - 1
+    fn = lambda: ntk_eigh(m, x, 20, tol=1e-6)  # noqa: E731
+    benchmark.extra_info["peak_mem_bytes"] = peak_bytes(fn, device)
+    lam, _ = fn()
+    benchmark.extra_info["top_eigenvalues"] = lam[:5].tolist()
+    benchmark.group = f"ntk_eigh mlp n=20000 r=20 {device.type}"
+    benchmark.pedantic(fn, rounds=1, warmup_rounds=0)
+
+
+def test_cross_kernel_speed_per_entry(benchmark, device):
+    """The cross kernel K(X1, X2) at the Gram's speed per entry: 1,000 x 1,000 cross vs the 1,000 Gram."""
+    torch.manual_seed(0)
+    m = cnn3().to(device)
+    x1, x2 = torch.rand(128, 3, 32, 32, device=device), torch.rand(128, 3, 32, 32, device=device)
+    t = {}
+    import time as _time
+    for name, fn in (("gram", lambda: ntk_gram(m, x1, kernel="trace")),
+                     ("cross", lambda: ntk_gram(m, x1, loader2=x2, kernel="trace"))):
+        fn()
+        t0 = _time.perf_counter()
+        fn()
+        t[name] = _time.perf_counter() - t0
+    # the Gram computes i <= j only: half the entries of the cross kernel of the same size
+    benchmark.extra_info.update(gram_s=t["gram"], cross_s=t["cross"], cross_per_entry_over_gram=t["cross"] / t["gram"])
+    benchmark.group = f"ntk cross vs gram cnn n=128 {device.type}"
+    benchmark.pedantic(lambda: ntk_gram(m, x1, loader2=x2, kernel="trace"), rounds=1, warmup_rounds=0)
