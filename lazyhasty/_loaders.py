@@ -127,3 +127,29 @@ def as_reference_module(model: nn.Module, reference) -> nn.Module:
         ref.load_state_dict(reference)
         return ref
     raise TypeError(f"reference must be an nn.Module or a state_dict, got {type(reference).__name__}")
+
+
+def model_and_reference(model: nn.Module, reference) -> tuple[nn.Module, object]:
+    """The module to measure and its reference; ``reference=None`` takes the initialization a wrapper carries.
+
+    ``AlphaScaled`` -> (its inner model, its frozen ``f_0``); ``Linearized`` -> (its model, the model at
+    ``theta_0``). Alignments are scale-invariant, so alpha does not matter. A plain module needs ``reference=``.
+    """
+    if reference is not None:
+        return model, reference
+    from .regimes import AlphaScaled, Linearized
+
+    if isinstance(model, AlphaScaled):
+        return model.model, model.f0
+    if isinstance(model, Linearized):
+        import copy
+
+        ref = copy.deepcopy(model.model)
+        named = dict(ref.named_parameters())
+        with torch.no_grad():
+            for i, n in enumerate(model._names):
+                named[n].copy_(getattr(model.theta0, f"p{i}"))
+        return model.model, ref
+    raise TypeError(
+        f"{type(model).__name__} carries no initialization: pass reference= (the model at init, a module of the "
+        "same architecture, or its state_dict), or wrap it in AlphaScaled / Linearized")

@@ -180,11 +180,9 @@ def read_config(path: Path) -> dict:
 
 def load_checkpoint(path: Path, device) -> dict:
     """``checkpoint.pt`` (tensors only: ``weights_only=True``); a damaged file is an error naming it."""
-    import pickle
-
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - random bytes raise anything (IndexError, KeyError, ...)
         raise LogDamaged(
             f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}): "
             "the checkpoint is damaged (truncated, overwritten, or not written by lazyhasty). It was left as it "
@@ -293,8 +291,7 @@ class Trainer:
         self.bs = config.batch_size or len(train)
         self.loader = train.loader(self.bs, shuffle=config.batch_size is not None, seed=config.seed)
         self.steps_per_epoch = len(self.loader)
-        self._signs = None
-        self._ntk = None
+        self._monitor = None
         self._modes = None
 
     # -- config / resume --------------------------------------------------------------------------------
@@ -353,32 +350,13 @@ class Trainer:
         return tot / n, correct / n
 
     def _linearity(self) -> dict:
-        from .metrics import LinearityProbe, NTKReference
+        from .monitor import Monitor
 
-        out = {}
-        model, f0, probe = self.net.model, self.net.f0, self.probe_set
-        want = set(self.config.probes)
-        if want & {"sign_similarity", "repr_alignment"}:
-            # f0's side is captured once; then one no-grad forward of the model serves both probes
-            if self._signs is None:
-                self._signs = LinearityProbe.capture(f0, probe.x)
-            got = self._signs.measure(model)
-            out.update({k: v for k, v in got.items() if k in want})
-        if "ntk_alignment" in want:
-            if self._ntk is None:  # K_0 of f0 formed once: each log forms only the model's kernel
-                trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-                self._ntk = NTKReference.capture(f0, probe.x, kernel=self.config.ntk_kernel, trainable=trainable)
-            got = self._ntk.measure(model)
-            out["ntk_alignment"] = got["ntk_alignment"]
-            if "ntk_rel_change" in got:  # distance from the lazy regime: |K_t - K_0|_F / |K_0|_F
-                out["ntk_rel_change"] = got["ntk_rel_change"]
-        # distance from the expansion point: |theta_t - theta_0| / |theta_0|
-        num = den = 0.0
-        for (_, p), (_, p0) in zip(model.named_parameters(), f0.named_parameters()):
-            num += float((p.detach() - p0).double().pow(2).sum())
-            den += float(p0.double().pow(2).sum())
-        out["param_distance"] = (num / den) ** 0.5 if den > 0 else float("nan")
-        return out
+        if self._monitor is None:  # f0's side (signs, features, K_0) captured once, as any training loop would
+            metrics = tuple(self.config.probes) + (("ntk_rel_change",) if "ntk_alignment" in self.config.probes
+                                                   else ()) + ("param_distance",)
+            self._monitor = Monitor(self.net, self.probe_set.x, metrics=metrics, kernel=self.config.ntk_kernel)
+        return self._monitor.measure(self.net.model)
 
     def _row(self, step: int, log_index: int) -> dict:
         row = {"step": step, "epoch": step / self.steps_per_epoch}

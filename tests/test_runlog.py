@@ -105,7 +105,8 @@ def test_a_recomputed_row_that_differs_keeps_the_old_log_aside(tmp_path, referen
     assert read_log(aside)[0] == rows  # the old rows, all of them
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "not-a-checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "random", "pickle-garbage", "key-garbage", "empty",
+                                    "not-a-checkpoint"])
 def test_damaged_checkpoint_is_a_clear_error_and_moving_it_aside_recomputes(tmp_path, reference_rows, damage):
     with pytest.raises(Crash):
         _train(tmp_path / "r", crash_at=20)
@@ -114,7 +115,11 @@ def test_damaged_checkpoint_is_a_clear_error_and_moving_it_aside_recomputes(tmp_
     if damage == "truncated":
         ck.write_bytes(data[: len(data) // 2])
     elif damage == "random":
-        ck.write_bytes(os.urandom(4096))
+        ck.write_bytes(random.Random(len(data)).randbytes(4096))
+    elif damage == "pickle-garbage":  # random bytes raise anything: IndexError, KeyError, UnicodeDecodeError...
+        ck.write_bytes(b"\x80\x02.")  # STOP on an empty stack: IndexError inside torch.load
+    elif damage == "key-garbage":
+        ck.write_bytes(random.Random(20).randbytes(4096))  # a KeyError inside torch.load
     elif damage == "empty":
         ck.write_bytes(b"")
     else:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._precision import exact_fp32
-from .._loaders import as_reference_module, evaluating, iter_inputs, model_device
+from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
 from ._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
 
@@ -80,7 +80,7 @@ def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> Centre
 
 
 @torch.no_grad()
-def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.Module | str | None = None,
+def representation_alignment(model: nn.Module, loader, reference=None, *, layer: nn.Module | str | None = None,
                              where: str | None = None, centered: bool = False,
                              dtype: torch.dtype | None = None, gram: str = "examples") -> float:
     """Kernel alignment of the representation Gram matrices of ``model`` and ``reference`` over all examples.
@@ -102,6 +102,7 @@ def representation_alignment(model: nn.Module, loader, reference, *, layer: nn.M
     """
     if gram not in ("examples", "features"):
         raise ValueError(f"gram must be 'examples' or 'features', got {gram!r}")
+    model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
     name, module = resolve_layer(model, layer)
     if where is None:

@@ -107,5 +107,5 @@ class LinearityProbe:
         if self.signs is not None:
             out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
         if self.ntk is not None:
-            out["ntk_alignment"] = self.ntk.alignment(model)
+            out.update(self.ntk.measure(model))  # ntk_alignment (and ntk_rel_change while K_0 is stored)
         return out

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._loaders import as_reference_module, evaluating, iter_inputs, model_device
+from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
 from ..ops.signs import pack_signs, sign_mismatch
 from ._sites import CallRecorder, relu_modules, same_modules
 
@@ -201,7 +201,7 @@ def _reduce(mismatches: torch.Tensor, units_per_example: int, reduction: str):
 
 
 @torch.no_grad()
-def sign_similarity(model: nn.Module, loader, reference, *, modules: Sequence[nn.Module | str] | None = None,
+def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequence[nn.Module | str] | None = None,
                     reduction: str = "mean", backend: str | None = None):
     """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.
 
@@ -216,6 +216,7 @@ def sign_similarity(model: nn.Module, loader, reference, *, modules: Sequence[nn
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
     named = relu_modules(model, modules)
     names = [n for n, _ in named]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._loaders import as_reference_module, iter_inputs, model_device
+from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import exact_fp32
 from .._progress import Progress
 from ..metrics._exact import AlignmentSums
@@ -765,7 +765,7 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 
 
 @torch.enable_grad()
-def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", centered: bool = False,
+def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
                   backend: str | None = None, output=None, by_layer: bool = False):
@@ -781,7 +781,8 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     when the centred kernels are small against the uncentred ones. float32 kernels carry rounding of
     ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
-    init, a module of the same architecture or its state_dict. ``output``: as in :func:`ntk_gram`.
+    init, a module of the same architecture or its state_dict; None (the two-argument call) for an
+    ``AlphaScaled`` / ``Linearized`` model: its frozen initialization. ``output``: as in :func:`ntk_gram`.
     ``by_layer=True``: ``{parameter group: KA(K_t,l, K_0,l)}``, each layer's kernel aligned with its own at init.
 
     >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
@@ -789,6 +790,7 @@ def ntk_alignment(model: nn.Module, loader, reference, *, kernel: str = "full", 
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
+    model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = select_output(as_reference_module(model, reference), output)
     model = select_output(model, output)
     if implementation == "naive":

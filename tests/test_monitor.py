@@ -1,0 +1,149 @@
+"""Monitor: the metrics from any training loop; triggers; sinks; the two-argument metric calls (issue 17)."""
+import copy
+import csv
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lazyhasty import Monitor
+from lazyhasty._progress import Progress
+from lazyhasty.metrics import ntk_alignment, representation_alignment, sign_similarity
+from lazyhasty.regimes import AlphaScaled, Linearized
+
+
+def _setup():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(40, 3)
+    y = torch.randint(0, 4, (40,))
+    return net, x, y
+
+
+def _moved(m, scale=0.2):
+    m = copy.deepcopy(m)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return m
+
+
+def test_monitor_values_equal_the_functions(tmp_path):
+    net, x, y = _setup()
+    init = copy.deepcopy(net)
+    model = _moved(net)
+    mon = Monitor(init, x, groups={"first": (x[:10], y[:10])},
+                  metrics=("sign_similarity", "repr_alignment", "ntk_alignment", "ntk_rel_change", "param_distance"),
+                  sinks=[tmp_path / "log.jsonl", tmp_path / "log.csv"])
+    got = mon.log(model, step=7)
+    assert got["sign_similarity"] == pytest.approx(sign_similarity(model, x, init), abs=1e-12)
+    assert got["repr_alignment"] == pytest.approx(representation_alignment(model, x, init), abs=1e-6)
+    assert got["ntk_alignment"] == pytest.approx(ntk_alignment(model, x, init, kernel="trace"), abs=1e-6)
+    assert 0 < got["ntk_rel_change"] and 0 < got["param_distance"]
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(model(x[:10]), y[:10]).item()
+    assert got["group/first/loss"] == pytest.approx(want, rel=1e-6)
+    model.train()
+    mon.log(model, step=9)
+    assert model.training  # modes restored
+    mon.close()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [7, 9] and rows[0]["ntk_alignment"] == got["ntk_alignment"]
+    table = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert float(table[0]["sign_similarity"]) == pytest.approx(got["sign_similarity"])
+
+
+def test_monitor_with_an_alpha_scaled_model_and_a_callable_sink():
+    net, x, y = _setup()
+    lazy = AlphaScaled(net, 100.0)
+    seen = []
+    mon = Monitor(lazy, x, sinks=[lambda step, v: seen.append((step, v))])
+    assert mon.log(lazy, 0)["ntk_alignment"] == pytest.approx(1.0, abs=1e-6)
+    opt = torch.optim.SGD(lazy.parameters(), lr=1e-4)
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(lazy(x), y).backward()
+        opt.step()
+    v = mon.log(lazy, 3)
+    assert v["ntk_alignment"] == pytest.approx(ntk_alignment(lazy, x, kernel="trace"), abs=1e-6)
+    assert all(not p.requires_grad for p in lazy.f0.parameters())  # f_0 stays frozen, off the optimizer
+    assert [s for s, _ in seen] == [0, 3]
+
+
+def test_triggers():
+    net, x, _ = _setup()
+    every = Monitor(net, x, metrics=("sign_similarity",), every=5)
+    assert [s for s in range(17) if every.due(s)] == [0, 5, 10, 15]
+    geo = Monitor(net, x, metrics=("sign_similarity",), geometric=0.5)
+    losses = [1.0, 0.9, 0.6, 0.49, 0.45, 0.3, 0.24, 0.05, 0.04]
+    due = [s for s, loss in enumerate(losses) if geo.due(s, loss)]
+    # L0 = 1: levels 0.5, 0.25, 0.125, ...; 0.05 skips two levels at once; nan never logs
+    assert due == [0, 3, 6, 7]
+    assert not geo.due(9, float("nan"))
+    with pytest.raises(ValueError, match="tracked loss"):
+        geo.due(10)
+
+
+def test_bad_configuration():
+    net, x, y = _setup()
+    with pytest.raises(ValueError, match="unknown metrics"):
+        Monitor(net, x, metrics=("sign_simlarity",))
+    with pytest.raises(ValueError, match="needs nn.ReLU"):
+        Monitor(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), x, metrics=("sign_similarity",))
+    with pytest.raises(ValueError, match="group 'g'"):
+        Monitor(net, x, groups={"g": (x[:5], y[:4])})
+    with pytest.raises(ValueError, match="every"):
+        Monitor(net, x, every=0)
+    with pytest.raises(ValueError, match="geometric"):
+        Monitor(net, x, geometric=1.5)
+
+
+def test_two_argument_metric_calls():
+    net, x, _ = _setup()
+    lazy = AlphaScaled(copy.deepcopy(net), 10.0)
+    with torch.no_grad():
+        for p in lazy.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert ntk_alignment(lazy, x, kernel="trace") == pytest.approx(
+        ntk_alignment(lazy.model, x, lazy.f0, kernel="trace"), abs=1e-12)
+    assert sign_similarity(lazy, x) == sign_similarity(lazy.model, x, lazy.f0)
+    assert representation_alignment(lazy, x) == pytest.approx(representation_alignment(lazy.model, x, lazy.f0))
+    lin = Linearized(copy.deepcopy(net))
+    with torch.no_grad():
+        for p in lin.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert ntk_alignment(lin, x, kernel="trace") == pytest.approx(ntk_alignment(lin.model, x, net, kernel="trace"),
+                                                                 abs=1e-12)
+    with pytest.raises(TypeError, match="pass reference="):
+        ntk_alignment(net, x)
+
+
+def test_progress_without_a_terminal_writes_sparse_plain_lines():
+    s = io.StringIO()
+    with Progress(10_000, "train", stream=s) as p:
+        for _ in range(10_000):
+            p.update(1, "loss 0.1")
+    text = s.getvalue()
+    assert "\r" not in text and text.count("\n") <= 12 and len(text) < 1000
+
+
+def test_tensorboard_sink_writes_events_that_read_back(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'lazyhasty[monitor]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lazyhasty.monitor import TensorBoardSink
+
+    net, x, _ = _setup()
+    sink = TensorBoardSink(tmp_path / "tb")
+    mon = Monitor(net, x, sinks=[sink])
+    v0 = mon.log(net, 0)
+    v5 = mon.log(_moved(net), 5)
+    mon.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    events = acc.Scalars("ntk_alignment")
+    assert [e.step for e in events] == [0, 5]
+    assert events[0].value == pytest.approx(v0["ntk_alignment"], rel=1e-6)
+    assert events[1].value == pytest.approx(v5["ntk_alignment"], rel=1e-6)
