@@ -1,0 +1,111 @@
+"""Monitor inside Lightning and Hugging Face trainers, and the W&B sink, each in a tiny real run on CPU."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from lazyhasty import Monitor
+from lazyhasty.metrics import ntk_alignment
+from lazyhasty.regimes import AlphaScaled
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+def _data(n=48):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def test_lightning_callback_in_a_real_run(tmp_path):
+    L = pytest.importorskip("lightning", reason="pip install lightning")
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lazyhasty.integrations import lightning_callback
+
+    x, y = _data()
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = AlphaScaled(_net(), 10.0)  # an alpha-scaled model inside Lightning
+
+        def training_step(self, batch, idx):
+            xb, yb = batch
+            return nn.functional.cross_entropy(self.net(xb), yb)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.net.parameters(), lr=0.05)
+
+    module = Module()
+    f0_before = [p.clone() for p in module.net.f0.parameters()]
+    mon = Monitor(module.net, x, every=2, sinks=[tmp_path / "mon.jsonl"])
+    cb = lightning_callback(mon, get_model=lambda m: m.net)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    trainer = L.Trainer(max_steps=6, logger=CSVLogger(tmp_path), callbacks=[cb], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, loader)
+    steps = [s for s, _ in cb.logged]
+    assert steps == [2, 4, 6]
+    last = cb.logged[-1][1]
+    assert last["ntk_alignment"] == pytest.approx(ntk_alignment(module.net, x, kernel="trace"), abs=1e-6)
+    assert last["ntk_alignment"] < 1.0
+    assert all(torch.equal(a, b) for a, b in zip(f0_before, module.net.f0.parameters()))  # f_0 frozen
+    rows = [json.loads(r) for r in (tmp_path / "mon.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == steps
+    metrics_csv = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "ntk_alignment" in metrics_csv and "sign_similarity" in metrics_csv
+
+
+def test_transformers_callback_in_a_real_run(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+
+    from lazyhasty.integrations import transformers_callback
+
+    x, y = _data()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = AlphaScaled(_net(), 1.0)
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            out = {"logits": logits}
+            if labels is not None:
+                out["loss"] = nn.functional.cross_entropy(logits, labels)
+            return out
+
+    model = Model()
+    data = [{"x": x[i], "labels": y[i]} for i in range(len(x))]
+    mon = Monitor(model.net, x, every=3)
+    cb = transformers_callback(mon, get_model=lambda m: m.net)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8,
+                                          learning_rate=0.05, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert [s for s, _ in cb.logged] == [3, 6]
+    assert cb.logged[-1][1]["ntk_alignment"] == pytest.approx(ntk_alignment(model.net, x, kernel="trace"),
+                                                               abs=1e-6)
+    assert any("ntk_alignment" in h for h in trainer.state.log_history)
+
+
+def test_wandb_sink_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb", reason="pip install wandb")
+    from lazyhasty.monitor import WandbSink
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = wandb.init(project="lazyhasty-test", dir=str(tmp_path), mode="offline")
+    net = _net()
+    x, _ = _data()
+    mon = Monitor(copy.deepcopy(net), x, sinks=[WandbSink(run)])
+    mon.log(net, 0)
+    mon.log(net, 1)
+    run.finish()
+    assert list(tmp_path.rglob("*.wandb"))  # the offline run's file
