@@ -193,3 +193,11 @@ def test_cscores_float_labels_and_zero_bins(tmp_path):
 def test_dataset_labels_beyond_num_classes():
     with pytest.raises(ValueError, match="class labels must lie in 0..9"):
         D.Dataset(torch.zeros(3, 2), torch.tensor([0, 10, 2]), num_classes=10)
+
+
+def test_ntk_backend_without_ntk_kernels_is_an_error():
+    x = torch.randn(4, 3)
+    for b in ("cpp", "cuda", "cudnn"):
+        with pytest.raises(ValueError, match="NTK engine has 'torch' and 'triton' paths"):
+            ntk_gram(_mlp(), x, backend=b)
+    assert torch.allclose(ntk_gram(_mlp(), x, backend="torch"), ntk_gram(_mlp(), x, backend="auto"))

@@ -31,18 +31,23 @@ TRACE_BLOCK_BYTES = 1 << 30
 
 
 def _ntk_backend(device: torch.device, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
-    """Triton on CUDA when installed (or on CPU in the interpreter); torch/BLAS otherwise.
+    """The NTK engine's path: ``"triton"`` (CUDA, or CPU in the interpreter) or ``"torch"`` (BLAS/cuBLAS tiles).
 
-    The C++ and CUDA extensions have no NTK kernels: on CPU, BLAS GEMMs in tiles are the fastest
-    measured path, so ``backend="cpp"`` runs the torch path. The Triton kernels accumulate in float32,
-    so float64 always runs the torch path (whatever ``backend`` says): it must not silently lose digits.
+    The C++ and CUDA extensions have no NTK kernels, so ``backend="cpp"`` / ``"cuda"`` are errors, not
+    silently another path. Default (None / "auto"): Triton on CUDA when installed, else torch. The Triton
+    kernels accumulate in float32, so float64 always runs the torch path: it must not lose digits.
     """
+    if backend not in (None, "auto", "torch", "triton"):
+        raise ValueError(f"backend={backend!r}: the NTK engine has 'torch' and 'triton' paths (or None / 'auto'); "
+                         "the C++ and CUDA extensions hold no NTK kernels")
     if dtype == torch.float64:
         return "torch"
-    chosen = _backend.select(device, backend)
-    if chosen in ("triton", "cuda") and _backend.has_triton and (
-            device.type == "cuda" or _backend.triton_interpreted()):
-        return "triton" if chosen == "triton" or device.type == "cuda" else "torch"
+    if backend == "triton":
+        return _backend.select(device, "triton")  # BackendUnavailable, with the reason, where it cannot run
+    if backend == "torch":
+        return "torch"
+    if _backend.has_triton and device.type == "cuda":
+        return "triton"
     return "torch"
 
 
