@@ -34,7 +34,8 @@ def setup():
     return ds, net, opt, probe
 
 
-@pytest.mark.parametrize("what", ["epoch", "probes", "probes-captured", "ntk-only", "ntk-captured", "probes-naive"])
+@pytest.mark.parametrize("what", ["epoch", "probes", "probes-captured", "monitor", "ntk-only", "ntk-captured",
+                                  "probes-naive"])
 def test_probe_cost(benchmark, setup, what):
     ds, net, opt, probe = setup
     if what == "epoch":
@@ -58,6 +59,13 @@ def test_probe_cost(benchmark, setup, what):
 
         def fn():
             return captured.measure(net.model)
+    elif what == "monitor":  # the same captured objects behind lazyhasty.Monitor (its overhead: dict, sinks)
+        from lazyhasty import Monitor
+
+        mon = Monitor(net, probe, sinks=[lambda step, values: None])
+
+        def fn():
+            return mon.log(net, 0)
     elif what == "ntk-only":
         def fn():
             return ntk_alignment(net.model, probe, net.f0, kernel="trace")

@@ -4,6 +4,7 @@
   lazyhasty run NAME [options]        NAME: yinyang | label-noise | cscores | spurious | quadratic | modes
   lazyhasty info                      which compiled backends this installation has
   lazyhasty check [--device D]        every op on every backend of the device against the reference
+  lazyhasty plot RUN_DIR|LOG.jsonl...  paper-style figures of any runs or Monitor logs
 
 Every run writes DIR (default ./lazyhasty-runs/NAME): config.json, JSONL logs under runs/, PNG figures
 and summary.json, where each of the paper's claims is a measured number with the sign it should have.
@@ -71,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--root", help="folder of a local dataset copy (cifar10, celeba, waterbirds, fashion-mnist)")
     _common(run, None)
     sub.add_parser("info", help="print which backends this installation has")
+    plot = sub.add_parser("plot", help="paper-style figures from run directories or Monitor logs")
+    plot.add_argument("paths", nargs="+", help="run directories (searched for log.jsonl) or .jsonl Monitor logs")
+    plot.add_argument("--out", default="lazyhasty-plots", help="folder for the PNGs (default ./lazyhasty-plots)")
+    plot.add_argument("--progress", help="x axis column (default train_loss when present, else step)")
     check = sub.add_parser("check", help="compare every op on every backend with lazyhasty.reference",
                            description="Compare every op on every available backend with lazyhasty.reference on "
                                        "awkward shapes; exit status 1 on any mismatch.")
@@ -88,6 +93,16 @@ def main(argv=None) -> int:
         from . import _backend
 
         print(json.dumps(_backend.summary(), indent=2))
+        return 0
+    if args.command == "plot":
+        from .analysis import plot_logs
+
+        try:
+            files = plot_logs(args.paths, args.out, progress=args.progress)
+        except (FileNotFoundError, ValueError, ImportError) as exc:
+            print(f"lazyhasty: {exc}", file=sys.stderr)
+            return 2
+        print("\n".join(map(str, files)))
         return 0
     if args.command == "check":
         from . import check

@@ -144,6 +144,7 @@ def plot_linearity(table: ProgressTable, path, *, metrics=("sign_similarity", "r
 
 def plot_runs(runs: Sequence, progress: str, columns: Sequence[str], path, *, ylabel: str = "",
               styles=("-", "--", ":", "-.")) -> None:
+    """(``progress="step"``: steps left to right; a loss: decreasing, as the paper's figures read.)"""
     """Each run's logged columns against its own (monotone) progress, over the run's whole range.
 
     Unlike :func:`plot_groups`, runs are not cut to the range they share (e.g. a lazy run that never
@@ -158,7 +159,8 @@ def plot_runs(runs: Sequence, progress: str, columns: Sequence[str], path, *, yl
     for r, run in enumerate(runs):
         name, rows = _rows_of(run)
         name = name or f"run{r}"
-        p = monotone([row[progress] for row in rows])
+        p = np.asarray([row[progress] for row in rows], float) if progress == "step" else monotone(
+            [row[progress] for row in rows])
         for c, col in zip(colors, columns):
             sel = [i for i, row in enumerate(rows) if isinstance(row.get(col), (int, float))]
             if sel:
@@ -166,8 +168,70 @@ def plot_runs(runs: Sequence, progress: str, columns: Sequence[str], path, *, yl
                         label=f"{col} ({name})")
     ax.set_xlabel(f"{progress} (training progress)")
     ax.set_ylabel(ylabel)
-    ax.invert_xaxis()
+    if progress != "step":
+        ax.invert_xaxis()
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class LoggedRun:
+    """Rows of a Monitor log or a run directory, for plotting (``name``, ``rows``)."""
+
+    def __init__(self, name: str, rows: list):
+        self.name, self.rows = name, rows
+
+
+def find_runs(paths: Sequence) -> list:
+    """Run directories (``log.jsonl`` inside, searched recursively) and Monitor logs (``*.jsonl`` files)."""
+    from pathlib import Path
+
+    from ._runlog import read_rows
+
+    found = []
+    for p in map(Path, paths):
+        if p.is_file() and p.suffix == ".jsonl":
+            found.append(LoggedRun(p.stem, read_rows(p)))
+        elif p.is_dir():
+            logs = sorted(p.rglob("log.jsonl"))
+            if not logs:
+                logs = sorted(p.rglob("*.jsonl"))
+            for log in logs:
+                name = str(log.parent.relative_to(p)) if log.name == "log.jsonl" else log.stem
+                found.append(LoggedRun(f"{p.name}/{name}" if name != "." else p.name, read_rows(log)))
+        else:
+            raise FileNotFoundError(f"{p}: not a run directory or a .jsonl log")
+    if not found:
+        raise FileNotFoundError(f"no log.jsonl or .jsonl files under {', '.join(map(str, paths))}")
+    return found
+
+
+def plot_logs(paths: Sequence, out, *, progress: str | None = None) -> list:
+    """The paper-style figures of any runs: linearity metrics and group losses against progress.
+
+    progress: the column on the x axis (default ``train_loss`` when every run has it, else ``step``).
+    Returns the files written (``linearity.png``, ``groups.png`` when such columns exist).
+    """
+    from pathlib import Path
+
+    runs = [r for r in find_runs(paths) if r.rows]
+    if not runs:
+        raise ValueError("the logs hold no rows")
+    if progress is None:
+        progress = "train_loss" if all("train_loss" in r.rows[0] for r in runs) else "step"
+    if any(progress not in r.rows[0] for r in runs):
+        raise ValueError(f"progress column {progress!r} is missing from some logs")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = {k for r in runs for row in r.rows for k in row}
+    written = []
+    lin = [c for c in ("sign_similarity", "repr_alignment", "ntk_alignment") if c in cols]
+    if lin:
+        plot_runs(runs, progress, lin, out / "linearity.png", ylabel="linearity metric")
+        written.append(out / "linearity.png")
+    groups = sorted(c for c in cols if c.endswith("/loss") and c != progress)
+    if groups:
+        plot_runs(runs, progress, groups, out / "groups.png", ylabel="loss")
+        written.append(out / "groups.png")
+    return written

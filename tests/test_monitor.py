@@ -147,3 +147,27 @@ def test_tensorboard_sink_writes_events_that_read_back(tmp_path):
     assert [e.step for e in events] == [0, 5]
     assert events[0].value == pytest.approx(v0["ntk_alignment"], rel=1e-6)
     assert events[1].value == pytest.approx(v5["ntk_alignment"], rel=1e-6)
+
+
+def test_plot_command_on_monitor_logs_and_run_dirs(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from lazyhasty.__main__ import main
+    from lazyhasty.data import yinyang
+    from lazyhasty.train import TrainConfig, Trainer
+
+    net, x, y = _setup()
+    mon = Monitor(copy.deepcopy(net), x, groups={"a": (x[:10], y[:10])}, sinks=[tmp_path / "logs" / "mon.jsonl"])
+    for step in range(3):
+        mon.log(_moved(net, 0.1 * step), step)
+    mon.close()
+    torch.manual_seed(0)
+    ds = yinyang(40, seed=0)
+    Trainer(nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1)), ds,
+            TrainConfig(steps=10, lr=0.5, loss="logistic", log_every=5), tmp_path / "runs" / "r1",
+            probe_set=ds[:20], probes={"noisy": ds[:10]}).fit()
+    assert main(["plot", str(tmp_path / "logs" / "mon.jsonl"), "--out", str(tmp_path / "p1")]) == 0
+    assert (tmp_path / "p1" / "linearity.png").stat().st_size > 0 and (tmp_path / "p1" / "groups.png").exists()
+    assert main(["plot", str(tmp_path / "runs"), "--out", str(tmp_path / "p2")]) == 0
+    assert (tmp_path / "p2" / "linearity.png").exists() and (tmp_path / "p2" / "groups.png").exists()
+    assert main(["plot", str(tmp_path / "nothing-here")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
