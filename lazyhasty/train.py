@@ -46,6 +46,9 @@ class TrainConfig:
     probes at every m-th log (0: never). modes: with r > 0, every log also records the residuals
     ``f_t - y`` on the probe set projected on the top-r eigenvectors of ``f_0``'s trace kernel there
     (``mode/0`` .. ``mode/{r-1}``; their eigenvalues go to ``modes.json`` in the run directory).
+    track_linearized: also train the exact linearization of the initial model (``Linearized``, learning
+    rate ``lr``: the alpha -> infinity limit of this run) on the same batches, and log ``lin_distance``,
+    the RMS over the probe set of ``|f_t(x) - f_lin,t(x)|`` (about twice the cost per step).
     """
 
     steps: int
@@ -63,6 +66,7 @@ class TrainConfig:
     probes: tuple = ("sign_similarity", "repr_alignment", "ntk_alignment")
     ntk_kernel: str = "trace"
     modes: int = 0
+    track_linearized: bool = False
     seed: int = 0
     eval_batch_size: int = 1024
 
@@ -286,6 +290,13 @@ class Trainer:
         self.checkpoint_every = max(1, checkpoint_every)
         self.on_log = on_log
         lr = scaled_lr(config.lr, config.alpha) if config.scale_lr else config.lr
+        self.lin = self.lin_opt = None
+        if config.track_linearized:
+            from .regimes import Linearized
+
+            self.lin = Linearized(copy.deepcopy(self.net.f0).requires_grad_(True)).to(self.device)
+            self.lin_opt = torch.optim.SGD(self.lin.parameters(), lr=config.lr, momentum=config.momentum,
+                                           weight_decay=config.weight_decay)
         self.opt = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=config.momentum,
                                    weight_decay=config.weight_decay)
         self.bs = config.batch_size or len(train)
@@ -326,6 +337,8 @@ class Trainer:
         # torch RNG as it was before this step's forward; python/numpy RNGs are not drawn from by the loop
         rng = {**_rng_state(), **rng}
         blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
+                **({"linearized": self.lin.state_dict(), "lin_optimizer": self.lin_opt.state_dict()}
+                   if self.lin is not None else {}),
                 "step": step, "log_state": dict(state), "n_rows": n_rows}
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(blob, tmp)
@@ -368,7 +381,22 @@ class Trainer:
             row.update(self._linearity())
         if self.config.modes and self.probe_set is not None:
             row.update(self._mode_residuals())
+        if self.lin is not None and self.probe_set is not None:
+            row["lin_distance"] = self._lin_distance()
         return row
+
+    @torch.no_grad()
+    def _lin_distance(self) -> float:
+        """RMS over the probe set of |f_t(x) - f_lin,t(x)| (outputs flattened per example)."""
+        from ._loaders import evaluating
+
+        tot, n = 0.0, 0
+        with evaluating(self.net, self.lin):
+            for xb in self.probe_set.x.split(self.config.eval_batch_size):
+                d = (self.net(xb) - self.lin(xb)).double().reshape(xb.shape[0], -1)
+                tot += float((d * d).sum())
+                n += xb.shape[0]
+        return (tot / n) ** 0.5
 
     def _mode_residuals(self) -> dict:
         """Residuals on the probe set in the eigenbasis of f_0's trace kernel (formed once)."""
@@ -427,6 +455,9 @@ class Trainer:
         if ckpt is not None:
             self.net.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
+            if self.lin is not None:
+                self.lin.load_state_dict(ckpt["linearized"])
+                self.lin_opt.load_state_dict(ckpt["lin_optimizer"])
             _set_rng_state(ckpt["rng"])
             start, state = ckpt["step"], ckpt["log_state"]
         else:
@@ -468,6 +499,10 @@ class Trainer:
                 self.opt.zero_grad(set_to_none=True)
                 loss.backward()
                 self.opt.step()
+                if self.lin is not None:  # the linearized twin takes the same step on the same batch
+                    self.lin_opt.zero_grad(set_to_none=True)
+                    per_example_loss(cfg.loss, self.lin(x), y).mean().backward()
+                    self.lin_opt.step()
                 bar.update(1, f"loss {lv:.4f}")
             if state["last_logged"] < cfg.steps:
                 row = log_and_checkpoint(cfg.steps, _rng_state(), force_checkpoint=True)

@@ -330,3 +330,27 @@ def test_kernel_matvec_equals_the_explicit_product(kernel):
         assert torch.allclose(got, K.reshape(N, N) @ Q, atol=1e-10)
     with pytest.raises(ValueError, match="rows"):
         kernel_matvec(m0, x, Q[:-1], kernel=kernel)
+
+
+def test_trainer_tracks_the_linearized_twin(tmp_path):
+    from lazyhasty.data import yinyang
+    from lazyhasty.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    ds = yinyang(48, seed=0)
+    ds = type(ds)(ds.x, ds.y.float() * 2 - 1, name="yy")
+
+    def fit(alpha, d):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 1))
+        cfg = TrainConfig(steps=60, lr=0.1, alpha=alpha, loss="mse", log_every=20, probe_every=0,
+                          track_linearized=True)
+        return Trainer(net, ds, cfg, tmp_path / d, probe_set=ds).fit()
+
+    lazy, rich = fit(1000.0, "lazy"), fit(1.0, "rich")
+    assert lazy.rows[0]["lin_distance"] == 0.0 and rich.rows[0]["lin_distance"] == 0.0
+    # alpha -> infinity is the linearized model: the lazy run stays on it, the rich one leaves it
+    assert lazy.rows[-1]["lin_distance"] < 0.05 * rich.rows[-1]["lin_distance"]
+    assert rich.rows[-1]["lin_distance"] > 1e-3
+    ck = torch.load(tmp_path / "lazy" / "checkpoint.pt", weights_only=True)
+    assert "linearized" in ck and "lin_optimizer" in ck
