@@ -49,6 +49,9 @@ class TrainConfig:
     track_linearized: also train the exact linearization of the initial model (``Linearized``, learning
     rate ``lr``: the alpha -> infinity limit of this run) on the same batches, and log ``lin_distance``,
     the RMS over the probe set of ``|f_t(x) - f_lin,t(x)|`` (about twice the cost per step).
+    snapshot_steps: steps at which the inner model's parameters (before that step's update) are saved to
+    ``snapshots/step-<s>.pt`` in the run directory, to fork another regime from there
+    (``compare_regimes(fork_from=...)``, ``AlphaScaled(at=...)``).
     """
 
     steps: int
@@ -67,6 +70,7 @@ class TrainConfig:
     ntk_kernel: str = "trace"
     modes: int = 0
     track_linearized: bool = False
+    snapshot_steps: tuple = ()
     seed: int = 0
     eval_batch_size: int = 1024
 
@@ -88,6 +92,9 @@ class TrainConfig:
         integer("log_every", 1, optional=True)
         integer("probe_every", 0)
         integer("modes", 0)
+        if not isinstance(self.snapshot_steps, (tuple, list)) or any(
+                isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in self.snapshot_steps):
+            raise ValueError(f"snapshot_steps must be a tuple of non-negative integers, got {self.snapshot_steps!r}")
         integer("seed", 0)
         integer("eval_batch_size", 1)
         for name in ("lr", "alpha", "momentum", "weight_decay"):
@@ -115,6 +122,7 @@ class TrainConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["probes"] = list(self.probes)
+        d["snapshot_steps"] = list(self.snapshot_steps)
         return d
 
 
@@ -482,6 +490,8 @@ class Trainer:
                 return row
 
             for step in range(start, cfg.steps):
+                if step in cfg.snapshot_steps:
+                    self._snapshot(step)
                 rng = _rng_state(torch_only=True)  # before this step's forward: a resume replays it exactly
                 x, y = self._batch(step)
                 loss = per_example_loss(cfg.loss, self.net(x), y).mean()
@@ -510,6 +520,13 @@ class Trainer:
                     raise NonFiniteLoss(f"non-finite training loss at the end (step {cfg.steps}); log kept")
         return Run(self.run_dir)
 
+    def _snapshot(self, step: int) -> None:
+        path = self.run_dir / "snapshots" / f"step-{step}.pt"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.net.model.state_dict(), tmp)
+        os.replace(tmp, path)
+
     def _should_log(self, step: int, state: dict) -> bool:
         cfg = self.config
         if step == 0:
@@ -537,19 +554,40 @@ def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 def compare_regimes(model: nn.Module, train: Dataset, config: TrainConfig, run_root: str | os.PathLike, *,
                     alphas=(1.0, 100.0), steps: Mapping[float, int] | None = None, resume: bool = False,
-                    **trainer_kwargs) -> list[Run]:
+                    fork_from: tuple[float, int] | None = None, **trainer_kwargs) -> list[Run]:
     """Train ``model`` at every alpha from the same initial parameters and the same minibatch order.
 
     Each run lives in ``run_root/alpha=<alpha>``; ``steps`` optionally gives a step count per alpha (the
     lazy run usually needs more). Returns the runs in the order of ``alphas``.
+
+    fork_from=(alpha_source, step): the source run (one of ``alphas``) is trained first and snapshots its
+    parameters at ``step``; every other alpha then starts *there* (its ``f_0`` is the model at that step,
+    the authors' ``--fork_from``): a regime forked from another run part-way through training.
     """
-    runs = []
+    runs = {}
     init = copy.deepcopy(model.state_dict())
-    for alpha in alphas:
+    order = list(alphas)
+    start_from = init
+    if fork_from is not None:
+        src, at = float(fork_from[0]), int(fork_from[1])
+        if src not in [float(a) for a in alphas]:
+            raise ValueError(f"fork_from alpha {src:g} is not one of alphas {list(alphas)}")
+        if at < 0:
+            raise ValueError(f"fork_from step must be >= 0, got {at}")
+        order = [a for a in alphas if float(a) == src] + [a for a in alphas if float(a) != src]
+    for alpha in order:
         m = copy.deepcopy(model)
-        m.load_state_dict(init)
+        m.load_state_dict(start_from)
         cfg = dataclasses.replace(config, alpha=float(alpha), steps=(steps or {}).get(alpha, config.steps))
-        t = Trainer(m, train, cfg, Path(run_root) / f"alpha={alpha:g}", **trainer_kwargs)
-        runs.append(t.fit(resume=resume))
-        runs[-1].name = f"alpha={alpha:g}"
-    return runs
+        if fork_from is not None and float(alpha) == src:
+            if at >= cfg.steps:
+                raise ValueError(f"fork_from step {at} is beyond the source run's {cfg.steps} steps")
+            cfg = dataclasses.replace(cfg, snapshot_steps=tuple(sorted(set(cfg.snapshot_steps) | {at})))
+        run_dir = Path(run_root) / (f"alpha={alpha:g}" if fork_from is None or float(alpha) == src
+                                    else f"alpha={alpha:g}-fork{at}")
+        t = Trainer(m, train, cfg, run_dir, **trainer_kwargs)
+        runs[alpha] = t.fit(resume=resume)
+        runs[alpha].name = f"alpha={alpha:g}"  # what analyses key on; the directory says -fork<step>
+        if fork_from is not None and float(alpha) == src:
+            start_from = torch.load(run_dir / "snapshots" / f"step-{at}.pt", map_location="cpu", weights_only=True)
+    return [runs[a] for a in alphas]

@@ -354,3 +354,24 @@ def test_trainer_tracks_the_linearized_twin(tmp_path):
     assert rich.rows[-1]["lin_distance"] > 1e-3
     ck = torch.load(tmp_path / "lazy" / "checkpoint.pt", weights_only=True)
     assert "linearized" in ck and "lin_optimizer" in ck
+
+
+def test_compare_regimes_forks_a_regime_from_a_saved_step(tmp_path):
+    from lazyhasty.data import yinyang
+    from lazyhasty.train import TrainConfig, compare_regimes
+
+    torch.manual_seed(0)
+    ds = yinyang(48, seed=0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 1))
+    cfg = TrainConfig(steps=20, lr=0.5, loss="logistic", log_every=5, probe_every=0)
+    rich, lazy = compare_regimes(net, ds, cfg, tmp_path, alphas=(1.0, 100.0), fork_from=(1.0, 10))
+    assert (tmp_path / "alpha=1" / "snapshots" / "step-10.pt").exists()
+    assert lazy.name == "alpha=100" and lazy.path.name == "alpha=100-fork10"
+    at10 = next(r for r in rich.rows if r["step"] == 10)
+    # it starts there (f_0 + 100 (f - f_0) with f = f_0 vs f_0 + (f - f_0): float32 rounding apart)
+    assert lazy.rows[0]["train_loss"] == pytest.approx(at10["train_loss"], rel=1e-6)
+    assert lazy.rows[0]["train_loss"] < rich.rows[0]["train_loss"]
+    with pytest.raises(ValueError, match="not one of alphas"):
+        compare_regimes(net, ds, cfg, tmp_path / "b", alphas=(1.0, 100.0), fork_from=(5.0, 10))
+    with pytest.raises(ValueError, match="snapshot_steps"):
+        TrainConfig(steps=3, lr=0.1, snapshot_steps=(-1,)).validate()

@@ -23,11 +23,13 @@ def train_regimes(ctx: Context, train, probes: dict, probe_set, *, alphas, class
                       log_geometric=float(ctx.opt("log_q", 0.97)), probe_every=int(ctx.opt("probe_every", 2)),
                       seed=ctx.seed)
     per_alpha_steps = {a: (lazy_steps if a >= 10 else steps) for a in alphas}
+    fork = ctx.opt("fork_step", None)  # the other regimes start from the alpha = 1 run at that step
     runs = compare_regimes(model.to(ctx.device), train, cfg, ctx.out / "runs", alphas=alphas, steps=per_alpha_steps,
-                           probes=probes, probe_set=probe_set, device=ctx.device, progress=ctx.progress)
+                           probes=probes, probe_set=probe_set, device=ctx.device, progress=ctx.progress,
+                           fork_from=None if fork is None else (1.0, int(fork)))
     config = {"epochs": epochs, "lazy_steps": lazy_steps, "steps": steps, "batch_size": batch, "lr": lr,
               "width": width, "alphas": list(alphas), "optimizer": "SGD momentum 0.9", "loss": loss,
-              "model": "3 ReLU convs + linear, no BatchNorm"}
+              "model": "3 ReLU convs + linear, no BatchNorm", "fork_step": fork}
     return runs, config
 
 

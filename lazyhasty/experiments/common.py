@@ -123,7 +123,7 @@ OPTIONS: dict[str, dict[str, type]] = {}  # experiment -> {option: type}, checke
 
 # options of every experiment that trains several alphas with train_regimes (see _regime_runs.py)
 REGIME_OPTIONS = {"epochs": int, "batch_size": int, "lr": float, "width": int, "lazy_factor": float,
-                  "log_q": float, "probe_every": int}
+                  "log_q": float, "probe_every": int, "fork_step": int}
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of numbers"}
 
 
