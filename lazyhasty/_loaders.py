@@ -62,6 +62,12 @@ def iter_inputs(loader, device: torch.device | str | None = None) -> Iterator[to
         raise ValueError("the loader is empty: it yielded no examples")
 
 
+def all_inputs(loader, device: torch.device | str | None = None) -> torch.Tensor:
+    """Every input of ``loader`` as one ``[n, ...]`` tensor (an empty loader is an error, as in iter_inputs)."""
+    xs = list(iter_inputs(loader, device))
+    return torch.cat(xs) if len(xs) > 1 else xs[0]
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for a module with neither)."""
     for t in model.parameters():

@@ -231,15 +231,12 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
     subspace iteration with Rayleigh-Ritz on streamed kernel-vector products ``K V`` formed tile by tile
     (:func:`kernel_matvec`), never holding the ``n x n`` matrix.
     """
-    from ._loaders import iter_inputs, model_device
+    from ._loaders import all_inputs, model_device
     from .ntk import ntk_gram
 
     if kernel not in ("trace", "full"):
         raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
-    xs = list(iter_inputs(loader, model_device(model)))
-    if not xs:
-        raise ValueError("the probe set is empty")
-    x = torch.cat(xs) if len(xs) > 1 else xs[0]
+    x = all_inputs(loader, model_device(model))
     n = x.shape[0]
     with torch.no_grad():
         k = int(model(x[:1]).reshape(1, -1).shape[1])
@@ -276,9 +273,7 @@ def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device):
 def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **ntk_options) -> torch.Tensor:
     """``K Q`` for ``Q`` ``[N, p]`` (``N = n`` trace, ``n k`` full) over tiles ``I <= J``, never the ``N x N``
     kernel (see :class:`lazyhasty.ntk.KernelOperator`, which keeps the block features for repeated products)."""
-    from ._loaders import iter_inputs, model_device
+    from ._loaders import all_inputs, model_device
     from .ntk import KernelOperator
 
-    xs = list(iter_inputs(loader, model_device(model)))
-    x = torch.cat(xs) if len(xs) > 1 else xs[0]
-    return KernelOperator(model, x, kernel=kernel, **ntk_options)(Q)
+    return KernelOperator(model, all_inputs(loader, model_device(model)), kernel=kernel, **ntk_options)(Q)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._loaders import evaluating, model_device
+from ._loaders import all_inputs, evaluating, model_device
 
 METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment", "ntk_rel_change", "param_distance")
 DEFAULT_METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment")
@@ -117,15 +117,6 @@ def _as_sink(s):
 
 
 # --- the monitor -----------------------------------------------------------------------------------
-def _inputs(probe) -> torch.Tensor:
-    from ._loaders import iter_inputs
-
-    xs = list(iter_inputs(probe, None))
-    if not xs:
-        raise ValueError("the probe set is empty")
-    return torch.cat(xs) if len(xs) > 1 else xs[0]
-
-
 def _labelled(data, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     from .data import Dataset
 
@@ -183,7 +174,7 @@ class Monitor:
                             f"{type(reference).__name__}")
         self.metrics, self.every, self.geometric, self.loss = tuple(metrics), every, geometric, loss
         self.reference = reference
-        x = _inputs(probe).to(model_device(reference))
+        x = all_inputs(probe, model_device(reference))
         self.groups = {}
         for name, data in (groups or {}).items():
             gx, gy = _labelled(data, name)

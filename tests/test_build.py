@@ -109,6 +109,7 @@ def test_readme_second_block_is_what_ci_runs_and_is_self_contained():
     assert {"pytest", "hypothesis", "scipy", "matplotlib", "scikit-learn", "triton"} <= installed
     ci = (root / ".ci" / "run").read_text()
     assert "n==2" in ci and "pip install" not in ci.replace("apt-get install", "")  # no install of its own
+    assert "TRITON_INTERPRET=1 pytest tests" in ci  # and it is the test command it runs
 
 
 def test_api_docs_build_with_warnings_as_errors(tmp_path):

@@ -14,7 +14,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from ..data import yinyang
 from ..train import TrainConfig, compare_regimes

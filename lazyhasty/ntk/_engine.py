@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _backend
-from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
+from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import exact_fp32
 from .._progress import Progress
 from ..metrics._exact import AlignmentSums
@@ -417,11 +417,6 @@ def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
     return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
 
 
-def _inputs(loader, device) -> torch.Tensor:
-    xs = list(iter_inputs(loader, device))
-    return torch.cat(xs) if len(xs) > 1 else xs[0]
-
-
 def default_block_size(n: int, k: int) -> int:
     """About four blocks a side (tiles with i <= j only: ~half the pair work of one n x n tile), at least
     32 examples (GEMM efficiency), at most 1024 and ``8192 / k`` (a [b k, b k] tile stays <= 256 MB)."""
@@ -523,7 +518,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         return _naive(model, loader, kernel, dtype, loader2)
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
-    x_all = _inputs(loader, fz.device)
+    x_all = all_inputs(loader, fz.device)
     if by_layer:
         if kernel == "diagonal" or loader2 is not None:
             raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
@@ -532,7 +527,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     if loader2 is not None:
         if kernel == "diagonal":
             raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
-        return _cross_gram(fz, x_all, _inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
+        return _cross_gram(fz, x_all, all_inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
                            progress)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
@@ -562,19 +557,8 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                     diags.append(feat.diagonal(fz(x)))
                     bar.update()
             return _finite(torch.cat(diags))
-        # Features of a block are kept while they fit max_cache_bytes; the others are recomputed for each
-        # row of tiles that needs them, so memory beyond the [n, (k,) n, (k)] result stays bounded.
-        cached, room = {}, [max_cache_bytes]
-
-        def get(I):
-            if I in cached:
-                return cached[I]
-            f = fz(blocks[I])
-            size = sum(x.nbytes for x in f)
-            if size <= room[0]:
-                cached[I] = f
-                room[0] -= size
-            return f
+        # features beyond max_cache_bytes are recomputed for each row of tiles that needs them
+        get = _BlockFeatures(fz, blocks, max_cache_bytes)
 
         K = None
         nb = len(blocks)
@@ -600,6 +584,24 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
+class _BlockFeatures:
+    """Features of block I on demand: kept while they fit ``max_bytes``, recomputed otherwise, so memory
+    beyond the result stays bounded whatever n is."""
+
+    def __init__(self, fz: "Featurizer", blocks: list, max_bytes: int):
+        self.fz, self.blocks, self.room, self.cache = fz, blocks, max_bytes, {}
+
+    def __call__(self, I: int) -> list:
+        if I in self.cache:
+            return self.cache[I]
+        f = self.fz(self.blocks[I])
+        size = sum(t.nbytes for t in f)
+        if size <= self.room:
+            self.cache[I] = f
+            self.room -= size
+        return f
+
+
 def _layer_tiles(fi: list, fj: list, kernel: str, be: str) -> dict:
     """Per parameter group (feature name): its tile between two blocks."""
     out: dict = {}
@@ -621,13 +623,11 @@ def _gram_by_layer(fz: "Featurizer", x: torch.Tensor, kernel: str, block_size: i
     n = x.shape[0]
     bs = block_size or default_block_size(n, _output_size(fz, x))
     fz.pairs_per_example = (n + 1) / 2
-    feats, K = {}, {}
+    feats, K = _BlockFeatures(fz, list(x.split(bs)), DEFAULT_CACHE_BYTES), {}
     with exact_fp32():
         for I, J, si, sj in _block_pairs(n, bs):
-            for b, sl in ((I, si), (J, sj)):
-                if b not in feats:
-                    feats[b] = fz(x[sl])
-            for name, t in _layer_tiles(feats[I], feats[J], kernel, be).items():
+            fi = feats(I)
+            for name, t in _layer_tiles(fi, fi if I == J else feats(J), kernel, be).items():
                 if name not in K:
                     k = fz.k
                     K[name] = torch.zeros((n, k, n, k) if kernel == "full" else (n, n), dtype=fz.dtype,
@@ -647,14 +647,15 @@ def _alignment_by_layer(fz, fz0, x, kernel, centered, block_size, be) -> dict:
     n = x.shape[0]
     bs = block_size or default_block_size(n, _output_size(fz, x))
     fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
-    feats, sums = {}, {}
+    blocks = list(x.split(bs))
+    feats = _BlockFeatures(fz, blocks, DEFAULT_CACHE_BYTES // 2)
+    feats0 = _BlockFeatures(fz0, [b.to(fz0.device) for b in blocks], DEFAULT_CACHE_BYTES // 2)
+    sums = {}
     with exact_fp32():
         for I, J, si, sj in _block_pairs(n, bs):
-            for b, sl in ((I, si), (J, sj)):
-                if b not in feats:
-                    feats[b] = (fz(x[sl]), fz0(x[sl].to(fz0.device)))
-            tt = _layer_tiles(feats[I][0], feats[J][0], kernel, be)
-            t0 = _layer_tiles(feats[I][1], feats[J][1], kernel, be)
+            fi, f0i = feats(I), feats0(I)
+            tt = _layer_tiles(fi, fi if I == J else feats(J), kernel, be)
+            t0 = _layer_tiles(f0i, f0i if I == J else feats0(J), kernel, be)
             if set(tt) != set(t0):
                 raise ValueError(f"the model's and the reference's parameter groups differ: {sorted(set(tt) ^ set(t0))}")
             for name in tt:
@@ -684,18 +685,8 @@ class KernelOperator:
         self.fz.pairs_per_example = (n + 1) / 2
         bs = block_size or default_block_size(n, self.k)
         self.starts = list(range(0, n, bs)) + [n]
-        self.cache, self.room = {}, max_cache_bytes
+        self._feats = _BlockFeatures(self.fz, list(self.x.split(bs)), max_cache_bytes)
         self.N = n * (self.k if kernel == "full" else 1)
-
-    def _feats(self, I: int):
-        if I in self.cache:
-            return self.cache[I]
-        f = self.fz(self.x[self.starts[I]:self.starts[I + 1]])
-        size = sum(t.nbytes for t in f)
-        if size <= self.room:
-            self.cache[I] = f
-            self.room -= size
-        return f
 
     @torch.enable_grad()
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
@@ -732,17 +723,7 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
     for b, s in ((b1, s1), (b2, s2)):
         for x in b:
             s.append(s[-1] + x.shape[0])
-    cached, room = {}, [max_cache_bytes]
-
-    def get(J):
-        if J in cached:
-            return cached[J]
-        f = fz(b2[J])
-        size = sum(t.nbytes for t in f)
-        if size <= room[0]:
-            cached[J] = f
-            room[0] -= size
-        return f
+    get = _BlockFeatures(fz, b2, max_cache_bytes)
 
     K = None
     with exact_fp32(), Progress(len(b1) * len(b2), "ntk cross tiles", progress) as bar:
@@ -809,7 +790,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend, fz.dtype)
-        x_all = _inputs(loader, fz.device)
+        x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
         if by_layer:
             if kernel == "diagonal":

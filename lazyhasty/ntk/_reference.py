@@ -14,7 +14,7 @@ import copy
 import torch
 from torch import nn
 
-from .._loaders import iter_inputs, model_device
+from .._loaders import all_inputs, model_device
 from ..metrics._exact import AlignmentSums
 from ._engine import KERNELS, ntk_alignment, ntk_gram
 from ._layers import select_output
@@ -63,10 +63,7 @@ class NTKReference:
             raise ValueError(f"kernel must be 'trace' or 'full' for a reference kernel, got {kernel!r}")
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        xs = list(iter_inputs(loader, model_device(reference)))
-        if not xs:
-            raise ValueError("the probe set is empty")
-        x = torch.cat(xs) if len(xs) > 1 else xs[0]
+        x = all_inputs(loader, model_device(reference))
         names = frozenset(trainable) if trainable is not None else frozenset(
             n for n, p in reference.named_parameters() if p.requires_grad)
         options = dict(implementation=implementation, dtype=dtype, block_size=block_size, backend=backend,
