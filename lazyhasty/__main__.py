@@ -5,9 +5,13 @@
   lazyhasty info                      which compiled backends this installation has
   lazyhasty check [--device D]        every op on every backend of the device against the reference
   lazyhasty plot RUN_DIR|LOG.jsonl...  paper-style figures of any runs or Monitor logs
+  lazyhasty report DIR... [--out F.md] markdown report of experiments' claims with 95% intervals
 
-Every run writes DIR (default ./lazyhasty-runs/NAME): config.json, JSONL logs under runs/, PNG figures
-and summary.json, where each of the paper's claims is a measured number with the sign it should have.
+Every experiment runs several seeds (--set seeds=S) into DIR (default ./lazyhasty-runs/NAME): one seed{s}/
+directory each (config.json, JSONL logs under runs/, figures, summary.json), then DIR/summary.json where each
+of the paper's claims is decided over seeds: it holds when the 95% interval of its mean lies on the expected
+side, fails when on the other side, and is inconclusive otherwise. A killed experiment rerun with the same
+command resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -76,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("paths", nargs="+", help="run directories (searched for log.jsonl) or .jsonl Monitor logs")
     plot.add_argument("--out", default="lazyhasty-plots", help="folder for the PNGs (default ./lazyhasty-plots)")
     plot.add_argument("--progress", help="x axis column (default train_loss when present, else step)")
+    rep = sub.add_parser("report", help="markdown report of experiment directories (claims with 95%% intervals)",
+                         description="One markdown report (figures copied beside it) of the claims of one or more "
+                                     "experiment directories: per claim the mean over seeds, its 95%% interval, the "
+                                     "seeds with the expected sign and the verdict.")
+    rep.add_argument("paths", nargs="+", help="experiment directories (each with summary.json)")
+    rep.add_argument("--out", default="lazyhasty-report/report.md", help="markdown file to write "
+                     "(default ./lazyhasty-report/report.md)")
+    rep.add_argument("--intro", metavar="FILE", help="markdown placed under the title (e.g. machine and budget)")
+    rep.add_argument("--title", default="Experiments", help="the report's title")
     check = sub.add_parser("check", help="compare every op on every backend with lazyhasty.reference",
                            description="Compare every op on every available backend with lazyhasty.reference on "
                                        "awkward shapes; exit status 1 on any mismatch.")
@@ -103,6 +116,17 @@ def main(argv=None) -> int:
             print(f"lazyhasty: {exc}", file=sys.stderr)
             return 2
         print("\n".join(map(str, files)))
+        return 0
+    if args.command == "report":
+        from .experiments.report import report
+
+        try:
+            intro = Path(args.intro).read_text() if args.intro else ""
+            report(args.paths, args.out, intro=intro, title=args.title)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"lazyhasty: {exc}", file=sys.stderr)
+            return 2
+        print(args.out)
         return 0
     if args.command == "check":
         from . import check
@@ -137,10 +161,16 @@ def main(argv=None) -> int:
         where = exc.filename or out
         print(f"lazyhasty: cannot write {where}: {exc.strerror or exc}; choose another --out", file=sys.stderr)
         return 2
-    print(f"\n{name}: {summary['wall_time_s']:.1f} s; run directory {out}/")
+    from .experiments.claims import format_interval
+
+    v = summary["verdicts"]
+    print(f"\n{name}: {summary['seeds']} seeds, {summary['wall_time_s']:.1f} s; run directory {out}/")
+    print(f"  claims over seeds (mean [95% interval], seeds with the expected sign): {v['holds']} hold, "
+          f"{v['fails']} fail, {v['inconclusive']} inconclusive")
     for c in summary["claims"]:
-        mark = "holds " if c["holds"] else "FAILS "
-        print(f"  [{mark}] {c['value']:+.4f} (expected {c['expected']}): {c['claim']}")
+        mark = {"holds": "holds", "fails": "FAILS", "inconclusive": "undecided"}[c["state"]]
+        print(f"  [{mark:9s}] {format_interval(c)} (expected {c['expected']}; {c['sign_held']}/{c['n']} seeds): "
+              f"{c['claim']}")
     if "final" in summary:
         for run_name, vals in summary["final"].items():
             print(f"  {run_name}: " + ", ".join(f"{k} {v:.4f}" for k, v in vals.items()))

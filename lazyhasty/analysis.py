@@ -235,3 +235,56 @@ def plot_logs(paths: Sequence, out, *, progress: str | None = None) -> list:
         plot_runs(runs, progress, groups, out / "groups.png", ylabel="loss")
         written.append(out / "groups.png")
     return written
+
+
+def mean_and_band(curves: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``curves`` ``[S, G]`` (NaN where a seed has no value) -> mean ``[G]`` and the lower / upper ends of the
+    95% Student-t interval of the mean ``[G]`` (NaN where fewer than 2 seeds have a value)."""
+    from .experiments.claims import t_quantile
+
+    c = np.asarray(curves, dtype=np.float64)
+    n = np.isfinite(c).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, np.nansum(c, 0) / np.maximum(n, 1), np.nan)
+        dev = np.where(np.isfinite(c), c - mean, 0.0)
+        sd = np.sqrt((dev ** 2).sum(0) / np.maximum(n - 1, 1))
+        t = np.array([t_quantile(0.5 + level / 2, k - 1) if k >= 2 else np.nan for k in n])
+        half = np.where(n >= 2, t * sd / np.sqrt(np.maximum(n, 1)), np.nan)
+    return mean, mean - half, mean + half
+
+
+def plot_groups_over_seeds(tables: Sequence[ProgressTable], columns: Sequence[str], path, *, ylabel: str = "loss",
+                           styles=("-", "--", ":", "-.")) -> bool:
+    """Per-group curves at equal progress over seeds: the mean over seeds and its 95% band (shaded), colour =
+    group, style = run. ``tables``: one :class:`ProgressTable` per seed, same runs; they are put on the progress
+    range every seed reached. Returns False (nothing written) when the seeds share no range."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hi = min(t.grid[0] for t in tables)
+    lo = max(t.grid[-1] for t in tables)
+    if not hi > lo:
+        return False
+    grid = np.linspace(hi, lo, 100)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, max(1, len(columns))))
+    for r, run in enumerate(tables[0].runs):
+        for c, col in zip(colors, columns):
+            curves = [np.interp(grid, t.grid[::-1], t[run][col][::-1], left=np.nan, right=np.nan)
+                      for t in tables if run in t.columns and col in t[run]]
+            if not curves:
+                continue
+            mean, low, high = mean_and_band(np.stack(curves))
+            ax.plot(grid, mean, styles[r % len(styles)], color=c, label=f"{col} ({run})")
+            ax.fill_between(grid, low, high, color=c, alpha=0.2, lw=0)
+    ax.set_xlabel(f"{tables[0].progress} (training progress)")
+    ax.set_ylabel(ylabel)
+    ax.invert_xaxis()
+    ax.set_title(f"mean over {len(tables)} seeds, 95% band", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -25,7 +25,7 @@ def test_cli_unknown_option_is_an_error_with_a_suggestion(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown option 'epoch'" in err and "did you mean 'epochs'" in err and "n_train" in err
-    assert not (tmp_path / "x" / "runs").exists()  # nothing ran
+    assert not (tmp_path / "x").exists()  # nothing ran, nothing was created
 
 
 def test_cli_option_of_the_wrong_type_names_key_and_type(tmp_path, capsys):

@@ -8,14 +8,16 @@ import pytest
 
 from lazyhasty.__main__ import EXPERIMENT_NAMES, main
 
-TINY = {
-    "yinyang": ["--set", "seeds=1", "--set", "steps=150", "--set", "steps_lazy=300", "--set", "resolution=10",
+TINY = {  # two seeds each: the claims are decided over seeds
+    "yinyang": ["--set", "seeds=2", "--set", "steps=150", "--set", "steps_lazy=300", "--set", "resolution=10",
                 "--set", "width=16"],
-    "label-noise": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4"],
-    "cscores": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "cscore_epochs=2"],
-    "spurious": ["--set", "n_train=200", "--set", "epochs=2", "--set", "width=4", "--set", "per_group=10"],
-    "quadratic": [],
-    "modes": ["--set", "seeds=1", "--set", "steps=60", "--set", "steps_lazy=60", "--set", "modes=4",
+    "label-noise": ["--set", "seeds=2", "--set", "n_train=200", "--set", "epochs=2", "--set", "width=4"],
+    "cscores": ["--set", "seeds=2", "--set", "n_train=200", "--set", "epochs=2", "--set", "width=4",
+                "--set", "cscore_epochs=2"],
+    "spurious": ["--set", "seeds=2", "--set", "n_train=200", "--set", "epochs=3", "--set", "width=4",
+                 "--set", "per_group=10"],
+    "quadratic": ["--set", "seeds=2"],
+    "modes": ["--set", "seeds=2", "--set", "steps=60", "--set", "steps_lazy=60", "--set", "modes=4",
               "--set", "n_train=30", "--set", "width=16"],
 }
 
@@ -26,24 +28,40 @@ def test_each_experiment_end_to_end(tmp_path, name, capsys):
     out = tmp_path / name
     assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["experiment"] == name and summary["claims"]
-    for c in summary["claims"]:
-        assert {"claim", "value", "expected", "holds"} <= set(c)
-        assert isinstance(c["holds"], bool)
+    assert summary["experiment"] == name and summary["claims"] and summary["seeds"] == 2
+    assert summary["seed_values"] == [0, 1]
+    per_seed = [json.loads((out / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    assert [p["seed"] for p in per_seed] == [0, 1]
+    for i, c in enumerate(summary["claims"]):
+        assert {"claim", "value", "expected", "holds", "values", "mean", "stderr", "ci95", "sign_held",
+                "state"} <= set(c)
+        assert c["state"] in ("holds", "fails", "inconclusive") and c["holds"] == (c["state"] == "holds")
+        # the summary's values are the seeds' own claims, in seed order
+        assert c["values"] == pytest.approx([p["claims"][i]["value"] for p in per_seed], nan_ok=True)
+    assert sum(summary["verdicts"].values()) == len(summary["claims"])
+    assert "claims.png" in summary["figures"]
     for fig in summary["figures"]:
         assert (out / fig).stat().st_size > 5000
     assert json.loads((out / "config.json").read_text())["experiment"] == name
     if name != "quadratic":
-        assert list((out / "runs").rglob("log.jsonl"))
+        assert list((out / "seed1" / "runs").rglob("log.jsonl"))
     printed = capsys.readouterr().out
-    assert "expected" in printed
-    # a second run into the same directory is refused unless --overwrite
-    assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 2
+    assert "expected" in printed and "95% interval" in printed
+    # the same command again resumes: every seed is done, nothing retrains, the same summary
+    logs = {p: p.stat().st_mtime_ns for p in out.rglob("log.jsonl")}
+    assert main(["run", name, "--quick", "--out", str(out), "--no-progress"] + TINY[name]) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("log.jsonl")} == logs
+    again = json.loads((out / "summary.json").read_text())
+    assert [v for c in again["claims"] for v in c["values"]] == pytest.approx(
+        [v for c in summary["claims"] for v in c["values"]], nan_ok=True)
+    # another definition into the same directory is refused unless --overwrite
+    assert main(["run", name, "--out", str(out), "--no-progress"] + TINY[name]) == 2
+    assert "quick: True before, False now" in capsys.readouterr().err
     assert main(["run", name, "--quick", "--out", str(out), "--no-progress", "--overwrite"] + TINY[name]) == 0
 
 
 def test_help_on_every_command():
-    for args in (["--help"], ["demo", "--help"], ["run", "--help"], ["info", "--help"]):
+    for args in (["--help"], ["demo", "--help"], ["run", "--help"], ["info", "--help"], ["report", "--help"]):
         out = subprocess.run([sys.executable, "-m", "lazyhasty"] + args, capture_output=True, text=True,
                              env=dict(os.environ, TRITON_INTERPRET="0"))
         assert out.returncode == 0 and "usage" in out.stdout

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .claims import Claim  # noqa: F401  (experiments import it from here)
+
 
 @dataclass
 class Context:
@@ -22,6 +24,7 @@ class Context:
     progress: bool = True
     options: dict = field(default_factory=dict)
     overwrite: bool = False
+    resume: bool = False  # continue this seed's runs from their checkpoints (set by run_experiment)
 
     def opt(self, name: str, default, quick=None):
         """An experiment option: the config file / CLI value, else the quick or full default."""
@@ -33,28 +36,6 @@ class Context:
         p = self.out.joinpath(*parts)
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
-
-
-@dataclass
-class Claim:
-    """One of the paper's claims as a measured number: holds when ``value`` has the expected sign."""
-
-    name: str
-    value: float
-    expected: str  # "> 0" | "< 0" | "> x" | "< x"
-    note: str = ""
-
-    @property
-    def holds(self) -> bool:
-        op, ref = self.expected.split()
-        v = float(self.value)
-        if not np.isfinite(v):
-            return False
-        return v > float(ref) if op == ">" else v < float(ref)
-
-    def as_dict(self) -> dict:
-        return {"claim": self.name, "value": float(self.value), "expected": self.expected, "holds": self.holds,
-                "note": self.note}
 
 
 def write_summary(ctx: Context, experiment: str, claims: list[Claim], started: float, extra: dict | None = None) -> dict:
@@ -127,11 +108,32 @@ REGIME_OPTIONS = {"epochs": int, "batch_size": int, "lr": float, "width": int, "
 _TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", list: "a list of numbers"}
 
 
-def register(name: str, options: dict[str, type]):
-    """Register an experiment with the options it reads (``ctx.opt``) and their types."""
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """How an experiment runs over seeds: default seed counts, whether a killed seed's runs resume from their
+    checkpoints (else the seed starts again, its partial directory kept aside), and an optional ``aggregate``
+    hook writing figures over seeds (``aggregate(ctx, seed_dirs, per_seed_summaries) -> [file names]``)."""
+
+    seeds: int
+    quick_seeds: int
+    resumable: bool = True
+    aggregate: callable = None
+
+
+SPECS: dict[str, ExperimentSpec] = {}
+
+
+def register(name: str, options: dict[str, type], *, seeds: int = 10, quick_seeds: int = 3, resumable: bool = True,
+             aggregate=None):
+    """Register an experiment with the options it reads (``ctx.opt``) and their types.
+
+    The function runs ONE seed (``ctx.seed``) into ``ctx.out`` and returns its summary; ``run_experiment``
+    runs it for every seed (option ``seeds``, default ``seeds`` / ``quick_seeds``) and decides the claims over
+    seeds (:mod:`lazyhasty.experiments.claims`)."""
     def deco(fn):
         EXPERIMENTS[name] = fn
-        OPTIONS[name] = dict(options)
+        OPTIONS[name] = dict(options, seeds=int)
+        SPECS[name] = ExperimentSpec(seeds, quick_seeds, resumable, aggregate)
         return fn
     return deco
 
@@ -160,6 +162,8 @@ def check_options(name: str, options: dict) -> None:
 
 
 def run_experiment(name: str, ctx: Context) -> dict:
+    """Run experiment ``name`` over its seeds into ``ctx.out`` (resuming the seeds not yet done) and return
+    the summary over seeds. See :mod:`lazyhasty.experiments._seeds`."""
     import importlib
 
     for mod in ("yinyang", "label_noise", "cscores", "spurious", "quadratic", "modes"):
@@ -181,13 +185,6 @@ def run_experiment(name: str, ctx: Context) -> dict:
                if importlib.util.find_spec(mod) is None]
     if missing:
         raise ValueError(f"experiment {name!r} needs " + ", ".join(missing))
-    if (ctx.out / "runs").exists() or (ctx.out / "summary.json").exists():
-        if not ctx.overwrite:
-            raise FileExistsError(f"{ctx.out} already holds an experiment: choose another --out, or pass --overwrite "
-                                  "to replace its runs/ and summary")
-        import shutil
+    from ._seeds import run_seeds
 
-        shutil.rmtree(ctx.out / "runs", ignore_errors=True)
-    ctx.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(ctx.seed)
-    return EXPERIMENTS[name](ctx)
+    return run_seeds(name, ctx, EXPERIMENTS[name], SPECS[name])

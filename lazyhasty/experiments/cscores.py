@@ -7,9 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analysis import at_equal_progress, difference, plot_groups
+from ..analysis import difference, plot_groups
 from ..data import difficulty_groups, estimate_cscores, load_cscores
-from ._regime_runs import figures, linearity_at_end, mean_over_grid, train_regimes
+from ._regime_runs import (LINEARITY, curve, equal_progress, figures, linearity_at_end, mean_over_grid,
+                           train_regimes)
 from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
                      write_summary)
 
@@ -45,7 +46,7 @@ def run(ctx: Context) -> dict:
     runs, config = train_regimes(ctx, train, probes, train[:500], alphas=(1.0, 100.0), classes=train.num_classes)
     write_config(ctx, "cscores", {"dataset": name, "n_train": len(train), "cscores": source, **config})
     cols = [f"decile{d}/loss" for d in range(10)]
-    table = at_equal_progress(runs, progress="train_loss", grid=100)
+    table = equal_progress(runs, "train_loss")
     plot_groups(table, [cols[0], cols[3], cols[7], cols[9]], ctx.path("decile_loss.png"), ylabel="per-decile training loss")
     figures(ctx, runs, "train_loss", ["train_loss"], "train_loss")
     d = difference(table, "alpha=1", "alpha=100", cols)
@@ -65,7 +66,9 @@ def run(ctx: Context) -> dict:
     return write_summary(ctx, "cscores", claims, started, {
         "cscores": source, "end_linearity": end,
         "difference_by_decile": {c: mean_over_grid(v) for c, v in d.items()},
-        "figures": ["decile_loss.png", "decile_difference.png", "linearity.png", "train_loss.png"]})
+        "figures": ["decile_loss.png", "decile_difference.png", "linearity.png", "train_loss.png"],
+        "curves": [curve("decile_loss.png", "train_loss", [cols[0], cols[3], cols[7], cols[9]], "per-decile training loss"),
+                   curve("linearity.png", "train_loss", LINEARITY, "linearity metric")]})
 
 
 def _default_cscores():

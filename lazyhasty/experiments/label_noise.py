@@ -5,9 +5,10 @@ import time
 
 import numpy as np
 
-from ..analysis import at_equal_progress, difference, plot_groups
+from ..analysis import difference, plot_groups
 from ..data import with_label_noise
-from ._regime_runs import figures, linearity_at_end, mean_over_grid, train_regimes
+from ._regime_runs import (LINEARITY, curve, equal_progress, figures, linearity_at_end, mean_over_grid,
+                           train_regimes)
 from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
                      write_summary)
 
@@ -28,7 +29,7 @@ def run(ctx: Context) -> dict:
     probes = {"clean": train[~train.noisy], "noisy": train[train.noisy], "test": test}
     runs, config = train_regimes(ctx, train, probes, train[:500], alphas=(1.0, 100.0), classes=train.num_classes)
     write_config(ctx, "label-noise", {"dataset": name, "n_train": len(train), "noise": rate, **config})
-    table = at_equal_progress(runs, progress="clean/loss", grid=100)
+    table = equal_progress(runs, "clean/loss")
     plot_groups(table, ["noisy/loss", "test/loss"], ctx.path("loss_vs_clean_loss.png"), ylabel="loss")
     plot_groups(table, ["clean/acc", "noisy/acc", "test/acc"], ctx.path("accuracy_vs_clean_loss.png"), ylabel="accuracy")
     figures(ctx, runs, "clean/loss", ["train_loss"], "train_loss")
@@ -47,4 +48,7 @@ def run(ctx: Context) -> dict:
     ]
     return write_summary(ctx, "label-noise", claims, started, {
         "end_linearity": end, "best_test_loss": best,
-        "figures": ["loss_vs_clean_loss.png", "accuracy_vs_clean_loss.png", "linearity.png", "train_loss.png"]})
+        "figures": ["loss_vs_clean_loss.png", "accuracy_vs_clean_loss.png", "linearity.png", "train_loss.png"],
+        "curves": [curve("loss_vs_clean_loss.png", "clean/loss", ["noisy/loss", "test/loss"]),
+                   curve("accuracy_vs_clean_loss.png", "clean/loss", ["clean/acc", "noisy/acc", "test/acc"], "accuracy"),
+                   curve("linearity.png", "clean/loss", LINEARITY, "linearity metric")]})

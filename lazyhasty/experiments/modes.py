@@ -10,6 +10,7 @@ logged step where ``|residual| <= eps |residual at 0|``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 
@@ -43,11 +44,38 @@ def times_to_eps(run, r: int, eps: float) -> np.ndarray:
     return out
 
 
-@register("modes", dict(seeds=int, n_train=int, width=int, lr=float, steps=int, steps_lazy=int, modes=int,
-                         eps=float, log_every=int))
+def _figure(path, per_seed: list[dict], r: int, eps: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for a, style in zip(ALPHAS, ("o-", "s--")):
+        ts = np.array([p["time_to_eps"][f"{a:g}"] for p in per_seed], dtype=np.float64)
+        mean = np.nanmean(ts, 0) if np.isfinite(ts).any() else np.full(r, np.nan)
+        ax.plot(np.arange(r), mean, style, label=f"alpha={a:g} ({'non-linear' if a == 1 else 'linear'})")
+        for row in ts:
+            ax.plot(np.arange(r), row, ".", alpha=0.3, color=ax.lines[-1].get_color())
+    ax.set_xlabel("mode (eigenvalue rank of the initial NTK)")
+    ax.set_ylabel(f"steps to {eps:g} of the initial residual")
+    ax.set_yscale("log")
+    ax.set_title(f"mean over {len(per_seed)} seed(s) (lines) and each seed (points)", fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _aggregate(ctx: Context, seed_dirs, per_seed) -> dict:
+    _figure(ctx.path("modes.png"), per_seed, len(per_seed[0]["eigenvalues"]), per_seed[0]["eps"])
+    return {"figures": ["modes.png"]}
+
+
+@register("modes", dict(n_train=int, width=int, lr=float, steps=int, steps_lazy=int, modes=int, eps=float,
+                        log_every=int), seeds=10, quick_seeds=2, aggregate=_aggregate)
 def run(ctx: Context) -> dict:
     started = time.time()
-    seeds = int(ctx.opt("seeds", 5, quick=2))
     n_train = int(ctx.opt("n_train", 100, quick=60))
     width = int(ctx.opt("width", 100, quick=64))
     lr = float(ctx.opt("lr", 0.5))
@@ -57,58 +85,34 @@ def run(ctx: Context) -> dict:
     log_every = int(ctx.opt("log_every", 10))
     if r < 3:
         raise ValueError("modes must be >= 3 (the claims are rank correlations across modes)")
-    write_config(ctx, "modes", {"seeds": seeds, "n_train": n_train, "width": width, "lr": lr, "modes": r, "eps": eps,
+    write_config(ctx, "modes", {"n_train": n_train, "width": width, "lr": lr, "modes": r, "eps": eps,
                                 "steps": {str(k): v for k, v in steps.items()}, "loss": "mse (targets +-1)",
                                 "optimizer": "full-batch gradient descent", "log_every": log_every})
-    per_seed = []
-    for s in range(seeds):
-        seed = ctx.seed * 1000 + s
-        ds = yinyang(n_train, seed=seed)
-        ds = type(ds)(ds.x, ds.y.float() * 2 - 1, ds.meta, name=ds.name)  # MSE on +-1 targets
-        cfg = TrainConfig(steps=steps[1.0], lr=lr, loss="mse", log_every=log_every, probe_every=0, modes=r,
-                          seed=seed)
-        runs = compare_regimes(mlp4(width, seed=seed).to(ctx.device), ds, cfg, ctx.out / "runs" / f"seed{s}",
-                               alphas=ALPHAS, steps=steps, probe_set=ds, device=ctx.device, progress=ctx.progress)
-        lam = np.array(json.loads((runs[0].path / "modes.json").read_text())["eigenvalues"])
-        y0 = np.abs([runs[0].rows[0][f"mode/{i}"] for i in range(r)])  # |V^T (f_0 - y)|: the label's weight
-        t = {a: times_to_eps(rr, r, eps) for a, rr in zip(ALPHAS, runs)}
-        per_seed.append({"eigenvalues": lam.tolist(), "initial_residual": y0.tolist(),
-                         "time_to_eps": {f"{a:g}": t[a].tolist() for a in ALPHAS},
-                         "rank_corr_rate_vs_eigenvalue": {f"{a:g}": _spearman(1 / t[a], lam) for a in ALPHAS},
-                         "rank_corr_rate_vs_label_weight": {f"{a:g}": _spearman(1 / t[a], np.sqrt(lam) * y0)
-                                                            for a in ALPHAS}})
-    rv = {a: float(np.nanmean([p["rank_corr_rate_vs_eigenvalue"][f"{a:g}"] for p in per_seed])) for a in ALPHAS}
-    rl = {a: float(np.nanmean([p["rank_corr_rate_vs_label_weight"][f"{a:g}"] for p in per_seed])) for a in ALPHAS}
+    seed = ctx.seed
+    ds = yinyang(n_train, seed=seed)
+    ds = type(ds)(ds.x, ds.y.float() * 2 - 1, ds.meta, name=ds.name)  # MSE on +-1 targets
+    cfg = TrainConfig(steps=steps[1.0], lr=lr, loss="mse", log_every=log_every, probe_every=0, modes=r, seed=seed)
+    runs = compare_regimes(mlp4(width, seed=seed).to(ctx.device), ds, cfg, ctx.out / "runs", alphas=ALPHAS,
+                           steps=steps, probe_set=ds, device=ctx.device, progress=ctx.progress, resume=ctx.resume)
+    lam = np.array(json.loads((runs[0].path / "modes.json").read_text())["eigenvalues"])
+    y0 = np.abs([runs[0].rows[0][f"mode/{i}"] for i in range(r)])  # |V^T (f_0 - y)|: the label's weight
+    t = {a: times_to_eps(rr, r, eps) for a, rr in zip(ALPHAS, runs)}
+    rv = {a: _spearman(1 / t[a], lam) for a in ALPHAS}
+    rl = {a: _spearman(1 / t[a], np.sqrt(lam) * y0) for a in ALPHAS}
     claims = [
         Claim("linear regime (alpha=100): modes learned at rates ordered by the kernel's eigenvalue "
-              "(rank correlation of 1/time-to-eps with the eigenvalue, mean over seeds)", rv[100.0], "> 0.5"),
+              "(rank correlation of 1/time-to-eps with the eigenvalue)", rv[100.0], "> 0.5"),
         Claim("the non-linear regime follows the kernel's eigenvalues less than the linear one (rank correlation "
               "with the eigenvalue, alpha=1 minus alpha=100)", rv[1.0] - rv[100.0], "< 0"),
         Claim("the non-linear regime's order follows the label's weight sqrt(lambda)|y_lambda| more than the "
               "linear one's (rank correlation, alpha=1 minus alpha=100)", rl[1.0] - rl[100.0], "> 0"),
     ]
+    one = {"eigenvalues": lam.tolist(), "initial_residual": y0.tolist(), "eps": eps,
+           "time_to_eps": {f"{a:g}": t[a].tolist() for a in ALPHAS},
+           "rank_corr_rate_vs_eigenvalue": {f"{a:g}": rv[a] for a in ALPHAS},
+           "rank_corr_rate_vs_label_weight": {f"{a:g}": rl[a] for a in ALPHAS}}
     figures = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for a, style in zip(ALPHAS, ("o-", "s--")):
-            ts = np.array([p["time_to_eps"][f"{a:g}"] for p in per_seed])
-            mean = np.nanmean(ts, 0)
-            ax.plot(np.arange(r), mean, style, label=f"alpha={a:g} ({'non-linear' if a == 1 else 'linear'})")
-            for row in ts:
-                ax.plot(np.arange(r), row, ".", alpha=0.3, color=ax.lines[-1].get_color())
-        ax.set_xlabel("mode (eigenvalue rank of the initial NTK)")
-        ax.set_ylabel(f"steps to {eps:g} of the initial residual")
-        ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(ctx.path("modes.png"), dpi=120)
-        plt.close(fig)
+    if importlib.util.find_spec("matplotlib") is not None:
+        _figure(ctx.path("modes.png"), [one], r, eps)
         figures.append("modes.png")
-    except ImportError:
-        pass
-    return write_summary(ctx, "modes", claims, started, {"figures": figures, "per_seed": per_seed})
+    return write_summary(ctx, "modes", claims, started, {"figures": figures, **one})

@@ -9,7 +9,7 @@ from ..theory import at_equal_group_mse, example1, example2, example3, figure4
 from .common import Claim, Context, register, write_config, write_summary
 
 
-@register("quadratic", dict(sigma=float))
+@register("quadratic", dict(sigma=float), seeds=10, quick_seeds=3)
 def run(ctx: Context) -> dict:
     started = time.time()
     sigma = float(ctx.opt("sigma", 1e-2))

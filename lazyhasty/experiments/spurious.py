@@ -10,9 +10,9 @@ import time
 
 import torch
 
-from ..analysis import at_equal_progress, difference, plot_groups
+from ..analysis import difference, plot_groups
 from ..data import Dataset, balanced_groups, celeba, waterbirds, with_spurious_feature
-from ._regime_runs import mean_over_grid, train_regimes
+from ._regime_runs import equal_progress, curve, mean_over_grid, train_regimes
 from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
                      write_summary)
 
@@ -64,7 +64,7 @@ def run(ctx: Context) -> dict:
                                  default_epochs=30, quick_epochs=8)
     write_config(ctx, "spurious", {"dataset": name, "n_train": len(train), "balanced_per_group": [per_tr, per_te],
                                    **config})
-    table = at_equal_progress(runs, progress="train/with/loss", grid=100)
+    table = equal_progress(runs, "train/with/loss")
     plot_groups(table, ["train/without/acc", "test/without/acc", "test/with/acc"], ctx.path("accuracy_vs_progress.png"),
                 ylabel="accuracy")
     _acc_figure(ctx, runs)
@@ -77,7 +77,10 @@ def run(ctx: Context) -> dict:
         claims.append(Claim(f"at equal with-spurious training loss, without-spurious test loss {nl} minus alpha=100",
                             mean_over_grid(d["test/without/loss"]), "> 0"))
     return write_summary(ctx, "spurious", claims, started, {
-        "figures": ["accuracy_vs_progress.png", "accuracy_train_test.png"]})
+        "figures": ["accuracy_vs_progress.png", "accuracy_train_test.png"],
+        "curves": [curve("accuracy_vs_progress.png", "train/with/loss",
+                         ["train/without/acc", "test/without/acc", "test/with/acc"], "accuracy"),
+                   curve("loss_vs_progress.png", "train/with/loss", ["train/without/loss", "test/without/loss"])]})
 
 
 def _acc_figure(ctx: Context, runs):
