@@ -149,5 +149,37 @@ def tied_and_outside_use(n=5):
     return M(), torch.randint(0, 9, (n, 4), generator=g)
 
 
-ZOO = {f.__name__: f for f in (mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+class _InplaceBlock(nn.Module):
+    """torchvision's BasicBlock: in-place ReLUs and ``out += identity`` overwrite captured layer outputs."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def resnet_inplace(n=5):
+    """torchvision-style: a conv straight into ReLU(inplace=True), BatchNorm (eval, random running stats),
+    an in-place residual block, a Hardswish(inplace=True) after a linear layer; output [b, 3]."""
+    m = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True), _InplaceBlock(4),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 6), nn.Hardswish(inplace=True),
+                      nn.Linear(6, 3))
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.5, 0.5)
+            mod.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(mod.weight, 0.5, 1.5)
+            nn.init.uniform_(mod.bias, -0.5, 0.5)
+    return m.eval(), torch.randn(n, 2, 6, 6)
+
+
+ZOO = {f.__name__: f for f in (resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

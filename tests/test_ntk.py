@@ -146,6 +146,27 @@ def test_layerwise_uses_the_exact_forms_it_should():
     assert fz.describe()["layers"]["net.2"] == "linear/ghost"  # S = 1, wide: ghost
 
 
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_in_place_ops_keep_every_layer_on_its_exact_form(kernel):
+    """ReLU(inplace=True), ``out += identity`` and Hardswish(inplace=True) overwrite captured layer outputs;
+    the capture notices (version counters), copies them, and no layer falls back to torch.func."""
+    from lazyhasty.ntk import _engine
+
+    m, x = _model("resnet_inplace", torch.float64)
+    want = R.ntk_gram(m, [x], kernel=kernel)
+    fz = Featurizer(m, "layerwise", kernel, None)
+    fz(x)
+    d = fz.describe()
+    assert d["generic"] == []
+    assert set(d["layers"]) == {"0", "2.conv1", "2.bn1", "2.conv2", "2.bn2", "5", "7"}
+    assert d["copies"] == {"0": ["output"], "2.bn1": ["output"], "2.bn2": ["output"], "5": ["output"]}
+    assert _rel(ntk_gram(m, x, kernel=kernel), want) <= 1e-10
+    # remembered per model structure: a new featurizer starts with the copies, without re-checking
+    fz2 = Featurizer(m, "layerwise", kernel, None)
+    assert fz2.verified and fz2.describe()["copies"] == d["copies"]
+    _engine._VERIFIED.pop(m, None)
+
+
 def test_output_shapes_b_and_b1_give_k1():
     m, x = _model("mlp_paper", torch.float64)
     K = ntk_gram(m, x)

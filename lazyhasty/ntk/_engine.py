@@ -104,6 +104,8 @@ class Featurizer:
             names = known[1]
             self.excluded = {id(m) for n, m in model.named_modules() if n in names}
             self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
+            for p in self.plans:
+                p.copy_input, p.copy_output = known[2].get(p.name, (False, False))
             self.verified = True
         self.k: int | None = None
         self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
@@ -199,7 +201,9 @@ class Featurizer:
         return buf[:numel]
 
     def describe(self) -> dict:
-        return {"layers": {p.name: f"{p.kind}/{p.form}" for p in self.plans}, "generic": list(self.generic)}
+        return {"layers": {p.name: f"{p.kind}/{p.form}" for p in self.plans}, "generic": list(self.generic),
+                "copies": {p.name: [w for w, on in (("input", p.copy_input), ("output", p.copy_output)) if on]
+                           for p in self.plans if p.copy_input or p.copy_output}}
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
@@ -325,26 +329,47 @@ class Featurizer:
         return feats
 
     def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
-        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call."""
+        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
+
+        In-place safe: if the model modified a captured input or output in place after the layer ran (its
+        version counter moved), that layer switches to copies (:class:`LayerPlan` ``copy_input`` /
+        ``copy_output``, remembered per model structure) and the forward runs again."""
         def hook_for(p):
             def hook(module, args, output):
-                p.inputs.append(args[0].detach())
+                a = args[0].detach()
+                p.inputs.append(a.clone() if p.copy_input else a)
                 p.outputs.append(output)
+                p.versions.append((a._version, output._version))
+                if p.copy_output:
+                    return output.clone()  # the model continues on a copy; ``output`` stays as backward sees it
+                return None
             return hook
 
         def reset():
             for p in self.plans:
                 p.inputs.clear()
                 p.outputs.clear()
+                p.versions.clear()
 
-        reset()
-        handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
-        try:
-            with torch.set_grad_enabled(grad):
-                return self._call(x, reset)
-        finally:
-            for h in handles:
-                h.remove()
+        for _ in range(2):
+            reset()
+            handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
+            try:
+                with torch.set_grad_enabled(grad):
+                    out = self._call(x, reset)
+            finally:
+                for h in handles:
+                    h.remove()
+            moved = False
+            for p in self.plans:
+                for a, o, (va, vo) in zip(p.inputs, p.outputs, p.versions):
+                    if not p.copy_input and a._version != va:
+                        p.copy_input = moved = True
+                    if not p.copy_output and o._version != vo:
+                        p.copy_output = moved = True
+            if not moved:
+                break
+        return out
 
     def _call(self, x: torch.Tensor, reset=None) -> torch.Tensor:
         """The model on ``x``, channels-last for convolutional models (unless the model cannot take it)."""
@@ -361,11 +386,15 @@ class Featurizer:
     def _mark_verified(self) -> None:
         self.verified = True
         names = frozenset(n for n, m in self.model.named_modules() if id(m) in self.excluded)
-        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names)
+        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
+        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies)
 
     def _exclude(self, bad) -> None:
         self.excluded |= {id(p.module) for p in bad}
+        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        for p in self.plans:
+            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
         self.verified = False
 
     def _generic_jacobian(self, x: torch.Tensor) -> torch.Tensor:

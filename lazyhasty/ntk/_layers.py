@@ -40,6 +40,13 @@ class LayerPlan:
     form: str | None = None  # ghost | materialized (chosen on the first block)
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    # In-place safety: a later in-place op (ReLU(inplace=True), ``out += identity``) on a captured input or
+    # output would change what the layer's gradient is computed from. Capture records the tensors' version
+    # counters; when one moved, the layer captures a copy of its input / hands the model a copy of its output
+    # (so the captured tensor stays the one the layer's backward sees) and the block is captured again.
+    copy_input: bool = False
+    copy_output: bool = False
+    versions: list = field(default_factory=list)
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         out = []
