@@ -190,7 +190,8 @@ class Monitor:
             self.probe = LinearityProbe.capture(reference, x, batch_size=batch_size,
                                                 ntk=kernel if want_ntk else None, trainable=trainable)
             if "sign_similarity" in metrics and self.probe.signs is None:
-                raise ValueError("sign_similarity needs nn.ReLU modules in the model; drop it from metrics=")
+                raise ValueError("sign_similarity needs ReLUs in the model (nn.ReLU modules or F.relu / torch.relu / "
+                                 "clamp(min=0) calls); drop it from metrics=")
         self.theta0 = {n: p.detach().clone() for n, p in reference.named_parameters()} \
             if "param_distance" in metrics else None
         self.sinks = [_as_sink(s) for s in sinks]

@@ -34,18 +34,28 @@ def sign_mismatch(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 
 
 # --- metrics --------------------------------------------------------------------------------------
-def _masks(model: nn.Module, names: list[str], loader, device) -> torch.Tensor:
+def _masks(model: nn.Module, names: list[str], loader, device, functional: bool = False) -> torch.Tensor:
     """[n, total units] boolean ReLU on/off masks of every example, all kept in memory."""
+    import contextlib
+
+    from .metrics._sites import FunctionalReLUs
+
     mods = dict(model.named_modules())
     outs: list[torch.Tensor] = []
-    hooks = [mods[n].register_forward_hook(lambda m, a, o: outs.append(o.detach().reshape(o.shape[0], -1)))
-             for n in names]
+
+    def keep(site, o):
+        outs.append(o.detach().reshape(o.shape[0], -1).clone())  # .clone(): a later in-place op must not change it
+
+    hooks = [mods[n].register_forward_hook(lambda m, a, o: keep(None, o)) for n in names]
     rows = []
     try:
         with torch.no_grad(), evaluating(model):
             for x in iter_inputs(loader, device):
                 outs.clear()
-                model(x)
+                with FunctionalReLUs(model, keep) if functional else contextlib.nullcontext():
+                    model(x)
+                if not outs:
+                    raise ValueError("no ReLU ran during the forward pass")
                 h = torch.cat(outs, 1)
                 if torch.isnan(h).any():
                     raise ValueError("NaN in activations")
@@ -63,8 +73,9 @@ def sign_similarity(model: nn.Module, loader, reference, *, modules=None, reduct
     """
     ref = as_reference_module(model, reference)
     names = [n for n, _ in relu_modules(model, modules)]
-    m = _masks(model, names, loader, model_device(model))
-    m0 = _masks(ref, names, loader, model_device(ref))
+    functional = modules is None  # F.relu / torch.relu / clamp(min=0) calls count as ReLUs too
+    m = _masks(model, names, loader, model_device(model), functional)
+    m0 = _masks(ref, names, loader, model_device(ref), functional)
     same = (m == m0).double()
     return same.mean(1) if reduction == "none" else same.mean().item()
 

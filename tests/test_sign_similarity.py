@@ -105,7 +105,7 @@ def test_bad_inputs():
         sign_similarity(m, x, mlp((2, 1, 31, 1006, 1)))
     with pytest.raises(ValueError, match="architecture"):
         sign_similarity(m, x, {"0.weight": torch.zeros(1, 2)})
-    with pytest.raises(ValueError, match="no nn.ReLU"):
+    with pytest.raises(ValueError, match="no ReLU ran"):
         sign_similarity(nn.Linear(2, 3), x, nn.Linear(2, 3))
     with pytest.raises(ValueError, match="no submodule named"):
         sign_similarity(m, x, m0, modules=["nope"])
@@ -148,3 +148,57 @@ def test_linearity_probe_shares_one_forward_and_matches_the_separate_metrics():
     no_relu = nn.Sequential(nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 1))
     only_repr = LinearityProbe.capture(no_relu, torch.randn(10, 2)).measure(no_relu)
     assert set(only_repr) == {"repr_alignment"} and only_repr["repr_alignment"] == pytest.approx(1.0)
+
+
+class _FunctionalReLUs(nn.Module):
+    """ReLUs written every way people write them: F.relu, torch.relu, Tensor.relu_, clamp(min=0), clamp_min,
+    an nn.ReLU module (whose own F.relu must not count twice), and a clamp with an upper bound (not a ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8),
+                                                  nn.Linear(8, 2))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        h = torch.nn.functional.relu(self.a(x))
+        h = torch.relu(self.b(h))
+        h = self.c(h).relu_()
+        h = self.act(self.d(h).clamp(min=0) + torch.clamp_min(h, 0.0))
+        return self.e(h.clamp(-1.0, 1.0))
+
+
+def test_functional_relus_count_like_relu_modules():
+    torch.manual_seed(0)
+    m0 = _FunctionalReLUs().double()
+    m = perturbed(m0, 0.3)
+    x = torch.randn(37, 3, dtype=torch.float64)
+    init = SignPatterns.capture(m0, x.split(10))
+    assert init.functional
+    assert init.sites == [":relu", ":relu#1", ":relu#2", ":clamp", ":clamp#1", "act"]
+    assert init.units == [8] * 6
+    want = R.sign_similarity(m, [x], m0)
+    # by hand: every ReLU's on/off pattern, the nn.ReLU counted once
+    def masks(net):
+        h1 = torch.relu(net.a(x)); h2 = torch.relu(net.b(h1)); h3 = torch.relu(net.c(h2)); h4 = torch.relu(net.d(h3))
+        h5 = torch.relu(h4 + h3)
+        return torch.cat([h1, h2, h3, h4, h3, h5], 1) > 0
+    with torch.no_grad():
+        by_hand = (masks(m) == masks(m0)).double().mean().item()
+    assert want == pytest.approx(by_hand, abs=1e-15)
+    assert sign_similarity(m, x.split(8), m0) == pytest.approx(want, abs=1e-15)
+    assert init.similarity(m, x.split(10)) == pytest.approx(want, abs=1e-15)
+    # modules= given: only those modules, no functional sites
+    only = sign_similarity(m, x, m0, modules=["act"])
+    assert only == pytest.approx(R.sign_similarity(m, [x], m0, modules=["act"]), abs=1e-15)
+    # the linearity probe reads the same sites
+    from lazyhasty.metrics import LinearityProbe
+
+    probe = LinearityProbe.capture(m0, x, batch_size=16)
+    assert probe.measure(m)["sign_similarity"] == pytest.approx(want, abs=1e-15)
+
+
+def test_architectures_without_functional_relus_keep_their_sites():
+    m0 = mlp((2, 5, 4, 1))
+    init = SignPatterns.capture(m0, torch.randn(6, 2))
+    assert not init.functional and all(":" not in s for s in init.sites)

@@ -10,17 +10,12 @@ from torch import nn
 def relu_modules(model: nn.Module, modules: Sequence[nn.Module | str] | None = None) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every ``nn.ReLU`` in ``model`` (or of the given modules / names).
 
-    Functional ``F.relu`` / ``torch.relu`` calls cannot be observed: wrap them in ``nn.ReLU`` modules.
+    With ``modules=None`` the functional ReLUs of the forward count too (:class:`FunctionalReLUs`), so the
+    list may be empty here; a forward in which no ReLU ran is an error later.
     """
     named = list(model.named_modules())
     if modules is None:
-        found = [(name, m) for name, m in named if isinstance(m, nn.ReLU)]
-        if not found:
-            raise ValueError(
-                f"{type(model).__name__} has no nn.ReLU module: sign similarity needs ReLU modules "
-                "(functional F.relu calls cannot be hooked; use nn.ReLU or pass modules=[...])"
-            )
-        return found
+        return [(name, m) for name, m in named if isinstance(m, nn.ReLU)]
     if isinstance(modules, (nn.Module, str)):
         modules = [modules]
     if len(modules) == 0:
@@ -130,3 +125,77 @@ class CallRecorder:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+# --- functional ReLUs ----------------------------------------------------------------------------------
+def _relu_functions() -> dict:
+    F = torch.nn.functional
+    return {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu",
+            torch.Tensor.relu: "relu", torch.Tensor.relu_: "relu",
+            torch.clamp: "clamp", torch.clamp_min: "clamp", torch.Tensor.clamp: "clamp", torch.Tensor.clamp_: "clamp",
+            torch.Tensor.clamp_min: "clamp", torch.Tensor.clamp_min_: "clamp"}
+
+
+def _is_relu_clamp(args, kwargs) -> bool:
+    """``clamp(x, min=0)`` / ``clamp_min(x, 0)`` with no upper bound: a ReLU."""
+    lo = kwargs.get("min", args[1] if len(args) > 1 else None)
+    hi = kwargs.get("max", args[2] if len(args) > 2 else None)
+    return hi is None and isinstance(lo, (int, float)) and not isinstance(lo, bool) and lo == 0
+
+
+class FunctionalReLUs(torch.overrides.TorchFunctionMode):
+    """While active, every functional ReLU of ``model`` — ``F.relu``, ``torch.relu``, ``Tensor.relu`` (and the
+    in-place forms), ``clamp(min=0)`` / ``clamp_min(0)`` — calls ``fn(site, output)``, like a hooked ``nn.ReLU``.
+
+    A site is named after the innermost module running it and the function, ``"block.conv:relu"`` (``":relu"``
+    at the top level), ``#j`` for the j-th extra call at the same place; calls inside ``nn.ReLU`` modules are
+    left to those modules' hooks. Sites come in call order, so the same architecture gives the same sites.
+    """
+
+    def __init__(self, model: nn.Module, fn: Callable[[str, torch.Tensor], None]):
+        super().__init__()
+        self.fn = fn
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.stack: list[nn.Module] = []
+        self.calls: dict[str, int] = {}
+        self.functions = _relu_functions()
+        self.handles = []
+
+    def _push(self, module, args):
+        self.stack.append(module)
+
+    def _pop(self, module, args, output):
+        if self.stack and self.stack[-1] is module:
+            self.stack.pop()
+
+    def new_forward(self) -> None:
+        self.calls.clear()
+        self.stack.clear()
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.new_forward()
+        self.handles = [register_module_forward_pre_hook(self._push), register_module_forward_hook(self._pop)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return super().__exit__(*exc)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kind = self.functions.get(func)
+        if kind is None or (kind == "clamp" and not _is_relu_clamp(args, kwargs)):
+            return out
+        owner = next((m for m in reversed(self.stack) if id(m) in self.names), None)
+        if isinstance(owner, nn.ReLU) or not isinstance(out, torch.Tensor):
+            return out  # an nn.ReLU module: its own hook records it
+        base = f"{self.names[id(owner)] if owner is not None else ''}:{kind}"
+        k = self.calls.get(base, 0)
+        self.calls[base] = k + 1
+        self.fn(base if k == 0 else f"{base}#{k}", out)
+        return out

@@ -1,6 +1,8 @@
 """Sign similarity and representation alignment from one forward of the model per logging step."""
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +49,7 @@ class LinearityProbe:
         try:
             signs = SignPatterns.capture(reference, batches, modules=modules, backend=backend)
         except ValueError as exc:
-            if "no nn.ReLU" not in str(exc):
+            if "no ReLU ran" not in str(exc):
                 raise
             signs = None  # a model without ReLU: only representation alignment is measured
         name, module = resolve_layer(reference, layer)
@@ -78,7 +80,8 @@ class LinearityProbe:
         (_, module), = same_modules(model, [self.layer_name])
         got: list[torch.Tensor] = []
         rec = CallRecorder([(self.layer_name, module)], lambda site, t: got.append(t.detach()), self.where)
-        run = _Pass(same_modules(model, self.signs.module_names), backend, "model") if self.signs else None
+        run = _Pass(same_modules(model, self.signs.module_names), backend, "model",
+                    functional=model if self.signs.functional else None) if self.signs else None
         bits = [b.to(device) for b in self.signs.bits] if self.signs else None
         grams = _feature_moments(centered)
         counts, start = [], 0
@@ -91,7 +94,8 @@ class LinearityProbe:
                     rec.new_forward()
                     if run is not None:
                         run.reset(_BatchWords(self.signs.sites, self.signs.units, [w[start:start + b] for w in bits]))
-                    model(xb)
+                    with run.observing() if run is not None else contextlib.nullcontext():
+                        model(xb)
                     if run is not None:
                         run.check(self.signs.sites)
                         counts.append(run.counts)

@@ -13,7 +13,9 @@ from torch import nn
 
 from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
 from ..ops.signs import pack_signs, sign_mismatch
-from ._sites import CallRecorder, relu_modules, same_modules
+import contextlib
+
+from ._sites import CallRecorder, FunctionalReLUs, relu_modules, same_modules
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -23,13 +25,24 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 class _Pass:
     """One forward of a model with hooks on its sign sites; either packs or compares against given words."""
 
-    def __init__(self, modules: Sequence[tuple[str, nn.Module]], backend: str | None, role: str):
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]], backend: str | None, role: str,
+                 functional: nn.Module | None = None):
         self.relu = {name: isinstance(m, nn.ReLU) for name, m in modules}
         self.backend = backend
         self.role = role
         self.recorder = CallRecorder(modules, self._on_call)
+        # functional F.relu / torch.relu / clamp(min=0) calls of this model, observed during its forward
+        self.functional = FunctionalReLUs(functional, self._on_call) if functional is not None else None
         self.reset(None)
         self.active = False
+
+    def observing(self):
+        """Context of one forward: functional ReLUs are recorded too (when asked for)."""
+        return self.functional if self.functional is not None else contextlib.nullcontext()
+
+    @property
+    def functional_sites(self) -> bool:
+        return any(":" in s.split("#")[0] for s in self.sites)
 
     def reset(self, against: "_BatchWords | None") -> None:
         self.recorder.new_forward()
@@ -49,7 +62,8 @@ class _Pass:
         x = _flat(t.detach())
         base = site.split("#")[0]
         # ReLU outputs are >= 0 or NaN, so their sum is NaN exactly when one is NaN: one cheap reduction.
-        self.nan_flags.append(x.sum(dtype=torch.float32).isnan() if self.relu[base] else x.isnan().any())
+        relu = self.relu.get(base, ":" in base)  # "owner:relu" sites are functional ReLUs
+        self.nan_flags.append(x.sum(dtype=torch.float32).isnan() if relu else x.isnan().any())
         k = len(self.sites)
         self.sites.append(site)
         self.units.append(x.shape[1])
@@ -69,7 +83,9 @@ class _Pass:
     def check(self, other_sites: list[str] | None = None) -> None:
         self.active = False
         if not self.sites:
-            raise ValueError("no hooked module ran during the forward pass: nothing to compare")
+            raise ValueError("no ReLU ran during the forward pass (no nn.ReLU module, no F.relu / torch.relu / "
+                             "clamp(min=0) call, or none of the modules= given): sign similarity has nothing to "
+                             "compare")
         if self.nan_flags and bool(torch.stack(self.nan_flags).any()):
             bad = next(s for s, f in zip(self.sites, self.nan_flags) if bool(f))
             raise ValueError(f"NaN in the activations of {bad!r} ({self.role}): sign similarity is undefined")
@@ -105,7 +121,8 @@ class SignPatterns:
     """
 
     def __init__(self, module_names: list[str], sites: list[str], units: list[int], bits: list[torch.Tensor],
-                 fingerprints: torch.Tensor):
+                 fingerprints: torch.Tensor, functional: bool = False):
+        self.functional = functional  # sites include functional ReLUs ("owner:relu")
         self.module_names = module_names
         self.sites = sites
         self.units = units
@@ -133,14 +150,17 @@ class SignPatterns:
                             f"{type(reference).__name__}{hint}")
         named = relu_modules(reference, modules)
         device = model_device(reference)
-        run = _Pass(named, backend, "reference")
+        run = _Pass(named, backend, "reference", functional=reference if modules is None else None)
         sites, units, chunks, prints = None, None, [], []
         try:
             with evaluating(reference):
                 for x in iter_inputs(loader, device):
                     run.reset(None)
-                    reference(x)
+                    with run.observing():
+                        reference(x)
                     run.check(sites)
+                    if sites is None and not run.functional_sites:
+                        run.functional = None  # no functional ReLU in this architecture: no mode overhead
                     if sites is None:
                         sites, units = list(run.sites), list(run.units)
                     elif run.sites != sites or run.units != units:
@@ -150,11 +170,12 @@ class SignPatterns:
         finally:
             run.recorder.remove()
         bits = [torch.cat([c[k] for c in chunks]) for k in range(len(sites))]
-        return cls([n for n, _ in named], sites, units, bits, torch.cat(prints))
+        return cls([n for n, _ in named], sites, units, bits, torch.cat(prints),
+                    functional=any(":" in s.split("#")[0] for s in sites))
 
     def to(self, device) -> "SignPatterns":
         return SignPatterns(self.module_names, self.sites, self.units, [b.to(device) for b in self.bits],
-                            self.fingerprints)
+                            self.fingerprints, self.functional)
 
     @torch.no_grad()
     def similarity(self, model: nn.Module, loader, *, reduction: str = "mean", backend: str | None = None):
@@ -168,7 +189,7 @@ class SignPatterns:
         named = same_modules(model, self.module_names)
         device = model_device(model)
         bits = [b.to(device) for b in self.bits]
-        run = _Pass(named, backend, "model")
+        run = _Pass(named, backend, "model", functional=model if self.functional else None)
         counts, start = [], 0
         try:
             with evaluating(model):
@@ -182,7 +203,8 @@ class SignPatterns:
                             "must yield the same examples in the same order (no shuffling)"
                         )
                     run.reset(_BatchWords(self.sites, self.units, [w[start:start + b] for w in bits]))
-                    model(x)
+                    with run.observing():
+                        model(x)
                     run.check(self.sites)
                     counts.append(run.counts)
                     start += b
@@ -205,8 +227,9 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
                     reduction: str = "mean", backend: str | None = None):
     """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.
 
-    Pooled over all units of all ``nn.ReLU`` modules of ``model`` (or of ``modules``, given as modules of
-    ``model`` or qualified names). ``reference`` is the model at init: a module of the same architecture or
+    Pooled over all units of all ReLUs of ``model``: ``nn.ReLU`` modules and functional ``F.relu`` /
+    ``torch.relu`` / ``Tensor.relu`` / ``clamp(min=0)`` calls (sites ``"owner:relu"``) — or only the
+    ``modules`` given (modules of ``model`` or qualified names). ``reference`` is the model at init: a module of the same architecture or
     its state_dict. Both run in eval mode under ``torch.no_grad`` on each batch, so any loader works,
     shuffled or not. ``reduction="none"`` gives ``[n]`` per-example similarities.
 
@@ -222,18 +245,22 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     names = [n for n, _ in named]
     ref_named = same_modules(ref, names)
     device, ref_device = model_device(model), model_device(ref)
-    ref_run = _Pass(ref_named, backend, "reference")
-    run = _Pass(named, backend, "model")
+    ref_run = _Pass(ref_named, backend, "reference", functional=ref if modules is None else None)
+    run = _Pass(named, backend, "model", functional=model if modules is None else None)
     counts, units = [], None
     try:
         with evaluating(model, ref):
             for x in iter_inputs(loader, device):
                 ref_run.reset(None)
-                ref(x.to(ref_device))
+                with ref_run.observing():
+                    ref(x.to(ref_device))
                 ref_run.check()
+                if units is None and not ref_run.functional_sites:
+                    ref_run.functional = run.functional = None  # none in this architecture: no mode overhead
                 words = _BatchWords(ref_run.sites, ref_run.units, [w.to(device) for w in ref_run.bits])
                 run.reset(words)
-                model(x)
+                with run.observing():
+                    model(x)
                 run.check(ref_run.sites)
                 if units is not None and sum(run.units) != units:
                     raise ValueError("the number of ReLU units changed between batches (inputs of different sizes?)")
