@@ -273,3 +273,49 @@ def test_bad_arguments():
         ntk_alignment(m, x, nn.Linear(2, 1))
     with pytest.raises(ValueError, match="diagonal"):
         ntk_alignment(m, x, m, kernel="diagonal", centered=True)
+
+
+# which parameters each zoo model leaves to torch.func: a silent fallback elsewhere fails this test
+EXPECTED_GENERIC = {"generic_params": {"scale", "act.weight"},
+                    "tied_and_outside_use": {"emb.weight", "proj.weight", "proj.bias"}}
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_explain_names_every_parameter_form_and_the_path(name):
+    from lazyhasty.ntk import PATHS, explain
+
+    m, x = _model(name, torch.float64)
+    plan = explain(m, x, kernel="full")
+    assert [p["name"] for p in plan.parameters] == [n for n, p in m.named_parameters() if p.requires_grad]
+    assert set(plan.generic) == EXPECTED_GENERIC.get(name, set())
+    for p in plan.parameters:
+        assert p["form"] in ("ghost", "materialized", "torch.func")
+        if p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
+            assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
+    assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
+    d = plan.to_dict()
+    assert d["path_description"] == PATHS["one_tile"] and d["parameters"] == plan.parameters
+    assert "path: one_tile" in str(plan)
+
+
+@pytest.mark.parametrize("kernel,block_size,purpose,path", [
+    ("trace", None, "gram", "trace_one_block"), ("trace", 3, "gram", "tiles"), ("full", None, "gram", "one_tile"),
+    ("full", 3, "gram", "tiles"), ("diagonal", 3, "gram", "diagonal"), ("full", None, "alignment", "tiles"),
+    ("trace", 100, "alignment", "trace_one_block")])
+def test_the_path_table(kernel, block_size, purpose, path):
+    """One function chooses the path; every path gives the spec's numbers (float64)."""
+    from lazyhasty.ntk import explain
+
+    m, x = _model("cnn_strided", torch.float64)
+    assert explain(m, x, kernel=kernel, block_size=block_size, purpose=purpose).path == path
+    if purpose == "gram":
+        want = R.ntk_gram(m, [x], kernel=kernel)
+        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=block_size), want) <= 1e-10
+    else:
+        m0, _ = _model("cnn_strided", torch.float64)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(1.3)
+        want = R.ntk_alignment(m, [x], m0, kernel=kernel)
+        assert ntk_alignment(m, x, m0, kernel=kernel, block_size=block_size) == pytest.approx(want, abs=1e-12)
+    assert explain(m, x, implementation="naive").path == "naive"

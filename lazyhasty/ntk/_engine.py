@@ -14,6 +14,7 @@ from .._precision import exact_fp32
 from .._progress import Progress
 from ..metrics._exact import AlignmentSums
 from . import _features as feat
+from ._plan import choose_path
 from ._layers import (
     batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, embedding_factors, ghost_layout,
     linear_factors, select_output, tensor_output,
@@ -548,29 +549,30 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
     x_all = all_inputs(loader, fz.device)
-    if by_layer:
-        if kernel == "diagonal" or loader2 is not None:
-            raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
+    if by_layer and (kernel == "diagonal" or loader2 is not None):
+        raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
+    if loader2 is not None and kernel == "diagonal":
+        raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
+    n = x_all.shape[0]
+    if not (by_layer or loader2 is not None):
+        fz.pairs_per_example = (n + 1) / 2
+    path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
+                       cross=loader2 is not None, by_layer=by_layer)
+    if path.name == "by_layer":
         fz.by_layer = True
         return _gram_by_layer(fz, x_all, kernel, block_size, be)
-    if loader2 is not None:
-        if kernel == "diagonal":
-            raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
+    if path.name == "cross":
         return _cross_gram(fz, x_all, all_inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
                            progress)
-    n = x_all.shape[0]
-    fz.pairs_per_example = (n + 1) / 2
-    if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
-        block_size = n
-    blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
+    blocks = list(x_all.split(path.block_size))
     with exact_fp32():
-        if len(blocks) == 1 and kernel == "trace":
-            return _finite(fz.trace_gram(blocks[0], be))
-        if len(blocks) == 1 and kernel != "diagonal":
+        if path.name == "trace_one_block":
+            return _finite(fz.trace_gram(x_all, be))
+        if path.name == "one_tile":
             # one tile: reduce each layer's features as soon as they exist (no [b, k, P] per layer kept)
             acc = {}
 
-            def sink(f):  # the full kernel (one-block trace kernels took trace_gram above)
+            def sink(f):
                 t = feat.tile([f], [f], kernel, be) if be == "triton" else f.full(f)
                 acc["K"] = t if "K" not in acc else acc["K"].add_(t)
 
@@ -579,7 +581,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         starts = [0]
         for x in blocks:
             starts.append(starts[-1] + x.shape[0])
-        if kernel == "diagonal":  # per-block features are used once: nothing is kept
+        if path.name == "diagonal":  # per-block features are used once: nothing is kept
             diags = []
             with Progress(len(blocks), "ntk features", progress) as bar:
                 for x in blocks:
@@ -821,13 +823,16 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         be = _ntk_backend(fz.device, backend, fz.dtype)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
-        if by_layer:
-            if kernel == "diagonal":
-                raise ValueError("by_layer=True takes kernel='full' or 'trace'")
+        if by_layer and kernel == "diagonal":
+            raise ValueError("by_layer=True takes kernel='full' or 'trace'")
+        if not by_layer:
+            fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
+        path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
+                           by_layer=by_layer, purpose="alignment", backend=be, centered=centered)
+        if path.name == "by_layer":
             fz.by_layer = fz0.by_layer = True
             return _alignment_by_layer(fz, fz0, x_all, kernel, centered, block_size, be)
-        fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
-        if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
+        if path.name == "trace_one_block":
             # both [n, n] trace kernels of one block (one output at a time), reduced at once
             with exact_fp32():
                 sums = AlignmentSums(n, 1, kernel, centered, fz.device)
@@ -835,7 +840,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                 sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
                          False)
             return sums.alignment()
-        blocks = list(x_all.split(block_size or default_block_size(n, _output_size(fz, x_all))))
+        blocks = list(x_all.split(path.block_size))
         starts = [0]
         for x in blocks:
             starts.append(starts[-1] + x.shape[0])

@@ -47,6 +47,7 @@ class LayerPlan:
     copy_input: bool = False
     copy_output: bool = False
     versions: list = field(default_factory=list)
+    costs: dict | None = None  # the cost model's flops per example pair for each form (set with ``form``)
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         out = []
@@ -380,6 +381,7 @@ def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, ke
     else:
         ghost = G * S * S * (din + k * dout)
         materialized = k * G * din * dout + form_cost
+    plan.costs = {"ghost": float(ghost), "materialized": float(materialized)}
     return "ghost" if ghost < materialized else "materialized"
 
 

@@ -1,0 +1,173 @@
+"""Which path an NTK call takes and why, in one place; :func:`explain` shows it with every parameter's form.
+
+Paths (``PATHS``), chosen by :func:`choose_path` for :func:`ntk_gram` and :func:`ntk_alignment`:
+
+====================  =====================================================================================
+``naive``             one autograd call per example and output (``implementation="naive"``: the spec)
+``by_layer``          one kernel (or alignment) per parameter group, tile by tile (``by_layer=True``)
+``cross``             a cross kernel ``K(X1, X2)`` in tiles (``loader2=``)
+``trace_one_block``   trace kernel of all n examples as one block, one output's backward pass at a time,
+                      symmetric products on row blocks (while the block fits ``TRACE_BLOCK_BYTES``)
+``one_tile``          full kernel of one block: each layer's features reduced as soon as they exist
+``diagonal``          the per-example ``[k, k]`` blocks, one block of examples at a time
+``tiles``             ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes``
+                      (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized)
+====================  =====================================================================================
+
+Within a path, each layer's form (``ghost`` / ``materialized``) is chosen by the cost model of
+:func:`lazyhasty.ntk._layers.choose_form`; parameters no per-layer form covers use ``torch.func``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+PATHS = {
+    "naive": "one autograd call per example and output (the spec)",
+    "by_layer": "one kernel per parameter group, tile by tile",
+    "cross": "cross kernel K(X1, X2) in tiles",
+    "trace_one_block": "trace kernel of all examples in one block, one output's backward pass at a time",
+    "one_tile": "full kernel of one block, each layer's features reduced as soon as they exist",
+    "diagonal": "per-example [k, k] blocks, one block of examples at a time",
+    "tiles": "i <= j tiles of per-block features (kept while they fit max_cache_bytes)",
+}
+
+
+@dataclass
+class PathChoice:
+    name: str  # a key of PATHS
+    why: str
+    block_size: int | None = None
+
+
+def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: str, block_size: int | None,
+                cross: bool = False, by_layer: bool = False, purpose: str = "gram", backend: str = "torch",
+                centered: bool = False) -> PathChoice:
+    """The path of one call (see the module docstring); ``fz`` is the call's Featurizer (None for naive)."""
+    from ._engine import _one_trace_block, _output_size, default_block_size
+
+    if implementation == "naive":
+        return PathChoice("naive", "implementation='naive'")
+    if by_layer:
+        return PathChoice("by_layer", "by_layer=True")
+    if cross:
+        return PathChoice("cross", "a second example set (loader2=)")
+    n = x_all.shape[0]
+    if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
+        why = (f"block_size {block_size} >= n = {n}" if block_size is not None else
+               f"all n = {n} examples fit one block (estimated from one example)")
+        return PathChoice("trace_one_block", f"kernel='trace' and {why}", n)
+    bs = block_size or default_block_size(n, _output_size(fz, x_all))
+    nb = -(-n // bs)
+    if kernel == "trace" and nb == 1:
+        return PathChoice("trace_one_block", f"kernel='trace' and one block of {n} examples (block_size {bs})", n)
+    if kernel == "diagonal":
+        return PathChoice("diagonal", f"kernel='diagonal': {nb} block(s) of {bs}", bs)
+    if nb == 1 and purpose == "gram":
+        return PathChoice("one_tile", f"one block of {n} examples (block_size {bs})", bs)
+    why = f"{nb} block(s) of {bs}: {nb * (nb + 1) // 2} tiles i <= j"
+    if purpose == "alignment" and backend == "triton" and not centered:
+        why += "; Triton fuses K_t * K_0 where a block's features are all materialized"
+    return PathChoice("tiles", why, bs)
+
+
+@dataclass
+class Plan:
+    """What an NTK call on ``model`` and ``x`` does: the path, and per trainable parameter the operation it is
+    captured from and its form. ``str(plan)`` is a table for people, ``plan.to_dict()`` the same for code."""
+
+    path: str
+    why: str
+    kernel: str
+    implementation: str
+    n: int
+    k: int
+    block_size: int | None
+    parameters: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "path_description": PATHS[self.path], "why": self.why, "kernel": self.kernel,
+                "implementation": self.implementation, "n": self.n, "k": self.k, "block_size": self.block_size,
+                "parameters": [dict(p) for p in self.parameters]}
+
+    @property
+    def generic(self) -> list[str]:
+        """Parameters on the torch.func fallback (no per-layer form covers them)."""
+        return [p["name"] for p in self.parameters if p["form"] == "torch.func"]
+
+    def __str__(self) -> str:
+        lines = [f"path: {self.path} ({PATHS[self.path]})", f"  why: {self.why}",
+                 f"  kernel={self.kernel!r}, implementation={self.implementation!r}, n={self.n}, k={self.k}, "
+                 f"block_size={self.block_size}", "parameters:"]
+        w = max((len(p["name"]) for p in self.parameters), default=4)
+        for p in self.parameters:
+            cost = ""
+            if p.get("costs"):
+                cost = "  (flops/pair: ghost {ghost:.3g}, materialized {materialized:.3g})".format(**p["costs"])
+            copies = f"  copies {'+'.join(p['copies'])}" if p.get("copies") else ""
+            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}")
+        return "\n".join(lines)
+
+
+def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = "auto", block_size: int | None = None,
+            dtype: torch.dtype | None = None, backend: str | None = None, output=None,
+            purpose: str = "gram") -> Plan:
+    """The plan :func:`ntk_gram` (``purpose="gram"``) or :func:`ntk_alignment` (``"alignment"``) follows on
+    ``model`` and inputs ``x`` ``[n, ...]``: the path and why, and per trainable parameter its module, kind
+    (linear / conv / embedding / norm / generic), form (ghost / materialized / torch.func) with the cost
+    model's flops per example pair, and whether in-place ops made capture copy its input or output.
+    Runs the layer check on up to 8 examples (cached per model structure, as every call does).
+
+    >>> print(explain(model, x, kernel="trace"))
+    >>> explain(model, x).generic          # [] when every parameter has a per-layer form
+    """
+    from .._loaders import all_inputs
+    from ._engine import Featurizer, _check_args, _ntk_backend
+    from ._layers import select_output
+
+    _check_args(kernel, implementation, block_size, 0, dtype)
+    if purpose not in ("gram", "alignment"):
+        raise ValueError(f"purpose must be 'gram' or 'alignment', got {purpose!r}")
+    model = select_output(model, output)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if implementation == "naive":
+        x_all = all_inputs(x, next(model.parameters()).device)
+        choice = choose_path(None, x_all, kernel=kernel, implementation="naive", block_size=block_size)
+        with torch.enable_grad():
+            k = int(model(x_all[:1]).reshape(1, -1).shape[1])
+        params = [_row(model, n, p, "generic", "autograd") for n, p in named]
+        return Plan(choice.name, choice.why, kernel, implementation, x_all.shape[0], k, None, params)
+    fz = Featurizer(model, implementation, kernel, dtype)
+    be = _ntk_backend(fz.device, backend, fz.dtype)
+    x_all = all_inputs(x, fz.device)
+    n = x_all.shape[0]
+    fz.pairs_per_example = (n + 1) / 2
+    choice = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
+                         purpose=purpose, backend=be)
+    with torch.enable_grad():
+        fz(x_all[: min(n, 8)])  # forms depend on layer shapes only; this also runs (and caches) the layer check
+    by_param = {}
+    for p in fz.plans:
+        copies = [w for w, on in (("input", p.copy_input), ("output", p.copy_output)) if on]
+        for attr, t in p.params():
+            by_param[id(t)] = (p, copies)
+    rows = []
+    for name, t in named:
+        if id(t) in by_param:
+            plan, copies = by_param[id(t)]
+            form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
+            rows.append(_row(model, name, t, plan.kind, form, plan.costs if plan.kind in ("linear", "conv") else None,
+                             copies))
+        else:
+            rows.append(_row(model, name, t, "generic", "torch.func"))
+    return Plan(choice.name, choice.why, kernel, fz.implementation if implementation != "auto" else "auto", n,
+                int(fz.k or 0), choice.block_size, rows)
+
+
+def _row(model, name, t, kind, form, costs=None, copies=()) -> dict:
+    owner = name.rpartition(".")[0]
+    module = dict(model.named_modules()).get(owner)
+    return {"name": name, "shape": list(t.shape), "module": owner, "module_type": type(module).__name__,
+            "kind": kind, "form": form, "costs": costs, "copies": list(copies)}
