@@ -2,17 +2,15 @@
 
 Paths (``PATHS``), chosen by :func:`choose_path` for :func:`ntk_gram` and :func:`ntk_alignment`:
 
-====================  =====================================================================================
-``naive``             one autograd call per example and output (``implementation="naive"``: the spec)
-``by_layer``          one kernel (or alignment) per parameter group, tile by tile (``by_layer=True``)
-``cross``             a cross kernel ``K(X1, X2)`` in tiles (``loader2=``)
-``trace_one_block``   trace kernel of all n examples as one block, one output's backward pass at a time,
-                      symmetric products on row blocks (while the block fits ``TRACE_BLOCK_BYTES``)
-``one_tile``          full kernel of one block: each layer's features reduced as soon as they exist
-``diagonal``          the per-example ``[k, k]`` blocks, one block of examples at a time
-``tiles``             ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes``
-                      (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized)
-====================  =====================================================================================
+| path | what it does |
+| --- | --- |
+| ``naive`` | one autograd call per example and output (``implementation="naive"``: the spec) |
+| ``by_layer`` | one kernel (or alignment) per parameter group, tile by tile (``by_layer=True``) |
+| ``cross`` | a cross kernel ``K(X1, X2)`` in tiles (``loader2=``) |
+| ``trace_one_block`` | trace kernel of all n examples as one block, one output's backward pass at a time, symmetric products on row blocks (while the block fits ``TRACE_BLOCK_BYTES``) |
+| ``one_tile`` | full kernel of one block: each layer's features reduced as soon as they exist |
+| ``diagonal`` | the per-example ``[k, k]`` blocks, one block of examples at a time |
+| ``tiles`` | ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes`` (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized) |
 
 Within a path, each layer's form (``ghost`` / ``materialized``) is chosen by the cost model of
 :func:`lazyhasty.ntk._layers.choose_form`; parameters no per-layer form covers use ``torch.func``.
