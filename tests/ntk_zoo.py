@@ -181,5 +181,21 @@ def resnet_inplace(n=5):
     return m.eval(), torch.randn(n, 2, 6, 6)
 
 
-ZOO = {f.__name__: f for f in (resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def attention(n=5):
+    """nn.MultiheadAttention (its in_proj_weight reaches no module hook; out_proj is a Linear subclass):
+    81% of the parameters on the torch.func fallback; output [b, 3]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.att(h, h, h, need_weights=False)[0].mean(1))
+    return M().eval(), torch.randn(n, 3, 4)
+
+
+ZOO = {f.__name__: f for f in (attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

@@ -90,7 +90,7 @@ def test_bad_configuration():
     net, x, y = _setup()
     with pytest.raises(ValueError, match="unknown metrics"):
         Monitor(net, x, metrics=("sign_simlarity",))
-    with pytest.raises(ValueError, match="needs nn.ReLU"):
+    with pytest.raises(ValueError, match="needs ReLUs in the model"):
         Monitor(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), x, metrics=("sign_similarity",))
     with pytest.raises(ValueError, match="group 'g'"):
         Monitor(net, x, groups={"g": (x[:5], y[:4])})

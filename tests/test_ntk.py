@@ -167,6 +167,24 @@ def test_in_place_ops_keep_every_layer_on_its_exact_form(kernel):
     _engine._VERIFIED.pop(m, None)
 
 
+def test_auto_takes_the_whole_model_jacobian_when_most_parameters_fall_back():
+    from lazyhasty.ntk import _engine
+
+    m, x = _model("attention", torch.float64)
+    fz = Featurizer(m, "auto", "full", None)
+    fz(x)
+    assert fz.plans == [] and len(fz.generic) == 8 and fz.auto_reason.startswith("jacobian: 81%")
+    fz = Featurizer(m, "layerwise", "full", None)  # asked for explicitly: layerwise with its fallback
+    fz(x)
+    assert {p.name for p in fz.plans} == {"inp", "head"}
+    # a model whose every layer falls back: the check's outcome is remembered (not redone on each call)
+    m, x = _model("tied_and_outside_use", torch.float64)
+    _engine._VERIFIED.pop(m, None)
+    Featurizer(m, "auto", "full", None)(x)
+    again = Featurizer(m, "auto", "full", None)
+    assert again.verified and again.plans == []
+
+
 def test_output_shapes_b_and_b1_give_k1():
     m, x = _model("mlp_paper", torch.float64)
     K = ntk_gram(m, x)
@@ -277,7 +295,10 @@ def test_bad_arguments():
 
 # which parameters each zoo model leaves to torch.func: a silent fallback elsewhere fails this test
 EXPECTED_GENERIC = {"generic_params": {"scale", "act.weight"},
-                    "tied_and_outside_use": {"emb.weight", "proj.weight", "proj.bias"}}
+                    "tied_and_outside_use": {"emb.weight", "proj.weight", "proj.bias"},
+                    # 81% of the parameters in the attention: auto takes the whole-model Jacobian
+                    "attention": {"inp.weight", "inp.bias", "att.in_proj_weight", "att.in_proj_bias",
+                                  "att.out_proj.weight", "att.out_proj.bias", "head.weight", "head.bias"}}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -293,6 +314,7 @@ def test_explain_names_every_parameter_form_and_the_path(name):
         if p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
+    assert ("auto' -> jacobian" in plan.why) == (name == "attention")
     d = plan.to_dict()
     assert d["path_description"] == PATHS["one_tile"] and d["parameters"] == plan.parameters
     assert "path: one_tile" in str(plan)

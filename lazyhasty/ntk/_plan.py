@@ -146,6 +146,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
                          purpose=purpose, backend=be)
     with torch.enable_grad():
         fz(x_all[: min(n, 8)])  # forms depend on layer shapes only; this also runs (and caches) the layer check
+    why = choice.why + (f"; implementation='auto' -> {fz.auto_reason}" if fz.auto_reason else "")
     by_param = {}
     for p in fz.plans:
         copies = [w for w, on in (("input", p.copy_input), ("output", p.copy_output)) if on]
@@ -160,7 +161,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
                              copies))
         else:
             rows.append(_row(model, name, t, "generic", "torch.func"))
-    return Plan(choice.name, choice.why, kernel, fz.implementation if implementation != "auto" else "auto", n,
+    return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
                 int(fz.k or 0), choice.block_size, rows)
 
 

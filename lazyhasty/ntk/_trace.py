@@ -105,6 +105,8 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
             dense.addmm_(J[:, a], J[:, a].T)
     if not fz.verified:
         fz._mark_verified()
+    # GEMM products J Jᵀ are symmetric only to rounding: (D + Dᵀ) / 2 is symmetric exactly (a + b = b + a)
+    dense = dense.add(dense.T).mul_(0.5)
     return _mirror(K).add_(dense)
 
 
