@@ -1,6 +1,8 @@
 """Print a pytest-benchmark JSON as ratio tables: median time and peak memory relative to the naive provider.
 
-    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json [--markdown]
+    python benchmarks/summarize.py benchmarks/results/cpu-2026-11-23.json [--markdown] [--ratio PROVIDER]
+
+--ratio PROVIDER: speed-ups relative to that provider (default naive), e.g. --ratio torch.func.
 """
 import json
 import sys
@@ -22,7 +24,7 @@ def markdown(data) -> str:
     return "\n".join(lines)
 
 
-def main(path, md=False):
+def main(path, md=False, baseline="naive"):
     data = json.load(open(path))
     if md:
         print(markdown(data))
@@ -34,7 +36,7 @@ def main(path, md=False):
         provider = b["params"].get("provider") or b["params"].get("what") or b["name"]
         groups[b["group"]][provider] = (b["stats"]["median"], b["extra_info"].get("peak_mem_bytes", 0))
     for g, rows in groups.items():
-        t0, m0 = rows.get("naive", (None, None))
+        t0, m0 = rows.get(baseline, (None, None))
         print(f"\n{g}")
         print(f"  {'provider':<26}{'median s':>10}{'speed-up':>10}{'peak MB':>10}{'mem ratio':>11}")
         for p, (t, m) in rows.items():
@@ -44,4 +46,6 @@ def main(path, md=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], md="--markdown" in sys.argv[2:])
+    args = sys.argv[1:]
+    base = args[args.index("--ratio") + 1] if "--ratio" in args else "naive"
+    main(args[0], md="--markdown" in args, baseline=base)
