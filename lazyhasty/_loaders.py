@@ -40,10 +40,11 @@ def batch_inputs(batch) -> torch.Tensor:
     return x
 
 
-def iter_inputs(loader, device: torch.device | str | None = None) -> Iterator[torch.Tensor]:
+def iter_inputs(loader, device: torch.device | str | None = None, allow_empty: bool = False) -> Iterator[torch.Tensor]:
     """Yield the input tensor of every non-empty batch of ``loader``, moved to ``device``.
 
-    Raises ``ValueError`` when the loader yields no example at all.
+    Raises ``ValueError`` when the loader yields no example at all (unless ``allow_empty``: a rank's empty
+    shard of a probe set sharded over processes).
     """
     if isinstance(loader, torch.Tensor):
         if loader.dim() == 0:
@@ -58,7 +59,7 @@ def iter_inputs(loader, device: torch.device | str | None = None) -> Iterator[to
             continue
         seen += x.shape[0]
         yield x.to(device, non_blocking=True) if device is not None else x
-    if seen == 0:
+    if seen == 0 and not allow_empty:
         raise ValueError("the loader is empty: it yielded no examples")
 
 

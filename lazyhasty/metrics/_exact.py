@@ -392,6 +392,49 @@ class CentredMoments:
         self.ab += ab
         self.n += m
 
+    def state(self) -> dict | None:
+        """What another process needs to merge these moments (CPU tensors), or None when no example was added."""
+        self._flush()
+        if self.aa is None:
+            return None
+        cpu = (lambda t: None if t is None else t.detach().cpu())  # noqa: E731
+        return {"n": self.n, "aa": cpu(self.aa), "bb": cpu(self.bb), "ab": cpu(self.ab), "eps": self.eps,
+                "plain_a": cpu(self.plain_a), "plain_b": cpu(self.plain_b),
+                "sum_a": None if self.sum_a is None else (cpu(self.sum_a.hi), cpu(self.sum_a.lo)),
+                "sum_b": None if self.sum_b is None else (cpu(self.sum_b.hi), cpu(self.sum_b.lo))}
+
+    def merge_states(self, states: list, device) -> None:
+        """Replace these moments by the merge of ``states`` (from :meth:`state`, in rank order; None: a rank
+        without examples): sums, and for centred moments Chan's pairwise update, as between batches."""
+        self.aa = None
+        self.n = 0
+        for st in states:
+            if st is None:
+                continue
+            dev = (lambda t: t.to(device))  # noqa: E731
+            aa, bb, ab = dev(st["aa"]), dev(st["bb"]), dev(st["ab"])
+            self.eps = max(self.eps, st["eps"])
+            if self.aa is None:
+                self.aa, self.bb, self.ab, self.n = aa, bb, ab, st["n"]
+                self.plain_a, self.plain_b = dev(st["plain_a"]), dev(st["plain_b"])
+                if self.centered:
+                    self.sum_a, self.sum_b = DD(*map(dev, st["sum_a"])), DD(*map(dev, st["sum_b"]))
+                continue
+            m = st["n"]
+            if self.centered:
+                sa, sb = DD(*map(dev, st["sum_a"])), DD(*map(dev, st["sum_b"]))
+                n1 = self.n
+                w = n1 * m / (n1 + m)
+                da = (self.sum_a.div(n1) - sa.div(m)).value_tensor()
+                db = (self.sum_b.div(n1) - sb.div(m)).value_tensor()
+                aa = aa + w * torch.outer(da, da)
+                bb = bb + w * torch.outer(db, db)
+                ab = ab + w * torch.outer(da, db)
+                self.sum_a, self.sum_b = self.sum_a + sa, self.sum_b + sb
+            self.aa, self.bb, self.ab = self.aa + aa, self.bb + bb, self.ab + ab
+            self.plain_a, self.plain_b = self.plain_a + dev(st["plain_a"]), self.plain_b + dev(st["plain_b"])
+            self.n += m
+
     def alignment(self, what: str = "the representation Gram", gram: str = "examples") -> float:
         """KA of the two feature sets' Gram matrices.
 

@@ -82,7 +82,8 @@ def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> Centre
 @torch.no_grad()
 def representation_alignment(model: nn.Module, loader, reference=None, *, layer: nn.Module | str | None = None,
                              where: str | None = None, centered: bool = False,
-                             dtype: torch.dtype | None = None, gram: str = "examples") -> float:
+                             dtype: torch.dtype | None = None, gram: str = "examples",
+                             process_group=None) -> float:
     """Kernel alignment of the representation Gram matrices of ``model`` and ``reference`` over all examples.
 
     phi(x) (flattened to ``[d]``) is, by default, the input of the last ``nn.Linear`` in
@@ -99,12 +100,22 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     fp64 for fp64 features); cross-batch sums are float64. Both models run in eval mode.
 
         ra = representation_alignment(model, probe_loader, init_state_dict)   # 1.0 at init
+
+    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard (possibly
+    empty) and gets the alignment over the union, the same on every rank (the ``d x d`` moments are merged
+    in rank order; centred ones with Chan's update). See :mod:`lazyhasty._dist`.
     """
     if gram not in ("examples", "features"):
         raise ValueError(f"gram must be 'examples' or 'features', got {gram!r}")
+    from .. import _dist
+
+    group = _dist.resolve(process_group)
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
     name, module = resolve_layer(model, layer)
+    if group is not None:
+        _dist.agree(group, "representation_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
+                    layer=name, where=where, centered=centered, dtype=str(dtype), gram=gram)
     if where is None:
         where = "input" if layer is None else "output"
     (_, ref_module), = same_modules(ref, [name])
@@ -123,7 +134,7 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     rec_r = CallRecorder([(name, ref_module)], keep("ref"), where) if ref_module is not module else None
     try:
         with evaluating(model, ref), exact_fp32():
-            for x in iter_inputs(loader, device):
+            for x in iter_inputs(loader, device, allow_empty=group is not None):
                 got.clear()
                 rec_m.new_forward()
                 if rec_r is None:  # model is its own reference
@@ -142,6 +153,8 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
         rec_m.remove()
         if rec_r is not None:
             rec_r.remove()
+    if group is not None:
+        grams.merge_states(_dist.gather_objects(grams.state(), group), device)
     return grams.alignment(gram=gram)
 
 

@@ -224,7 +224,7 @@ def _reduce(mismatches: torch.Tensor, units_per_example: int, reduction: str):
 
 @torch.no_grad()
 def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequence[nn.Module | str] | None = None,
-                    reduction: str = "mean", backend: str | None = None):
+                    reduction: str = "mean", backend: str | None = None, process_group=None):
     """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.
 
     Pooled over all units of all ReLUs of ``model``: ``nn.ReLU`` modules and functional ``F.relu`` /
@@ -236,13 +236,23 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
         s = sign_similarity(model, probe_loader, init_state_dict)    # 1.0 at init, lower as ReLUs flip
 
     With math: ``1 - sum_i sum_u [sign(h_u(x_i)) != sign(h0_u(x_i))] / (n U)`` where ``sign`` means ``> 0``.
+
+    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the probe
+    set (possibly empty) and gets the similarity over the union, the same on every rank (mismatch counts are
+    summed); ``reduction="none"`` then gives the rank's own examples. See :mod:`lazyhasty._dist`.
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    from .. import _dist
+
+    group = _dist.resolve(process_group)
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
     named = relu_modules(model, modules)
     names = [n for n, _ in named]
+    if group is not None:
+        _dist.agree(group, "sign_similarity", model=_dist.structure(model), reference=_dist.structure(ref),
+                    modules=None if modules is None else names, reduction=reduction)
     ref_named = same_modules(ref, names)
     device, ref_device = model_device(model), model_device(ref)
     ref_run = _Pass(ref_named, backend, "reference", functional=ref if modules is None else None)
@@ -250,7 +260,7 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     counts, units = [], None
     try:
         with evaluating(model, ref):
-            for x in iter_inputs(loader, device):
+            for x in iter_inputs(loader, device, allow_empty=group is not None):
                 ref_run.reset(None)
                 with ref_run.observing():
                     ref(x.to(ref_device))
@@ -269,4 +279,13 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     finally:
         ref_run.recorder.remove()
         run.recorder.remove()
-    return _reduce(torch.cat(counts), units, reduction)
+    if group is None:
+        return _reduce(torch.cat(counts), units, reduction)
+    mism = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
+    local = torch.tensor([int(mism.sum()), mism.shape[0] * (units or 0)], dtype=torch.int64)
+    total = _dist.sum_i64(local, group)
+    if int(total[1]) == 0:
+        raise ValueError("the probe set is empty on every rank")
+    if reduction == "none":
+        return _reduce(mism, units, "none") if counts else torch.zeros(0, dtype=torch.float64)
+    return 1.0 - int(total[0]) / int(total[1])

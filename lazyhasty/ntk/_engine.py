@@ -644,6 +644,41 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
+def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes) -> float:
+    """``ntk_alignment`` over ranks: this rank's share of the tile pairs, then the exact sums of all ranks."""
+    from .. import _dist
+
+    rank, size = _dist.rank_and_size(group)
+    n = x_all.shape[0]
+    fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
+    k = _output_size(fz, x_all)
+    bs = block_size or default_block_size(n, k)
+    blocks = list(x_all.split(bs))
+    starts = [0]
+    for x in blocks:
+        starts.append(starts[-1] + x.shape[0])
+    sizes = [x.shape[0] for x in blocks]
+    if kernel == "diagonal":
+        mine = [(I, I) for I in range(len(blocks)) if I % size == rank]  # diagonal blocks cost the same
+    else:
+        mine = _dist.balanced_tiles(sizes, size)[rank]
+    get_t, get_0 = _BlockFeatures(fz, blocks, max_cache_bytes // 2), _BlockFeatures(fz0, blocks, max_cache_bytes // 2)
+    sums = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
+    with exact_fp32():
+        for I, J in mine:
+            fi, fi0 = get_t(I), get_0(I)
+            si = slice(starts[I], starts[I + 1])
+            if kernel == "diagonal":
+                sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
+                continue
+            fj, fj0 = (fi, fi0) if J == I else (get_t(J), get_0(J))
+            Kt = feat.tile(fi, fj, kernel, be)
+            K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
+            sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
+    _dist.reduce_alignment_sums(sums, group)
+    return sums.alignment()
+
+
 class _BlockFeatures:
     """Features of block I on demand: kept while they fit ``max_bytes``, recomputed otherwise, so memory
     beyond the result stays bounded whatever n is."""
@@ -814,7 +849,7 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                  backend: str | None = None, output=None, by_layer: bool = False):
+                  backend: str | None = None, output=None, by_layer: bool = False, process_group=None):
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
@@ -830,6 +865,11 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     init, a module of the same architecture or its state_dict; None (the two-argument call) for an
     ``AlphaScaled`` / ``Linearized`` model: its frozen initialization. ``output``: as in :func:`ntk_gram`.
     ``by_layer=True``: ``{parameter group: KA(K_t,l, K_0,l)}``, each layer's kernel aligned with its own at init.
+
+    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the probe
+    set (possibly empty); the inputs are gathered (inputs, not features, travel), the ``i <= j`` tile pairs
+    split over the ranks by their work (:func:`lazyhasty._dist.balanced_tiles`), and the exact partial sums
+    combined in rank order: the alignment over the union, the same on every rank.
 
     >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
     """
@@ -847,9 +887,22 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
             _guard_naive(model, xs)
             _guard_naive(ref, [x.to(model_device(ref)) for x in xs])
             return R.ntk_alignment(model, xs, ref, kernel=kernel, centered=centered)
+    from .. import _dist
+
+    group = _dist.resolve(process_group)
+    if group is not None and by_layer:
+        raise ValueError("by_layer=True is not available with process_group= yet: run it in one process")
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend, fz.dtype)
+        if group is not None:
+            _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
+                        kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
+                        block_size=block_size)
+            xs = list(iter_inputs(loader, fz.device, allow_empty=True))
+            local = torch.cat(xs) if xs else None
+            x_all = _dist.gather_inputs(local, group, fz.device)
+            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
         if by_layer and kernel == "diagonal":

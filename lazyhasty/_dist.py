@@ -1,0 +1,166 @@
+"""Metrics over a probe set sharded across processes, with ``torch.distributed`` (gloo on CPU, NCCL on GPUs).
+
+Every metric that takes ``process_group=`` follows one contract: each rank passes **its own shard** of the
+probe set (what a ``DistributedSampler`` gives; a rank may have none), and every rank gets the value over
+the union of the shards, identical on all of them. ``process_group=None`` (the default) is one process,
+even when ``torch.distributed`` is initialized: a DDP script does not change meaning silently.
+
+Before any work the ranks compare what defines the call (:func:`agree`): a different metric, kernel, model
+structure or dtype on one rank is an error naming the rank and the difference, not a wrong number.
+Partial sums travel as float64 (``all_reduce``); shards are put together in rank order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+WORLD = "world"  # process_group="world": the default group
+
+
+def resolve(process_group):
+    """``None`` (one process) or the group to use; a clear error when torch.distributed is not set up."""
+    if process_group is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group= needs torch.distributed initialized (dist.init_process_group): "
+                         "or pass process_group=None for one process")
+    return dist.group.WORLD if isinstance(process_group, str) and process_group == WORLD else process_group
+
+
+def rank_and_size(group) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _device(group) -> torch.device:
+    """Where collective tensors live: CUDA for NCCL, CPU otherwise."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+
+
+def structure(model: nn.Module) -> str:
+    """A short fingerprint of a model's structure (module types, parameter names, shapes and dtypes)."""
+    import hashlib
+
+    text = "|".join(f"{n}:{type(m).__name__}" for n, m in model.named_modules())
+    text += "|" + "|".join(f"{n}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for n, p in model.named_parameters())
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def agree(group, what: str, **facts) -> list[dict]:
+    """Every rank's ``facts`` (strings, numbers); an error naming the first rank that differs from rank 0."""
+    import torch.distributed as dist
+
+    _, size = rank_and_size(group)
+    everyone: list = [None] * size
+    dist.all_gather_object(everyone, facts, group=group)
+    for r, theirs in enumerate(everyone[1:], start=1):
+        diff = [f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}"
+                for k in sorted(set(facts) | set(theirs)) if theirs.get(k) != everyone[0].get(k)]
+        if diff:
+            raise ValueError(f"{what}: the ranks were called with different arguments (" + "; ".join(diff) + ")")
+    return everyone
+
+
+def sum_f64(t: torch.Tensor, group) -> torch.Tensor:
+    """``t`` summed over the ranks, in float64, returned on ``t``'s device."""
+    import torch.distributed as dist
+
+    buf = t.detach().to(_device(group), torch.float64).clone()
+    dist.all_reduce(buf, group=group)
+    return buf.to(t.device)
+
+
+def sum_i64(t: torch.Tensor, group) -> torch.Tensor:
+    import torch.distributed as dist
+
+    buf = t.detach().to(_device(group), torch.int64).clone()
+    dist.all_reduce(buf, group=group)
+    return buf.to(t.device)
+
+
+def gather_objects(obj, group) -> list:
+    """Every rank's ``obj`` (picklable; tensors are moved to CPU first), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    _, size = rank_and_size(group)
+    out: list = [None] * size
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def gather_inputs(x: torch.Tensor | None, group, device) -> torch.Tensor:
+    """All ranks' input shards ``[n_r, ...]`` concatenated in rank order ``[sum n_r, ...]`` on every rank.
+
+    A rank with no examples passes ``None`` (or an empty tensor). The shapes after dim 0 and the dtype must
+    agree (checked). Inputs, not features, travel: they are what is cheap to move."""
+    import torch.distributed as dist
+
+    local = None if x is None or x.shape[0] == 0 else x
+    meta = None if local is None else (tuple(local.shape[1:]), str(local.dtype), int(local.shape[0]))
+    metas = gather_objects(meta, group)
+    shapes = {m[:2] for m in metas if m is not None}
+    if not shapes:
+        raise ValueError("the probe set is empty on every rank")
+    if len(shapes) > 1:
+        raise ValueError(f"the ranks' probe shards differ in example shape or dtype: {sorted(shapes)}")
+    (shape, dtype_name), = shapes
+    dtype = getattr(torch, dtype_name.replace("torch.", ""))
+    counts = [0 if m is None else m[2] for m in metas]
+    dev = _device(group)
+    top = max(counts)
+    buf = torch.zeros((top, *shape), dtype=dtype, device=dev)
+    if local is not None:
+        buf[: local.shape[0]] = local.to(dev)
+    parts = [torch.empty_like(buf) for _ in counts]
+    dist.all_gather(parts, buf, group=group)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(device)
+
+
+def balanced_tiles(sizes: list[int], size: int, weight=None) -> list[list[tuple[int, int]]]:
+    """Tile pairs ``(I, J)``, ``I <= J``, of blocks with ``sizes`` examples, split over ``size`` ranks so that
+    each rank's work is balanced: largest first, each to the least-loaded rank (a tile's work is
+    ``b_I b_J``, half that on the diagonal: ``I <= J`` symmetric products). Deterministic: every rank computes
+    the same assignment."""
+    weight = weight or (lambda I, J: sizes[I] * sizes[J] * (0.5 if I == J else 1.0))
+    pairs = [(I, J) for I in range(len(sizes)) for J in range(I, len(sizes))]
+    pairs.sort(key=lambda p: (-weight(*p), p))
+    load = [0.0] * size
+    out: list[list] = [[] for _ in range(size)]
+    for p in pairs:
+        r = min(range(size), key=lambda i: (load[i], i))
+        out[r].append(p)
+        load[r] += weight(*p)
+    for tiles in out:
+        tiles.sort()
+    return out
+
+
+def _gather_tensor(t: torch.Tensor, group) -> list[torch.Tensor]:
+    import torch.distributed as dist
+
+    _, size = rank_and_size(group)
+    buf = t.detach().to(_device(group)).contiguous()
+    parts = [torch.empty_like(buf) for _ in range(size)]
+    dist.all_gather(parts, buf, group=group)
+    return [p.to(t.device) for p in parts]
+
+
+def reduce_alignment_sums(sums, group) -> None:
+    """Sum every rank's :class:`lazyhasty.metrics._exact.AlignmentSums` into ``sums``, exactly: each
+    double-double field is gathered and added in rank order (the same result on every rank)."""
+    from .metrics._exact import DD
+
+    fields = ["cross", "sq_t", "sq_0"] + (["R_t", "R_0"] if sums.centered else [])
+    for name in fields:
+        dd = getattr(sums, name)
+        parts = _gather_tensor(torch.stack([dd.hi, dd.lo]), group)
+        acc = DD(parts[0][0].clone(), parts[0][1].clone())
+        for p in parts[1:]:
+            acc = acc + DD(p[0], p[1])
+        setattr(sums, name, acc)
+    sums.eps = max(float(e) for e in gather_objects(float(sums.eps), group))

@@ -1,0 +1,126 @@
+"""Metrics over a probe set sharded across processes (gloo, 2 and 3 ranks on CPU): each rank its own shard,
+the value over the union identical on every rank and equal to the single-process value."""
+import copy
+import os
+import pickle
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+def _setup():
+    """A small CNN with ReLUs (one functional), its init, and 11 probe inputs."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 4, 3, padding=1)
+            self.act = nn.ReLU()
+            self.fc1 = nn.Linear(4 * 5 * 5, 16)
+            self.fc2 = nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.act(self.conv(x)).flatten(1)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    m0 = Net().double()
+    m = copy.deepcopy(m0)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(11, 2, 5, 5, dtype=torch.float64)
+    return m, m0, x
+
+
+def _metrics(m, m0, x, group, kernel_block):
+    from lazyhasty.metrics import ntk_alignment, representation_alignment, sign_similarity
+
+    out = {"sign": sign_similarity(m, [x] if x.shape[0] else [], m0, process_group=group)}
+    for centered in (False, True):
+        out[f"repr{int(centered)}"] = representation_alignment(m, [x] if x.shape[0] else [], m0, centered=centered,
+                                                               process_group=group)
+        for kernel in ("trace", "full"):
+            out[f"ntk-{kernel}{int(centered)}"] = ntk_alignment(
+                m, [x] if x.shape[0] else [], m0, kernel=kernel, centered=centered, block_size=kernel_block,
+                process_group=group)
+    out["ntk-diagonal"] = ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel="diagonal", block_size=kernel_block,
+                                        process_group=group)
+    return out
+
+
+def _worker(rank, size, init, shards, out_dir, mode):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        m, m0, x = _setup()
+        lo, hi = shards[rank]
+        mine = x[lo:hi]
+        if mode == "metrics":
+            res = _metrics(m, m0, mine, "world", 3)
+        elif mode == "mismatch":  # rank 1 asks for another kernel: an error naming it, on every rank
+            from lazyhasty.metrics import ntk_alignment
+
+            try:
+                ntk_alignment(m, mine, m0, kernel="trace" if rank == 0 else "full", process_group="world")
+                res = "no error"
+            except ValueError as exc:
+                res = str(exc)
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(res, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, shards, mode="metrics"):
+    size = len(shards)
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_worker, args=(size, init, shards, str(tmp_path), mode), nprocs=size, join=True)
+    return [pickle.load(open(tmp_path / f"rank{r}.pkl", "rb")) for r in range(size)]
+
+
+@pytest.mark.parametrize("shards", [[(0, 6), (6, 11)], [(0, 2), (2, 9), (9, 11)], [(0, 0), (0, 4), (4, 11)]],
+                         ids=["2-ranks", "3-ranks-uneven", "3-ranks-one-empty"])
+def test_every_metric_over_ranks_equals_one_process(tmp_path, shards):
+    m, m0, x = _setup()
+    want = _metrics(m, m0, x, None, 3)
+    got = _run(tmp_path, shards)
+    for r, res in enumerate(got):
+        assert res == got[0], f"rank {r} differs from rank 0"  # identical on every rank, bit for bit
+        for key, value in want.items():
+            assert res[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+def test_inconsistent_arguments_are_named(tmp_path):
+    got = _run(tmp_path, [(0, 5), (5, 11)], mode="mismatch")
+    for res in got:
+        assert "different arguments" in res and "kernel: 'trace' on rank 0, 'full' on rank 1" in res
+
+
+def test_balanced_tiles_split_work_evenly_and_cover_every_pair():
+    from lazyhasty._dist import balanced_tiles
+
+    sizes = [64, 64, 64, 64, 64, 17]
+    for ranks in (1, 2, 3, 4):
+        parts = balanced_tiles(sizes, ranks)
+        every = sorted(p for part in parts for p in part)
+        assert every == [(i, j) for i in range(6) for j in range(i, 6)]
+        work = [sum(sizes[i] * sizes[j] * (0.5 if i == j else 1) for i, j in part) for part in parts]
+        assert max(work) <= 1.1 * sum(work) / ranks + max(sizes) ** 2  # within one tile of even
+
+
+def test_without_an_initialized_group_process_group_is_an_error():
+    from lazyhasty.metrics import sign_similarity
+
+    m, m0, x = _setup()
+    if dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    with pytest.raises(ValueError, match="init_process_group"):
+        sign_similarity(m, x, m0, process_group="world")
