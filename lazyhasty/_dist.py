@@ -164,3 +164,9 @@ def reduce_alignment_sums(sums, group) -> None:
             acc = acc + DD(p[0], p[1])
         setattr(sums, name, acc)
     sums.eps = max(float(e) for e in gather_objects(float(sums.eps), group))
+
+
+def barrier(group) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(group=group)

@@ -65,6 +65,18 @@ def _worker(rank, size, init, shards, out_dir, mode):
         mine = x[lo:hi]
         if mode == "metrics":
             res = _metrics(m, m0, mine, "world", 3)
+        elif mode == "gram":
+            from lazyhasty.metrics import ntk_gram
+
+            res = {}
+            for kernel in ("full", "trace", "diagonal"):
+                mm = ntk_gram(m, mine, kernel=kernel, block_size=3, process_group="world",
+                              out=os.path.join(out_dir, f"K-{kernel}.npy"))
+                res[f"out-{kernel}"] = torch.from_numpy(mm.copy())
+                res[f"rank0-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=3, process_group="world",
+                                                  gather="rank0")
+                res[f"all-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=4, process_group="world",
+                                                gather="all")
         elif mode == "mismatch":  # rank 1 asks for another kernel: an error naming it, on every rank
             from lazyhasty.metrics import ntk_alignment
 
@@ -96,6 +108,40 @@ def test_every_metric_over_ranks_equals_one_process(tmp_path, shards):
         assert res == got[0], f"rank {r} differs from rank 0"  # identical on every rank, bit for bit
         for key, value in want.items():
             assert res[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+def test_ntk_gram_over_ranks_to_a_memory_mapped_file_or_gathered(tmp_path):
+    from lazyhasty.metrics import ntk_gram
+
+    m, m0, x = _setup()
+    got = _run(tmp_path, [(0, 2), (2, 2), (2, 11)], mode="gram")
+    for kernel in ("full", "trace", "diagonal"):
+        want = ntk_gram(m, x, kernel=kernel)
+        for r, res in enumerate(got):
+            assert torch.allclose(res[f"out-{kernel}"], want, rtol=1e-12, atol=1e-12)
+            assert torch.equal(res[f"all-{kernel}"], got[0][f"all-{kernel}"])
+            assert torch.allclose(res[f"all-{kernel}"], want, rtol=1e-12, atol=1e-12)
+            if r == 0:
+                assert torch.allclose(res[f"rank0-{kernel}"], want, rtol=1e-12, atol=1e-12)
+            else:
+                assert res[f"rank0-{kernel}"] is None
+
+
+def test_memory_mapped_kernel_in_one_process(tmp_path):
+    import numpy as np
+
+    from lazyhasty.metrics import ntk_gram
+
+    m, m0, x = _setup()
+    for kernel in ("full", "trace", "diagonal"):
+        want = ntk_gram(m, x, kernel=kernel)
+        mm = ntk_gram(m, x, kernel=kernel, out=tmp_path / f"K-{kernel}.npy", block_size=4)
+        assert isinstance(mm, np.memmap) and not mm.flags.writeable
+        assert mm.shape == tuple(want.shape) and mm.dtype == np.float64
+        assert np.allclose(np.asarray(mm), want.numpy(), rtol=1e-12, atol=1e-12)
+        assert np.array_equal(np.load(tmp_path / f"K-{kernel}.npy"), np.asarray(mm))  # a plain .npy file
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ntk_gram(m.to(torch.bfloat16), x.to(torch.bfloat16), out=tmp_path / "bf.npy")
 
 
 def test_inconsistent_arguments_are_named(tmp_path):

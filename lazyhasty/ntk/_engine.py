@@ -525,7 +525,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
-             loader2=None, by_layer: bool = False):
+             loader2=None, by_layer: bool = False, out=None, process_group=None, gather: str | None = None):
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -569,14 +569,45 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     time, ghost layers accumulating ``sum_a g_a g_a^T``, symmetric products on row blocks i <= j), on
     channels-last activations for convolutional models. Beyond that, tiles as for the full kernel.
 
+    out: a path: the kernel is written tile by tile into a memory-mapped ``.npy`` file (float32/float64) and
+    returned as a read-only ``numpy.memmap``, so a kernel larger than memory can be computed and read back
+    lazily (memory: the features of the blocks in use and one tile).
+
+    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard (possibly
+    empty); inputs are gathered in rank order and the ``i <= j`` tiles split over the ranks by their work.
+    With ``out=`` (a file every rank can reach) each rank writes its tiles and no rank holds the kernel;
+    without, ``gather="rank0"`` returns the kernel on rank 0 (None elsewhere) and ``gather="all"`` on every
+    rank.
+
     >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
+    >>> K = ntk_gram(model, x, kernel="full", out="K.npy")   # numpy.memmap [n, k, n, k] on disk
     """
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     model = select_output(model, output)
     if implementation == "naive":
         return _naive(model, loader, kernel, dtype, loader2)
+    from .. import _dist
+
+    group = _dist.resolve(process_group)
+    if gather not in (None, "rank0", "all"):
+        raise ValueError(f"gather must be None, 'rank0' or 'all', got {gather!r}")
+    if (out is not None or group is not None) and (by_layer or loader2 is not None):
+        raise ValueError("out= and process_group= take one example set and by_layer=False")
+    if group is not None and out is None and gather is None:
+        raise ValueError("with process_group=, pass out=PATH (each rank writes its tiles) or gather='rank0' / 'all' "
+                         "(the whole kernel is sent to rank 0 / every rank)")
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
+    if group is not None or out is not None:
+        if group is not None:
+            _dist.agree(group, "ntk_gram", model=_dist.structure(model), kernel=kernel, implementation=implementation,
+                        dtype=str(fz.dtype), block_size=block_size, out=None if out is None else str(out),
+                        gather=gather)
+            xs = list(iter_inputs(loader, fz.device, allow_empty=True))
+            x_all = _dist.gather_inputs(torch.cat(xs) if xs else None, group, fz.device)
+        else:
+            x_all = all_inputs(loader, fz.device)
+        return _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress)
     x_all = all_inputs(loader, fz.device)
     if by_layer and (kernel == "diagonal" or loader2 is not None):
         raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
@@ -642,6 +673,81 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                             K[sj, si] = t.T
                     bar.update()
     return _finite(K)
+
+
+def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress):
+    """``ntk_gram`` tile by tile into a memory-mapped file (``out``) and/or over ranks (``group``)."""
+    import numpy as np
+
+    from .. import _dist
+
+    rank, size = (0, 1) if group is None else _dist.rank_and_size(group)
+    n = x_all.shape[0]
+    fz.pairs_per_example = (n + 1) / 2
+    k = _output_size(fz, x_all)
+    bs = block_size or default_block_size(n, k)
+    blocks = list(x_all.split(bs))
+    starts = [0]
+    for x in blocks:
+        starts.append(starts[-1] + x.shape[0])
+    if kernel == "diagonal":
+        mine = [(I, I) for I in range(len(blocks)) if I % size == rank]
+    else:
+        mine = _dist.balanced_tiles([x.shape[0] for x in blocks], size)[rank]
+    shape = {"full": (n, k, n, k), "trace": (n, n), "diagonal": (n, k, k)}[kernel]
+    np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(fz.dtype)
+    target = None
+    if out is not None:
+        if np_dtype is None:
+            raise ValueError(f"out= writes float32 or float64 kernels, not {fz.dtype}: pass dtype=torch.float32")
+        if rank == 0:
+            np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=shape).flush()
+        if group is not None:
+            _dist.barrier(group)
+        target = np.load(out, mmap_mode="r+")
+    tiles = []
+    get = _BlockFeatures(fz, blocks, max_cache_bytes)
+    with exact_fp32(), Progress(len(mine), "ntk tiles", progress) as bar:
+        for I, J in mine:
+            fi = get(I)
+            si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
+            if kernel == "diagonal":
+                t = _finite(feat.diagonal(fi))
+            else:
+                t = _finite(feat.tile(fi, fi if J == I else get(J), kernel, be))
+            if target is None:
+                tiles.append((I, J, t.cpu()))
+            else:
+                _put(target, kernel, si, sj, t.cpu().numpy())
+            bar.update()
+    if target is not None:
+        target.flush()
+        del target
+        if group is not None:
+            _dist.barrier(group)
+        return np.load(out, mmap_mode="r")
+    everyone = _dist.gather_objects(tiles, group) if group is not None else [tiles]
+    if group is not None and gather == "rank0" and rank != 0:
+        return None
+    K = torch.empty(shape, dtype=fz.dtype)
+    for part in everyone:
+        for I, J, t in part:
+            _put(K, kernel, slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1]), t)
+    return K.to(fz.device)
+
+
+def _put(K, kernel, si, sj, t) -> None:
+    """Tile ``t`` at rows ``si``, columns ``sj`` of ``K`` (torch or numpy), and its mirror image."""
+    if kernel == "diagonal":
+        K[si] = t
+    elif kernel == "full":
+        K[si, :, sj, :] = t
+        if si != sj:
+            K[sj, :, si, :] = t.transpose(2, 3, 0, 1) if not isinstance(t, torch.Tensor) else t.permute(2, 3, 0, 1)
+    else:
+        K[si, sj] = t
+        if si != sj:
+            K[sj, si] = t.T
 
 
 def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes) -> float:
