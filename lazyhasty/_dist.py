@@ -29,6 +29,21 @@ def resolve(process_group):
     return dist.group.WORLD if isinstance(process_group, str) and process_group == WORLD else process_group
 
 
+class CollectiveFailed(RuntimeError):
+    """A collective did not complete: another rank raised, died, or did not reach it within the group's timeout."""
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except CollectiveFailed:
+        raise
+    except (RuntimeError, ValueError, ConnectionError) as exc:  # gloo / NCCL errors, closed connections, timeouts
+        raise CollectiveFailed(
+            f"{what}: the exchange between ranks failed — another rank raised, died or did not reach the same "
+            f"call within the process group's timeout (init_process_group(timeout=...)): {exc}") from exc
+
+
 def rank_and_size(group) -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -57,7 +72,7 @@ def agree(group, what: str, **facts) -> list[dict]:
 
     _, size = rank_and_size(group)
     everyone: list = [None] * size
-    dist.all_gather_object(everyone, facts, group=group)
+    _collective(what, dist.all_gather_object, everyone, facts, group=group)
     for r, theirs in enumerate(everyone[1:], start=1):
         diff = [f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}"
                 for k in sorted(set(facts) | set(theirs)) if theirs.get(k) != everyone[0].get(k)]
@@ -71,7 +86,7 @@ def sum_f64(t: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
     buf = t.detach().to(_device(group), torch.float64).clone()
-    dist.all_reduce(buf, group=group)
+    _collective("all_reduce", dist.all_reduce, buf, group=group)
     return buf.to(t.device)
 
 
@@ -79,7 +94,7 @@ def sum_i64(t: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
     buf = t.detach().to(_device(group), torch.int64).clone()
-    dist.all_reduce(buf, group=group)
+    _collective("all_reduce", dist.all_reduce, buf, group=group)
     return buf.to(t.device)
 
 
@@ -89,7 +104,7 @@ def gather_objects(obj, group) -> list:
 
     _, size = rank_and_size(group)
     out: list = [None] * size
-    dist.all_gather_object(out, obj, group=group)
+    _collective("all_gather", dist.all_gather_object, out, obj, group=group)
     return out
 
 
@@ -117,7 +132,7 @@ def gather_inputs(x: torch.Tensor | None, group, device) -> torch.Tensor:
     if local is not None:
         buf[: local.shape[0]] = local.to(dev)
     parts = [torch.empty_like(buf) for _ in counts]
-    dist.all_gather(parts, buf, group=group)
+    _collective("gathering the probe inputs", dist.all_gather, parts, buf, group=group)
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(device)
 
 
@@ -146,7 +161,7 @@ def _gather_tensor(t: torch.Tensor, group) -> list[torch.Tensor]:
     _, size = rank_and_size(group)
     buf = t.detach().to(_device(group)).contiguous()
     parts = [torch.empty_like(buf) for _ in range(size)]
-    dist.all_gather(parts, buf, group=group)
+    _collective("all_gather", dist.all_gather, parts, buf, group=group)
     return [p.to(t.device) for p in parts]
 
 
@@ -169,4 +184,4 @@ def reduce_alignment_sums(sums, group) -> None:
 def barrier(group) -> None:
     import torch.distributed as dist
 
-    dist.barrier(group=group)
+    _collective("barrier", dist.barrier, group=group)

@@ -170,3 +170,39 @@ def test_without_an_initialized_group_process_group_is_an_error():
         pytest.skip("a process group is initialized in this process")
     with pytest.raises(ValueError, match="init_process_group"):
         sign_similarity(m, x, m0, process_group="world")
+
+
+def _dies(rank, size, init, out_dir):
+    import datetime
+    import time
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size,
+                             timeout=datetime.timedelta(seconds=20))
+    if rank == 1:
+        os._exit(3)  # a rank that dies (or raises and exits) before the call
+    from lazyhasty._dist import CollectiveFailed
+    from lazyhasty.metrics import ntk_alignment
+
+    m, m0, x = _setup()
+    t0 = time.time()
+    try:
+        ntk_alignment(m, x[:5], m0, kernel="trace", process_group="world")
+        res = ("no error", 0.0)
+    except CollectiveFailed as exc:
+        res = (str(exc), time.time() - t0)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+
+
+def test_a_rank_that_dies_makes_the_others_fail_clearly_not_hang(tmp_path):
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_dies, args=(r, 2, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert all(not p.is_alive() for p in procs)
+    msg, waited = pickle.load(open(tmp_path / "rank0.pkl", "rb"))
+    assert "another rank raised, died or did not reach the same call" in msg
+    assert waited < 60
