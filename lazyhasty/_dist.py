@@ -29,6 +29,22 @@ def resolve(process_group):
     return dist.group.WORLD if isinstance(process_group, str) and process_group == WORLD else process_group
 
 
+# bytes this process contributed to collectives (tensors: their size; objects: their pickled size), for the
+# communication-volume records of benchmarks/scaling_distributed.py
+traffic = {"bytes": 0, "collectives": 0}
+
+
+def _count(nbytes: int) -> None:
+    traffic["bytes"] += int(nbytes)
+    traffic["collectives"] += 1
+
+
+def _pickled_size(obj) -> int:
+    import pickle
+
+    return len(pickle.dumps(obj))
+
+
 class CollectiveFailed(RuntimeError):
     """A collective did not complete: another rank raised, died, or did not reach it within the group's timeout."""
 
@@ -72,6 +88,7 @@ def agree(group, what: str, **facts) -> list[dict]:
 
     _, size = rank_and_size(group)
     everyone: list = [None] * size
+    _count(_pickled_size(facts))
     _collective(what, dist.all_gather_object, everyone, facts, group=group)
     for r, theirs in enumerate(everyone[1:], start=1):
         diff = [f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}"
@@ -86,6 +103,7 @@ def sum_f64(t: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
     buf = t.detach().to(_device(group), torch.float64).clone()
+    _count(buf.numel() * 8)
     _collective("all_reduce", dist.all_reduce, buf, group=group)
     return buf.to(t.device)
 
@@ -94,6 +112,7 @@ def sum_i64(t: torch.Tensor, group) -> torch.Tensor:
     import torch.distributed as dist
 
     buf = t.detach().to(_device(group), torch.int64).clone()
+    _count(buf.numel() * 8)
     _collective("all_reduce", dist.all_reduce, buf, group=group)
     return buf.to(t.device)
 
@@ -104,6 +123,7 @@ def gather_objects(obj, group) -> list:
 
     _, size = rank_and_size(group)
     out: list = [None] * size
+    _count(_pickled_size(obj))
     _collective("all_gather", dist.all_gather_object, out, obj, group=group)
     return out
 
@@ -132,6 +152,7 @@ def gather_inputs(x: torch.Tensor | None, group, device) -> torch.Tensor:
     if local is not None:
         buf[: local.shape[0]] = local.to(dev)
     parts = [torch.empty_like(buf) for _ in counts]
+    _count(buf.numel() * buf.element_size())
     _collective("gathering the probe inputs", dist.all_gather, parts, buf, group=group)
     return torch.cat([p[:c] for p, c in zip(parts, counts)]).to(device)
 
@@ -161,6 +182,7 @@ def _gather_tensor(t: torch.Tensor, group) -> list[torch.Tensor]:
     _, size = rank_and_size(group)
     buf = t.detach().to(_device(group)).contiguous()
     parts = [torch.empty_like(buf) for _ in range(size)]
+    _count(buf.numel() * buf.element_size())
     _collective("all_gather", dist.all_gather, parts, buf, group=group)
     return [p.to(t.device) for p in parts]
 
