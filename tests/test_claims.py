@@ -178,6 +178,9 @@ def test_report_of_experiment_directories(tmp_path):
     summary = json.loads((q / "summary.json").read_text())
     for c in summary["claims"]:
         assert f"| {c['claim']} | {format_interval(c)} | {c['expected']} | 3/3 | **holds** |" in text
+    from lazyhasty.experiments.report import _cell
+
+    assert _cell("sqrt(lambda)|y|") == "sqrt(lambda)\\|y\\|"
     links = [line[line.index("](") + 2:-1] for line in text.splitlines() if line.startswith("![")]
     assert links and all((md.parent / link).stat().st_size > 5000 for link in links)
     # a directory without a summary over seeds is an error naming it

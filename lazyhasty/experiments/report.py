@@ -56,7 +56,7 @@ def section(path, out_dir: Path | None, level: int = 2) -> str:
              "| claim | mean [95% interval] | expected | seeds with the expected sign | verdict |",
              "| --- | --- | --- | --- | --- |"]
     for c in summary["claims"]:
-        lines.append(f"| {c['claim']} | {format_interval(c)} | {c['expected']} | {c['sign_held']}/{c['n']}"
+        lines.append(f"| {_cell(c['claim'])} | {format_interval(c)} | {c['expected']} | {c['sign_held']}/{c['n']}"
                      f"{'' if c['n'] == summary['seeds'] else ' (of ' + str(summary['seeds']) + ' seeds)'} | "
                      f"{_MARK[c['state']]} |")
     lines.append("")
@@ -110,6 +110,11 @@ def report(paths, out=None, *, intro: str = "", title: str = "Experiments") -> s
         tmp.write_text(text)
         tmp.replace(out_path)
     return text
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell (a ``|`` in a claim would split the row)."""
+    return str(text).replace("|", "\\|")
 
 
 def _seed_range(values) -> str:
