@@ -344,3 +344,23 @@ def test_the_path_table(kernel, block_size, purpose, path):
         want = R.ntk_alignment(m, [x], m0, kernel=kernel)
         assert ntk_alignment(m, x, m0, kernel=kernel, block_size=block_size) == pytest.approx(want, abs=1e-12)
     assert explain(m, x, implementation="naive").path == "naive"
+
+
+def test_batch_mixing_check_runs_once_per_model_structure_and_mode():
+    from lazyhasty.ntk import _engine
+
+    m, x = _model("mlp_paper", torch.float64)
+    calls = []
+    m.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+    ntk_gram(m, x, kernel="trace")
+    first = len(calls)
+    calls.clear()
+    ntk_gram(m, x, kernel="trace")
+    assert len(calls) == first - 2  # the two forwards of the mixing check are not repeated
+    with pytest.raises(ValueError, match="NaN/inf"):
+        ntk_gram(m, torch.full_like(x, float("nan")), kernel="trace")
+    m.eval()  # another mode (the zoo models start in train mode): checked again
+    calls.clear()
+    ntk_gram(m, x, kernel="trace")
+    assert len(calls) == first
+    _engine._MIXING_CHECKED.pop(m, None)

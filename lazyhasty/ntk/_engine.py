@@ -217,8 +217,18 @@ class Featurizer:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
+        """:func:`check_probe_inputs` (two small forwards), once per model structure, train/eval flags and
+        input shape: whether a model mixes examples is a property of its code, not of the values. Non-finite
+        inputs are checked on every call (non-finite outputs make the kernel non-finite: an error there)."""
         self.checked_mixing = True
+        key = (_fingerprint(self._user_model, "mixing"), tuple(m.training for m in self.model.modules()),
+               tuple(x.shape[1:]), x.dtype, str(x.device))
+        if _MIXING_CHECKED.get(self._user_model) == key:
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
+            return
         check_probe_inputs(self._call, x)
+        _MIXING_CHECKED[self._user_model] = key
 
     def _features(self, x: torch.Tensor, sink=None):
         feats: list = []
@@ -457,6 +467,8 @@ class Featurizer:
 # outside its module is a property of the model's code, so later calls on the same structure skip the
 # extra backward pass; any change of modules or parameters (objects, shapes, requires_grad) redoes it.
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
+_MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _fingerprint(model: nn.Module, implementation: str) -> tuple:
