@@ -63,6 +63,7 @@ def _worker(rank, size, init, n, repeats, block, out):
                        "collectives": _dist.traffic["collectives"],
                        "params": sum(p.numel() for p in m.parameters())}, f)
     if size > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -87,6 +87,7 @@ def _worker(rank, size, init, shards, out_dir, mode):
                 res = str(exc)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(res, f)
+        dist.barrier()  # no rank tears gloo down while another still talks to it (SIGABRT at exit otherwise)
     finally:
         dist.destroy_process_group()
 
