@@ -77,6 +77,14 @@ def _worker(rank, size, init, shards, out_dir, mode):
                                                   gather="rank0")
                 res[f"all-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=4, process_group="world",
                                                 gather="all")
+        elif mode == "naive":  # the naive spec with a group: an error, not each rank's own shard
+            from lazyhasty.metrics import ntk_alignment
+
+            try:
+                ntk_alignment(m, mine, m0, implementation="naive", process_group="world")
+                res = "no error"
+            except ValueError as exc:
+                res = str(exc)
         elif mode == "mismatch":  # rank 1 asks for another kernel: an error naming it, on every rank
             from lazyhasty.metrics import ntk_alignment
 
@@ -146,12 +154,21 @@ def test_memory_mapped_kernel_in_one_process(tmp_path):
         assert np.array_equal(np.load(tmp_path / f"K-{kernel}.npy"), np.asarray(mm))  # a plain .npy file
     with pytest.raises(ValueError, match="float32 or float64"):
         ntk_gram(m.to(torch.bfloat16), x.to(torch.bfloat16), out=tmp_path / "bf.npy")
+    # the naive spec runs in one process into memory: out= is an error, not silently ignored
+    with pytest.raises(ValueError, match="implementation='naive'"):
+        ntk_gram(m.double(), x, implementation="naive", out=tmp_path / "naive.npy")
+    assert not (tmp_path / "naive.npy").exists()
 
 
 def test_inconsistent_arguments_are_named(tmp_path):
     got = _run(tmp_path, [(0, 5), (5, 11)], mode="mismatch")
     for res in got:
         assert "different arguments" in res and "kernel: 'trace' on rank 0, 'full' on rank 1" in res
+
+
+def test_naive_with_a_group_is_an_error(tmp_path):
+    for res in _run(tmp_path, [(0, 5), (5, 11)], mode="naive"):
+        assert "implementation='naive'" in res and "process_group=" in res
 
 
 def test_balanced_tiles_split_work_evenly_and_cover_every_pair():

@@ -597,6 +597,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     model = select_output(model, output)
     if implementation == "naive":
+        if out is not None or process_group is not None:
+            raise ValueError("implementation='naive' (the spec) runs in one process into memory: out= and "
+                             "process_group= take 'auto', 'layerwise' or 'jacobian'")
         return _naive(model, loader, kernel, dtype, loader2)
     from .. import _dist
 
@@ -687,25 +690,33 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
+def _my_tiles(fz, x_all, kernel, block_size, group):
+    """``(k, blocks, starts, tiles)``: the blocks of ``x_all`` and this rank's share of the tile pairs
+    (``I <= J`` balanced by work; diagonal blocks, which cost the same, round-robin). One process: all."""
+    from .. import _dist
+
+    rank, size = (0, 1) if group is None else _dist.rank_and_size(group)
+    n = x_all.shape[0]
+    k = _output_size(fz, x_all)
+    blocks = list(x_all.split(block_size or default_block_size(n, k)))
+    starts = [0]
+    for x in blocks:
+        starts.append(starts[-1] + x.shape[0])
+    if kernel == "diagonal":
+        return k, blocks, starts, [(I, I) for I in range(len(blocks)) if I % size == rank]
+    return k, blocks, starts, _dist.balanced_tiles([x.shape[0] for x in blocks], size)[rank]
+
+
 def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress):
     """``ntk_gram`` tile by tile into a memory-mapped file (``out``) and/or over ranks (``group``)."""
     import numpy as np
 
     from .. import _dist
 
-    rank, size = (0, 1) if group is None else _dist.rank_and_size(group)
+    rank = 0 if group is None else _dist.rank_and_size(group)[0]
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
-    k = _output_size(fz, x_all)
-    bs = block_size or default_block_size(n, k)
-    blocks = list(x_all.split(bs))
-    starts = [0]
-    for x in blocks:
-        starts.append(starts[-1] + x.shape[0])
-    if kernel == "diagonal":
-        mine = [(I, I) for I in range(len(blocks)) if I % size == rank]
-    else:
-        mine = _dist.balanced_tiles([x.shape[0] for x in blocks], size)[rank]
+    k, blocks, starts, mine = _my_tiles(fz, x_all, kernel, block_size, group)
     shape = {"full": (n, k, n, k), "trace": (n, n), "diagonal": (n, k, k)}[kernel]
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(fz.dtype)
     target = None
@@ -766,20 +777,9 @@ def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, 
     """``ntk_alignment`` over ranks: this rank's share of the tile pairs, then the exact sums of all ranks."""
     from .. import _dist
 
-    rank, size = _dist.rank_and_size(group)
     n = x_all.shape[0]
     fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
-    k = _output_size(fz, x_all)
-    bs = block_size or default_block_size(n, k)
-    blocks = list(x_all.split(bs))
-    starts = [0]
-    for x in blocks:
-        starts.append(starts[-1] + x.shape[0])
-    sizes = [x.shape[0] for x in blocks]
-    if kernel == "diagonal":
-        mine = [(I, I) for I in range(len(blocks)) if I % size == rank]  # diagonal blocks cost the same
-    else:
-        mine = _dist.balanced_tiles(sizes, size)[rank]
+    k, blocks, starts, mine = _my_tiles(fz, x_all, kernel, block_size, group)
     get_t, get_0 = _BlockFeatures(fz, blocks, max_cache_bytes // 2), _BlockFeatures(fz0, blocks, max_cache_bytes // 2)
     sums = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
     with exact_fp32():
@@ -998,6 +998,9 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     ref = select_output(as_reference_module(model, reference), output)
     model = select_output(model, output)
     if implementation == "naive":
+        if process_group is not None:
+            raise ValueError("implementation='naive' (the spec) runs in one process: process_group= takes 'auto', "
+                             "'layerwise' or 'jacobian'")
         from .. import reference as R
 
         with _same_trainable(model, ref):
