@@ -207,3 +207,16 @@ def barrier(group) -> None:
     import torch.distributed as dist
 
     _collective("barrier", dist.barrier, group=group)
+
+
+def broadcast_object(obj, src: int, group, nbytes: int | None = None):
+    """``obj`` from rank ``src`` (a rank of ``group``) on every rank (picklable; tensors keep their device).
+    ``nbytes``: its size for the traffic count (default: pickled once more to measure it)."""
+    import torch.distributed as dist
+
+    box = [obj]
+    rank, _ = rank_and_size(group)
+    if rank == src:
+        _count(_pickled_size(obj) if nbytes is None else nbytes)
+    _collective("broadcast", dist.broadcast_object_list, box, src=dist.get_global_rank(group, src), group=group)
+    return box[0]

@@ -54,6 +54,9 @@ def _metrics(m, m0, x, group, kernel_block):
                 process_group=group)
     out["ntk-diagonal"] = ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel="diagonal", block_size=kernel_block,
                                         process_group=group)
+    # no block features kept (max_cache_bytes=0): the recompute regime, row-major runs of tiles per rank
+    out["ntk-full-recompute"] = ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel="full", block_size=2,
+                                              max_cache_bytes=0, process_group=group)
     return out
 
 
@@ -77,6 +80,8 @@ def _worker(rank, size, init, shards, out_dir, mode):
                                                   gather="rank0")
                 res[f"all-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=4, process_group="world",
                                                 gather="all")
+                res[f"recompute-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=2, process_group="world",
+                                                      gather="all", max_cache_bytes=0)
         elif mode == "naive":  # the naive spec with a group: an error, not each rank's own shard
             from lazyhasty.metrics import ntk_alignment
 
@@ -133,6 +138,7 @@ def test_ntk_gram_over_ranks_to_a_memory_mapped_file_or_gathered(tmp_path):
             assert torch.allclose(res[f"out-{kernel}"], want, rtol=1e-12, atol=1e-12)
             assert torch.equal(res[f"all-{kernel}"], got[0][f"all-{kernel}"])
             assert torch.allclose(res[f"all-{kernel}"], want, rtol=1e-12, atol=1e-12)
+            assert torch.allclose(res[f"recompute-{kernel}"], want, rtol=1e-12, atol=1e-12)
             if r == 0:
                 assert torch.allclose(res[f"rank0-{kernel}"], want, rtol=1e-12, atol=1e-12)
             else:
@@ -181,6 +187,43 @@ def test_balanced_tiles_split_work_evenly_and_cover_every_pair():
         assert every == [(i, j) for i in range(6) for j in range(i, 6)]
         work = [sum(sizes[i] * sizes[j] * (0.5 if i == j else 1) for i, j in part) for part in parts]
         assert max(work) <= 1.1 * sum(work) / ranks + max(sizes) ** 2  # within one tile of even
+
+
+def test_row_major_runs_are_contiguous_balanced_and_cover_every_pair():
+    from lazyhasty.ntk._sharding import row_major_runs
+
+    sizes = [64] * 8 + [17]
+    order = [(i, j) for i in range(9) for j in range(i, 9)]
+    for ranks in (1, 2, 3, 5):
+        parts = row_major_runs(sizes, ranks)
+        assert [p for part in parts for p in part] == order  # contiguous runs, in row-major order
+        rows = [len({i for i, _ in part}) for part in parts]
+        assert sum(rows) <= 9 + ranks - 1  # a row is split between at most two neighbouring ranks
+        work = [sum(sizes[i] * sizes[j] * (0.5 if i == j else 1) for i, j in part) for part in parts]
+        assert max(work) <= sum(work) / ranks + 2 * max(sizes) ** 2
+
+
+def test_recompute_regime_in_one_process_walks_rows_once():
+    """One process, no feature cache: each row's features are formed once, each column block once per tile."""
+    from lazyhasty.ntk._engine import Featurizer
+    from lazyhasty.ntk._sharding import RECOMPUTE, RankTiles
+
+    m, m0, x = _setup()
+    fz = Featurizer(m, "auto", "full", None)
+    calls = []
+    real = fz.__call__
+    fz_call = lambda xb: (calls.append(xb.shape[0]), real(xb))[1]  # noqa: E731
+
+    class Counting:
+        device, dtype = fz.device, fz.dtype
+
+        def __call__(self, xb):
+            return fz_call(xb)
+
+    work = RankTiles([Counting()], x, "full", 4, None, max_cache_bytes=0)
+    assert work.regime == RECOMPUTE and work.tiles == [(0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2)]
+    assert len(list(work)) == 6
+    assert len(calls) == 3 + 3  # three rows (the first also measured the size) + three off-diagonal columns
 
 
 def test_without_an_initialized_group_process_group_is_an_error():

@@ -15,6 +15,7 @@ from .._progress import Progress
 from ..metrics._exact import AlignmentSums
 from . import _features as feat
 from ._plan import choose_path
+from ._sharding import RankTiles, blocks_of
 from ._layers import (
     batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, embedding_factors, ghost_layout,
     linear_factors, select_output, tensor_output,
@@ -639,7 +640,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     if path.name == "cross":
         return _cross_gram(fz, x_all, all_inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
                            progress)
-    blocks = list(x_all.split(path.block_size))
+    blocks, starts = blocks_of(x_all, path.block_size)
     with exact_fp32():
         if path.name == "trace_one_block":
             return _finite(fz.trace_gram(x_all, be))
@@ -653,9 +654,6 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
             fz.stream(blocks[0], sink, acc.clear)
             return _finite(acc["K"].contiguous())
-        starts = [0]
-        for x in blocks:
-            starts.append(starts[-1] + x.shape[0])
         if path.name == "diagonal":  # per-block features are used once: nothing is kept
             diags = []
             with Progress(len(blocks), "ntk features", progress) as bar:
@@ -690,23 +688,6 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     return _finite(K)
 
 
-def _my_tiles(fz, x_all, kernel, block_size, group):
-    """``(k, blocks, starts, tiles)``: the blocks of ``x_all`` and this rank's share of the tile pairs
-    (``I <= J`` balanced by work; diagonal blocks, which cost the same, round-robin). One process: all."""
-    from .. import _dist
-
-    rank, size = (0, 1) if group is None else _dist.rank_and_size(group)
-    n = x_all.shape[0]
-    k = _output_size(fz, x_all)
-    blocks = list(x_all.split(block_size or default_block_size(n, k)))
-    starts = [0]
-    for x in blocks:
-        starts.append(starts[-1] + x.shape[0])
-    if kernel == "diagonal":
-        return k, blocks, starts, [(I, I) for I in range(len(blocks)) if I % size == rank]
-    return k, blocks, starts, _dist.balanced_tiles([x.shape[0] for x in blocks], size)[rank]
-
-
 def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress):
     """``ntk_gram`` tile by tile into a memory-mapped file (``out``) and/or over ranks (``group``)."""
     import numpy as np
@@ -716,7 +697,8 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
     rank = 0 if group is None else _dist.rank_and_size(group)[0]
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
-    k, blocks, starts, mine = _my_tiles(fz, x_all, kernel, block_size, group)
+    k = _output_size(fz, x_all)
+    work = RankTiles([fz], x_all, kernel, block_size or default_block_size(n, k), group, max_cache_bytes)
     shape = {"full": (n, k, n, k), "trace": (n, n), "diagonal": (n, k, k)}[kernel]
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(fz.dtype)
     target = None
@@ -729,15 +711,13 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
             _dist.barrier(group)
         target = np.load(out, mmap_mode="r+")
     tiles = []
-    get = _BlockFeatures(fz, blocks, max_cache_bytes)
-    with exact_fp32(), Progress(len(mine), "ntk tiles", progress) as bar:
-        for I, J in mine:
-            fi = get(I)
-            si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
+    with exact_fp32(), Progress(len(work.tiles), "ntk tiles", progress) as bar:
+        for I, J, (fi,), (fj,) in work:
+            si, sj = work.rows(I), work.rows(J)
             if kernel == "diagonal":
                 t = _finite(feat.diagonal(fi))
             else:
-                t = _finite(feat.tile(fi, fi if J == I else get(J), kernel, be))
+                t = _finite(feat.tile(fi, fj, kernel, be))
             if target is None:
                 tiles.append((I, J, t.cpu()))
             else:
@@ -755,7 +735,7 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
     K = torch.empty(shape, dtype=fz.dtype)
     for part in everyone:
         for I, J, t in part:
-            _put(K, kernel, slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1]), t)
+            _put(K, kernel, work.rows(I), work.rows(J), t)
     return K.to(fz.device)
 
 
@@ -779,20 +759,18 @@ def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, 
 
     n = x_all.shape[0]
     fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
-    k, blocks, starts, mine = _my_tiles(fz, x_all, kernel, block_size, group)
-    get_t, get_0 = _BlockFeatures(fz, blocks, max_cache_bytes // 2), _BlockFeatures(fz0, blocks, max_cache_bytes // 2)
+    k = _output_size(fz, x_all)
+    work = RankTiles([fz, fz0], x_all, kernel, block_size or default_block_size(n, k), group, max_cache_bytes)
     sums = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
     with exact_fp32():
-        for I, J in mine:
-            fi, fi0 = get_t(I), get_0(I)
-            si = slice(starts[I], starts[I + 1])
+        for I, J, (fi, fi0), (fj, fj0) in work:
+            si = work.rows(I)
             if kernel == "diagonal":
                 sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
                 continue
-            fj, fj0 = (fi, fi0) if J == I else (get_t(J), get_0(J))
             Kt = feat.tile(fi, fj, kernel, be)
             K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
-            sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
+            sums.add(Kt, K0, si, work.rows(J), I != J)
     _dist.reduce_alignment_sums(sums, group)
     return sums.alignment()
 
@@ -1043,10 +1021,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                 sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
                          False)
             return sums.alignment()
-        blocks = list(x_all.split(path.block_size))
-        starts = [0]
-        for x in blocks:
-            starts.append(starts[-1] + x.shape[0])
+        blocks, starts = blocks_of(x_all, path.block_size)
         with exact_fp32():
             first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
             per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
