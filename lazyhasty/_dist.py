@@ -220,3 +220,42 @@ def broadcast_object(obj, src: int, group, nbytes: int | None = None):
         _count(_pickled_size(obj) if nbytes is None else nbytes)
     _collective("broadcast", dist.broadcast_object_list, box, src=dist.get_global_rank(group, src), group=group)
     return box[0]
+
+
+def gather_loader(loader, group, device) -> torch.Tensor:
+    """Every rank's shard of a probe set (a loader, a tensor, or an empty one) as the union ``[n, ...]`` in
+    rank order, on every rank."""
+    from ._loaders import iter_inputs
+
+    xs = list(iter_inputs(loader, device, allow_empty=True))
+    return gather_inputs(torch.cat(xs) if xs else None, group, device)
+
+
+def settle(group, error: BaseException | None, what: str) -> None:
+    """Every rank learns whether any rank failed in its local part of a call: a rank's own error is raised
+    there; the others raise a ``ValueError`` naming that rank and its message, at once rather than at the
+    group's timeout in the next collective."""
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    everyone = gather_objects(mine, group)
+    if error is not None:
+        raise error
+    for r, msg in enumerate(everyone):
+        if msg is not None:
+            raise ValueError(f"{what}: rank {r} failed ({msg})")
+
+
+def own_shard(loader, group, device) -> torch.Tensor:
+    """This rank's shard of a probe set as one ``[n_r, ...]`` tensor; an empty shard is ``[0, ...]`` with the
+    example shape and dtype of the other ranks' (a collective: every rank calls it)."""
+    from ._loaders import iter_inputs
+
+    xs = list(iter_inputs(loader, device, allow_empty=True))
+    local = torch.cat(xs) if xs else None
+    meta = None if local is None else (tuple(local.shape[1:]), str(local.dtype))
+    metas = [m for m in gather_objects(meta, group) if m is not None]
+    if not metas:
+        raise ValueError("the probe set is empty on every rank")
+    if local is not None:
+        return local
+    shape, dtype = metas[0]
+    return torch.zeros((0, *shape), dtype=getattr(torch, dtype.replace("torch.", "")), device=device)

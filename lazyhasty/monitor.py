@@ -140,6 +140,9 @@ class Monitor:
     sinks: paths (``.jsonl`` crash-safe JSON lines, ``.csv``), ``TensorBoardSink``, ``WandbSink`` or any
     ``callable(step, values)``.
 
+    process_group: a ``torch.distributed`` group (or ``"world"``), e.g. in a DDP script: each rank passes its
+    own shard of ``probe`` and of each group (possibly empty) and every rank gets the values over the
+    union (give ``sinks`` on rank 0 only, or every rank writes them).
     ``log(model, step)`` returns a flat dict of floats; the model may be the reference's wrapper
     (``AlphaScaled``: its inner model is measured) or the bare module being trained.
     """
@@ -147,7 +150,7 @@ class Monitor:
     def __init__(self, reference, probe, *, groups: Mapping | None = None,
                  metrics: Sequence[str] = DEFAULT_METRICS, every: int | None = None, geometric: float | None = None,
                  kernel: str = "trace", loss: str = "cross_entropy", sinks: Sequence = (),
-                 batch_size: int = 1024):
+                 batch_size: int = 1024, process_group=None):
         from .regimes import AlphaScaled, Linearized
         from .train import LOSSES
 
@@ -174,11 +177,17 @@ class Monitor:
                             f"{type(reference).__name__}")
         self.metrics, self.every, self.geometric, self.loss = tuple(metrics), every, geometric, loss
         self.reference = reference
-        x = all_inputs(probe, model_device(reference))
+        from . import _dist
+
+        self.group = _dist.resolve(process_group)
+        if self.group is None:
+            x = all_inputs(probe, model_device(reference))
+        else:  # this rank's shard, possibly empty
+            x = _dist.own_shard(probe, self.group, model_device(reference))
         self.groups = {}
         for name, data in (groups or {}).items():
             gx, gy = _labelled(data, name)
-            if gx.shape[0] != gy.shape[0] or gx.shape[0] == 0:
+            if gx.shape[0] != gy.shape[0] or (gx.shape[0] == 0 and self.group is None):
                 raise ValueError(f"group {name!r}: x has {gx.shape[0]} rows and y {gy.shape[0]} (non-empty, equal)")
             self.groups[name] = (gx, gy)
         from .metrics import LinearityProbe
@@ -188,7 +197,8 @@ class Monitor:
         self.probe = None
         if need_probe or want_ntk:
             self.probe = LinearityProbe.capture(reference, x, batch_size=batch_size,
-                                                ntk=kernel if want_ntk else None, trainable=trainable)
+                                                ntk=kernel if want_ntk else None, trainable=trainable,
+                                                process_group=self.group)
             if "sign_similarity" in metrics and self.probe.signs is None:
                 raise ValueError("sign_similarity needs ReLUs in the model (nn.ReLU modules or F.relu / torch.relu / "
                                  "clamp(min=0) calls); drop it from metrics=")
@@ -234,6 +244,13 @@ class Monitor:
                 tot += float(per_example_loss(self.loss, o, yb).double().sum())
                 correct += int(predictions_correct(self.loss, o, yb).sum())
                 n += xb.shape[0]
+            if self.group is not None:  # sums over every rank's shard of the group
+                from . import _dist
+
+                tot, correct, n = _dist.sum_f64(torch.tensor([tot, correct, n], dtype=torch.float64),
+                                                self.group).tolist()
+                if n == 0:
+                    raise ValueError(f"group {name!r} is empty on every rank")
             out[f"group/{name}/loss"] = tot / n
             out[f"group/{name}/acc"] = correct / n
         return out

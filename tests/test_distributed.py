@@ -60,6 +60,39 @@ def _metrics(m, m0, x, group, kernel_block):
     return out
 
 
+def _labels(x):
+    return torch.arange(x.shape[0]) % 3
+
+
+def _probes(m, m0, x, group, y):
+    """The captured-once probes: SignPatterns, NTKReference (stored tiles and recomputed), LinearityProbe,
+    Monitor with a labelled group."""
+    from lazyhasty.metrics import LinearityProbe, SignPatterns
+    from lazyhasty.monitor import Monitor
+    from lazyhasty.ntk import NTKReference
+
+    out = {}
+    signs = SignPatterns.capture(m0, [x], process_group=group)
+    out["signs"] = signs.similarity(m, [x])
+    for kernel in ("trace", "full"):
+        for centered in (False, True):
+            ref = NTKReference.capture(m0, x, kernel=kernel, centered=centered, block_size=2, process_group=group)
+            assert ref.stored
+            for key, v in ref.measure(m).items():
+                out[f"ref-{kernel}{int(centered)}-{key}"] = v
+        lean = NTKReference.capture(m0, x, kernel=kernel, max_bytes=0, block_size=3, process_group=group)
+        assert not lean.stored
+        out[f"lean-{kernel}"] = lean.alignment(m)
+    probe = LinearityProbe.capture(m0, x, batch_size=4, ntk="full", process_group=group)
+    for key, v in probe.measure(m).items():
+        out[f"probe-{key}"] = v
+    mon = Monitor(m0, x, groups={"g": (x, y)}, metrics=("sign_similarity", "repr_alignment", "ntk_alignment",
+                                                         "ntk_rel_change"), process_group=group)
+    for key, v in mon.measure(m).items():
+        out[f"monitor-{key}"] = v
+    return out
+
+
 def _worker(rank, size, init, shards, out_dir, mode):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     try:
@@ -82,6 +115,8 @@ def _worker(rank, size, init, shards, out_dir, mode):
                                                 gather="all")
                 res[f"recompute-{kernel}"] = ntk_gram(m, mine, kernel=kernel, block_size=2, process_group="world",
                                                       gather="all", max_cache_bytes=0)
+        elif mode == "probes":
+            res = _probes(m, m0, mine, "world", _labels(x)[lo:hi])
         elif mode == "naive":  # the naive spec with a group: an error, not each rank's own shard
             from lazyhasty.metrics import ntk_alignment
 
@@ -123,6 +158,18 @@ def test_every_metric_over_ranks_equals_one_process(tmp_path, shards):
     got = _run(tmp_path, shards)
     for r, res in enumerate(got):
         assert res == got[0], f"rank {r} differs from rank 0"  # identical on every rank, bit for bit
+        for key, value in want.items():
+            assert res[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+@pytest.mark.parametrize("shards", [[(0, 6), (6, 11)], [(0, 0), (0, 4), (4, 11)]], ids=["2-ranks", "3-ranks-one-empty"])
+def test_captured_probes_over_ranks_equal_one_process(tmp_path, shards):
+    m, m0, x = _setup()
+    want = _probes(m, m0, x, None, _labels(x))
+    got = _run(tmp_path, shards, mode="probes")
+    assert set(got[0]) == set(want)
+    for r, res in enumerate(got):
+        assert res == got[0], f"rank {r} differs from rank 0"
         for key, value in want.items():
             assert res[key] == pytest.approx(value, abs=1e-12, rel=0), key
 

@@ -26,28 +26,35 @@ class LinearityProbe:
 
         >>> probe = LinearityProbe.capture(model_at_init, probe_x)
         >>> probe.measure(model)     # every logging step
+
+    ``capture(..., process_group=group)``: each rank passes its own shard of the probe set (possibly empty);
+    ``measure`` returns the values over the union, the same on every rank (see :mod:`lazyhasty._dist`).
     """
 
     def __init__(self, x: torch.Tensor, batch_size: int, signs: SignPatterns | None, layer_name: str, where: str,
-                 ref_features: list[torch.Tensor], ntk=None):
+                 ref_features: list[torch.Tensor], ntk=None, group=None):
         self.x, self.batch_size, self.signs = x, batch_size, signs
         self.layer_name, self.where, self.ref_features = layer_name, where, ref_features
         self.ntk = ntk  # NTKReference or None
+        self.group = group  # captured over ranks: measure() is over the union of their shards
 
     @classmethod
     @torch.no_grad()
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
-                trainable=None) -> "LinearityProbe":
+                trainable=None, process_group=None) -> "LinearityProbe":
         """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
         (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
         reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``."""
-        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 0:
+        from .. import _dist
+
+        group = _dist.resolve(process_group)
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or (x.shape[0] == 0 and group is None):
             raise ValueError("the probe set must be a non-empty tensor of inputs [n, ...]")
-        batches = list(x.split(batch_size))
+        batches = [b for b in x.split(batch_size) if b.shape[0]]  # an empty shard (a rank of a group): none
         try:
-            signs = SignPatterns.capture(reference, batches, modules=modules, backend=backend)
+            signs = SignPatterns.capture(reference, batches, modules=modules, backend=backend, process_group=group)
         except ValueError as exc:
             if "no ReLU ran" not in str(exc):
                 raise
@@ -71,8 +78,8 @@ class LinearityProbe:
         if ntk is not None:
             from ..ntk import NTKReference
 
-            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable)
-        return cls(x, batch_size, signs, name, where, feats, kernel_ref)
+            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable, process_group=group)
+        return cls(x, batch_size, signs, name, where, feats, kernel_ref, group)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
@@ -107,9 +114,18 @@ class LinearityProbe:
             rec.remove()
             if run is not None:
                 run.recorder.remove()
-        out = {"repr_alignment": grams.alignment()}
-        if self.signs is not None:
-            out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
+        if self.group is not None:
+            from .. import _dist
+            from .signs import _reduce_over_ranks
+
+            grams.merge_states(_dist.gather_objects(grams.state(), self.group), device)
+            out = {"repr_alignment": grams.alignment()}
+            if self.signs is not None:
+                out["sign_similarity"] = _reduce_over_ranks(counts, sum(self.signs.units), "mean", self.group)
+        else:
+            out = {"repr_alignment": grams.alignment()}
+            if self.signs is not None:
+                out["sign_similarity"] = _reduce(torch.cat(counts), sum(self.signs.units), "mean")
         if self.ntk is not None:
             out.update(self.ntk.measure(model))  # ntk_alignment (and ntk_rel_change while K_0 is stored)
         return out

@@ -118,11 +118,16 @@ class SignPatterns:
     The probe loader must yield the same examples in the same order each time (a fingerprint of every
     example's inputs is stored and checked). ``bits[k]`` is ``[n, ceil(units[k] / 32)]`` int32 for site
     ``sites[k]`` (a module name, with ``#j`` for the j-th extra call of a module called several times).
+
+    ``capture(..., process_group=group)``: each rank captures its own shard of the probe set (possibly
+    empty) and keeps its words; ``similarity`` then returns the value over the union, the same on every
+    rank (``reduction="none"``: the rank's own examples). See :mod:`lazyhasty._dist`.
     """
 
     def __init__(self, module_names: list[str], sites: list[str], units: list[int], bits: list[torch.Tensor],
-                 fingerprints: torch.Tensor, functional: bool = False):
+                 fingerprints: torch.Tensor, functional: bool = False, group=None):
         self.functional = functional  # sites include functional ReLUs ("owner:relu")
+        self.group = group  # captured over ranks: similarity() is over the union of their shards
         self.module_names = module_names
         self.sites = sites
         self.units = units
@@ -140,8 +145,11 @@ class SignPatterns:
     @classmethod
     @torch.no_grad()
     def capture(cls, reference: nn.Module, loader, *, modules: Sequence[nn.Module | str] | None = None,
-                backend: str | None = None) -> "SignPatterns":
+                backend: str | None = None, process_group=None) -> "SignPatterns":
         """Run ``reference`` (eval mode) over ``loader`` and keep its packed sign patterns."""
+        from .. import _dist
+
+        group = _dist.resolve(process_group)
         if not isinstance(reference, nn.Module):
             hint = (": a state_dict has no forward pass; load it into a module of the same architecture "
                     "(ref = copy.deepcopy(model); ref.load_state_dict(state_dict)) and capture that"
@@ -149,12 +157,16 @@ class SignPatterns:
             raise TypeError(f"SignPatterns.capture needs the reference model (an nn.Module), got "
                             f"{type(reference).__name__}{hint}")
         named = relu_modules(reference, modules)
+        if group is not None:
+            _dist.agree(group, "SignPatterns.capture", reference=_dist.structure(reference),
+                        modules=None if modules is None else [n for n, _ in named])
         device = model_device(reference)
         run = _Pass(named, backend, "reference", functional=reference if modules is None else None)
         sites, units, chunks, prints = None, None, [], []
+        failed = None
         try:
             with evaluating(reference):
-                for x in iter_inputs(loader, device):
+                for x in iter_inputs(loader, device, allow_empty=group is not None):
                     run.reset(None)
                     with run.observing():
                         reference(x)
@@ -167,15 +179,26 @@ class SignPatterns:
                         raise ValueError("the sign sites changed between batches (inputs of different sizes?)")
                     chunks.append(run.bits)
                     prints.append(_fingerprint(x))
+        except Exception as exc:  # noqa: BLE001 - with a group, every rank learns of it (below)
+            if group is None:
+                raise
+            failed = exc
         finally:
             run.recorder.remove()
+        if group is not None:
+            _dist.settle(group, failed, "SignPatterns.capture")
+            sites, units = _agreed_sites(_dist.gather_objects(None if sites is None else (sites, units), group))
+        if not chunks:  # this rank's shard is empty
+            bits = [torch.zeros(0, (u + 31) // 32, dtype=torch.int32, device=device) for u in units]
+            return cls([n for n, _ in named], sites, units, bits, torch.zeros(0, 2, dtype=torch.float64),
+                       functional=any(":" in s.split("#")[0] for s in sites), group=group)
         bits = [torch.cat([c[k] for c in chunks]) for k in range(len(sites))]
         return cls([n for n, _ in named], sites, units, bits, torch.cat(prints),
-                    functional=any(":" in s.split("#")[0] for s in sites))
+                   functional=any(":" in s.split("#")[0] for s in sites), group=group)
 
     def to(self, device) -> "SignPatterns":
         return SignPatterns(self.module_names, self.sites, self.units, [b.to(device) for b in self.bits],
-                            self.fingerprints, self.functional)
+                            self.fingerprints, self.functional, self.group)
 
     @torch.no_grad()
     def similarity(self, model: nn.Module, loader, *, reduction: str = "mean", backend: str | None = None):
@@ -186,14 +209,20 @@ class SignPatterns:
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        from .. import _dist
+
+        group = self.group
+        if group is not None:
+            _dist.agree(group, "SignPatterns.similarity", model=_dist.structure(model), reduction=reduction)
         named = same_modules(model, self.module_names)
         device = model_device(model)
         bits = [b.to(device) for b in self.bits]
         run = _Pass(named, backend, "model", functional=model if self.functional else None)
         counts, start = [], 0
+        failed = None
         try:
             with evaluating(model):
-                for x in iter_inputs(loader, device):
+                for x in iter_inputs(loader, device, allow_empty=group is not None):
                     b = x.shape[0]
                     if start + b > self.n:
                         raise ValueError(f"the loader yields more than the {self.n} examples captured")
@@ -208,11 +237,18 @@ class SignPatterns:
                     run.check(self.sites)
                     counts.append(run.counts)
                     start += b
+            if start != self.n:
+                raise ValueError(f"the loader yielded {start} examples but {self.n} were captured")
+        except Exception as exc:  # noqa: BLE001 - with a group, every rank learns of it (below)
+            if group is None:
+                raise
+            failed = exc
         finally:
             run.recorder.remove()
-        if start != self.n:
-            raise ValueError(f"the loader yielded {start} examples but {self.n} were captured")
-        return _reduce(torch.cat(counts), sum(self.units), reduction)
+        if group is None:
+            return _reduce(torch.cat(counts), sum(self.units), reduction)
+        _dist.settle(group, failed, "SignPatterns.similarity")
+        return _reduce_over_ranks(counts, sum(self.units), reduction, group)
 
 
 def _reduce(mismatches: torch.Tensor, units_per_example: int, reduction: str):
@@ -281,6 +317,14 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
         run.recorder.remove()
     if group is None:
         return _reduce(torch.cat(counts), units, reduction)
+    return _reduce_over_ranks(counts, units, reduction, group)
+
+
+def _reduce_over_ranks(counts: list, units: int | None, reduction: str, group):
+    """Mismatch counts of every rank's shard summed (``"mean"``, the same on every rank), or this rank's
+    own per-example similarities (``"none"``)."""
+    from .. import _dist
+
     mism = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.int64)
     local = torch.tensor([int(mism.sum()), mism.shape[0] * (units or 0)], dtype=torch.int64)
     total = _dist.sum_i64(local, group)
@@ -289,3 +333,14 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     if reduction == "none":
         return _reduce(mism, units, "none") if counts else torch.zeros(0, dtype=torch.float64)
     return 1.0 - int(total[0]) / int(total[1])
+
+
+def _agreed_sites(everyone: list) -> tuple[list, list]:
+    """The sign sites and units every rank with examples saw (an error if they differ, or if none has any)."""
+    seen = [(r, v) for r, v in enumerate(everyone) if v is not None]
+    if not seen:
+        raise ValueError("the probe set is empty on every rank")
+    for r, v in seen[1:]:
+        if v != seen[0][1]:
+            raise ValueError(f"rank {r} ran other sign sites than rank {seen[0][0]}: inputs of different shapes?")
+    return list(seen[0][1][0]), list(seen[0][1][1])

@@ -619,8 +619,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
             _dist.agree(group, "ntk_gram", model=_dist.structure(model), kernel=kernel, implementation=implementation,
                         dtype=str(fz.dtype), block_size=block_size, out=None if out is None else str(out),
                         gather=gather)
-            xs = list(iter_inputs(loader, fz.device, allow_empty=True))
-            x_all = _dist.gather_inputs(torch.cat(xs) if xs else None, group, fz.device)
+            x_all = _dist.gather_loader(loader, group, fz.device)
         else:
             x_all = all_inputs(loader, fz.device)
         return _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress)
@@ -998,9 +997,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
             _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
                         kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
                         block_size=block_size)
-            xs = list(iter_inputs(loader, fz.device, allow_empty=True))
-            local = torch.cat(xs) if xs else None
-            x_all = _dist.gather_inputs(local, group, fz.device)
+            x_all = _dist.gather_loader(loader, group, fz.device)
             return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]

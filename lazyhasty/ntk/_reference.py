@@ -16,8 +16,13 @@ from torch import nn
 
 from .._loaders import all_inputs, model_device
 from ..metrics._exact import AlignmentSums
-from ._engine import KERNELS, ntk_alignment, ntk_gram
+from .._loaders import iter_inputs
+from .._precision import exact_fp32
+from . import _features as feat
+from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
+                      default_block_size, ntk_alignment, ntk_gram)
 from ._layers import select_output
+from ._sharding import RankTiles
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
 
@@ -34,12 +39,21 @@ class NTKReference:
 
     ``stored``: whether ``K_0`` is kept (``[n, n]`` / ``[n, k, n, k]``), else the alignment recomputes it;
     ``nbytes``: the memory it holds.
+
+    process_group: a ``torch.distributed`` group (or ``"world"``): each rank captures with its own shard of
+    the probe set (possibly empty) and keeps only its share of ``K_0``'s tiles (``max_bytes`` is per rank);
+    ``alignment(model)`` forms the same tiles of the model's kernel and returns the value over the union,
+    the same on every rank (see :mod:`lazyhasty._dist`).
     """
 
-    def __init__(self, x: torch.Tensor, kernel: str, centered: bool, options: dict, K0: torch.Tensor | None,
-                 reference: nn.Module | None, trainable: frozenset):
+    def __init__(self, x: torch.Tensor, kernel: str, centered: bool, options: dict, K0,
+                 reference: nn.Module | None, trainable: frozenset, group=None, shard: torch.Tensor | None = None,
+                 plan: tuple | None = None):
         self.x, self.kernel, self.centered, self.options = x, kernel, centered, options
         self.K0, self.reference, self.trainable = K0, reference, trainable
+        # with a group: K0 is {(I, J): tile} of this rank's tiles, walked again in `plan`; `shard` is this
+        # rank's own examples (what ntk_alignment takes when K0 is not stored)
+        self.group, self.shard, self.plan = group, shard, plan
 
     @property
     def stored(self) -> bool:
@@ -47,13 +61,15 @@ class NTKReference:
 
     @property
     def nbytes(self) -> int:
+        if isinstance(self.K0, dict):
+            return sum(t.numel() * t.element_size() for t in self.K0.values())
         return 0 if self.K0 is None else self.K0.numel() * self.K0.element_size()
 
     @classmethod
     def capture(cls, reference: nn.Module, loader, *, kernel: str = "trace", centered: bool = False,
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
                 max_bytes: int = DEFAULT_REFERENCE_BYTES, backend: str | None = None, output=None,
-                trainable=None) -> "NTKReference":
+                trainable=None, process_group=None) -> "NTKReference":
         """Form ``K_0`` once (or, beyond ``max_bytes``, keep a frozen copy of ``reference``).
 
         trainable: names of the parameters the kernel is over (default: the reference's trainable ones;
@@ -63,11 +79,25 @@ class NTKReference:
             raise ValueError(f"kernel must be 'trace' or 'full' for a reference kernel, got {kernel!r}")
         if not isinstance(max_bytes, int) or max_bytes < 0:
             raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
-        x = all_inputs(loader, model_device(reference))
+        if implementation == "naive" and process_group is not None:
+            raise ValueError("implementation='naive' (the spec) runs in one process: process_group= takes 'auto', "
+                             "'layerwise' or 'jacobian'")
+        from .. import _dist
+
+        group = _dist.resolve(process_group)
         names = frozenset(trainable) if trainable is not None else frozenset(
             n for n, p in reference.named_parameters() if p.requires_grad)
         options = dict(implementation=implementation, dtype=dtype, block_size=block_size, backend=backend,
                        output=output)
+        if group is not None:
+            _dist.agree(group, "NTKReference.capture", reference=_dist.structure(reference), kernel=kernel,
+                        centered=centered, implementation=implementation, dtype=str(dtype), block_size=block_size,
+                        max_bytes=max_bytes, output=repr(output), trainable=sorted(names))
+            xs = list(iter_inputs(loader, model_device(reference), allow_empty=True))
+            shard = torch.cat(xs) if xs else None
+            x = _dist.gather_inputs(shard, group, model_device(reference))
+        else:
+            x, shard = all_inputs(loader, model_device(reference)), None
         n = x.shape[0]
         with torch.no_grad():
             k = int(select_output(reference, output)(x[:1]).reshape(1, -1).shape[1])
@@ -76,8 +106,16 @@ class NTKReference:
         frozen = copy.deepcopy(reference)
         for name, p in frozen.named_parameters():
             p.requires_grad_(name in names)
+        if group is not None:
+            need //= _dist.rank_and_size(group)[1]  # each rank keeps its share of the tiles
+            if shard is None:
+                shard = x[:0]
         if need > max_bytes:
-            return cls(x, kernel, centered, options, None, frozen, names)
+            return cls(x, kernel, centered, options, None, frozen, names, group, shard)
+        if group is not None:
+            work, tiles = _walk(frozen, x, kernel, options, group)
+            K0 = {(I, J): t for I, J, t in tiles}
+            return cls(x, kernel, centered, options, K0, None, names, group, shard, work.plan)
         K0 = ntk_gram(frozen, x, kernel=kernel, **options)
         return cls(x, kernel, centered, options, K0, None, names)
 
@@ -89,16 +127,53 @@ class NTKReference:
         """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only
         while ``K_0`` is stored; from the same exact sums: ``|K_t|^2 + |K_0|^2 - 2 <K_t, K_0>``)."""
         if self.K0 is None:
-            return {"ntk_alignment": ntk_alignment(model, self.x, self.reference, kernel=self.kernel,
-                                                   centered=self.centered, **self.options)}
+            x = self.x if self.group is None else self.shard
+            return {"ntk_alignment": ntk_alignment(model, x, self.reference, kernel=self.kernel,
+                                                   centered=self.centered, process_group=self.group,
+                                                   **self.options)}
         have = {n for n, p in model.named_parameters() if p.requires_grad}
         if have != set(self.trainable):
             raise ValueError("the model's trainable parameters differ from those the reference kernel was captured "
                              f"over: {sorted(have ^ set(self.trainable))[:5]}")
-        Kt = ntk_gram(model, self.x.to(model_device(model)), kernel=self.kernel, **self.options)
         n = self.x.shape[0]
+        if self.group is not None:
+            from .. import _dist
+
+            _dist.agree(self.group, "NTKReference.measure", model=_dist.structure(model))
+            work, tiles = _walk(model, self.x.to(model_device(model)), self.kernel, self.options, self.group,
+                                self.plan)
+            k = work.k if self.kernel == "full" else 1
+            sums = AlignmentSums(n, k, self.kernel, self.centered, model_device(model))
+            for I, J, Kt in tiles:
+                sums.add(Kt, self.K0[I, J].to(Kt.device), work.rows(I), work.rows(J), I != J)
+            _dist.reduce_alignment_sums(sums, self.group)
+            return self._values(sums)
+        Kt = ntk_gram(model, self.x.to(model_device(model)), kernel=self.kernel, **self.options)
         sums = AlignmentSums(n, Kt.shape[1] if self.kernel == "full" else 1, self.kernel, self.centered, Kt.device)
         sums.add(Kt, self.K0.to(Kt.device), slice(0, n), slice(0, n), False)
+        return self._values(sums)
+
+    @staticmethod
+    def _values(sums: AlignmentSums) -> dict:
         change = (sums.sq_t + sums.sq_0 + sums.cross.scale(-2.0)).value()
         return {"ntk_alignment": sums.alignment(),
                 "ntk_rel_change": max(change, 0.0) ** 0.5 / max(sums.sq_0.value(), 1e-300) ** 0.5}
+
+
+@torch.enable_grad()  # LinearityProbe runs under no_grad; tangent features need backward passes
+def _walk(model: nn.Module, x: torch.Tensor, kernel: str, options: dict, group, plan: tuple | None = None):
+    """This rank's tiles of ``model``'s kernel on the union ``x``: ``(work, [(I, J, tile)])`` (``work.plan``
+    repeats the same walk for another model)."""
+    if options.get("output") is not None:
+        model = select_output(model, options["output"])
+    fz = Featurizer(model, options["implementation"], kernel, options["dtype"])
+    be = _ntk_backend(fz.device, options["backend"], fz.dtype)
+    n = x.shape[0]
+    fz.pairs_per_example = (n + 1) / 2
+    k = _output_size(fz, x)
+    work = RankTiles([fz], x, kernel, options["block_size"] or default_block_size(n, k), group,
+                     DEFAULT_CACHE_BYTES, plan)
+    work.k = k
+    with exact_fp32():
+        tiles = [(I, J, _finite(feat.tile(fi, fj, kernel, be))) for I, J, (fi,), (fj,) in work]
+    return work, tiles

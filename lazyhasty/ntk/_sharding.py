@@ -64,7 +64,9 @@ class RankTiles:
     """
 
     def __init__(self, featurizers: list, x_all: torch.Tensor, kernel: str, block_size: int, group,
-                 max_cache_bytes: int):
+                 max_cache_bytes: int, plan: tuple | None = None):
+        """plan: ``(regime, tiles)`` of an earlier walk to repeat (the same tiles on the same rank: a kernel
+        captured once and compared later, :class:`lazyhasty.ntk.NTKReference`)."""
         self.fzs, self.kernel, self.group = featurizers, kernel, group
         self.rank, self.size = (0, 1) if group is None else _dist.rank_and_size(group)
         self.blocks, self.starts = blocks_of(x_all, block_size)
@@ -72,6 +74,11 @@ class RankTiles:
         sizes = [b.shape[0] for b in self.blocks]
         self.owned = [I for I in range(nb) if I % self.size == self.rank]
         self.features: dict[int, tuple] = {}
+        if plan is not None:
+            self.regime, self.tiles = plan[0], list(plan[1])
+            if self.regime == EXCHANGE:
+                self._exchange()
+            return
         if kernel == "diagonal":  # tiles (I, I) only: each rank its own blocks, nothing travels
             self.regime, self.tiles = RECOMPUTE, [(I, I) for I in self.owned]
             return
@@ -123,6 +130,10 @@ class RankTiles:
                 row = I
                 fi = self.features.pop(I, None) or self._compute(I)
             yield I, J, fi, fi if J == I else self._compute(J)
+
+    @property
+    def plan(self) -> tuple:
+        return self.regime, tuple(self.tiles)
 
     def rows(self, I: int) -> slice:
         return slice(self.starts[I], self.starts[I + 1])
