@@ -54,6 +54,10 @@ def _metrics(m, m0, x, group, kernel_block):
                 process_group=group)
     out["ntk-diagonal"] = ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel="diagonal", block_size=kernel_block,
                                         process_group=group)
+    for kernel in ("trace", "full"):  # per parameter group
+        for name, v in ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel=kernel, by_layer=True, block_size=4,
+                                     process_group=group).items():
+            out[f"by-layer-{kernel}-{name}"] = v
     # no block features kept (max_cache_bytes=0): the recompute regime, row-major runs of tiles per rank
     out["ntk-full-recompute"] = ntk_alignment(m, [x] if x.shape[0] else [], m0, kernel="full", block_size=2,
                                               max_cache_bytes=0, process_group=group)

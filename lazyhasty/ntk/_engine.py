@@ -752,26 +752,50 @@ def _put(K, kernel, si, sj, t) -> None:
             K[sj, si] = t.T
 
 
-def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes) -> float:
-    """``ntk_alignment`` over ranks: this rank's share of the tile pairs, then the exact sums of all ranks."""
+def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
+                       by_layer: bool = False):
+    """``ntk_alignment`` over ranks: this rank's share of the tile pairs, then the exact sums of all ranks
+    (``by_layer``: one set of sums per parameter group, reduced in name order). ``group=None``: one process
+    walks every tile (the by-layer path)."""
     from .. import _dist
 
     n = x_all.shape[0]
     fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
     k = _output_size(fz, x_all)
+    if by_layer:
+        fz.by_layer = fz0.by_layer = True
     work = RankTiles([fz, fz0], x_all, kernel, block_size or default_block_size(n, k), group, max_cache_bytes)
-    sums = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
+    sums: dict = {}
+
+    def add(name, Kt, K0, I, J):
+        if name not in sums:
+            sums[name] = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
+        sums[name].add(Kt, K0.to(fz.device), work.rows(I), work.rows(J), I != J)
+
     with exact_fp32():
         for I, J, (fi, fi0), (fj, fj0) in work:
-            si = work.rows(I)
             if kernel == "diagonal":
-                sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
-                continue
-            Kt = feat.tile(fi, fj, kernel, be)
-            K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
-            sums.add(Kt, K0, si, work.rows(J), I != J)
-    _dist.reduce_alignment_sums(sums, group)
-    return sums.alignment()
+                add(None, feat.diagonal(fi), feat.diagonal(fi0), I, I)
+            elif by_layer:
+                tt, t0 = _layer_tiles(fi, fj, kernel, be), _layer_tiles(fi0, fj0, kernel, be)
+                if set(tt) != set(t0):
+                    raise ValueError("the model's and the reference's parameter groups differ: "
+                                     f"{sorted(set(tt) ^ set(t0))}")
+                for name in tt:
+                    add(name, tt[name], t0[name], I, J)
+            else:
+                add(None, feat.tile(fi, fj, kernel, be), feat.tile(fi0, fj0, kernel, be), I, J)
+    # every rank reduces the same names in the same order (a rank without tiles has none of its own)
+    names = [None] if not by_layer else sorted(sums, key=str) if group is None else sorted(
+        {name for part in _dist.gather_objects(sorted(sums, key=str), group) for name in part}, key=str)
+    for name in names:
+        if name not in sums:
+            sums[name] = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
+        if group is not None:
+            _dist.reduce_alignment_sums(sums[name], group)
+    if not by_layer:
+        return sums[None].alignment()
+    return {name: sums[name].alignment(f"the tangent kernel of {name}") for name in names}
 
 
 class _BlockFeatures:
@@ -831,28 +855,6 @@ def _gram_by_layer(fz: "Featurizer", x: torch.Tensor, kernel: str, block_size: i
                     if I != J:
                         K[name][sj, si] = t.T
     return {name: _finite(k) for name, k in K.items()}
-
-
-def _alignment_by_layer(fz, fz0, x, kernel, centered, block_size, be) -> dict:
-    n = x.shape[0]
-    bs = block_size or default_block_size(n, _output_size(fz, x))
-    fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
-    blocks = list(x.split(bs))
-    feats = _BlockFeatures(fz, blocks, DEFAULT_CACHE_BYTES // 2)
-    feats0 = _BlockFeatures(fz0, [b.to(fz0.device) for b in blocks], DEFAULT_CACHE_BYTES // 2)
-    sums = {}
-    with exact_fp32():
-        for I, J, si, sj in _block_pairs(n, bs):
-            fi, f0i = feats(I), feats0(I)
-            tt = _layer_tiles(fi, fi if I == J else feats(J), kernel, be)
-            t0 = _layer_tiles(f0i, f0i if I == J else feats0(J), kernel, be)
-            if set(tt) != set(t0):
-                raise ValueError(f"the model's and the reference's parameter groups differ: {sorted(set(tt) ^ set(t0))}")
-            for name in tt:
-                if name not in sums:
-                    sums[name] = AlignmentSums(n, fz.k, kernel, centered, fz.device)
-                sums[name].add(tt[name], t0[name].to(fz.device), si, sj, I != J)
-    return {name: s.alignment(f"the tangent kernel of {name}") for name, s in sums.items()}
 
 
 class KernelOperator:
@@ -988,17 +990,18 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     from .. import _dist
 
     group = _dist.resolve(process_group)
-    if group is not None and by_layer:
-        raise ValueError("by_layer=True is not available with process_group= yet: run it in one process")
+    if group is not None and by_layer and kernel == "diagonal":
+        raise ValueError("by_layer=True takes kernel='full' or 'trace'")
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend, fz.dtype)
         if group is not None:
             _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
                         kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
-                        block_size=block_size)
+                        block_size=block_size, by_layer=by_layer)
             x_all = _dist.gather_loader(loader, group, fz.device)
-            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes)
+            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
+                                      by_layer)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
         if by_layer and kernel == "diagonal":
@@ -1008,8 +1011,8 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                            by_layer=by_layer, purpose="alignment", backend=be, centered=centered)
         if path.name == "by_layer":
-            fz.by_layer = fz0.by_layer = True
-            return _alignment_by_layer(fz, fz0, x_all, kernel, centered, block_size, be)
+            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, None, max_cache_bytes,
+                                      by_layer=True)
         if path.name == "trace_one_block":
             # both [n, n] trace kernels of one block (one output at a time), reduced at once
             with exact_fp32():
