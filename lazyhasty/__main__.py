@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="small sizes: seconds to a few minutes on a CPU")
     run.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, celeba, waterbirds (per experiment)")
     run.add_argument("--root", help="folder of a local dataset copy (cifar10, celeba, waterbirds, fashion-mnist)")
+    run.add_argument("--nproc", type=int, default=1, metavar="N",
+                     help="split the linearity probes over N processes (gloo; NCCL, one GPU each, with --device "
+                          "cuda); training is replicated, rank 0 writes --out. Under torchrun: its processes")
     _common(run, None)
     sub.add_parser("info", help="print which backends this installation has")
     plot = sub.add_parser("plot", help="paper-style figures from run directories or Monitor logs")
@@ -152,9 +155,28 @@ def main(argv=None) -> int:
     out = Path(args.out or Path("lazyhasty-runs") / name)
     ctx = Context(out=out, seed=args.seed, device=args.device, quick=quick, progress=not args.no_progress,
                   options=options, overwrite=args.overwrite)
+    from ._launch import run_over_processes, under_torchrun
+
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise SystemExit(f"lazyhasty: --nproc must be >= 1, got {nproc}")
     try:
-        summary = run_experiment(name, ctx)
+        if nproc > 1 or under_torchrun():
+            import functools
+
+            summary = run_over_processes(nproc, functools.partial(run_experiment, name), ctx)
+            if summary is None:  # a torchrun rank other than 0: rank 0 reports
+                return 0
+        else:
+            summary = run_experiment(name, ctx)
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"lazyhasty: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from ._launch import RankFailed
+
+        if not isinstance(exc, RankFailed):
+            raise
         print(f"lazyhasty: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. an output directory that cannot be written

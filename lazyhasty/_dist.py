@@ -259,3 +259,51 @@ def own_shard(loader, group, device) -> torch.Tensor:
         return local
     shape, dtype = metas[0]
     return torch.zeros((0, *shape), dtype=getattr(torch, dtype.replace("torch.", "")), device=device)
+
+
+# -- the probe group of a whole run (lazyhasty run --nproc N, torchrun) --------------------------------------
+_RUN_GROUP: list = [None]
+
+
+class probes_over:
+    """``with probes_over(group):`` every :class:`lazyhasty.train.Trainer` created inside shards its linearity
+    probe set over ``group`` (``"world"`` or a group) unless given ``process_group=`` itself. What
+    ``lazyhasty run --nproc N`` and a torchrun launch of it use; outside such a block nothing changes."""
+
+    def __init__(self, group):
+        self.group = resolve(group)
+
+    def __enter__(self):
+        self.saved, _RUN_GROUP[0] = _RUN_GROUP[0], self.group
+        return self.group
+
+    def __exit__(self, *exc):
+        _RUN_GROUP[0] = self.saved
+
+
+def run_group():
+    """The group set by an enclosing :class:`probes_over` (None outside one)."""
+    return _RUN_GROUP[0]
+
+
+def shard_rows(n: int, group) -> slice:
+    """This rank's contiguous share of ``n`` rows (sizes differ by at most one; a rank may get none)."""
+    rank, size = rank_and_size(group)
+    return slice(rank * n // size, (rank + 1) * n // size)
+
+
+def broadcast_module(module: nn.Module, into: nn.Module, group, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers of ``module`` copied into ``into`` (same structure) on every
+    rank. ``into`` is a separate replica, so a pending autograd graph through ``module`` is not disturbed."""
+    import torch.distributed as dist
+
+    root = dist.get_global_rank(group, src)
+    dev = _device(group)
+    pairs = list(zip(list(module.parameters()) + list(module.buffers()),
+                     list(into.parameters()) + list(into.buffers())))
+    for t, dst in pairs:
+        buf = t.detach().to(dev).clone()
+        _count(buf.numel() * buf.element_size())
+        _collective("broadcast of the model", dist.broadcast, buf, src=root, group=group)
+        with torch.no_grad():
+            dst.copy_(buf.to(dst.device))

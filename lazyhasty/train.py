@@ -266,6 +266,9 @@ class Trainer:
     probes: ``{"name": Dataset}`` evaluated at every log (loss and accuracy, e.g. ``"train/decile0"``,
     ``"test/noisy"``); probe_set: the examples the linearity probes use (sign similarity, representation
     and NTK alignment of the inner model against ``f_0``), every ``probe_every``-th log.
+    process_group: a ``torch.distributed`` group (default: the one set by
+    :class:`lazyhasty._dist.probes_over`, as ``lazyhasty run --nproc N`` does): every rank trains the same
+    model and measures the linearity probes on its share of ``probe_set``; the values are over the whole set.
 
         >>> t = Trainer(net, train_ds, TrainConfig(steps=1000, lr=0.1, alpha=100), run_dir="runs/a100",
         ...             probes={"test": test_ds}, probe_set=train_ds[:1000])
@@ -275,7 +278,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train: Dataset, config: TrainConfig, run_dir: str | os.PathLike, *,
                  probes: Mapping[str, Dataset] | None = None, probe_set: Dataset | None = None,
                  device: str | torch.device | None = None, progress: bool = False,
-                 checkpoint_every: int = 1, on_log: Callable[[dict, nn.Module], None] | None = None):
+                 checkpoint_every: int = 1, on_log: Callable[[dict, nn.Module], None] | None = None,
+                 process_group=None):
         config.validate()
         if not isinstance(train, Dataset):
             raise TypeError("train must be a lazyhasty.data.Dataset")
@@ -297,6 +301,11 @@ class Trainer:
         self.progress = progress
         self.checkpoint_every = max(1, checkpoint_every)
         self.on_log = on_log
+        from . import _dist
+
+        # linearity probes over ranks: the model is trained the same on every rank (same seed), the probe set
+        # is split between them, and every rank gets the values over the whole set (rank 0's run is written)
+        self.group = _dist.resolve(process_group) if process_group is not None else _dist.run_group()
         lr = scaled_lr(config.lr, config.alpha) if config.scale_lr else config.lr
         self.lin = self.lin_opt = None
         if config.track_linearized:
@@ -312,6 +321,7 @@ class Trainer:
         self.steps_per_epoch = len(self.loader)
         self._monitor = None
         self._modes = None
+        self._replica = None  # the model measured by the probes over ranks
 
     # -- config / resume --------------------------------------------------------------------------------
     def _full_config(self) -> dict:
@@ -376,7 +386,22 @@ class Trainer:
         if self._monitor is None:  # f0's side (signs, features, K_0) captured once, as any training loop would
             metrics = tuple(self.config.probes) + (("ntk_rel_change",) if "ntk_alignment" in self.config.probes
                                                    else ()) + ("param_distance",)
-            self._monitor = Monitor(self.net, self.probe_set.x, metrics=metrics, kernel=self.config.ntk_kernel)
+            x = self.probe_set.x
+            if self.group is not None:
+                from . import _dist
+
+                x = x[_dist.shard_rows(x.shape[0], self.group)]
+            self._monitor = Monitor(self.net, x, metrics=metrics, kernel=self.config.ntk_kernel,
+                                    process_group=self.group)
+        if self.group is not None:
+            # every rank measures rank 0's model (GPU kernels need not be bitwise equal between ranks), in a
+            # replica kept across logs: the training step's graph through the model is still pending here
+            from . import _dist
+
+            if self._replica is None:
+                self._replica = copy.deepcopy(self.net.model)
+            _dist.broadcast_module(self.net.model, self._replica, self.group)
+            return self._monitor.measure(self._replica)
         return self._monitor.measure(self.net.model)
 
     def _row(self, step: int, log_index: int) -> dict:

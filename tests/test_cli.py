@@ -89,3 +89,60 @@ def test_config_file_and_bad_options(tmp_path):
     with pytest.raises(SystemExit):
         main(["run", "nosuch"])
     assert main(["run", "label-noise", "--dataset", "cifar10", "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+
+
+def test_nproc_splits_the_probes_and_gives_the_one_process_logs(tmp_path):
+    """``--nproc 2``: two gloo processes, the linearity probes split between them; the run directory is
+    rank 0's and its logs equal one process's (probes to 1e-9: exact sums, other float order)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    import torch
+
+    args = ["run", "label-noise", "--quick", "--no-progress", "--set", "seeds=1"] + TINY["label-noise"][2:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each of the 2 ranks: the same float order
+    try:
+        assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main(args + ["--out", str(tmp_path / "two"), "--nproc", "2"]) == 0
+    logs = sorted((tmp_path / "one").rglob("log.jsonl"))
+    assert logs
+    for log in logs:
+        mine = [json.loads(line) for line in log.read_text().splitlines()]
+        other = [json.loads(line) for line in (tmp_path / "two" / log.relative_to(tmp_path / "one")).read_text()
+                 .splitlines()]
+        assert len(mine) == len(other) and any("ntk_alignment" in row for row in mine)
+        for a, b in zip(mine, other):
+            assert set(a) == set(b)
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (log, key)
+    # the scratch copies of the other ranks are gone; a failing rank is reported, not hung on
+    assert main(args + ["--out", str(tmp_path / "bad"), "--nproc", "2", "--set", "width=-3"]) == 2
+
+
+def test_torchrun_launch_writes_rank0s_run(tmp_path):
+    """The documented recipe: ``torchrun --nproc_per_node 2 -m lazyhasty run ...`` (here via
+    ``python -m torch.distributed.run``): the same logs as ``--nproc 2``."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    args = ["run", "label-noise", "--quick", "--no-progress", "--set", "seeds=1"] + TINY["label-noise"][2:]
+    assert main(args + ["--out", str(tmp_path / "spawned"), "--nproc", "2"]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "lazyhasty"] + args + ["--out", str(tmp_path / "torchrun")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run directory" in done.stdout and done.stdout.count("claims over seeds") == 1  # rank 0 reports
+    for log in sorted((tmp_path / "spawned").rglob("log.jsonl")):
+        theirs = (tmp_path / "torchrun" / log.relative_to(tmp_path / "spawned")).read_text()
+        a = [json.loads(r) for r in log.read_text().splitlines()]
+        b = [json.loads(r) for r in theirs.splitlines()]
+        assert len(a) == len(b)
+        for ra, rb in zip(a, b):
+            for key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (log, key)
