@@ -182,8 +182,8 @@ def resnet_inplace(n=5):
 
 
 def attention(n=5):
-    """nn.MultiheadAttention (its in_proj_weight reaches no module hook; out_proj is a Linear subclass):
-    81% of the parameters on the torch.func fallback; output [b, 3]."""
+    """nn.MultiheadAttention: its in_proj_weight reaches no module hook and out_proj is a Linear subclass
+    whose forward never runs; captured through the unrolled attention; output [b, 3]."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()
@@ -197,5 +197,63 @@ def attention(n=5):
     return M().eval(), torch.randn(n, 3, 4)
 
 
-ZOO = {f.__name__: f for f in (attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def vit_tiny(n=5):
+    """A ViT in miniature: patch conv, class token (expand + cat), positional embedding (add), an
+    nn.TransformerEncoder (batch first, as torchvision's ViT), a per-channel scale; output [b, 3]."""
+    class M(nn.Module):
+        def __init__(self, E=8):
+            super().__init__()
+            self.patch = nn.Conv2d(2, E, 2, stride=2)
+            self.cls = nn.Parameter(0.1 * torch.randn(1, 1, E))
+            self.pos = nn.Parameter(0.1 * torch.randn(1, 5, E))
+            layer = nn.TransformerEncoderLayer(E, 2, 16, dropout=0.0, batch_first=True)
+            self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+            self.scale = nn.Parameter(1 + 0.1 * torch.randn(E))
+            self.head = nn.Linear(E, 3)
+
+        def forward(self, x):
+            h = self.patch(x).flatten(2).transpose(1, 2)
+            h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+            h = self.enc(h)
+            return self.head(h[:, 0] * self.scale)
+    return M().eval(), torch.randn(n, 2, 4, 4)
+
+
+def subclasses(n=5):
+    """A Linear subclass that keeps Linear's forward (per-layer form), a cosine Linear computing W(theta)
+    (fails the layer check: fallback), an RMSNorm; output [b, 2]."""
+    class Tagged(nn.Linear):
+        pass
+
+    class Cosine(nn.Linear):
+        def forward(self, x):
+            return nn.functional.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = Tagged(3, 64)
+            self.norm = nn.RMSNorm(64)
+            self.b = Cosine(64, 1)  # 17% of the parameters: auto stays layerwise
+            self.c = Tagged(1, 2)
+
+        def forward(self, x):
+            return self.c(torch.tanh(self.b(self.norm(torch.tanh(self.a(x))))))
+    return M(), torch.randn(n, 3)
+
+
+def lstm(n=4):
+    """nn.LSTM: its weights reach no per-layer op (fused): the whole model goes to torch.func; output [b, 2]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(3, 5, batch_first=True)
+            self.head = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+    return M(), torch.randn(n, 4, 3)
+
+
+ZOO = {f.__name__: f for f in (vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

@@ -170,13 +170,13 @@ def test_in_place_ops_keep_every_layer_on_its_exact_form(kernel):
 def test_auto_takes_the_whole_model_jacobian_when_most_parameters_fall_back():
     from lazyhasty.ntk import _engine
 
-    m, x = _model("attention", torch.float64)
+    m, x = _model("lstm", torch.float64)
     fz = Featurizer(m, "auto", "full", None)
     fz(x)
-    assert fz.plans == [] and len(fz.generic) == 8 and fz.auto_reason.startswith("jacobian: 81%")
+    assert fz.plans == [] and len(fz.generic) == 6 and fz.auto_reason.startswith("jacobian: 75%")  # biases: copies
     fz = Featurizer(m, "layerwise", "full", None)  # asked for explicitly: layerwise with its fallback
     fz(x)
-    assert {p.name for p in fz.plans} == {"inp", "head"}
+    assert {p.name for p in fz.plans} == {"head"}
     # a model whose every layer falls back: the check's outcome is remembered (not redone on each call)
     m, x = _model("tied_and_outside_use", torch.float64)
     _engine._VERIFIED.pop(m, None)
@@ -295,11 +295,17 @@ def test_bad_arguments():
 
 # which parameters each zoo model leaves to torch.func: a silent fallback elsewhere fails this test
 EXPECTED_GENERIC = {  # 8 of 24 parameters on the fallback (>= 25%): auto takes the whole-model Jacobian
-                    "generic_params": {"scale", "act.weight", "fc.weight", "fc.bias"},
-                    "tied_and_outside_use": {"emb.weight", "proj.weight", "proj.bias"},
-                    # 81% of the parameters in the attention: auto takes the whole-model Jacobian
-                    "attention": {"inp.weight", "inp.bias", "att.in_proj_weight", "att.in_proj_bias",
-                                  "att.out_proj.weight", "att.out_proj.bias", "head.weight", "head.bias"}}
+                    "generic_params": {"scale", "act.weight", "fc.weight"},
+                    "tied_and_outside_use": {"emb.weight", "proj.weight"},
+                    # the cosine Linear computes W(theta) in its forward: the layer check sends it back
+                    "subclasses": {"b.weight", "b.bias"},
+                    # fused recurrent weights (98% of the parameters): auto takes the whole-model Jacobian
+                    "lstm": {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "head.weight"}}
+# parameters the model only broadcasts against the batch: per-example copies, no torch.func pass
+EXPECTED_COPIES = {"vit_tiny": {"cls", "pos", "scale"},
+                   # a bias the tied projection adds by hand, and biases broadcast over the batch (float64 LSTM)
+                   "tied_and_outside_use": {"proj.bias"},
+                   "lstm": {"rnn.bias_ih_l0", "rnn.bias_hh_l0", "head.bias"}, "generic_params": {"fc.bias"}}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -310,12 +316,13 @@ def test_explain_names_every_parameter_form_and_the_path(name):
     plan = explain(m, x, kernel="full")
     assert [p["name"] for p in plan.parameters] == [n for n, p in m.named_parameters() if p.requires_grad]
     assert set(plan.generic) == EXPECTED_GENERIC.get(name, set())
+    assert {p["name"] for p in plan.parameters if p["form"] == "per-example copies"} == EXPECTED_COPIES.get(name, set())
     for p in plan.parameters:
-        assert p["form"] in ("ghost", "materialized", "torch.func")
+        assert p["form"] in ("ghost", "materialized", "torch.func", "per-example copies")
         if p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
-    assert ("auto' -> jacobian" in plan.why) == (name in ("attention", "generic_params"))
+    assert ("auto' -> jacobian" in plan.why) == (name in ("lstm", "generic_params"))
     if name == "generic_params":  # asked for explicitly: layerwise keeps its per-layer forms
         assert set(explain(m, x, implementation="layerwise").generic) == {"scale", "act.weight"}
     d = plan.to_dict()
@@ -356,11 +363,78 @@ def test_batch_mixing_check_runs_once_per_model_structure_and_mode():
     first = len(calls)
     calls.clear()
     ntk_gram(m, x, kernel="trace")
-    assert len(calls) == first - 2  # the two forwards of the mixing check are not repeated
+    again = len(calls)
+    assert again == 2  # the block-size estimate (one example) and the capture of the block
+    assert first == again + 2 + 1  # the first call also ran the mixing check (2) and the layer check (1)
     with pytest.raises(ValueError, match="NaN/inf"):
         ntk_gram(m, torch.full_like(x, float("nan")), kernel="trace")
     m.eval()  # another mode (the zoo models start in train mode): checked again
     calls.clear()
     ntk_gram(m, x, kernel="trace")
-    assert len(calls) == first
+    assert len(calls) == again + 2  # the mixing check again; the layer check's outcome is kept
     _engine._MIXING_CHECKED.pop(m, None)
+
+
+class _Attend(nn.Module):
+    """Self-attention with masks (not batch first), or cross-attention (the projection cannot be unrolled)."""
+
+    def __init__(self, cross: bool):
+        super().__init__()
+        self.cross = cross
+        self.att = nn.MultiheadAttention(6, 3)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):  # x [b, L, 6]
+        h = x.transpose(0, 1)  # [L, b, 6]
+        L = h.shape[0]
+        causal = torch.triu(torch.full((L, L), float("-inf"), dtype=h.dtype), 1)
+        pad = torch.zeros(h.shape[1], L, dtype=torch.bool)
+        pad[:, -1] = True  # the last position is padding for every example
+        if self.cross:
+            y = self.att(h, torch.tanh(h), h, need_weights=False)[0]
+        else:
+            y = self.att(h, h, h, attn_mask=causal, key_padding_mask=pad)[0]
+        return self.head(y.mean(0))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self-attention-masks", "cross-attention"])
+def test_attention_capture_is_exact_and_cross_attention_falls_back(cross):
+    from lazyhasty.ntk import explain
+
+    torch.manual_seed(0)
+    m = _Attend(cross).double().eval()
+    x = torch.randn(5, 4, 6, dtype=torch.float64)
+    for kernel in ("full", "trace"):
+        assert _rel(ntk_gram(m, x, kernel=kernel), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
+    generic = set(explain(m, x, implementation="layerwise").generic)
+    # cross-attention runs the module's own forward: in_proj and out_proj are used outside any hook
+    assert generic == ({"att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"}
+                       if cross else set())
+    assert dict(m.named_modules()).keys() == dict(_Attend(cross).named_modules()).keys()  # structure untouched
+    assert "forward" not in vars(m.att)  # the unrolled forward is removed after capture
+
+
+def test_per_example_copies_are_refused_when_an_op_mixes_examples():
+    """A parameter flipped along its first dimension: harmless for the [1, d] parameter, but it would swap
+    the per-example copies between examples; the weighted check catches it and torch.func takes it."""
+    from lazyhasty.ntk import explain
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.flipped = nn.Parameter(torch.randn(1, 4))
+            self.added = nn.Parameter(torch.randn(1, 4))
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.fc(x) + self.flipped.flip(0)) + self.added)
+
+    torch.manual_seed(1)
+    m = M().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    plan = explain(m, x, implementation="layerwise")
+    forms = {p["name"]: p["form"] for p in plan.parameters}
+    assert forms["flipped"] == "torch.func" and forms["added"] == "per-example copies"
+    for kernel in ("full", "trace"):
+        assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12

@@ -17,7 +17,7 @@ from . import _features as feat
 from ._plan import choose_path
 from ._sharding import RankTiles, blocks_of
 from ._layers import (
-    batch_grad_from_factors, check_per_example, check_probe_inputs, choose_form, embedding_factors, ghost_layout,
+    InProjection, batch_grad_from_factors, capture_modules, check_per_example, unrolled_attention, check_probe_inputs, choose_form, embedding_factors, ghost_layout,
     linear_factors, select_output, tensor_output,
     linear_g, norm_grads, split_params,
     plan_layers, to_materialized, trainable_params,
@@ -112,7 +112,7 @@ class Featurizer:
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
             names = known[1]
-            self.excluded = {id(m) for n, m in model.named_modules() if n in names}
+            self.excluded = {id(m) for n, m in capture_modules(model) if n in names}
             self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
             for p in self.plans:
                 p.copy_input, p.copy_output = known[2].get(p.name, (False, False))
@@ -232,6 +232,7 @@ class Featurizer:
         _MIXING_CHECKED[self._user_model] = key
 
     def _features(self, x: torch.Tensor, sink=None):
+        self._block = x  # the examples the per-example-copy check may use (per_example_copies)
         feats: list = []
         if not self.plans and not self.verified:
             self._mark_verified()  # every layer is on the fallback: remember it, do not check again
@@ -272,6 +273,12 @@ class Featurizer:
         b = x.shape[0]
         out = out.reshape(b, -1)
         k = self.k = out.shape[1]
+        idle = [p for p in plans if not p.outputs]
+        if idle:
+            # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
+            # itself): their parameters are used some other way, so they go to the fallback
+            self._exclude(idle)
+            return None
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
@@ -279,6 +286,14 @@ class Featurizer:
             self._exclude(bad)
             return None
         verify = not self.verified
+        if verify and any(isinstance(p.module, InProjection) for p in plans):
+            # the unrolled attention must compute what the module computes (else the kernel would be of
+            # another function): compare the outputs once per model structure
+            with torch.no_grad():
+                own = self._call(x).reshape(b, -1)
+            if not _close(out.detach().reshape(-1), own.reshape(-1)):
+                self._exclude([p for p in plans if isinstance(p.module, InProjection)])
+                return None
         per_out = [[] for _ in outs]
         for a in range(k):
             gs = torch.autograd.grad(out[:, a].sum(), outs, retain_graph=verify or a + 1 < k, allow_unused=True)
@@ -286,11 +301,15 @@ class Featurizer:
                 per_out[i].append(torch.zeros_like(outs[i]) if g is None else g)
         grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
         if verify:
-            # One random combination v of the outputs checks every layer: sum_i v . J_i from the captured
-            # factors must equal autograd's gradient of v . sum_i f(x_i) (it does not when a parameter is
-            # also used outside its module's forward; such layers go to the exact fallback).
+            # One random combination of outputs and examples checks every layer: sum_i w_i v . J_i from the
+            # captured factors must equal autograd's gradient of sum_i w_i v . f(x_i). It does not when a
+            # parameter is also used outside its module's forward, or when a module's batch is not its
+            # inputs' first dimension (e.g. [L, b, E] sequences): random example weights w tell examples
+            # apart, where a plain sum over examples would not. Such layers go to the exact fallback.
             gen = torch.Generator(device="cpu").manual_seed(1234)
             v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
             vparams = [t for p in plans for _, t in p.params()]
             vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
             vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
@@ -302,46 +321,17 @@ class Featurizer:
             np_ = len(p.params())
             theirs = vgrads[vpos: vpos + np_] if verify else None
             vpos += np_
-            if p.kind == "norm":
-                F = norm_grads(p, g_calls)
-                if verify:
-                    mine = torch.einsum("k,kp->p", v, F.sum(0))
-                    if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
-                        bad.append(p)
-                f = feat.Materialized(F)
-                f.name = p.name
-                emit(f)
+            if verify:
+                try:
+                    self._plan_feature(p, g_calls, theirs, v, verify, sink, emit, bad)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+                        raise
+                    # a subclass whose forward is not its base class's (e.g. a LayerNorm over channels of
+                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback
+                    bad.append(p)
             else:
-                a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
-                if p.kind != "embedding" and p.form is None:
-                    p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
-                                         self.pairs_per_example)
-                F = None
-                if p.kind != "embedding" and p.form == "materialized":
-                    F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
-                if verify:
-                    if F is not None:  # the per-example gradients are at hand: sum them
-                        G, do = g.shape[2], g.shape[3]
-                        mine = split_params(p, torch.einsum("k,kp->p", v, F.sum(0)).view(G, do, -1))
-                    else:
-                        # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
-                        gv_calls = [torch.einsum("k,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
-                        if p.kind == "embedding":
-                            g_v = embedding_factors(p, gv_calls)[1][:, 0]
-                        else:
-                            gv = [linear_g(p, gk) for gk in gv_calls]
-                            g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
-                        mine = batch_grad_from_factors(p, a, g_v)
-                    if not all(_close(u, w) for u, w in zip(mine, theirs)):
-                        bad.append(p)
-                if p.kind == "embedding":
-                    f = feat.GhostEmbedding(a, g)
-                elif F is not None:
-                    f = feat.Materialized(F)
-                else:
-                    f = feat.GhostLinear(*ghost_layout(a, g))
-                f.name = p.name
-                emit(f)
+                self._plan_feature(p, g_calls, theirs, None, False, sink, emit, bad)
             p.inputs.clear()
             p.outputs.clear()
         if bad:
@@ -350,6 +340,51 @@ class Featurizer:
         if verify and self._mark_verified():
             return None  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
+
+    def _plan_feature(self, p, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
+        """One planned layer's feature from its captured calls (emitted), and on an unverified block its
+        check against autograd (``bad`` gains the layer when it fails); ``v`` ``[b, k]``: the check's
+        per-example output weights."""
+        if p.kind == "norm":
+            F = norm_grads(p, g_calls)
+            if verify:
+                mine = torch.einsum("bk,bkp->p", v, F)
+                if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
+                    bad.append(p)
+            f = feat.Materialized(F)
+            f.name = p.name
+            emit(f)
+        else:
+            a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
+            if p.kind != "embedding" and p.form is None:
+                p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
+                                     self.pairs_per_example)
+            F = None
+            if p.kind != "embedding" and p.form == "materialized":
+                F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
+            if verify:
+                if F is not None:  # the per-example gradients are at hand: sum them
+                    G, do = g.shape[2], g.shape[3]
+                    mine = split_params(p, torch.einsum("bk,bkp->p", v, F).view(G, do, -1))
+                else:
+                    # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
+                    gv_calls = [torch.einsum("bk,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
+                    if p.kind == "embedding":
+                        g_v = embedding_factors(p, gv_calls)[1][:, 0]
+                    else:
+                        gv = [linear_g(p, gk) for gk in gv_calls]
+                        g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
+                    mine = batch_grad_from_factors(p, a, g_v)
+                if not all(_close(u, w) for u, w in zip(mine, theirs)):
+                    bad.append(p)
+            if p.kind == "embedding":
+                f = feat.GhostEmbedding(a, g)
+            elif F is not None:
+                f = feat.Materialized(F)
+            else:
+                f = feat.GhostLinear(*ghost_layout(a, g))
+            f.name = p.name
+            emit(f)
 
     def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
@@ -377,12 +412,18 @@ class Featurizer:
         for _ in range(2):
             reset()
             handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
+            # attention modules whose packed projection is planned run unrolled (it becomes a hooked call)
+            unrolled = [p.module._owner[0] for p in self.plans if isinstance(p.module, InProjection)]
+            for att, p in zip(unrolled, [p for p in self.plans if isinstance(p.module, InProjection)]):
+                att.forward = unrolled_attention(att, p.module, type(att).forward.__get__(att))
             try:
                 with torch.set_grad_enabled(grad):
                     out = self._call(x, reset)
             finally:
                 for h in handles:
                     h.remove()
+                for att in unrolled:
+                    del att.forward  # the class's forward again
             moved = False
             for p in self.plans:
                 for a, o, (va, vo) in zip(p.inputs, p.outputs, p.versions):
@@ -394,17 +435,25 @@ class Featurizer:
                 break
         return out
 
-    def _call(self, x: torch.Tensor, reset=None) -> torch.Tensor:
-        """The model on ``x``, channels-last for convolutional models (unless the model cannot take it)."""
+    def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None) -> torch.Tensor:
+        """The model on ``x``, channels-last for convolutional models (unless the model cannot take it);
+        ``subs``: ``{parameter name: tensor}`` used in place of those parameters."""
+        def run(inp):
+            if subs:
+                from torch.func import functional_call
+
+                return tensor_output(functional_call(self.model, subs, (inp,), strict=False))
+            return tensor_output(self.model(inp))
+
         if self.channels_last and x.dim() == 4 and x.is_floating_point():
             try:
-                return tensor_output(self.model(x.contiguous(memory_format=torch.channels_last)))
+                return run(x.contiguous(memory_format=torch.channels_last))
             except RuntimeError:
                 # e.g. a .view() that needs the standard layout: this model runs on contiguous inputs
                 self.channels_last = False
                 if reset is not None:
                     reset()
-        return tensor_output(self.model(x))
+        return run(x)
 
     def _auto_choice(self) -> bool:
         """``implementation="auto"`` once the layer check is done: one whole-model Jacobian when the fallback
@@ -412,7 +461,8 @@ class Featurizer:
         if not self.auto or not self.plans or not self.generic:
             return False
         sizes = {n: p.numel() for n, p in self.model.named_parameters() if p.requires_grad}
-        share = sum(sizes[n] for n in self.generic) / sum(sizes.values())
+        copies = set(self.per_example_copies(getattr(self, "_block", None)))  # these need no torch.func pass
+        share = sum(sizes[n] for n in self.generic if n not in copies) / sum(sizes.values())
         if share < AUTO_JACOBIAN_SHARE:
             self.auto_reason = f"layerwise: {share:.0%} of the parameters on the fallback"
             return False
@@ -425,7 +475,7 @@ class Featurizer:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
-        names = frozenset(n for n, m in self.model.named_modules() if id(m) in self.excluded)
+        names = frozenset(n for n, m in capture_modules(self.model) if id(m) in self.excluded)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
         _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies)
         return self._auto_choice()
@@ -439,13 +489,101 @@ class Featurizer:
         self.verified = False
 
     def _generic_jacobian(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, k, P] per-example Jacobians for the fallback parameters only."""
+        """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
+        per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
+        copies = self.per_example_copies(x)
+        if not copies:
+            return self._torch_func_jacobian(x, self.generic)
+        rest = [n for n in self.generic if n not in copies]
+        parts = dict(zip(copies, self._copy_jacobian(x, copies)))
+        if rest:
+            J = self._torch_func_jacobian(x, rest)
+            start = 0
+            named = dict(self.model.named_parameters())
+            for n in rest:
+                parts[n] = J[:, :, start:start + named[n].numel()]
+                start += named[n].numel()
+        return torch.cat([parts[n] for n in self.generic], -1)
+
+    def per_example_copies(self, x: torch.Tensor | None = None) -> list[str]:
+        """Fallback parameters whose per-example gradients one forward gives when the parameter is replaced
+        by ``b`` copies of itself (``[1, ...] -> [b, ...]``, else ``[...] -> [b, ...]``): class tokens,
+        positional embeddings, layer scales, hand-written biases — parameters the model only broadcasts
+        against the batch. Autograd's gradient of each copy is then that example's gradient, without a
+        whole-model torch.func pass. Decided once per model structure on a few examples of ``x``: the
+        substituted forward must run and the per-example gradients, weighted by random example weights
+        and output weights, must equal autograd's gradient of the same weighted sum through the model
+        itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
+        fp = (_fingerprint(self._user_model, "copies"), self.dtype)
+        known = _COPYABLE.get(self._user_model)
+        shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
+        if known is None or known[0] != fp or (x is not None and known[1] != shape):
+            known = (fp, shape, {})  # name -> passed the check
+        decided = known[2]
+        todo = [n for n in self.generic if n not in decided]
+        if todo and x is not None:
+            named = dict(self.model.named_parameters())
+            probe = x[: min(x.shape[0], 4)]
+            for n in todo:
+                decided[n] = False
+                if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS or named[n].dim() == 0:
+                    continue
+                try:
+                    J = self._copy_jacobian(probe, [n])[0]
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
+                    continue
+                decided[n] = self._copy_check(probe, n, J)
+            _COPYABLE[self._user_model] = (fp, shape, decided)
+        return [n for n in self.generic if decided.get(n)]
+
+    @torch.enable_grad()
+    def _copy_jacobian(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        """``[b, k, numel]`` per parameter of ``names``: one forward with per-example copies, k backwards."""
+        named = dict(self.model.named_parameters())
+        b = x.shape[0]
+        subs = {}
+        for n in names:
+            p = named[n].detach()
+            shape = (b, *p.shape[1:]) if p.shape[0] == 1 else (b, *p.shape)
+            subs[n] = (p.expand(shape) if p.shape[0] == 1 else p.unsqueeze(0).expand(shape)).clone().requires_grad_()
+        out = self._call(x, subs=subs).reshape(b, -1)
+        k = out.shape[1]
+        leaves = list(subs.values())
+        cols: list = [[] for _ in leaves]
+        for a in range(k):
+            gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=a + 1 < k, allow_unused=True)
+            for c, g, t in zip(cols, gs, leaves):
+                c.append((torch.zeros_like(t) if g is None else g).reshape(b, -1))
+        return [torch.stack(c, 1) for c in cols]
+
+    @torch.enable_grad()
+    def _copy_check(self, x: torch.Tensor, name: str, J: torch.Tensor) -> bool:
+        """``sum_i w_i v . J_i`` from the copies against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        b, k = J.shape[:2]
+        w = torch.randn(b, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
+        v = torch.randn(k, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
+        mine = torch.einsum("i,a,iap->p", w, v, J)
+        p = dict(self.model.named_parameters())[name]
+        out = self._call(x).reshape(b, -1)
+        theirs, = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [p], allow_unused=True)
+        if theirs is None or not bool(mine.any()):
+            return False  # unused, or the substituted copies were not what the model read (e.g. nn.LSTM)
+        theirs = theirs.reshape(-1)
+        # relative to the gradient's size (no absolute floor: a small gradient must still match)
+        rtol = 1e-4 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+        return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
+
+    def _torch_func_jacobian(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop)."""
         from torch.func import functional_call, jacrev, vmap
 
         named = dict(self.model.named_parameters())
         b = x.shape[0]
         if not getattr(self, "_vmap_failed", False):
-            sub = {n: named[n].detach() for n in self.generic}
+            sub = {n: named[n].detach() for n in names}
 
             def f(p, xi):
                 return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
@@ -453,14 +591,14 @@ class Featurizer:
             try:
                 with torch.enable_grad():
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                return torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in self.generic], -1)
+                return torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in names], -1)
             except (RuntimeError, NotImplementedError):
                 # some ops have no (correct) batching rule (e.g. PReLU's backward): exact loop instead
                 self._vmap_failed = True
         from .. import reference
 
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
-            return reference.jacobian_rows(self.model, [x], params=[named[n] for n in self.generic])
+            return reference.jacobian_rows(self.model, [x], params=[named[n] for n in names])
 
 
 # Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
@@ -468,6 +606,11 @@ class Featurizer:
 # outside its module is a property of the model's code, so later calls on the same structure skip the
 # extra backward pass; any change of modules or parameters (objects, shapes, requires_grad) redoes it.
 _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per model: (fingerprint, input shape and dtype, {fallback parameter name: whether its per-example copies passed
+# the check}).
+_COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
+COPY_MAX_ELEMENTS = 1 << 24
 # Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
 _MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -475,7 +618,9 @@ _MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKey
 def _fingerprint(model: nn.Module, implementation: str) -> tuple:
     return (implementation,
             tuple((n, id(m), type(m)) for n, m in model.named_modules()),
-            tuple((n, id(p), tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()))
+            # dtype and device too: which kernels run (e.g. nn.LSTM's) may differ between them
+            tuple((n, id(p), tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
+                  for n, p in model.named_parameters()))
 
 
 def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:

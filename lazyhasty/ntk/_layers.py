@@ -19,6 +19,7 @@ exact fallback, so no term is ever missing.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,89 @@ import torch.nn.functional as F
 from torch import nn
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+# Recognised by isinstance: a subclass (a cosine / weight-normalised Linear, a custom LayerNorm) is planned like
+# its base class and kept only if the layer check confirms its per-example gradients; one whose forward
+# computes something else (W(theta), permuted inputs) fails the check and goes to the exact fallback.
 _LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS
+
+
+class InProjection(nn.Module):
+    """The packed input projection of an ``nn.MultiheadAttention`` (``in_proj_weight`` ``[3E, E]``,
+    ``in_proj_bias``) as a module of its own, so capture can hook it like an ``nn.Linear``: while the
+    tangent features are captured, the attention runs :func:`unrolled_attention`, which calls it. Not a
+    child of the attention module (its structure and state_dict do not change); the parameters are read
+    from the attention module each time."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        self._owner = [attention]  # a list: not registered as a child module
+        self.in_features, self.out_features = attention.embed_dim, 3 * attention.embed_dim
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._owner[0].in_proj_weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._owner[0].in_proj_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+_IN_PROJECTIONS: "weakref.WeakKeyDictionary[nn.MultiheadAttention, InProjection]" = weakref.WeakKeyDictionary()
+
+
+def in_projection(attention: nn.MultiheadAttention) -> InProjection:
+    """The one :class:`InProjection` of an attention module (stable, so exclusions by id stick)."""
+    proj = _IN_PROJECTIONS.get(attention)
+    if proj is None:
+        proj = _IN_PROJECTIONS[attention] = InProjection(attention)
+    return proj
+
+
+def unrollable(m: nn.Module) -> bool:
+    """An attention module whose packed projection :func:`unrolled_attention` can capture."""
+    return (isinstance(m, nn.MultiheadAttention) and m._qkv_same_embed_dim and m.bias_k is None
+            and not m.add_zero_attn and m.in_proj_weight is not None)
+
+
+def unrolled_attention(m: nn.MultiheadAttention, proj: InProjection, original):
+    """``m.forward`` for capture: self-attention (query is key is value) as ``proj(x)`` (batch first,
+    hooked), torch's own attention core on the projected q, k, v (identity projections: exact), then
+    ``m.out_proj(...)`` as a module call (batch first, hooked). Other calls run ``original``: the projection
+    then never runs and its parameters go to the exact fallback."""
+    def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if not (query is key and key is value) or query.dim() != 3:
+            return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                            attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        xb = query if m.batch_first else query.transpose(0, 1)  # [N, L, E]
+        qkv = proj(xb).transpose(0, 1)  # [L, N, 3E]
+        q, k, v = qkv.chunk(3, dim=-1)
+        E = m.embed_dim
+        eye = torch.eye(E, dtype=query.dtype, device=query.device)
+        attn, weights = F.multi_head_attention_forward(
+            q, k, v, E, m.num_heads, None, None, None, None, False, m.dropout, eye, None,
+            training=m.training, key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye, v_proj_weight=eye,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        out = m.out_proj(attn.transpose(0, 1))  # [N, L, E]
+        return (out if m.batch_first else out.transpose(0, 1)), weights
+    return forward
+
+
+def capture_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` plus the :class:`InProjection` of each unrollable attention module
+    (named ``<attention>.in_proj``)."""
+    out = []
+    for name, m in model.named_modules():
+        out.append((name, m))
+        if unrollable(m):
+            out.append((f"{name}.in_proj" if name else "in_proj", in_projection(m)))
+    return out
 
 
 @dataclass
@@ -164,18 +246,18 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
             if p is not None:
                 owners[id(p)] = owners.get(id(p), 0) + 1
     plans, covered = [], set()
-    for name, m in model.named_modules():
-        if type(m) not in _LINEAR_TYPES or id(m) in excluded:
+    for name, m in capture_modules(model):
+        if not isinstance(m, _LINEAR_TYPES + (InProjection,)) or id(m) in excluded:
             continue
         if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
             continue  # frequency scaling / renorm in forward: left to the exact fallback
-        w = m._parameters.get("weight")
-        b = m._parameters.get("bias")
+        w = m.weight if isinstance(m, InProjection) else m._parameters.get("weight")
+        b = m.bias if isinstance(m, InProjection) else m._parameters.get("bias")
         use_w = w is not None and w.requires_grad and owners.get(id(w)) == 1
         use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
         if not (use_w or use_b):
             continue
-        kind = ("linear" if isinstance(m, nn.Linear) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
+        kind = ("linear" if isinstance(m, (nn.Linear, InProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
         plans.append(LayerPlan(name, m, kind, use_w, use_b))
         if use_w:
@@ -345,6 +427,9 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
         elif isinstance(m, nn.GroupNorm):
             xhat = F.group_norm(x, m.num_groups, eps=m.eps)
             red = tuple(range(3, gk.dim()))
+        elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+            xhat = F.rms_norm(x, m.normalized_shape, eps=m.eps)
+            red = tuple(range(2, gk.dim() - len(m.normalized_shape)))
         else:
             shape = (1, -1) + (1,) * (x.dim() - 2)
             xhat = (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)

@@ -128,7 +128,8 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
             purpose: str = "gram") -> Plan:
     """The plan :func:`ntk_gram` (``purpose="gram"``) or :func:`ntk_alignment` (``"alignment"``) follows on
     ``model`` and inputs ``x`` ``[n, ...]``: the path and why, and per trainable parameter its module, kind
-    (linear / conv / embedding / norm / generic), form (ghost / materialized / torch.func) with the cost
+    (linear / conv / embedding / norm / broadcast / generic), form (ghost / materialized / per-example copies /
+    torch.func) with the cost
     model's flops per example pair, and whether in-place ops made capture copy its input or output.
     Runs the layer check on up to 8 examples (cached per model structure, as every call does).
 
@@ -166,6 +167,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         copies = [w for w, on in (("input", p.copy_input), ("output", p.copy_output)) if on]
         for attr, t in p.params():
             by_param[id(t)] = (p, copies)
+    copied = set(fz.per_example_copies())
     rows = []
     for name, t in named:
         if id(t) in by_param:
@@ -173,6 +175,8 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
             form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
             rows.append(_row(model, name, t, plan.kind, form, plan.costs if plan.kind in ("linear", "conv") else None,
                              copies))
+        elif name in copied:
+            rows.append(_row(model, name, t, "broadcast", "per-example copies"))
         else:
             rows.append(_row(model, name, t, "generic", "torch.func"))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,

@@ -88,6 +88,10 @@ class _Ghost:
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
     """``[b, b]`` trace kernel of the block ``x``; None when verification moved a layer to the fallback."""
+    if fz.plans and not fz.verified:
+        # the layer check first, on a few examples, by the tile path (which sends a layer whose captured
+        # tensors do not fit its factors to the fallback, one layer at a time); cached per model structure
+        fz(x[: min(x.shape[0], 16)])
     plans = fz.plans
     b = x.shape[0]
     out = fz._forward_capture(x) if plans else None
@@ -140,8 +144,10 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             state.append({})
     verify = not fz.verified
     if verify:
+        # as in Featurizer._layer_features: outputs weighted by v, examples by w (tells examples apart)
         gen = torch.Generator(device="cpu").manual_seed(1234)
         v = torch.randn(k, generator=gen, dtype=torch.float64).tolist()
+        w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
         mine = [None] * len(plans)
     for a_out in range(k):
         gs = torch.autograd.grad(out[:, a_out].sum(), outs, retain_graph=verify or a_out + 1 < k,
@@ -151,7 +157,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out, verify)
+            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out, w if verify else None)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
@@ -162,7 +168,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         return []
     vt = torch.tensor(v, dtype=out.dtype, device=out.device)
     vparams = [t for p in plans for _, t in p.params()]
-    theirs = torch.autograd.grad((out * vt).sum(), vparams, allow_unused=True)
+    theirs = torch.autograd.grad((out * vt * w[:, None]).sum(), vparams, allow_unused=True)
     theirs = [torch.zeros_like(t) if g is None else g for g, t in zip(theirs, vparams)]
     from ._engine import _close
 
@@ -174,10 +180,10 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         if p.kind in ("linear", "conv"):
             # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
             # position-major gradients [b, S, G, d_out]
-            full = m if st["ghosts"] is None else torch.einsum("bsgo,bsgi->goi", m, st["a"])
+            full = m if st["ghosts"] is None else torch.einsum("b,bsgo,bsgi->goi", w, m, st["a"])
             got = split_params(p, position_to_factor_layout(p, full))
         elif p.kind == "embedding":  # m: [b, S, D] as the helper's [b, S, 1, D]
-            got = batch_grad_from_factors(p, st["idx"], m.unsqueeze(2))
+            got = batch_grad_from_factors(p, st["idx"], (m * w[:, None, None]).unsqueeze(2))
         else:
             got = [m]
             ref = [torch.cat([t.reshape(-1) for t in ref])]
@@ -194,16 +200,18 @@ def _dout(p) -> int:
     return m.out_features if p.kind == "linear" else m.out_channels // m.groups
 
 
-def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, verify: bool):
-    """Reduce one output's gradients of layer ``p`` into the kernel; with ``verify``, return what the
-    check sums over outputs: the batch sum of materialized per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for
-    norms), or, for ghost layers, the position-major gradients (``[b, S, G, d_out]``; embeddings
-    ``[b, S, D]``), whose batch gradient is formed once at the end."""
+def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: torch.Tensor | None):
+    """Reduce one output's gradients of layer ``p`` into the kernel; with the check's example weights ``w``
+    ``[b]``, return what the check sums over outputs: the ``w``-weighted batch sum of materialized
+    per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for norms), or, for ghost layers, the
+    position-major gradients (``[b, S, G, d_out]``; embeddings ``[b, S, D]``), whose weighted batch
+    gradient is formed once at the end."""
+    verify = w is not None
     b = g_calls[0].shape[0]
     if p.kind == "norm":
         F = norm_grads(p, [g.unsqueeze(1) for g in g_calls])[:, 0]  # [b, P]
         _gram(F, K, dense, backend)
-        return F.sum(0) if verify else None
+        return w @ F if verify else None
     if p.kind == "embedding":
         _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
         g = g[:, 0, :, 0]
@@ -224,7 +232,7 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, verify
         F = torch.einsum("bsgo,bsgi->bgoi", g, a)
     F = F.reshape(b, -1)
     _gram(F, K, dense, backend)
-    return F.sum(0).view(G, do, din) if verify else None  # the check needs only the batch sum
+    return (w @ F).view(G, do, din) if verify else None  # the check needs only the weighted batch sum
 
 
 def _gram(F: torch.Tensor, K: torch.Tensor, dense: torch.Tensor, backend: str) -> None:
