@@ -438,3 +438,25 @@ def test_per_example_copies_are_refused_when_an_op_mixes_examples():
     assert forms["flipped"] == "torch.func" and forms["added"] == "per-example copies"
     for kernel in ("full", "trace"):
         assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
+
+
+def test_a_zero_initialised_head_does_not_decide_the_checks():
+    """torchvision's ViT starts with a zero head: every other gradient is zero, so the layer check would pass
+    whatever the capture did. It is then not remembered (it runs again once gradients flow), and the
+    per-example-copy check runs on a perturbed copy of the model."""
+    from lazyhasty.ntk import _engine
+
+    m, x = _model("vit_tiny", torch.float64)
+    with torch.no_grad():
+        m.head.weight.zero_()
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert not fz.verified and m not in _engine._VERIFIED
+    assert set(fz.per_example_copies()) == {"cls", "pos", "scale"}
+    assert _rel(ntk_gram(m, x, kernel="trace"), R.ntk_gram(m, [x], kernel="trace")) <= 1e-12
+    with torch.no_grad():
+        m.head.weight.normal_()
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert fz.verified  # now the check decided, and is remembered
+    _engine._VERIFIED.pop(m, None)

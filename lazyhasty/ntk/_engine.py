@@ -337,6 +337,10 @@ class Featurizer:
         if bad:
             self._exclude(bad)
             return None
+        if verify and not all(bool(t.any()) for t in vgrads):
+            # a layer's gradient is zero here (e.g. behind a zero-initialised head): its check decided nothing,
+            # so the outcome is not remembered and the check runs again on the next call
+            return feats
         if verify and self._mark_verified():
             return None  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
@@ -435,15 +439,18 @@ class Featurizer:
                 break
         return out
 
-    def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None) -> torch.Tensor:
-        """The model on ``x``, channels-last for convolutional models (unless the model cannot take it);
-        ``subs``: ``{parameter name: tensor}`` used in place of those parameters."""
+    def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None, model: nn.Module | None = None
+              ) -> torch.Tensor:
+        """The model (or ``model``, a copy of it) on ``x``, channels-last for convolutional models (unless the
+        model cannot take it); ``subs``: ``{parameter name: tensor}`` used in place of those parameters."""
+        model = self.model if model is None else model
+
         def run(inp):
             if subs:
                 from torch.func import functional_call
 
-                return tensor_output(functional_call(self.model, subs, (inp,), strict=False))
-            return tensor_output(self.model(inp))
+                return tensor_output(functional_call(model, subs, (inp,), strict=False))
+            return tensor_output(model(inp))
 
         if self.channels_last and x.dim() == 4 and x.is_floating_point():
             try:
@@ -522,33 +529,42 @@ class Featurizer:
         decided = known[2]
         todo = [n for n in self.generic if n not in decided]
         if todo and x is not None:
-            named = dict(self.model.named_parameters())
+            # checked on a perturbed copy of the model: whether copies work is a property of the code, and
+            # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
+            twin = copy.deepcopy(self.model)
+            gen = torch.Generator(device="cpu").manual_seed(99)
+            with torch.no_grad():
+                for t in twin.parameters():
+                    noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                    t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+            named = dict(twin.named_parameters())
             probe = x[: min(x.shape[0], 4)]
             for n in todo:
                 decided[n] = False
                 if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS or named[n].dim() == 0:
                     continue
                 try:
-                    J = self._copy_jacobian(probe, [n])[0]
+                    J = self._copy_jacobian(probe, [n], twin)[0]
                 except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                     if isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
                     continue
-                decided[n] = self._copy_check(probe, n, J)
+                decided[n] = self._copy_check(probe, n, J, twin)
             _COPYABLE[self._user_model] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
 
     @torch.enable_grad()
-    def _copy_jacobian(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+    def _copy_jacobian(self, x: torch.Tensor, names: list[str], model: nn.Module | None = None) -> list[torch.Tensor]:
         """``[b, k, numel]`` per parameter of ``names``: one forward with per-example copies, k backwards."""
-        named = dict(self.model.named_parameters())
+        model = self.model if model is None else model
+        named = dict(model.named_parameters())
         b = x.shape[0]
         subs = {}
         for n in names:
             p = named[n].detach()
             shape = (b, *p.shape[1:]) if p.shape[0] == 1 else (b, *p.shape)
             subs[n] = (p.expand(shape) if p.shape[0] == 1 else p.unsqueeze(0).expand(shape)).clone().requires_grad_()
-        out = self._call(x, subs=subs).reshape(b, -1)
+        out = self._call(x, subs=subs, model=model).reshape(b, -1)
         k = out.shape[1]
         leaves = list(subs.values())
         cols: list = [[] for _ in leaves]
@@ -559,15 +575,15 @@ class Featurizer:
         return [torch.stack(c, 1) for c in cols]
 
     @torch.enable_grad()
-    def _copy_check(self, x: torch.Tensor, name: str, J: torch.Tensor) -> bool:
+    def _copy_check(self, x: torch.Tensor, name: str, J: torch.Tensor, model: nn.Module) -> bool:
         """``sum_i w_i v . J_i`` from the copies against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
         gen = torch.Generator(device="cpu").manual_seed(4321)
         b, k = J.shape[:2]
         w = torch.randn(b, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
         v = torch.randn(k, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
         mine = torch.einsum("i,a,iap->p", w, v, J)
-        p = dict(self.model.named_parameters())[name]
-        out = self._call(x).reshape(b, -1)
+        p = dict(model.named_parameters())[name]
+        out = self._call(x, model=model).reshape(b, -1)
         theirs, = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [p], allow_unused=True)
         if theirs is None or not bool(mine.any()):
             return False  # unused, or the substituted copies were not what the model read (e.g. nn.LSTM)

@@ -92,6 +92,8 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
         # the layer check first, on a few examples, by the tile path (which sends a layer whose captured
         # tensors do not fit its factors to the fallback, one layer at a time); cached per model structure
         fz(x[: min(x.shape[0], 16)])
+    # still unverified: every gradient was zero there (a zero-initialised head), the check decided nothing
+    vacuous = bool(fz.plans) and not fz.verified
     plans = fz.plans
     b = x.shape[0]
     out = fz._forward_capture(x) if plans else None
@@ -107,7 +109,7 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
         fz.k = J.shape[1]
         for a in range(J.shape[1]):
             dense.addmm_(J[:, a], J[:, a].T)
-    if not fz.verified:
+    if not fz.verified and not vacuous:
         fz._mark_verified()
     # GEMM products J Jᵀ are symmetric only to rounding: (D + Dᵀ) / 2 is symmetric exactly (a + b = b + a)
     dense = dense.add(dense.T).mul_(0.5)
