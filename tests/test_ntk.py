@@ -441,9 +441,9 @@ def test_per_example_copies_are_refused_when_an_op_mixes_examples():
 
 
 def test_a_zero_initialised_head_does_not_decide_the_checks():
-    """torchvision's ViT starts with a zero head: every other gradient is zero, so the layer check would pass
-    whatever the capture did. It is then not remembered (it runs again once gradients flow), and the
-    per-example-copy check runs on a perturbed copy of the model."""
+    """torchvision's ViT starts with a zero head: every other gradient is zero, so a layer check on the model
+    itself would pass whatever the capture did. The checks run on a perturbed copy of the model instead and
+    are decided (and remembered) at once; a layer moved there is moved here."""
     from lazyhasty.ntk import _engine
 
     m, x = _model("vit_tiny", torch.float64)
@@ -451,12 +451,15 @@ def test_a_zero_initialised_head_does_not_decide_the_checks():
         m.head.weight.zero_()
     fz = Featurizer(m, "layerwise", "full", None)
     fz(x)
-    assert not fz.verified and m not in _engine._VERIFIED
+    assert fz.verified and m in _engine._VERIFIED and fz.describe()["generic"] == ["cls", "pos", "scale"]
     assert set(fz.per_example_copies()) == {"cls", "pos", "scale"}
     assert _rel(ntk_gram(m, x, kernel="trace"), R.ntk_gram(m, [x], kernel="trace")) <= 1e-12
-    with torch.no_grad():
-        m.head.weight.normal_()
-    fz = Featurizer(m, "layerwise", "full", None)
-    fz(x)
-    assert fz.verified  # now the check decided, and is remembered
     _engine._VERIFIED.pop(m, None)
+    # a layer whose capture is wrong is found on the twin even when its gradient here is zero
+    t, xt = _model("tied_and_outside_use", torch.float64)
+    with torch.no_grad():
+        t.emb.weight.zero_()  # tied to the output layer: every gradient here is zero
+    fz = Featurizer(t, "layerwise", "full", None)
+    fz(xt)
+    assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
+    _engine._VERIFIED.pop(t, None)

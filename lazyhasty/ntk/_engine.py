@@ -108,6 +108,7 @@ class Featurizer:
         self.excluded: set[int] = set()
         self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
+        self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
         known = _VERIFIED.get(self._user_model)
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
@@ -234,6 +235,8 @@ class Featurizer:
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
         feats: list = []
+        if self.plans and not self.verified and not self.is_twin and self.verify_on_twin(x):
+            return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
         if not self.plans and not self.verified:
             self._mark_verified()  # every layer is on the fallback: remember it, do not check again
         if self.plans:
@@ -461,6 +464,40 @@ class Featurizer:
                 if reset is not None:
                     reset()
         return run(x)
+
+    def verify_on_twin(self, x: torch.Tensor) -> bool:
+        """The layer check, run on a perturbed copy of the model (up to 8 examples of ``x``), its outcome
+        (layers moved to the fallback, in-place copies) taken over and remembered for this model structure.
+        Which layers capture exactly is a property of the model's code, not of its values, and values such
+        as a zero-initialised head (torchvision's ViT) make gradients zero, so a check on the model itself
+        could decide nothing. True when the plan changed (the caller recomputes its block)."""
+        twin = copy.deepcopy(self.model)
+        gen = torch.Generator(device="cpu").manual_seed(98)
+        with torch.no_grad():
+            for t in twin.parameters():
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+        other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
+        other.is_twin = True
+        other.checked_mixing = True  # this block passed the check already
+        other.pairs_per_example = self.pairs_per_example
+        other.channels_last = self.channels_last
+        with torch.enable_grad():
+            for _ in range(len(other.plans) + 2):  # each round moves at least one layer, or ends
+                if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
+                    break
+        _VERIFIED.pop(twin, None)
+        if not other.verified:
+            return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
+        names = {n for n, m in capture_modules(twin) if id(m) in other.excluded}
+        copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
+        before = [p.name for p in self.plans]
+        self.excluded = {id(m) for n, m in capture_modules(self.model) if n in names}
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        for p in self.plans:
+            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
+        switched = self._mark_verified()
+        return switched or [p.name for p in self.plans] != before
 
     def _auto_choice(self) -> bool:
         """``implementation="auto"`` once the layer check is done: one whole-model Jacobian when the fallback

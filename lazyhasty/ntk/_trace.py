@@ -89,9 +89,12 @@ class _Ghost:
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
     """``[b, b]`` trace kernel of the block ``x``; None when verification moved a layer to the fallback."""
     if fz.plans and not fz.verified:
-        # the layer check first, on a few examples, by the tile path (which sends a layer whose captured
-        # tensors do not fit its factors to the fallback, one layer at a time); cached per model structure
-        fz(x[: min(x.shape[0], 16)])
+        # the layer check first, on a perturbed copy of the model and a few examples, by the tile path
+        # (which sends a layer whose captured tensors do not fit its factors to the fallback, one layer at a
+        # time); remembered per model structure
+        fz.verify_on_twin(x)
+        if not fz.plans:
+            return None  # auto took the whole-model Jacobian: the caller asks again
     # still unverified: every gradient was zero there (a zero-initialised head), the check decided nothing
     vacuous = bool(fz.plans) and not fz.verified
     plans = fz.plans
