@@ -109,6 +109,8 @@ class Featurizer:
         self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
+        self._subs = None  # per-example copy leaves of the current capture forward
+        self._captured_copies = None  # their gradients {name: [b, k, numel]}, for _generic_jacobian
         known = _VERIFIED.get(self._user_model)
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
@@ -297,11 +299,16 @@ class Featurizer:
             if not _close(out.detach().reshape(-1), own.reshape(-1)):
                 self._exclude([p for p in plans if isinstance(p.module, InProjection)])
                 return None
-        per_out = [[] for _ in outs]
+        leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
+        every = outs + leaves
+        per_out = [[] for _ in every]
         for a in range(k):
-            gs = torch.autograd.grad(out[:, a].sum(), outs, retain_graph=verify or a + 1 < k, allow_unused=True)
+            gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=verify or a + 1 < k, allow_unused=True)
             for i, g in enumerate(gs):
-                per_out[i].append(torch.zeros_like(outs[i]) if g is None else g)
+                per_out[i].append(torch.zeros_like(every[i]) if g is None else g)
+        if leaves:
+            self.keep_copy_grads(per_out[len(outs):])
+            per_out = per_out[:len(outs)]
         grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
         if verify:
             # One random combination of outputs and examples checks every layer: sum_i w_i v . J_i from the
@@ -425,7 +432,7 @@ class Featurizer:
                 att.forward = unrolled_attention(att, p.module, type(att).forward.__get__(att))
             try:
                 with torch.set_grad_enabled(grad):
-                    out = self._call(x, reset)
+                    out = self._call(x, reset, subs=self._copy_leaves(x) if grad else None)
             finally:
                 for h in handles:
                     h.remove()
@@ -536,10 +543,15 @@ class Featurizer:
         """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
         per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
         copies = self.per_example_copies(x)
+        captured, self._captured_copies = self._captured_copies, None
         if not copies:
             return self._torch_func_jacobian(x, self.generic)
         rest = [n for n in self.generic if n not in copies]
-        parts = dict(zip(copies, self._copy_jacobian(x, copies)))
+        if (captured is not None and set(captured) == set(copies)
+                and all(t.shape[0] == x.shape[0] for t in captured.values())):
+            parts = dict(captured)  # from the capture's own backward passes
+        else:
+            parts = dict(zip(copies, self._copy_jacobian(x, copies)))
         if rest:
             J = self._torch_func_jacobian(x, rest)
             start = 0
@@ -590,17 +602,33 @@ class Featurizer:
             _COPYABLE[self._user_model] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
 
+    def _copy_leaves(self, x: torch.Tensor) -> dict | None:
+        """For the capture forward of a verified plan: ``{name: [b, ...] leaf}`` copies of the fallback
+        parameters that take them, so the capture's own k backward passes give their per-example gradients
+        (kept in ``_captured_copies`` for :meth:`_generic_jacobian`); None when there are none."""
+        self._subs = None
+        if not (self.verified and self.generic):
+            return None
+        names = self.per_example_copies()
+        if not names:
+            return None
+        self._subs = _per_example_leaves(dict(self.model.named_parameters()), names, x.shape[0])
+        return self._subs
+
+    def keep_copy_grads(self, per_output: list[list[torch.Tensor]]) -> None:
+        """``per_output[j][a]``: output a's gradient of copy leaf j (``[b, ...]``) from the capture's backward
+        passes -> ``_captured_copies`` ``{name: [b, k, numel]}``."""
+        b = next(iter(self._subs.values())).shape[0]
+        self._captured_copies = {n: torch.stack([g.reshape(b, -1) for g in cols], 1)
+                                 for n, cols in zip(self._subs, per_output)}
+        self._subs = None
+
     @torch.enable_grad()
     def _copy_jacobian(self, x: torch.Tensor, names: list[str], model: nn.Module | None = None) -> list[torch.Tensor]:
         """``[b, k, numel]`` per parameter of ``names``: one forward with per-example copies, k backwards."""
         model = self.model if model is None else model
-        named = dict(model.named_parameters())
         b = x.shape[0]
-        subs = {}
-        for n in names:
-            p = named[n].detach()
-            shape = (b, *p.shape[1:]) if p.shape[0] == 1 else (b, *p.shape)
-            subs[n] = (p.expand(shape) if p.shape[0] == 1 else p.unsqueeze(0).expand(shape)).clone().requires_grad_()
+        subs = _per_example_leaves(dict(model.named_parameters()), names, b)
         out = self._call(x, subs=subs, model=model).reshape(b, -1)
         k = out.shape[1]
         leaves = list(subs.values())
@@ -666,6 +694,18 @@ _COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 COPY_MAX_ELEMENTS = 1 << 24
 # Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
 _MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _per_example_leaves(named: dict, names: list[str], b: int) -> dict:
+    """``{name: leaf}``: ``b`` copies of each parameter, ``[1, ...] -> [b, ...]`` or ``[...] -> [b, ...]``."""
+    subs = {}
+    for n in names:
+        p = named[n].detach()
+        if p.shape[0] == 1:
+            subs[n] = p.expand(b, *p.shape[1:]).clone().requires_grad_()
+        else:
+            subs[n] = p.unsqueeze(0).expand(b, *p.shape).clone().requires_grad_()
+    return subs
 
 
 def _fingerprint(model: nn.Module, implementation: str) -> tuple:

@@ -154,10 +154,15 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         v = torch.randn(k, generator=gen, dtype=torch.float64).tolist()
         w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
         mine = [None] * len(plans)
+    leaves = list(fz._subs.values()) if fz._subs else []  # per-example copies: their gradients too
+    copy_grads: list = [[] for _ in leaves]
     for a_out in range(k):
-        gs = torch.autograd.grad(out[:, a_out].sum(), outs, retain_graph=verify or a_out + 1 < k,
+        gs = torch.autograd.grad(out[:, a_out].sum(), outs + leaves, retain_graph=verify or a_out + 1 < k,
                                  allow_unused=True)
-        gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs)]
+        gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, outs + leaves)]
+        for c, g in zip(copy_grads, gs[len(outs):]):
+            c.append(g)
+        gs = gs[:len(outs)]
         pos = 0
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
@@ -166,6 +171,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
+    if leaves:
+        fz.keep_copy_grads(copy_grads)  # the generic part's Jacobian takes them (trace_gram)
     for st in state:
         for gh in st.get("ghosts") or ():
             gh.reduce_into(K)
