@@ -550,8 +550,12 @@ class Featurizer:
         if (captured is not None and set(captured) == set(copies)
                 and all(t.shape[0] == x.shape[0] for t in captured.values())):
             parts = dict(captured)  # from the capture's own backward passes
+        elif rest:
+            # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers:
+            # a separate copies pass (a forward and k backwards) would only add to it
+            return self._torch_func_jacobian(x, self.generic)
         else:
-            parts = dict(zip(copies, self._copy_jacobian(x, copies)))
+            parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
         if rest:
             J = self._torch_func_jacobian(x, rest)
             start = 0
