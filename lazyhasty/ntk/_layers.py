@@ -6,16 +6,21 @@ For the "layerwise" implementation every trainable parameter is covered exactly 
   padding incl. string and non-zero modes, dilation, groups) and ``nn.Embedding``: from the captured
   layer input and the output gradient, either in ghost form or as materialized per-example gradients,
   chosen per layer by a cost model;
-* ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d`` in eval mode (affine parameters): materialized
+* ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``, ``nn.BatchNorm*d`` in eval mode (affine parameters): materialized
   per-example gradients from the normalized input;
+* ``nn.MultiheadAttention`` self-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
+  (a linear layer, hooked while :func:`unrolled_attention` runs) and ``out_proj`` as a Linear;
+* subclasses of all of these, kept only when the layer check confirms them;
 * every other trainable parameter (other modules, parameters shared between modules, parametrized
-  weights, ``scale_grad_by_freq`` embeddings...): exact per-example Jacobians by ``torch.func``
+  weights, ``scale_grad_by_freq`` embeddings...): per-example copies where the model only broadcasts it
+  against the batch (``Featurizer.per_example_copies``), else exact per-example Jacobians by ``torch.func``
   (``vmap(jacrev)``) for those parameters only.
 
-A module called several times per forward contributes the positions of all its calls. On the first
-block, each layer's per-example gradients summed over the block are checked against autograd's batch
-gradient; a parameter also used outside its module's forward fails that check and is moved to the
-exact fallback, so no term is ever missing.
+A module called several times per forward contributes the positions of all its calls. Once per model
+structure, each layer's per-example gradients, weighted by random example and output weights, are
+checked against autograd's gradient of the same weighted sum, on a perturbed copy of the model
+(``Featurizer.verify_on_twin``); a parameter also used outside its module's forward, or a module whose
+batch is not dim 0, fails that check and is moved to the exact fallback, so no term is ever missing.
 """
 from __future__ import annotations
 
