@@ -219,9 +219,9 @@ def test_alignment_equals_materialized_for_any_block_size(kernel, centered, bloc
     want = kernel_alignment(K, K0, centered=centered)
     assert 0.2 < want < 0.9999
     if block_size == "tiles":  # default blocks, with no room for the trace kernel's single block
-        from lazyhasty.ntk import _engine
+        from lazyhasty.ntk import _featurizer
 
-        monkeypatch.setattr(_engine, "TRACE_BLOCK_BYTES", 1)
+        monkeypatch.setattr(_featurizer, "TRACE_BLOCK_BYTES", 1)
         block_size = None
     got = ntk_alignment(m, [x[:2], x[2:]], m0, kernel=kernel, centered=centered, block_size=block_size)
     assert got == pytest.approx(want, rel=1e-10)

@@ -137,7 +137,8 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     >>> explain(model, x).generic          # [] when every parameter has a per-layer form
     """
     from .._loaders import all_inputs
-    from ._engine import Featurizer, _check_args, _ntk_backend
+    from ._engine import _check_args, _ntk_backend
+    from ._featurizer import Featurizer
     from ._layers import select_output
 
     _check_args(kernel, implementation, block_size, 0, dtype)

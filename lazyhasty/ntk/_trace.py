@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
     batch_grad_from_factors, choose_form, embedding_factors, norm_grads, position_a, position_g,
     position_to_factor_layout, split_params,
@@ -182,7 +183,6 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     vparams = [t for p in plans for _, t in p.params()]
     theirs = torch.autograd.grad((out * vt * w[:, None]).sum(), vparams, allow_unused=True)
     theirs = [torch.zeros_like(t) if g is None else g for g, t in zip(theirs, vparams)]
-    from ._engine import _close
 
     bad, vpos = [], 0
     for p, st, m in zip(plans, state, mine):

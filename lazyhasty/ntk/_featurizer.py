@@ -1,0 +1,678 @@
+"""Capture and verification: one model's per-block NTK features (:class:`Featurizer`).
+
+A :class:`Featurizer` turns a block of examples ``[b, ...]`` into feature objects (``_features``): per
+planned layer, its captured inputs and output gradients in ghost or materialized form; for the other
+trainable parameters, per-example copies or ``torch.func`` Jacobians. It owns the layer check (on a
+perturbed twin of the model, once per structure: ``verify_on_twin``) and the caches keyed by model
+(``_VERIFIED``, ``_COPYABLE``, ``_MIXING_CHECKED``). Tiling, paths and alignment live in ``_engine``;
+the one-block trace kernel, which drives a Featurizer's capture itself, in ``_trace``.
+"""
+from __future__ import annotations
+
+import copy
+import weakref
+
+import torch
+from torch import nn
+
+from .._loaders import model_device
+from . import _features as feat
+from ._layers import (
+    InProjection, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
+    embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
+    tensor_output, to_materialized, trainable_params, unrolled_attention,
+)
+
+# On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
+# the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
+# beyond, tiles of default_block_size.
+TRACE_BLOCK_BYTES = 1 << 30
+# implementation="auto": layerwise, unless the layer check leaves at least this share of the parameters to the
+# torch.func fallback. The fallback's vmap(jacrev) runs through the whole model whatever its share, so with a
+# large share the layerwise pass is extra work on top of what one whole-model Jacobian costs. Measured (2-core
+# CPU, n = 32-64, layerwise / jacobian time): torchvision ViT (37% on the fallback) 1.5x, nn.TransformerEncoder
+# classifier (41%) 1.4x, nn.MultiheadAttention (81%) 1.5x, nn.LSTM (98%) 1.2x.
+AUTO_JACOBIAN_SHARE = 0.25
+
+
+class Featurizer:
+    """Per-block NTK features of one model (layerwise factors, or torch.func Jacobians)."""
+
+    def __init__(self, model: nn.Module, implementation: str, kernel: str, dtype: torch.dtype | None):
+        check_per_example(model)
+        trainable_params(model)
+        pdtype = next(p.dtype for p in model.parameters())
+        self._user_model = model
+        if dtype is not None and dtype != pdtype:
+            model = copy.deepcopy(model).to(dtype)
+        self.model = model
+        self.dtype = dtype or pdtype
+        self.device = model_device(model)
+        self.kernel = kernel
+        self.implementation = "layerwise" if implementation == "auto" else implementation
+        self.auto = implementation == "auto"
+        self.auto_reason = ""
+        self.excluded: set[int] = set()
+        self.plans, self.generic = plan_layers(model, self.implementation)
+        self.verified = False
+        self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
+        self._subs = None  # per-example copy leaves of the current capture forward
+        self._captured_copies = None  # their gradients {name: [b, k, numel]}, for _generic_jacobian
+        known = _VERIFIED.get(self._user_model)
+        if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
+            # this model's structure was checked before: the same layers go to the fallback
+            names = known[1]
+            self.excluded = {id(m) for n, m in capture_modules(model) if n in names}
+            self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
+            for p in self.plans:
+                p.copy_input, p.copy_output = known[2].get(p.name, (False, False))
+            self.verified = True
+            self._auto_choice()
+        self.k: int | None = None
+        self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
+        self.checked_mixing = False
+        # amortizes forming per-example gradients in the ghost/materialized choice (set by the caller)
+        self.pairs_per_example = 0.0
+        # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
+        self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+    # -- public ------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> list:
+        x = self._prepare(x)
+        while True:
+            feats = self._features(x)
+            if feats is not None:
+                return feats
+
+    def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
+        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
+        :data:`TRACE_BLOCK_BYTES` on CPU, half the free memory on CUDA), from what one example of ``x``
+        needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
+        layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
+        kernels."""
+        from ._layers import position_a
+
+        x1 = self._prepare(x[:1], check=False)
+        with torch.no_grad():
+            out = self._forward_capture(x1, grad=False)
+        k = out.numel()
+        per, widest = 0, 0
+        for p in self.plans:
+            for xi, o in zip(p.inputs, p.outputs):
+                per += 3 * o.numel()
+                if p.kind in ("linear", "conv"):
+                    a = position_a(p, xi)  # [1, S, G, din]
+                    per += a.numel()
+                    dout = o.numel() // (a.shape[1] * a.shape[2])
+                    form = p.form or choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, dout, "trace",
+                                                 self.pairs_per_example)
+                    if form == "ghost":
+                        per += k * o.numel()
+                    else:
+                        widest = max(widest, a.shape[2] * a.shape[3] * dout)
+                elif p.kind == "embedding":
+                    per += k * o.numel()
+            p.inputs.clear()
+            p.outputs.clear()
+        per += widest
+        if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
+            named = dict(self.model.named_parameters())
+            per += k * sum(named[n].numel() for n in self.generic)
+        if budget is None:
+            budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+                      else TRACE_BLOCK_BYTES)
+        # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
+        # both models' kernels in an alignment)
+        elems = budget / (torch.finfo(self.dtype).bits // 8)
+        return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
+
+    def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
+        from ._trace import trace_gram
+
+        x = self._prepare(x)
+        while True:
+            K = trace_gram(self, x, backend)
+            if K is not None:
+                return K
+
+    def stream(self, x: torch.Tensor, sink, reset) -> None:
+        """Hand each feature of the block to ``sink`` as soon as it exists, then drop it.
+
+        Materialized per-example gradients are written into one reused buffer, so a block whose tile is
+        reduced at once (a single-block Gram) never holds every layer's ``[b, k, P]`` at the same time.
+        ``reset()`` is called before a block is recomputed (a layer moved to the fallback).
+        """
+        x = self._prepare(x)
+        while self._features(x, sink) is None:
+            reset()
+
+    def _prepare(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
+        x = x.to(self.device)
+        if x.is_floating_point():
+            x = x.to(self.dtype)
+        if check and not self.checked_mixing:
+            self._check_batch_independence(x)
+        return x
+
+    def _buffer(self, numel: int) -> torch.Tensor:
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf.numel() < numel:
+            buf = self._buf = torch.empty(numel, dtype=self.dtype, device=self.device)
+        return buf[:numel]
+
+    def describe(self) -> dict:
+        return {"layers": {p.name: f"{p.kind}/{p.form}" for p in self.plans}, "generic": list(self.generic),
+                "copies": {p.name: [w for w, on in (("input", p.copy_input), ("output", p.copy_output)) if on]
+                           for p in self.plans if p.copy_input or p.copy_output}}
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _check_batch_independence(self, x: torch.Tensor) -> None:
+        """:func:`check_probe_inputs` (two small forwards), once per model structure, train/eval flags and
+        input shape: whether a model mixes examples is a property of its code, not of the values. Non-finite
+        inputs are checked on every call (non-finite outputs make the kernel non-finite: an error there)."""
+        self.checked_mixing = True
+        key = (_fingerprint(self._user_model, "mixing"), tuple(m.training for m in self.model.modules()),
+               tuple(x.shape[1:]), x.dtype, str(x.device))
+        if _MIXING_CHECKED.get(self._user_model) == key:
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
+            return
+        check_probe_inputs(self._call, x)
+        _MIXING_CHECKED[self._user_model] = key
+
+    def _features(self, x: torch.Tensor, sink=None):
+        self._block = x  # the examples the per-example-copy check may use (per_example_copies)
+        feats: list = []
+        if self.plans and not self.verified and not self.is_twin and self.verify_on_twin(x):
+            return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
+        if not self.plans and not self.verified:
+            self._mark_verified()  # every layer is on the fallback: remember it, do not check again
+        if self.plans:
+            layer_feats = self._layer_features(x, sink)
+            if layer_feats is None:  # verification moved a layer to the fallback: redo this block
+                return None
+            feats.extend(layer_feats)
+        if self.generic:
+            J = self._generic_jacobian(x)
+            self.k = J.shape[1]
+            if self.by_layer:  # one feature per owning module (the kernel's per-layer parts)
+                named = dict(self.model.named_parameters())
+                parts, start = {}, 0
+                for n in self.generic:
+                    size = named[n].numel()
+                    parts.setdefault(n.rpartition(".")[0], []).append((start, start + size))
+                    start += size
+                gen = []
+                for owner, spans in parts.items():
+                    f = feat.Materialized(torch.cat([J[:, :, a:b] for a, b in spans], -1))
+                    f.name = owner
+                    gen.append(f)
+            else:
+                gen = [feat.Materialized(J)]
+                gen[0].name = "generic"
+            for f in gen:
+                if sink is not None:
+                    sink(f)
+                else:
+                    feats.append(f)
+        # one GEMM per layer (no concatenated copy of all per-example gradients)
+        return feats
+
+    def _layer_features(self, x: torch.Tensor, sink=None):
+        plans = self.plans
+        out = self._forward_capture(x)
+        b = x.shape[0]
+        out = out.reshape(b, -1)
+        k = self.k = out.shape[1]
+        idle = [p for p in plans if not p.outputs]
+        if idle:
+            # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
+            # itself): their parameters are used some other way, so they go to the fallback
+            self._exclude(idle)
+            return None
+        outs = [o for p in plans for o in p.outputs]
+        if any(not o.requires_grad for o in outs):
+            # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
+            bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
+            self._exclude(bad)
+            return None
+        verify = not self.verified
+        if verify and any(isinstance(p.module, InProjection) for p in plans):
+            # the unrolled attention must compute what the module computes (else the kernel would be of
+            # another function): compare the outputs once per model structure
+            with torch.no_grad():
+                own = self._call(x).reshape(b, -1)
+            if not _close(out.detach().reshape(-1), own.reshape(-1)):
+                self._exclude([p for p in plans if isinstance(p.module, InProjection)])
+                return None
+        leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
+        every = outs + leaves
+        per_out = [[] for _ in every]
+        for a in range(k):
+            gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=verify or a + 1 < k, allow_unused=True)
+            for i, g in enumerate(gs):
+                per_out[i].append(torch.zeros_like(every[i]) if g is None else g)
+        if leaves:
+            self.keep_copy_grads(per_out[len(outs):])
+            per_out = per_out[:len(outs)]
+        grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
+        if verify:
+            # One random combination of outputs and examples checks every layer: sum_i w_i v . J_i from the
+            # captured factors must equal autograd's gradient of sum_i w_i v . f(x_i). It does not when a
+            # parameter is also used outside its module's forward, or when a module's batch is not its
+            # inputs' first dimension (e.g. [L, b, E] sequences): random example weights w tell examples
+            # apart, where a plain sum over examples would not. Such layers go to the exact fallback.
+            gen = torch.Generator(device="cpu").manual_seed(1234)
+            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
+            vparams = [t for p in plans for _, t in p.params()]
+            vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
+            vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
+        feats, pos, vpos, bad = [], 0, 0, []
+        emit = sink if sink is not None else feats.append
+        for p in plans:
+            g_calls = grads[pos: pos + len(p.outputs)]
+            pos += len(p.outputs)
+            np_ = len(p.params())
+            theirs = vgrads[vpos: vpos + np_] if verify else None
+            vpos += np_
+            if verify:
+                try:
+                    self._plan_feature(p, g_calls, theirs, v, verify, sink, emit, bad)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+                        raise
+                    # a subclass whose forward is not its base class's (e.g. a LayerNorm over channels of
+                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback
+                    bad.append(p)
+            else:
+                self._plan_feature(p, g_calls, theirs, None, False, sink, emit, bad)
+            p.inputs.clear()
+            p.outputs.clear()
+        if bad:
+            self._exclude(bad)
+            return None
+        if verify and not all(bool(t.any()) for t in vgrads):
+            # a layer's gradient is zero here (e.g. behind a zero-initialised head): its check decided nothing,
+            # so the outcome is not remembered and the check runs again on the next call
+            return feats
+        if verify and self._mark_verified():
+            return None  # auto chose the whole-model Jacobian: this block again, with that plan
+        return feats
+
+    def _plan_feature(self, p, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
+        """One planned layer's feature from its captured calls (emitted), and on an unverified block its
+        check against autograd (``bad`` gains the layer when it fails); ``v`` ``[b, k]``: the check's
+        per-example output weights."""
+        if p.kind == "norm":
+            F = norm_grads(p, g_calls)
+            if verify:
+                mine = torch.einsum("bk,bkp->p", v, F)
+                if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
+                    bad.append(p)
+            f = feat.Materialized(F)
+            f.name = p.name
+            emit(f)
+        else:
+            a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
+            if p.kind != "embedding" and p.form is None:
+                p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
+                                     self.pairs_per_example)
+            F = None
+            if p.kind != "embedding" and p.form == "materialized":
+                F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
+            if verify:
+                if F is not None:  # the per-example gradients are at hand: sum them
+                    G, do = g.shape[2], g.shape[3]
+                    mine = split_params(p, torch.einsum("bk,bkp->p", v, F).view(G, do, -1))
+                else:
+                    # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
+                    gv_calls = [torch.einsum("bk,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
+                    if p.kind == "embedding":
+                        g_v = embedding_factors(p, gv_calls)[1][:, 0]
+                    else:
+                        gv = [linear_g(p, gk) for gk in gv_calls]
+                        g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
+                    mine = batch_grad_from_factors(p, a, g_v)
+                if not all(_close(u, w) for u, w in zip(mine, theirs)):
+                    bad.append(p)
+            if p.kind == "embedding":
+                f = feat.GhostEmbedding(a, g)
+            elif F is not None:
+                f = feat.Materialized(F)
+            else:
+                f = feat.GhostLinear(*ghost_layout(a, g))
+            f.name = p.name
+            emit(f)
+
+    def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
+        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
+
+        In-place safe: if the model modified a captured input or output in place after the layer ran (its
+        version counter moved), that layer switches to copies (:class:`LayerPlan` ``copy_input`` /
+        ``copy_output``, remembered per model structure) and the forward runs again."""
+        def hook_for(p):
+            def hook(module, args, output):
+                a = args[0].detach()
+                p.inputs.append(a.clone() if p.copy_input else a)
+                p.outputs.append(output)
+                p.versions.append((a._version, output._version))
+                if p.copy_output:
+                    return output.clone()  # the model continues on a copy; ``output`` stays as backward sees it
+                return None
+            return hook
+
+        def reset():
+            for p in self.plans:
+                p.inputs.clear()
+                p.outputs.clear()
+                p.versions.clear()
+
+        for _ in range(2):
+            reset()
+            handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
+            # attention modules whose packed projection is planned run unrolled (it becomes a hooked call)
+            unrolled = [p.module._owner[0] for p in self.plans if isinstance(p.module, InProjection)]
+            for att, p in zip(unrolled, [p for p in self.plans if isinstance(p.module, InProjection)]):
+                att.forward = unrolled_attention(att, p.module, type(att).forward.__get__(att))
+            try:
+                with torch.set_grad_enabled(grad):
+                    out = self._call(x, reset, subs=self._copy_leaves(x) if grad else None)
+            finally:
+                for h in handles:
+                    h.remove()
+                for att in unrolled:
+                    del att.forward  # the class's forward again
+            moved = False
+            for p in self.plans:
+                for a, o, (va, vo) in zip(p.inputs, p.outputs, p.versions):
+                    if not p.copy_input and a._version != va:
+                        p.copy_input = moved = True
+                    if not p.copy_output and o._version != vo:
+                        p.copy_output = moved = True
+            if not moved:
+                break
+        return out
+
+    def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None, model: nn.Module | None = None
+              ) -> torch.Tensor:
+        """The model (or ``model``, a copy of it) on ``x``, channels-last for convolutional models (unless the
+        model cannot take it); ``subs``: ``{parameter name: tensor}`` used in place of those parameters."""
+        model = self.model if model is None else model
+
+        def run(inp):
+            if subs:
+                from torch.func import functional_call
+
+                return tensor_output(functional_call(model, subs, (inp,), strict=False))
+            return tensor_output(model(inp))
+
+        if self.channels_last and x.dim() == 4 and x.is_floating_point():
+            try:
+                return run(x.contiguous(memory_format=torch.channels_last))
+            except RuntimeError:
+                # e.g. a .view() that needs the standard layout: this model runs on contiguous inputs
+                self.channels_last = False
+                if reset is not None:
+                    reset()
+        return run(x)
+
+    def verify_on_twin(self, x: torch.Tensor) -> bool:
+        """The layer check, run on a perturbed copy of the model (up to 8 examples of ``x``), its outcome
+        (layers moved to the fallback, in-place copies) taken over and remembered for this model structure.
+        Which layers capture exactly is a property of the model's code, not of its values, and values such
+        as a zero-initialised head (torchvision's ViT) make gradients zero, so a check on the model itself
+        could decide nothing. True when the plan changed (the caller recomputes its block)."""
+        twin = copy.deepcopy(self.model)
+        gen = torch.Generator(device="cpu").manual_seed(98)
+        with torch.no_grad():
+            for t in twin.parameters():
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+        other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
+        other.is_twin = True
+        other.checked_mixing = True  # this block passed the check already
+        other.pairs_per_example = self.pairs_per_example
+        other.channels_last = self.channels_last
+        with torch.enable_grad():
+            for _ in range(len(other.plans) + 2):  # each round moves at least one layer, or ends
+                if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
+                    break
+        _VERIFIED.pop(twin, None)
+        if not other.verified:
+            return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
+        names = {n for n, m in capture_modules(twin) if id(m) in other.excluded}
+        copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
+        before = [p.name for p in self.plans]
+        self.excluded = {id(m) for n, m in capture_modules(self.model) if n in names}
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        for p in self.plans:
+            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
+        switched = self._mark_verified()
+        return switched or [p.name for p in self.plans] != before
+
+    def _auto_choice(self) -> bool:
+        """``implementation="auto"`` once the layer check is done: one whole-model Jacobian when the fallback
+        would hold at least :data:`AUTO_JACOBIAN_SHARE` of the parameters. True when it switched."""
+        if not self.auto or not self.plans or not self.generic:
+            return False
+        sizes = {n: p.numel() for n, p in self.model.named_parameters() if p.requires_grad}
+        copies = set(self.per_example_copies(getattr(self, "_block", None)))  # these need no torch.func pass
+        share = sum(sizes[n] for n in self.generic if n not in copies) / sum(sizes.values())
+        if share < AUTO_JACOBIAN_SHARE:
+            self.auto_reason = f"layerwise: {share:.0%} of the parameters on the fallback"
+            return False
+        self.auto_reason = (f"jacobian: {share:.0%} of the parameters would be on the fallback "
+                            f"(>= {AUTO_JACOBIAN_SHARE:.0%}), whose pass costs about one whole-model Jacobian")
+        self.plans, self.generic = plan_layers(self.model, "jacobian")
+        return True
+
+    def _mark_verified(self) -> bool:
+        """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
+        whole-model Jacobian (the caller recomputes its block with the new plan)."""
+        self.verified = True
+        names = frozenset(n for n, m in capture_modules(self.model) if id(m) in self.excluded)
+        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
+        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies)
+        return self._auto_choice()
+
+    def _exclude(self, bad) -> None:
+        self.excluded |= {id(p.module) for p in bad}
+        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        for p in self.plans:
+            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
+        self.verified = False
+
+    def _generic_jacobian(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
+        per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
+        copies = self.per_example_copies(x)
+        captured, self._captured_copies = self._captured_copies, None
+        if not copies:
+            return self._torch_func_jacobian(x, self.generic)
+        rest = [n for n in self.generic if n not in copies]
+        if (captured is not None and set(captured) == set(copies)
+                and all(t.shape[0] == x.shape[0] for t in captured.values())):
+            parts = dict(captured)  # from the capture's own backward passes
+        elif rest:
+            # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers:
+            # a separate copies pass (a forward and k backwards) would only add to it
+            return self._torch_func_jacobian(x, self.generic)
+        else:
+            parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
+        if rest:
+            J = self._torch_func_jacobian(x, rest)
+            start = 0
+            named = dict(self.model.named_parameters())
+            for n in rest:
+                parts[n] = J[:, :, start:start + named[n].numel()]
+                start += named[n].numel()
+        return torch.cat([parts[n] for n in self.generic], -1)
+
+    def per_example_copies(self, x: torch.Tensor | None = None) -> list[str]:
+        """Fallback parameters whose per-example gradients one forward gives when the parameter is replaced
+        by ``b`` copies of itself (``[1, ...] -> [b, ...]``, else ``[...] -> [b, ...]``): class tokens,
+        positional embeddings, layer scales, hand-written biases — parameters the model only broadcasts
+        against the batch. Autograd's gradient of each copy is then that example's gradient, without a
+        whole-model torch.func pass. Decided once per model structure on a few examples of ``x``: the
+        substituted forward must run and the per-example gradients, weighted by random example weights
+        and output weights, must equal autograd's gradient of the same weighted sum through the model
+        itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
+        fp = (_fingerprint(self._user_model, "copies"), self.dtype)
+        known = _COPYABLE.get(self._user_model)
+        shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
+        if known is None or known[0] != fp or (x is not None and known[1] != shape):
+            known = (fp, shape, {})  # name -> passed the check
+        decided = known[2]
+        todo = [n for n in self.generic if n not in decided]
+        if todo and x is not None:
+            # checked on a perturbed copy of the model: whether copies work is a property of the code, and
+            # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
+            twin = copy.deepcopy(self.model)
+            gen = torch.Generator(device="cpu").manual_seed(99)
+            with torch.no_grad():
+                for t in twin.parameters():
+                    noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                    t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+            named = dict(twin.named_parameters())
+            probe = x[: min(x.shape[0], 4)]
+            for n in todo:
+                decided[n] = False
+                if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS or named[n].dim() == 0:
+                    continue
+                try:
+                    J = self._copy_jacobian(probe, [n], twin)[0]
+                except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+                    if isinstance(exc, torch.cuda.OutOfMemoryError):
+                        raise
+                    continue
+                decided[n] = self._copy_check(probe, n, J, twin)
+            _COPYABLE[self._user_model] = (fp, shape, decided)
+        return [n for n in self.generic if decided.get(n)]
+
+    def _copy_leaves(self, x: torch.Tensor) -> dict | None:
+        """For the capture forward of a verified plan: ``{name: [b, ...] leaf}`` copies of the fallback
+        parameters that take them, so the capture's own k backward passes give their per-example gradients
+        (kept in ``_captured_copies`` for :meth:`_generic_jacobian`); None when there are none."""
+        self._subs = None
+        if not (self.verified and self.generic):
+            return None
+        names = self.per_example_copies()
+        if not names:
+            return None
+        self._subs = _per_example_leaves(dict(self.model.named_parameters()), names, x.shape[0])
+        return self._subs
+
+    def keep_copy_grads(self, per_output: list[list[torch.Tensor]]) -> None:
+        """``per_output[j][a]``: output a's gradient of copy leaf j (``[b, ...]``) from the capture's backward
+        passes -> ``_captured_copies`` ``{name: [b, k, numel]}``."""
+        b = next(iter(self._subs.values())).shape[0]
+        self._captured_copies = {n: torch.stack([g.reshape(b, -1) for g in cols], 1)
+                                 for n, cols in zip(self._subs, per_output)}
+        self._subs = None
+
+    @torch.enable_grad()
+    def _copy_jacobian(self, x: torch.Tensor, names: list[str], model: nn.Module | None = None) -> list[torch.Tensor]:
+        """``[b, k, numel]`` per parameter of ``names``: one forward with per-example copies, k backwards."""
+        model = self.model if model is None else model
+        b = x.shape[0]
+        subs = _per_example_leaves(dict(model.named_parameters()), names, b)
+        out = self._call(x, subs=subs, model=model).reshape(b, -1)
+        k = out.shape[1]
+        leaves = list(subs.values())
+        cols: list = [[] for _ in leaves]
+        for a in range(k):
+            gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=a + 1 < k, allow_unused=True)
+            for c, g, t in zip(cols, gs, leaves):
+                c.append((torch.zeros_like(t) if g is None else g).reshape(b, -1))
+        return [torch.stack(c, 1) for c in cols]
+
+    @torch.enable_grad()
+    def _copy_check(self, x: torch.Tensor, name: str, J: torch.Tensor, model: nn.Module) -> bool:
+        """``sum_i w_i v . J_i`` from the copies against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        b, k = J.shape[:2]
+        w = torch.randn(b, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
+        v = torch.randn(k, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
+        mine = torch.einsum("i,a,iap->p", w, v, J)
+        p = dict(model.named_parameters())[name]
+        out = self._call(x, model=model).reshape(b, -1)
+        theirs, = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [p], allow_unused=True)
+        if theirs is None or not bool(mine.any()):
+            return False  # unused, or the substituted copies were not what the model read (e.g. nn.LSTM)
+        theirs = theirs.reshape(-1)
+        # relative to the gradient's size (no absolute floor: a small gradient must still match)
+        rtol = 1e-4 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+        return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
+
+    def _torch_func_jacobian(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop)."""
+        from torch.func import functional_call, jacrev, vmap
+
+        named = dict(self.model.named_parameters())
+        b = x.shape[0]
+        if not getattr(self, "_vmap_failed", False):
+            sub = {n: named[n].detach() for n in names}
+
+            def f(p, xi):
+                return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
+
+            try:
+                with torch.enable_grad():
+                    J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
+                return torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in names], -1)
+            except (RuntimeError, NotImplementedError):
+                # some ops have no (correct) batching rule (e.g. PReLU's backward): exact loop instead
+                self._vmap_failed = True
+        from .. import reference
+
+        with torch.enable_grad():  # the exact per-example, per-output autograd loop
+            return reference.jacobian_rows(self.model, [x], params=[named[n] for n in names])
+
+
+# Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
+# gradients were checked against autograd (first block of the first call). Whether a weight is also used
+# outside its module is a property of the model's code, so later calls on the same structure skip the
+# extra backward pass; any change of modules or parameters (objects, shapes, requires_grad) redoes it.
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per model: (fingerprint, input shape and dtype, {fallback parameter name: whether its per-example copies passed
+# the check}).
+_COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
+COPY_MAX_ELEMENTS = 1 << 24
+# Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
+_MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _per_example_leaves(named: dict, names: list[str], b: int) -> dict:
+    """``{name: leaf}``: ``b`` copies of each parameter, ``[1, ...] -> [b, ...]`` or ``[...] -> [b, ...]``."""
+    subs = {}
+    for n in names:
+        p = named[n].detach()
+        if p.shape[0] == 1:
+            subs[n] = p.expand(b, *p.shape[1:]).clone().requires_grad_()
+        else:
+            subs[n] = p.unsqueeze(0).expand(b, *p.shape).clone().requires_grad_()
+    return subs
+
+
+def _fingerprint(model: nn.Module, implementation: str) -> tuple:
+    return (implementation,
+            tuple((n, id(m), type(m)) for n, m in model.named_modules()),
+            # dtype and device too: which kernels run (e.g. nn.LSTM's) may differ between them
+            tuple((n, id(p), tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
+                  for n, p in model.named_parameters()))
+
+
+def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
+    b, k, G, do, _ = g.shape
+    return b * k * G * do * a.shape[2]
+
+
+def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
+    return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
