@@ -243,7 +243,7 @@ def subclasses(n=5):
 
 
 def lstm(n=4):
-    """nn.LSTM: its weights reach no per-layer op (fused): the whole model goes to torch.func; output [b, 2]."""
+    """nn.LSTM: its fused weights reach no hook; captured through the unrolled recurrence; output [b, 2]."""
     class M(nn.Module):
         def __init__(self):
             super().__init__()

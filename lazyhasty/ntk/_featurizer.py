@@ -18,9 +18,9 @@ from torch import nn
 from .._loaders import model_device
 from . import _features as feat
 from ._layers import (
-    InProjection, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
+    InProjection, RecurrentProjection, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
     embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
-    tensor_output, to_materialized, trainable_params, unrolled_attention,
+    tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
 
 # On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
@@ -238,13 +238,13 @@ class Featurizer:
             self._exclude(bad)
             return None
         verify = not self.verified
-        if verify and any(isinstance(p.module, InProjection) for p in plans):
+        if verify and any(isinstance(p.module, (InProjection, RecurrentProjection)) for p in plans):
             # the unrolled attention must compute what the module computes (else the kernel would be of
             # another function): compare the outputs once per model structure
             with torch.no_grad():
                 own = self._call(x).reshape(b, -1)
             if not _close(out.detach().reshape(-1), own.reshape(-1)):
-                self._exclude([p for p in plans if isinstance(p.module, InProjection)])
+                self._exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))])
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
@@ -373,10 +373,17 @@ class Featurizer:
         for _ in range(2):
             reset()
             handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
-            # attention modules whose packed projection is planned run unrolled (it becomes a hooked call)
-            unrolled = [p.module._owner[0] for p in self.plans if isinstance(p.module, InProjection)]
-            for att, p in zip(unrolled, [p for p in self.plans if isinstance(p.module, InProjection)]):
-                att.forward = unrolled_attention(att, p.module, type(att).forward.__get__(att))
+            # attention and recurrent modules whose maps are planned run unrolled (the maps become hooked calls)
+            unrolled = []
+            for p in self.plans:
+                if isinstance(p.module, (InProjection, RecurrentProjection)):
+                    owner = p.module._owner[0]
+                    if owner in unrolled:
+                        continue
+                    unrolled.append(owner)
+                    own = type(owner).forward.__get__(owner)
+                    owner.forward = (unrolled_attention(owner, p.module, own) if isinstance(p.module, InProjection)
+                                     else unrolled_recurrent(owner, own))
             try:
                 with torch.set_grad_enabled(grad):
                     out = self._call(x, reset, subs=self._copy_leaves(x) if grad else None)

@@ -106,14 +106,122 @@ def unrolled_attention(m: nn.MultiheadAttention, proj: InProjection, original):
     return forward
 
 
+class RecurrentProjection(nn.Module):
+    """One of a fused recurrent module's linear maps (``weight_ih_l{k}[_reverse]`` with ``bias_ih_...``, or
+    ``weight_hh_...`` with ``bias_hh_...``) as a module of its own, hooked like an ``nn.Linear`` while
+    :func:`unrolled_recurrent` runs: the input map is called once on the whole sequence (positions = time
+    steps), the hidden map once per step (a module called several times: its positions are pooled). Not a
+    child of the recurrent module; the parameters are read from it each time."""
+
+    def __init__(self, rnn: nn.RNNBase, weight: str, bias: str | None):
+        super().__init__()
+        self._owner = [rnn]
+        self._names = (weight, bias)
+        w = getattr(rnn, weight)
+        self.out_features, self.in_features = w.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self._owner[0], self._names[0])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self._owner[0], self._names[1]) if self._names[1] else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+_RECURRENT: "weakref.WeakKeyDictionary[nn.RNNBase, dict]" = weakref.WeakKeyDictionary()
+
+
+def recurrent_projections(rnn: nn.RNNBase) -> dict:
+    """``{"ih_l0": RecurrentProjection, "hh_l0": ..., "ih_l0_reverse": ...}`` of an unrollable recurrent
+    module (stable objects, so exclusions by id stick)."""
+    got = _RECURRENT.get(rnn)
+    if got is None:
+        got = {}
+        for layer in range(rnn.num_layers):
+            for sfx in ("", "_reverse")[: 2 if rnn.bidirectional else 1]:
+                for kind in ("ih", "hh"):
+                    key = f"{kind}_l{layer}{sfx}"
+                    got[key] = RecurrentProjection(rnn, f"weight_{key}", f"bias_{key}" if rnn.bias else None)
+        _RECURRENT[rnn] = got
+    return got
+
+
+def unrollable_recurrent(m: nn.Module) -> bool:
+    """nn.RNN / nn.LSTM / nn.GRU without projections (``proj_size``): :func:`unrolled_recurrent` computes them."""
+    return (type(m) in (nn.RNN, nn.LSTM, nn.GRU) and getattr(m, "proj_size", 0) == 0)
+
+
+def unrolled_recurrent(m: nn.RNNBase, original):
+    """``m.forward`` for capture: the same recurrence step by step in torch ops, its linear maps as hooked
+    :class:`RecurrentProjection` calls (batch first). Packed sequences run ``original`` (the maps then never
+    run and their parameters go to the exact fallback). Dropout between layers is not applied (eval mode;
+    a training-mode dropout is refused before capture)."""
+    sites = recurrent_projections(m)
+    lstm, gru = isinstance(m, nn.LSTM), isinstance(m, nn.GRU)
+
+    def cell(gi, h, c, key):
+        gh = sites["hh_" + key](h)
+        if lstm:
+            i, f, g, o = (gi + gh).chunk(4, -1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        if gru:
+            ir, iz, inn = gi.chunk(3, -1)
+            hr, hz, hn = gh.chunk(3, -1)
+            r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+            n = torch.tanh(inn + r * hn)
+            return (1 - z) * n + z * h, None
+        pre = gi + gh
+        return (torch.tanh(pre) if m.nonlinearity == "tanh" else torch.relu(pre)), None
+
+    def forward(input, hx=None):
+        if not isinstance(input, torch.Tensor) or input.dim() != 3:
+            return original(input, hx)
+        x = input if m.batch_first else input.transpose(0, 1)  # [b, T, I]
+        b, T = x.shape[:2]
+        D, H = (2 if m.bidirectional else 1), m.hidden_size
+        if hx is None:
+            h0 = x.new_zeros(m.num_layers * D, b, H)
+            c0 = x.new_zeros(m.num_layers * D, b, H) if lstm else None
+        else:
+            h0, c0 = hx if lstm else (hx, None)
+        hs, cs = [], []
+        for layer in range(m.num_layers):
+            outs = []
+            for d in range(D):
+                key = f"l{layer}" + ("_reverse" if d else "")
+                gi = sites["ih_" + key](x)  # [b, T, G H]: the input map on every step at once
+                h, c = h0[layer * D + d], (c0[layer * D + d] if lstm else None)
+                steps = range(T - 1, -1, -1) if d else range(T)
+                seq = [None] * T
+                for t in steps:
+                    h, c = cell(gi[:, t], h, c, key)
+                    seq[t] = h
+                outs.append(torch.stack(seq, 1))
+                hs.append(h)
+                cs.append(c)
+            x = torch.cat(outs, -1) if D > 1 else outs[0]
+        out = x if m.batch_first else x.transpose(0, 1)
+        h_n = torch.stack(hs)
+        return (out, (h_n, torch.stack(cs))) if lstm else (out, h_n)
+    return forward
+
+
 def capture_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` plus the :class:`InProjection` of each unrollable attention module
-    (named ``<attention>.in_proj``)."""
+    (named ``<attention>.in_proj``) and the :class:`RecurrentProjection` maps of each unrollable recurrent
+    module (``<rnn>.ih_l0``, ``<rnn>.hh_l0``, ...)."""
     out = []
     for name, m in model.named_modules():
         out.append((name, m))
         if unrollable(m):
             out.append((f"{name}.in_proj" if name else "in_proj", in_projection(m)))
+        if unrollable_recurrent(m):
+            out.extend(((f"{name}.{key}" if name else key), site) for key, site in recurrent_projections(m).items())
     return out
 
 
@@ -252,17 +360,18 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
                 owners[id(p)] = owners.get(id(p), 0) + 1
     plans, covered = [], set()
     for name, m in capture_modules(model):
-        if not isinstance(m, _LINEAR_TYPES + (InProjection,)) or id(m) in excluded:
+        if not isinstance(m, _LINEAR_TYPES + (InProjection, RecurrentProjection)) or id(m) in excluded:
             continue
         if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
             continue  # frequency scaling / renorm in forward: left to the exact fallback
-        w = m.weight if isinstance(m, InProjection) else m._parameters.get("weight")
-        b = m.bias if isinstance(m, InProjection) else m._parameters.get("bias")
+        proxy = isinstance(m, (InProjection, RecurrentProjection))
+        w = m.weight if proxy else m._parameters.get("weight")
+        b = m.bias if proxy else m._parameters.get("bias")
         use_w = w is not None and w.requires_grad and owners.get(id(w)) == 1
         use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
         if not (use_w or use_b):
             continue
-        kind = ("linear" if isinstance(m, (nn.Linear, InProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
+        kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
         plans.append(LayerPlan(name, m, kind, use_w, use_b))
         if use_w:
