@@ -255,5 +255,14 @@ def lstm(n=4):
     return M(), torch.randn(n, 4, 3)
 
 
-ZOO = {f.__name__: f for f in (vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def parametrized(n=5):
+    """Linear layers under torch.nn.utils.parametrizations (weight norm, orthogonal): the effective weight's
+    per-example gradients mapped to the originals by one batched VJP; output [b, 2]."""
+    from torch.nn.utils import parametrizations as P
+
+    return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), P.weight_norm(nn.Linear(6, 6)), nn.Tanh(),
+                         P.orthogonal(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 2)), torch.randn(n, 3)
+
+
+ZOO = {f.__name__: f for f in (parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

@@ -317,7 +317,9 @@ def test_explain_names_every_parameter_form_and_the_path(name):
     assert {p["name"] for p in plan.parameters if p["form"] == "per-example copies"} == EXPECTED_COPIES.get(name, set())
     for p in plan.parameters:
         assert p["form"] in ("ghost", "materialized", "torch.func", "per-example copies")
-        if p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
+        if p["kind"] in ("linear", "conv") and "parametrizations" in p["name"]:
+            assert p["form"] == "materialized"  # through the parametrization's VJP: materialized only
+        elif p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
     assert ("auto' -> jacobian" in plan.why) == (name == "generic_params")

@@ -20,7 +20,7 @@ from . import _features as feat
 from ._layers import (
     InProjection, RecurrentProjection, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
     embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
-    tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
+    map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
 
 # On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
@@ -341,7 +341,7 @@ class Featurizer:
             if p.kind == "embedding":
                 f = feat.GhostEmbedding(a, g)
             elif F is not None:
-                f = feat.Materialized(F)
+                f = feat.Materialized(map_parametrized_rows(p, F) if p.weight_map else F)
             else:
                 f = feat.GhostLinear(*ghost_layout(a, g))
             f.name = p.name

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) + (
@@ -243,10 +244,16 @@ class LayerPlan:
     copy_output: bool = False
     versions: list = field(default_factory=list)
     costs: dict | None = None  # the cost model's flops per example pair for each form (set with ``form``)
+    # a parametrized weight (torch.nn.utils.parametrize: weight norm, orthogonal, spectral norm): the
+    # parameters are the parametrization's originals; per-example gradients of the effective weight go
+    # through the parametrization by one batched vector-Jacobian product (materialized form only)
+    weight_map: bool = False
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         out = []
-        if self.use_weight:
+        if self.use_weight and self.weight_map:
+            out.extend(self.module.parametrizations.weight.named_parameters())
+        elif self.use_weight:
             out.append(("weight", self.module.weight))
         if self.use_bias:
             out.append(("bias", self.module.bias))
@@ -365,16 +372,22 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
         if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
             continue  # frequency scaling / renorm in forward: left to the exact fallback
         proxy = isinstance(m, (InProjection, RecurrentProjection))
+        mapped = isinstance(m, nn.Linear) and parametrize.is_parametrized(m, "weight")
+        originals = list(m.parametrizations.weight.parameters()) if mapped else []
         w = m.weight if proxy else m._parameters.get("weight")
         b = m.bias if proxy else m._parameters.get("bias")
         use_w = w is not None and w.requires_grad and owners.get(id(w)) == 1
+        if mapped:
+            use_w = bool(originals) and all(t.requires_grad and owners.get(id(t)) == 1 for t in originals)
         use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
         if not (use_w or use_b):
             continue
         kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
-        plans.append(LayerPlan(name, m, kind, use_w, use_b))
-        if use_w:
+        plans.append(LayerPlan(name, m, kind, use_w, use_b, weight_map=mapped and use_w))
+        if use_w and mapped:
+            covered.update(id(t) for t in originals)
+        elif use_w:
             covered.add(id(w))
         if use_b:
             covered.add(id(b))
@@ -571,7 +584,7 @@ def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, ke
     """
     if plan.kind == "embedding":
         return "ghost"
-    if plan.kind == "norm":
+    if plan.kind == "norm" or plan.weight_map:
         return "materialized"
     form_cost = k * G * S * din * dout / pairs_per_example if pairs_per_example > 0 else 0.0
     if kernel == "full":
@@ -600,13 +613,46 @@ def to_materialized(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None =
     return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
 
+@torch.enable_grad()
+def through_parametrization(m: nn.Module, grads: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients ``[R, *weight.shape]`` with respect to a parametrized module's effective weight, mapped to
+    its parametrization's originals: ``[R, *original.shape]`` each, by one batched vector-Jacobian product
+    of ``weight(originals)`` (exact: the map does not depend on the example)."""
+    originals = list(m.parametrizations.weight.parameters())
+    W = m.weight  # recomputed from the originals, with its graph
+    try:
+        got = list(torch.autograd.grad(W, originals, grads, is_grads_batched=True, allow_unused=True))
+    except RuntimeError:  # an op without a batching rule: one product per row
+        rows = [torch.autograd.grad(W, originals, g, retain_graph=True, allow_unused=True) for g in grads]
+        got = [None if col[0] is None else torch.stack(col) for col in zip(*rows)]
+    return [grads.new_zeros(grads.shape[0], *o.shape) if g is None else g for g, o in zip(got, originals)]
+
+
+def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:
+    """Per-example gradients ``[..., d_out * (d_in + bias)]`` of a parametrized Linear (natural layout: each
+    output row's inputs then its bias) -> ``[..., numel(originals) + d_out]`` in :meth:`LayerPlan.params`
+    order."""
+    m = plan.module
+    lead = F.shape[:-1]
+    do, din = m.weight.shape
+    rows = F.reshape(-1, do, din + (1 if plan.use_bias else 0))
+    mapped = through_parametrization(m, rows[..., :din])
+    parts = [t.reshape(rows.shape[0], -1) for t in mapped]
+    if plan.use_bias:
+        parts.append(rows[..., din])
+    return torch.cat(parts, -1).reshape(*lead, -1)
+
+
 def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
     """A summed gradient in factor layout ``[G, d_out, d_in']`` as the parameters' shapes."""
     m = plan.module
     out = []
     if plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
-        out.append(w.reshape(m.weight.shape))
+        if plan.weight_map:
+            out.extend(t[0] for t in through_parametrization(m, w.reshape(1, *m.weight.shape)))
+        else:
+            out.append(w.reshape(m.weight.shape))
     if plan.use_bias:
         out.append(full[..., -1].reshape(m.bias.shape))
     return out

@@ -20,7 +20,7 @@ import torch
 
 from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
-    batch_grad_from_factors, choose_form, embedding_factors, norm_grads, position_a, position_g,
+    batch_grad_from_factors, map_parametrized_rows, choose_form, embedding_factors, norm_grads, position_a, position_g,
     position_to_factor_layout, split_params,
 )
 
@@ -243,7 +243,7 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: tor
     else:
         F = torch.einsum("bsgo,bsgi->bgoi", g, a)
     F = F.reshape(b, -1)
-    _gram(F, K, dense, backend)
+    _gram(map_parametrized_rows(p, F) if p.weight_map else F, K, dense, backend)
     return (w @ F).view(G, do, din) if verify else None  # the check needs only the weighted batch sum
 
 
