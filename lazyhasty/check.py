@@ -122,6 +122,7 @@ def _check_triton_ntk(device: str, quick: bool) -> list[CheckResult]:
     if "triton" not in _backend.available(device):
         return [_skip(op, "triton", device) for op in ("ntk.gram", "ntk.ghost_gram", "ntk.alignment_partials")]
     from .ntk import _triton_ntk as T
+    from .ntk import _twins as twin
 
     interp = _backend.triton_interpreted()
     g = torch.Generator().manual_seed(0)
@@ -135,7 +136,7 @@ def _check_triton_ntk(device: str, quick: bool) -> list[CheckResult]:
         y = x if M == N else rnd(N, P * k)
 
         def fn(x=x, y=y, k=k):
-            want = x.double() @ y.double().T
+            want = twin.gram(x, y, x is y, k)
             got = T.gram(x, y, x is y, interp, k)
             return float((got.double() - want).abs().max()), 1e-5 * (1 + float(want.abs().max()))
         out.append(_run("ntk.gram", "triton", device, f"{M}x{N}x{P} outputs={k}", fn))
@@ -145,10 +146,8 @@ def _check_triton_ntk(device: str, quick: bool) -> list[CheckResult]:
         sym = bi == bj
         a_j, g_j = (a_i, g_i) if sym else (rnd(bj, S, din), rnd(bj, k, S, dout))
 
-        def fn(a_i=a_i, a_j=a_j, g_i=g_i, g_j=g_j, sym=sym, bi=bi, bj=bj, k=k):
-            A = torch.einsum("isd,jtd->isjt", a_i.double(), a_j.double())
-            G = torch.einsum("iasd,jbtd->iasjbt", g_i.double(), g_j.double())
-            want = torch.einsum("isjt,iasjbt->iajb", A, G).reshape(bi * k, bj * k)
+        def fn(a_i=a_i, a_j=a_j, g_i=g_i, g_j=g_j, sym=sym):
+            want = twin.ghost_gram(a_i, a_j, g_i, g_j, sym)
             got = T.ghost_gram(a_i, a_j, g_i, g_j, sym, interp)
             return float((got.double() - want).abs().max()), 1e-4 * (1 + float(want.abs().max()))
         out.append(_run("ntk.ghost_gram", "triton", device, f"b={bi}x{bj} k={k} S={S} {din}->{dout}", fn))
@@ -157,8 +156,7 @@ def _check_triton_ntk(device: str, quick: bool) -> list[CheckResult]:
         ft_j, f0_j = (ft_i, f0_i) if sym else (rnd(N, Pt), rnd(N, P0))
 
         def fn(ft_i=ft_i, ft_j=ft_j, f0_i=f0_i, f0_j=f0_j, sym=sym):
-            Kt, K0 = ft_i.double() @ ft_j.double().T, f0_i.double() @ f0_j.double().T
-            want = torch.stack([(Kt * K0).sum(), (Kt * Kt).sum(), (K0 * K0).sum()])
+            want = twin.alignment_partials(ft_i, ft_j, f0_i, f0_j, sym, 1)
             got = T.alignment_partials(ft_i, ft_j, f0_i, f0_j, sym, interp, 1)
             return float(((got.cpu() - want.cpu()).abs() / want.cpu().abs().clamp(min=1e-30)).max()), 1e-5
         out.append(_run("ntk.alignment_partials", "triton", device, f"{M}x{N} symmetric={sym}", fn))

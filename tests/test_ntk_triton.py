@@ -6,6 +6,7 @@ import torch
 
 from lazyhasty import _backend
 from lazyhasty.metrics import ntk_alignment, ntk_gram
+from lazyhasty.ntk import _twins as twin
 
 from conftest import TRITON_DEVICES
 from ntk_zoo import ZOO
@@ -29,8 +30,7 @@ def test_alignment_partials(M, N, Pt, P0, outputs, symmetric, device):
         ft_j, f0_j = ft_i, f0_i
     else:
         ft_j, f0_j = torch.randn(N, Pt, generator=g), torch.randn(N, P0, generator=g)
-    Kt, K0 = (ft_i.double() @ ft_j.double().T), (f0_i.double() @ f0_j.double().T)
-    want = torch.stack([(Kt * K0).sum(), (Kt * Kt).sum(), (K0 * K0).sum()])
+    want = twin.alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, outputs)
     ft_i, ft_j, f0_i, f0_j = (t.to(device) for t in (ft_i, ft_j, f0_i, f0_j))
     got = alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric, _interp(), outputs)
     assert got.dtype == torch.float64
@@ -43,7 +43,7 @@ def test_gram(M, N, P, outputs, device):
 
     x = torch.randn(M, P, device=device)
     y = x if M == N else torch.randn(N, P, device=device)
-    want = (x.double() @ y.double().T).float()
+    want = twin.gram(x, y, M == N, outputs).float()
     assert torch.allclose(gram(x, y, M == N, _interp(), outputs), want, rtol=1e-5, atol=1e-5)
 
 
@@ -55,9 +55,7 @@ def test_ghost_gram(b_i, b_j, k, S, din, dout, device):
     a_i, g_i = torch.randn(b_i, S, din, generator=g), torch.randn(b_i, k, S, dout, generator=g)
     sym = b_i == b_j
     a_j, g_j = (a_i, g_i) if sym else (torch.randn(b_j, S, din, generator=g), torch.randn(b_j, k, S, dout, generator=g))
-    A = torch.einsum("isd,jtd->isjt", a_i.double(), a_j.double())
-    G = torch.einsum("iasd,jbtd->iasjbt", g_i.double(), g_j.double())
-    want = torch.einsum("isjt,iasjbt->iajb", A, G).reshape(b_i * k, b_j * k).float()
+    want = twin.ghost_gram(a_i, a_j, g_i, g_j, sym).float()
     a_i, a_j, g_i, g_j = (t.to(device) for t in (a_i, a_j, g_i, g_j))
     got = ghost_gram(a_i, a_j, g_i, g_j, sym, _interp())
     assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-4)
@@ -94,3 +92,17 @@ def test_float64_never_runs_the_float32_triton_kernels(device):
     for bs in (2, None):
         got = ntk_gram(m, x, kernel="trace", backend="triton", block_size=bs)
         assert float((got - want).norm() / want.norm()) <= 1e-12
+
+
+def test_torch_twins_are_the_math(device):
+    """The twins themselves against the definitions, on float64 inputs (no Triton needed)."""
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(5, 12, generator=g, dtype=torch.float64), torch.randn(4, 12, generator=g, dtype=torch.float64)
+    assert torch.allclose(twin.gram(x, y, False, 3), x @ y.T)
+    a_i, g_i = torch.randn(3, 2, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 5, generator=g, dtype=torch.float64)
+    # ghost form = the Gram of the materialized per-example gradients sum_s g[s] a[s]^T
+    Fm = torch.einsum("iasd,isc->iadc", g_i, a_i).reshape(6, -1)
+    assert torch.allclose(twin.ghost_gram(a_i, a_i, g_i, g_i, True), Fm @ Fm.T)
+    parts = twin.alignment_partials(x, y, 2 * x, 2 * y)  # K0 = 4 Kt
+    s2 = (x @ y.T).pow(2).sum()
+    assert torch.allclose(parts, torch.stack([4 * s2, s2, 16 * s2]))
