@@ -57,7 +57,7 @@ class Featurizer:
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
         self._subs = None  # per-example copy leaves of the current capture forward
-        self._captured_copies = None  # their gradients {name: [b, k, numel]}, for _generic_jacobian
+        self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         known = _VERIFIED.get(self._user_model)
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
@@ -94,7 +94,7 @@ class Featurizer:
 
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
-            out = self._forward_capture(x1, grad=False)
+            out = self.capture(x1, grad=False)
         k = out.numel()
         per, widest = 0, 0
         for p in self.plans:
@@ -155,7 +155,14 @@ class Featurizer:
             self._check_batch_independence(x)
         return x
 
-    def _buffer(self, numel: int) -> torch.Tensor:
+    @property
+    def capture_copies(self) -> dict | None:
+        """``{name: [b, ...] leaf}``: the per-example copies standing in for fallback parameters in the capture
+        forward that just ran (None when there are none); their gradients go to :meth:`keep_copy_grads`."""
+        return self._subs
+
+    def workspace(self, numel: int) -> torch.Tensor:
+        """A reused buffer of ``numel`` elements (per-example gradients of one layer at a time)."""
         buf = getattr(self, "_buf", None)
         if buf is None or buf.numel() < numel:
             buf = self._buf = torch.empty(numel, dtype=self.dtype, device=self.device)
@@ -187,14 +194,14 @@ class Featurizer:
         if self.plans and not self.verified and not self.is_twin and self.verify_on_twin(x):
             return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
         if not self.plans and not self.verified:
-            self._mark_verified()  # every layer is on the fallback: remember it, do not check again
+            self.mark_verified()  # every layer is on the fallback: remember it, do not check again
         if self.plans:
             layer_feats = self._layer_features(x, sink)
             if layer_feats is None:  # verification moved a layer to the fallback: redo this block
                 return None
             feats.extend(layer_feats)
         if self.generic:
-            J = self._generic_jacobian(x)
+            J = self.fallback_jacobian(x)
             self.k = J.shape[1]
             if self.by_layer:  # one feature per owning module (the kernel's per-layer parts)
                 named = dict(self.model.named_parameters())
@@ -221,7 +228,7 @@ class Featurizer:
 
     def _layer_features(self, x: torch.Tensor, sink=None):
         plans = self.plans
-        out = self._forward_capture(x)
+        out = self.capture(x)
         b = x.shape[0]
         out = out.reshape(b, -1)
         k = self.k = out.shape[1]
@@ -229,13 +236,13 @@ class Featurizer:
         if idle:
             # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
             # itself): their parameters are used some other way, so they go to the fallback
-            self._exclude(idle)
+            self.exclude(idle)
             return None
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
             bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
-            self._exclude(bad)
+            self.exclude(bad)
             return None
         verify = not self.verified
         if verify and any(isinstance(p.module, (InProjection, RecurrentProjection)) for p in plans):
@@ -244,7 +251,7 @@ class Featurizer:
             with torch.no_grad():
                 own = self._call(x).reshape(b, -1)
             if not _close(out.detach().reshape(-1), own.reshape(-1)):
-                self._exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))])
+                self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))])
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
@@ -292,13 +299,13 @@ class Featurizer:
             p.inputs.clear()
             p.outputs.clear()
         if bad:
-            self._exclude(bad)
+            self.exclude(bad)
             return None
         if verify and not all(bool(t.any()) for t in vgrads):
             # a layer's gradient is zero here (e.g. behind a zero-initialised head): its check decided nothing,
             # so the outcome is not remembered and the check runs again on the next call
             return feats
-        if verify and self._mark_verified():
+        if verify and self.mark_verified():
             return None  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
 
@@ -322,7 +329,7 @@ class Featurizer:
                                      self.pairs_per_example)
             F = None
             if p.kind != "embedding" and p.form == "materialized":
-                F = to_materialized(a, g, self._buffer(_materialized_numel(a, g)) if sink is not None else None)
+                F = to_materialized(a, g, self.workspace(_materialized_numel(a, g)) if sink is not None else None)
             if verify:
                 if F is not None:  # the per-example gradients are at hand: sum them
                     G, do = g.shape[2], g.shape[3]
@@ -347,7 +354,7 @@ class Featurizer:
             f.name = p.name
             emit(f)
 
-    def _forward_capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
+    def capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
 
         In-place safe: if the model modified a captured input or output in place after the layer ran (its
@@ -457,7 +464,7 @@ class Featurizer:
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
         for p in self.plans:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
-        switched = self._mark_verified()
+        switched = self.mark_verified()
         return switched or [p.name for p in self.plans] != before
 
     def _auto_choice(self) -> bool:
@@ -476,7 +483,7 @@ class Featurizer:
         self.plans, self.generic = plan_layers(self.model, "jacobian")
         return True
 
-    def _mark_verified(self) -> bool:
+    def mark_verified(self) -> bool:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
@@ -485,7 +492,7 @@ class Featurizer:
         _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies)
         return self._auto_choice()
 
-    def _exclude(self, bad) -> None:
+    def exclude(self, bad) -> None:
         self.excluded |= {id(p.module) for p in bad}
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
@@ -493,7 +500,7 @@ class Featurizer:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
         self.verified = False
 
-    def _generic_jacobian(self, x: torch.Tensor) -> torch.Tensor:
+    def fallback_jacobian(self, x: torch.Tensor) -> torch.Tensor:
         """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
         per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
         copies = self.per_example_copies(x)
@@ -563,7 +570,7 @@ class Featurizer:
     def _copy_leaves(self, x: torch.Tensor) -> dict | None:
         """For the capture forward of a verified plan: ``{name: [b, ...] leaf}`` copies of the fallback
         parameters that take them, so the capture's own k backward passes give their per-example gradients
-        (kept in ``_captured_copies`` for :meth:`_generic_jacobian`); None when there are none."""
+        (kept in ``_captured_copies`` for :meth:`fallback_jacobian`); None when there are none."""
         self._subs = None
         if not (self.verified and self.generic):
             return None

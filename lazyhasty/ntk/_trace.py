@@ -100,21 +100,21 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
     vacuous = bool(fz.plans) and not fz.verified
     plans = fz.plans
     b = x.shape[0]
-    out = fz._forward_capture(x) if plans else None
+    out = fz.capture(x) if plans else None
     K = torch.zeros(b, b, dtype=fz.dtype, device=x.device)  # upper row blocks (torch path)
     dense = torch.zeros_like(K)  # full products (Triton, fallback parameters)
     if plans:
         bad = _layer_terms(fz, plans, out, K, dense, backend)
         if bad:
-            fz._exclude(bad)
+            fz.exclude(bad)
             return None
     if fz.generic:
-        J = fz._generic_jacobian(x)  # [b, k, P]
+        J = fz.fallback_jacobian(x)  # [b, k, P]
         fz.k = J.shape[1]
         for a in range(J.shape[1]):
             dense.addmm_(J[:, a], J[:, a].T)
     if not fz.verified and not vacuous:
-        fz._mark_verified()
+        fz.mark_verified()
     # GEMM products J Jᵀ are symmetric only to rounding: (D + Dᵀ) / 2 is symmetric exactly (a + b = b + a)
     dense = dense.add(dense.T).mul_(0.5)
     return _mirror(K).add_(dense)
@@ -155,7 +155,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         v = torch.randn(k, generator=gen, dtype=torch.float64).tolist()
         w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
         mine = [None] * len(plans)
-    leaves = list(fz._subs.values()) if fz._subs else []  # per-example copies: their gradients too
+    leaves = list(fz.capture_copies.values()) if fz.capture_copies else []  # per-example copies: their gradients too
     copy_grads: list = [[] for _ in leaves]
     for a_out in range(k):
         gs = torch.autograd.grad(out[:, a_out].sum(), outs + leaves, retain_graph=verify or a_out + 1 < k,
@@ -168,7 +168,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            contrib = _one_output(p, st, g_calls, K, dense, backend, fz._buffer, a_out, w if verify else None)
+            contrib = _one_output(p, st, g_calls, K, dense, backend, fz.workspace, a_out, w if verify else None)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
