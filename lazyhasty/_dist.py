@@ -188,9 +188,9 @@ def _gather_tensor(t: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def reduce_alignment_sums(sums, group) -> None:
-    """Sum every rank's :class:`lazyhasty.metrics._exact.AlignmentSums` into ``sums``, exactly: each
+    """Sum every rank's :class:`lazyhasty._exact.AlignmentSums` into ``sums``, exactly: each
     double-double field is gathered and added in rank order (the same result on every rank)."""
-    from .metrics._exact import DD
+    from ._exact import DD
 
     fields = ["cross", "sq_t", "sq_0"] + (["R_t", "R_0"] if sums.centered else [])
     for name in fields:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from lazyhasty import reference as R
 from lazyhasty.metrics import (LinearityProbe, kernel_alignment, ntk_alignment, ntk_gram,
                                representation_alignment)
-from lazyhasty.metrics._exact import AlignmentSums, CentredMoments, exact_dot, exact_sum
+from lazyhasty._exact import AlignmentSums, CentredMoments, exact_dot, exact_sum
 
 LD = np.longdouble
 pytestmark = pytest.mark.skipif(np.finfo(LD).eps > 1e-18, reason="needs x86 extended precision for the reference")

@@ -12,7 +12,7 @@ from torch import nn
 
 from .._precision import exact_fp32
 from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
-from ._exact import AlignmentSums, CentredMoments
+from .._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
 
 # d x d float64 accumulators above this size are refused with a hint (a conv feature map is rarely meant).
@@ -43,7 +43,7 @@ def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, *, centered: bool = Fal
 
     K1, K2: ``[n, n]`` or ``[n, k, n, k]`` (flattened to ``[nk, nk]``), same shape. ``centered=True``
     uses ``H K H`` with ``H = I - 11^T / n`` over examples (CKA). The sums are error-free in float64
-    (:mod:`lazyhasty.metrics._exact`), so the result is within ~1e-15 of the exact value of the given
+    (:mod:`lazyhasty._exact`), so the result is within ~1e-15 of the exact value of the given
     entries even when the centred kernels are 1e-4 of the uncentred ones; a centred kernel that is zero
     to the inputs' working precision (duplicated rows, one example) is an error, not a number. The result
     lies in ``[-1, 1]``.

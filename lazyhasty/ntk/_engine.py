@@ -11,7 +11,7 @@ from .. import _backend
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import exact_fp32
 from .._progress import Progress
-from ..metrics._exact import AlignmentSums
+from .._exact import AlignmentSums
 from . import _features as feat
 from ._plan import choose_path
 from ._sharding import RankTiles, blocks_of
@@ -542,7 +542,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     :func:`ntk_gram`, and reduced at once). Per-block features (see :func:`ntk_gram`) are kept while they fit
     in ``max_cache_bytes``, otherwise recomputed for each tile pair, so memory is then set by
     ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass:
-    the sums are error-free (:class:`lazyhasty.metrics._exact.AlignmentSums`), so nothing large cancels
+    the sums are error-free (:class:`lazyhasty._exact.AlignmentSums`), so nothing large cancels
     when the centred kernels are small against the uncentred ones. float32 kernels carry rounding of
     ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at

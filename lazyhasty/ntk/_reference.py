@@ -2,7 +2,7 @@
 
 At every log a run compares the model's kernel with the kernel at init, which never changes. Capturing
 it once halves the NTK part of a probe round: ``NTKReference.capture(f0, probe)`` keeps ``K_0`` (float32
-storage for float32 models; sums are float64, exact: :class:`lazyhasty.metrics._exact.AlignmentSums`)
+storage for float32 models; sums are float64, exact: :class:`lazyhasty._exact.AlignmentSums`)
 while it fits ``max_bytes``; ``.alignment(model)`` then forms only the model's kernel. Beyond the budget
 it keeps a frozen copy of the reference and recomputes both kernels tile by tile
 (:func:`lazyhasty.ntk.ntk_alignment`): the same number, without the saving.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._loaders import all_inputs, model_device
-from ..metrics._exact import AlignmentSums
+from .._exact import AlignmentSums
 from .._loaders import iter_inputs
 from .._precision import exact_fp32
 from . import _features as feat
