@@ -221,7 +221,7 @@ def vit_tiny(n=5):
 
 def subclasses(n=5):
     """A Linear subclass that keeps Linear's forward (per-layer form), a cosine Linear computing W(theta)
-    (fails the layer check: fallback), an RMSNorm; output [b, 2]."""
+    (fails the plain layer check; planned as an affine map read off the module), an RMSNorm; output [b, 2]."""
     class Tagged(nn.Linear):
         pass
 

@@ -297,9 +297,13 @@ def test_bad_arguments():
 EXPECTED_GENERIC = {  # 8 of 24 parameters on the fallback (>= 25%): auto takes the whole-model Jacobian
                     "generic_params": {"scale", "act.weight", "fc.weight"},
                     "tied_and_outside_use": {"emb.weight", "proj.weight"},
-                    # the cosine Linear computes W(theta) in its forward: the layer check sends it back
-                    "subclasses": {"b.weight", "b.bias"},
                     }
+# models with a layer reached through a map: "parametrized" (torch parametrizations; a bias of such a layer shares
+# its plan), "subclasses" (the cosine Linear computes W(theta) in its forward: the plain plan fails the check,
+# the affine plan passes)
+MAPPED = {"parametrized": {"2.bias", "2.parametrizations.weight.original0", "2.parametrizations.weight.original1",
+                            "4.bias", "4.parametrizations.weight.original"},
+          "subclasses": {"b.weight", "b.bias"}}
 # parameters the model only broadcasts against the batch: per-example copies, no torch.func pass
 EXPECTED_COPIES = {"vit_tiny": {"cls", "pos", "scale"},
                    # a bias of a layer moved to the fallback, added by F.linear against the batch
@@ -315,13 +319,12 @@ def test_explain_names_every_parameter_form_and_the_path(name):
     assert [p["name"] for p in plan.parameters] == [n for n, p in m.named_parameters() if p.requires_grad]
     assert set(plan.generic) == EXPECTED_GENERIC.get(name, set())
     assert {p["name"] for p in plan.parameters if p["form"] == "per-example copies"} == EXPECTED_COPIES.get(name, set())
-    # layers whose weight is parametrized (their bias shares the plan): materialized, through the VJP
-    mapped = {p["name"].split(".parametrizations")[0] for p in plan.parameters if ".parametrizations." in p["name"]}
+    mapped = {p["name"] for p in plan.parameters if p["kind"] in ("linear", "conv") and p["costs"] is None}
+    assert mapped == MAPPED.get(name, set())
     for p in plan.parameters:
         assert p["form"] in ("ghost", "materialized", "torch.func", "per-example copies")
-        layer = p["name"].split(".parametrizations")[0] if ".parametrizations." in p["name"] else p["module"]
-        if p["kind"] in ("linear", "conv") and layer in mapped:
-            assert p["form"] == "materialized"  # through the parametrization's VJP: materialized only
+        if p["name"] in mapped:  # reached through a map: materialized, then the map's VJP
+            assert p["form"] == "materialized"
         elif p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]

@@ -18,7 +18,7 @@ from torch import nn
 from .._loaders import model_device
 from . import _features as feat
 from ._layers import (
-    InProjection, RecurrentProjection, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
+    InProjection, RecurrentProjection, affine_candidate, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
     embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
@@ -58,14 +58,11 @@ class Featurizer:
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
         self._subs = None  # per-example copy leaves of the current capture forward
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
+        self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         known = _VERIFIED.get(self._user_model)
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
-            names = known[1]
-            self.excluded = {id(m) for n, m in capture_modules(model) if n in names}
-            self.plans, self.generic = plan_layers(model, self.implementation, self.excluded)
-            for p in self.plans:
-                p.copy_input, p.copy_output = known[2].get(p.name, (False, False))
+            self._replan(known[1], known[3], known[2])
             self.verified = True
             self._auto_choice()
         self.k: int | None = None
@@ -458,14 +455,21 @@ class Featurizer:
         if not other.verified:
             return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
         names = {n for n, m in capture_modules(twin) if id(m) in other.excluded}
+        affine = {n for n, m in capture_modules(twin) if id(m) in other.affine}
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
-        before = [p.name for p in self.plans]
-        self.excluded = {id(m) for n, m in capture_modules(self.model) if n in names}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        before = [(p.name, p.weight_map) for p in self.plans]
+        self._replan(names, affine, copies)
+        switched = self.mark_verified()
+        return switched or [(p.name, p.weight_map) for p in self.plans] != before
+
+    def _replan(self, excluded_names, affine_names, copies: dict) -> None:
+        """Plans again with these modules on the fallback / planned as affine maps, by name."""
+        named = capture_modules(self.model)
+        self.excluded = {id(m) for n, m in named if n in excluded_names}
+        self.affine = {id(m) for n, m in named if n in affine_names}
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine)
         for p in self.plans:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
-        switched = self.mark_verified()
-        return switched or [p.name for p in self.plans] != before
 
     def _auto_choice(self) -> bool:
         """``implementation="auto"`` once the layer check is done: one whole-model Jacobian when the fallback
@@ -487,15 +491,24 @@ class Featurizer:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
-        names = frozenset(n for n, m in capture_modules(self.model) if id(m) in self.excluded)
+        named = capture_modules(self.model)
+        names = frozenset(n for n, m in named if id(m) in self.excluded)
+        affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies)
+        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies, affine)
         return self._auto_choice()
 
     def exclude(self, bad) -> None:
-        self.excluded |= {id(p.module) for p in bad}
+        """Moves the layers ``bad`` (plans that failed the check) to the fallback; a Linear subclass first gets
+        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`)."""
+        for p in bad:
+            if affine_candidate(p.module) and p.weight_map != "affine":
+                self.affine.add(id(p.module))
+            else:
+                self.affine.discard(id(p.module))
+                self.excluded.add(id(p.module))
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded)
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine)
         for p in self.plans:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
         self.verified = False

@@ -244,12 +244,16 @@ class LayerPlan:
     copy_output: bool = False
     versions: list = field(default_factory=list)
     costs: dict | None = None  # the cost model's flops per example pair for each form (set with ``form``)
-    # a parametrized weight (torch.nn.utils.parametrize: weight norm, orthogonal, spectral norm): the
-    # parameters are the parametrization's originals; per-example gradients of the effective weight go
-    # through the parametrization by one batched vector-Jacobian product (materialized form only)
-    weight_map: bool = False
+    # the parameters reach the layer's effective (weight, bias) through an example-independent map; per-example
+    # gradients of the effective weight go through it by one batched vector-Jacobian product (materialized):
+    # "parametrize": torch.nn.utils.parametrize (weight norm, orthogonal, spectral norm), the originals;
+    # "affine": a Linear subclass computing W(theta) in its forward (found out by the layer check), whose
+    # effective map is read off the module itself (affine_map); False: the plain weight
+    weight_map: str | bool = False
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
+        if self.weight_map == "affine":
+            return [(n, t) for n, t in self.module.named_parameters() if t.requires_grad]
         out = []
         if self.use_weight and self.weight_map:
             out.extend(self.module.parametrizations.weight.named_parameters())
@@ -355,7 +359,15 @@ def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return params
 
 
-def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = frozenset()):
+def affine_candidate(m: nn.Module) -> bool:
+    """A subclass of nn.Linear with its own forward, whose parameters are its own: it may compute an affine
+    map of its input from them (a cosine / normalised Linear), planned as such if the plain plan fails."""
+    return (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+            and not parametrize.is_parametrized(m) and not list(m.children()))
+
+
+def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = frozenset(),
+                affine: set[int] = frozenset()):
     """(layer plans, generic parameter names) covering every trainable parameter exactly once."""
     params = trainable_params(model)
     if implementation == "jacobian":
@@ -368,6 +380,13 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
     plans, covered = [], set()
     for name, m in capture_modules(model):
         if not isinstance(m, _LINEAR_TYPES + (InProjection, RecurrentProjection)) or id(m) in excluded:
+            continue
+        if id(m) in affine:
+            own = [t for t in m._parameters.values() if t is not None and t.requires_grad]
+            if own and all(owners.get(id(t)) == 1 for t in own):
+                # the effective (weight, bias) gradients: both factors present, then mapped to the parameters
+                plans.append(LayerPlan(name, m, "linear", True, True, weight_map="affine"))
+                covered.update(id(t) for t in own)
             continue
         if isinstance(m, nn.Embedding) and (m.scale_grad_by_freq or m.max_norm is not None):
             continue  # frequency scaling / renorm in forward: left to the exact fallback
@@ -628,6 +647,35 @@ def through_parametrization(m: nn.Module, grads: torch.Tensor) -> list[torch.Ten
     return [grads.new_zeros(grads.shape[0], *o.shape) if g is None else g for g, o in zip(got, originals)]
 
 
+@torch.enable_grad()
+def affine_map(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The effective ``(W [d_out, d_in], b [d_out])`` of a module computing an affine map of its input, read
+    off the module itself as a differentiable function of its parameters: ``b = m(0)``, ``W = (m(I) - b)^T``.
+    Whether the module is affine with example-independent (W, b) is what the layer check confirms."""
+    din = m.weight.shape[1]
+    p = m.weight
+    basis = torch.cat([torch.zeros(1, din, dtype=p.dtype, device=p.device),
+                       torch.eye(din, dtype=p.dtype, device=p.device)])
+    out = m(basis)  # [1 + d_in, d_out]
+    return (out[1:] - out[:1]).T, out[0]
+
+
+@torch.enable_grad()
+def through_affine(m: nn.Module, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients ``[R, d_out, d_in + 1]`` with respect to the effective (W | b) of :func:`affine_map`, mapped
+    to the module's own trainable parameters (``[R, *shape]`` each, in ``named_parameters`` order) by one
+    batched vector-Jacobian product."""
+    W, b = affine_map(m)
+    own = [t for _, t in m.named_parameters() if t.requires_grad]
+    gW, gb = rows[..., :-1].contiguous(), rows[..., -1].contiguous()
+    try:
+        got = torch.autograd.grad((W, b), own, (gW, gb), is_grads_batched=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one product per row
+        per = [torch.autograd.grad((W, b), own, (u, v), retain_graph=True, allow_unused=True) for u, v in zip(gW, gb)]
+        got = [None if col[0] is None else torch.stack(col) for col in zip(*per)]
+    return [rows.new_zeros(rows.shape[0], *t.shape) if g is None else g for g, t in zip(got, own)]
+
+
 def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:
     """Per-example gradients ``[..., d_out * (d_in + bias)]`` of a parametrized Linear (natural layout: each
     output row's inputs then its bias) -> ``[..., numel(originals) + d_out]`` in :meth:`LayerPlan.params`
@@ -636,6 +684,8 @@ def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:
     lead = F.shape[:-1]
     do, din = m.weight.shape
     rows = F.reshape(-1, do, din + (1 if plan.use_bias else 0))
+    if plan.weight_map == "affine":
+        return torch.cat([t.reshape(rows.shape[0], -1) for t in through_affine(m, rows)], -1).reshape(*lead, -1)
     mapped = through_parametrization(m, rows[..., :din])
     parts = [t.reshape(rows.shape[0], -1) for t in mapped]
     if plan.use_bias:
@@ -646,6 +696,9 @@ def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:
 def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
     """A summed gradient in factor layout ``[G, d_out, d_in']`` as the parameters' shapes."""
     m = plan.module
+    if plan.weight_map == "affine":
+        do, din = m.weight.shape
+        return [t[0] for t in through_affine(m, full.reshape(1, do, din + 1))]
     out = []
     if plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
