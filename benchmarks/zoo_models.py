@@ -69,6 +69,17 @@ class Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class CosineLinear(nn.Linear):
+    """A Linear with normalised rows, computed in its forward (the issue's W(theta) subclass)."""
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
+
+
+def cosine_mlp():
+    return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), CosineLinear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
 def cases():
     """name -> (model factory, input factory, n); n small enough that torch.func's J fits in a few GB."""
     tv = torchvision_models()
@@ -77,6 +88,8 @@ def cases():
         "transformer-text": (TextClassifier, lambda n: torch.randint(0, 100, (n, 12)), 32),
         "multihead-attention": (Attention, lambda n: torch.randn(n, 10, 8), 64),
         "lstm": (Recurrent, lambda n: torch.randn(n, 10, 8), 64),
+        "gru": (lambda: Recurrent(nn.GRU), lambda n: torch.randn(n, 10, 8), 64),
+        "cosine-mlp": (cosine_mlp, lambda n: torch.randn(n, 32), 64),
     }
     if tv is not None:
         img = lambda n: torch.randn(n, 3, 32, 32)  # noqa: E731

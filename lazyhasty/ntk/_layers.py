@@ -359,10 +359,18 @@ def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return params
 
 
+# Reading an affine map off a module costs a forward on d_in + 1 basis inputs, and its VJP one backward of that
+# per example and output: (d_in + 1) d_in d_out flops a row, d_in times a materialized row's. Measured (2-core CPU,
+# benchmarks/bench_zoo.py "cosine-mlp", a 256 -> 256 cosine Linear): 0.63x of torch.func for the full kernel. So
+# only narrow inputs take that path; wider ones stay on the torch.func fallback.
+AFFINE_MAX_IN = 64
+
+
 def affine_candidate(m: nn.Module) -> bool:
-    """A subclass of nn.Linear with its own forward, whose parameters are its own: it may compute an affine
-    map of its input from them (a cosine / normalised Linear), planned as such if the plain plan fails."""
-    return (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+    """A subclass of nn.Linear with its own forward, whose parameters are its own, on at most
+    :data:`AFFINE_MAX_IN` inputs: it may compute an affine map of its input from them (a cosine /
+    normalised Linear), planned as such if the plain plan fails."""
+    return (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward and m.in_features <= AFFINE_MAX_IN
             and not parametrize.is_parametrized(m) and not list(m.children()))
 
 
