@@ -264,5 +264,21 @@ def parametrized(n=5):
                          P.orthogonal(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 2)), torch.randn(n, 3)
 
 
-ZOO = {f.__name__: f for f in (parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def conv_transpose(n=4):
+    """ConvTranspose2d (stride, padding, output_padding, groups) and ConvTranspose1d (dilation, no bias): the
+    weight by the adjoint convolution, the bias as its own materialized plan; output [b, 3]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+            self.up1 = nn.ConvTranspose1d(6, 3, 2, stride=2, dilation=2, bias=False)
+            self.head = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.up(x)).mean(2)  # [b, 6, W']
+            return self.head(torch.tanh(self.up1(h)).mean(2))
+    return M(), torch.randn(n, 4, 3, 4)
+
+
+ZOO = {f.__name__: f for f in (conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

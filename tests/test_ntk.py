@@ -325,7 +325,7 @@ def test_explain_names_every_parameter_form_and_the_path(name):
         assert p["form"] in ("ghost", "materialized", "torch.func", "per-example copies")
         if p["name"] in mapped:  # reached through a map: materialized, then the map's VJP
             assert p["form"] == "materialized"
-        elif p["kind"] in ("linear", "conv"):  # the cost model's figures, and the form is the cheaper one
+        elif p["kind"] in ("linear", "conv", "convT"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
     assert ("auto' -> jacobian" in plan.why) == (name == "generic_params")

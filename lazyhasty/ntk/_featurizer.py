@@ -87,7 +87,7 @@ class Featurizer:
         needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
         layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
         kernels."""
-        from ._layers import position_a
+        from ._layers import convT_dims, position_a
 
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
@@ -97,10 +97,10 @@ class Featurizer:
         for p in self.plans:
             for xi, o in zip(p.inputs, p.outputs):
                 per += 3 * o.numel()
-                if p.kind in ("linear", "conv"):
+                if p.kind in ("linear", "conv", "convT"):
                     a = position_a(p, xi)  # [1, S, G, din]
                     per += a.numel()
-                    dout = o.numel() // (a.shape[1] * a.shape[2])
+                    dout = convT_dims(p.module)[2] if p.kind == "convT" else o.numel() // (a.shape[1] * a.shape[2])
                     form = p.form or choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, dout, "trace",
                                                  self.pairs_per_example)
                     if form == "ghost":
@@ -337,7 +337,7 @@ class Featurizer:
                     if p.kind == "embedding":
                         g_v = embedding_factors(p, gv_calls)[1][:, 0]
                     else:
-                        gv = [linear_g(p, gk) for gk in gv_calls]
+                        gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
                         g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
                     mine = batch_grad_from_factors(p, a, g_v)
                 if not all(_close(u, w) for u, w in zip(mine, theirs)):

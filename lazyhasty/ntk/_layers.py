@@ -3,9 +3,12 @@
 For the "layerwise" implementation every trainable parameter is covered exactly once:
 
 * ``nn.Linear`` (any leading dims: positions are summed), ``nn.Conv1d`` / ``nn.Conv2d`` (stride,
-  padding incl. string and non-zero modes, dilation, groups) and ``nn.Embedding``: from the captured
-  layer input and the output gradient, either in ghost form or as materialized per-example gradients,
-  chosen per layer by a cost model;
+  padding incl. string and non-zero modes, dilation, groups), ``nn.ConvTranspose1d`` / ``2d`` (by the
+  adjoint convolution: input at input positions, patches of the output gradient; bias as its own plan) and
+  ``nn.Embedding``: from the captured layer input and the output gradient, either in ghost form or as
+  materialized per-example gradients, chosen per layer by a cost model;
+* ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN``: the input and hidden maps as :class:`RecurrentProjection` sites,
+  hooked while :func:`unrolled_recurrent` runs;
 * ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``, ``nn.BatchNorm*d`` in eval mode (affine parameters): materialized
   per-example gradients from the normalized input;
 * ``nn.MultiheadAttention`` self-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
@@ -38,7 +41,8 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNo
 # Recognised by isinstance: a subclass (a cosine / weight-normalised Linear, a custom LayerNorm) is planned like
 # its base class and kept only if the layer check confirms its per-example gradients; one whose forward
 # computes something else (W(theta), permuted inputs) fails the check and goes to the exact fallback.
-_LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d)
+_LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS + _CONV_TRANSPOSE
 
 
 class InProjection(nn.Module):
@@ -409,6 +413,15 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
         use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
         if not (use_w or use_b):
             continue
+        if isinstance(m, _CONV_TRANSPOSE):
+            # the weight by the adjoint convolution (input x at input positions, patches of the output
+            # gradient); the bias, added at every output position, as its own materialized plan
+            if use_w:
+                plans.append(LayerPlan(name, m, "convT", True, False))
+            if use_b:
+                plans.append(LayerPlan(name, m, "norm", False, True))
+            covered.update(id(t) for t, on in ((w, use_w), (b, use_b)) if on)
+            continue
         kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
         plans.append(LayerPlan(name, m, kind, use_w, use_b, weight_map=mapped and use_w))
@@ -477,9 +490,45 @@ def conv_patches_by_position(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch
     return v.reshape(b, Ho * Wo, G, ks[0] * ks[1] * Cg)
 
 
+def convT_dims(m) -> tuple[int, int, int]:
+    """``(G, d_in, d_out)`` of a transposed convolution's weight factors: input channels per group against
+    ``kernel positions x output channels per group``."""
+    G = m.groups
+    ks = 1
+    for k_ in m.kernel_size:
+        ks *= k_
+    return G, m.in_channels // G, ks * (m.out_channels // G)
+
+
+def convT_g_patches(m, g: torch.Tensor, spatial) -> torch.Tensor:
+    """Output gradients ``[B, C_out, *out]`` of a transposed convolution as the patches its adjoint
+    convolution (same weight, stride, padding, dilation) reads at each of the input's positions
+    ``spatial``: ``[B, S, G, kh * kw * C_out/G]`` (columns ``(kh, kw, c)``)."""
+    one_d = len(m.kernel_size) == 1
+    if one_d:
+        g = g.unsqueeze(2)
+        ks, st, dl, pad = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0]), (0, m.padding[0])
+        spatial = (1, spatial[0])
+    else:
+        ks, st, dl, pad = m.kernel_size, m.stride, m.dilation, m.padding
+    if any(pad):
+        g = F.pad(g, (pad[1], pad[1], pad[0], pad[0]))
+    B, C, Hp, Wp = g.shape
+    sb, sc, sh, sw = g.stride()
+    H, W = spatial  # output_padding may leave the padded gradient room for more windows: the input's only
+    G = m.groups
+    Cg = C // G
+    v = g.as_strided((B, H, W, G, ks[0], ks[1], Cg),
+                     (sb, sh * st[0], sw * st[1], sc * Cg, sh * dl[0], sw * dl[1], sc), g.storage_offset())
+    return v.reshape(B, H * W, G, ks[0] * ks[1] * Cg)
+
+
 def position_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     """Layer input of one call, position-major: ``[b, S, G, d_in']`` (a column of ones for a bias)."""
     m = plan.module
+    if plan.kind == "convT":
+        G, din, _ = convT_dims(m)
+        return x.flatten(2).transpose(1, 2).reshape(x.shape[0], -1, G, din)
     if plan.kind == "linear":
         a = x.reshape(x.shape[0], -1, 1, m.in_features)
     else:
@@ -490,10 +539,13 @@ def position_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, ones], 3) if plan.use_weight else ones
 
 
-def position_g(plan: LayerPlan, g: torch.Tensor) -> torch.Tensor:
-    """One output's gradient at one call's output, position-major: ``[b, S, G, d_out]``."""
+def position_g(plan: LayerPlan, g: torch.Tensor, spatial=None) -> torch.Tensor:
+    """One output's gradient at one call's output, position-major: ``[b, S, G, d_out]`` (``spatial``: the
+    call's input positions, for a transposed convolution)."""
     m = plan.module
     b = g.shape[0]
+    if plan.kind == "convT":
+        return convT_g_patches(m, g, spatial)
     if plan.kind == "linear":
         return g.reshape(b, -1, 1, m.out_features)
     return g.flatten(2).transpose(1, 2).reshape(b, -1, m.groups, m.out_channels // m.groups)
@@ -516,6 +568,8 @@ def position_to_factor_layout(plan: LayerPlan, full: torch.Tensor) -> torch.Tens
 def linear_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     """Layer input of one call as ``[b, G, d_in', S]`` (a row of ones appended for a bias)."""
     m = plan.module
+    if plan.kind == "convT":
+        return position_a(plan, x).permute(0, 2, 3, 1)
     if plan.kind == "linear":
         a = x.reshape(x.shape[0], -1, m.in_features).transpose(1, 2).unsqueeze(1)
     else:
@@ -526,10 +580,14 @@ def linear_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, ones], 2) if plan.use_weight else ones
 
 
-def linear_g(plan: LayerPlan, gk: torch.Tensor) -> torch.Tensor:
-    """Output gradients of one call ``[b, k, ...out]`` as ``[b, k, G, d_out, S]``."""
+def linear_g(plan: LayerPlan, gk: torch.Tensor, spatial=None) -> torch.Tensor:
+    """Output gradients of one call ``[b, k, ...out]`` as ``[b, k, G, d_out, S]`` (``spatial``: the call's
+    input positions, for a transposed convolution)."""
     m = plan.module
     b, k = gk.shape[:2]
+    if plan.kind == "convT":
+        pg = convT_g_patches(m, gk.reshape(b * k, *gk.shape[2:]), spatial)  # [b k, S, G, d_out]
+        return pg.view(b, k, *pg.shape[1:]).permute(0, 1, 3, 4, 2)
     if plan.kind == "linear":
         return gk.reshape(b, k, -1, m.out_features).transpose(2, 3).unsqueeze(2)
     G = m.groups
@@ -540,7 +598,7 @@ def linear_factors(plan: LayerPlan, grads: list[torch.Tensor]):
     """Natural layouts over all calls of the module (positions of the calls concatenated):
     a ``[b, G, d_in', S]`` and g ``[b, k, G, d_out, S]``."""
     a_calls = [linear_a(plan, x) for x in plan.inputs]
-    g_calls = [linear_g(plan, gk) for gk in grads]
+    g_calls = [linear_g(plan, gk, x.shape[2:]) for gk, x in zip(grads, plan.inputs)]
     a = torch.cat(a_calls, -1) if len(a_calls) > 1 else a_calls[0]
     g = torch.cat(g_calls, -1) if len(g_calls) > 1 else g_calls[0]
     return a, g
@@ -581,6 +639,8 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
         elif isinstance(m, nn.GroupNorm):
             xhat = F.group_norm(x, m.num_groups, eps=m.eps)
             red = tuple(range(3, gk.dim()))
+        elif isinstance(m, _CONV_TRANSPOSE):  # its bias plan: the output gradient summed over positions
+            xhat, red = None, tuple(range(3, gk.dim()))
         elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
             xhat = F.rms_norm(x, m.normalized_shape, eps=m.eps)
             red = tuple(range(2, gk.dim() - len(m.normalized_shape)))
@@ -707,6 +767,12 @@ def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
     if plan.weight_map == "affine":
         do, din = m.weight.shape
         return [t[0] for t in through_affine(m, full.reshape(1, do, din + 1))]
+    if plan.kind == "convT":  # [G, (kh, kw, c_out), c_in] -> the weight's [C_in, C_out/G, kh, kw]
+        G, din, _ = convT_dims(m)
+        ks = tuple(m.kernel_size)
+        w = full.reshape(G, *ks, m.out_channels // G, din)
+        w = w.permute(0, len(ks) + 2, len(ks) + 1, *range(1, len(ks) + 1))
+        return [w.reshape(m.weight.shape)]
     out = []
     if plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]

@@ -174,7 +174,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         if id(t) in by_param:
             plan, copies = by_param[id(t)]
             form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
-            rows.append(_row(model, name, t, plan.kind, form, plan.costs if plan.kind in ("linear", "conv") else None,
+            rows.append(_row(model, name, t, plan.kind, form, plan.costs if plan.kind in ("linear", "conv", "convT") else None,
                              copies))
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies"))

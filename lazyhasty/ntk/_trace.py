@@ -20,7 +20,7 @@ import torch
 
 from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
-    batch_grad_from_factors, map_parametrized_rows, choose_form, embedding_factors, norm_grads, position_a, position_g,
+    batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, position_a, position_g,
     position_to_factor_layout, split_params,
 )
 
@@ -130,7 +130,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     # per layer: position-major inputs (or embedding indices), form, accumulators
     state = []
     for p in plans:
-        if p.kind in ("linear", "conv"):
+        if p.kind in ("linear", "conv", "convT"):
             a_calls = [position_a(p, xi) for xi in p.inputs]
             a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]  # [b, S, G, din]
             if p.form is None:
@@ -189,7 +189,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         np_ = len(p.params())
         ref = theirs[vpos: vpos + np_]
         vpos += np_
-        if p.kind in ("linear", "conv"):
+        if p.kind in ("linear", "conv", "convT"):
             # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
             # position-major gradients [b, S, G, d_out]
             full = m if st["ghosts"] is None else torch.einsum("b,bsgo,bsgi->goi", w, m, st["a"])
@@ -209,6 +209,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
 
 def _dout(p) -> int:
     m = p.module
+    if p.kind == "convT":
+        return convT_dims(m)[2]
     return m.out_features if p.kind == "linear" else m.out_channels // m.groups
 
 
@@ -229,7 +231,7 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: tor
         g = g[:, 0, :, 0]
         st["ghosts"][0].add(a_out, g.reshape(-1, g.shape[-1]))
         return g
-    gp = [position_g(p, g) for g in g_calls]
+    gp = [position_g(p, g, x.shape[2:]) for g, x in zip(g_calls, p.inputs)]
     g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
     if st["ghosts"] is not None:
         for grp, gh in enumerate(st["ghosts"]):
