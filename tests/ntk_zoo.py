@@ -280,5 +280,19 @@ def conv_transpose(n=4):
     return M(), torch.randn(n, 4, 3, 4)
 
 
-ZOO = {f.__name__: f for f in (conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def conv3d(n=3):
+    """Conv3d ('same' reflect padding, groups) into ConvTranspose3d (stride): video-shaped inputs; output [b, 2]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv3d(2, 4, 3, padding="same", padding_mode="reflect", groups=2)
+            self.t = nn.ConvTranspose3d(4, 3, 2, stride=2)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.t(torch.tanh(self.c(x)))).flatten(2).mean(2))
+    return M(), torch.randn(n, 2, 3, 4, 4)
+
+
+ZOO = {f.__name__: f for f in (conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

@@ -2,8 +2,8 @@
 
 For the "layerwise" implementation every trainable parameter is covered exactly once:
 
-* ``nn.Linear`` (any leading dims: positions are summed), ``nn.Conv1d`` / ``nn.Conv2d`` (stride,
-  padding incl. string and non-zero modes, dilation, groups), ``nn.ConvTranspose1d`` / ``2d`` (by the
+* ``nn.Linear`` (any leading dims: positions are summed), ``nn.Conv1d`` / ``2d`` / ``3d`` (stride,
+  padding incl. string and non-zero modes, dilation, groups), ``nn.ConvTranspose1d`` / ``2d`` / ``3d`` (by the
   adjoint convolution: input at input positions, patches of the output gradient; bias as its own plan) and
   ``nn.Embedding``: from the captured layer input and the output gradient, either in ghost form or as
   materialized per-example gradients, chosen per layer by a cost model;
@@ -41,8 +41,8 @@ _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNo
 # Recognised by isinstance: a subclass (a cosine / weight-normalised Linear, a custom LayerNorm) is planned like
 # its base class and kept only if the layer check confirms its per-example gradients; one whose forward
 # computes something else (W(theta), permuted inputs) fails the check and goes to the exact fallback.
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d)
-_LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding) + _NORMS + _CONV_TRANSPOSE
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding) + _NORMS + _CONV_TRANSPOSE
 
 
 class InProjection(nn.Module):
@@ -422,7 +422,7 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
                 plans.append(LayerPlan(name, m, "norm", False, True))
             covered.update(id(t) for t, on in ((w, use_w), (b, use_b)) if on)
             continue
-        kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d))
+        kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
         plans.append(LayerPlan(name, m, kind, use_w, use_b, weight_map=mapped and use_w))
         if use_w and mapped:
@@ -436,8 +436,14 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
 
 
 # --- factors from captured inputs and output gradients --------------------------------------------
-def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def _conv_patches(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """[b, G, C_in/G * prod(kernel), L] patches of a convolution's input, in the weight's layout."""
+    if isinstance(m, nn.Conv3d):  # no 3-d unfold: the position-major patches, columns reordered (c, k...)
+        pos = conv_patches_by_position(m, x)  # [b, S, G, k... c]
+        b, S, G, _ = pos.shape
+        cg = m.in_channels // m.groups
+        v = pos.view(b, S, G, -1, cg).permute(0, 2, 4, 3, 1)  # [b, G, c, k, S]
+        return v.reshape(b, G, -1, S)
     if isinstance(m, nn.Conv1d):
         x = x.unsqueeze(2)
         ks, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
@@ -458,36 +464,41 @@ def _conv_patches(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.view(b, m.groups, -1, L)
 
 
-def conv_patches_by_position(m: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``[b, S, G, kh * kw * C_in/G]`` patches, position-major, with columns in ``(kh, kw, c)`` order.
+def strided_patches(x: torch.Tensor, ks, st, dl, G: int, out=None) -> torch.Tensor:
+    """``[B, S, G, prod(ks) * C/G]`` patches of an already padded ``x`` ``[B, C, *spatial]`` (any number of
+    spatial dims), position-major, columns in ``(k..., c)`` order: one strided view, one copy. ``out``: the
+    number of windows per dim (default: all that fit)."""
+    B, C, *sp = x.shape
+    nd = len(sp)
+    strides = x.stride()
+    if out is None:
+        out = [(sp[i] - dl[i] * (ks[i] - 1) - 1) // st[i] + 1 for i in range(nd)]
+    Cg = C // G
+    shape = (B, *out, G, *ks, Cg)
+    stride = (strides[0], *(strides[2 + i] * st[i] for i in range(nd)), strides[1] * Cg,
+              *(strides[2 + i] * dl[i] for i in range(nd)), strides[1])
+    v = x.as_strided(shape, stride, x.storage_offset())
+    S, K = 1, 1
+    for i in range(nd):
+        S, K = S * out[i], K * ks[i]
+    return v.reshape(B, S, G, K * Cg)
+
+
+def conv_patches_by_position(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[b, S, G, prod(kernel) * C_in/G]`` patches of a Conv1d/2d/3d's input, position-major, with columns in
+    ``(k..., c)`` order.
 
     One strided copy of the (padded) input in its own memory layout: for a channels-last input each
     patch row is a few contiguous runs of channels (no transposes, unlike ``unfold``'s ``[b, C k k, S]``).
     """
-    if isinstance(m, nn.Conv1d):
-        x = x.unsqueeze(2)
-        ks, st, dl = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0])
-        pad = (0, 0) if isinstance(m.padding, str) else (0, m.padding[0])
-    else:
-        ks, st, dl = m.kernel_size, m.stride, m.dilation
-        pad = (0, 0) if isinstance(m.padding, str) else m.padding
     if isinstance(m.padding, str) or m.padding_mode != "zeros":
+        # explicit padding exactly as the module does it ('same' may be asymmetric; reflect/circular modes)
         rp = list(m._reversed_padding_repeated_twice)
-        if isinstance(m, nn.Conv1d):
-            rp = rp + [0, 0]
         mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
         x = F.pad(x, rp, mode=mode) if any(rp) else x
-    elif any(pad):
-        x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-    b, C, Hp, Wp = x.shape
-    sb, sc, sh, sw = x.stride()
-    Ho = (Hp - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
-    Wo = (Wp - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
-    G = m.groups
-    Cg = C // G
-    v = x.as_strided((b, Ho, Wo, G, ks[0], ks[1], Cg),
-                     (sb, sh * st[0], sw * st[1], sc * Cg, sh * dl[0], sw * dl[1], sc), x.storage_offset())
-    return v.reshape(b, Ho * Wo, G, ks[0] * ks[1] * Cg)
+    elif any(m.padding):
+        x = F.pad(x, [p for p in reversed(m.padding) for _ in (0, 1)])
+    return strided_patches(x, m.kernel_size, m.stride, m.dilation, m.groups)
 
 
 def convT_dims(m) -> tuple[int, int, int]:
@@ -503,24 +514,11 @@ def convT_dims(m) -> tuple[int, int, int]:
 def convT_g_patches(m, g: torch.Tensor, spatial) -> torch.Tensor:
     """Output gradients ``[B, C_out, *out]`` of a transposed convolution as the patches its adjoint
     convolution (same weight, stride, padding, dilation) reads at each of the input's positions
-    ``spatial``: ``[B, S, G, kh * kw * C_out/G]`` (columns ``(kh, kw, c)``)."""
-    one_d = len(m.kernel_size) == 1
-    if one_d:
-        g = g.unsqueeze(2)
-        ks, st, dl, pad = (1, m.kernel_size[0]), (1, m.stride[0]), (1, m.dilation[0]), (0, m.padding[0])
-        spatial = (1, spatial[0])
-    else:
-        ks, st, dl, pad = m.kernel_size, m.stride, m.dilation, m.padding
-    if any(pad):
-        g = F.pad(g, (pad[1], pad[1], pad[0], pad[0]))
-    B, C, Hp, Wp = g.shape
-    sb, sc, sh, sw = g.stride()
-    H, W = spatial  # output_padding may leave the padded gradient room for more windows: the input's only
-    G = m.groups
-    Cg = C // G
-    v = g.as_strided((B, H, W, G, ks[0], ks[1], Cg),
-                     (sb, sh * st[0], sw * st[1], sc * Cg, sh * dl[0], sw * dl[1], sc), g.storage_offset())
-    return v.reshape(B, H * W, G, ks[0] * ks[1] * Cg)
+    ``spatial``: ``[B, S, G, prod(kernel) * C_out/G]`` (columns ``(k..., c)``). ``output_padding`` may leave
+    room for more windows in the padded gradient: only the input's ``spatial`` are taken."""
+    if any(m.padding):
+        g = F.pad(g, [p for p in reversed(m.padding) for _ in (0, 1)])
+    return strided_patches(g, m.kernel_size, m.stride, m.dilation, m.groups, out=list(spatial))
 
 
 def position_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
@@ -558,10 +556,13 @@ def position_to_factor_layout(plan: LayerPlan, full: torch.Tensor) -> torch.Tens
     if plan.kind != "conv" or not plan.use_weight:
         return full
     G, do = full.shape[:2]
-    ks = m.kernel_size if isinstance(m, nn.Conv2d) else (1, m.kernel_size[0])
+    ks = tuple(m.kernel_size)
     cg = m.in_channels // m.groups
-    nw = ks[0] * ks[1] * cg
-    w = full[..., :nw].reshape(G, do, ks[0], ks[1], cg).permute(0, 1, 4, 2, 3).reshape(G, do, nw)
+    nw = cg
+    for k_ in ks:
+        nw *= k_
+    nd = len(ks)
+    w = full[..., :nw].reshape(G, do, *ks, cg).permute(0, 1, nd + 2, *range(2, nd + 2)).reshape(G, do, nw)
     return torch.cat([w, full[..., nw:]], -1) if full.shape[-1] > nw else w
 
 
