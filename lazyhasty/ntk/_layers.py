@@ -661,6 +661,12 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
 
 
 # --- cost model -------------------------------------------------------------------------------------
+# A strided permute of the ghost form's [b S d_out, b k] intermediate, in flops an element: measured on the 2-core
+# CPU as one 5.6M-element copy in 9.5 ms beside GEMMs at ~30 GFLOP/s (torchvision ViT's MLP output layer: the
+# copy alone took 13% of the call). Memory-bound, so a few tens of flops.
+GHOST_PERMUTE_FLOPS = 32
+
+
 def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, kernel: str,
                 pairs_per_example: float = 0.0) -> str:
     """Ghost or materialized, whichever needs fewer flops (ties: materialized).
@@ -676,7 +682,9 @@ def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, ke
         return "materialized"
     form_cost = k * G * S * din * dout / pairs_per_example if pairs_per_example > 0 else 0.0
     if kernel == "full":
-        ghost = G * (S * S * din + (S * k * dout * (S + k) if S > 1 else k * k * dout))
+        # with positions, the ghost product's intermediate H (S k d_out per pair) is permuted once in memory:
+        # a strided copy, charged GHOST_PERMUTE_FLOPS flops an element
+        ghost = G * (S * S * din + (S * k * dout * (S + k + GHOST_PERMUTE_FLOPS) if S > 1 else k * k * dout))
         materialized = k * k * G * din * dout + form_cost
     else:
         ghost = G * S * S * (din + k * dout)
