@@ -501,3 +501,21 @@ def test_recurrent_modules_are_captured_unrolled_and_exact(cell, kw):
     assert "forward" not in vars(m.rnn)  # the module's own forward again after capture
     y = m.rnn(x)  # and the fused kernel still runs as before
     assert isinstance(y, tuple)
+
+
+def test_models_too_large_to_copy_are_checked_in_place(monkeypatch):
+    """Beyond TWIN_MAX_BYTES no twin is made: the same checks run on the model itself, with the same outcome
+    where gradients are not zero."""
+    from lazyhasty.ntk import _featurizer
+
+    monkeypatch.setattr(_featurizer, "TWIN_MAX_BYTES", 0)
+    m, x = _model("tied_and_outside_use", torch.float64)
+    fz = Featurizer(m, "layerwise", "full", None)
+    assert fz._perturbed_twin(1) is None
+    fz(x)
+    assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
+    assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-12
+    _featurizer._VERIFIED.pop(m, None)
+    v, xv = _model("vit_tiny", torch.float64)
+    assert _rel(ntk_gram(v, xv, kernel="trace"), R.ntk_gram(v, [xv], kernel="trace")) <= 1e-12
+    _featurizer._VERIFIED.pop(v, None)

@@ -430,18 +430,29 @@ class Featurizer:
                     reset()
         return run(x)
 
+    def _perturbed_twin(self, seed: int) -> nn.Module | None:
+        """A deep copy of the model with every parameter perturbed by noise of its own scale (so no gradient
+        is zero by the values' accident), or None when the model holds more than :data:`TWIN_MAX_BYTES`."""
+        size = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+        if size > TWIN_MAX_BYTES:
+            return None
+        twin = copy.deepcopy(self.model)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for t in twin.parameters():
+                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
+                t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+        return twin
+
     def verify_on_twin(self, x: torch.Tensor) -> bool:
         """The layer check, run on a perturbed copy of the model (up to 8 examples of ``x``), its outcome
         (layers moved to the fallback, in-place copies) taken over and remembered for this model structure.
         Which layers capture exactly is a property of the model's code, not of its values, and values such
         as a zero-initialised head (torchvision's ViT) make gradients zero, so a check on the model itself
         could decide nothing. True when the plan changed (the caller recomputes its block)."""
-        twin = copy.deepcopy(self.model)
-        gen = torch.Generator(device="cpu").manual_seed(98)
-        with torch.no_grad():
-            for t in twin.parameters():
-                noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
-                t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+        twin = self._perturbed_twin(98)
+        if twin is None:
+            return False  # a model too large to copy: the check runs on the model itself
         other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
         other.is_twin = True
         other.checked_mixing = True  # this block passed the check already
@@ -558,12 +569,7 @@ class Featurizer:
         if todo and x is not None:
             # checked on a perturbed copy of the model: whether copies work is a property of the code, and
             # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
-            twin = copy.deepcopy(self.model)
-            gen = torch.Generator(device="cpu").manual_seed(99)
-            with torch.no_grad():
-                for t in twin.parameters():
-                    noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
-                    t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+            twin = self._perturbed_twin(99) or self.model  # too large to copy: on the model itself
             named = dict(twin.named_parameters())
             probe = x[: min(x.shape[0], 4)]
             for n in todo:
@@ -668,6 +674,9 @@ _VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 # Per model: (fingerprint, input shape and dtype, {fallback parameter name: whether its per-example copies passed
 # the check}).
 _COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# The checks run on a perturbed copy of models up to this size (parameters and buffers); larger ones are checked
+# in place (a check that decides nothing, e.g. behind a zero head, then runs again on the next call).
+TWIN_MAX_BYTES = 1 << 30
 # Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
 COPY_MAX_ELEMENTS = 1 << 24
 # Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
