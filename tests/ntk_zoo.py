@@ -294,5 +294,38 @@ def conv3d(n=3):
     return M(), torch.randn(n, 2, 3, 4, 4)
 
 
-ZOO = {f.__name__: f for f in (conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def hand_written(n=5):
+    """Layers written by hand in the NTK parametrisation (``x @ W / sqrt(d) + 0.1 b``), an ``F.linear`` on raw
+    parameters, a ``torch.matmul`` over a sequence, and a weight also used elementwise (stays on torch.func);
+    output [b, 2]."""
+    import math
+
+    class NTKLinear(nn.Module):
+        def __init__(self, i, o):
+            super().__init__()
+            self.W, self.b = nn.Parameter(torch.randn(i, o)), nn.Parameter(torch.randn(o))
+
+        def forward(self, x):
+            return x @ self.W / math.sqrt(self.W.shape[0]) + 0.1 * self.b
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Parameter(0.3 * torch.randn(3, 8))
+            self.l1 = NTKLinear(8, 16)
+            self.w, self.c = nn.Parameter(0.3 * torch.randn(16, 16)), nn.Parameter(0.1 * torch.randn(16))
+            self.odd = nn.Parameter(0.3 * torch.randn(4, 4))
+            self.out = NTKLinear(16, 2)
+
+        def forward(self, x):  # x [b, T, 3]
+            h = torch.tanh(torch.matmul(x, self.seq)).mean(1)
+            h = torch.relu(self.l1(h))
+            h = torch.tanh(nn.functional.linear(h, self.w, self.c))
+            # odd: in a product and elementwise (its diagonal)
+            h = torch.tanh(h + (h[:, :4] @ self.odd).sum(1, keepdim=True) * self.odd.diagonal().sum())
+            return self.out(h)
+    return M(), torch.randn(n, 4, 3)
+
+
+ZOO = {f.__name__: f for f in (hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

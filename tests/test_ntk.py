@@ -297,6 +297,8 @@ def test_bad_arguments():
 EXPECTED_GENERIC = {  # 8 of 24 parameters on the fallback (>= 25%): auto takes the whole-model Jacobian
                     "generic_params": {"scale", "act.weight", "fc.weight"},
                     "tied_and_outside_use": {"emb.weight", "proj.weight"},
+                    # a weight also used elementwise is not one linear map: it stays on torch.func
+                    "hand_written": {"odd"},
                     }
 # models with a layer reached through a map: "parametrized" (torch parametrizations; a bias of such a layer shares
 # its plan), "subclasses" (the cosine Linear computes W(theta) in its forward: the plain plan fails the check,
@@ -307,7 +309,8 @@ MAPPED = {"parametrized": {"2.bias", "2.parametrizations.weight.original0", "2.p
 # parameters the model only broadcasts against the batch: per-example copies, no torch.func pass
 EXPECTED_COPIES = {"vit_tiny": {"cls", "pos", "scale"},
                    # a bias of a layer moved to the fallback, added by F.linear against the batch
-                   "tied_and_outside_use": {"proj.bias"}, "generic_params": {"fc.bias"}}
+                   "tied_and_outside_use": {"proj.bias"}, "generic_params": {"fc.bias"},
+                   "hand_written": {"l1.b", "out.b"}}
 
 
 @pytest.mark.parametrize("name", list(ZOO))

@@ -9,6 +9,7 @@ the one-block trace kernel, which drives a Featurizer's capture itself, in ``_tr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
 
@@ -18,7 +19,8 @@ from torch import nn
 from .._loaders import model_device
 from . import _features as feat
 from ._layers import (
-    InProjection, RecurrentProjection, affine_candidate, batch_grad_from_factors, capture_modules, check_per_example, check_probe_inputs, choose_form,
+    InProjection, MatmulSite, RecurrentProjection, SiteRecorder, affine_candidate, batch_grad_from_factors,
+    discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form,
     embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
@@ -59,9 +61,11 @@ class Featurizer:
         self._subs = None  # per-example copy leaves of the current capture forward
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
+        self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
         known = _VERIFIED.get(self._user_model)
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
+            self.sites = dict(known[4])
             self._replan(known[1], known[3], known[2])
             self.verified = True
             self._auto_choice()
@@ -188,7 +192,7 @@ class Featurizer:
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
         feats: list = []
-        if self.plans and not self.verified and not self.is_twin and self.verify_on_twin(x):
+        if (self.plans or self.generic) and not self.verified and not self.is_twin and self.verify_on_twin(x):
             return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
         if not self.plans and not self.verified:
             self.mark_verified()  # every layer is on the fallback: remember it, do not check again
@@ -388,8 +392,10 @@ class Featurizer:
                     own = type(owner).forward.__get__(owner)
                     owner.forward = (unrolled_attention(owner, p.module, own) if isinstance(p.module, InProjection)
                                      else unrolled_recurrent(owner, own))
+            site_plans = [p for p in self.plans if isinstance(p.module, MatmulSite)]
+            recording = SiteRecorder(site_plans).mode if site_plans else contextlib.nullcontext()
             try:
-                with torch.set_grad_enabled(grad):
+                with torch.set_grad_enabled(grad), recording:
                     out = self._call(x, reset, subs=self._copy_leaves(x) if grad else None)
             finally:
                 for h in handles:
@@ -458,6 +464,13 @@ class Featurizer:
         other.checked_mixing = True  # this block passed the check already
         other.pairs_per_example = self.pairs_per_example
         other.channels_last = self.channels_last
+        named = dict(twin.named_parameters())
+        candidates = [n for n in other.generic if named[n].dim() in (1, 2)]
+        if candidates and self.implementation == "layerwise":
+            # parameters the model's own code multiplies directly: linear sites (checked with the rest)
+            other.sites = discover_sites(twin, other._call, x[: min(x.shape[0], 8)], candidates)
+            if other.sites:
+                other._replan(set(), set(), {})
         with torch.enable_grad():
             for _ in range(len(other.plans) + 2):  # each round moves at least one layer, or ends
                 if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
@@ -465,20 +478,22 @@ class Featurizer:
         _VERIFIED.pop(twin, None)
         if not other.verified:
             return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
-        names = {n for n, m in capture_modules(twin) if id(m) in other.excluded}
-        affine = {n for n, m in capture_modules(twin) if id(m) in other.affine}
+        names = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
+        affine = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine}
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
         before = [(p.name, p.weight_map) for p in self.plans]
+        self.sites = dict(other.sites)
         self._replan(names, affine, copies)
         switched = self.mark_verified()
         return switched or [(p.name, p.weight_map) for p in self.plans] != before
 
     def _replan(self, excluded_names, affine_names, copies: dict) -> None:
         """Plans again with these modules on the fallback / planned as affine maps, by name."""
-        named = capture_modules(self.model)
+        named = capture_modules(self.model, self.sites)
         self.excluded = {id(m) for n, m in named if n in excluded_names}
         self.affine = {id(m) for n, m in named if n in affine_names}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine)
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
+                                               self.sites)
         for p in self.plans:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
 
@@ -502,11 +517,12 @@ class Featurizer:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
-        named = capture_modules(self.model)
+        named = capture_modules(self.model, self.sites)
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies, affine)
+        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies, affine,
+                                       dict(self.sites))
         return self._auto_choice()
 
     def exclude(self, bad) -> None:
@@ -519,7 +535,8 @@ class Featurizer:
                 self.affine.discard(id(p.module))
                 self.excluded.add(id(p.module))
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine)
+        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
+                                               self.sites)
         for p in self.plans:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
         self.verified = False
@@ -578,11 +595,11 @@ class Featurizer:
                     continue
                 try:
                     J = self._copy_jacobian(probe, [n], twin)[0]
+                    decided[n] = self._copy_check(probe, n, J, twin)
                 except (RuntimeError, ValueError, TypeError, IndexError) as exc:
                     if isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
-                    continue
-                decided[n] = self._copy_check(probe, n, J, twin)
+                    continue  # the copies changed the output's shape or broke the forward: not this way
             _COPYABLE[self._user_model] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
 
@@ -633,6 +650,8 @@ class Featurizer:
         mine = torch.einsum("i,a,iap->p", w, v, J)
         p = dict(model.named_parameters())[name]
         out = self._call(x, model=model).reshape(b, -1)
+        if out.shape[1] != k:
+            return False  # with copies the model computed something of another shape (copies mixed)
         theirs, = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [p], allow_unused=True)
         if theirs is None or not bool(mine.any()):
             return False  # unused, or the substituted copies were not what the model read (e.g. nn.LSTM)

@@ -14,6 +14,8 @@ For the "layerwise" implementation every trainable parameter is covered exactly 
 * ``nn.MultiheadAttention`` self-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
   (a linear layer, hooked while :func:`unrolled_attention` runs) and ``out_proj`` as a Linear;
 * subclasses of all of these, kept only when the layer check confirms them;
+* parameters the model's own code multiplies directly (``h @ W``, ``torch.matmul``, ``torch.mm``,
+  ``F.linear(h, W, b)``): :class:`MatmulSite` linear layers, found by :func:`discover_sites`;
 * every other trainable parameter (other modules, parameters shared between modules, parametrized
   weights, ``scale_grad_by_freq`` embeddings...): per-example copies where the model only broadcasts it
   against the batch (``Featurizer.per_example_copies``), else exact per-example Jacobians by ``torch.func``
@@ -216,10 +218,147 @@ def unrolled_recurrent(m: nn.RNNBase, original):
     return forward
 
 
-def capture_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+_MATMULS = (torch.matmul, torch._C.TensorBase.matmul, torch.mm)
+
+
+class MatmulSite(nn.Module):
+    """A fallback parameter that the model's own code multiplies directly — ``h @ W``, ``torch.matmul(h, W)``,
+    ``torch.mm`` (``W`` ``[d_in, d_out]`` on the right: ``transposed``) or ``F.linear(h, W[, b])`` — as a linear
+    layer of its own: while capturing, a narrow TorchFunctionMode (:class:`SiteRecorder`) records each such
+    call's input and output as a hook would. Not a child of the model; found by :func:`discover_sites`."""
+
+    def __init__(self, model: nn.Module, weight: str, bias: str | None, transposed: bool):
+        super().__init__()
+        self._owner = [model]
+        self._names = (weight, bias)
+        self.transposed = transposed
+        w = self.weight
+        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+
+    def _get(self, name):
+        return dict(self._owner[0].named_parameters())[name]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._get(self._names[0])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._get(self._names[1]) if self._names[1] else None
+
+
+_SITES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def matmul_sites(model: nn.Module, specs: dict) -> dict:
+    """``{weight name: MatmulSite}`` for ``specs`` ``{weight name: (bias name | None, transposed)}`` (stable
+    objects per model and spec, so exclusions by id stick)."""
+    cache = _SITES.setdefault(model, {})
+    out = {}
+    for name, (bias, transposed) in specs.items():
+        key = (name, bias, transposed)
+        if key not in cache:
+            cache[key] = MatmulSite(model, name, bias, transposed)
+        out[name] = cache[key]
+    return out
+
+
+def _site_call(func, args, kwargs, ids: dict):
+    """``(weight name, bias name | None, transposed, input)`` when ``func(*args)`` multiplies a parameter of
+    ``ids`` (id -> name) as a linear map of a batch-first input; None otherwise."""
+    if kwargs:
+        return None
+    if func in _MATMULS and len(args) == 2 and id(args[1]) in ids and args[1].dim() == 2 and args[0].dim() >= 2:
+        return ids[id(args[1])], None, True, args[0]
+    if func is torch._C._nn.linear and len(args) >= 2 and id(args[1]) in ids and args[1].dim() == 2:
+        b = args[2] if len(args) > 2 else None
+        if b is not None and id(b) not in ids:
+            return None
+        return ids[id(args[1])], (ids[id(b)] if b is not None else None), False, args[0]
+    return None
+
+
+# Reading these from a parameter (``W.shape[0]``, ``W.dim()``) is not a use of its values.
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "requires_grad", "is_cuda", "layout", "is_leaf",
+                       "dim", "size", "numel", "stride", "is_contiguous", "element_size", "__len__"})
+
+
+def _metadata_only(func) -> bool:
+    name = getattr(func, "__name__", "")
+    if name == "__get__":  # a property read: the descriptor's name
+        name = getattr(getattr(func, "__self__", None), "__name__", "")
+    return name in _METADATA
+
+
+def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str]) -> dict:
+    """Which of the fallback parameters ``candidates`` the model only uses as the weight of direct matrix
+    products (one forward of ``call(x)`` under a TorchFunctionMode): ``{weight: (bias | None, transposed)}``.
+    A parameter also used any other way (transposed with ``.T``, passed to a Python-level torch function,
+    read elementwise) is left out."""
+    from torch.overrides import TorchFunctionMode
+
+    named = dict(model.named_parameters())
+    ids = {id(named[n]): n for n in candidates if named[n].dim() in (1, 2)}
+    found: dict = {}  # weight -> (bias, transposed)
+    users: dict = {}  # bias -> weights it is added to
+    other: set = set()
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            site = _site_call(func, args, kwargs or {}, ids)
+            if site is not None:
+                w, b, transposed, _ = site
+                if found.setdefault(w, (b, transposed)) != (b, transposed):
+                    other.add(w)  # used in two ways: not one linear map
+                if b is not None:
+                    users.setdefault(b, set()).add(w)
+            elif not _metadata_only(func):
+                for a in list(args) + list((kwargs or {}).values()):
+                    for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                        if isinstance(t, torch.Tensor) and id(t) in ids:
+                            other.add(ids[id(t)])
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        call(x)
+    # a bias exact only when it is added by exactly one weight's products and used no other way
+    return {w: (b, t) for w, (b, t) in found.items()
+            if w not in other and named[w].dim() == 2 and w not in users
+            and (b is None or (b not in other and b not in found and len(users.get(b, ())) == 1))}
+
+
+class SiteRecorder:
+    """A TorchFunctionMode for the capture forward: each call through a planned :class:`MatmulSite` is
+    recorded (input, output, version counters) like a module hook records a layer's call."""
+
+    def __init__(self, plans: list):
+        from torch.overrides import TorchFunctionMode
+
+        by_id = {id(p.module.weight): p for p in plans}
+        ids = {i: p.module._names[0] for i, p in by_id.items()}
+        bias_ids = {id(p.module.bias): p.module._names[1] for p in plans if p.module.bias is not None}
+
+        class Recorder(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                site = _site_call(func, args, kwargs or {}, {**ids, **bias_ids})
+                if site is None or id(args[1]) not in by_id:
+                    return func(*args, **(kwargs or {}))
+                p = by_id[id(args[1])]
+                x = args[0].detach()
+                out = func(*args)
+                p.inputs.append(x.clone() if p.copy_input else x)
+                p.outputs.append(out)
+                p.versions.append((x._version, out._version))
+                return out.clone() if p.copy_output else out
+
+        self.mode = Recorder()
+
+
+def capture_modules(model: nn.Module, sites: dict | None = None) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` plus the :class:`InProjection` of each unrollable attention module
     (named ``<attention>.in_proj``) and the :class:`RecurrentProjection` maps of each unrollable recurrent
-    module (``<rnn>.ih_l0``, ``<rnn>.hh_l0``, ...)."""
+    module (``<rnn>.ih_l0``, ``<rnn>.hh_l0``, ...), and the :class:`MatmulSite` of each of ``sites``
+    (``<weight>:matmul``)."""
     out = []
     for name, m in model.named_modules():
         out.append((name, m))
@@ -227,6 +366,7 @@ def capture_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             out.append((f"{name}.in_proj" if name else "in_proj", in_projection(m)))
         if unrollable_recurrent(m):
             out.extend(((f"{name}.{key}" if name else key), site) for key, site in recurrent_projections(m).items())
+    out.extend((f"{w}:matmul", site) for w, site in matmul_sites(model, sites or {}).items())
     return out
 
 
@@ -379,7 +519,7 @@ def affine_candidate(m: nn.Module) -> bool:
 
 
 def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = frozenset(),
-                affine: set[int] = frozenset()):
+                affine: set[int] = frozenset(), sites: dict | None = None):
     """(layer plans, generic parameter names) covering every trainable parameter exactly once."""
     params = trainable_params(model)
     if implementation == "jacobian":
@@ -431,6 +571,15 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
             covered.add(id(w))
         if use_b:
             covered.add(id(b))
+    named = dict(model.named_parameters())
+    for w, site in matmul_sites(model, sites or {}).items():
+        b = site._names[1]
+        if id(site) in excluded or id(named[w]) in covered or (b is not None and id(named[b]) in covered):
+            continue
+        use_w, use_b = named[w].requires_grad, b is not None and named[b].requires_grad
+        if use_w or use_b:
+            plans.append(LayerPlan(f"{w}:matmul", site, "linear", use_w, use_b))
+            covered.update(id(named[n]) for n, on in ((w, use_w), (b, use_b)) if on)
     generic = [n for n, p in params if id(p) not in covered]
     return plans, generic
 
@@ -783,7 +932,10 @@ def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
         w = w.permute(0, len(ks) + 2, len(ks) + 1, *range(1, len(ks) + 1))
         return [w.reshape(m.weight.shape)]
     out = []
-    if plan.use_weight:
+    if plan.use_weight and isinstance(m, MatmulSite) and m.transposed:  # h @ W: W is [d_in, d_out]
+        w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
+        out.append(w.reshape(m.out_features, m.in_features).T)
+    elif plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
         if plan.weight_map:
             out.extend(t[0] for t in through_parametrization(m, w.reshape(1, *m.weight.shape)))
