@@ -522,3 +522,18 @@ def test_models_too_large_to_copy_are_checked_in_place(monkeypatch):
     v, xv = _model("vit_tiny", torch.float64)
     assert _rel(ntk_gram(v, xv, kernel="trace"), R.ntk_gram(v, [xv], kernel="trace")) <= 1e-12
     _featurizer._VERIFIED.pop(v, None)
+
+
+def test_capture_sites_do_not_keep_models_alive():
+    """The capture sites of attention, recurrent and hand-written layers are cached per model; the cache must
+    not keep a model alive after its user dropped it."""
+    import gc
+    import weakref
+
+    for name in ("attention", "lstm", "hand_written"):
+        m, x = _model(name, torch.float64)
+        ntk_gram(m, x, kernel="trace")
+        refs = [weakref.ref(mod) for mod in m.modules()]  # the sites are keyed by submodules too
+        del m
+        gc.collect()
+        assert all(r() is None for r in refs), name

@@ -385,7 +385,7 @@ class Featurizer:
             unrolled = []
             for p in self.plans:
                 if isinstance(p.module, (InProjection, RecurrentProjection)):
-                    owner = p.module._owner[0]
+                    owner = p.module._owner()
                     if owner in unrolled:
                         continue
                     unrolled.append(owner)

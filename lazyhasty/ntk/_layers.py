@@ -56,16 +56,18 @@ class InProjection(nn.Module):
 
     def __init__(self, attention: nn.MultiheadAttention):
         super().__init__()
-        self._owner = [attention]  # a list: not registered as a child module
+        # a weak reference: not a child module, and the cache keyed by the owner (a WeakKeyDictionary) must not
+        # keep it alive through its value
+        self._owner = weakref.ref(attention)
         self.in_features, self.out_features = attention.embed_dim, 3 * attention.embed_dim
 
     @property
     def weight(self) -> torch.Tensor:
-        return self._owner[0].in_proj_weight
+        return self._owner().in_proj_weight
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self._owner[0].in_proj_bias
+        return self._owner().in_proj_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -122,18 +124,18 @@ class RecurrentProjection(nn.Module):
 
     def __init__(self, rnn: nn.RNNBase, weight: str, bias: str | None):
         super().__init__()
-        self._owner = [rnn]
+        self._owner = weakref.ref(rnn)  # (weak: see InProjection)
         self._names = (weight, bias)
         w = getattr(rnn, weight)
         self.out_features, self.in_features = w.shape
 
     @property
     def weight(self) -> torch.Tensor:
-        return getattr(self._owner[0], self._names[0])
+        return getattr(self._owner(), self._names[0])
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return getattr(self._owner[0], self._names[1]) if self._names[1] else None
+        return getattr(self._owner(), self._names[1]) if self._names[1] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -229,14 +231,14 @@ class MatmulSite(nn.Module):
 
     def __init__(self, model: nn.Module, weight: str, bias: str | None, transposed: bool):
         super().__init__()
-        self._owner = [model]
+        self._owner = weakref.ref(model)  # (weak: see InProjection)
         self._names = (weight, bias)
         self.transposed = transposed
         w = self.weight
         self.out_features, self.in_features = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
 
     def _get(self, name):
-        return dict(self._owner[0].named_parameters())[name]
+        return dict(self._owner().named_parameters())[name]
 
     @property
     def weight(self) -> torch.Tensor:
