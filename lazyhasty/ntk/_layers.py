@@ -860,19 +860,27 @@ def to_materialized(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None =
     return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
 
+def _batched_vjp(outputs: tuple, inputs: list, grads: tuple) -> list[torch.Tensor]:
+    """``[R, *input.shape]`` per input: the vector-Jacobian products of ``outputs`` for the ``R`` rows of
+    ``grads`` (one batched backward; one backward per row where an op has no batching rule). Unused inputs
+    get zeros."""
+    R = grads[0].shape[0]
+    try:
+        got = torch.autograd.grad(outputs, inputs, grads, is_grads_batched=True, allow_unused=True)
+    except RuntimeError:
+        per = [torch.autograd.grad(outputs, inputs, tuple(g[r] for g in grads), retain_graph=True, allow_unused=True)
+               for r in range(R)]
+        got = [None if col[0] is None else torch.stack(col) for col in zip(*per)]
+    return [grads[0].new_zeros(R, *t.shape) if g is None else g for g, t in zip(got, inputs)]
+
+
 @torch.enable_grad()
 def through_parametrization(m: nn.Module, grads: torch.Tensor) -> list[torch.Tensor]:
     """Gradients ``[R, *weight.shape]`` with respect to a parametrized module's effective weight, mapped to
     its parametrization's originals: ``[R, *original.shape]`` each, by one batched vector-Jacobian product
     of ``weight(originals)`` (exact: the map does not depend on the example)."""
     originals = list(m.parametrizations.weight.parameters())
-    W = m.weight  # recomputed from the originals, with its graph
-    try:
-        got = list(torch.autograd.grad(W, originals, grads, is_grads_batched=True, allow_unused=True))
-    except RuntimeError:  # an op without a batching rule: one product per row
-        rows = [torch.autograd.grad(W, originals, g, retain_graph=True, allow_unused=True) for g in grads]
-        got = [None if col[0] is None else torch.stack(col) for col in zip(*rows)]
-    return [grads.new_zeros(grads.shape[0], *o.shape) if g is None else g for g, o in zip(got, originals)]
+    return _batched_vjp((m.weight,), originals, (grads,))  # m.weight: recomputed from the originals
 
 
 @torch.enable_grad()
@@ -895,13 +903,7 @@ def through_affine(m: nn.Module, rows: torch.Tensor) -> list[torch.Tensor]:
     batched vector-Jacobian product."""
     W, b = affine_map(m)
     own = [t for _, t in m.named_parameters() if t.requires_grad]
-    gW, gb = rows[..., :-1].contiguous(), rows[..., -1].contiguous()
-    try:
-        got = torch.autograd.grad((W, b), own, (gW, gb), is_grads_batched=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one product per row
-        per = [torch.autograd.grad((W, b), own, (u, v), retain_graph=True, allow_unused=True) for u, v in zip(gW, gb)]
-        got = [None if col[0] is None else torch.stack(col) for col in zip(*per)]
-    return [rows.new_zeros(rows.shape[0], *t.shape) if g is None else g for g, t in zip(got, own)]
+    return _batched_vjp((W, b), own, (rows[..., :-1].contiguous(), rows[..., -1].contiguous()))
 
 
 def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:

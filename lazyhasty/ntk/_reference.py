@@ -16,7 +16,6 @@ from torch import nn
 
 from .._loaders import all_inputs, model_device
 from .._exact import AlignmentSums
-from .._loaders import iter_inputs
 from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
@@ -93,8 +92,7 @@ class NTKReference:
             _dist.agree(group, "NTKReference.capture", reference=_dist.structure(reference), kernel=kernel,
                         centered=centered, implementation=implementation, dtype=str(dtype), block_size=block_size,
                         max_bytes=max_bytes, output=repr(output), trainable=sorted(names))
-            xs = list(iter_inputs(loader, model_device(reference), allow_empty=True))
-            shard = torch.cat(xs) if xs else None
+            shard = _dist.own_shard(loader, group, model_device(reference))  # [0, ...] when empty
             x = _dist.gather_inputs(shard, group, model_device(reference))
         else:
             x, shard = all_inputs(loader, model_device(reference)), None
@@ -108,8 +106,6 @@ class NTKReference:
             p.requires_grad_(name in names)
         if group is not None:
             need //= _dist.rank_and_size(group)[1]  # each rank keeps its share of the tiles
-            if shard is None:
-                shard = x[:0]
         if need > max_bytes:
             return cls(x, kernel, centered, options, None, frozen, names, group, shard)
         if group is not None:
