@@ -327,5 +327,12 @@ def hand_written(n=5):
     return M(), torch.randn(n, 4, 3)
 
 
-ZOO = {f.__name__: f for f in (hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+def conv_prelu(n=5):
+    """Convolutions over many positions (materialized forms: ghost saves nothing) and a PReLU on torch.func:
+    ``auto`` takes one whole-model Jacobian (the fallback's pass would cost more than layerwise saves)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 3)), torch.randn(n, 3, 12, 12)
+
+
+ZOO = {f.__name__: f for f in (conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

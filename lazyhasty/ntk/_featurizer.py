@@ -20,7 +20,7 @@ from .._loaders import model_device
 from . import _features as feat
 from ._layers import (
     InProjection, MatmulSite, RecurrentProjection, SiteRecorder, affine_candidate, batch_grad_from_factors,
-    discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form,
+    discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
     embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
@@ -29,12 +29,17 @@ from ._layers import (
 # the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
 # beyond, tiles of default_block_size.
 TRACE_BLOCK_BYTES = 1 << 30
-# implementation="auto": layerwise, unless the layer check leaves at least this share of the parameters to the
-# torch.func fallback. The fallback's vmap(jacrev) runs through the whole model whatever its share, so with a
-# large share the layerwise pass is extra work on top of what one whole-model Jacobian costs. Measured (2-core
-# CPU, n = 32-64, layerwise / jacobian time): torchvision ViT (37% on the fallback) 1.5x, nn.TransformerEncoder
-# classifier (41%) 1.4x, nn.MultiheadAttention (81%) 1.5x, nn.LSTM (98%) 1.2x.
-AUTO_JACOBIAN_SHARE = 0.25
+# implementation="auto" (Featurizer._auto_choice): where some parameters still need torch.func, the layerwise
+# pass plus that fallback against one whole-model Jacobian, by the cost model. The fallback's vmap(jacrev) runs a
+# forward and k backward passes through the whole model whatever share of the parameters it covers, so per
+# example the two differ by
+#     jacobian - layerwise = sum_l [pairs * materialized_l - pairs * min(ghost_l, materialized_l)] - (1 + k) F
+# (materialized_l includes forming the layer's per-example gradients, which the Jacobian pays too; F: the
+# forward's flops an example through the parameters, sum_l G S d_in d_out plus one per other parameter): the
+# layerwise pass wins only where its ghost forms save more than that extra pass. Measured (2-core CPU, n = 32-64,
+# layerwise / jacobian time, before attention and recurrences were captured): torchvision ViT (37% on the
+# fallback, mostly materialized) 1.5x, nn.TransformerEncoder classifier (41%) 1.4x, nn.MultiheadAttention (81%)
+# 1.5x, nn.LSTM (98%) 1.2x; resnet18 with its BatchNorms on the fallback (ghost convolutions) 0.2x.
 
 
 class Featurizer:
@@ -54,6 +59,9 @@ class Featurizer:
         self.implementation = "layerwise" if implementation == "auto" else implementation
         self.auto = implementation == "auto"
         self.auto_reason = ""
+        self._auto_pending = False
+        self._pairs_per_example = 0.0
+        self._layer_costs: dict = {}  # {plan name: (G, d_in, S, k, d_out)} from the layer check, for _auto_choice
         self.excluded: set[int] = set()
         self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
@@ -66,18 +74,35 @@ class Featurizer:
         if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
             self.sites = dict(known[4])
+            self._layer_costs = dict(known[5])
             self._replan(known[1], known[3], known[2])
             self.verified = True
-            self._auto_choice()
+            self._auto_pending = self.auto  # decided once the call's pairs per example are known
         self.k: int | None = None
         self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
         self.checked_mixing = False
-        # amortizes forming per-example gradients in the ghost/materialized choice (set by the caller)
-        self.pairs_per_example = 0.0
         # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
 
     # -- public ------------------------------------------------------------------------------------
+    @property
+    def pairs_per_example(self) -> float:
+        """Example pairs each example's features meet (about (n + 1) / 2 for a Gram of n; set by the caller):
+        amortizes forming per-example gradients in the ghost / materialized choice and in ``auto``'s."""
+        return self._pairs_per_example
+
+    @pairs_per_example.setter
+    def pairs_per_example(self, value: float) -> None:
+        self._pairs_per_example = float(value)
+        self.resolve_auto()
+
+    def resolve_auto(self) -> None:
+        """``implementation="auto"`` on a model whose layer check was remembered: decide layerwise or the
+        whole-model Jacobian now (with this call's pairs per example), before the plan is used."""
+        if self._auto_pending:
+            self._auto_pending = False
+            self._auto_choice()
+
     def __call__(self, x: torch.Tensor) -> list:
         x = self._prepare(x)
         while True:
@@ -191,6 +216,7 @@ class Featurizer:
 
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
+        self.resolve_auto()
         feats: list = []
         if (self.plans or self.generic) and not self.verified and not self.is_twin and self.verify_on_twin(x):
             return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
@@ -482,6 +508,7 @@ class Featurizer:
         affine = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine}
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
         before = [(p.name, p.weight_map) for p in self.plans]
+        self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs}  # the twin's layer shapes
         self.sites = dict(other.sites)
         self._replan(names, affine, copies)
         switched = self.mark_verified()
@@ -498,18 +525,38 @@ class Featurizer:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
 
     def _auto_choice(self) -> bool:
-        """``implementation="auto"`` once the layer check is done: one whole-model Jacobian when the fallback
-        would hold at least :data:`AUTO_JACOBIAN_SHARE` of the parameters. True when it switched."""
+        """``implementation="auto"`` once the layer check is done: the whole-model Jacobian when the cost model
+        says it is cheaper than the layerwise pass plus its torch.func fallback (see the comment at the top of
+        this module). True when it switched."""
         if not self.auto or not self.plans or not self.generic:
             return False
-        sizes = {n: p.numel() for n, p in self.model.named_parameters() if p.requires_grad}
+        named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         copies = set(self.per_example_copies(getattr(self, "_block", None)))  # these need no torch.func pass
-        share = sum(sizes[n] for n in self.generic if n not in copies) / sum(sizes.values())
-        if share < AUTO_JACOBIAN_SHARE:
-            self.auto_reason = f"layerwise: {share:.0%} of the parameters on the fallback"
+        rest = [n for n in self.generic if n not in copies]
+        share = sum(named[n].numel() for n in rest) / sum(p.numel() for p in named.values())
+        if not rest:
+            self.auto_reason = "layerwise: the fallback parameters are all per-example copies (no torch.func pass)"
             return False
-        self.auto_reason = (f"jacobian: {share:.0%} of the parameters would be on the fallback "
-                            f"(>= {AUTO_JACOBIAN_SHARE:.0%}), whose pass costs about one whole-model Jacobian")
+        pairs = max(self.pairs_per_example, 1.0)
+        known = self._layer_costs
+        saved, forward, k = 0.0, float(sum(named[n].numel() for n in self.generic)), 1
+        for p in self.plans:
+            dims = known.get(p.name)
+            if dims is None:  # norms, embeddings, affine maps: one flop a parameter
+                forward += sum(t.numel() for _, t in p.params())
+                continue
+            c = form_costs(*dims, self.kernel, pairs)
+            k = dims[3]
+            materialized = pairs * c["materialized_pair"] + c["forming"]
+            saved += materialized - min(pairs * c["ghost"], materialized)
+            forward += c["forward"]
+        extra = (1 + k) * forward
+        if saved > extra:
+            self.auto_reason = (f"layerwise: its ghost forms save {saved:.3g} flops an example, more than the "
+                                f"torch.func pass of the fallback ({share:.0%} of the parameters) adds ({extra:.3g})")
+            return False
+        self.auto_reason = (f"jacobian: the torch.func pass of the fallback ({share:.0%} of the parameters) adds "
+                            f"{extra:.3g} flops an example, more than the layerwise ghost forms save ({saved:.3g})")
         self.plans, self.generic = plan_layers(self.model, "jacobian")
         return True
 
@@ -517,12 +564,14 @@ class Featurizer:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
+        if not self._layer_costs:  # checked in place: this block's layer shapes
+            self._layer_costs = {p.name: p.costs["dims"] for p in self.plans if p.costs}
         named = capture_modules(self.model, self.sites)
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
         _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies, affine,
-                                       dict(self.sites))
+                                       dict(self.sites), dict(self._layer_costs))
         return self._auto_choice()
 
     def exclude(self, bad) -> None:
@@ -675,16 +724,46 @@ class Featurizer:
             try:
                 with torch.enable_grad():
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                return torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in names], -1)
+                J = torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in names], -1)
+                if self._vmap_agrees(x, names, J):
+                    return J
             except (RuntimeError, NotImplementedError):
-                # some ops have no (correct) batching rule (e.g. PReLU's backward): exact loop instead
-                self._vmap_failed = True
+                pass
+            # some ops have no correct batching rule: nn.PReLU's backward raises under vmap(jacrev), except when
+            # the batch has as many examples as the model has outputs, where it silently mixes the two (torch
+            # 2.13; errors of 5% here): the exact loop instead, from now on for this Featurizer
+            self._vmap_failed = True
         from .. import reference
 
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
             return reference.jacobian_rows(self.model, [x], params=[named[n] for n in names])
 
+    def _vmap_agrees(self, x: torch.Tensor, names: list[str], J: torch.Tensor) -> bool:
+        """Whether torch.func's per-example Jacobians ``J`` ``[b, k, P]`` agree with autograd on one random
+        combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
+        once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
+        key = (_fingerprint(self._user_model, "vmap"), tuple(x.shape), x.dtype, tuple(names))
+        seen = _VMAP_CHECKED.setdefault(self._user_model, {})
+        if key in seen:
+            return seen[key]
+        named = dict(self.model.named_parameters())
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        wv = torch.randn(J.shape[:2], generator=gen, dtype=torch.float64).to(J.device, J.dtype)  # [b, k]
+        with torch.enable_grad():
+            out = tensor_output(self.model(x)).reshape(x.shape[0], -1)
+            theirs = torch.autograd.grad((out * wv).sum(), [named[n] for n in names], allow_unused=True)
+        theirs = torch.cat([(torch.zeros_like(named[n]) if g is None else g).reshape(-1) for n, g in zip(names, theirs)])
+        mine, theirs = torch.einsum("bk,bkp->p", wv, J.detach()), theirs.detach()
+        tol = 1e-4 if J.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        ok = float((mine - theirs).norm()) <= tol * float(theirs.norm()) + 1e-30
+        if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
+            seen.clear()
+        seen[key] = ok
+        return ok
 
+
+# Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
+_VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
 # gradients were checked against autograd (first block of the first call). Whether a weight is also used
 # outside its module is a property of the model's code, so later calls on the same structure skip the

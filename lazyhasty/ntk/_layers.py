@@ -818,30 +818,40 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
 GHOST_PERMUTE_FLOPS = 32
 
 
-def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, kernel: str,
-                pairs_per_example: float = 0.0) -> str:
-    """Ghost or materialized, whichever needs fewer flops (ties: materialized).
+def form_costs(G: int, din: int, S: int, k: int, dout: int, kernel: str, pairs_per_example: float = 0.0) -> dict:
+    """The cost model of one linear / convolution layer (``G`` groups, ``S`` positions, ``d_in``, ``d_out``,
+    ``k`` outputs), in flops.
 
     Per example pair: ghost ``G S^2 (d_in + k d_out)`` (trace; the full kernel's H contraction costs
     ``G S k d_out (S + k)``), materialized ``k G d_in d_out`` (``k^2`` for the full kernel). Forming the
-    materialized gradients costs ``k G S d_in d_out`` per example, amortized over ``pairs_per_example``
-    (about n / 2 for n examples); 0 ignores it.
+    materialized gradients costs ``k G S d_in d_out`` per example (``forming``), amortized over
+    ``pairs_per_example`` (about n / 2 for n examples; 0 ignores it) in ``materialized``. ``forward``: the
+    layer's flops an example, for ``implementation="auto"``'s comparison with a whole-model Jacobian.
     """
-    if plan.kind == "embedding":
-        return "ghost"
-    if plan.kind == "norm" or plan.weight_map:
-        return "materialized"
-    form_cost = k * G * S * din * dout / pairs_per_example if pairs_per_example > 0 else 0.0
+    forming = k * G * S * din * dout  # per example: k backward products of the layer's weight
     if kernel == "full":
         # with positions, the ghost product's intermediate H (S k d_out per pair) is permuted once in memory:
         # a strided copy, charged GHOST_PERMUTE_FLOPS flops an element
         ghost = G * (S * S * din + (S * k * dout * (S + k + GHOST_PERMUTE_FLOPS) if S > 1 else k * k * dout))
-        materialized = k * k * G * din * dout + form_cost
+        pair = k * k * G * din * dout
     else:
         ghost = G * S * S * (din + k * dout)
-        materialized = k * G * din * dout + form_cost
-    plan.costs = {"ghost": float(ghost), "materialized": float(materialized)}
-    return "ghost" if ghost < materialized else "materialized"
+        pair = k * G * din * dout
+    materialized = pair + (forming / pairs_per_example if pairs_per_example > 0 else 0.0)
+    return {"ghost": float(ghost), "materialized": float(materialized), "materialized_pair": float(pair),
+            "forming": float(forming), "forward": float(G * S * din * dout), "dims": (G, din, S, k, dout)}
+
+
+def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, kernel: str,
+                pairs_per_example: float = 0.0) -> str:
+    """Ghost or materialized, whichever needs fewer flops by :func:`form_costs` (ties: materialized); the
+    figures are kept in ``plan.costs``."""
+    if plan.kind == "embedding":
+        return "ghost"
+    if plan.kind == "norm" or plan.weight_map:
+        return "materialized"
+    plan.costs = form_costs(G, din, S, k, dout, kernel, pairs_per_example)
+    return "ghost" if plan.costs["ghost"] < plan.costs["materialized"] else "materialized"
 
 
 def to_materialized(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -174,8 +174,9 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         if id(t) in by_param:
             plan, copies = by_param[id(t)]
             form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
-            rows.append(_row(model, name, t, plan.kind, form, plan.costs if plan.kind in ("linear", "conv", "convT") else None,
-                             copies))
+            costs = ({f: plan.costs[f] for f in ("ghost", "materialized")}  # flops a pair, forming included
+                     if plan.costs and plan.kind in ("linear", "conv", "convT") else None)
+            rows.append(_row(model, name, t, plan.kind, form, costs, copies))
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies"))
         else:

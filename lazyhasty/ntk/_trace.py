@@ -89,6 +89,7 @@ class _Ghost:
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
     """``[b, b]`` trace kernel of the block ``x``; None when verification moved a layer to the fallback."""
+    fz.resolve_auto()
     if fz.plans and not fz.verified:
         # the layer check first, on a perturbed copy of the model and a few examples, by the tile path
         # (which sends a layer whose captured tensors do not fit its factors to the fallback, one layer at a
