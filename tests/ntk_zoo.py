@@ -327,6 +327,26 @@ def hand_written(n=5):
     return M(), torch.randn(n, 4, 3)
 
 
+def matmul_layouts(n=5):
+    """Parameters multiplied directly in the other layouts: ``W @ h`` (a token-mixing matrix on the left of
+    ``[b, T, d]``), per-head weights ``[H, d_in, d_out]`` on ``[b, H, S, d_in]`` (grouped), and
+    ``torch.addmm(bias, h, W)``; output [b, 4]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Parameter(0.5 * torch.randn(5, 4))
+            self.heads = nn.Parameter(0.5 * torch.randn(2, 3, 6))
+            self.w2, self.b2 = nn.Parameter(0.3 * torch.randn(12, 4)), nn.Parameter(0.1 * torch.randn(4))
+
+        def forward(self, x):  # x [b, 4, 6]
+            b = x.shape[0]
+            h = torch.tanh(self.mix @ x)  # [b, 5, 6]: mixes the 4 tokens
+            h = h.reshape(b, 5, 2, 3).transpose(1, 2)  # [b, 2 heads, 5, 3]
+            h = torch.tanh(torch.matmul(h, self.heads))  # [b, 2, 5, 6]
+            return torch.addmm(self.b2, h.mean(2).reshape(b, 12), self.w2)
+    return M(), torch.randn(n, 4, 6)
+
+
 def conv_prelu(n=5):
     """Convolutions over many positions (materialized forms: ghost saves nothing) and a PReLU on torch.func:
     ``auto`` takes one whole-model Jacobian (the fallback's pass would cost more than layerwise saves)."""
@@ -334,5 +354,5 @@ def conv_prelu(n=5):
                          nn.Linear(8, 3)), torch.randn(n, 3, 12, 12)
 
 
-ZOO = {f.__name__: f for f in (conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+ZOO = {f.__name__: f for f in (matmul_layouts, conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}

@@ -491,7 +491,7 @@ class Featurizer:
         other.pairs_per_example = self.pairs_per_example
         other.channels_last = self.channels_last
         named = dict(twin.named_parameters())
-        candidates = [n for n in other.generic if named[n].dim() in (1, 2)]
+        candidates = [n for n in other.generic if named[n].dim() in (1, 2, 3)]
         if candidates and self.implementation == "layerwise":
             # parameters the model's own code multiplies directly: linear sites (checked with the rest)
             other.sites = discover_sites(twin, other._call, x[: min(x.shape[0], 8)], candidates)

@@ -14,8 +14,9 @@ For the "layerwise" implementation every trainable parameter is covered exactly 
 * ``nn.MultiheadAttention`` self-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
   (a linear layer, hooked while :func:`unrolled_attention` runs) and ``out_proj`` as a Linear;
 * subclasses of all of these, kept only when the layer check confirms them;
-* parameters the model's own code multiplies directly (``h @ W``, ``torch.matmul``, ``torch.mm``,
-  ``F.linear(h, W, b)``): :class:`MatmulSite` linear layers, found by :func:`discover_sites`;
+* parameters the model's own code multiplies directly (``h @ W``, ``W @ h``, ``torch.matmul``, ``torch.mm``,
+  ``torch.addmm(b, h, W)``, ``F.linear(h, W, b)``, per-head weights ``[H, d_in, d_out]``: :data:`SITE_LAYOUTS`):
+  :class:`MatmulSite` linear layers (grouped for per-head weights), found by :func:`discover_sites`;
 * every other trainable parameter (other modules, parameters shared between modules, parametrized
   weights, ``scale_grad_by_freq`` embeddings...): per-example copies where the model only broadcasts it
   against the batch (``Featurizer.per_example_copies``), else exact per-example Jacobians by ``torch.func``
@@ -221,21 +222,35 @@ def unrolled_recurrent(m: nn.RNNBase, original):
 
 
 _MATMULS = (torch.matmul, torch._C.TensorBase.matmul, torch.mm)
+# How a MatmulSite's weight W multiplies the batch-first input h (the layout of the call it was found in):
+SITE_LAYOUTS = {
+    "linear": "F.linear(h, W[, b]): W [d_out, d_in], h [b, ..., d_in]",
+    "h@W": "h @ W, torch.matmul(h, W), torch.mm(h, W), torch.addmm(b, h, W): W [d_in, d_out], h [b, ..., d_in]",
+    "W@h": "W @ h, torch.matmul(W, h): W [d_out, d_in], h [b, ..., d_in, S] (features in the second-last dim)",
+    "grouped": "h @ W with W [G, d_in, d_out] (one map per group, e.g. per head): h [b, ..., G, S, d_in]",
+}
 
 
 class MatmulSite(nn.Module):
-    """A fallback parameter that the model's own code multiplies directly — ``h @ W``, ``torch.matmul(h, W)``,
-    ``torch.mm`` (``W`` ``[d_in, d_out]`` on the right: ``transposed``) or ``F.linear(h, W[, b])`` — as a linear
-    layer of its own: while capturing, a narrow TorchFunctionMode (:class:`SiteRecorder`) records each such
-    call's input and output as a hook would. Not a child of the model; found by :func:`discover_sites`."""
+    """A fallback parameter that the model's own code multiplies directly (see :data:`SITE_LAYOUTS`) as a
+    linear layer of its own (``groups`` maps for a 3-d weight): while capturing, a narrow TorchFunctionMode
+    (:class:`SiteRecorder`) records each such call's input and output as a hook would, in the layout
+    ``[b, ..., S, G, d]`` the linear factors read. Not a child of the model; found by :func:`discover_sites`."""
 
-    def __init__(self, model: nn.Module, weight: str, bias: str | None, transposed: bool):
+    def __init__(self, model: nn.Module, weight: str, bias: str | None, layout: str):
         super().__init__()
         self._owner = weakref.ref(model)  # (weak: see InProjection)
         self._names = (weight, bias)
-        self.transposed = transposed
+        self.layout = layout
         w = self.weight
-        self.out_features, self.in_features = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+        self.groups = w.shape[0] if layout == "grouped" else 1
+        self.in_features, self.out_features = ((w.shape[-2], w.shape[-1]) if layout in ("h@W", "grouped")
+                                               else (w.shape[1], w.shape[0]))
+
+    @property
+    def transposed(self) -> bool:
+        """The weight is stored ``[..., d_in, d_out]`` (the factor layout is ``[G, d_out, d_in]``)."""
+        return self.layout in ("h@W", "grouped")
 
     def _get(self, name):
         return dict(self._owner().named_parameters())[name]
@@ -248,35 +263,63 @@ class MatmulSite(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self._get(self._names[1]) if self._names[1] else None
 
+    def record(self, func, args):
+        """``(input, output to record, output for the model)`` of one call, the recorded pair in the
+        ``[b, ..., S, G, d]`` layout: for ``W @ h`` and grouped products the same product computed on the
+        moved input, and the model given the moved-back view of it."""
+        if self.layout == "W@h":
+            h = args[1].transpose(-1, -2)
+            out = F.linear(h, args[0])  # [b, ..., S, d_out] = (W @ h)ᵀ
+            return h, out, out.transpose(-1, -2)
+        if self.layout == "grouped":
+            h = args[0].movedim(-3, -2)  # [b, ..., S, G, d_in]
+            out = torch.einsum("...gi,gio->...go", h, args[1])
+            return h, out, out.movedim(-2, -3)
+        out = func(*args)
+        return (args[1] if func is torch.addmm else args[0]), out, out
+
 
 _SITES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def matmul_sites(model: nn.Module, specs: dict) -> dict:
-    """``{weight name: MatmulSite}`` for ``specs`` ``{weight name: (bias name | None, transposed)}`` (stable
+    """``{weight name: MatmulSite}`` for ``specs`` ``{weight name: (bias name | None, layout)}`` (stable
     objects per model and spec, so exclusions by id stick)."""
     cache = _SITES.setdefault(model, {})
     out = {}
-    for name, (bias, transposed) in specs.items():
-        key = (name, bias, transposed)
+    for name, (bias, layout) in specs.items():
+        key = (name, bias, layout)
         if key not in cache:
-            cache[key] = MatmulSite(model, name, bias, transposed)
+            cache[key] = MatmulSite(model, name, bias, layout)
         out[name] = cache[key]
     return out
 
 
 def _site_call(func, args, kwargs, ids: dict):
-    """``(weight name, bias name | None, transposed, input)`` when ``func(*args)`` multiplies a parameter of
-    ``ids`` (id -> name) as a linear map of a batch-first input; None otherwise."""
+    """``(weight name, bias name | None, layout)`` when ``func(*args)`` multiplies a parameter of ``ids``
+    (id -> name) as a linear map of a batch-first input (:data:`SITE_LAYOUTS`); None otherwise."""
     if kwargs:
         return None
-    if func in _MATMULS and len(args) == 2 and id(args[1]) in ids and args[1].dim() == 2 and args[0].dim() >= 2:
-        return ids[id(args[1])], None, True, args[0]
+    if func in _MATMULS and len(args) == 2:
+        h, w = args
+        if id(w) in ids and h.dim() >= 2 and not id(h) in ids:
+            if w.dim() == 2:
+                return ids[id(w)], None, "h@W"
+            if w.dim() == 3 and func is not torch.mm and h.dim() >= 4 and h.shape[-3] == w.shape[0]:
+                return ids[id(w)], None, "grouped"
+        if id(h) in ids and h.dim() == 2 and w.dim() >= 3 and func is not torch.mm and not id(w) in ids:
+            return ids[id(h)], None, "W@h"
+        return None
+    if func is torch.addmm and len(args) == 3 and id(args[2]) in ids and args[2].dim() == 2 and args[1].dim() == 2:
+        b = args[0]
+        if id(b) not in ids or b.dim() != 1:
+            return None
+        return ids[id(args[2])], ids[id(b)], "h@W"
     if func is torch._C._nn.linear and len(args) >= 2 and id(args[1]) in ids and args[1].dim() == 2:
         b = args[2] if len(args) > 2 else None
         if b is not None and id(b) not in ids:
             return None
-        return ids[id(args[1])], (ids[id(b)] if b is not None else None), False, args[0]
+        return ids[id(args[1])], (ids[id(b)] if b is not None else None), "linear"
     return None
 
 
@@ -294,14 +337,14 @@ def _metadata_only(func) -> bool:
 
 def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str]) -> dict:
     """Which of the fallback parameters ``candidates`` the model only uses as the weight of direct matrix
-    products (one forward of ``call(x)`` under a TorchFunctionMode): ``{weight: (bias | None, transposed)}``.
+    products (one forward of ``call(x)`` under a TorchFunctionMode): ``{weight: (bias | None, layout)}``.
     A parameter also used any other way (transposed with ``.T``, passed to a Python-level torch function,
     read elementwise) is left out."""
     from torch.overrides import TorchFunctionMode
 
     named = dict(model.named_parameters())
-    ids = {id(named[n]): n for n in candidates if named[n].dim() in (1, 2)}
-    found: dict = {}  # weight -> (bias, transposed)
+    ids = {id(named[n]): n for n in candidates if named[n].dim() in (1, 2, 3)}
+    found: dict = {}  # weight -> (bias, layout: a key of SITE_LAYOUTS)
     users: dict = {}  # bias -> weights it is added to
     other: set = set()
 
@@ -309,8 +352,8 @@ def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str
         def __torch_function__(self, func, types, args=(), kwargs=None):
             site = _site_call(func, args, kwargs or {}, ids)
             if site is not None:
-                w, b, transposed, _ = site
-                if found.setdefault(w, (b, transposed)) != (b, transposed):
+                w, b, layout = site
+                if found.setdefault(w, (b, layout)) != (b, layout):
                     other.add(w)  # used in two ways: not one linear map
                 if b is not None:
                     users.setdefault(b, set()).add(w)
@@ -325,7 +368,7 @@ def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str
         call(x)
     # a bias exact only when it is added by exactly one weight's products and used no other way
     return {w: (b, t) for w, (b, t) in found.items()
-            if w not in other and named[w].dim() == 2 and w not in users
+            if w not in other and named[w].dim() in (2, 3) and w not in users
             and (b is None or (b not in other and b not in found and len(users.get(b, ())) == 1))}
 
 
@@ -336,22 +379,22 @@ class SiteRecorder:
     def __init__(self, plans: list):
         from torch.overrides import TorchFunctionMode
 
-        by_id = {id(p.module.weight): p for p in plans}
-        ids = {i: p.module._names[0] for i, p in by_id.items()}
+        by_name = {p.module._names[0]: p for p in plans}
+        ids = {id(p.module.weight): name for name, p in by_name.items()}
         bias_ids = {id(p.module.bias): p.module._names[1] for p in plans if p.module.bias is not None}
 
         class Recorder(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 site = _site_call(func, args, kwargs or {}, {**ids, **bias_ids})
-                if site is None or id(args[1]) not in by_id:
+                p = by_name.get(site[0]) if site is not None else None
+                if p is None or site[2] != p.module.layout:
                     return func(*args, **(kwargs or {}))
-                p = by_id[id(args[1])]
-                x = args[0].detach()
-                out = func(*args)
+                x, out, given = p.module.record(func, args)
+                x = x.detach()
                 p.inputs.append(x.clone() if p.copy_input else x)
                 p.outputs.append(out)
                 p.versions.append((x._version, out._version))
-                return out.clone() if p.copy_output else out
+                return given.clone() if p.copy_output else given
 
         self.mode = Recorder()
 
@@ -679,7 +722,7 @@ def position_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
         G, din, _ = convT_dims(m)
         return x.flatten(2).transpose(1, 2).reshape(x.shape[0], -1, G, din)
     if plan.kind == "linear":
-        a = x.reshape(x.shape[0], -1, 1, m.in_features)
+        a = x.reshape(x.shape[0], -1, getattr(m, "groups", 1), m.in_features)
     else:
         a = conv_patches_by_position(m, x)
     if not plan.use_bias:
@@ -696,7 +739,7 @@ def position_g(plan: LayerPlan, g: torch.Tensor, spatial=None) -> torch.Tensor:
     if plan.kind == "convT":
         return convT_g_patches(m, g, spatial)
     if plan.kind == "linear":
-        return g.reshape(b, -1, 1, m.out_features)
+        return g.reshape(b, -1, getattr(m, "groups", 1), m.out_features)
     return g.flatten(2).transpose(1, 2).reshape(b, -1, m.groups, m.out_channels // m.groups)
 
 
@@ -722,8 +765,8 @@ def linear_a(plan: LayerPlan, x: torch.Tensor) -> torch.Tensor:
     m = plan.module
     if plan.kind == "convT":
         return position_a(plan, x).permute(0, 2, 3, 1)
-    if plan.kind == "linear":
-        a = x.reshape(x.shape[0], -1, m.in_features).transpose(1, 2).unsqueeze(1)
+    if plan.kind == "linear":  # [b, ..., S, G, d_in] -> [b, G, d_in, S]
+        a = x.reshape(x.shape[0], -1, getattr(m, "groups", 1), m.in_features).permute(0, 2, 3, 1)
     else:
         a = _conv_patches(m, x)
     if not plan.use_bias:
@@ -740,8 +783,8 @@ def linear_g(plan: LayerPlan, gk: torch.Tensor, spatial=None) -> torch.Tensor:
     if plan.kind == "convT":
         pg = convT_g_patches(m, gk.reshape(b * k, *gk.shape[2:]), spatial)  # [b k, S, G, d_out]
         return pg.view(b, k, *pg.shape[1:]).permute(0, 1, 3, 4, 2)
-    if plan.kind == "linear":
-        return gk.reshape(b, k, -1, m.out_features).transpose(2, 3).unsqueeze(2)
+    if plan.kind == "linear":  # [b, k, ..., S, G, d_out] -> [b, k, G, d_out, S]
+        return gk.reshape(b, k, -1, getattr(m, "groups", 1), m.out_features).permute(0, 1, 3, 4, 2)
     G = m.groups
     return gk.reshape(b, k, G, m.out_channels // G, -1)
 
@@ -946,9 +989,9 @@ def split_params(plan: LayerPlan, full: torch.Tensor) -> list[torch.Tensor]:
         w = w.permute(0, len(ks) + 2, len(ks) + 1, *range(1, len(ks) + 1))
         return [w.reshape(m.weight.shape)]
     out = []
-    if plan.use_weight and isinstance(m, MatmulSite) and m.transposed:  # h @ W: W is [d_in, d_out]
+    if plan.use_weight and isinstance(m, MatmulSite) and m.transposed:  # h @ W: W is [(G,) d_in, d_out]
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
-        out.append(w.reshape(m.out_features, m.in_features).T)
+        out.append(w.reshape(m.groups, m.out_features, m.in_features).transpose(1, 2).reshape(m.weight.shape))
     elif plan.use_weight:
         w = full[..., : full.shape[-1] - (1 if plan.use_bias else 0)]
         if plan.weight_map:
