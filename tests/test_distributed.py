@@ -129,6 +129,18 @@ def _worker(rank, size, init, shards, out_dir, mode):
                 res = "no error"
             except ValueError as exc:
                 res = str(exc)
+        elif mode == "local-error":  # rank 1's own shard breaks its forward: every rank learns of it at once
+            from lazyhasty.metrics import representation_alignment, sign_similarity
+
+            bad = mine if rank == 0 else torch.randn(2, 3, 5, 5, dtype=torch.float64)  # 3 channels, not 2
+            res = {}
+            for name, fn in (("sign_similarity", sign_similarity), ("representation_alignment",
+                                                                    representation_alignment)):
+                try:
+                    fn(m, [bad], m0, process_group="world")
+                    res[name] = "no error"
+                except (ValueError, RuntimeError) as exc:
+                    res[name] = f"{type(exc).__name__}: {exc}"
         elif mode == "mismatch":  # rank 1 asks for another kernel: an error naming it, on every rank
             from lazyhasty.metrics import ntk_alignment
 
@@ -221,6 +233,15 @@ def test_inconsistent_arguments_are_named(tmp_path):
     got = _run(tmp_path, [(0, 5), (5, 11)], mode="mismatch")
     for res in got:
         assert "different arguments" in res and "kernel: 'trace' on rank 0, 'full' on rank 1" in res
+
+
+def test_a_local_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    """sign_similarity / representation_alignment: a rank whose own forward fails raises its error, the
+    others a ValueError naming it (not a hang until the group's timeout in the next collective)."""
+    rank0, rank1 = _run(tmp_path, [(0, 5), (5, 11)], mode="local-error")
+    for name in ("sign_similarity", "representation_alignment"):
+        assert rank1[name].startswith("RuntimeError")
+        assert rank0[name].startswith(f"ValueError: {name}: rank 1 failed (RuntimeError")
 
 
 def test_naive_with_a_group_is_an_error(tmp_path):

@@ -132,6 +132,7 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     grams = _feature_moments(centered, dtype)
     rec_m = CallRecorder([(name, module)], keep("model"), where)
     rec_r = CallRecorder([(name, ref_module)], keep("ref"), where) if ref_module is not module else None
+    failed = None
     try:
         with evaluating(model, ref), exact_fp32():
             for x in iter_inputs(loader, device, allow_empty=group is not None):
@@ -149,11 +150,16 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
                 phi = got["model"].reshape(x.shape[0], -1)
                 phi0 = got["ref"].to(device).reshape(x.shape[0], -1)
                 grams.add(phi, phi0)
+    except Exception as exc:  # noqa: BLE001 - with a group, every rank learns of it (below)
+        if group is None:
+            raise
+        failed = exc
     finally:
         rec_m.remove()
         if rec_r is not None:
             rec_r.remove()
     if group is not None:
+        _dist.settle(group, failed, "representation_alignment")
         grams.merge_states(_dist.gather_objects(grams.state(), group), device)
     return grams.alignment(gram=gram)
 

@@ -293,7 +293,7 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     device, ref_device = model_device(model), model_device(ref)
     ref_run = _Pass(ref_named, backend, "reference", functional=ref if modules is None else None)
     run = _Pass(named, backend, "model", functional=model if modules is None else None)
-    counts, units = [], None
+    counts, units, failed = [], None, None
     try:
         with evaluating(model, ref):
             for x in iter_inputs(loader, device, allow_empty=group is not None):
@@ -312,11 +312,16 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
                     raise ValueError("the number of ReLU units changed between batches (inputs of different sizes?)")
                 units = sum(run.units)
                 counts.append(run.counts)
+    except Exception as exc:  # noqa: BLE001 - with a group, every rank learns of it (below)
+        if group is None:
+            raise
+        failed = exc
     finally:
         ref_run.recorder.remove()
         run.recorder.remove()
     if group is None:
         return _reduce(torch.cat(counts), units, reduction)
+    _dist.settle(group, failed, "sign_similarity")
     return _reduce_over_ranks(counts, units, reduction, group)
 
 
