@@ -586,3 +586,21 @@ def test_torch_func_jacobians_are_checked_against_autograd(dtype):
     fz = Featurizer(m, "jacobian", "full", None)
     got = fz.fallback_jacobian(x)
     assert _rel(got, want) <= (1e-6 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "hand_written", "generic_params"])
+def test_the_checks_deep_copy_the_model_once(name, monkeypatch):
+    """The layer check and the per-example-copy check share one perturbed twin (a model is copied once, not
+    once per check), and a second call copies nothing."""
+    from lazyhasty.ntk import _featurizer
+
+    m, x = _model(name, torch.float64)
+    copies = []
+    real = copy.deepcopy
+    monkeypatch.setattr(_featurizer.copy, "deepcopy",
+                        lambda obj, memo=None: (copies.append(type(obj)) if memo is None else None, real(obj, memo))[1])
+    want = R.ntk_gram(m, [x])
+    assert _rel(ntk_gram(m, x), want) <= 1e-10
+    assert len(copies) == 1
+    assert _rel(ntk_gram(m, x), want) <= 1e-10
+    assert len(copies) == 1

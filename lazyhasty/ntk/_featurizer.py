@@ -66,6 +66,7 @@ class Featurizer:
         self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
+        self._copies_owner: nn.Module | None = None  # set on a twin: the model its copy decisions are for
         self._subs = None  # per-example copy leaves of the current capture forward
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
@@ -487,6 +488,7 @@ class Featurizer:
             return False  # a model too large to copy: the check runs on the model itself
         other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
         other.is_twin = True
+        other._copies_owner = self._user_model  # its per-example-copy check decides for this model
         other.checked_mixing = True  # this block passed the check already
         other.pairs_per_example = self.pairs_per_example
         other.channels_last = self.channels_last
@@ -625,8 +627,9 @@ class Featurizer:
         substituted forward must run and the per-example gradients, weighted by random example weights
         and output weights, must equal autograd's gradient of the same weighted sum through the model
         itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
-        fp = (_fingerprint(self._user_model, "copies"), self.dtype)
-        known = _COPYABLE.get(self._user_model)
+        owner = self._copies_owner or self._user_model  # a twin's decisions are its model's
+        fp = (_fingerprint(owner, "copies"), self.dtype)
+        known = _COPYABLE.get(owner)
         shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
         if known is None or known[0] != fp or (x is not None and known[1] != shape):
             known = (fp, shape, {})  # name -> passed the check
@@ -635,7 +638,8 @@ class Featurizer:
         if todo and x is not None:
             # checked on a perturbed copy of the model: whether copies work is a property of the code, and
             # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
-            twin = self._perturbed_twin(99) or self.model  # too large to copy: on the model itself
+            # (a twin checks on itself: it is the perturbed copy, and one deep copy per check is enough)
+            twin = self.model if self.is_twin else (self._perturbed_twin(99) or self.model)  # too large: itself
             named = dict(twin.named_parameters())
             probe = x[: min(x.shape[0], 4)]
             for n in todo:
@@ -649,7 +653,7 @@ class Featurizer:
                     if isinstance(exc, torch.cuda.OutOfMemoryError):
                         raise
                     continue  # the copies changed the output's shape or broke the forward: not this way
-            _COPYABLE[self._user_model] = (fp, shape, decided)
+            _COPYABLE[owner] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
 
     def _copy_leaves(self, x: torch.Tensor) -> dict | None:
