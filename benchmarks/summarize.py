@@ -43,9 +43,26 @@ def main(path, md=False, baseline="naive"):
             su = f"{t0 / t:.2f}x" if t0 else ""
             mr = f"{m0 / max(m, 1):.1f}x" if m0 else ""
             print(f"  {p:<26}{t:>10.4f}{su:>10}{m / 2**20:>10.1f}{mr:>11}")
+    # per provider: the geometric mean of its speed-ups over the baseline, over the groups that have both
+    means = defaultdict(list)
+    for rows in groups.values():
+        if baseline in rows:
+            for p, (t, _) in rows.items():
+                if p != baseline:
+                    means[p].append(rows[baseline][0] / t)
+    if means:
+        print(f"\ngeometric mean of speed-ups over {baseline}:")
+        for p, r in means.items():
+            gm = 1.0
+            for v in r:
+                gm *= v ** (1 / len(r))
+            print(f"  {p:<26}{gm:>8.2f}x  over {len(r)} groups (min {min(r):.2f}x, max {max(r):.2f}x)")
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
     base = args[args.index("--ratio") + 1] if "--ratio" in args else "naive"
-    main(args[0], md="--markdown" in args, baseline=base)
+    paths = [a for i, a in enumerate(args) if not a.startswith("--") and (i == 0 or args[i - 1] != "--ratio")]
+    if len(paths) != 1:
+        sys.exit(__doc__)
+    main(paths[0], md="--markdown" in args, baseline=base)

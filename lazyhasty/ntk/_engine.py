@@ -524,7 +524,9 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
 
 def _finite(K: torch.Tensor) -> torch.Tensor:
     K = K.detach()  # a kernel, not a node of an autograd graph (that would keep the graph alive)
-    if not bool(torch.isfinite(K).all()):
+    # NaN and inf reach the sum (inf - inf is NaN); a finite sum clears every entry, and a sum that overflowed
+    # while all entries are finite is told apart by the elementwise check
+    if not bool(torch.isfinite(K.sum(dtype=torch.float64))) and not bool(torch.isfinite(K).all()):
         raise ValueError("the tangent kernel has NaN/inf entries (non-finite inputs, parameters or activations)")
     return K
 

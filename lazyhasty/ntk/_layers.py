@@ -855,10 +855,13 @@ def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
 
 
 # --- cost model -------------------------------------------------------------------------------------
-# A strided permute of the ghost form's [b S d_out, b k] intermediate, in flops an element: measured on the 2-core
-# CPU as one 5.6M-element copy in 9.5 ms beside GEMMs at ~30 GFLOP/s (torchvision ViT's MLP output layer: the
-# copy alone took 13% of the call). Memory-bound, so a few tens of flops.
-GHOST_PERMUTE_FLOPS = 32
+# A strided permute of the ghost form's [b S d_out, b k] intermediate, in flops an element. The intermediate comes
+# from a batched GEMM whose inner dimension is the other block's positions (often 16-64: memory-bound), and is then
+# copied once in memory; both scale with its size. 32 (one measured copy beside GEMMs at ~30 GFLOP/s) still chose
+# ghost where it lost; 128, measured on the 2-core CPU, full kernel, median of 5, 32 -> 128: torchvision
+# mobilenet_v3_small (n = 8) 336 -> 222 ms, ViT-tiny (n = 32) 76 -> 60 ms, the plain CNN (n = 64)
+# 656 -> 510 ms; resnet18, squeezenet, the text transformer, cnn3 (n = 256) and resnet18_w16 unchanged (+-3%).
+GHOST_PERMUTE_FLOPS = 128
 
 
 def form_costs(G: int, din: int, S: int, k: int, dout: int, kernel: str, pairs_per_example: float = 0.0) -> dict:
