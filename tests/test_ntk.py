@@ -604,3 +604,31 @@ def test_the_checks_deep_copy_the_model_once(name, monkeypatch):
     assert len(copies) == 1
     assert _rel(ntk_gram(m, x), want) <= 1e-10
     assert len(copies) == 1
+
+
+@pytest.mark.parametrize("vocab,form", [(12, "materialized"), (4000, "ghost")])
+def test_embedding_form_by_the_cost_model(vocab, form):
+    """An embedding's per-example gradients are materialized (one scatter-add per block) when its table is small
+    against its positions' ghost product, else ghost; a padding index gets no gradient either way."""
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 6, padding_idx=0)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, idx):
+            return self.out(torch.tanh(self.emb(idx)).mean(1))
+
+    m = Bag().double()
+    x = torch.randint(0, 12, (7, 9))
+    x[:, 0] = 0  # padding at the first position of every example, repeated indices elsewhere
+    plan = explain(m, x, kernel="full")
+    row = next(p for p in plan.parameters if p["name"] == "emb.weight")
+    assert row["form"] == form and row["costs"] is not None
+    assert row["form"] == min(row["costs"], key=lambda f: (row["costs"][f], f != "materialized"))
+    for kernel in ("full", "trace", "diagonal"):
+        want = R.ntk_gram(m, [x], kernel=kernel)
+        assert _rel(ntk_gram(m, x, kernel=kernel), want) <= 1e-12
+        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=3), want) <= 1e-12

@@ -21,7 +21,7 @@ from . import _features as feat
 from ._layers import (
     InProjection, MatmulSite, RecurrentProjection, SiteRecorder, affine_candidate, batch_grad_from_factors,
     discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
-    embedding_factors, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
+    embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
 )
 
@@ -352,14 +352,21 @@ class Featurizer:
             emit(f)
         else:
             a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
-            if p.kind != "embedding" and p.form is None:
+            if p.form is None and p.kind == "embedding":
+                p.form = choose_form(p, 1, p.module.num_embeddings, a.shape[1], g.shape[1], g.shape[4], self.kernel,
+                                     self.pairs_per_example)
+            elif p.form is None:
                 p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
                                      self.pairs_per_example)
             F = None
-            if p.kind != "embedding" and p.form == "materialized":
+            if p.kind == "embedding" and p.form == "materialized":
+                F = embedding_materialized(a, g, p.module.num_embeddings)
+            elif p.form == "materialized":
                 F = to_materialized(a, g, self.workspace(_materialized_numel(a, g)) if sink is not None else None)
             if verify:
-                if F is not None:  # the per-example gradients are at hand: sum them
+                if F is not None and p.kind == "embedding":
+                    mine = [torch.einsum("bk,bkp->p", v, F).view(p.module.weight.shape)]
+                elif F is not None:  # the per-example gradients are at hand: sum them
                     G, do = g.shape[2], g.shape[3]
                     mine = split_params(p, torch.einsum("bk,bkp->p", v, F).view(G, do, -1))
                 else:
@@ -373,7 +380,7 @@ class Featurizer:
                     mine = batch_grad_from_factors(p, a, g_v)
                 if not all(_close(u, w) for u, w in zip(mine, theirs)):
                     bad.append(p)
-            if p.kind == "embedding":
+            if p.kind == "embedding" and F is None:
                 f = feat.GhostEmbedding(a, g)
             elif F is not None:
                 f = feat.Materialized(map_parametrized_rows(p, F) if p.weight_map else F)
@@ -510,7 +517,8 @@ class Featurizer:
         affine = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine}
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
         before = [(p.name, p.weight_map) for p in self.plans]
-        self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs}  # the twin's layer shapes
+        # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
+        self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs and "dims" in p.costs}
         self.sites = dict(other.sites)
         self._replan(names, affine, copies)
         switched = self.mark_verified()
@@ -567,7 +575,7 @@ class Featurizer:
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
         if not self._layer_costs:  # checked in place: this block's layer shapes
-            self._layer_costs = {p.name: p.costs["dims"] for p in self.plans if p.costs}
+            self._layer_costs = {p.name: p.costs["dims"] for p in self.plans if p.costs and "dims" in p.costs}
         named = capture_modules(self.model, self.sites)
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)

@@ -888,12 +888,38 @@ def form_costs(G: int, din: int, S: int, k: int, dout: int, kernel: str, pairs_p
             "forming": float(forming), "forward": float(G * S * din * dout), "dims": (G, din, S, k, dout)}
 
 
+def embedding_costs(S: int, V: int, D: int, k: int, pairs_per_example: float = 0.0) -> dict:
+    """The cost model of an embedding (``V`` rows of width ``D`` looked up at ``S`` positions), full kernel, in
+    flops: ghost ``S^2`` index comparisons plus the positions' product as for a linear layer; materialized
+    ``k^2 V D`` a pair, plus zeroing and scattering the ``[k, V D]`` gradients of each example (``forming``)."""
+    ghost = S * S + (S * k * D * (S + k + GHOST_PERMUTE_FLOPS) if S > 1 else k * k * D)
+    pair = k * k * V * D
+    forming = k * V * D + k * S * D
+    materialized = pair + (forming / pairs_per_example if pairs_per_example > 0 else 0.0)
+    return {"ghost": float(ghost), "materialized": float(materialized), "materialized_pair": float(pair),
+            "forming": float(forming), "forward": float(S * D)}
+
+
+def embedding_materialized(idx: torch.Tensor, g: torch.Tensor, V: int) -> torch.Tensor:
+    """Per-example gradients ``[b, k, V D]`` of an embedding from its indices ``[b, S]`` and output gradients
+    ``g`` ``[b, k, S, 1, D]`` (padding positions already zero): one scatter-add of every position's gradient into
+    its row."""
+    b, k, S, _, D = g.shape
+    buf = g.new_zeros(b * V, k, D)
+    rows = (idx + V * torch.arange(b, device=idx.device)[:, None]).reshape(-1)  # [b S] rows of the flat buffer
+    buf.index_add_(0, rows, g[:, :, :, 0].permute(0, 2, 1, 3).reshape(b * S, k, D))
+    return buf.view(b, V, k, D).permute(0, 2, 1, 3).reshape(b, k, V * D)
+
+
 def choose_form(plan: LayerPlan, G: int, din: int, S: int, k: int, dout: int, kernel: str,
                 pairs_per_example: float = 0.0) -> str:
     """Ghost or materialized, whichever needs fewer flops by :func:`form_costs` (ties: materialized); the
     figures are kept in ``plan.costs``."""
-    if plan.kind == "embedding":
-        return "ghost"
+    if plan.kind == "embedding":  # din: the vocabulary, dout: the embedding width
+        if kernel != "full":
+            return "ghost"  # (the one-block trace path reduces embeddings in ghost form only)
+        plan.costs = embedding_costs(S, din, dout, k, pairs_per_example)
+        return "ghost" if plan.costs["ghost"] < plan.costs["materialized"] else "materialized"
     if plan.kind == "norm" or plan.weight_map:
         return "materialized"
     plan.costs = form_costs(G, din, S, k, dout, kernel, pairs_per_example)

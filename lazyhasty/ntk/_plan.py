@@ -175,7 +175,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
             plan, copies = by_param[id(t)]
             form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
             costs = ({f: plan.costs[f] for f in ("ghost", "materialized")}  # flops a pair, forming included
-                     if plan.costs and plan.kind in ("linear", "conv", "convT") else None)
+                     if plan.costs and plan.kind in ("linear", "conv", "convT", "embedding") else None)
             rows.append(_row(model, name, t, plan.kind, form, costs, copies))
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies"))
