@@ -5,6 +5,8 @@ Cases (CPU sizes the issue anchored its targets on):
   mlp-full     MLP 2-256-256-256-1, n = 1000, kernel="full"
   cnn-full     3 convs + linear on 3x32x32, n = 256, k = 10, "full"   (+ the J @ J.T and symmetric floors)
   cnn-trace    same, "trace"
+  plain-cnn-full  issue 12's plain CNN (3 convs, global average pool, linear), n = 256, k = 10 (+ both floors)
+  plain-cnn-trace same, "trace"
   resnet-full  ResNet18 layout at width 16 without BatchNorm (0.7M params), n = 128, k = 10, "full"
   resnet-trace same, "trace"
   mlp-align    ntk_alignment of the MLP with its init on n = 20,000 (peak memory recorded)
@@ -20,6 +22,7 @@ from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
 from memory import peak_bytes
 from ntk_models import cnn3, mlp_256, resnet18_w16
+from zoo_models import plain_cnn
 
 try:
     from nngeometry.backend import TorchHooksJacobianBackend
@@ -39,6 +42,8 @@ CASES = {
     "mlp-full": (mlp_256, (1000, 2), "full"),
     "cnn-full": (cnn3, (256, 3, 32, 32), "full"),
     "cnn-trace": (cnn3, (256, 3, 32, 32), "trace"),
+    "plain-cnn-full": (plain_cnn, (256, 3, 32, 32), "full"),
+    "plain-cnn-trace": (plain_cnn, (256, 3, 32, 32), "trace"),
     "resnet-full": (resnet18_w16, (128, 3, 32, 32), "full"),
     "resnet-trace": (resnet18_w16, (128, 3, 32, 32), "trace"),
 }
@@ -139,8 +144,8 @@ def test_ntk_gram(benchmark, case, provider, device):
             pytest.skip("neural-tangents runs on the CPU here")
         fn = neural_tangents_ntk(model, x, kernel, provider, benchmark)
     else:
-        if case != "cnn-full":
-            pytest.skip("the J @ J.T floor is recorded for the CNN only")
+        if case not in ("cnn-full", "plain-cnn-full"):
+            pytest.skip("the J @ J.T floors are recorded for the full kernels of the CNNs only")
         J = torchfunc_jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))
         fn = (lambda: J @ J.T) if provider == "jjt-floor" else (lambda: symmetric_product(J))  # noqa: E731
     benchmark.group = f"ntk {case} {device.type}"

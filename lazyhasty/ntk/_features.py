@@ -22,7 +22,7 @@ GHOST_CHUNK_ELEMENTS = 1 << 23
 
 
 # Rows per block of a symmetric Gram (X Xᵀ from its upper block triangle): GEMMs of fewer rows lose efficiency.
-SYMMETRIC_BLOCK_ROWS = 128
+SYMMETRIC_BLOCK_ROWS = 64
 
 
 def symmetric_gram(X: torch.Tensor) -> torch.Tensor:
