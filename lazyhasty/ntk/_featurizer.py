@@ -72,7 +72,7 @@ class Featurizer:
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
         known = _VERIFIED.get(self._user_model)
-        if known is not None and known[0] == _fingerprint(self._user_model, self.implementation):
+        if known is not None and known[0] == self.fingerprint(self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
             self.sites = dict(known[4])
             self._layer_costs = dict(known[5])
@@ -86,6 +86,16 @@ class Featurizer:
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
 
     # -- public ------------------------------------------------------------------------------------
+    def fingerprint(self, tag: str, model: nn.Module | None = None) -> tuple:
+        """``(tag, structure)`` of ``model`` (default: the user's model) for the per-model caches: modules and
+        parameters by name, object, type, shape, dtype, device and requires_grad. Walked once per Featurizer
+        (a call's structure does not change while it runs)."""
+        model = self._user_model if model is None else model
+        cache = self.__dict__.setdefault("_structures", {})
+        if id(model) not in cache:
+            cache[id(model)] = (model, _fingerprint(model, "")[1:])  # (the model kept: its id stays unique)
+        return (tag,) + cache[id(model)][1]
+
     @property
     def pairs_per_example(self) -> float:
         """Example pairs each example's features meet (about (n + 1) / 2 for a Gram of n; set by the caller):
@@ -117,6 +127,22 @@ class Featurizer:
         needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
         layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
         kernels."""
+        key = (self.fingerprint("trace-size"), tuple(x.shape[1:]), x.dtype, str(self.device),
+               tuple((p.name, p.form) for p in self.plans), tuple(self.generic))
+        known = _TRACE_SIZES.get(self._user_model)
+        per = known[1] if known is not None and known[0] == key else self._trace_bytes_per_example(x)
+        _TRACE_SIZES[self._user_model] = (key, per)
+        if budget is None:
+            budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
+                      else TRACE_BLOCK_BYTES)
+        # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
+        # both models' kernels in an alignment)
+        elems = budget / (torch.finfo(self.dtype).bits // 8)
+        return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
+
+    def _trace_bytes_per_example(self, x: torch.Tensor) -> int:
+        """Elements one example of ``x`` takes in :meth:`trace_gram` (one capture forward of it; remembered
+        per model structure, input shape and plan by :meth:`trace_block_limit`)."""
         from ._layers import convT_dims, position_a
 
         x1 = self._prepare(x[:1], check=False)
@@ -145,13 +171,7 @@ class Featurizer:
         if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
             named = dict(self.model.named_parameters())
             per += k * sum(named[n].numel() for n in self.generic)
-        if budget is None:
-            budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
-                      else TRACE_BLOCK_BYTES)
-        # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
-        # both models' kernels in an alignment)
-        elems = budget / (torch.finfo(self.dtype).bits // 8)
-        return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
+        return per
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
@@ -206,7 +226,7 @@ class Featurizer:
         input shape: whether a model mixes examples is a property of its code, not of the values. Non-finite
         inputs are checked on every call (non-finite outputs make the kernel non-finite: an error there)."""
         self.checked_mixing = True
-        key = (_fingerprint(self._user_model, "mixing"), tuple(m.training for m in self.model.modules()),
+        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()),
                tuple(x.shape[1:]), x.dtype, str(x.device))
         if _MIXING_CHECKED.get(self._user_model) == key:
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
@@ -580,7 +600,7 @@ class Featurizer:
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED[self._user_model] = (_fingerprint(self._user_model, self.implementation), names, copies, affine,
+        _VERIFIED[self._user_model] = (self.fingerprint(self.implementation), names, copies, affine,
                                        dict(self.sites), dict(self._layer_costs))
         return self._auto_choice()
 
@@ -636,7 +656,7 @@ class Featurizer:
         and output weights, must equal autograd's gradient of the same weighted sum through the model
         itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
         owner = self._copies_owner or self._user_model  # a twin's decisions are its model's
-        fp = (_fingerprint(owner, "copies"), self.dtype)
+        fp = (self.fingerprint("copies", owner), self.dtype)
         known = _COPYABLE.get(owner)
         shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
         if known is None or known[0] != fp or (x is not None and known[1] != shape):
@@ -754,7 +774,7 @@ class Featurizer:
         """Whether torch.func's per-example Jacobians ``J`` ``[b, k, P]`` agree with autograd on one random
         combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
         once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
-        key = (_fingerprint(self._user_model, "vmap"), tuple(x.shape), x.dtype, tuple(names))
+        key = (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
         seen = _VMAP_CHECKED.setdefault(self._user_model, {})
         if key in seen:
             return seen[key]
@@ -774,6 +794,8 @@ class Featurizer:
         return ok
 
 
+# Per model: (structure, example shape, plan) and the elements one example takes in a one-block trace kernel.
+_TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
 _VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
