@@ -821,27 +821,40 @@ def embedding_factors(plan: LayerPlan, grads):
     return idx, g
 
 
-def norm_grads(plan: LayerPlan, grads) -> torch.Tensor:
-    """Materialized per-example gradients [b, k, P] of a norm layer's affine parameters."""
+def normalized_inputs(plan: LayerPlan) -> list:
+    """Per call of a norm layer: its normalized input ``xhat`` (None for a transposed convolution's bias plan),
+    which the weight's per-example gradient multiplies (computed once per block, for every output)."""
     m = plan.module
-    total = None
-    for x, gk in zip(plan.inputs, grads):
-        b, k = gk.shape[:2]
+    out = []
+    for x in plan.inputs:
         if isinstance(m, nn.LayerNorm):
-            xhat = F.layer_norm(x, m.normalized_shape, eps=m.eps)
-            nd = len(m.normalized_shape)
-            red = tuple(range(2, gk.dim() - nd))  # leading (position) dims, after [b, k]
+            out.append(F.layer_norm(x, m.normalized_shape, eps=m.eps))
         elif isinstance(m, nn.GroupNorm):
-            xhat = F.group_norm(x, m.num_groups, eps=m.eps)
-            red = tuple(range(3, gk.dim()))
-        elif isinstance(m, _CONV_TRANSPOSE):  # its bias plan: the output gradient summed over positions
-            xhat, red = None, tuple(range(3, gk.dim()))
+            out.append(F.group_norm(x, m.num_groups, eps=m.eps))
+        elif isinstance(m, _CONV_TRANSPOSE):
+            out.append(None)
         elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
-            xhat = F.rms_norm(x, m.normalized_shape, eps=m.eps)
-            red = tuple(range(2, gk.dim() - len(m.normalized_shape)))
+            out.append(F.rms_norm(x, m.normalized_shape, eps=m.eps))
         else:
             shape = (1, -1) + (1,) * (x.dim() - 2)
-            xhat = (x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+            out.append((x - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps))
+    return out
+
+
+def norm_grads(plan: LayerPlan, grads, xhats: list | None = None) -> torch.Tensor:
+    """Materialized per-example gradients [b, k, P] of a norm layer's affine parameters (``xhats``: its
+    :func:`normalized_inputs`, when already at hand)."""
+    m = plan.module
+    total = None
+    if xhats is None:
+        xhats = normalized_inputs(plan)
+    for xhat, gk in zip(xhats, grads):
+        b, k = gk.shape[:2]
+        if isinstance(m, nn.LayerNorm):
+            red = tuple(range(2, gk.dim() - len(m.normalized_shape)))  # leading (position) dims, after [b, k]
+        elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
+            red = tuple(range(2, gk.dim() - len(m.normalized_shape)))
+        else:  # GroupNorm, BatchNorm, a transposed convolution's bias: per channel
             red = tuple(range(3, gk.dim()))
         parts = []
         if plan.use_weight:

@@ -20,7 +20,8 @@ import torch
 
 from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
-    batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, position_a, position_g,
+    batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, normalized_inputs, position_a,
+    position_g,
     position_to_factor_layout, split_params,
 )
 
@@ -148,7 +149,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             gh = _Ghost(None, idx, b, idx.shape[1], k, p.module.embedding_dim, K)
             state.append({"idx": idx, "ghosts": [gh]})
         else:
-            state.append({})
+            state.append({"xhat": normalized_inputs(p)})  # once per block, not once per output
     verify = not fz.verified
     if verify:
         # as in Featurizer._layer_features: outputs weighted by v, examples by w (tells examples apart)
@@ -224,7 +225,7 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: tor
     verify = w is not None
     b = g_calls[0].shape[0]
     if p.kind == "norm":
-        F = norm_grads(p, [g.unsqueeze(1) for g in g_calls])[:, 0]  # [b, P]
+        F = norm_grads(p, [g.unsqueeze(1) for g in g_calls], st.get("xhat"))[:, 0]  # [b, P]
         _gram(F, K, dense, backend)
         return w @ F if verify else None
     if p.kind == "embedding":
