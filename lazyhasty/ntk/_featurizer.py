@@ -4,7 +4,7 @@ A :class:`Featurizer` turns a block of examples ``[b, ...]`` into feature object
 planned layer, its captured inputs and output gradients in ghost or materialized form; for the other
 trainable parameters, per-example copies or ``torch.func`` Jacobians. It owns the layer check (on a
 perturbed twin of the model, once per structure: ``verify_on_twin``) and the caches keyed by model
-(``_VERIFIED``, ``_COPYABLE``, ``_MIXING_CHECKED``). Tiling, paths and alignment live in ``_engine``;
+(``_VERIFIED``, ``_COPYABLE``, ``_MIXING_CHECKED``, ``_VMAP_CHECKED``, ``_TRACE_SIZES``). Tiling, paths and alignment live in ``_engine``;
 the one-block trace kernel, which drives a Featurizer's capture itself, in ``_trace``.
 """
 from __future__ import annotations
