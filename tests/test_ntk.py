@@ -416,12 +416,15 @@ def test_batch_mixing_check_runs_once_per_model_structure_and_mode():
 
 
 class _Attend(nn.Module):
-    """Self-attention with masks (not batch first), or cross-attention (the projection cannot be unrolled)."""
+    """Self-attention with masks (not batch first); cross-attention (a query against another key, the value the
+    key, or three different tensors); or attention with its own key / value widths (kdim, vdim: separate
+    projection weights)."""
 
-    def __init__(self, cross: bool):
+    def __init__(self, mode: str):
         super().__init__()
-        self.cross = cross
-        self.att = nn.MultiheadAttention(6, 3)
+        self.mode = mode
+        self.att = (nn.MultiheadAttention(6, 3, kdim=4, vdim=5) if mode == "kdim-vdim"
+                    else nn.MultiheadAttention(6, 3))
         self.head = nn.Linear(6, 2)
 
     def forward(self, x):  # x [b, L, 6]
@@ -430,27 +433,35 @@ class _Attend(nn.Module):
         causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # True: not attended
         pad = torch.zeros(h.shape[1], L, dtype=torch.bool)
         pad[:, -1] = True  # the last position is padding for every example
-        if self.cross:
-            y = self.att(h, torch.tanh(h), h, need_weights=False)[0]
+        if self.mode == "cross-kv":  # the memory is the key and the value (an encoder-decoder's cross-attention)
+            mem = torch.tanh(h[:-1])
+            y = self.att(h, mem, mem, need_weights=False)[0]
+        elif self.mode == "cross-3":
+            y = self.att(h, torch.tanh(h), h, key_padding_mask=pad, need_weights=False)[0]
+        elif self.mode == "kdim-vdim":
+            y = self.att(h, torch.tanh(h[..., :4]), h[..., 1:], need_weights=False)[0]
         else:
             y = self.att(h, h, h, attn_mask=causal, key_padding_mask=pad)[0]
         return self.head(y.mean(0))
 
 
-@pytest.mark.parametrize("cross", [False, True], ids=["self-attention-masks", "cross-attention"])
-def test_attention_capture_is_exact_and_cross_attention_falls_back(cross):
+@pytest.mark.parametrize("mode", ["self", "cross-kv", "cross-3", "kdim-vdim"])
+def test_attention_capture_is_exact_and_separate_projections_fall_back(mode):
+    """Self- and cross-attention with the packed projection are captured (the projection a hooked call per
+    distinct input); separate q / k / v weights (kdim, vdim) run the module's own forward on torch.func."""
     from lazyhasty.ntk import explain
 
     torch.manual_seed(0)
-    m = _Attend(cross).double().eval()
+    m = _Attend(mode).double().eval()
     x = torch.randn(5, 4, 6, dtype=torch.float64)
     for kernel in ("full", "trace"):
         assert _rel(ntk_gram(m, x, kernel=kernel), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
+        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=2), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
     generic = set(explain(m, x, implementation="layerwise").generic)
-    # cross-attention runs the module's own forward: in_proj and out_proj are used outside any hook
-    assert generic == ({"att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"}
-                       if cross else set())
-    assert dict(m.named_modules()).keys() == dict(_Attend(cross).named_modules()).keys()  # structure untouched
+    # with separate weights the module's own forward runs: its projections and out_proj are used outside any hook
+    assert generic == ({"att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight", "att.in_proj_bias",
+                        "att.out_proj.weight", "att.out_proj.bias"} if mode == "kdim-vdim" else set())
+    assert dict(m.named_modules()).keys() == dict(_Attend(mode).named_modules()).keys()  # structure untouched
     assert "forward" not in vars(m.att)  # the unrolled forward is removed after capture
 
 

@@ -11,7 +11,7 @@ For the "layerwise" implementation every trainable parameter is covered exactly 
   hooked while :func:`unrolled_recurrent` runs;
 * ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.RMSNorm``, ``nn.BatchNorm*d`` in eval mode (affine parameters): materialized
   per-example gradients from the normalized input;
-* ``nn.MultiheadAttention`` self-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
+* ``nn.MultiheadAttention`` self- and cross-attention: the packed ``in_proj_weight`` as an :class:`InProjection`
   (a linear layer, hooked while :func:`unrolled_attention` runs) and ``out_proj`` as a Linear;
 * subclasses of all of these, kept only when the layer check confirms them;
 * parameters the model's own code multiplies directly (``h @ W``, ``W @ h``, ``torch.matmul``, ``torch.mm``,
@@ -92,19 +92,31 @@ def unrollable(m: nn.Module) -> bool:
 
 
 def unrolled_attention(m: nn.MultiheadAttention, proj: InProjection, original):
-    """``m.forward`` for capture: self-attention (query is key is value) as ``proj(x)`` (batch first,
-    hooked), torch's own attention core on the projected q, k, v (identity projections: exact), then
-    ``m.out_proj(...)`` as a module call (batch first, hooked). Other calls run ``original``: the projection
-    then never runs and its parameters go to the exact fallback."""
+    """``m.forward`` for capture: the packed projection as hooked calls of ``proj`` (batch first), torch's own
+    attention core on the projected q, k, v (identity projections: exact), then ``m.out_proj(...)`` as a module
+    call (batch first, hooked). Self-attention (query is key is value) projects once and splits; cross-attention
+    projects the query, and the key and value (once when they are the same tensor), each with the whole packed
+    map, and keeps its slice: the unused slices get no gradient, so the per-example gradient of
+    ``in_proj_weight`` summed over the calls is exact (each call's positions pooled, like any module called
+    several times). Unbatched inputs run ``original``: the projection then never runs and its parameters go to
+    the exact fallback."""
     def forward(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not (query is key and key is value) or query.dim() != 3:
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
             return original(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                             attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        xb = query if m.batch_first else query.transpose(0, 1)  # [N, L, E]
-        qkv = proj(xb).transpose(0, 1)  # [L, N, 3E]
-        q, k, v = qkv.chunk(3, dim=-1)
         E = m.embed_dim
+
+        def first(t):  # [N, L, E] batch first, for the hooked projection
+            return t if m.batch_first else t.transpose(0, 1)
+
+        if query is key and key is value:
+            q, k, v = proj(first(query)).transpose(0, 1).chunk(3, dim=-1)  # each [L, N, E]
+        else:
+            q = proj(first(query)).transpose(0, 1)[..., :E]
+            kv = proj(first(key)).transpose(0, 1)
+            k = kv[..., E:2 * E]
+            v = (kv if value is key else proj(first(value)).transpose(0, 1))[..., 2 * E:]
         eye = torch.eye(E, dtype=query.dtype, device=query.device)
         attn, weights = F.multi_head_attention_forward(
             q, k, v, E, m.num_heads, None, None, None, None, False, m.dropout, eye, None,
