@@ -347,6 +347,21 @@ def matmul_layouts(n=5):
     return M(), torch.randn(n, 4, 6)
 
 
+def encoder_decoder(n=5):
+    """nn.TransformerEncoder + nn.TransformerDecoder (self-attention, cross-attention on the memory, feed-forward,
+    norms), mean-pooled, linear head; output [b, 3]."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
+            self.dec = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 1)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):  # x [b, 5, 8]: the decoder reads its first 3 positions, attends to all 5
+            return self.head(self.dec(x[:, :3], self.enc(x)).mean(1))
+    return M(), torch.randn(n, 5, 8)
+
+
 def conv_prelu(n=5):
     """Convolutions over many positions (materialized forms: ghost saves nothing) and a PReLU on torch.func:
     ``auto`` takes one whole-model Jacobian (the fallback's pass would cost more than layerwise saves)."""
@@ -354,5 +369,5 @@ def conv_prelu(n=5):
                          nn.Linear(8, 3)), torch.randn(n, 3, 12, 12)
 
 
-ZOO = {f.__name__: f for f in (matmul_layouts, conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
+ZOO = {f.__name__: f for f in (encoder_decoder, matmul_layouts, conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}
