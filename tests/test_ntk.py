@@ -40,16 +40,23 @@ def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
     """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
     row blocks of 2 examples (several blocks, mirrored), ghost products in one chunk per row block or
     one example at a time."""
-    from lazyhasty.ntk import _trace
+    from lazyhasty.ntk import _plan, _trace
 
     monkeypatch.setattr(_trace, "ROW_BLOCK_MIN", 2)
+    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)  # the zoo's n = 5 would take one tile of all outputs
     if chunked:
         monkeypatch.setattr(_trace, "GHOST_CHUNK_ELEMENTS", 1)
     m, x = _model(name, torch.float64)
     want = R.ntk_gram(m, [x], kernel="trace")
+    assert explain(m, x, kernel="trace").path == "trace_one_block"
     got = ntk_gram(m, x, kernel="trace")
     assert _rel(got, want) <= 1e-10
     assert torch.equal(got, got.T)
+    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 16)  # the same kernel as one tile of every output
+    assert explain(m, x, kernel="trace").path == "one_tile"
+    tile = ntk_gram(m, x, kernel="trace")
+    assert _rel(tile, want) <= 1e-10 and torch.equal(tile, tile.T)
+    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)
     m32 = m.float()
     got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
     assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
@@ -369,7 +376,8 @@ def test_explain_names_every_parameter_form_and_the_path(name):
 
 
 @pytest.mark.parametrize("kernel,block_size,purpose,path", [
-    ("trace", None, "gram", "trace_one_block"), ("trace", 3, "gram", "tiles"), ("full", None, "gram", "one_tile"),
+    ("trace", None, "gram", "one_tile"), ("trace", 100, "gram", "trace_one_block"), ("trace", 3, "gram", "tiles"),
+    ("full", None, "gram", "one_tile"),
     ("full", 3, "gram", "tiles"), ("diagonal", 3, "gram", "diagonal"), ("full", None, "alignment", "tiles"),
     ("trace", 100, "alignment", "trace_one_block")])
 def test_the_path_table(kernel, block_size, purpose, path):
@@ -391,8 +399,10 @@ def test_the_path_table(kernel, block_size, purpose, path):
     assert explain(m, x, implementation="naive").path == "naive"
 
 
-def test_batch_mixing_check_runs_once_per_model_structure_and_mode():
-    from lazyhasty.ntk import _engine
+def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
+    from lazyhasty.ntk import _engine, _plan
+
+    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)  # the one-block trace path (it estimates its size)
 
     m, x = _model("mlp_paper", torch.float64)
     calls = []

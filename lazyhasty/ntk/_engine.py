@@ -235,11 +235,14 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
             acc = {}
 
             def sink(f):
-                t = feat.tile([f], [f], kernel, be) if be == "triton" else f.full(f)
+                t = feat.tile([f], [f], kernel, be)  # full or trace
                 acc["K"] = t if "K" not in acc else acc["K"].add_(t)
 
             fz.stream(blocks[0], sink, acc.clear)
-            return _finite(acc["K"].contiguous())
+            K = acc["K"]
+            if kernel == "trace":  # GEMM products F Fᵀ are symmetric only to rounding: (K + Kᵀ) / 2 is exactly
+                K = (K + K.T).mul_(0.5)
+            return _finite(K.contiguous())
         if path.name == "diagonal":  # per-block features are used once: nothing is kept
             diags = []
             with Progress(len(blocks), "ntk features", progress) as bar:

@@ -8,7 +8,7 @@ Paths (``PATHS``), chosen by :func:`choose_path` for :func:`ntk_gram` and :func:
 | ``by_layer`` | one kernel (or alignment) per parameter group, tile by tile (``by_layer=True``) |
 | ``cross`` | a cross kernel ``K(X1, X2)`` in tiles (``loader2=``) |
 | ``trace_one_block`` | trace kernel of all n examples as one block, one output's backward pass at a time, symmetric products on row blocks (while the block fits ``TRACE_BLOCK_BYTES``) |
-| ``one_tile`` | full kernel of one block: each layer's features reduced as soon as they exist |
+| ``one_tile`` | full kernel of one block (or trace kernel of at most ``TRACE_ONE_TILE_MAX_N`` examples): each layer's features reduced as soon as they exist |
 | ``diagonal`` | the per-example ``[k, k]`` blocks, one block of examples at a time |
 | ``tiles`` | ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes`` (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized) |
 
@@ -27,12 +27,19 @@ PATHS = {
     "by_layer": "one kernel per parameter group, tile by tile",
     "cross": "cross kernel K(X1, X2) in tiles",
     "trace_one_block": "trace kernel of all examples in one block, one output's backward pass at a time",
-    "one_tile": "full kernel of one block, each layer's features reduced as soon as they exist",
+    "one_tile": "one block's kernel (full, or trace of a few examples), each layer's features reduced as soon as "
+                "they exist",
     "diagonal": "per-example [k, k] blocks, one block of examples at a time",
     "tiles": "i <= j tiles of per-block features (kept while they fit max_cache_bytes)",
 }
 
 
+# The trace kernel of at most this many examples is one tile of features with all k outputs at once, not the
+# one-output-at-a-time trace path, whose per-layer, per-output overheads dominate at this size. Measured (2-core
+# CPU, median of 9, one_tile vs trace_one_block): torchvision mobilenet_v3_small n = 8 240 vs 384 ms, resnet18
+# n = 2 131 vs 144, squeezenet n = 8 56 vs 62; at n = 32-64 mixed (ViT-tiny 62 vs 51, text 18 vs 19, attention
+# and LSTM equal), at n >= 64 the trace path wins (plain CNN n = 64 243 vs 397 ms, ResNet18-w16 n = 128 2.4 vs 3.8 s).
+TRACE_ONE_TILE_MAX_N = 16
 # one block (no tiles) for the whole-model Jacobian path while J [n, k, P] takes at most this many bytes
 ONE_BLOCK_JACOBIAN_BYTES = 256 << 20
 
@@ -62,6 +69,9 @@ def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: 
     if cross:
         return PathChoice("cross", "a second example set (loader2=)")
     n = x_all.shape[0]
+    if kernel == "trace" and purpose == "gram" and block_size is None and n <= TRACE_ONE_TILE_MAX_N:
+        return PathChoice("one_tile", f"kernel='trace' on n = {n} <= {TRACE_ONE_TILE_MAX_N} examples: one tile of "
+                                      "every output's features at once", n)
     if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
         why = (f"block_size {block_size} >= n = {n}" if block_size is not None else
                f"all n = {n} examples fit one block (estimated from one example)")
