@@ -197,10 +197,10 @@ def test_auto_compares_the_layerwise_pass_plus_fallback_with_one_whole_model_jac
     again.pairs_per_example = 3.5
     assert again.plans == [] and again.auto_reason == fz.auto_reason
     # a wide MLP (ghost forms save k^2 d_in d_out a pair) with a PReLU -> layerwise plus the fallback
-    mlp = nn.Sequential(nn.Linear(20, 64), nn.PReLU(64), nn.Linear(64, 3)).double()
+    mlp = nn.Sequential(nn.Linear(20, 512), nn.PReLU(512), nn.Linear(512, 10)).double()
     xm = torch.randn(6, 20, dtype=torch.float64)
     fz = Featurizer(mlp, "auto", kernel, None)
-    fz.pairs_per_example = 3.5
+    fz.pairs_per_example = 50.5  # as for a probe set of 100 (the savings grow with it, the extra pass does not)
     fz(xm)
     assert {p.name for p in fz.plans} == {"0", "2"} and fz.generic == ["1.weight"]
     assert fz.auto_reason.startswith("layerwise: its ghost forms save")
@@ -330,11 +330,11 @@ def test_bad_arguments():
 EXPECTED_GENERIC = {  # the cost model: the fallback's torch.func pass costs more than the ghost forms save, so
                     # auto takes the whole-model Jacobian (one bias rides on per-example copies)
                     "conv_prelu": {"0.weight", "0.bias", "1.weight", "2.weight", "2.bias", "5.weight"},
-                    # ... and here the ghost form of fc saves more than that pass: layerwise plus the fallback
-                    "generic_params": {"scale", "act.weight"},
+                    "generic_params": {"scale", "act.weight", "fc.weight"},
                     "tied_and_outside_use": {"emb.weight", "proj.weight"},
-                    # a weight also used elementwise is not one linear map: it stays on torch.func
-                    "hand_written": {"odd"},
+                    # a weight also used elementwise is not one linear map: it stays on torch.func (layerwise), and
+                    # that pass costs more than this small model's ghost forms save: auto takes the Jacobian
+                    "hand_written": {"l1.W", "odd", "out.W", "w"},
                     }
 # models with a layer reached through a map: "parametrized" (torch parametrizations; a bias of such a layer shares
 # its plan), "subclasses" (the cosine Linear computes W(theta) in its forward: the plain plan fails the check,
@@ -345,8 +345,8 @@ MAPPED = {"parametrized": {"2.bias", "2.parametrizations.weight.original0", "2.p
 # parameters the model only broadcasts against the batch: per-example copies, no torch.func pass
 EXPECTED_COPIES = {"vit_tiny": {"cls", "pos", "scale"},
                    # a bias of a layer moved to the fallback, added by F.linear against the batch
-                   "tied_and_outside_use": {"proj.bias"}, "conv_prelu": {"5.bias"},
-                   "hand_written": {"l1.b", "out.b"}}
+                   "tied_and_outside_use": {"proj.bias"}, "conv_prelu": {"5.bias"}, "generic_params": {"fc.bias"},
+                   "hand_written": {"seq", "c", "l1.b", "out.b"}}
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -367,9 +367,13 @@ def test_explain_names_every_parameter_form_and_the_path(name):
         elif p["kind"] in ("linear", "conv", "convT"):  # the cost model's figures, and the form is the cheaper one
             assert p["form"] == min(p["costs"], key=lambda f: (p["costs"][f], f != "materialized"))
     assert plan.path == "one_tile" and plan.path in PATHS and plan.n == x.shape[0]
-    assert ("auto' -> jacobian" in plan.why) == (name == "conv_prelu")
+    assert ("auto' -> jacobian" in plan.why) == (name in ("conv_prelu", "generic_params", "hand_written"))
+    if name == "hand_written":  # the matmul sites are planned; only the weight also used elementwise falls back
+        assert set(explain(m, x, implementation="layerwise").generic) == {"odd"}
     if name == "conv_prelu":  # asked for explicitly: layerwise keeps its per-layer forms
         assert set(explain(m, x, implementation="layerwise").generic) == {"1.weight"}
+    if name == "generic_params":
+        assert set(explain(m, x, implementation="layerwise").generic) == {"scale", "act.weight"}
     d = plan.to_dict()
     assert d["path_description"] == PATHS["one_tile"] and d["parameters"] == plan.parameters
     assert "path: one_tile" in str(plan)

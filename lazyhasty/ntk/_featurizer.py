@@ -40,6 +40,11 @@ TRACE_BLOCK_BYTES = 1 << 30
 # layerwise / jacobian time, before attention and recurrences were captured): torchvision ViT (37% on the
 # fallback, mostly materialized) 1.5x, nn.TransformerEncoder classifier (41%) 1.4x, nn.MultiheadAttention (81%)
 # 1.5x, nn.LSTM (98%) 1.2x; resnet18 with its BatchNorms on the fallback (ghost convolutions) 0.2x.
+# The extra pass is weighted by PASS_FLOP_WEIGHT: its flops run as many small kernels through autograd, the
+# savings as large GEMMs. Measured (2-core CPU, an MLP with a 256-input cosine Linear on torch.func, n = 64,
+# trace): the extra capture pass took 28 ms for 54M modelled flops (~2 GFLOP/s), GEMMs run at ~80, so the
+# flop-only rule took layerwise (3.5M "saved" a example against 0.84M) and was 7% slower than torch.func.
+PASS_FLOP_WEIGHT = 16
 
 
 class Featurizer:
@@ -531,6 +536,9 @@ class Featurizer:
                 if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
                     break
         _VERIFIED.pop(twin, None)
+        # kept for this call: should auto take the whole-model Jacobian, the per-example-copy check of the
+        # parameters that then join the fallback runs on it too (one deep copy per call, not two)
+        self._twin = twin
         if not other.verified:
             return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
         names = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
@@ -580,7 +588,7 @@ class Featurizer:
             materialized = pairs * c["materialized_pair"] + c["forming"]
             saved += materialized - min(pairs * c["ghost"], materialized)
             forward += c["forward"]
-        extra = (1 + k) * forward
+        extra = PASS_FLOP_WEIGHT * (1 + k) * forward
         if saved > extra:
             self.auto_reason = (f"layerwise: its ghost forms save {saved:.3g} flops an example, more than the "
                                 f"torch.func pass of the fallback ({share:.0%} of the parameters) adds ({extra:.3g})")
@@ -625,26 +633,16 @@ class Featurizer:
         per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
         copies = self.per_example_copies(x)
         captured, self._captured_copies = self._captured_copies, None
-        if not copies:
+        if not copies or any(n not in copies for n in self.generic):
+            # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers: the
+            # copies ride on it (splicing in the captured ones would copy the whole [b, k, P] once more)
             return self._torch_func_jacobian(x, self.generic)
-        rest = [n for n in self.generic if n not in copies]
         if (captured is not None and set(captured) == set(copies)
                 and all(t.shape[0] == x.shape[0] for t in captured.values())):
             parts = dict(captured)  # from the capture's own backward passes
-        elif rest:
-            # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers:
-            # a separate copies pass (a forward and k backwards) would only add to it
-            return self._torch_func_jacobian(x, self.generic)
         else:
             parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
-        if rest:
-            J = self._torch_func_jacobian(x, rest)
-            start = 0
-            named = dict(self.model.named_parameters())
-            for n in rest:
-                parts[n] = J[:, :, start:start + named[n].numel()]
-                start += named[n].numel()
-        return torch.cat([parts[n] for n in self.generic], -1)
+        return torch.cat([parts[n] for n in self.generic], -1) if len(parts) > 1 else parts[self.generic[0]]
 
     def per_example_copies(self, x: torch.Tensor | None = None) -> list[str]:
         """Fallback parameters whose per-example gradients one forward gives when the parameter is replaced
@@ -667,7 +665,8 @@ class Featurizer:
             # checked on a perturbed copy of the model: whether copies work is a property of the code, and
             # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
             # (a twin checks on itself: it is the perturbed copy, and one deep copy per check is enough)
-            twin = self.model if self.is_twin else (self._perturbed_twin(99) or self.model)  # too large: itself
+            twin = (self.model if self.is_twin else getattr(self, "_twin", None) or self._perturbed_twin(99)
+                    or self.model)  # too large to copy: the model itself
             named = dict(twin.named_parameters())
             probe = x[: min(x.shape[0], 4)]
             for n in todo:
@@ -756,7 +755,8 @@ class Featurizer:
             try:
                 with torch.enable_grad():
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                J = torch.cat([J[n].reshape(b, J[n].shape[1], -1) for n in names], -1)
+                J = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
+                J = torch.cat(J, -1) if len(J) > 1 else J[0]  # (one parameter: a view, no copy)
                 if self._vmap_agrees(x, names, J):
                     return J
             except (RuntimeError, NotImplementedError):
