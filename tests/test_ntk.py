@@ -659,3 +659,13 @@ def test_embedding_form_by_the_cost_model(vocab, form):
         want = R.ntk_gram(m, [x], kernel=kernel)
         assert _rel(ntk_gram(m, x, kernel=kernel), want) <= 1e-12
         assert _rel(ntk_gram(m, x, kernel=kernel, block_size=3), want) <= 1e-12
+
+
+def test_the_layer_check_is_remembered_per_implementation():
+    """Calls alternating implementations (comparing them, say) do not redo each other's layer checks."""
+    m, x = _model("cnn_strided", torch.float64)
+    want = R.ntk_gram(m, [x])
+    for implementation in ("layerwise", "jacobian", "layerwise", "auto"):
+        assert _rel(ntk_gram(m, x, implementation=implementation), want) <= 1e-10
+    assert Featurizer(m, "layerwise", "full", None).verified and Featurizer(m, "jacobian", "full", None).verified
+    assert Featurizer(m, "auto", "full", None).verified

@@ -76,7 +76,7 @@ class Featurizer:
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
-        known = _VERIFIED.get(self._user_model)
+        known = _VERIFIED.get(self._user_model, {}).get(self.implementation)
         if known is not None and known[0] == self.fingerprint(self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
             self.sites = dict(known[4])
@@ -608,8 +608,8 @@ class Featurizer:
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED[self._user_model] = (self.fingerprint(self.implementation), names, copies, affine,
-                                       dict(self.sites), dict(self._layer_costs))
+        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = (
+            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs))
         return self._auto_choice()
 
     def exclude(self, bad) -> None:
@@ -798,11 +798,12 @@ class Featurizer:
 _TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 # Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
 _VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-# Per model: (structure fingerprint, names of the modules moved to the fallback) once the layerwise
-# gradients were checked against autograd (first block of the first call). Whether a weight is also used
-# outside its module is a property of the model's code, so later calls on the same structure skip the
-# extra backward pass; any change of modules or parameters (objects, shapes, requires_grad) redoes it.
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+# Per model and implementation ("layerwise" / "jacobian"): (structure fingerprint, names of the modules moved to
+# the fallback, ...) once the layerwise gradients were checked against autograd (first block of the first call).
+# Whether a weight is also used outside its module is a property of the model's code, so later calls on the same
+# structure skip the extra backward pass; any change of modules or parameters (objects, shapes, requires_grad)
+# redoes it. Keyed by implementation too, so calls alternating implementations do not redo each other's checks.
+_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model: (fingerprint, input shape and dtype, {fallback parameter name: whether its per-example copies passed
 # the check}).
 _COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
