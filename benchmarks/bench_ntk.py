@@ -20,6 +20,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
+from lazyhasty.ntk._features import symmetric_gram
 from memory import peak_bytes
 from ntk_models import cnn3, mlp_256, resnet18_w16
 from zoo_models import plain_cnn
@@ -73,19 +74,6 @@ def nngeometry_ntk(model, x):
 
 PROVIDERS = ["lazyhasty", "lazyhasty-jacobian", "torch.func", "naive", "nngeometry", "nt-jacobian", "nt-structured",
              "jjt-floor", "sym-floor"]
-
-
-def symmetric_product(J: torch.Tensor, blocks: int = 8) -> torch.Tensor:
-    """``J Jᵀ`` from its upper block triangle only (row blocks against the columns from their first row on):
-    about half the flops of ``J @ J.T``; the floor a symmetric Gram of given per-example gradients reaches."""
-    m = J.shape[0]
-    K = J.new_empty(m, m)
-    r = -(-m // blocks)
-    for i0 in range(0, m, r):
-        i1 = min(i0 + r, m)
-        K[i0:i1, i0:] = J[i0:i1] @ J[i0:].T
-        K[i0:, i0:i1] = K[i0:i1, i0:].T
-    return K
 
 
 def neural_tangents_ntk(model, x, kernel, provider, benchmark):
@@ -147,7 +135,8 @@ def test_ntk_gram(benchmark, case, provider, device):
         if case not in ("cnn-full", "plain-cnn-full"):
             pytest.skip("the J @ J.T floors are recorded for the full kernels of the CNNs only")
         J = torchfunc_jacobian(model, x).reshape(-1, sum(p.numel() for p in model.parameters()))
-        fn = (lambda: J @ J.T) if provider == "jjt-floor" else (lambda: symmetric_product(J))  # noqa: E731
+        # sym-floor: the upper block triangle of J Jᵀ (8 row blocks here), lazyhasty's own symmetric product
+        fn = (lambda: J @ J.T) if provider == "jjt-floor" else (lambda: symmetric_gram(J))  # noqa: E731
     benchmark.group = f"ntk {case} {device.type}"
     benchmark.extra_info["n"] = shape[0]
     benchmark.pedantic(fn, rounds=1 if slow else 3, warmup_rounds=warmup)

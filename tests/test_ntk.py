@@ -669,3 +669,25 @@ def test_the_layer_check_is_remembered_per_implementation():
         assert _rel(ntk_gram(m, x, implementation=implementation), want) <= 1e-10
     assert Featurizer(m, "layerwise", "full", None).verified and Featurizer(m, "jacobian", "full", None).verified
     assert Featurizer(m, "auto", "full", None).verified
+
+
+@pytest.mark.parametrize("m_rows", [64, 65, 130, 257, 600])
+def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows, monkeypatch):
+    """The upper-block-triangle product equals X @ X.T for row counts that do not divide into its blocks, and
+    the blocked path gives the spec's full kernel (diagonal tiles of n k rows, blocks of 3 rows)."""
+    from lazyhasty.ntk import _features
+
+    X = torch.randn(m_rows, 37, dtype=torch.float64)
+    got = _features.symmetric_gram(X)
+    assert torch.allclose(got, X @ X.T, rtol=1e-13, atol=1e-13)
+    blocks = max(1, min(8, m_rows // _features.SYMMETRIC_BLOCK_ROWS))
+    r = -(-m_rows // blocks)
+    off = torch.ones(m_rows, m_rows, dtype=torch.bool)
+    for i0 in range(0, m_rows, r):
+        off[i0:i0 + r, i0:i0 + r] = False
+    assert torch.equal(got[off], got.T[off])  # mirrored off the diagonal blocks: exactly symmetric there
+    monkeypatch.setattr(_features, "SYMMETRIC_BLOCK_ROWS", 3)
+    for name in ("cnn_strided", "vit_tiny"):
+        m, x = _model(name, torch.float64)
+        assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+        assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
