@@ -691,3 +691,22 @@ def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows, monkeypatch):
         m, x = _model(name, torch.float64)
         assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
         assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_on_cuda_matches_naive(name):
+    """Every zoo architecture on the GPU: both implementations and kernels in float64 (the reference on the
+    CPU), and float32 at the float32 tolerance (fails if tf32 leaks into the products)."""
+    m, x = _model(name, torch.float64)
+    want = {k: R.ntk_gram(m, [x], kernel=k) for k in ("full", "trace")}
+    mc, xc = m.cuda(), x.cuda()
+    for kernel in ("full", "trace"):
+        for implementation in ("jacobian", "layerwise", "auto"):
+            got = ntk_gram(mc, [xc[:2], xc[2:]], kernel=kernel, implementation=implementation, block_size=3)
+            assert got.device.type == "cuda"
+            assert _rel(got.cpu(), want[kernel]) <= 1e-10, (kernel, implementation)
+    m32, x32 = copy.deepcopy(m).float().cuda(), (xc.float() if xc.is_floating_point() else xc)
+    got = ntk_gram(m32, x32)
+    assert got.dtype == torch.float32 and _rel(got.cpu(), want["full"]) <= 1e-5
