@@ -714,3 +714,14 @@ def test_zoo_on_cuda_matches_naive(name):
     m32, x32 = copy.deepcopy(mc).float(), (xc.float() if xc.is_floating_point() else xc)
     got = ntk_gram(m32, x32)
     assert got.dtype == torch.float32 and _rel(got.cpu(), want["full"]) <= 1e-5
+
+
+def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
+    """Free memory for a trace block = the driver's free bytes + what torch's allocator caches unused
+    (a second large call must not see less memory than the first just because its blocks are cached)."""
+    from lazyhasty.ntk._featurizer import cuda_free_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 40 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 << 30)
+    assert cuda_free_bytes("cuda") == (10 + 40 - 4) << 30

@@ -138,8 +138,7 @@ class Featurizer:
         per = known[1] if known is not None and known[0] == key else self._trace_bytes_per_example(x)
         _TRACE_SIZES[self._user_model] = (key, per)
         if budget is None:
-            budget = (torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda"
-                      else TRACE_BLOCK_BYTES)
+            budget = cuda_free_bytes(self.device) // 2 if self.device.type == "cuda" else TRACE_BLOCK_BYTES
         # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
         # both models' kernels in an alignment)
         elems = budget / (torch.finfo(self.dtype).bits // 8)
@@ -796,6 +795,18 @@ class Featurizer:
 
 # Per model: (structure, example shape, plan) and the elements one example takes in a one-block trace kernel.
 _TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def cuda_free_bytes(device) -> int:
+    """Bytes a new allocation on a CUDA ``device`` can use: the driver's free memory plus what torch's
+    caching allocator holds unused. The driver's figure alone counts the cache as taken: after a first
+    call on a large probe set (its blocks stay cached) a second one sees less memory, falls from one
+    block to tiles and runs several times slower. Seen on an H100: the paper's ResNet18, trace alignment
+    of 10,000 examples, 41 s as one block (35.7 GiB) in a process that had run small calls only; in the
+    benchmark, after a first call or other cases, the same call ran past 140 and 250 s (not re-measured
+    with this fix: the session's GPU time was spent)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 # Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
 _VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model and implementation ("layerwise" / "jacobian"): (structure fingerprint, names of the modules moved to
