@@ -1,10 +1,13 @@
 import os
 
-# Triton kernels must see the interpreter flag when they are defined, i.e. before lazyhasty is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Triton kernels must see the interpreter flag when they are defined, i.e. before lazyhasty is imported:
+# the CPU interpreter where there is no GPU (CI), compiled kernels where there is one (the interpreter
+# cannot read CUDA tensors: `pytest -m gpu` without TRITON_INTERPRET=0 failed every CUDA NTK case).
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from lazyhasty import _backend  # noqa: E402
 
