@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from .._precision import exact_fp32
 
@@ -567,19 +568,65 @@ def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return params
 
 
-# Reading an affine map off a module costs a forward on d_in + 1 basis inputs, and its VJP one backward of that
-# per example and output: (d_in + 1) d_in d_out flops a row, d_in times a materialized row's. Measured (2-core CPU,
-# benchmarks/bench_zoo.py "cosine-mlp", a 256 -> 256 cosine Linear): 0.63x of torch.func for the full kernel. So
-# only narrow inputs take that path; wider ones stay on the torch.func fallback.
+# Reading an affine map off a module by its outputs costs a forward on d_in + 1 basis inputs, and its VJP one
+# backward of that per example and output: (d_in + 1) d_in d_out flops a row, d_in times a materialized row's.
+# Measured (2-core CPU, benchmarks/bench_zoo.py "cosine-mlp", a 256 -> 256 cosine Linear): 0.63x of torch.func for
+# the full kernel. So only narrow inputs take that path. A module whose forward is one F.linear call on its own
+# input, returned as is, needs no basis: its (W, b) are that call's operands, whatever d_in (direct_linear).
 AFFINE_MAX_IN = 64
 
 
+class _LinearCalls(TorchFunctionMode):
+    """Records each ``F.linear`` call's (input, weight, bias, output) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            names = ("input", "weight", "bias")
+            ops = list(args) + [kwargs.get(k) for k in names[len(args):]]
+            self.calls.append((*ops[:3], out))
+        return out
+
+
+def direct_linear(m: nn.Module, x: torch.Tensor):
+    """``(W, b)`` — the weight and bias operands (``b`` may be None) of the one ``F.linear`` call through which
+    ``m(x)`` computes its output, when the forward is exactly that: one call, on ``x`` itself, whose result
+    it returns unchanged (a cosine or weight-normalised Linear). None otherwise (a scale after the call,
+    a transformed input, several calls). The operands are differentiable functions of the parameters."""
+    rec = _LinearCalls()
+    with rec:
+        out = m(x)
+    if len(rec.calls) != 1:
+        return None
+    inp, W, b, res = rec.calls[0]
+    if res is not out or inp is not x or W is None or W.shape != m.weight.shape:
+        return None
+    return W, b
+
+
+_DIRECT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def affine_candidate(m: nn.Module) -> bool:
-    """A subclass of nn.Linear with its own forward, whose parameters are its own, on at most
-    :data:`AFFINE_MAX_IN` inputs: it may compute an affine map of its input from them (a cosine /
-    normalised Linear), planned as such if the plain plan fails."""
-    return (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward and m.in_features <= AFFINE_MAX_IN
-            and not parametrize.is_parametrized(m) and not list(m.children()))
+    """A subclass of nn.Linear with its own forward, whose parameters are its own, either on at most
+    :data:`AFFINE_MAX_IN` inputs or computing its output by one direct ``F.linear`` call
+    (:func:`direct_linear`, any width): it may compute an affine map of its input from its parameters (a
+    cosine / normalised Linear), planned as such if the plain plan fails."""
+    if not (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+            and not parametrize.is_parametrized(m) and not list(m.children())):
+        return False
+    if m.in_features <= AFFINE_MAX_IN:
+        return True
+    if m not in _DIRECT:
+        p = m.weight
+        with torch.no_grad():
+            _DIRECT[m] = direct_linear(m, torch.zeros(1, m.in_features, dtype=p.dtype, device=p.device)) is not None
+    return _DIRECT[m]
 
 
 def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = frozenset(),
@@ -974,13 +1021,26 @@ def to_materialized(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None =
     return torch.einsum("bkgos,bgis->bkgoi", g, a).reshape(b, k, -1)
 
 
+# Rows of a batched vector-Jacobian product taken at once: about 8 MB of float32 per chunk. Measured (2-core CPU,
+# the VJP of W / ||W||_row for 640 rows of a 256 x 256 weight): 377 ms in one batch, 140 ms in chunks of 32 rows.
+VJP_CHUNK_ELEMENTS = 1 << 21
+
+
 def _batched_vjp(outputs: tuple, inputs: list, grads: tuple) -> list[torch.Tensor]:
     """``[R, *input.shape]`` per input: the vector-Jacobian products of ``outputs`` for the ``R`` rows of
     ``grads`` (one batched backward; one backward per row where an op has no batching rule). Unused inputs
     get zeros."""
     R = grads[0].shape[0]
+    per_row = sum(g[0].numel() for g in grads) + sum(t.numel() for t in inputs)
+    chunk = max(1, min(R, VJP_CHUNK_ELEMENTS // max(1, per_row)))
     try:
-        got = torch.autograd.grad(outputs, inputs, grads, is_grads_batched=True, allow_unused=True)
+        if chunk >= R:
+            got = torch.autograd.grad(outputs, inputs, grads, is_grads_batched=True, allow_unused=True)
+        else:  # rows in cache-sized chunks: each op of the batched backward then streams from cache, not memory
+            parts = [torch.autograd.grad(outputs, inputs, tuple(g[s:s + chunk] for g in grads),
+                                         is_grads_batched=True, allow_unused=True, retain_graph=True)
+                     for s in range(0, R, chunk)]
+            got = [None if col[0] is None else torch.cat(col) for col in zip(*parts)]
     except RuntimeError:
         per = [torch.autograd.grad(outputs, inputs, tuple(g[r] for g in grads), retain_graph=True, allow_unused=True)
                for r in range(R)]
@@ -998,12 +1058,17 @@ def through_parametrization(m: nn.Module, grads: torch.Tensor) -> list[torch.Ten
 
 
 @torch.enable_grad()
-def affine_map(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The effective ``(W [d_out, d_in], b [d_out])`` of a module computing an affine map of its input, read
-    off the module itself as a differentiable function of its parameters: ``b = m(0)``, ``W = (m(I) - b)^T``.
-    Whether the module is affine with example-independent (W, b) is what the layer check confirms."""
+def affine_map(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The effective ``(W [d_out, d_in], b [d_out] or None)`` of a module computing an affine map of its
+    input, as differentiable functions of its parameters: the operands of its one direct ``F.linear`` call
+    where :func:`direct_linear` finds one (their VJP costs about a materialized row), else read off the
+    module's outputs, ``b = m(0)``, ``W = (m(I) - b)^T``. Whether the module is affine with
+    example-independent (W, b) is what the layer check confirms."""
     din = m.weight.shape[1]
     p = m.weight
+    direct = direct_linear(m, torch.zeros(1, din, dtype=p.dtype, device=p.device))
+    if direct is not None:
+        return direct
     basis = torch.cat([torch.zeros(1, din, dtype=p.dtype, device=p.device),
                        torch.eye(din, dtype=p.dtype, device=p.device)])
     out = m(basis)  # [1 + d_in, d_out]
@@ -1017,7 +1082,11 @@ def through_affine(m: nn.Module, rows: torch.Tensor) -> list[torch.Tensor]:
     batched vector-Jacobian product."""
     W, b = affine_map(m)
     own = [t for _, t in m.named_parameters() if t.requires_grad]
-    return _batched_vjp((W, b), own, (rows[..., :-1].contiguous(), rows[..., -1].contiguous()))
+    outs, grads = [W], [rows[..., :-1].contiguous()]
+    if b is not None and b.requires_grad:  # no bias, or a constant one: the bias column maps to nothing
+        outs.append(b)
+        grads.append(rows[..., -1].contiguous())
+    return _batched_vjp(tuple(outs), own, tuple(grads))
 
 
 def map_parametrized_rows(plan: LayerPlan, F: torch.Tensor) -> torch.Tensor:
