@@ -32,6 +32,11 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-540}
 PY=${PYTHON:-python3}
 RESULTS=benchmarks/results
 COMMIT=$(git rev-parse --short=10 HEAD 2>/dev/null || echo unknown)
+# a tree that differs from HEAD is labelled so (on the first GPU run the copy's git metadata lagged the files)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && COMMIT="$COMMIT-dirty"
+# a per-case limit where pytest-timeout is installed: one stuck case fails alone instead of taking the step
+# (and every other case's record) with it
+PER_CASE=$($PY -c 'import pytest_timeout' 2>/dev/null && echo "--timeout 300" || true)
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
 gpu_name() {
@@ -43,9 +48,14 @@ step_cmd() {  # the command of each step, printed by --dry-run and run otherwise
     env) echo "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2; $PY -c \"import torch, triton, lazyhasty; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__); print(lazyhasty._backend.summary())\"" ;;
     build) echo "CC=\$(\$PY -c 'import torch; c = torch.cuda.get_device_capability(); print(f\"{c[0]}{c[1]}\")'); LAZYHASTY_CUDA=ON LAZYHASTY_CUDA_ARCH=\$CC $PY -m pip install -q --no-build-isolation --no-deps -e ." ;;
     check) echo "$PY -m lazyhasty check --device cuda --json $RESULTS/check-\$(gpu_name)-$COMMIT.json" ;;
-    test) echo "$PY -m pytest -m gpu tests -q -p no:cacheprovider" ;;
-    bench) echo "$PY -m pytest benchmarks -m gpu -q -p no:cacheprovider --benchmark-json $RESULTS/\$(gpu_name)-$COMMIT.json && $PY benchmarks/summarize.py $RESULTS/\$(gpu_name)-$COMMIT.json --markdown > $RESULTS/\$(gpu_name)-$COMMIT.md" ;;
+    test) echo "$PY -m pytest -m gpu tests -q -p no:cacheprovider -rfE $PER_CASE" ;;
+    bench) echo "$PY -m pytest benchmarks -m gpu -q -p no:cacheprovider -rfE $PER_CASE --benchmark-json $RESULTS/\$(gpu_name)-$COMMIT.json && $PY benchmarks/summarize.py $RESULTS/\$(gpu_name)-$COMMIT.json --markdown > $RESULTS/\$(gpu_name)-$COMMIT.md" ;;
   esac
+}
+
+copy_out() {  # after every step, so that what a later failing step leaves behind still comes back
+  [ -n "${OUT:-}" ] && cp "$RESULTS"/*"$COMMIT"* "$OUT"/ 2>/dev/null
+  return 0
 }
 
 run_step() {
@@ -62,6 +72,7 @@ run_step() {
     for s in "${STEPS[@]}"; do [ "$s" = "$name" ] && seen=1; [ $seen -eq 1 ] && rest+=("$s"); done
     echo "device.sh: stopped at step '$name' (exit $rc$([ $rc -eq 124 ] && echo ', timed out after '"$STEP_TIMEOUT"' s'))." >&2
     echo "device.sh: after a fix, continue with: bash benchmarks/device.sh ${rest[*]}" >&2
+    copy_out
     exit $rc
   fi
 }
@@ -82,8 +93,5 @@ if [ "${DEVICE_SH_SKIP_GPU_TEST:-0}" != 1 ] && ! $PY -c "import torch, sys; sys.
   exit 3
 fi
 mkdir -p "$RESULTS"
-for s in "${STEPS[@]}"; do run_step "$s"; done
-if [ -n "${OUT:-}" ]; then
-  cp "$RESULTS"/*"$COMMIT"* "$OUT"/ 2>/dev/null || true
-fi
+for s in "${STEPS[@]}"; do run_step "$s"; copy_out; done
 echo "device.sh: all steps done (${STEPS[*]})"
