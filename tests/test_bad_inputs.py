@@ -201,3 +201,14 @@ def test_ntk_backend_without_ntk_kernels_is_an_error():
         with pytest.raises(ValueError, match="NTK engine has 'torch' and 'triton' paths"):
             ntk_gram(_mlp(), x, backend=b)
     assert torch.allclose(ntk_gram(_mlp(), x, backend="torch"), ntk_gram(_mlp(), x, backend="auto"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_batch_mixing_found_in_every_precision(dtype):
+    """The mixing check's tolerance grows with the rounding of the dtype (16-bit: 3e-2 of the output scale)
+    but stays far below what a batch statistic changes."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        ntk_gram(MixesLargeBatches().to(dtype), torch.randn(20, 3, dtype=dtype))
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)  # no mixing: accepted
+    assert ntk_gram(m, torch.randn(20, 3, dtype=dtype), kernel="trace").shape == (20, 20)

@@ -810,6 +810,8 @@ def cuda_free_bytes(device) -> int:
     with this fix: the session's GPU time was spent)."""
     free = torch.cuda.mem_get_info(device)[0]
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 # Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
 _VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model and implementation ("layerwise" / "jacobian"): (structure fingerprint, names of the modules moved to

@@ -355,8 +355,6 @@ def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str
     products (one forward of ``call(x)`` under a TorchFunctionMode): ``{weight: (bias | None, layout)}``.
     A parameter also used any other way (transposed with ``.T``, passed to a Python-level torch function,
     read elementwise) is left out."""
-    from torch.overrides import TorchFunctionMode
-
     named = dict(model.named_parameters())
     ids = {id(named[n]): n for n in candidates if named[n].dim() in (1, 2, 3)}
     found: dict = {}  # weight -> (bias, layout: a key of SITE_LAYOUTS)
@@ -392,8 +390,6 @@ class SiteRecorder:
     recorded (input, output, version counters) like a module hook records a layer's call."""
 
     def __init__(self, plans: list):
-        from torch.overrides import TorchFunctionMode
-
         by_name = {p.module._names[0]: p for p in plans}
         ids = {id(p.module.weight): name for name, p in by_name.items()}
         bias_ids = {id(p.module.bias): p.module._names[1] for p in plans if p.module.bias is not None}
