@@ -138,4 +138,11 @@ def summary() -> dict:
         "has_triton": has_triton,
         "triton_interpreted": triton_interpreted(),
         "torch": torch.__version__,
+        "cpu_heap_retained": _malloc_status(),
     }
+
+
+def _malloc_status() -> str:
+    from . import _malloc  # whether NTK calls keep freed CPU buffers mapped (glibc), and why not
+
+    return _malloc.status()

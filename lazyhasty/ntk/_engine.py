@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .. import _backend
+from .._malloc import retained_heap
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import exact_fp32
 from .._progress import Progress
@@ -121,6 +122,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 
 
 @torch.enable_grad()  # per-example gradients need autograd, also when called under no_grad (a probe)
+@retained_heap()
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
@@ -470,6 +472,7 @@ class KernelOperator:
         self.N = n * (self.k if kernel == "full" else 1)
 
     @torch.enable_grad()
+    @retained_heap()
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         Q = Q.to(self.fz.device, torch.float64)
         if Q.shape[0] != self.N:
@@ -534,6 +537,7 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 
 
 @torch.enable_grad()
+@retained_heap()
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,

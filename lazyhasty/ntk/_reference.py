@@ -16,6 +16,7 @@ from torch import nn
 
 from .._loaders import all_inputs, model_device
 from .._exact import AlignmentSums
+from .._malloc import retained_heap
 from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
@@ -65,6 +66,7 @@ class NTKReference:
         return 0 if self.K0 is None else self.K0.numel() * self.K0.element_size()
 
     @classmethod
+    @retained_heap()
     def capture(cls, reference: nn.Module, loader, *, kernel: str = "trace", centered: bool = False,
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
                 max_bytes: int = DEFAULT_REFERENCE_BYTES, backend: str | None = None, output=None,
@@ -119,6 +121,7 @@ class NTKReference:
         """``KA(K_model, K_0)`` (centred if captured so) on the captured probe set."""
         return self.measure(model)["ntk_alignment"]
 
+    @retained_heap()
     def measure(self, model: nn.Module) -> dict:
         """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only
         while ``K_0`` is stored; from the same exact sums: ``|K_t|^2 + |K_0|^2 - 2 <K_t, K_0>``)."""
