@@ -27,6 +27,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["lazyhasty"] = _backend.summary()
     machine_info["commit"] = _commit()
     machine_info["torch_threads"] = torch.get_num_threads()
+    # the allocator decides much of a CPU run (page faults of freed 32 MiB+ buffers): record how it was set
+    machine_info["malloc_env"] = {k: v for k, v in os.environ.items()
+                                  if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")}
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
                               else f"cpu: {platform.processor() or platform.machine()}")
