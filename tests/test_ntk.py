@@ -727,6 +727,39 @@ def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
     assert cuda_free_bytes("cuda") == (10 + 40 - 4) << 30
 
 
+def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypatch):
+    """_batched_vjp's one buffer: each input's VJP in its columns (zeros for an unused one), then the caller's
+    extra columns; the same in chunks of rows, and one row at a time where the batched backward raises."""
+    import lazyhasty.ntk._layers as L
+
+    torch.manual_seed(0)
+    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    with torch.enable_grad():
+        W = a / a.norm(dim=1, keepdim=True) + b.sin()  # [3, 4]
+    G = torch.randn(7, 3, 4, dtype=torch.float64)
+    want = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(W, (a, b), g, retain_graph=True)])
+                        for g in G])  # one backward per row
+    for chunk, batched in ((L.VJP_CHUNK_ELEMENTS, True), (40, True), (40, False)):
+        monkeypatch.setattr(L, "VJP_CHUNK_ELEMENTS", chunk)  # 40 elements: 1 row a chunk here (12 + 18 per row)
+        if not batched:
+            real = torch.autograd.grad
+
+            def no_batching_rule(*args, **kw):
+                if kw.get("is_grads_batched"):
+                    raise RuntimeError("no batching rule")
+                return real(*args, **kw)
+
+            monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+        got = L._batched_vjp((W,), [a, b, unused], (G,), extra=5)
+        assert got.shape == (7, 12 + 4 + 2 + 5)
+        assert torch.allclose(got[:, :16], want, rtol=0, atol=1e-12), (chunk, batched)
+        assert (got[:, 16:18] == 0).all()  # the unused input
+        parts = L._split_rows(got, [a, b])
+        assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])
+
+
 def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_linear_call(monkeypatch):
     """Beyond AFFINE_MAX_IN inputs, a Linear subclass whose forward is one F.linear call on its input
     (returned as is) is planned from that call's operands (cost of a materialized row, any width); one that
