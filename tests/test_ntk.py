@@ -727,6 +727,45 @@ def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
     assert cuda_free_bytes("cuda") == (10 + 40 - 4) << 30
 
 
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wrong(monkeypatch, kernel):
+    """Small blocks take one batched backward over the k outputs (Featurizer.output_gradients): the kernel is
+    the reference's; the check against one plain backward is remembered per block shape; a batched backward
+    that is wrong (as a silently wrong batching rule would be) fails it and the k passes give the exact
+    kernel; over the byte budget it is not tried."""
+    import lazyhasty.ntk._featurizer as FZ
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    want = R.ntk_gram(m, [x], kernel=kernel)
+
+    def checks():
+        return list(FZ._BATCHED_CHECKED.get(m, {}).values())
+
+    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
+    assert checks() == [True]  # one block shape, checked once and taken
+    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
+    assert checks() == [True]
+
+    real = torch.autograd.grad
+
+    def wrong_when_batched(*args, **kw):
+        got = real(*args, **kw)
+        return tuple(None if g is None else g * 1.5 for g in got) if kw.get("is_grads_batched") else got
+
+    monkeypatch.setattr(torch.autograd, "grad", wrong_when_batched)
+    FZ._BATCHED_CHECKED.pop(m, None)
+    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
+    assert checks() == [False]  # refused for this shape, remembered
+    monkeypatch.setattr(torch.autograd, "grad", real)
+
+    FZ._BATCHED_CHECKED.pop(m, None)
+    monkeypatch.setattr(FZ, "BATCHED_BACKWARD_BYTES", 0)
+    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
+    assert checks() == []  # over the budget: the k passes, nothing tried
+
+
 def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypatch):
     """_batched_vjp's one buffer: each input's VJP in its columns (zeros for an unused one), then the caller's
     extra columns; the same in chunks of rows, and one row at a time where the batched backward raises."""

@@ -307,11 +307,15 @@ class Featurizer:
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
-        per_out = [[] for _ in every]
-        for a in range(k):
-            gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=verify or a + 1 < k, allow_unused=True)
-            for i, g in enumerate(gs):
-                per_out[i].append(torch.zeros_like(every[i]) if g is None else g)
+        batched = self.output_gradients(out, every)
+        if batched is not None:
+            per_out = [list(g.unbind(0)) for g in batched]
+        else:
+            per_out = [[] for _ in every]
+            for a in range(k):
+                gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=verify or a + 1 < k, allow_unused=True)
+                for i, g in enumerate(gs):
+                    per_out[i].append(torch.zeros_like(every[i]) if g is None else g)
         if leaves:
             self.keep_copy_grads(per_out[len(outs):])
             per_out = per_out[:len(outs)]
@@ -796,6 +800,43 @@ class Featurizer:
         return ok
 
 
+    def output_gradients(self, out: torch.Tensor, every: list) -> list | None:
+        """``[k, *t.shape]`` per tensor of ``every``: the gradients of each of ``out``'s ``[b, k]`` columns'
+        batch sums, from one batched backward (autograd's ``is_grads_batched``, a vmap over the output axis),
+        where those gradients take at most :data:`BATCHED_BACKWARD_BYTES`; None otherwise (the caller then runs
+        its k backward passes). Small models are bound by the per-op overheads of k passes, which one batched
+        pass pays once. vmap over backward can be silently wrong for some sizes (torch.func's PReLU rule when
+        the batch equals the batched axis): once per model structure and block shape the v-weighted sum of the
+        k gradients is checked against one plain backward; a shape that fails (or has no batching rule) keeps
+        the k passes. The graph is retained (the caller may still need it)."""
+        b, k = out.shape
+        if k < 2 or k * sum(t.numel() * t.element_size() for t in every) > BATCHED_BACKWARD_BYTES:
+            return None
+        key = (self.fingerprint("batched"), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
+        seen = _BATCHED_CHECKED.setdefault(self._user_model, {})
+        if seen.get(key) is False:
+            return None
+        E = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k)
+        try:
+            gs = torch.autograd.grad(out, every, E, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        except RuntimeError:  # an op without a batching rule for its backward
+            seen[key] = False
+            return None
+        gs = [t.new_zeros(k, *t.shape) if g is None else g for g, t in zip(gs, every)]
+        if key not in seen:
+            gen = torch.Generator(device="cpu").manual_seed(2468)
+            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
+            ok = all(_close(torch.einsum("k,k...->...", v, g).reshape(-1),
+                            (torch.zeros_like(t) if r is None else r).reshape(-1))
+                     for g, r, t in zip(gs, ref, every))
+            if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
+                seen.clear()
+            seen[key] = ok
+            if not ok:
+                return None
+        return gs
+
 # Per model: (structure, example shape, plan) and the elements one example takes in a one-block trace kernel.
 _TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -811,6 +852,14 @@ def cuda_free_bytes(device) -> int:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
+# The k backward passes of a block as one batched backward while the k gradients of the captured tensors take at
+# most this many bytes (Featurizer.output_gradients). Measured in-process (2-core CPU, malloc tuned, trace kernel,
+# k passes -> one batched pass): torchvision ViT-tiny n = 32 0.098 -> 0.073 s, an nn.TransformerEncoder text
+# classifier 0.047 -> 0.038 s, nn.MultiheadAttention 0.016 -> 0.0135 s, nn.LSTM 0.018 -> 0.016 s; the plain CNN
+# (n = 64) and the cosine MLP unchanged. Larger blocks gain nothing and would hold k times the gradients.
+BATCHED_BACKWARD_BYTES = 64 << 20
+# Per model: {(structure, block shape, dtype, captured shapes): whether the batched backward agreed (None: unchecked)}
+_BATCHED_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
 _VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # Per model and implementation ("layerwise" / "jacobian"): (structure fingerprint, names of the modules moved to
