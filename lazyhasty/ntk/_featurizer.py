@@ -307,15 +307,7 @@ class Featurizer:
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
-        batched = self.output_gradients(out, every)
-        if batched is not None:
-            per_out = [list(g.unbind(0)) for g in batched]
-        else:
-            per_out = [[] for _ in every]
-            for a in range(k):
-                gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=verify or a + 1 < k, allow_unused=True)
-                for i, g in enumerate(gs):
-                    per_out[i].append(torch.zeros_like(every[i]) if g is None else g)
+        per_out = [list(col) for col in zip(*self.output_gradient_passes(out, every, retain=verify))]
         if leaves:
             self.keep_copy_grads(per_out[len(outs):])
             per_out = per_out[:len(outs)]
@@ -800,6 +792,20 @@ class Featurizer:
         return ok
 
 
+    def output_gradient_passes(self, out: torch.Tensor, every: list, retain: bool):
+        """For each of ``out``'s ``[b, k]`` columns in turn, the gradients of its batch sum with respect to
+        each tensor of ``every`` (zeros where unused): from one batched backward where
+        :meth:`output_gradients` takes the block, else one backward pass per output (the graph freed after the
+        last one unless ``retain``). The one loop over outputs of both the tile and the one-block trace paths."""
+        batched = self.output_gradients(out, every)
+        k = out.shape[1]
+        for a in range(k):
+            if batched is not None:
+                yield [g[a] for g in batched]
+                continue
+            gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=retain or a + 1 < k, allow_unused=True)
+            yield [torch.zeros_like(t) if g is None else g for g, t in zip(gs, every)]
+
     def output_gradients(self, out: torch.Tensor, every: list) -> list | None:
         """``[k, *t.shape]`` per tensor of ``every``: the gradients of each of ``out``'s ``[b, k]`` columns'
         batch sums, from one batched backward (autograd's ``is_grads_batched``, a vmap over the output axis),
@@ -819,7 +825,9 @@ class Featurizer:
         E = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k)
         try:
             gs = torch.autograd.grad(out, every, E, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        except RuntimeError:  # an op without a batching rule for its backward
+        except RuntimeError as exc:  # an op without a batching rule for its backward
+            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+                raise
             seen[key] = False
             return None
         gs = [t.new_zeros(k, *t.shape) if g is None else g for g, t in zip(gs, every)]

@@ -1068,13 +1068,13 @@ def through_parametrization(m: nn.Module, grads: torch.Tensor) -> list[torch.Ten
     """Gradients ``[R, *weight.shape]`` with respect to a parametrized module's effective weight, mapped to
     its parametrization's originals: ``[R, *original.shape]`` each, by one batched vector-Jacobian product
     of ``weight(originals)`` (exact: the map does not depend on the example)."""
-    originals = list(m.parametrizations.weight.parameters())
-    return _split_rows(_batched_vjp((m.weight,), originals, (grads,)), originals)  # m.weight: recomputed
+    return _split_rows(_parametrized_flat(m, grads), list(m.parametrizations.weight.parameters()))
 
 
 @torch.enable_grad()
-def _parametrized_flat(m: nn.Module, grads: torch.Tensor, extra: int) -> torch.Tensor:
+def _parametrized_flat(m: nn.Module, grads: torch.Tensor, extra: int = 0) -> torch.Tensor:
     """:func:`through_parametrization` as one ``[R, numel(originals) + extra]`` buffer."""
+    # m.weight: recomputed from the originals
     return _batched_vjp((m.weight,), list(m.parametrizations.weight.parameters()), (grads,), extra)
 
 

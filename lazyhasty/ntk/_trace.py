@@ -159,15 +159,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         mine = [None] * len(plans)
     leaves = list(fz.capture_copies.values()) if fz.capture_copies else []  # per-example copies: their gradients too
     copy_grads: list = [[] for _ in leaves]
-    every = outs + leaves
-    batched = fz.output_gradients(out, every)  # one batched backward for small blocks, else k passes
-    for a_out in range(k):
-        if batched is not None:
-            gs = [g[a_out] for g in batched]
-        else:
-            gs = torch.autograd.grad(out[:, a_out].sum(), every, retain_graph=verify or a_out + 1 < k,
-                                     allow_unused=True)
-            gs = [torch.zeros_like(o) if g is None else g for g, o in zip(gs, every)]
+    # one batched backward for small blocks, else one pass per output (each reduced before the next)
+    for a_out, gs in enumerate(fz.output_gradient_passes(out, outs + leaves, retain=verify)):
         for c, g in zip(copy_grads, gs[len(outs):]):
             c.append(g)
         gs = gs[:len(outs)]
