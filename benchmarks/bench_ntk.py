@@ -7,6 +7,7 @@ Cases (CPU sizes the issue anchored its targets on):
   cnn-trace    same, "trace"
   plain-cnn-full  issue 12's plain CNN (3 convs, global average pool, linear), n = 256, k = 10 (+ both floors)
   plain-cnn-trace same, "trace"
+                  (the full CNN cases also time ``lazyhasty-features``: the engine's per-example work, no products)
   resnet-full  ResNet18 layout at width 16 without BatchNorm (0.7M params), n = 128, k = 10, "full"
   resnet-trace same, "trace"
   mlp-align    ntk_alignment of the MLP with its init on n = 20,000 (peak memory recorded)
@@ -73,7 +74,23 @@ def nngeometry_ntk(model, x):
 
 
 PROVIDERS = ["lazyhasty", "lazyhasty-jacobian", "torch.func", "naive", "nngeometry", "nt-jacobian", "nt-structured",
-             "jjt-floor", "sym-floor"]
+             "jjt-floor", "sym-floor", "lazyhasty-features"]
+
+
+def engine_features(model, x, kernel):
+    """What ``ntk_gram`` computes before its products: the per-example factors of every block of its plan
+    (forward, the k backward passes, per-example gradients), none of the Gram. ``lazyhasty`` minus this is the
+    time of the products; this alone bounds the ratio to the symmetric floor from below."""
+    from lazyhasty._malloc import retained_heap
+    from lazyhasty.ntk import Featurizer, explain
+
+    block = explain(model, x, kernel=kernel).block_size
+    fz = Featurizer(model, "auto", kernel, None)
+
+    @retained_heap()
+    def fn():
+        return [fz(xb) for xb in x.split(block)]
+    return fn
 
 
 def neural_tangents_ntk(model, x, kernel, provider, benchmark):
@@ -131,6 +148,10 @@ def test_ntk_gram(benchmark, case, provider, device):
         if device.type != "cpu":
             pytest.skip("neural-tangents runs on the CPU here")
         fn = neural_tangents_ntk(model, x, kernel, provider, benchmark)
+    elif provider == "lazyhasty-features":
+        if case not in ("cnn-full", "plain-cnn-full"):  # (the trace kernels reduce inside one pass instead)
+            pytest.skip("the per-example work alone is recorded for the full kernels of the CNNs only")
+        fn = engine_features(model, x, kernel)
     else:
         if case not in ("cnn-full", "plain-cnn-full"):
             pytest.skip("the J @ J.T floors are recorded for the full kernels of the CNNs only")
