@@ -8,6 +8,7 @@ the peak GPU memory (``torch.cuda.max_memory_allocated`` above what was allocate
                        case with torch.func on a 40-example subset, extrapolated; see extra_info)
   resnet18-full-1k     the full [n, 10, n, 10] kernel on 1,000 inputs (torch.func on 20, extrapolated)
   ntk backends         the same model on 200 inputs, trace and full, by backend="torch" / "triton" and naive
+  ntk precision        the same, tf32=True vs the exact-fp32 default: time and error against float64
   signs-1m             sign similarity on 1,000,000 examples of a 4-layer MLP with 4,096 ReLUs, per backend
   repr-1m              representation alignment on 1,000,000 examples of the same MLP
   epoch-probes         one training epoch (10,000 CIFAR-shaped examples, batch 128, SGD) of the ResNet18
@@ -110,6 +111,27 @@ def test_ntk_backends_resnet18(benchmark, kernel, provider):
     benchmark.group = f"ntk {kernel} backends resnet18 n=200 cuda"
     pedantic_with_peak(benchmark, fn, "cuda", rounds=1 if provider == "naive" else 3,
                        warmup_rounds=0 if provider == "naive" else 1)
+
+
+_FLOAT64_KERNELS: dict = {}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+@pytest.mark.parametrize("kernel", ["trace", "full"])
+def test_ntk_tf32_resnet18(benchmark, kernel, precision):
+    """``tf32=True`` against the float32 default (exact fp32, no TF32) on the paper's ResNet18, 200 examples:
+    the time, and each kernel's relative Frobenius error against the float64 kernel of the same model and
+    inputs (``extra_info["rel_err_vs_float64"]``; README's precision line)."""
+    m0, _ = _resnet_pair()
+    x = torch.rand(200, 3, 32, 32, device="cuda")
+    if kernel not in _FLOAT64_KERNELS:
+        _FLOAT64_KERNELS[kernel] = ntk_gram(copy.deepcopy(m0).double(), x.double(), kernel=kernel)
+    want = _FLOAT64_KERNELS[kernel]
+    fn = lambda: ntk_gram(m0, x, kernel=kernel, tf32=precision == "tf32")  # noqa: E731
+    K = fn().double()
+    benchmark.extra_info["rel_err_vs_float64"] = float((K - want).norm() / want.norm())
+    benchmark.group = f"ntk {kernel} precision resnet18 n=200 cuda"
+    pedantic_with_peak(benchmark, fn, "cuda", rounds=3, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("provider", ["cuda", "triton", "torch", "naive"])

@@ -826,3 +826,94 @@ def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_l
                 assert _rel(got, want) <= 1e-10, (cls.__name__, chunk, kernel)
             generic = set(explain(m, x, kernel="full", implementation="layerwise").generic)
             assert ("1.weight" in generic) == (cls is Scaled) and ("1.bias" in generic) <= (cls is Scaled)
+
+
+def test_tf32_option_reaches_the_products_and_never_the_layer_checks(monkeypatch):
+    """ntk_gram / ntk_alignment(tf32=True): the products and passes run with torch's TF32 flags on, every
+    layer check (in the first call of a model structure) with them off, the user's own flag values come back
+    afterwards, and tf32=False (the default) keeps them off throughout. The CPU ignores the flags: the
+    kernels are the same. tf32 must be a bool."""
+    import lazyhasty.ntk._featurizer as FZ
+    from lazyhasty.ntk import _features
+
+    seen = {"products": [], "checks": []}
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    tile, close = _features.tile, FZ._close
+
+    def spy_tile(*a, **k):
+        seen["products"].append(flags())
+        return tile(*a, **k)
+
+    def spy_close(*a, **k):
+        seen["checks"].append(flags())
+        return close(*a, **k)
+
+    passes = FZ.Featurizer.output_gradient_passes
+
+    def spy_passes(self, *a, **k):  # the k backward passes of every path (tiles and the one-block trace)
+        seen["passes"].append(flags())
+        return passes(self, *a, **k)
+
+    monkeypatch.setattr(_features, "tile", spy_tile)
+    monkeypatch.setattr(FZ, "_close", spy_close)
+    monkeypatch.setattr(FZ.Featurizer, "output_gradient_passes", spy_passes)
+    seen["passes"] = []
+    user = flags()
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(10, 3, 8, 8)
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # the user's
+        K_first = ntk_gram(m, x, tf32=True, block_size=4)  # the layer check runs in this call
+        assert seen["checks"] and set(seen["checks"]) == {(False, False)}  # (on a twin, before the tiles)
+        assert seen["products"] and set(seen["products"]) == {(True, True)}
+        assert flags() == (False, True)
+        seen["products"].clear(), seen["checks"].clear()
+        K_tf32 = ntk_gram(m, x, tf32=True, block_size=4)
+        assert not seen["checks"] and set(seen["products"]) == {(True, True)}
+        assert flags() == (False, True)
+        seen["products"].clear()
+        K = ntk_gram(m, x, block_size=4)
+        assert set(seen["products"]) == {(False, False)} and flags() == (False, True)
+        assert torch.equal(K, K_tf32) and torch.equal(K, K_first)
+        m0 = copy.deepcopy(m)
+        with torch.no_grad():
+            m0[0].weight.mul_(1.5)
+        seen["products"].clear()
+        a_tf32 = ntk_alignment(m, x, m0, kernel="full", block_size=4, tf32=True)
+        assert (True, True) in seen["products"]
+        assert a_tf32 == ntk_alignment(m, x, m0, kernel="full", block_size=4)
+        x20 = torch.randn(20, 3, 8, 8)
+        assert explain(m, x20, kernel="trace").path == "trace_one_block"
+        seen["passes"].clear()
+        K_trace = ntk_gram(m, x20, kernel="trace", tf32=True)
+        assert set(seen["passes"]) == {(True, True)} and flags() == (False, True)
+        assert torch.equal(K_trace, ntk_gram(m, x20, kernel="trace"))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = user
+    with pytest.raises(TypeError, match="tf32"):
+        ntk_gram(m, x, tf32="yes")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_tf32_option_error_against_float64(kernel):
+    """tf32=True on the GPU: the same plan as float32 (no layer sent to the fallback by TF32 rounding in a
+    check), relative Frobenius error against the float64 kernel at most 1e-2, and on a GPU with TF32 tensor
+    cores (compute capability >= 8) clearly above float32's (so TF32 did run). The errors are printed
+    (the device suite records them; README's precision line)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2), nn.ReLU(),
+                      nn.Conv2d(64, 64, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(64, 10)).cuda()
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+    want = ntk_gram(copy.deepcopy(m).double(), x.double(), kernel=kernel).cpu()
+    fp32 = ntk_gram(m, x, kernel=kernel)
+    tf32 = ntk_gram(m, x, kernel=kernel, tf32=True)
+    assert explain(m, x, kernel=kernel).generic == []
+    e32, etf = _rel(fp32.cpu().double(), want), _rel(tf32.cpu().double(), want)
+    print(f"tf32 {kernel}: relative error vs float64 {etf:.2e} (float32 {e32:.2e})")
+    assert e32 <= 1e-5 and etf <= 1e-2
+    if torch.cuda.get_device_capability()[0] >= 8:
+        assert etf > 10 * e32

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from .. import _backend
 from .._malloc import retained_heap
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
-from .._precision import exact_fp32
+from .._precision import product_precision, tf32_requested
 from .._progress import Progress
 from .._exact import AlignmentSums
 from . import _features as feat
@@ -60,6 +61,16 @@ def _same_trainable(model: nn.Module, ref: nn.Module):
     finally:
         for p, flag in saved:
             p.requires_grad_(flag)
+
+
+def _tf32_option(fn):
+    """An NTK entry point's ``tf32=`` keyword: its body runs under :func:`lazyhasty._precision.tf32_requested`
+    (products and passes in TF32 on GPUs that have it; the layer checks stay in exact fp32)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with tf32_requested(kwargs.get("tf32", False)):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _check_args(kernel: str, implementation: str, block_size, max_cache_bytes=0, dtype=None) -> None:
@@ -123,10 +134,12 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 
 @torch.enable_grad()  # per-example gradients need autograd, also when called under no_grad (a probe)
 @retained_heap()
+@_tf32_option
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
-             loader2=None, by_layer: bool = False, out=None, process_group=None, gather: str | None = None):
+             loader2=None, by_layer: bool = False, out=None, process_group=None, gather: str | None = None,
+             tf32: bool = False):
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
     ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
@@ -160,6 +173,11 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
     ~1e-15 relative error; float32 ~5e-8 (at most 8.3e-8 on the test zoo); bfloat16 ~3e-3.
+    tf32: on CUDA GPUs with TF32 tensor cores (Ampere and later), let a float32 call's GEMMs, convolutions and
+    Triton dots use TF32 (10 of fp32's 23 mantissa bits) for speed; the layer checks of a model's first call
+    (and of each new block shape) still run in exact fp32, so the plan is the same as without it. Its error
+    against float64 is measured by ``tests/test_gpu.py::test_tf32_option_error_against_float64`` (README).
+    No effect on the CPU, for float64 / 16-bit dtypes, or with ``implementation="naive"`` (always exact).
     block_size: examples per tile (memory of a tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
     fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the result is
     bounded. The model must not mix examples (eval mode for BatchNorm, no dropout).
@@ -206,7 +224,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         if group is not None:
             _dist.agree(group, "ntk_gram", model=_dist.structure(model), kernel=kernel, implementation=implementation,
                         dtype=str(fz.dtype), block_size=block_size, out=None if out is None else str(out),
-                        gather=gather)
+                        gather=gather, tf32=tf32)
             x_all = _dist.gather_loader(loader, group, fz.device)
         else:
             x_all = all_inputs(loader, fz.device)
@@ -228,7 +246,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         return _cross_gram(fz, x_all, all_inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
                            progress)
     blocks, starts = blocks_of(x_all, path.block_size)
-    with exact_fp32():
+    with product_precision():
         if path.name == "trace_one_block":
             return _finite(fz.trace_gram(x_all, be))
         if path.name == "one_tile":
@@ -301,7 +319,7 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
             _dist.barrier(group)
         target = np.load(out, mmap_mode="r+")
     tiles = []
-    with exact_fp32(), Progress(len(work.tiles), "ntk tiles", progress) as bar:
+    with product_precision(), Progress(len(work.tiles), "ntk tiles", progress) as bar:
         for I, J, (fi,), (fj,) in work:
             si, sj = work.rows(I), work.rows(J)
             if kernel == "diagonal":
@@ -363,7 +381,7 @@ def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, 
             sums[name] = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
         sums[name].add(Kt, K0.to(fz.device), work.rows(I), work.rows(J), I != J)
 
-    with exact_fp32():
+    with product_precision():
         for I, J, (fi, fi0), (fj, fj0) in work:
             if kernel == "diagonal":
                 add(None, feat.diagonal(fi), feat.diagonal(fi0), I, I)
@@ -429,7 +447,7 @@ def _gram_by_layer(fz: "Featurizer", x: torch.Tensor, kernel: str, block_size: i
     bs = block_size or default_block_size(n, _output_size(fz, x))
     fz.pairs_per_example = (n + 1) / 2
     feats, K = _BlockFeatures(fz, list(x.split(bs)), DEFAULT_CACHE_BYTES), {}
-    with exact_fp32():
+    with product_precision():
         for I, J, si, sj in _block_pairs(n, bs):
             fi = feats(I)
             for name, t in _layer_tiles(fi, fi if I == J else feats(J), kernel, be).items():
@@ -480,7 +498,7 @@ class KernelOperator:
         m = self.k if self.kernel == "full" else 1
         out = torch.zeros_like(Q)
         nb = len(self.starts) - 1
-        with exact_fp32():
+        with product_precision():
             for I in range(nb):
                 fi = self._feats(I)
                 ri = slice(self.starts[I] * m, self.starts[I + 1] * m)
@@ -510,7 +528,7 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
     get = _BlockFeatures(fz, b2, max_cache_bytes)
 
     K = None
-    with exact_fp32(), Progress(len(b1) * len(b2), "ntk cross tiles", progress) as bar:
+    with product_precision(), Progress(len(b1) * len(b2), "ntk cross tiles", progress) as bar:
         for I, xi in enumerate(b1):
             fi = fz(xi)
             for J in range(len(b2)):
@@ -538,10 +556,12 @@ def _finite(K: torch.Tensor) -> torch.Tensor:
 
 @torch.enable_grad()
 @retained_heap()
+@_tf32_option
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
-                  backend: str | None = None, output=None, by_layer: bool = False, process_group=None):
+                  backend: str | None = None, output=None, by_layer: bool = False, process_group=None,
+                  tf32: bool = False):
     """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
 
     Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
@@ -557,6 +577,8 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     init, a module of the same architecture or its state_dict; None (the two-argument call) for an
     ``AlphaScaled`` / ``Linearized`` model: its frozen initialization. ``output``: as in :func:`ntk_gram`.
     ``by_layer=True``: ``{parameter group: KA(K_t,l, K_0,l)}``, each layer's kernel aligned with its own at init.
+    ``tf32=True``: both kernels' products in TF32 on GPUs that have it (see :func:`ntk_gram`); the float64 sums
+    are unchanged.
 
     process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the probe
     set (possibly empty); the inputs are gathered (inputs, not features, travel), the ``i <= j`` tile pairs
@@ -593,7 +615,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         if group is not None:
             _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
                         kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
-                        block_size=block_size, by_layer=by_layer)
+                        block_size=block_size, by_layer=by_layer, tf32=tf32)
             x_all = _dist.gather_loader(loader, group, fz.device)
             return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
                                       by_layer)
@@ -610,14 +632,14 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                                       by_layer=True)
         if path.name == "trace_one_block":
             # both [n, n] trace kernels of one block (one output at a time), reduced at once
-            with exact_fp32():
+            with product_precision():
                 sums = AlignmentSums(n, 1, kernel, centered, fz.device)
                 Kt = fz.trace_gram(x_all, be)
                 sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
                          False)
             return sums.alignment()
         blocks, starts = blocks_of(x_all, path.block_size)
-        with exact_fp32():
+        with product_precision():
             first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
             per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
             cache = per_block * len(blocks) <= max_cache_bytes

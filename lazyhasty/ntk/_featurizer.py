@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._loaders import model_device
+from .._precision import exact_fp32
 from . import _features as feat
 from ._layers import (
     InProjection, MatmulSite, RecurrentProjection, SiteRecorder, affine_candidate, batch_grad_from_factors,
@@ -122,9 +123,16 @@ class Featurizer:
     def __call__(self, x: torch.Tensor) -> list:
         x = self._prepare(x)
         while True:
-            feats = self._features(x)
+            with self._checking():
+                feats = self._features(x)
             if feats is not None:
                 return feats
+
+    def _checking(self):
+        """Exact fp32 while the layer check of this model structure is still to run (in a ``tf32=True`` call
+        the check compares against autograd in fp32, so TF32 rounding cannot send a layer to the fallback);
+        the call's own precision (:func:`lazyhasty._precision.product_precision`) after it."""
+        return exact_fp32() if not self.verified else contextlib.nullcontext()
 
     def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
         """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
@@ -183,7 +191,8 @@ class Featurizer:
 
         x = self._prepare(x)
         while True:
-            K = trace_gram(self, x, backend)
+            with self._checking():
+                K = trace_gram(self, x, backend)
             if K is not None:
                 return K
 
@@ -195,7 +204,10 @@ class Featurizer:
         ``reset()`` is called before a block is recomputed (a layer moved to the fallback).
         """
         x = self._prepare(x)
-        while self._features(x, sink) is None:
+        while True:
+            with self._checking():
+                if self._features(x, sink) is not None:
+                    return
             reset()
 
     def _prepare(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -667,19 +679,24 @@ class Featurizer:
                     or self.model)  # too large to copy: the model itself
             named = dict(twin.named_parameters())
             probe = x[: min(x.shape[0], 4)]
-            for n in todo:
-                decided[n] = False
-                if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS or named[n].dim() == 0:
-                    continue
-                try:
-                    J = self._copy_jacobian(probe, [n], twin)[0]
-                    decided[n] = self._copy_check(probe, n, J, twin)
-                except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # (torch asserts shapes)
-                    if isinstance(exc, torch.cuda.OutOfMemoryError):
-                        raise
-                    continue  # the copies changed the output's shape or broke the forward: not this way
+            with exact_fp32():  # a check: never in TF32
+                self._decide_copies(todo, decided, probe, named, twin)
             _COPYABLE[owner] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
+
+    def _decide_copies(self, todo: list, decided: dict, probe: torch.Tensor, named: dict, twin) -> None:
+        """Whether per-example copies work for each fallback parameter of ``todo`` (``decided[name]``)."""
+        for n in todo:
+            decided[n] = False
+            if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS or named[n].dim() == 0:
+                continue
+            try:
+                J = self._copy_jacobian(probe, [n], twin)[0]
+                decided[n] = self._copy_check(probe, n, J, twin)
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # (torch asserts shapes)
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                continue  # the copies changed the output's shape or broke the forward: not this way
 
     def _copy_leaves(self, x: torch.Tensor) -> dict | None:
         """For the capture forward of a verified plan: ``{name: [b, ...] leaf}`` copies of the fallback
@@ -750,13 +767,15 @@ class Featurizer:
             def f(p, xi):
                 return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
 
+            # a block shape not yet checked against autograd is checked in exact fp32 (in a tf32=True call too)
+            pending = self._vmap_key(x, names) not in _VMAP_CHECKED.get(self._user_model, {})
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), exact_fp32() if pending else contextlib.nullcontext():
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                J = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
-                J = torch.cat(J, -1) if len(J) > 1 else J[0]  # (one parameter: a view, no copy)
-                if self._vmap_agrees(x, names, J):
-                    return J
+                    J = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
+                    J = torch.cat(J, -1) if len(J) > 1 else J[0]  # (one parameter: a view, no copy)
+                    if self._vmap_agrees(x, names, J):
+                        return J
             except (RuntimeError, NotImplementedError):
                 pass
             # some ops have no correct batching rule: nn.PReLU's backward raises under vmap(jacrev), except when
@@ -768,11 +787,14 @@ class Featurizer:
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
             return reference.jacobian_rows(self.model, [x], params=[named[n] for n in names])
 
+    def _vmap_key(self, x: torch.Tensor, names: list[str]) -> tuple:
+        return (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
+
     def _vmap_agrees(self, x: torch.Tensor, names: list[str], J: torch.Tensor) -> bool:
         """Whether torch.func's per-example Jacobians ``J`` ``[b, k, P]`` agree with autograd on one random
         combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
         once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
-        key = (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
+        key = self._vmap_key(x, names)
         seen = _VMAP_CHECKED.setdefault(self._user_model, {})
         if key in seen:
             return seen[key]
@@ -822,6 +844,12 @@ class Featurizer:
         seen = _BATCHED_CHECKED.setdefault(self._user_model, {})
         if seen.get(key) is False:
             return None
+        # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
+        with exact_fp32() if key not in seen else contextlib.nullcontext():
+            return self._batched_output_gradients(out, every, key, seen)
+
+    def _batched_output_gradients(self, out: torch.Tensor, every: list, key: tuple, seen: dict) -> list | None:
+        b, k = out.shape
         E = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k)
         try:
             gs = torch.autograd.grad(out, every, E, is_grads_batched=True, retain_graph=True, allow_unused=True)

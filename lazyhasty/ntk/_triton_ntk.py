@@ -7,13 +7,16 @@ diagonal block (I = J) only tiles with ``pid_m <= pid_n`` run, off-diagonal ones
 ``ghost_gram``: ``K[r, c] = sum_{s,t} (a[r // k, s] . a[c // k, t]) (g[r, s] . g[c, t])`` for the ghost
 form of a linear layer (rows r = (example, output)); symmetric when both sides are the same block.
 
-Both use ``input_precision="ieee"`` for fp32 (GPUs would otherwise use tf32 in ``tl.dot``).
+Both use ``input_precision="ieee"`` for fp32 (GPUs would otherwise use tf32 in ``tl.dot``), TF32 only inside an
+NTK call made with ``tf32=True`` (:func:`lazyhasty._precision.tf32_enabled`).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .._precision import tf32_enabled
 
 
 @triton.jit
@@ -139,7 +142,7 @@ def alignment_partials(ft_i, ft_j, f0_i, f0_j, symmetric: bool, interpreted: boo
                                     f0_i.shape[1] // outputs, outputs, ft_i.stride(0), ft_j.stride(0),
                                     f0_i.stride(0), f0_j.stride(0),
                                     SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                    IEEE=ft_i.dtype == torch.float32)
+                                    IEEE=ft_i.dtype == torch.float32 and not tf32_enabled())
     return out.view(-1, 3).sum(0)
 
 
@@ -158,7 +161,7 @@ def ghost_gram(a_i, a_j, g_i, g_j, symmetric: bool, interpreted: bool) -> torch.
     ghost_gram_kernel[grid](a_i, a_j, g_i, g_j, out, M, N, bI, bJ, S, k, din, dout,
                             S * din, S * din, S * dout, S * dout, N,
                             SYMMETRIC=symmetric, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                            IEEE=g_i.dtype == torch.float32)
+                            IEEE=g_i.dtype == torch.float32 and not tf32_enabled())
     return out
 
 
@@ -170,5 +173,5 @@ def gram(x: torch.Tensor, y: torch.Tensor, symmetric: bool, interpreted: bool, o
     bm, bn, bk = _blocks(interpreted)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     gram_kernel[grid](x, y, out, M, N, P, outputs, x.stride(0), y.stride(0), N, SYMMETRIC=symmetric,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32)
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IEEE=x.dtype == torch.float32 and not tf32_enabled())
     return out
