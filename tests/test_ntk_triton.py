@@ -106,3 +106,21 @@ def test_torch_twins_are_the_math(device):
     parts = twin.alignment_partials(x, y, 2 * x, 2 * y)  # K0 = 4 Kt
     s2 = (x @ y.T).pow(2).sum()
     assert torch.allclose(parts, torch.stack([4 * s2, s2, 16 * s2]))
+
+
+@pytest.mark.parametrize("M,N,P,outputs", [(33, 7, 45, 1), (7, 7, 36, 4)])
+def test_gram_under_tf32_request(M, N, P, outputs, device):
+    """Inside a tf32=True call the Triton Gram takes tl.dot's default precision (TF32 on a GPU that has it,
+    exact in the interpreter): within TF32's error of the torch twin (unit roundoff 2^-11 per input)."""
+    from lazyhasty._precision import tf32_enabled, tf32_requested
+    from lazyhasty.ntk._triton_ntk import gram
+
+    x = torch.randn(M, P, device=device)
+    y = x if M == N else torch.randn(N, P, device=device)
+    want = twin.gram(x, y, M == N, outputs).float()
+    with tf32_requested(True):
+        assert tf32_enabled()
+        got = gram(x, y, M == N, _interp(), outputs)
+    assert not tf32_enabled()
+    scale = (x.norm(dim=1)[:, None] * y.norm(dim=1)[None, :]).cpu()
+    assert ((got.cpu() - want.cpu()).abs() <= 2e-3 * scale + 1e-5).all()

@@ -176,7 +176,8 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     tf32: on CUDA GPUs with TF32 tensor cores (Ampere and later), let a float32 call's GEMMs, convolutions and
     Triton dots use TF32 (10 of fp32's 23 mantissa bits) for speed; the layer checks of a model's first call
     (and of each new block shape) still run in exact fp32, so the plan is the same as without it. Its error
-    against float64 is measured by ``tests/test_gpu.py::test_tf32_option_error_against_float64`` (README).
+    against float64 is measured by ``tests/test_ntk.py::test_tf32_option_error_against_float64`` and recorded by
+    ``benchmarks/bench_gpu.py::test_ntk_tf32_resnet18`` (not yet run on a GPU).
     No effect on the CPU, for float64 / 16-bit dtypes, or with ``implementation="naive"`` (always exact).
     block_size: examples per tile (memory of a tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
     fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the result is
