@@ -29,9 +29,10 @@ def _fp32_flags(tf32: bool):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
-def exact_fp32():
-    """No silent tf32: fp32 GEMMs and convolutions in full fp32 precision on GPUs that could use tf32."""
-    return _fp32_flags(False)
+def exact_fp32(when: bool = True):
+    """No silent tf32: fp32 GEMMs and convolutions in full fp32 precision on GPUs that could use tf32.
+    ``when=False``: nothing changes (a check still to run decides, e.g. ``exact_fp32(not verified)``)."""
+    return _fp32_flags(False) if when else contextlib.nullcontext()
 
 
 def product_precision():

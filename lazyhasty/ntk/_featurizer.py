@@ -132,7 +132,7 @@ class Featurizer:
         """Exact fp32 while the layer check of this model structure is still to run (in a ``tf32=True`` call
         the check compares against autograd in fp32, so TF32 rounding cannot send a layer to the fallback);
         the call's own precision (:func:`lazyhasty._precision.product_precision`) after it."""
-        return exact_fp32() if not self.verified else contextlib.nullcontext()
+        return exact_fp32(not self.verified)
 
     def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
         """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
@@ -770,7 +770,7 @@ class Featurizer:
             # a block shape not yet checked against autograd is checked in exact fp32 (in a tf32=True call too)
             pending = self._vmap_key(x, names) not in _VMAP_CHECKED.get(self._user_model, {})
             try:
-                with torch.enable_grad(), exact_fp32() if pending else contextlib.nullcontext():
+                with torch.enable_grad(), exact_fp32(pending):
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
                     J = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
                     J = torch.cat(J, -1) if len(J) > 1 else J[0]  # (one parameter: a view, no copy)
@@ -845,7 +845,7 @@ class Featurizer:
         if seen.get(key) is False:
             return None
         # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
-        with exact_fp32() if key not in seen else contextlib.nullcontext():
+        with exact_fp32(key not in seen):
             return self._batched_output_gradients(out, every, key, seen)
 
     def _batched_output_gradients(self, out: torch.Tensor, every: list, key: tuple, seen: dict) -> list | None:
