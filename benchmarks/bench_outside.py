@@ -165,7 +165,8 @@ def test_outside_ntk(benchmark, case, kernel, provider):
 def report(path: str) -> str:
     """One markdown row per model: speed-up of ``lazyhasty-auto`` over torch.func (``vmap(jacrev)``, or the
     per-example jacrev loop where vmap fails: marked ``loop``) on the trace and full kernels, first / later call
-    of ``auto``, its float32 error over torch.func's, and the cost model's verdict per kernel."""
+    of ``auto``, its float32 error over torch.func's, the cost model's verdict per kernel, and the run's noise
+    (``auto``'s time over that of the implementation it took: the same plan, ideally 1.00)."""
     data = json.load(open(path))
     rows = defaultdict(lambda: defaultdict(dict))  # case -> kernel -> provider -> benchmark
     for b in data["benchmarks"]:
@@ -174,14 +175,15 @@ def report(path: str) -> str:
     info = data["machine_info"]
     lines = [f"device: {info.get('device')}; torch {info['lazyhasty']['torch']}; commit {info.get('commit', '')[:10]}",
              "", "| model | trace | full | first / later call (trace, full) | fp32 error / torch.func's (trace, full) "
-             "| cost model (trace, full) | fallback share |", "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| cost model (trace, full) | noise (trace, full) | fallback share |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     speedups = []
 
     def med(b):
         return b["stats"]["median"]
 
     for case, by_kernel in rows.items():
-        cells = {"speed": {}, "first": [], "err": [], "cost": []}
+        cells = {"speed": {}, "first": [], "err": [], "cost": [], "noise": []}
         share = ""
         for kernel in ("trace", "full"):
             prov = by_kernel.get(kernel, {})
@@ -209,11 +211,15 @@ def report(path: str) -> str:
                 slower = t[choice] / t[other]
                 verdict = "ok" if slower <= 1.2 else f"WRONG ({slower:.1f}x slower)"
                 cells["cost"].append(f"{choice} {t[choice]:.3g}s vs {other} {t[other]:.3g}s: {verdict}")
-                share = f"{auto['extra_info']['fallback_share']:.0%}"
+                # the auto row and the row of the implementation it took run the same plan: their ratio is
+                # this run's timing noise on that case
+                cells["noise"].append(f"{med(auto) / t[choice]:.2f}")
+                share = f"{auto['extra_info']['fallback_share']:.1%}"
             else:
                 cells["cost"].append("-")
+                cells["noise"].append("-")
         lines.append(f"| {case} | {cells['speed']['trace']} | {cells['speed']['full']} | {', '.join(cells['first'])} "
-                     f"| {', '.join(cells['err'])} | {'; '.join(cells['cost'])} | {share} |")
+                     f"| {', '.join(cells['err'])} | {'; '.join(cells['cost'])} | {', '.join(cells['noise'])} | {share} |")
     if speedups:
         gm = math.exp(sum(math.log(r) for r in speedups) / len(speedups))
         lines += ["", f"geometric mean of lazyhasty-auto over torch.func / the loop: {gm:.2f}x over {len(speedups)} "
