@@ -16,7 +16,8 @@ from lazyhasty.ntk import explain, ntk_gram
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 64
 torch.manual_seed(0)
-model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
+model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, stride=2), nn.ReLU(),
                       nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
 x = torch.randn(n, 3, 16, 16)
 
@@ -31,7 +32,8 @@ def timed(fn):
 #    The first call on a model also runs its layer check (once per model structure; later calls reuse it).
 for kernel in ("full", "trace", "diagonal"):
     K, s = timed(lambda: ntk_gram(model, x, kernel=kernel))
-    print(f"kernel={kernel!r:11} shape {list(K.shape)}, {K.numel() * K.element_size() / 2**20:.2f} MiB, {s:.2f} s")
+    mib = K.numel() * K.element_size() / 2**20
+    print(f"kernel={kernel!r:11} shape {list(K.shape)}, {mib:.2f} MiB, {s:.2f} s")
 
 # 2. dtype=: float32 (the default for a float32 model) against float64 (a float64 copy of the model's math).
 K64 = ntk_gram(model, x, kernel="trace", dtype=torch.float64)
@@ -43,7 +45,8 @@ print(f"dtype: float32 vs float64 relative Frobenius error {err:.1e}")
 #    gradients at once (less memory) and do more, smaller products; the kernel is the same.
 for block in (8, 32):
     K, s = timed(lambda: ntk_gram(model, x, kernel="full", block_size=block))
-    print(f"block_size={block}: {s:.2f} s, alignment with the default's kernel {float(kernel_alignment(K, ntk_gram(model, x))):.12f}")
+    same = float(kernel_alignment(K, ntk_gram(model, x)))
+    print(f"block_size={block}: {s:.2f} s, alignment with the default's kernel {same:.12f}")
 
 # 4. explain(): the plan of a call without running it: the path and why, then per parameter the layer kind,
 #    the form it is computed in (ghost / materialized / per-example copies / torch.func) and the cost

@@ -1,7 +1,7 @@
 """The linearity metrics over several processes: each rank passes its shard of the probe set, every rank gets
 the value over the union (CPU gloo here; NCCL with one GPU per process works the same way).
 
-    torchrun --standalone --nproc-per-node 2 examples/distributed_alignment.py [N]     (N probe examples, default 2000)
+    torchrun --standalone --nproc-per-node 2 examples/distributed_alignment.py [N]   (N examples, default 2000)
 
 Rank 0 also computes each value in one process and prints both: they agree to the float32 rounding of the
 model's outputs (features formed in other batches round differently; the sums themselves are exact).
@@ -40,5 +40,6 @@ if rank == 0:
                    "repr_alignment": representation_alignment(model, x, init),
                    "ntk_alignment": ntk_alignment(model, x, init, kernel="trace")}
     for name, value in values.items():
-        print(f"{name}: {world} processes {float(value):.12f}, one process {float(one_process[name]):.12f}")
+        print(f"{name}: {world} processes {float(value):.12f}, "
+              f"one process {float(one_process[name]):.12f}")
 dist.destroy_process_group()
