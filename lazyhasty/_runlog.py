@@ -15,6 +15,7 @@ Rules (what a resume may and may not do to a user's log):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,43 @@ from pathlib import Path
 
 class LogDamaged(ValueError):
     """A run log that cannot be resumed without losing rows; the files were left as they are."""
+
+
+def payload_digest(obj) -> str:
+    """SHA-256 (hex) of a checkpoint payload's content: every tensor's dtype, shape and bytes, every other value.
+
+    Computed over what :func:`torch.load` returns, so that a damaged file that still loads (a flipped bit in a
+    tensor's storage, in a number of the pickle) gives another digest. Dict keys are taken in their order.
+
+    Args:
+        obj: nested dicts, lists and tuples of tensors, numbers, strings, bools and ``None``.
+
+    Returns:
+        64 hex digits.
+    """
+    import torch
+
+    h = hashlib.sha256()
+
+    def walk(o) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(o.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}:".encode())
+            for k, v in o.items():
+                walk(k)
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            h.update(f"{'L' if isinstance(o, list) else 'U'}{len(o)}:".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"{type(o).__name__}:{o!r};".encode())
+
+    walk(obj)
+    return h.hexdigest()
 
 
 def atomic_write(path: Path, data: bytes) -> None:

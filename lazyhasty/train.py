@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import Progress
-from ._runlog import LogDamaged, RunLog, atomic_write, read_rows
+from ._runlog import LogDamaged, RunLog, atomic_write, payload_digest, read_rows
 from .data import Dataset
 from .regimes import AlphaScaled, scaled_lr
 
@@ -191,7 +191,19 @@ def read_config(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, device) -> dict:
-    """``checkpoint.pt`` (tensors only: ``weights_only=True``); a damaged file is an error naming it."""
+    """``checkpoint.pt``, loaded with ``weights_only=True`` and verified against the checksum stored in it.
+
+    Args:
+        path: the checkpoint file.
+        device: where its tensors go (``map_location``).
+
+    Returns:
+        The payload (model, optimizer, rng, step, log_state, n_rows, ...), without its checksum.
+
+    Raises:
+        LogDamaged: naming the file, when it cannot be read, is not a lazyhasty checkpoint, carries no
+            checksum, or its content does not match the checksum (the file is left as it is).
+    """
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - random bytes raise anything (IndexError, KeyError, ...)
@@ -202,7 +214,17 @@ def load_checkpoint(path: Path, device) -> dict:
             "lost), or restore it.") from None
     need = {"model", "optimizer", "rng", "step", "log_state", "n_rows"}
     if not isinstance(blob, dict) or not need <= set(blob):
-        raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing {sorted(need - set(blob or {}))})")
+        raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing "
+                         f"{sorted(need - set(blob if isinstance(blob, dict) else {}))})")
+    stored = blob.pop("sha256", None)
+    if stored is None:
+        raise LogDamaged(f"{path} carries no checksum (written by an older lazyhasty, or not by lazyhasty): it "
+                         "cannot be verified. It was left as it is; move it aside to recompute the run from its "
+                         "start (the log's rows are then checked, not lost).")
+    if payload_digest(blob) != stored:
+        raise LogDamaged(f"{path} is damaged: its content does not match the checksum stored with it (a changed "
+                         "bit on disk or in a copy). It was left as it is; move it aside to recompute the run from "
+                         "its start (the log's rows are then checked, not lost), or restore it.")
     return blob
 
 
@@ -358,6 +380,7 @@ class Trainer:
                 **({"linearized": self.lin.state_dict(), "lin_optimizer": self.lin_opt.state_dict()}
                    if self.lin is not None else {}),
                 "step": step, "log_state": dict(state), "n_rows": n_rows}
+        blob["sha256"] = payload_digest(blob)  # verified on load: a flipped bit must not resume silently
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(blob, tmp)
         with open(tmp, "rb") as f:

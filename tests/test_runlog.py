@@ -212,3 +212,39 @@ def test_fault_injection_kill_and_damage(tmp_path):
     assert Run(run_dir).rows == want
     assert kills >= 1
     shutil.rmtree(tmp_path)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
+            (a.view(-1).view(torch.uint8) == b.view(-1).view(torch.uint8)).all()) if a.numel() else True
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+def test_a_bit_flip_in_the_checkpoint_is_refused_or_harmless(tmp_path):
+    """Every single-bit flip in checkpoint.pt is a LogDamaged error, or leaves every value as it was."""
+    from lazyhasty.train import load_checkpoint
+
+    _train(tmp_path / "r", steps=5)
+    ck = tmp_path / "r" / "checkpoint.pt"
+    data = ck.read_bytes()
+    clean = load_checkpoint(ck, "cpu")
+    rng = random.Random(7)
+    changed = refused = 0
+    for pos in rng.sample(range(len(data)), 200):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        ck.write_bytes(bytes(flipped))
+        try:
+            blob = load_checkpoint(ck, "cpu")
+        except LogDamaged as exc:
+            assert "checkpoint.pt" in str(exc)
+            refused += 1
+            continue
+        changed += not _same(clean, blob)
+    assert changed == 0, f"{changed} of 200 bit flips loaded with changed values"
+    assert refused > 100
