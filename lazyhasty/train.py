@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -190,19 +191,21 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
-def load_checkpoint(path: Path, device) -> dict:
+def load_checkpoint(path: Path, device, run_id: str | None = None) -> dict:
     """``checkpoint.pt``, loaded with ``weights_only=True`` and verified against the checksum stored in it.
 
     Args:
         path: the checkpoint file.
         device: where its tensors go (``map_location``).
+        run_id: the run's id (``config.json``); the checkpoint must carry the same (``None``: not checked).
 
     Returns:
         The payload (model, optimizer, rng, step, log_state, n_rows, ...), without its checksum.
 
     Raises:
         LogDamaged: naming the file, when it cannot be read, is not a lazyhasty checkpoint, carries no
-            checksum, or its content does not match the checksum (the file is left as it is).
+            checksum, its content does not match the checksum, or it belongs to another run (the file is
+            left as it is).
     """
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
@@ -225,6 +228,11 @@ def load_checkpoint(path: Path, device) -> dict:
         raise LogDamaged(f"{path} is damaged: its content does not match the checksum stored with it (a changed "
                          "bit on disk or in a copy). It was left as it is; move it aside to recompute the run from "
                          "its start (the log's rows are then checked, not lost), or restore it.")
+    if run_id is not None and blob.get("run_id") != run_id:
+        raise LogDamaged(f"{path} belongs to another run (run id {blob.get('run_id')!r}, this directory's "
+                         f"config.json says {run_id!r}): a checkpoint copied from another run directory. It was "
+                         "left as it is; move it aside to recompute the run from its start (the log's rows are "
+                         "then checked, not lost), or restore this run's own checkpoint.")
     return blob
 
 
@@ -361,25 +369,33 @@ class Trainer:
             old = read_config(cfg_path)
             if not resume:
                 raise FileExistsError(f"{self.run_dir} already holds a run: pass resume=True or another run_dir")
+            if not isinstance(old.get("run_id"), str):
+                raise ValueError(f"{cfg_path} has no run id: the run was written by an older lazyhasty and cannot "
+                                 "be resumed safely (its rows carry no links). Its files were left as they are; "
+                                 "start it again in another run_dir.")
+            self.run_id = cfg["run_id"] = old["run_id"]
             diffs = _diff(old, cfg)
             if diffs:
                 what = " (the model's modules or parameter shapes changed)" if any(
                     d.startswith("structure") for d in diffs) else ""
                 raise ValueError(f"cannot resume {self.run_dir} with a different config{what}: " + "; ".join(diffs))
             if ckpt.exists():
-                return load_checkpoint(ckpt, self.device)
+                return load_checkpoint(ckpt, self.device, run_id=self.run_id)
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # names this run in every checkpoint and in the first row's link: another run's files are refused
+        self.run_id = cfg["run_id"] = uuid.uuid4().hex
         atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
         return None
 
-    def _checkpoint(self, step: int, state: dict, n_rows: int, rng: dict) -> None:
+    def _checkpoint(self, step: int, state: dict, runlog: RunLog, rng: dict) -> None:
         # torch RNG as it was before this step's forward; python/numpy RNGs are not drawn from by the loop
         rng = {**_rng_state(), **rng}
         blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 **({"linearized": self.lin.state_dict(), "lin_optimizer": self.lin_opt.state_dict()}
                    if self.lin is not None else {}),
-                "step": step, "log_state": dict(state), "n_rows": n_rows}
+                "step": step, "log_state": dict(state), "n_rows": len(runlog.rows), "log_head": runlog.head,
+                "run_id": self.run_id}
         blob["sha256"] = payload_digest(blob)  # verified on load: a flipped bit must not resume silently
         tmp = self.run_dir / "checkpoint.pt.tmp"
         torch.save(blob, tmp)
@@ -520,7 +536,8 @@ class Trainer:
             start = 0
             state = {"logs": 0, "next_m": 1, "L0": None, "ema": None, "last_logged": -1}
         # rows the checkpoint knows are kept; later ones stay on disk and are checked as they are recomputed
-        runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt")
+        runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt",
+                             seed=self.run_id, head=ckpt.get("log_head") if ckpt is not None else None)
         rows = runlog.rows
         self.net.train()
         with runlog, Progress(cfg.steps - start, "train", self.progress) as bar:
@@ -534,7 +551,7 @@ class Trainer:
                 if self.on_log:
                     self.on_log(row, self.net)
                 if force_checkpoint or state["logs"] % self.checkpoint_every == 0:
-                    self._checkpoint(step, state, len(rows), rng)
+                    self._checkpoint(step, state, runlog, rng)
                 return row
 
             for step in range(start, cfg.steps):

@@ -248,3 +248,41 @@ def test_a_bit_flip_in_the_checkpoint_is_refused_or_harmless(tmp_path):
         changed += not _same(clean, blob)
     assert changed == 0, f"{changed} of 200 bit flips loaded with changed values"
     assert refused > 100
+
+
+def _rewrite(log, edit):
+    lines = [ln for ln in _lines(log) if ln.strip()]
+    edit(lines)
+    log.write_bytes(b"".join(ln + b"\n" for ln in lines))
+    return log.read_bytes()
+
+
+def _edit_loss(line: bytes) -> bytes:
+    row = json.loads(line)
+    row["train_loss"] += 0.25
+    return json.dumps(row).encode()
+
+
+@pytest.mark.parametrize("damage, line", [
+    ("delete", 10),   # row 9 (0-based) removed: line 10 (was row 10) does not follow line 9
+    ("insert", 9),    # a copy of row 5 inserted as line 9
+    ("edit", 9),      # row 7 (line 8) edited: line 9 does not follow it
+    ("edit-last-counted", 21),  # the last row the checkpoint counts (line 21) edited
+])
+def test_a_changed_row_before_the_checkpoint_is_named_and_nothing_changes(tmp_path, damage, line):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=21)  # 22 rows on disk, the checkpoint counts 21
+    log = tmp_path / "r" / "log.jsonl"
+    if damage == "delete":
+        before = _rewrite(log, lambda ls: ls.pop(9))
+    elif damage == "insert":
+        before = _rewrite(log, lambda ls: ls.insert(8, ls[5]))
+    elif damage == "edit":
+        before = _rewrite(log, lambda ls: ls.__setitem__(7, _edit_loss(ls[7])))
+    else:
+        before = _rewrite(log, lambda ls: ls.__setitem__(20, _edit_loss(ls[20])))
+    files = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(LogDamaged, match=rf"log.jsonl, line {line}\b"):
+        _train(tmp_path / "r")
+    assert log.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
