@@ -6,6 +6,11 @@ file then renamed). A run killed at any point (SIGKILL included) and resumed wit
 continues from the last checkpoint, recomputes the log rows written after it (each checked against the
 row on disk), and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
 No row on disk is ever lost: see :mod:`lazyhasty._runlog` for the rules on torn or damaged logs.
+
+A resume is refused, naming the reason, when anything that defines the run differs: the config, the
+model's modules and parameter shapes, the training data (a hash over its examples and labels, in order)
+and the probe sets; a checkpoint is refused when its checksum does not match its content or it carries
+another run's id (each run's id is written in its ``config.json`` and in every checkpoint).
 """
 from __future__ import annotations
 
@@ -278,14 +283,41 @@ def _labelled_batches(ds, batch_size: int, device):
         yield x.to(device), y.to(device)
 
 
-def _dataset_fingerprint(ds) -> list:
-    """[n, sum x, sum y]: enough to notice that a resumed run was handed other data."""
-    n, sx, sy = 0, 0.0, 0.0
+def _hash_tensor(h, t: torch.Tensor, rows: int = 4096) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hash ``h``, ``rows`` rows at a time (no full copy)."""
+    h.update(f"{t.dtype}{tuple(t.shape)}:".encode())
+    if t.numel() == 0:
+        return
+    flat = t.detach().reshape(t.shape[0], -1) if t.dim() else t.detach().reshape(1, 1)
+    for s in range(0, flat.shape[0], rows):
+        chunk = flat[s:s + rows].cpu().contiguous().reshape(-1)
+        if chunk.numel():
+            h.update(chunk.view(torch.uint8).numpy().tobytes())
+
+
+def _dataset_fingerprint(ds) -> dict:
+    """``{"n", "sha256"}`` of a data set: a hash over its examples and labels, so that a resumed run notices
+    other data (another order, one changed label or pixel).
+
+    A :class:`Dataset` is hashed in order (the order decides the minibatches and the sums). A loader's
+    batches (a probe set, evaluated only) are hashed example by example and the hashes sorted, so that a
+    shuffling loader still resumes.
+    """
+    import hashlib
+
+    if isinstance(ds, Dataset):
+        h = hashlib.sha256()
+        _hash_tensor(h, ds.x)
+        _hash_tensor(h, ds.y)
+        return {"n": len(ds), "sha256": h.hexdigest()}
+    examples = []
     for x, y in _labelled_batches(ds, 4096, "cpu"):
-        n += x.shape[0]
-        sx += float(x.double().sum())
-        sy += float(y.double().sum())
-    return [n, round(sx, 6), round(sy, 6)]
+        for i in range(x.shape[0]):
+            h = hashlib.sha256()
+            _hash_tensor(h, x[i])
+            _hash_tensor(h, y[i])
+            examples.append(h.hexdigest())
+    return {"n": len(examples), "sha256": hashlib.sha256("".join(sorted(examples)).encode()).hexdigest()}
 
 
 # --- trainer ------------------------------------------------------------------------------------------

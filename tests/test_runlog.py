@@ -286,3 +286,37 @@ def test_a_changed_row_before_the_checkpoint_is_named_and_nothing_changes(tmp_pa
         _train(tmp_path / "r")
     assert log.read_bytes() == before
     assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
+
+
+@pytest.mark.parametrize("change", ["permuted", "two-labels-swapped"])
+def test_resume_refuses_other_training_data_with_the_same_sums(tmp_path, change):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=12)
+    net, ds = small_setup()
+    if change == "permuted":
+        other = ds[torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))]
+    else:
+        i, j = int((ds.y == ds.y.max()).nonzero()[0]), int((ds.y == ds.y.min()).nonzero()[0])
+        y = ds.y.clone()
+        y[i], y[j] = ds.y[j], ds.y[i]
+        other = ds[torch.arange(len(ds))]
+        other.y = y
+    assert float(other.x.double().sum()) == pytest.approx(float(ds.x.double().sum()), rel=1e-12)
+    assert float(other.y.double().sum()) == float(ds.y.double().sum())
+    cfg = TrainConfig(steps=30, lr=0.5, loss="logistic", log_every=1, batch_size=16, probe_every=0)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="train_data"):
+        Trainer(net, other, cfg, tmp_path / "r").fit(resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
+
+
+def test_a_checkpoint_of_another_run_of_the_same_model_is_refused(tmp_path):
+    with pytest.raises(Crash):
+        _train(tmp_path / "a", crash_at=20)
+    with pytest.raises(Crash):
+        _train(tmp_path / "b", crash_at=8)  # the same model and config: another run, fewer rows
+    shutil.copy2(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    log_before = (tmp_path / "a" / "log.jsonl").read_bytes()
+    with pytest.raises(LogDamaged, match=r"checkpoint.pt belongs to another run"):
+        _train(tmp_path / "a")
+    assert (tmp_path / "a" / "log.jsonl").read_bytes() == log_before
