@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._loaders import all_inputs, evaluating, model_device
+from ._loaders import all_inputs, model_device
+from ._modes import measuring
 
 METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment", "ntk_rel_change", "param_distance")
 DEFAULT_METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment")
@@ -152,7 +153,7 @@ class Monitor:
                  kernel: str = "trace", loss: str = "cross_entropy", sinks: Sequence = (),
                  batch_size: int = 1024, process_group=None):
         from .regimes import AlphaScaled, Linearized
-        from .train import LOSSES
+        from .losses import LOSSES
 
         unknown = set(metrics) - set(METRICS)
         if unknown:
@@ -233,7 +234,7 @@ class Monitor:
     # -- what ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def _group_losses(self, model: nn.Module) -> dict:
-        from .train import per_example_loss, predictions_correct
+        from .losses import per_example_loss, predictions_correct
 
         out, dev = {}, model_device(model)
         for name, (gx, gy) in self.groups.items():
@@ -260,6 +261,10 @@ class Monitor:
         from .regimes import AlphaScaled, Linearized
 
         inner = model.model if isinstance(model, (AlphaScaled, Linearized)) else model
+        with measuring(model, self.reference):
+            return self._measure(model, inner)
+
+    def _measure(self, model: nn.Module, inner: nn.Module) -> dict:
         out: dict = {}
         if self.probe is not None:
             got = self.probe.measure(inner)
@@ -272,8 +277,7 @@ class Monitor:
                 den += float(p0.double().pow(2).sum())
             out["param_distance"] = (num / den) ** 0.5 if den > 0 else float("nan")
         if self.groups:
-            with evaluating(model):
-                out.update(self._group_losses(model))
+            out.update(self._group_losses(model))
         return {k: float(v) for k, v in out.items()}
 
     def log(self, model: nn.Module, step: int) -> dict:

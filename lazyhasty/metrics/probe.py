@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._loaders import evaluating, model_device
+from .._modes import measuring
+from .._loaders import model_device
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32
 from .alignment import _feature_moments
@@ -43,10 +44,21 @@ class LinearityProbe:
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
-                trainable=None, process_group=None) -> "LinearityProbe":
+                trainable=None, process_group=None, ntk_options: dict | None = None) -> "LinearityProbe":
         """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
         (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
-        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``."""
+        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``; ``ntk_options`` are passed
+        to :meth:`lazyhasty.ntk.NTKReference.capture` (``output``, ``dtype``, ``block_size``, ...). The reference
+        runs in eval mode; its modes, buffers and the RNG states are restored after
+        (:func:`lazyhasty._modes.measuring`)."""
+        with measuring(reference):
+            return cls._capture(reference, x, layer=layer, where=where, modules=modules, batch_size=batch_size,
+                                backend=backend, ntk=ntk, trainable=trainable, process_group=process_group,
+                                ntk_options=ntk_options)
+
+    @classmethod
+    def _capture(cls, reference, x, *, layer, where, modules, batch_size, backend, ntk, trainable, process_group,
+                 ntk_options) -> "LinearityProbe":
         from .. import _dist
 
         group = _dist.resolve(process_group)
@@ -65,7 +77,7 @@ class LinearityProbe:
         rec = CallRecorder([(name, module)], lambda site, t: feats.append(t.detach().reshape(t.shape[0], -1)), where)
         device = model_device(reference)
         try:
-            with evaluating(reference):
+            with measuring(reference):
                 for xb in batches:
                     n_before = len(feats)
                     rec.new_forward()
@@ -78,11 +90,19 @@ class LinearityProbe:
         if ntk is not None:
             from ..ntk import NTKReference
 
-            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable, process_group=group)
+            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable, process_group=group,
+                                              **(ntk_options or {}))
         return cls(x, batch_size, signs, name, where, feats, kernel_ref, group)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
+        """The probes of ``model`` against the captured reference: ``{"sign_similarity", "repr_alignment"}``
+        (and ``"ntk_alignment"``, ``"ntk_rel_change"`` when captured with ``ntk=``), measured in eval mode;
+        the model's modes, buffers and the RNG states are restored after."""
+        with measuring(model):
+            return self._measure(model, backend=backend, centered=centered)
+
+    def _measure(self, model: nn.Module, *, backend: str | None, centered: bool) -> dict:
         device = model_device(model)
         (_, module), = same_modules(model, [self.layer_name])
         got: list[torch.Tensor] = []
@@ -93,7 +113,7 @@ class LinearityProbe:
         grams = _feature_moments(centered)
         counts, start = [], 0
         try:
-            with evaluating(model), exact_fp32():
+            with measuring(model), exact_fp32():
                 for xb, phi0 in zip(self.x.split(self.batch_size), self.ref_features):
                     xb = xb.to(device)
                     b = xb.shape[0]
