@@ -1,14 +1,19 @@
 """Monitor inside Lightning and Hugging Face trainers, and the W&B sink, each in a tiny real run on CPU."""
 import copy
 import json
+import sys
+import types
 
 import pytest
 import torch
 from torch import nn
 
-from lazyhasty import Monitor
-from lazyhasty.metrics import ntk_alignment
-from lazyhasty.regimes import AlphaScaled
+# torchvision is installed without its compiled ops: Lightning imports it, which needs this stub first
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+
+from lazyhasty import Monitor  # noqa: E402
+from lazyhasty.metrics import ntk_alignment  # noqa: E402
+from lazyhasty.regimes import AlphaScaled  # noqa: E402
 
 
 def _net():

@@ -38,23 +38,28 @@ class LinearityProbe:
         self.layer_name, self.where, self.ref_features = layer_name, where, ref_features
         self.ntk = ntk  # NTKReference or None
         self.group = group  # captured over ranks: measure() is over the union of their shards
+        self.dtype = None  # per-batch precision of the representation Gram products (None: fp32 / fp64 features)
 
     @classmethod
     @torch.no_grad()
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
-                trainable=None, process_group=None, ntk_options: dict | None = None) -> "LinearityProbe":
+                trainable=None, process_group=None, dtype: torch.dtype | None = None,
+                ntk_options: dict | None = None) -> "LinearityProbe":
         """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
         (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
         reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``; ``ntk_options`` are passed
         to :meth:`lazyhasty.ntk.NTKReference.capture` (``output``, ``dtype``, ``block_size``, ...). The reference
         runs in eval mode; its modes, buffers and the RNG states are restored after
-        (:func:`lazyhasty._modes.measuring`)."""
+        (:func:`lazyhasty._modes.measuring`). ``dtype``: the per-batch precision of the representation Gram
+        products (default fp32, fp64 for fp64 features; sums are float64)."""
         with measuring(reference):
-            return cls._capture(reference, x, layer=layer, where=where, modules=modules, batch_size=batch_size,
-                                backend=backend, ntk=ntk, trainable=trainable, process_group=process_group,
-                                ntk_options=ntk_options)
+            probe = cls._capture(reference, x, layer=layer, where=where, modules=modules, batch_size=batch_size,
+                                 backend=backend, ntk=ntk, trainable=trainable, process_group=process_group,
+                                 ntk_options=ntk_options)
+        probe.dtype = dtype
+        return probe
 
     @classmethod
     def _capture(cls, reference, x, *, layer, where, modules, batch_size, backend, ntk, trainable, process_group,
@@ -110,7 +115,7 @@ class LinearityProbe:
         run = _Pass(same_modules(model, self.signs.module_names), backend, "model",
                     functional=model if self.signs.functional else None) if self.signs else None
         bits = [b.to(device) for b in self.signs.bits] if self.signs else None
-        grams = _feature_moments(centered)
+        grams = _feature_moments(centered, self.dtype)
         counts, start = [], 0
         try:
             with measuring(model), exact_fp32():
