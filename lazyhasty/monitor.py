@@ -41,7 +41,8 @@ DEFAULT_METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment")
 # --- sinks -----------------------------------------------------------------------------------------
 HEADER_FORMAT = "lazyhasty.Monitor/1"
 # header entries that describe when or with what a file was written, not what its rows are
-_UNCOMPARED = ("created", "lazyhasty_version")
+# (the cadence is recorded, not compared: a continued run may log more or less often)
+_UNCOMPARED = ("created", "lazyhasty_version", "every", "geometric", "budget")
 
 
 def header_path(path: str | os.PathLike) -> Path:
@@ -108,10 +109,17 @@ class _FileSink:
         elif has_rows and header is not None:
             warnings.warn(f"{self.path} has no run header ({side.name}): appending without checking which "
                           "configuration wrote its rows", RuntimeWarning, stacklevel=3)
-        if header is not None and not (has_rows and side.exists()):
+        self._owns_header = header is not None and not (has_rows and side.exists())
+        if self._owns_header:
             _atomic_json(side, header)
         self.header, self._opened = header, True
         self._start(has_rows)
+
+    def update_header(self, header: dict) -> None:
+        """A new run header before any row (the cadence set by a callback): rewritten if this sink wrote it."""
+        if getattr(self, "_owns_header", False):
+            _atomic_json(header_path(self.path), header)
+            self.header = header
 
     def _start(self, has_rows: bool) -> None:
         raise NotImplementedError
@@ -292,6 +300,13 @@ def _rows(x) -> int:
     return x.shape[0]
 
 
+def _check_cadence(every, geometric) -> None:
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ValueError(f"every must be a positive integer or None, got {every!r}")
+    if geometric is not None and not (isinstance(geometric, float) and 0 < geometric < 1):
+        raise ValueError(f"geometric must be a float in (0, 1), got {geometric!r}")
+
+
 class Monitor:
     """Linearity metrics and group losses of a model against its reference, whenever a training loop asks.
 
@@ -315,7 +330,8 @@ class Monitor:
         groups: ``{name: Dataset | (x, y) | {named inputs..., "labels": y}}`` whose mean loss (``loss=``) and
             accuracy are logged as ``group/<name>/loss`` and ``group/<name>/acc``. Default: none.
         metrics: any of ``sign_similarity``, ``repr_alignment``, ``ntk_alignment``, ``ntk_rel_change``,
-            ``param_distance``. Default: the first three.
+            ``param_distance``. Default None: the first three (without ``sign_similarity`` for a model without
+            ReLUs; asked for explicitly, that is an error).
         every: log when ``step % every == 0``. Default None.
         geometric: ``q`` in (0, 1): log when the tracked loss first falls below ``L0 q^m`` (m = 1, 2, ...; the
             paper's logging). With ``every`` and ``geometric`` both None every call of ``due`` is due.
@@ -354,21 +370,20 @@ class Monitor:
     """
 
     def __init__(self, reference, probe, *, groups: Mapping | None = None,
-                 metrics: Sequence[str] = DEFAULT_METRICS, every: int | None = None, geometric: float | None = None,
+                 metrics: Sequence[str] | None = None, every: int | None = None, geometric: float | None = None,
                  kernel: str = "trace", output=None, dtype: torch.dtype | None = None, block_size: int | None = None,
                  loss: str = "cross_entropy", sinks: Sequence = (), append: bool = False, batch_size: int = 1024,
                  budget: float | None = None, process_group=None):
         from .regimes import AlphaScaled, Linearized
 
+        chosen = metrics is not None
+        metrics = DEFAULT_METRICS if metrics is None else metrics
         if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
             raise TypeError(f"metrics must be a sequence of metric names, got {metrics!r}")
         unknown = set(metrics) - set(METRICS)
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive integer or None, got {every!r}")
-        if geometric is not None and not (isinstance(geometric, float) and 0 < geometric < 1):
-            raise ValueError(f"geometric must be a float in (0, 1), got {geometric!r}")
+        _check_cadence(every, geometric)
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not 0 < budget < 1):
             raise ValueError(f"budget must be a share of wall time in (0, 1), e.g. 0.05, got {budget!r}")
@@ -440,7 +455,10 @@ class Monitor:
             self.probe = LinearityProbe.capture(probed, x, batch_size=batch_size, ntk=kernel if want_ntk else None,
                                                 trainable=trainable, process_group=self.group, dtype=dtype,
                                                 ntk_options=dict(dtype=dtype, block_size=block_size))
-            if "sign_similarity" in metrics and self.probe.signs is None:
+            if "sign_similarity" in metrics and self.probe.signs is None and not chosen:
+                # the default metrics on a model without ReLUs (GELU transformers): the others are measured
+                self.metrics = metrics = tuple(m for m in metrics if m != "sign_similarity")
+            elif "sign_similarity" in metrics and self.probe.signs is None:
                 raise ValueError("sign_similarity needs ReLUs in the model (nn.ReLU modules or F.relu / torch.relu / "
                                  "clamp(min=0) calls); drop it from metrics=")
         self.theta0 = {n: p.detach().clone() for n, p in reference.named_parameters()} \
@@ -505,6 +523,24 @@ class Monitor:
         return wrapped
 
     # -- when ----------------------------------------------------------------------------------------
+    def schedule(self, *, every: int | None = None, geometric: float | None = None) -> None:
+        """Set the cadence before the first ``due`` / ``log`` (what the integrations' ``every_n_steps`` /
+        ``geometric`` options do); the run header is updated.
+
+        Raises:
+            RuntimeError: the Monitor has already been asked or logged.
+        """
+        if self._clock_start is not None:
+            raise RuntimeError("the cadence is set before the first due() / log() call")
+        _check_cadence(every, geometric)
+        self.every, self.geometric = every, geometric
+        self.header = {**self.header, "every": every, "geometric": geometric}
+        for s in self.sinks:
+            if hasattr(s, "update_header"):
+                s.update_header(self.header)
+            elif isinstance(s, WandbSink):
+                s.open(self.header)
+
     def due(self, step: int, loss: float | None = None) -> bool:
         """Whether ``step`` is a logging step.
 
