@@ -5,6 +5,6 @@ See README.md. Subpackages: :mod:`lazyhasty.metrics` (linearity probes), :mod:`l
 """
 from . import _backend  # noqa: F401  (capability flags; warns once if a compiled backend is missing)
 from . import metrics, ntk, ops, reference  # noqa: F401
-from .monitor import Monitor  # noqa: F401,E402
+from .monitor import CSVSink, JSONLSink, Monitor, TensorBoardSink, WandbSink  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -212,3 +212,111 @@ def test_fault_injection_kill_and_damage(tmp_path):
     assert Run(run_dir).rows == want
     assert kills >= 1
     shutil.rmtree(tmp_path)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and bool(
+            (a.view(-1).view(torch.uint8) == b.view(-1).view(torch.uint8)).all()) if a.numel() else True
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+def test_a_bit_flip_in_the_checkpoint_is_refused_or_harmless(tmp_path):
+    """Every single-bit flip in checkpoint.pt is a LogDamaged error, or leaves every value as it was."""
+    from lazyhasty.train import load_checkpoint
+
+    _train(tmp_path / "r", steps=5)
+    ck = tmp_path / "r" / "checkpoint.pt"
+    data = ck.read_bytes()
+    clean = load_checkpoint(ck, "cpu")
+    rng = random.Random(7)
+    changed = refused = 0
+    for pos in rng.sample(range(len(data)), 200):
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        ck.write_bytes(bytes(flipped))
+        try:
+            blob = load_checkpoint(ck, "cpu")
+        except LogDamaged as exc:
+            assert "checkpoint.pt" in str(exc)
+            refused += 1
+            continue
+        changed += not _same(clean, blob)
+    assert changed == 0, f"{changed} of 200 bit flips loaded with changed values"
+    assert refused > 100
+
+
+def _rewrite(log, edit):
+    lines = [ln for ln in _lines(log) if ln.strip()]
+    edit(lines)
+    log.write_bytes(b"".join(ln + b"\n" for ln in lines))
+    return log.read_bytes()
+
+
+def _edit_loss(line: bytes) -> bytes:
+    row = json.loads(line)
+    row["train_loss"] += 0.25
+    return json.dumps(row).encode()
+
+
+@pytest.mark.parametrize("damage, line", [
+    ("delete", 10),   # row 9 (0-based) removed: line 10 (was row 10) does not follow line 9
+    ("insert", 9),    # a copy of row 5 inserted as line 9
+    ("edit", 9),      # row 7 (line 8) edited: line 9 does not follow it
+    ("edit-last-counted", 21),  # the last row the checkpoint counts (line 21) edited
+])
+def test_a_changed_row_before_the_checkpoint_is_named_and_nothing_changes(tmp_path, damage, line):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=21)  # 22 rows on disk, the checkpoint counts 21
+    log = tmp_path / "r" / "log.jsonl"
+    if damage == "delete":
+        before = _rewrite(log, lambda ls: ls.pop(9))
+    elif damage == "insert":
+        before = _rewrite(log, lambda ls: ls.insert(8, ls[5]))
+    elif damage == "edit":
+        before = _rewrite(log, lambda ls: ls.__setitem__(7, _edit_loss(ls[7])))
+    else:
+        before = _rewrite(log, lambda ls: ls.__setitem__(20, _edit_loss(ls[20])))
+    files = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(LogDamaged, match=rf"log.jsonl, line {line}\b"):
+        _train(tmp_path / "r")
+    assert log.read_bytes() == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
+
+
+@pytest.mark.parametrize("change", ["permuted", "two-labels-swapped"])
+def test_resume_refuses_other_training_data_with_the_same_sums(tmp_path, change):
+    with pytest.raises(Crash):
+        _train(tmp_path / "r", crash_at=12)
+    net, ds = small_setup()
+    if change == "permuted":
+        other = ds[torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))]
+    else:
+        i, j = int((ds.y == ds.y.max()).nonzero()[0]), int((ds.y == ds.y.min()).nonzero()[0])
+        y = ds.y.clone()
+        y[i], y[j] = ds.y[j], ds.y[i]
+        other = ds[torch.arange(len(ds))]
+        other.y = y
+    assert float(other.x.double().sum()) == pytest.approx(float(ds.x.double().sum()), rel=1e-12)
+    assert float(other.y.double().sum()) == float(ds.y.double().sum())
+    cfg = TrainConfig(steps=30, lr=0.5, loss="logistic", log_every=1, batch_size=16, probe_every=0)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="train_data"):
+        Trainer(net, other, cfg, tmp_path / "r").fit(resume=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == files
+
+
+def test_a_checkpoint_of_another_run_of_the_same_model_is_refused(tmp_path):
+    with pytest.raises(Crash):
+        _train(tmp_path / "a", crash_at=20)
+    with pytest.raises(Crash):
+        _train(tmp_path / "b", crash_at=8)  # the same model and config: another run, fewer rows
+    shutil.copy2(tmp_path / "b" / "checkpoint.pt", tmp_path / "a" / "checkpoint.pt")
+    log_before = (tmp_path / "a" / "log.jsonl").read_bytes()
+    with pytest.raises(LogDamaged, match=r"checkpoint.pt belongs to another run"):
+        _train(tmp_path / "a")
+    assert (tmp_path / "a" / "log.jsonl").read_bytes() == log_before
