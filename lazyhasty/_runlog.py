@@ -19,6 +19,7 @@ Rules (what a resume may and may not do to a user's log):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,74 @@ from pathlib import Path
 
 class LogDamaged(ValueError):
     """A run log that cannot be resumed without losing rows; the files were left as they are."""
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the directory (a run or an experiment being written); nothing was touched."""
+
+
+LOCK_NAME = "lazyhasty.lock"
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid holding the ``flock`` on ``path`` (from ``/proc/locks``, else as the holder wrote it)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+                    continue
+                maj, mnr, ino = parts[5].split(":")
+                if (int(ino), int(maj, 16), int(mnr, 16)) == (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)):
+                    return parts[4]
+    except (OSError, ValueError):
+        pass
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def locked(directory: Path, what: str = "run directory"):
+    """Hold an exclusive ``fcntl.flock`` on ``directory/lazyhasty.lock`` for the ``with`` block.
+
+    The lock goes with the process: a killed holder releases it, so a resume after SIGKILL is never
+    refused. Where ``/proc/locks`` is missing (not Linux) the holder writes its pid into the lock file.
+
+    Args:
+        directory: created when missing.
+        what: how the error names it.
+
+    Raises:
+        RunLocked: another process (or another open of it in this process) holds it; the error names the
+            holder's pid.
+    """
+    directory = Path(directory)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_holder(path)
+            mine = " (this process)" if pid == str(os.getpid()) else ""
+            raise RunLocked(f"{directory} is in use by another process (pid {pid}{mine}, holding {path}): two "
+                            f"processes on one {what} would corrupt it. Nothing was touched; wait for it to end, "
+                            "or stop it, then resume.") from None
+        if not os.path.exists("/proc/locks"):
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def payload_digest(obj) -> str:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import Progress
-from ._runlog import LogDamaged, RunLog, atomic_write, payload_digest, read_rows
+from ._runlog import LogDamaged, RunLocked, RunLog, atomic_write, locked, payload_digest, read_rows  # noqa: F401 (users catch them from here)
 from .data import Dataset
 from .losses import LOSSES, per_example_loss, predictions_correct  # noqa: F401  (re-exported)
 from .regimes import AlphaScaled, scaled_lr
@@ -518,8 +518,24 @@ class Trainer:
 
         A log at step s records the state before update s (step 0 = init, step ``steps`` = the end).
         The geometric policy decides on the loss of that same state (full batch: exact; minibatches:
-        an EMA of minibatch losses), so each logged row is the first state below its level.
+        an EMA of minibatch losses), so each logged row is the first state below its level. The run
+        directory is locked (``fcntl.flock`` on ``lazyhasty.lock``) while this runs.
+
+        Args:
+            resume: continue the run in ``run_dir`` (else a directory holding a run is an error).
+
+        Returns:
+            The finished :class:`Run`.
+
+        Raises:
+            RunLocked: another process is writing ``run_dir`` (its pid is named); nothing was touched.
+            LogDamaged: the log or checkpoint cannot be resumed without losing rows (files left as they are).
+            ValueError: resuming with another config, model structure or data.
         """
+        with locked(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Run:
         cfg = self.config
         ckpt = self._prepare_dir(resume)
         log_path = self.run_dir / "log.jsonl"
