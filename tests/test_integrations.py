@@ -230,3 +230,20 @@ def test_trainer_callback_reaches_the_trainers_logging_with_a_random_bert(tmp_pa
     tag = next(t for t in tags if t.endswith("ntk_alignment"))
     assert [e.step for e in acc.Scalars(tag)] == [3, 6]
     assert [json.loads(r)["step"] for r in (tmp_path / "mon.jsonl").read_text().splitlines()] == [3, 6]
+
+
+@pytest.mark.parametrize("example,needs", [("lightning_monitor.py", "lightning"), ("hf_monitor.py", "transformers")])
+def test_examples_run_at_a_small_size(example, needs, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    pytest.importorskip(needs)
+    monkeypatch.setenv("LAZYHASTY_EXAMPLE_STEPS", "4")
+    path = Path(__file__).resolve().parent.parent / "examples" / example
+    ns = runpy.run_path(str(path), run_name="__main__")
+    if example == "lightning_monitor.py":
+        assert set(ns["results"]) == {1.0, 100.0}
+        assert all(0 < v["ntk_alignment"] <= 1 + 1e-6 for v in ns["results"].values())
+    else:
+        assert [h["step"] for h in ns["history"]] == [1, 2, 3, 4]
+        assert ns["monitor"].header["probe_examples"] == 8
