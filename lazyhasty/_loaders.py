@@ -7,11 +7,12 @@ A bare tensor passed as the loader itself is the whole probe set, cut into batch
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
+
+from ._modes import measuring
 
 DEFAULT_BATCH_SIZE = 1024
 
@@ -78,18 +79,10 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-@contextlib.contextmanager
 def evaluating(*models: nn.Module):
-    """Run models in eval mode (dropout off, BatchNorm on running stats) and restore their modes after."""
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for per_model in modes:
-            for m, training in per_model:
-                m.training = training
+    """Run models in eval mode (dropout off, BatchNorm on running stats) and restore their modes, buffers and
+    RNG states after: :func:`lazyhasty._modes.measuring`."""
+    return measuring(*models)
 
 
 def check_same_architecture(model: nn.Module, reference: nn.Module) -> None:

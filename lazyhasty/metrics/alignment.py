@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .._precision import exact_fp32
-from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
+from .._modes import measuring
+from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
 from .._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
 
@@ -134,7 +135,7 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     rec_r = CallRecorder([(name, ref_module)], keep("ref"), where) if ref_module is not module else None
     failed = None
     try:
-        with evaluating(model, ref), exact_fp32():
+        with measuring(model, ref), exact_fp32():
             for x in iter_inputs(loader, device, allow_empty=group is not None):
                 got.clear()
                 rec_m.new_forward()

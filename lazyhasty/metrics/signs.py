@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from .._loaders import as_reference_module, evaluating, iter_inputs, model_and_reference, model_device
+from .._modes import measuring
+from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
 from ..ops.signs import pack_signs, sign_mismatch
 import contextlib
 
@@ -165,7 +166,7 @@ class SignPatterns:
         sites, units, chunks, prints = None, None, [], []
         failed = None
         try:
-            with evaluating(reference):
+            with measuring(reference):
                 for x in iter_inputs(loader, device, allow_empty=group is not None):
                     run.reset(None)
                     with run.observing():
@@ -221,7 +222,7 @@ class SignPatterns:
         counts, start = [], 0
         failed = None
         try:
-            with evaluating(model):
+            with measuring(model):
                 for x in iter_inputs(loader, device, allow_empty=group is not None):
                     b = x.shape[0]
                     if start + b > self.n:
@@ -295,7 +296,7 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     run = _Pass(named, backend, "model", functional=model if modules is None else None)
     counts, units, failed = [], None, None
     try:
-        with evaluating(model, ref):
+        with measuring(model, ref):
             for x in iter_inputs(loader, device, allow_empty=group is not None):
                 ref_run.reset(None)
                 with ref_run.observing():
