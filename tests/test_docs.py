@@ -133,6 +133,11 @@ PENDING_DOCSTRINGS = {
     "lazyhasty.theory",
     "lazyhasty.train",
     "lazyhasty.train.Trainer",
+    "lazyhasty.integrations.lightning_callback",
+    "lazyhasty.integrations.transformers_callback",
+    "lazyhasty.monitor.Monitor",
+    "lazyhasty.monitor.Monitor.log",
+    "lazyhasty.train.Trainer.fit",
 }
 
 
