@@ -298,6 +298,14 @@ def test_readme_keeps_its_two_commands_and_its_size():
     assert len(text.splitlines()) <= 180, "README.md is meant to stay about 150 lines: details go to docs/"
 
 
+def test_readme_links_point_at_files_that_exist():
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if not re.match(r"[a-z]+://", link)]
+    assert local, "the README links into docs/"
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README.md links to missing files: {missing}"
+
+
 def test_readme_quick_start_runs():
     code = re.findall(r"^```python\n(.*?)^```$", README.read_text(), flags=re.S | re.M)[0]
     namespace: dict = {}
