@@ -157,3 +157,14 @@ def test_equal_progress_interpolation_hand_computed():
         at_equal_progress([])
     with pytest.raises(ValueError, match="no 'train_loss'"):
         at_equal_progress([[{"loss": 1.0}]])
+
+
+def test_a_run_dir_holding_other_files_is_refused(tmp_path):
+    net, ds = small_setup()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    cfg = TrainConfig(steps=3, lr=0.5, loss="logistic", log_every=1, probe_every=0)
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="not a lazyhasty run"):
+            Trainer(net, ds, cfg, tmp_path / "r").fit(resume=resume)
+        assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
