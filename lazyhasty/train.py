@@ -242,6 +242,37 @@ def load_checkpoint(path: Path, device, run_id: str | None = None) -> dict:
     return blob
 
 
+def _save_atomically(obj, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, rename: ``path`` is the old file or the whole new one.
+
+    Raises:
+        OSError: naming the temp file, when writing fails (a full disk makes ``torch.save`` raise a bare
+            ``RuntimeError`` part-way); the temp file is removed, ``path`` stays as it was.
+    """
+    import errno
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (RuntimeError, OSError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free} bytes free there"
+        except OSError:
+            free = "free space unknown"
+        code = getattr(exc, "errno", None) or errno.ENOSPC
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise OSError(code, f"writing failed ({detail}): is the disk full ({free})? {path.name} and the log were "
+                      "left as they were; free space, then resume", str(tmp)) from exc
+    os.replace(tmp, path)
+
+
 def _structure(model: nn.Module) -> str:
     """A fingerprint of the module tree (types, hyper-parameters in ``repr``) and the parameter shapes."""
     import hashlib
@@ -430,11 +461,7 @@ class Trainer:
                 "step": step, "log_state": dict(state), "n_rows": len(runlog.rows), "row_digests": runlog.digests(),
                 "run_id": self.run_id}
         blob["sha256"] = payload_digest(blob)  # verified on load: a flipped bit must not resume silently
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(blob, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.run_dir / "checkpoint.pt")
+        _save_atomically(blob, self.run_dir / "checkpoint.pt")
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -640,9 +667,7 @@ class Trainer:
     def _snapshot(self, step: int) -> None:
         path = self.run_dir / "snapshots" / f"step-{step}.pt"
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.net.model.state_dict(), tmp)
-        os.replace(tmp, path)
+        _save_atomically(self.net.model.state_dict(), path)
 
     def _should_log(self, step: int, state: dict) -> bool:
         cfg = self.config

@@ -263,3 +263,16 @@ def test_cscores_option_of_the_other_source_is_an_error_not_ignored(tmp_path, ca
     err = capsys.readouterr().err
     assert repr(option.split("=")[0]) in err and "cifar10" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_a_torn_seed_summary_is_an_error_naming_the_file(tmp_path, capsys):
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 0
+    done = out / "seed0" / "summary.json"
+    done.write_bytes(done.read_bytes()[:40])
+    capsys.readouterr()
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 2
+    err = capsys.readouterr().err
+    assert str(done) in err and "damaged" in err
+    assert len(done.read_bytes()) == 40

@@ -178,7 +178,13 @@ def _run_seeds(name: str, ctx, fn, spec, seeds: int) -> dict:
         done = seed_dir / "summary.json"
         value = seed_value(ctx.seed, s)
         if done.exists():
-            summary = json.loads(done.read_text())
+            try:
+                summary = json.loads(done.read_text())
+                if not isinstance(summary, dict) or not isinstance(summary.get("claims"), list):
+                    raise ValueError("not a seed's summary (no list of claims)")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{done} is damaged ({str(exc)[:80]}); it was left as it is. Restore it, or move "
+                                 f"it aside to rerun seed {s} (its runs resume from their checkpoints)") from None
             if summary.get("seed") != value:
                 raise FileExistsError(f"{done} was written for seed {summary.get('seed')}, expected {value}: "
                                       "pass --overwrite")
