@@ -315,9 +315,9 @@ def _edit_loss(line: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("damage, line", [
-    ("delete", 10),   # row 9 (0-based) removed: line 10 (was row 10) does not follow line 9
+    ("delete", 10),   # row 9 (0-based) removed: line 10 is now the row that was line 11
     ("insert", 9),    # a copy of row 5 inserted as line 9
-    ("edit", 9),      # row 7 (line 8) edited: line 9 does not follow it
+    ("edit", 8),      # row 7 (line 8) edited
     ("edit-last-counted", 21),  # the last row the checkpoint counts (line 21) edited
 ])
 def test_a_changed_row_before_the_checkpoint_is_named_and_nothing_changes(tmp_path, damage, line):
