@@ -146,3 +146,29 @@ def test_torchrun_launch_writes_rank0s_run(tmp_path):
         for ra, rb in zip(a, b):
             for key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (log, key)
+
+
+def test_a_second_process_on_an_experiment_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    """Two ``lazyhasty run`` into one --out: the second stops at once, naming the first's pid; nothing touched."""
+    import time
+
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 0
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = subprocess.Popen(  # an experiment still running in OUT: it holds OUT's lock
+        [sys.executable, "-c", "import sys, time; from lazyhasty._runlog import locked\n"
+         f"with locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=2"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "in use by another process" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=2"]) == 0

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .._runlog import locked
 from .claims import claims_over_seeds, plot_claims
 
 MANIFEST = "experiment.json"
@@ -112,6 +113,11 @@ def run_seeds(name: str, ctx, fn, spec) -> dict:
     seeds = int(seeds if seeds is not None else (spec.quick_seeds if ctx.quick else spec.seeds))
     if seeds < 1:
         raise ValueError(f"option 'seeds' must be >= 1, got {seeds}")
+    with locked(ctx.out, "experiment directory"):  # a second `lazyhasty run` into OUT is refused, naming us
+        return _run_seeds(name, ctx, fn, spec, seeds)
+
+
+def _run_seeds(name: str, ctx, fn, spec, seeds: int) -> dict:
     manifest = _prepare(name, ctx, seeds)
     per_seed, seed_dirs = [], []
     for s in range(seeds):
