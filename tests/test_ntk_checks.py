@@ -190,3 +190,31 @@ def test_by_layer_keys_are_the_owning_modules_on_every_implementation():
             owner = name.rpartition(".")[0].partition(".parametrizations")[0].partition("parametrizations")[0]
             p.requires_grad_(owner.rstrip(".") == key)
         assert _rel(parts[key], R.ntk_gram(only, [x], kernel="trace")) <= 1e-10, key
+
+
+class _FoldedLinear(nn.Linear):
+    """Takes ``[b, 2 d_in]`` and applies the weight to both halves: the captured input does not fit the Linear
+    layout (its last dimension is not ``in_features``), so the layout raises on it."""
+
+    def forward(self, x):
+        return F.linear(x.view(x.shape[0], 2, -1), self.weight, self.bias).sum(1)
+
+
+def test_a_layout_that_raises_is_reported_in_explain():
+    """A layer whose captured tensors make a layout function raise goes to torch.func, and explain() says why
+    (the error), instead of the fallback taking it unseen; the kernel is still exact."""
+    from lazyhasty.ntk import explain
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_FoldedLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    plan = explain(m, x, implementation="layerwise")
+    rows = {r["name"]: r for r in plan.to_dict()["parameters"]}
+    assert rows["0.weight"]["form"] == "torch.func"
+    assert "do not fit the linear layout" in rows["0.weight"]["fallback"]
+    assert "do not fit the linear layout" in str(plan)
+    assert rows["2.weight"]["fallback"] is None and rows["2.weight"]["form"] != "torch.func"
+    # remembered with the check's outcome: a second explain (no check) says the same
+    again = {r["name"]: r for r in explain(m, x, implementation="layerwise").to_dict()["parameters"]}
+    assert again["0.weight"]["fallback"] == rows["0.weight"]["fallback"]
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), R.ntk_gram(m, [x])) <= 1e-10

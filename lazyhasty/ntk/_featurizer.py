@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from ._layers import (
     discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
     embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
-    _close,
+    _close, check_weights, weighted_layer_grads,
 )
 from ._trace import trace_gram as _trace_gram
 
@@ -48,6 +49,11 @@ TRACE_BLOCK_BYTES = 1 << 30
 # trace): the extra capture pass took 28 ms for 54M modelled flops (~2 GFLOP/s), GEMMs run at ~80, so the
 # flop-only rule took layerwise (3.5M "saved" a example against 0.84M) and was 7% slower than torch.func.
 PASS_FLOP_WEIGHT = 16
+
+
+# Why a layer that failed the check is on the fallback (explain()), unless the check found a more specific reason.
+CHECK_FAILED = ("its per-example gradients from the captured tensors differ from autograd's (a parameter also used "
+                "outside the module's forward, a forward other than its base class's, or a batch not on dim 0)")
 
 
 class Featurizer:
@@ -79,12 +85,16 @@ class Featurizer:
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
+        # {parameter name: why it is on the fallback} for parameters of layers the check moved there (explain())
+        self.fallback_reasons: dict[str, str] = {}
+        self._why: dict[str, str] = {}  # {plan name: why it failed}, this round of the check
         known = _VERIFIED.get(self._user_model, {}).get(self.implementation)
-        if known is not None and known[0] == self.fingerprint(self.implementation):
+        if known is not None and known.key == self.fingerprint(self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
-            self.sites = dict(known[4])
-            self._layer_costs = dict(known[5])
-            self._replan(known[1], known[3], known[2])
+            self.sites = dict(known.sites)
+            self._layer_costs = dict(known.layer_costs)
+            self.fallback_reasons = dict(known.reasons)
+            self._replan(known.excluded, known.affine, known.copies)
             self.verified = True
             self._auto_pending = self.auto  # decided once the call's pairs per example are known
         self.k: int | None = None
@@ -307,13 +317,13 @@ class Featurizer:
         if idle:
             # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
             # itself): their parameters are used some other way, so they go to the fallback
-            self.exclude(idle)
+            self.exclude(idle, "its forward never ran: the model uses its parameters another way")
             return None
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
             bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
-            self.exclude(bad)
+            self.exclude(bad, "its output did not require grad in the forward")
             return None
         verify = not self.verified
         if verify and any(isinstance(p.module, (InProjection, RecurrentProjection)) for p in plans):
@@ -322,7 +332,8 @@ class Featurizer:
             with torch.no_grad():
                 own = self._call(x).reshape(b, -1)
             if not _close(out.detach().reshape(-1), own.reshape(-1)):
-                self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))])
+                self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))],
+                             "the unrolled forward's outputs differ from the module's")
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
@@ -337,21 +348,16 @@ class Featurizer:
             # parameter is also used outside its module's forward, or when a module's batch is not its
             # inputs' first dimension (e.g. [L, b, E] sequences): random example weights w tell examples
             # apart, where a plain sum over examples would not. Such layers go to the exact fallback.
-            gen = torch.Generator(device="cpu").manual_seed(1234)
-            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-            w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            w, v = (t.to(out.device, out.dtype) for t in check_weights(b, k))
             v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
-            vparams = [t for p in plans for _, t in p.params()]
-            vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
-            vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
-        feats, pos, vpos, bad = [], 0, 0, []
+            per_plan = weighted_layer_grads(out, v, plans)
+            vgrads = [t for ts in per_plan for t in ts]
+        feats, pos, bad = [], 0, []
         emit = sink if sink is not None else feats.append
-        for p in plans:
+        for i, p in enumerate(plans):
             g_calls = grads[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            np_ = len(p.params())
-            theirs = vgrads[vpos: vpos + np_] if verify else None
-            vpos += np_
+            theirs = per_plan[i] if verify else None
             if verify:
                 try:
                     self._plan_feature(p, g_calls, theirs, v, verify, sink, emit, bad)
@@ -359,7 +365,10 @@ class Featurizer:
                     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
                         raise
                     # a subclass whose forward is not its base class's (e.g. a LayerNorm over channels of
-                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback
+                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback,
+                    # with the error in explain() (not a silent slowdown)
+                    self._why[p.name] = (f"its captured tensors do not fit the {p.kind} layout "
+                                         f"({type(exc).__name__}: {exc})")
                     bad.append(p)
             else:
                 self._plan_feature(p, g_calls, theirs, None, False, sink, emit, bad)
@@ -578,6 +587,7 @@ class Featurizer:
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
         self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs and "dims" in p.costs}
         self.sites = dict(other.sites)
+        self.fallback_reasons = {n: why for n, why in other.fallback_reasons.items()}
         self._replan(names, affine, copies)
         switched = self.mark_verified()
         return switched or [(p.name, p.weight_map) for p in self.plans] != before
@@ -638,19 +648,31 @@ class Featurizer:
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = (
-            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs))
+        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = Verdict(
+            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs),
+            dict(self.fallback_reasons))
         return self._auto_choice()
 
-    def exclude(self, bad) -> None:
+    def exclude(self, bad, why: str = CHECK_FAILED) -> None:
         """Moves the layers ``bad`` (plans that failed the check) to the fallback; a Linear subclass first gets
-        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`)."""
+        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`).
+
+        Args:
+            bad: the failing :class:`LayerPlan` objects.
+            why: the reason, recorded per parameter in :attr:`fallback_reasons` (``explain()`` shows it), unless
+                the check recorded a more specific one for the layer (a layout that raised).
+        """
+        names = {id(t): n for n, t in self.model.named_parameters()}
         for p in bad:
+            reason = self._why.pop(p.name, why)
             if affine_candidate(p.module) and p.weight_map != "affine":
                 self.affine.add(id(p.module))
             else:
                 self.affine.discard(id(p.module))
                 self.excluded.add(id(p.module))
+                for _, t in p.params():
+                    if id(t) in names:
+                        self.fallback_reasons[names[id(t)]] = reason
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
                                                self.sites)
@@ -946,6 +968,29 @@ def owner_key(param_name: str) -> str:
     if sep and (head == "" or head.endswith(".")):
         return head[:-1] if head else ""
     return owner
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The layer check's outcome for one model structure and state (``_VERIFIED[model][implementation]``).
+
+    Attributes:
+        key: :meth:`Featurizer.fingerprint` of the model it holds for.
+        excluded: names (:func:`capture_modules`) of the modules moved to the fallback.
+        copies: ``{plan name: (copy_input, copy_output)}``: layers capturing copies (in-place ops).
+        affine: names of the Linear subclasses planned as affine maps.
+        sites: the matmul sites found on the twin (``{parameter name: MatmulSite spec}``).
+        layer_costs: ``{plan name: (G, d_in, S, k, d_out)}``, for ``implementation="auto"``.
+        reasons: ``{parameter name: why it is on the fallback}``.
+    """
+
+    key: tuple
+    excluded: frozenset
+    copies: dict
+    affine: frozenset
+    sites: dict
+    layer_costs: dict
+    reasons: dict = field(default_factory=dict)
 
 
 class _AllSizes:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -426,11 +427,30 @@ def capture_modules(model: nn.Module, sites: dict | None = None) -> list[tuple[s
     return out
 
 
+class LayerKind(str, Enum):
+    """How a planned layer's parameters are captured (a ``str``: ``LayerKind.CONV == "conv"``).
+
+    ``LINEAR``: ``y = W a + b`` at each position (``nn.Linear``, packed attention and recurrent maps, matmul
+    sites); ``CONV``: N-d convolutions (patches); ``CONVT``: transposed convolutions (adjoint patches);
+    ``EMBEDDING``: table lookups (index comparisons); ``NORM``: elementwise affine parameters on a normalized
+    input (and a transposed convolution's bias, captured the same way).
+    """
+
+    LINEAR = "linear"
+    CONV = "conv"
+    CONVT = "convT"
+    EMBEDDING = "embedding"
+    NORM = "norm"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 @dataclass
 class LayerPlan:
     name: str
     module: nn.Module
-    kind: str  # linear | conv | embedding | norm
+    kind: LayerKind  # (a plain string is converted)
     use_weight: bool
     use_bias: bool
     form: str | None = None  # ghost | materialized (chosen on the first block)
@@ -450,6 +470,9 @@ class LayerPlan:
     # "affine": a Linear subclass computing W(theta) in its forward (found out by the layer check), whose
     # effective map is read off the module itself (affine_map); False: the plain weight
     weight_map: str | bool = False
+
+    def __post_init__(self):
+        self.kind = LayerKind(self.kind)
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         if self.weight_map == "affine":
@@ -1203,3 +1226,40 @@ def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
     scale = float(theirs.abs().max()) if theirs.numel() else 0.0
     tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
     return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
+
+
+# The layer check's random weights: the same draws on the tile path and the one-block trace path.
+CHECK_SEED = 1234
+
+
+def check_weights(b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer check's random example weights ``w`` ``[b]`` and output weights ``v`` ``[k]`` (float64, CPU):
+    one random combination ``sum_i w_i v . f(x_i)`` checks every layer at once; random example weights tell
+    examples apart where a plain sum over examples would not (a batch that is not dim 0)."""
+    gen = torch.Generator(device="cpu").manual_seed(CHECK_SEED)
+    v = torch.randn(k, generator=gen, dtype=torch.float64)
+    w = torch.randn(b, generator=gen, dtype=torch.float64)
+    return w, v
+
+
+def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list) -> list[list[torch.Tensor]]:
+    """What the layer check compares against, on both paths: autograd's gradient of
+    ``sum_{i,a} wv[i, a] out[i, a]`` with respect to each plan's parameters (zeros where unused).
+
+    Args:
+        out: the model's outputs ``[b, k]`` (the capture's graph; freed by this backward).
+        wv: the weights ``[b, k]`` (``w_i v_a`` from :func:`check_weights`).
+        plans: the planned layers.
+
+    Returns:
+        Per plan, its parameters' gradients in :meth:`LayerPlan.params` order.
+    """
+    vparams = [t for p in plans for _, t in p.params()]
+    gs = torch.autograd.grad((out * wv).sum(), vparams, allow_unused=True)
+    flat = [torch.zeros_like(t) if g is None else g for g, t in zip(gs, vparams)]
+    per, pos = [], 0
+    for p in plans:
+        n = len(p.params())
+        per.append(flat[pos: pos + n])
+        pos += n
+    return per

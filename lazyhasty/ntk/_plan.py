@@ -192,7 +192,9 @@ class Plan:
             if p.get("costs"):
                 cost = "  (flops/pair: ghost {ghost:.3g}, materialized {materialized:.3g})".format(**p["costs"])
             copies = f"  copies {'+'.join(p['copies'])}" if p.get("copies") else ""
-            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}")
+            fallback = f"  (the layer check moved it here: {p['fallback']})" if p.get("fallback") else ""
+            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}"
+                         f"{fallback}")
         return "\n".join(lines)
 
 
@@ -203,7 +205,9 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     ``model`` and inputs ``x`` ``[n, ...]``: the path and why, and per trainable parameter its module, kind
     (linear / conv / embedding / norm / broadcast / generic), form (ghost / materialized / per-example copies /
     torch.func) with the cost
-    model's flops per example pair, and whether in-place ops made capture copy its input or output.
+    model's flops per example pair, whether in-place ops made capture copy its input or output, and for a
+    parameter the layer check moved to torch.func why (``fallback``: the check's mismatch, or the error a
+    layout raised on the layer's captured tensors).
     Runs the layer check on up to 8 examples (cached per model structure, as every call does).
 
     >>> print(explain(model, x, kernel="trace"))
@@ -248,13 +252,13 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies"))
         else:
-            rows.append(_row(model, name, t, "generic", "torch.func"))
+            rows.append(_row(model, name, t, "generic", "torch.func", fallback=fz.fallback_reasons.get(name)))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
                 int(fz.k or 0), choice.block_size, rows)
 
 
-def _row(model, name, t, kind, form, costs=None, copies=()) -> dict:
+def _row(model, name, t, kind, form, costs=None, copies=(), fallback=None) -> dict:
     owner = name.rpartition(".")[0]
     module = dict(model.named_modules()).get(owner)
     return {"name": name, "shape": list(t.shape), "module": owner, "module_type": type(module).__name__,
-            "kind": kind, "form": form, "costs": costs, "copies": list(copies)}
+            "kind": kind, "form": form, "costs": costs, "copies": list(copies), "fallback": fallback}
