@@ -5,13 +5,91 @@
 extra adaptive. ``center=True`` gives ``alpha (f(x) - f_0(x))``, the form the authors' code trained.
 ``Linearized(model)`` is the exact first-order Taylor model around the parameters at wrap time
 (the alpha -> infinity reference).
+
+Both take the model's call as the model takes it (positional and keyword inputs, e.g. a Hugging Face batch
+``wrapped(**batch)``) and act on one output tensor: the model's output when it is a tensor, its ``.logits`` when it
+is an object carrying them (a Hugging Face ``ModelOutput``), or what ``output=`` selects. Their forward returns the
+same kind of object the model does, with that field replaced (see ``AlphaScaled`` for the ``loss`` field).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
+from typing import Callable
 
 import torch
 from torch import nn
+
+
+def _selected(out, output: str | Callable | None):
+    """The tensor the regime acts on, and how to put a new value of it back into an output like ``out``.
+
+    Args:
+        out: what the model returned.
+        output: ``None`` (a tensor, or ``out.logits``), an attribute / key name, or a callable ``out -> tensor``.
+
+    Returns:
+        ``(tensor, rebuild)``: ``rebuild(new)`` is ``new`` itself for a tensor output or a callable ``output``,
+        else a shallow copy of ``out`` whose selected field is ``new`` and whose ``loss`` (if any) is ``None``.
+    """
+    if callable(output):
+        t = output(out)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"output= returned {type(t).__name__}, expected a tensor")
+        return t, lambda new: new
+    if output is None:
+        if isinstance(out, torch.Tensor):
+            return out, lambda new: new
+        if getattr(out, "logits", None) is None:
+            raise TypeError(f"the model returned {type(out).__name__}, which is not a tensor and has no .logits: "
+                            "pass output= (an attribute name, or a callable such as lambda out: out[0])")
+        output = "logits"
+    t = out.get(output) if isinstance(out, dict) else getattr(out, output, None)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"output={output!r}: the model's {type(out).__name__} has no tensor {output!r}")
+
+    def rebuild(new):
+        fields = getattr(type(out), "__dataclass_fields__", None)
+        if fields is not None:  # a ModelOutput (or any dataclass): a new one, so its dict and attribute views agree
+            values = {f: getattr(out, f) for f in fields}
+        elif isinstance(out, dict):
+            values = dict(out)
+        else:
+            res = copy.copy(out)
+            setattr(res, output, new)
+            return res
+        values[output] = new
+        if values.get("loss") is not None:
+            # the model's loss was computed from its own logits, not from the scaled or linearized ones
+            warnings.warn(f"{type(out).__name__}.loss is the wrapped model's loss, not the regime's: it is set to "
+                          "None; compute the loss from the returned logits (with the Hugging Face Trainer: "
+                          "Trainer(compute_loss_func=...))", stacklevel=3)
+            values["loss"] = None
+        if fields is not None:
+            return type(out)(**values)
+        return type(out)({k: v for k, v in values.items() if not (k == "loss" and v is None)})
+
+    return t, rebuild
+
+
+@contextlib.contextmanager
+def _math_attention():
+    """Attention through its differentiable decomposition while a forward-mode JVP runs.
+
+    The fused kernels (``scaled_dot_product_attention``'s flash / memory-efficient ones, the
+    ``nn.TransformerEncoderLayer`` / ``nn.MultiheadAttention`` fast path) have no forward-mode derivative; the math
+    backend and the plain module code compute the same function with one. Outside a JVP nothing changes.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
 
 
 def scaled_lr(lr: float, alpha: float) -> float:
@@ -31,11 +109,27 @@ class AlphaScaled(nn.Module):
     same device (moves with ``.to``), saved in ``state_dict`` under ``f0.`` but excluded from
     ``parameters()``, and always run in eval mode (its dropout and BatchNorm statistics never change).
 
+    The scaled output is the model's tensor output, or its ``.logits`` (a Hugging Face ``ModelOutput``), or what
+    ``output=`` names; the forward returns the same kind of object with that field scaled. A ``loss`` the model
+    computed itself (Hugging Face models given ``labels``) is the unscaled model's, so it is set to ``None`` with a
+    warning: compute the loss from the returned logits (``Trainer(compute_loss_func=...)``).
+
+    Args:
+        model: the network ``f``, called as it is called (``wrapped(x)``, ``wrapped(**batch)``).
+        alpha: the scale ``alpha > 0`` (1: standard, 100: lazy, < 1: extra adaptive).
+        center: return ``alpha (f - f_0)`` (the output is 0 at initialization).
+        at: a ``state_dict`` (or module) ``theta_t`` to expand around instead of the model's current parameters.
+        output: the field of a non-tensor output to scale: an attribute / key name, or a callable
+            ``out -> tensor`` (then the forward returns the scaled tensor).
+
+    Example:
         >>> lazy = AlphaScaled(net, 100.0)
         >>> opt = torch.optim.SGD(lazy.parameters(), lr=scaled_lr(0.1, 100.0))
+        >>> logits = AlphaScaled(bert, 10.0)(**batch).logits   # [b, C], f_0 + 10 (f - f_0)
     """
 
-    def __init__(self, model: nn.Module, alpha: float, *, center: bool = False, at=None):
+    def __init__(self, model: nn.Module, alpha: float, *, center: bool = False, at=None,
+                 output: str | Callable | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -57,6 +151,7 @@ class AlphaScaled(nn.Module):
         self.f0 = copy.deepcopy(model).requires_grad_(False).eval()
         self.alpha = alpha
         self.center = bool(center)
+        self.output = output
         self._f0_cache = None  # (x, x._version, f0(x)): full-batch GD feeds the same tensor every step
 
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
@@ -88,11 +183,11 @@ class AlphaScaled(nn.Module):
             return self.f0(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
-        f = self.model(*args, **kwargs)
-        f0 = self._f0_of(args, kwargs)
+        f, rebuild = _selected(self.model(*args, **kwargs), self.output)
+        f0, _ = _selected(self._f0_of(args, kwargs), self.output)
         if self.center:
-            return self.alpha * (f - f0)
-        return f0 + self.alpha * (f - f0)
+            return rebuild(self.alpha * (f - f0))
+        return rebuild(f0 + self.alpha * (f - f0))
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha:g}, center={self.center}"
@@ -106,13 +201,27 @@ class Linearized(nn.Module):
     """Exact first-order Taylor model ``f(x; theta0) + J(x; theta0) (theta - theta0)`` (torch.func.jvp).
 
     Its parameters are the wrapped model's own (same order); ``theta0`` is a frozen copy taken at wrap
-    time. Buffers (e.g. BatchNorm statistics) are read from the model. One forward costs about two
-    forwards of the model (a forward-mode JVP).
+    time. Buffers (e.g. BatchNorm statistics) are read from the model, and the model's mode is used (dropout
+    in train mode draws one mask for the value and its derivative). One forward costs about two forwards of
+    the model (a forward-mode JVP). Attention runs through its math decomposition during the JVP (fused
+    attention kernels have no forward-mode derivative); outside it the model is untouched.
+
+    Args:
+        model: the network ``f``, called as it is called (``lin(x)``, ``lin(**batch)``).
+        output: which field of a non-tensor output to linearize (default: the tensor, or ``.logits``): an
+            attribute / key name, or a callable ``out -> tensor`` (then the forward returns the tensor). The
+            other fields of the returned object are the model's at ``theta0``; its ``loss`` is ``None``.
+
+    Example:
+        >>> lin = Linearized(net)
+        >>> y = lin(x)                       # [b, k]: f(x; theta0) + J (theta - theta0)
+        >>> logits = Linearized(bert)(**batch).logits
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, *, output: str | Callable | None = None):
         super().__init__()
         self.model = model
+        self.output = output
         self.theta0 = _Frozen()
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         if not self._names:
@@ -120,7 +229,7 @@ class Linearized(nn.Module):
         for i, n in enumerate(self._names):
             self.theta0.register_buffer(f"p{i}", dict(model.named_parameters())[n].detach().clone())
 
-    def forward(self, x):
+    def forward(self, *args, **kwargs):
         from torch.func import functional_call, jvp
 
         params = dict(self.model.named_parameters())
@@ -128,7 +237,11 @@ class Linearized(nn.Module):
         delta = {n: params[n] - theta0[n] for n in self._names}
 
         def f(p):
-            return functional_call(self.model, p, (x,))
+            out = functional_call(self.model, p, args, kwargs)
+            t, _ = _selected(out, self.output)
+            return t, out
 
-        out0, tangent = jvp(f, (theta0,), (delta,))
-        return out0 + tangent
+        with _math_attention():
+            out0, tangent, raw = jvp(f, (theta0,), (delta,), has_aux=True)
+        _, rebuild = _selected(raw, self.output)
+        return rebuild(out0 + tangent)

@@ -33,9 +33,8 @@ from ._progress import Progress
 from ._runlog import (LogDamaged, RunLocked, RunLog, atomic_write, locked, payload_digest,  # noqa: F401 (users
                       read_rows, refuse_foreign)  # catch LogDamaged / RunLocked from here)
 from .data import Dataset
+from .losses import LOSSES, per_example_loss, predictions_correct  # noqa: F401  (re-exported)
 from .regimes import AlphaScaled, scaled_lr
-
-LOSSES = ("cross_entropy", "logistic", "mse")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -131,37 +130,6 @@ class TrainConfig:
         d["probes"] = list(self.probes)
         d["snapshot_steps"] = list(self.snapshot_steps)
         return d
-
-
-# --- losses -------------------------------------------------------------------------------------------
-def per_example_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[b]`` losses. cross_entropy: logits ``[b, C]``, labels long. logistic: ``[b]``/``[b, 1]`` score,
-    labels in {-1, +1} or {0, 1}. mse: outputs and targets of the same shape (labels are one-hot
-    encoded when ``out`` is ``[b, C]`` and ``y`` holds class indices)."""
-    if kind == "cross_entropy":
-        return F.cross_entropy(out, y.long(), reduction="none")
-    if kind == "logistic":
-        s = out.reshape(out.shape[0], -1)
-        if s.shape[1] != 1:
-            raise ValueError(f"logistic loss needs one output per example, got {tuple(out.shape)}")
-        s = s[:, 0]
-        yy = y.to(s.dtype)
-        yy = torch.where(yy > 0, 1.0, -1.0) if bool(((yy == 0) | (yy == 1)).all()) else yy
-        return F.softplus(-yy * s)
-    target = y.to(out.dtype)
-    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and out.shape[1] > 1:
-        target = F.one_hot(y.long(), out.shape[1]).to(out.dtype)
-    return ((out - target.reshape(out.shape)) ** 2).reshape(out.shape[0], -1).sum(1) / 2
-
-
-def predictions_correct(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if out.dim() == 2 and out.shape[1] > 1:
-        return out.argmax(1) == y.long()
-    s = out.reshape(-1)
-    yy = y.to(s.dtype)
-    if bool(((yy == 0) | (yy == 1)).all()):
-        yy = yy * 2 - 1
-    return torch.sign(s) == torch.sign(yy)
 
 
 # --- run directory ------------------------------------------------------------------------------------

@@ -1,6 +1,14 @@
 import os
+import sys
+import types
 
 import torch
+
+# The torchvision wheel on the package registry is built for CUDA torch: importing it beside the CPU torch
+# fails in its fake-kernel registrations (`operator torchvision::nms does not exist`), and transformers, timm
+# and lightning import it when it is installed. Its models are pure Python; an empty stand-in for that one
+# module lets them import (where torchvision is absent, nothing changes).
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
 # Triton kernels must see the interpreter flag when they are defined, i.e. before lazyhasty is imported:
 # the CPU interpreter where there is no GPU (CI), compiled kernels where there is one (the interpreter

@@ -24,7 +24,9 @@ from ._layers import (
     discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
     embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
+    _close,
 )
+from ._trace import trace_gram as _trace_gram
 
 # On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
 # the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
@@ -87,7 +89,7 @@ class Featurizer:
             self._auto_pending = self.auto  # decided once the call's pairs per example are known
         self.k: int | None = None
         self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
-        self.checked_mixing = False
+        self.checked_mixing: set[int] = set()  # block sizes this call checked for batch mixing
         # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -187,12 +189,10 @@ class Featurizer:
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
-        from ._trace import trace_gram
-
         x = self._prepare(x)
         while True:
             with self._checking():
-                K = trace_gram(self, x, backend)
+                K = _trace_gram(self, x, backend)
             if K is not None:
                 return K
 
@@ -214,7 +214,7 @@ class Featurizer:
         x = x.to(self.device)
         if x.is_floating_point():
             x = x.to(self.dtype)
-        if check and not self.checked_mixing:
+        if check and x.shape[0] not in self.checked_mixing:
             self._check_batch_independence(x)
         return x
 
@@ -238,18 +238,25 @@ class Featurizer:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
-        """:func:`check_probe_inputs` (two small forwards), once per model structure, train/eval flags and
-        input shape: whether a model mixes examples is a property of its code, not of the values. Non-finite
-        inputs are checked on every call (non-finite outputs make the kernel non-finite: an error there)."""
-        self.checked_mixing = True
-        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()),
-               tuple(x.shape[1:]), x.dtype, str(x.device))
-        if _MIXING_CHECKED.get(self._user_model) == key:
+        """:func:`check_probe_inputs` on the whole block ``x`` ``[b, ...]``, outputs and gradients, once per
+        model structure and state, train/eval flags, example shape and block size ``b`` (a model may mix
+        examples only in large batches): whether a model mixes examples is a property of its code, not of the
+        values. Non-finite inputs are checked on every block (non-finite outputs make the kernel non-finite:
+        an error there)."""
+        b = x.shape[0]
+        self.checked_mixing.add(b)
+        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()), tuple(x.shape[1:]),
+               x.dtype, str(x.device))
+        known = _MIXING_CHECKED.get(self._user_model)
+        if known is not None and known[0] == key and b in known[1]:
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
             return
-        check_probe_inputs(self._call, x)
-        _MIXING_CHECKED[self._user_model] = key
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        check_probe_inputs(self._call, x, sample=None, params=params)
+        sizes = known[1] if known is not None and known[0] == key and len(known[1]) < 64 else set()
+        sizes.add(b)
+        _MIXING_CHECKED[self._user_model] = (key, sizes)
 
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
@@ -272,7 +279,7 @@ class Featurizer:
                 parts, start = {}, 0
                 for n in self.generic:
                     size = named[n].numel()
-                    parts.setdefault(n.rpartition(".")[0], []).append((start, start + size))
+                    parts.setdefault(owner_key(n), []).append((start, start + size))
                     start += size
                 gen = []
                 for owner, spans in parts.items():
@@ -380,7 +387,7 @@ class Featurizer:
                 if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                     bad.append(p)
             f = feat.Materialized(F)
-            f.name = p.name
+            f.name = self._layer_key(p)
             emit(f)
         else:
             a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
@@ -418,8 +425,21 @@ class Featurizer:
                 f = feat.Materialized(map_parametrized_rows(p, F) if p.weight_map else F)
             else:
                 f = feat.GhostLinear(*ghost_layout(a, g))
-            f.name = p.name
+            f.name = self._layer_key(p)
             emit(f)
+
+    def _layer_key(self, p) -> str:
+        """The name of a planned layer's feature: with :attr:`by_layer`, the module owning its parameters
+        (:func:`owner_key`: a packed attention projection ``att.in_proj`` counts for ``att``, a recurrent map
+        ``gru.ih_l0`` for ``gru``, a matmul site ``mix:matmul`` for the module holding ``mix``), the plan's own
+        name otherwise."""
+        if not self.by_layer:
+            return p.name
+        names = self.__dict__.get("_param_names")
+        if names is None:
+            names = self._param_names = {id(t): n for n, t in self.model.named_parameters()}
+        params = [names[id(t)] for _, t in p.params() if id(t) in names]
+        return owner_key(params[0]) if params else p.name
 
     def capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
@@ -531,7 +551,7 @@ class Featurizer:
         other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
         other.is_twin = True
         other._copies_owner = self._user_model  # its per-example-copy check decides for this model
-        other.checked_mixing = True  # this block passed the check already
+        other.checked_mixing = _ALL_SIZES  # this block passed the check already
         other.pairs_per_example = self.pairs_per_example
         other.channels_last = self.channels_last
         named = dict(twin.named_parameters())
@@ -912,8 +932,33 @@ _COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 TWIN_MAX_BYTES = 1 << 30
 # Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
 COPY_MAX_ELEMENTS = 1 << 24
-# Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
+# Per model: (key: structure and state, example shape, dtype, device; the block sizes whose batch-mixing check
+# passed).
 _MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def owner_key(param_name: str) -> str:
+    """The qualified name of the module owning a parameter, ``by_layer=True``'s key: ``"0.weight" -> "0"``,
+    ``"cls" -> ""`` (the model itself), and a parametrized weight's ``"lin.parametrizations.weight.original"``
+    -> ``"lin"`` (the module the parametrization is registered on)."""
+    owner = param_name.rpartition(".")[0]
+    head, sep, _ = owner.partition("parametrizations")
+    if sep and (head == "" or head.endswith(".")):
+        return head[:-1] if head else ""
+    return owner
+
+
+class _AllSizes:
+    """A twin's block sizes checked for mixing: all (its model's blocks passed the check)."""
+
+    def __contains__(self, b) -> bool:
+        return True
+
+    def add(self, b) -> None:
+        pass
+
+
+_ALL_SIZES = _AllSizes()
 
 
 def _per_example_leaves(named: dict, names: list[str], b: int) -> dict:
@@ -933,15 +978,59 @@ def _fingerprint(model: nn.Module, implementation: str) -> tuple:
             tuple((n, id(m), type(m)) for n, m in model.named_modules()),
             # dtype and device too: which kernels run (e.g. nn.LSTM's) may differ between them
             tuple((n, id(p), tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
-                  for n, p in model.named_parameters()))
+                  for n, p in model.named_parameters()),
+            plan_state(model))
+
+
+# A buffer or tensor attribute of at most this many elements enters plan_state by its values too (a change
+# through ``.data`` moves no version counter); larger ones by identity, storage and version counter only.
+STATE_VALUE_MAX_ELEMENTS = 4096
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def plan_state(model: nn.Module) -> tuple:
+    """What can decide a plan besides the structure (modules, parameters, requires_grad flags), for the
+    per-model cache keys: every module's forward hooks, and, for modules whose class is
+    not torch's own (a subclass, a user's or a library's module: its forward may read anything), each buffer
+    and non-parameter tensor attribute by identity, storage, version counter, shape and dtype (and by value up
+    to :data:`STATE_VALUE_MAX_ELEMENTS` elements), and each scalar attribute (bool, int, float, str, None) by
+    value. Parameter values are left out: which layers capture exactly is a property of the code (the layer
+    check runs on a perturbed twin for that reason), so training steps keep the cached checks. torch's own
+    modules read their buffers (running statistics) the way the engine captures them whatever their values.
+    Train/eval flags are left out too (a model's mode changes mixing, which the mixing check keys by, not
+    which layers capture exactly: the layer check is kept across ``model.eval()`` / ``model.train()``).
+
+    Returns:
+        A hashable tuple; equal tuples mean the cached checks still hold.
+    """
+    state = []
+    for name, m in model.named_modules():
+        state.append((name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+        if type(m).__module__.startswith("torch."):
+            continue
+        for key, value in m.__dict__.items():
+            if key == "_buffers":
+                state.extend((name, k, _tensor_state(t)) for k, t in value.items() if t is not None)
+            elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                state.append((name, key, _tensor_state(value)))
+            elif isinstance(value, _SCALARS) and key != "training":
+                state.append((name, key, value))
+    return tuple(state)
+
+
+def _tensor_state(t: torch.Tensor) -> tuple:
+    token = (id(t), t._version, tuple(t.shape), t.dtype, str(t.device))
+    if t.layout != torch.strided or t.is_meta:
+        return token
+    token += (t.data_ptr(),)
+    if t.numel() <= STATE_VALUE_MAX_ELEMENTS:
+        try:  # (as raw bytes: every dtype numpy lacks, bfloat16 included, viewed as bytes first)
+            token += (t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),)
+        except (RuntimeError, TypeError):
+            pass  # a dtype without a byte view (quantized): identity, storage and version only
+    return token
 
 
 def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
     b, k, G, do, _ = g.shape
     return b * k * G * do * a.shape[2]
-
-
-def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
-    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
-    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
-    return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
+    _close,
     batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, normalized_inputs, position_a,
     position_g,
     position_to_factor_layout, split_params,
