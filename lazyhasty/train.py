@@ -561,9 +561,13 @@ class Trainer:
                 ``resume`` is false.
             LogDamaged: the log or checkpoint cannot be resumed without losing rows (files left as they are).
             ValueError: resuming with another config, model structure or data.
+            lazyhasty._dist.RankFailed: over ranks, when another rank raised (named, with its exception).
         """
+        from . import _dist
+
         refuse_foreign(self.run_dir, ("config.json",), "run directory")
-        with locked(self.run_dir):
+        # over ranks: a rank that raises here tells the others, waiting in the probes' collectives, at once
+        with _dist.failing_together(self.group, "Trainer.fit"), locked(self.run_dir):
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> Run:

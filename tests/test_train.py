@@ -172,7 +172,7 @@ def test_a_run_dir_holding_other_files_is_refused(tmp_path):
 
 def test_a_full_disk_while_checkpointing_is_a_clear_error_and_nothing_half_written(tmp_path):
     """The file size limit (RLIMIT_FSIZE) stands in for a full disk: torch.save fails part-way."""
-    resource = pytest.importorskip("resource")
+    pytest.importorskip("resource")
     script = textwrap.dedent(f"""
         import json, resource, signal, sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
