@@ -52,7 +52,9 @@ def _load_config(path: str | None) -> dict:
 
 
 def _common(p: argparse.ArgumentParser, default_out: str | None) -> None:
-    p.add_argument("--out", metavar="DIR", default=default_out, help="run directory (default: ./lazyhasty-runs/NAME)")
+    p.add_argument("--out", metavar="DIR", default=default_out,
+                   help=f"run directory (default: ./{default_out})" if default_out else
+                   "run directory (default: ./lazyhasty-runs/NAME)")
     p.add_argument("--seed", type=int, default=0, help="random seed (init, data, minibatch order)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--config", metavar="FILE", help="JSON or TOML file of experiment options (e.g. {\"seeds\": 10})")
@@ -66,10 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lazyhasty", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = sub.add_parser("demo", help="yin-yang at alpha = 1 vs 100 in quick mode (no download, < 2 min on 2 cores)")
+    demo = sub.add_parser("demo", help="yin-yang at alpha = 1 vs 100 in quick mode (no download, about 30 s on 2 "
+                                       "free CPU cores)",
+                          description="The paper's yin-yang experiment (Fig. 1) at alpha = 1 vs 100 from one init, "
+                                      "quick mode, 3 seeds: no download, about 30 s on 2 free CPU cores (minutes when "
+                                      "they are busy). Writes ./lazyhasty-demo/ (or --out): figures and summary.json, "
+                                      "each claim decided over the seeds.")
     _common(demo, "lazyhasty-demo")
     run = sub.add_parser("run", help="reproduce one of the paper's experiments",
-                         description="Reproduce one of the paper's experiments; see README for each one's options.")
+                         description="Reproduce one of the paper's experiments; each one's options: docs/guide.md, Experiments.")
     run.add_argument("name", choices=EXPERIMENT_NAMES, help="which experiment")
     run.add_argument("--quick", action="store_true", help="small sizes: seconds to a few minutes on a CPU")
     run.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, celeba, waterbirds (per experiment)")
@@ -174,8 +181,9 @@ def main(argv=None) -> int:
         return 2
     except RuntimeError as exc:
         from ._launch import RankFailed
+        from ._runlog import RunLocked
 
-        if not isinstance(exc, RankFailed):
+        if not isinstance(exc, (RankFailed, RunLocked)):
             raise
         print(f"lazyhasty: {exc}", file=sys.stderr)
         return 2

@@ -1,85 +1,276 @@
-"""A :class:`lazyhasty.Monitor` inside the trainers people use: Lightning and Hugging Face ``transformers``.
+"""A [`Monitor`][lazyhasty.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
 
-Each is imported lazily (``pip install lightning`` / ``transformers``); nothing here is needed otherwise.
+Each is imported lazily (``pip install lightning`` / ``transformers accelerate``); nothing here is needed otherwise.
+The callbacks are classes, importable where their library is installed::
 
-    cb = lightning_callback(Monitor(net_at_init, probe_x, every=50), get_model=lambda m: m.net)
-    L.Trainer(callbacks=[cb], ...)                      # logs to the monitor's sinks and to trainer.logger
+    from lazyhasty.integrations import LazyhastyCallback           # Lightning
+    L.Trainer(callbacks=[LazyhastyCallback(Monitor(net_at_init, probe_x), every_n_steps=50)], ...)
 
-    cb = transformers_callback(Monitor(net_at_init, probe_x, every=50), get_model=lambda m: m.net)
-    transformers.Trainer(..., callbacks=[cb])           # logs to the monitor's sinks and the trainer's log history
+    from lazyhasty.integrations import LazyhastyTrainerCallback    # Hugging Face
+    transformers.Trainer(..., callbacks=[LazyhastyTrainerCallback(Monitor(model_at_init, probe_batch))])
 
-``get_model`` maps the framework's module to the one the monitor measures (the module whose names match
-the reference's); the default is the module itself. Only the global-zero process logs.
+Lightning: the values go through ``pl_module.log_dict`` (``trainer.callback_metrics``, so ``EarlyStopping`` /
+``ModelCheckpoint`` can monitor them, and the progress bar with ``prog_bar=True``) and to every logger in
+``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face: through ``Trainer.log`` (``state.log_history`` and every ``report_to``
+integration). Both measure the model in eval mode and leave its training state untouched (the Monitor's rule).
+
+The model measured: ``get_model(module)`` when given; by default the module, or the first of its submodules,
+whose parameters are the Monitor reference's (an ``AlphaScaled`` / ``Linearized`` wrapper of it counts), found
+once, after unwrapping DDP / ``torch.compile`` / accelerate wrappers.
 """
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable
+
+import torch
+from torch import nn
 
 from .monitor import Monitor
 
-
-def _identity(m):
-    return m
+__all__ = ["LazyhastyCallback", "LazyhastyTrainerCallback", "lightning_callback", "transformers_callback"]
 
 
-def lightning_callback(monitor: Monitor, *, get_model: Callable = _identity, loss_key: str = "loss"):
-    """A ``lightning.pytorch.Callback`` that calls ``monitor.due`` / ``monitor.log`` after each training batch
-    (step = ``trainer.global_step``, loss = the batch's ``outputs[loss_key]``) and forwards the values to
-    ``trainer.logger``."""
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without its distributed / compiled wrappers (DDP, DataParallel, ``torch.compile``, accelerate's
+    and DeepSpeed's engines: whatever keeps the trained module as ``.module`` or ``._orig_mod``)."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DeepSpeedEngine", "FullyShardedDataParallel") and isinstance(
+                getattr(model, "module", None), nn.Module):
+            model = model.module
+    return model
+
+
+def _signature(module: nn.Module) -> dict:
+    return {n: tuple(p.shape) for n, p in module.named_parameters()}
+
+
+def _measured_module(root: nn.Module, monitor: Monitor) -> nn.Module:
+    """The module of ``root`` whose parameters are the reference's (itself, a submodule, or the inner model of an
+    AlphaScaled / Linearized submodule)."""
+    from .regimes import AlphaScaled, Linearized
+
+    want = _signature(monitor.reference)
+    for _, m in root.named_modules():
+        inner = m.model if isinstance(m, (AlphaScaled, Linearized)) else m
+        if _signature(inner) == want:
+            return m
+    raise ValueError(f"no module of the {type(root).__name__} has the parameters of the Monitor's reference "
+                     f"({len(want)} tensors, e.g. {list(want)[:3]}): pass get_model= (e.g. lambda m: m.net)")
+
+
+class _Schedule:
+    """The callbacks' own cadence (``every_n_steps`` / ``geometric``), when given instead of the Monitor's; the
+    Monitor's ``budget`` still applies (through ``due``)."""
+
+    def __init__(self, monitor: Monitor, every_n_steps: int | None, geometric: float | None):
+        if every_n_steps is not None and geometric is not None:
+            raise ValueError("give every_n_steps or geometric, not both")
+        if every_n_steps is not None or geometric is not None:
+            if monitor.every is not None or monitor.geometric is not None:
+                raise ValueError(f"the Monitor already logs with every={monitor.every}, geometric={monitor.geometric}:"
+                                 " give the cadence to the Monitor or to the callback, not both")
+            monitor.schedule(every=every_n_steps, geometric=geometric)
+        self.monitor = monitor
+
+    def due(self, step: int, loss) -> bool:
+        if self.monitor.geometric is not None and loss is None:  # no loss this batch (manual optimization)
+            return self.monitor.due(step, math.nan)
+        return self.monitor.due(step, loss)
+
+
+def _as_float(loss) -> float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor):
+        return float(loss.detach().float().mean()) if loss.numel() else None
+    return float(loss)
+
+
+def _lightning_classes():
     try:
         from lightning.pytorch import Callback
+        from lightning.pytorch.utilities import rank_zero_only  # noqa: F401
     except ImportError:  # the older package name
         try:
             from pytorch_lightning import Callback
         except ImportError as exc:
-            raise ImportError("lightning_callback needs Lightning: pip install lightning") from exc
+            raise ImportError("LazyhastyCallback needs Lightning: pip install lightning") from exc
+    return Callback
 
-    class LazyhastyMonitorCallback(Callback):
-        def __init__(self):
+
+def _make_lightning_callback():
+    Callback = _lightning_classes()
+
+    class LazyhastyCallback(Callback):
+        """Log a [`Monitor`][lazyhasty.Monitor]'s values through Lightning after training batches.
+
+        Args:
+            monitor: the Monitor (its reference captured at init).
+            get_model: maps the LightningModule to the module measured; default: found by parameter names.
+            every_n_steps: log when ``trainer.global_step % every_n_steps == 0`` (instead of the Monitor's own
+                cadence; give one of the two).
+            geometric: log when the training loss first falls below ``L0 q^m`` (the paper's logging).
+            loss_key: the key of the loss in ``training_step``'s output dict (a bare tensor output is the loss).
+            prog_bar: also show the values in the progress bar. Default False.
+            prefix: prepended to every logged name, e.g. ``"lazyhasty/"``. Default ``""``.
+
+        The step is ``trainer.global_step`` (optimizer steps taken). A Monitor with a ``process_group`` is
+        measured on every rank (each its shard; the values are the same on all) and logged on every rank, so
+        ``callback_metrics`` agree and ``EarlyStopping`` decides alike everywhere, while Lightning's loggers
+        write on rank 0 only; a Monitor without one is measured on rank 0 and its values broadcast.
+        ``logged``: ``[(step, values)]`` of this process.
+        """
+
+        def __init__(self, monitor: Monitor, *, get_model: Callable | None = None, every_n_steps: int | None = None,
+                     geometric: float | None = None, loss_key: str = "loss", prog_bar: bool = False,
+                     prefix: str = ""):
+            super().__init__()
+            if not isinstance(monitor, Monitor):
+                raise TypeError(f"monitor must be a lazyhasty.Monitor, got {type(monitor).__name__}")
             self.monitor, self.get_model, self.loss_key = monitor, get_model, loss_key
+            self.prog_bar, self.prefix = bool(prog_bar), str(prefix)
+            self.schedule = _Schedule(monitor, every_n_steps, geometric)
             self.logged: list[tuple[int, dict]] = []
+            self._measured = None
+
+        def _model(self, pl_module):
+            if self.get_model is not None:
+                return self.get_model(pl_module)
+            if self._measured is None:
+                self._measured = _measured_module(unwrap_model(pl_module), self.monitor)
+            return self._measured
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if not trainer.is_global_zero:
-                return
             step = int(trainer.global_step)
             loss = outputs.get(self.loss_key) if isinstance(outputs, dict) else outputs
-            loss = None if loss is None else float(loss.detach() if hasattr(loss, "detach") else loss)
-            if self.monitor.due(step, loss):
-                values = self.monitor.log(self.get_model(pl_module), step)
-                self.logged.append((step, values))
-                if trainer.logger is not None:
-                    trainer.logger.log_metrics(values, step=step)
+            loss = _as_float(loss)
+            many = trainer.world_size > 1
+            grouped = self.monitor.group is not None
+            if many and not grouped:
+                due = trainer.strategy.broadcast(self.schedule.due(step, loss) if trainer.is_global_zero else None,
+                                                 src=0)
+            else:
+                due = self.schedule.due(step, loss)  # a group monitor agrees on it over its group
+            if not due:
+                return
+            if many and not grouped:
+                values = self.monitor.log(self._model(pl_module), step) if trainer.is_global_zero else None
+                values = trainer.strategy.broadcast(values, src=0)
+            else:
+                values = self.monitor.log(self._model(pl_module), step)
+            self.logged.append((step, values))
+            named = {self.prefix + k: float(v) for k, v in values.items()}
+            # callback_metrics (EarlyStopping, ModelCheckpoint) and the progress bar through Lightning's own
+            # logging; the loggers directly, at this step: Lightning writes self.log values to them only every
+            # log_every_n_steps steps (default 50), which would drop most logs
+            pl_module.log_dict(named, on_step=True, on_epoch=False, prog_bar=self.prog_bar, logger=False,
+                               batch_size=1, sync_dist=False)
+            if trainer.is_global_zero:
+                for logger in trainer.loggers:
+                    logger.log_metrics(named, step=step)
 
-    return LazyhastyMonitorCallback()
+    return LazyhastyCallback
 
 
-def transformers_callback(monitor: Monitor, *, get_model: Callable = _identity):
-    """A ``transformers.TrainerCallback``: with ``every=`` it logs at ``on_step_end``; with ``geometric=``
-    at ``on_log``, where the trainer reports its training loss (set ``logging_steps`` accordingly). The
-    values go to the monitor's sinks and into ``state.log_history``."""
+def _make_transformers_callback():
     try:
-        from transformers import TrainerCallback
+        from transformers import Trainer, TrainerCallback
     except ImportError as exc:
-        raise ImportError("transformers_callback needs transformers: pip install transformers") from exc
+        raise ImportError("LazyhastyTrainerCallback needs transformers: pip install transformers accelerate") from exc
 
-    class LazyhastyMonitorCallback(TrainerCallback):
-        def __init__(self):
-            self.monitor, self.get_model = monitor, get_model
+    class LazyhastyTrainerCallback(TrainerCallback):
+        """Log a [`Monitor`][lazyhasty.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
+
+        Args:
+            monitor: the Monitor (its reference captured at init; a tokenized dict of tensors works as its probe).
+            get_model: maps the Trainer's model (unwrapped) to the module measured; default: found by parameter
+                names.
+            every_n_steps: log at ``on_step_end`` when ``state.global_step % every_n_steps == 0`` (instead of the
+                Monitor's own cadence).
+            geometric: log at ``on_log`` when the training loss the Trainer reports first falls below
+                ``L0 q^m`` (set ``logging_steps`` accordingly).
+            trainer: the Trainer; default: the one that calls ``on_train_begin``.
+
+        The values go through ``trainer.log`` (so ``state.log_history`` and every ``report_to`` integration get
+        them, on the process that logs: the Trainer's world process zero) and to the Monitor's own sinks.
+        ``logged``: ``[(step, values)]``.
+        """
+
+        def __init__(self, monitor: Monitor, *, get_model: Callable | None = None, every_n_steps: int | None = None,
+                     geometric: float | None = None, trainer=None):
+            if not isinstance(monitor, Monitor):
+                raise TypeError(f"monitor must be a lazyhasty.Monitor, got {type(monitor).__name__}")
+            self.monitor, self.get_model, self.trainer = monitor, get_model, trainer
+            self.schedule = _Schedule(monitor, every_n_steps, geometric)
             self.logged: list[tuple[int, dict]] = []
+            self._measured = None
+            self._logging = False
+
+        def _model(self, model):
+            model = unwrap_model(model)
+            if self.get_model is not None:
+                return self.get_model(model)
+            if self._measured is None:
+                self._measured = _measured_module(model, self.monitor)
+            return self._measured
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if self.trainer is None:  # the Trainer calling us: its log() is how values reach its integrations
+                frame = sys._getframe(1)
+                while frame is not None and not isinstance(frame.f_locals.get("self"), Trainer):
+                    frame = frame.f_back
+                if frame is None:
+                    raise RuntimeError("LazyhastyTrainerCallback could not find its Trainer: pass trainer=")
+                self.trainer = frame.f_locals["self"]
 
         def _log(self, state, model):
-            values = self.monitor.log(self.get_model(model), int(state.global_step))
-            self.logged.append((int(state.global_step), values))
-            state.log_history.append({**values, "step": int(state.global_step)})
+            step = int(state.global_step)
+            values = self.monitor.log(self._model(model), step)
+            self.logged.append((step, values))
+            self._logging = True
+            try:
+                self.trainer.log(dict(values))
+            finally:
+                self._logging = False
 
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero and self.monitor.geometric is None and self.monitor.due(state.global_step):
+            if self.monitor.geometric is None and self.schedule.due(int(state.global_step), None):
                 self._log(state, model)
 
         def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-            if (state.is_world_process_zero and self.monitor.geometric is not None and logs
-                    and "loss" in logs and self.monitor.due(state.global_step, logs["loss"])):
+            if self._logging or self.monitor.geometric is None or not logs or "loss" not in logs:
+                return
+            if self.schedule.due(int(state.global_step), float(logs["loss"])):
                 self._log(state, model)
 
-    return LazyhastyMonitorCallback()
+    return LazyhastyTrainerCallback
+
+
+_BUILT: dict = {}
+
+
+def __getattr__(name):  # the classes need their library, so they are built on first use
+    makers = {"LazyhastyCallback": _make_lightning_callback, "LazyhastyTrainerCallback": _make_transformers_callback}
+    if name in makers:
+        if name not in _BUILT:
+            _BUILT[name] = makers[name]()
+        return _BUILT[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def lightning_callback(monitor: Monitor, *, get_model: Callable | None = None, loss_key: str = "loss", **options):
+    """A `LazyhastyCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    return __getattr__("LazyhastyCallback")(monitor, get_model=get_model, loss_key=loss_key, **options)
+
+
+def transformers_callback(monitor: Monitor, *, get_model: Callable | None = None, **options):
+    """A `LazyhastyTrainerCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    return __getattr__("LazyhastyTrainerCallback")(monitor, get_model=get_model, **options)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ._loaders import as_reference_module, evaluating, iter_inputs, model_device
-from .metrics._sites import relu_modules, resolve_layer
+from ._modules import relu_modules, resolve_layer
 
 
 # --- ops ------------------------------------------------------------------------------------------
@@ -38,7 +38,7 @@ def _masks(model: nn.Module, names: list[str], loader, device, functional: bool 
     """[n, total units] boolean ReLU on/off masks of every example, all kept in memory."""
     import contextlib
 
-    from .metrics._sites import FunctionalReLUs
+    from ._modules import FunctionalReLUs
 
     mods = dict(model.named_modules())
     outs: list[torch.Tensor] = []

@@ -6,6 +6,11 @@ file then renamed). A run killed at any point (SIGKILL included) and resumed wit
 continues from the last checkpoint, recomputes the log rows written after it (each checked against the
 row on disk), and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
 No row on disk is ever lost: see :mod:`lazyhasty._runlog` for the rules on torn or damaged logs.
+
+A resume is refused, naming the reason, when anything that defines the run differs: the config, the
+model's modules and parameter shapes, the training data (a hash over its examples and labels, in order)
+and the probe sets; a checkpoint is refused when its checksum does not match its content or it carries
+another run's id (each run's id is written in its ``config.json`` and in every checkpoint).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import json
 import math
 import os
 import random
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -24,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import Progress
-from ._runlog import LogDamaged, RunLog, atomic_write, read_rows
+from ._runlog import (LogDamaged, RunLocked, RunLog, atomic_write, locked, payload_digest,  # noqa: F401 (users
+                      read_rows, refuse_foreign)  # catch LogDamaged / RunLocked from here)
 from .data import Dataset
+from .losses import LOSSES, per_example_loss, predictions_correct  # noqa: F401  (re-exported)
 from .regimes import AlphaScaled, scaled_lr
-
-LOSSES = ("cross_entropy", "logistic", "mse")
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -126,37 +132,6 @@ class TrainConfig:
         return d
 
 
-# --- losses -------------------------------------------------------------------------------------------
-def per_example_loss(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[b]`` losses. cross_entropy: logits ``[b, C]``, labels long. logistic: ``[b]``/``[b, 1]`` score,
-    labels in {-1, +1} or {0, 1}. mse: outputs and targets of the same shape (labels are one-hot
-    encoded when ``out`` is ``[b, C]`` and ``y`` holds class indices)."""
-    if kind == "cross_entropy":
-        return F.cross_entropy(out, y.long(), reduction="none")
-    if kind == "logistic":
-        s = out.reshape(out.shape[0], -1)
-        if s.shape[1] != 1:
-            raise ValueError(f"logistic loss needs one output per example, got {tuple(out.shape)}")
-        s = s[:, 0]
-        yy = y.to(s.dtype)
-        yy = torch.where(yy > 0, 1.0, -1.0) if bool(((yy == 0) | (yy == 1)).all()) else yy
-        return F.softplus(-yy * s)
-    target = y.to(out.dtype)
-    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point() and out.shape[1] > 1:
-        target = F.one_hot(y.long(), out.shape[1]).to(out.dtype)
-    return ((out - target.reshape(out.shape)) ** 2).reshape(out.shape[0], -1).sum(1) / 2
-
-
-def predictions_correct(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if out.dim() == 2 and out.shape[1] > 1:
-        return out.argmax(1) == y.long()
-    s = out.reshape(-1)
-    yy = y.to(s.dtype)
-    if bool(((yy == 0) | (yy == 1)).all()):
-        yy = yy * 2 - 1
-    return torch.sign(s) == torch.sign(yy)
-
-
 # --- run directory ------------------------------------------------------------------------------------
 def _rng_state(torch_only: bool = False) -> dict:
     st = {"torch": torch.get_rng_state()}
@@ -190,8 +165,22 @@ def read_config(path: Path) -> dict:
     return cfg
 
 
-def load_checkpoint(path: Path, device) -> dict:
-    """``checkpoint.pt`` (tensors only: ``weights_only=True``); a damaged file is an error naming it."""
+def load_checkpoint(path: Path, device, run_id: str | None = None) -> dict:
+    """``checkpoint.pt``, loaded with ``weights_only=True`` and verified against the checksum stored in it.
+
+    Args:
+        path: the checkpoint file.
+        device: where its tensors go (``map_location``).
+        run_id: the run's id (``config.json``); the checkpoint must carry the same (``None``: not checked).
+
+    Returns:
+        The payload (model, optimizer, rng, step, log_state, n_rows, ...), without its checksum.
+
+    Raises:
+        LogDamaged: naming the file, when it cannot be read, is not a lazyhasty checkpoint, carries no
+            checksum, its content does not match the checksum, or it belongs to another run (the file is
+            left as it is).
+    """
     try:
         blob = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - random bytes raise anything (IndexError, KeyError, ...)
@@ -200,10 +189,56 @@ def load_checkpoint(path: Path, device) -> dict:
             "the checkpoint is damaged (truncated, overwritten, or not written by lazyhasty). It was left as it "
             "is; move it aside to recompute the run from its start (the log's rows are then checked, not "
             "lost), or restore it.") from None
-    need = {"model", "optimizer", "rng", "step", "log_state", "n_rows"}
+    need = {"model", "optimizer", "rng", "step", "log_state", "n_rows", "row_digests"}
     if not isinstance(blob, dict) or not need <= set(blob):
-        raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing {sorted(need - set(blob or {}))})")
+        raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing "
+                         f"{sorted(need - set(blob if isinstance(blob, dict) else {}))})")
+    stored = blob.pop("sha256", None)
+    if stored is None:
+        raise LogDamaged(f"{path} carries no checksum (written by an older lazyhasty, or not by lazyhasty): it "
+                         "cannot be verified. It was left as it is; move it aside to recompute the run from its "
+                         "start (the log's rows are then checked, not lost).")
+    if payload_digest(blob) != stored:
+        raise LogDamaged(f"{path} is damaged: its content does not match the checksum stored with it (a changed "
+                         "bit on disk or in a copy). It was left as it is; move it aside to recompute the run from "
+                         "its start (the log's rows are then checked, not lost), or restore it.")
+    if run_id is not None and blob.get("run_id") != run_id:
+        raise LogDamaged(f"{path} belongs to another run (run id {blob.get('run_id')!r}, this directory's "
+                         f"config.json says {run_id!r}): a checkpoint copied from another run directory. It was "
+                         "left as it is; move it aside to recompute the run from its start (the log's rows are "
+                         "then checked, not lost), or restore this run's own checkpoint.")
     return blob
+
+
+def _save_atomically(obj, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, rename: ``path`` is the old file or the whole new one.
+
+    Raises:
+        OSError: naming the temp file, when writing fails (a full disk makes ``torch.save`` raise a bare
+            ``RuntimeError`` part-way); the temp file is removed, ``path`` stays as it was.
+    """
+    import errno
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (RuntimeError, OSError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free} bytes free there"
+        except OSError:
+            free = "free space unknown"
+        code = getattr(exc, "errno", None) or errno.ENOSPC
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise OSError(code, f"writing failed ({detail}): is the disk full ({free})? {path.name} and the log were "
+                      "left as they were; free space, then resume", str(tmp)) from exc
+    os.replace(tmp, path)
 
 
 def _structure(model: nn.Module) -> str:
@@ -248,14 +283,41 @@ def _labelled_batches(ds, batch_size: int, device):
         yield x.to(device), y.to(device)
 
 
-def _dataset_fingerprint(ds) -> list:
-    """[n, sum x, sum y]: enough to notice that a resumed run was handed other data."""
-    n, sx, sy = 0, 0.0, 0.0
+def _hash_tensor(h, t: torch.Tensor, rows: int = 4096) -> None:
+    """Feed ``t``'s dtype, shape and bytes to the hash ``h``, ``rows`` rows at a time (no full copy)."""
+    h.update(f"{t.dtype}{tuple(t.shape)}:".encode())
+    if t.numel() == 0:
+        return
+    flat = t.detach().reshape(t.shape[0], -1) if t.dim() else t.detach().reshape(1, 1)
+    for s in range(0, flat.shape[0], rows):
+        chunk = flat[s:s + rows].cpu().contiguous().reshape(-1)
+        if chunk.numel():
+            h.update(chunk.view(torch.uint8).numpy().tobytes())
+
+
+def _dataset_fingerprint(ds) -> dict:
+    """``{"n", "sha256"}`` of a data set: a hash over its examples and labels, so that a resumed run notices
+    other data (another order, one changed label or pixel).
+
+    A :class:`Dataset` is hashed in order (the order decides the minibatches and the sums). A loader's
+    batches (a probe set, evaluated only) are hashed example by example and the hashes sorted, so that a
+    shuffling loader still resumes.
+    """
+    import hashlib
+
+    if isinstance(ds, Dataset):
+        h = hashlib.sha256()
+        _hash_tensor(h, ds.x)
+        _hash_tensor(h, ds.y)
+        return {"n": len(ds), "sha256": h.hexdigest()}
+    examples = []
     for x, y in _labelled_batches(ds, 4096, "cpu"):
-        n += x.shape[0]
-        sx += float(x.double().sum())
-        sy += float(y.double().sum())
-    return [n, round(sx, 6), round(sy, 6)]
+        for i in range(x.shape[0]):
+            h = hashlib.sha256()
+            _hash_tensor(h, x[i])
+            _hash_tensor(h, y[i])
+            examples.append(h.hexdigest())
+    return {"n": len(examples), "sha256": hashlib.sha256("".join(sorted(examples)).encode()).hexdigest()}
 
 
 # --- trainer ------------------------------------------------------------------------------------------
@@ -339,30 +401,35 @@ class Trainer:
             old = read_config(cfg_path)
             if not resume:
                 raise FileExistsError(f"{self.run_dir} already holds a run: pass resume=True or another run_dir")
+            if not isinstance(old.get("run_id"), str):
+                raise ValueError(f"{cfg_path} has no run id: the run was written by an older lazyhasty and cannot "
+                                 "be resumed safely (its checkpoints cannot be verified). Its files were left as "
+                                 "they are; start it again in another run_dir.")
+            self.run_id = cfg["run_id"] = old["run_id"]
             diffs = _diff(old, cfg)
             if diffs:
                 what = " (the model's modules or parameter shapes changed)" if any(
                     d.startswith("structure") for d in diffs) else ""
                 raise ValueError(f"cannot resume {self.run_dir} with a different config{what}: " + "; ".join(diffs))
             if ckpt.exists():
-                return load_checkpoint(ckpt, self.device)
+                return load_checkpoint(ckpt, self.device, run_id=self.run_id)
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # names this run in every checkpoint: another run's checkpoint is refused
+        self.run_id = cfg["run_id"] = uuid.uuid4().hex
         atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
         return None
 
-    def _checkpoint(self, step: int, state: dict, n_rows: int, rng: dict) -> None:
+    def _checkpoint(self, step: int, state: dict, runlog: RunLog, rng: dict) -> None:
         # torch RNG as it was before this step's forward; python/numpy RNGs are not drawn from by the loop
         rng = {**_rng_state(), **rng}
         blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 **({"linearized": self.lin.state_dict(), "lin_optimizer": self.lin_opt.state_dict()}
                    if self.lin is not None else {}),
-                "step": step, "log_state": dict(state), "n_rows": n_rows}
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(blob, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.run_dir / "checkpoint.pt")
+                "step": step, "log_state": dict(state), "n_rows": len(runlog.rows), "row_digests": runlog.digests(),
+                "run_id": self.run_id}
+        blob["sha256"] = payload_digest(blob)  # verified on load: a flipped bit must not resume silently
+        _save_atomically(blob, self.run_dir / "checkpoint.pt")
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -479,8 +546,31 @@ class Trainer:
 
         A log at step s records the state before update s (step 0 = init, step ``steps`` = the end).
         The geometric policy decides on the loss of that same state (full batch: exact; minibatches:
-        an EMA of minibatch losses), so each logged row is the first state below its level.
+        an EMA of minibatch losses), so each logged row is the first state below its level. The run
+        directory is locked (``fcntl.flock`` on ``lazyhasty.lock``) while this runs.
+
+        Args:
+            resume: continue the run in ``run_dir`` (else a directory holding a run is an error).
+
+        Returns:
+            The finished :class:`Run`.
+
+        Raises:
+            RunLocked: another process is writing ``run_dir`` (its pid is named); nothing was touched.
+            FileExistsError: ``run_dir`` holds files but no run (nothing was touched), or holds a run and
+                ``resume`` is false.
+            LogDamaged: the log or checkpoint cannot be resumed without losing rows (files left as they are).
+            ValueError: resuming with another config, model structure or data.
+            lazyhasty._dist.RankFailed: over ranks, when another rank raised (named, with its exception).
         """
+        from . import _dist
+
+        refuse_foreign(self.run_dir, ("config.json",), "run directory")
+        # over ranks: a rank that raises here tells the others, waiting in the probes' collectives, at once
+        with _dist.failing_together(self.group, "Trainer.fit"), locked(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Run:
         cfg = self.config
         ckpt = self._prepare_dir(resume)
         log_path = self.run_dir / "log.jsonl"
@@ -497,7 +587,8 @@ class Trainer:
             start = 0
             state = {"logs": 0, "next_m": 1, "L0": None, "ema": None, "last_logged": -1}
         # rows the checkpoint knows are kept; later ones stay on disk and are checked as they are recomputed
-        runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt")
+        runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt",
+                             digests=ckpt["row_digests"] if ckpt is not None else None)
         rows = runlog.rows
         self.net.train()
         with runlog, Progress(cfg.steps - start, "train", self.progress) as bar:
@@ -511,7 +602,7 @@ class Trainer:
                 if self.on_log:
                     self.on_log(row, self.net)
                 if force_checkpoint or state["logs"] % self.checkpoint_every == 0:
-                    self._checkpoint(step, state, len(rows), rng)
+                    self._checkpoint(step, state, runlog, rng)
                 return row
 
             for step in range(start, cfg.steps):
@@ -548,9 +639,7 @@ class Trainer:
     def _snapshot(self, step: int) -> None:
         path = self.run_dir / "snapshots" / f"step-{step}.pt"
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.net.model.state_dict(), tmp)
-        os.replace(tmp, path)
+        _save_atomically(self.net.model.state_dict(), path)
 
     def _should_log(self, step: int, state: dict) -> bool:
         cfg = self.config

@@ -171,3 +171,220 @@ def test_plot_command_on_monitor_logs_and_run_dirs(tmp_path, capsys):
     assert (tmp_path / "p2" / "linearity.png").exists() and (tmp_path / "p2" / "groups.png").exists()
     assert main(["plot", str(tmp_path / "nothing-here")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+# --- rows that say what they are; sinks that never mix runs (issue 27 item 4, issue 28 item 9) -------------
+def _header(path):
+    return json.loads((path.parent / (path.name + ".header.json")).read_text())
+
+
+def test_run_header_says_what_the_rows_are(tmp_path):
+    net, x, y = _setup()
+    mon = Monitor(net, x, metrics=("ntk_alignment", "sign_similarity"), groups={"g": (x[:7], y[:7])},
+                  sinks=[tmp_path / "a.jsonl", tmp_path / "a.csv"], every=3)
+    mon.log(_moved(net), 0)
+    mon.close()
+    for path in (tmp_path / "a.jsonl", tmp_path / "a.csv"):
+        h = _header(path)
+        assert h["kernel"] == "trace" and h["probe_examples"] == 40 and h["dtype"] == "float32"
+        assert h["metrics"] == ["ntk_alignment", "sign_similarity"] and h["groups"] == {"g": 7} and h["every"] == 3
+    row = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
+    assert row["probe_seconds"] > 0 and 0 < row["probe_overhead"] <= 1
+
+
+def test_sinks_refuse_to_mix_runs(tmp_path):
+    net, x, _ = _setup()
+    log, table = tmp_path / "r.jsonl", tmp_path / "r.csv"
+    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[log, table])
+    mon.log(net, 0)
+    mon.close()
+    before = log.read_text(), table.read_text()
+    with pytest.raises(FileExistsError, match="append=True"):  # a rerun into the same file
+        Monitor(net, x, metrics=("sign_similarity",), sinks=[log])
+    with pytest.raises(FileExistsError, match="append=True"):
+        Monitor(net, x, metrics=("sign_similarity",), sinks=[table])
+    # another configuration, even with append=True: refused, naming the difference
+    with pytest.raises(ValueError, match=r"metrics: \['sign_similarity'\] -> \['repr_alignment'\]"):
+        Monitor(net, x, metrics=("repr_alignment",), sinks=[log], append=True)
+    with pytest.raises(ValueError, match="probe_examples: 40 -> 20"):
+        Monitor(net, x[:20], metrics=("sign_similarity",), sinks=[table], append=True)
+    assert (log.read_text(), table.read_text()) == before  # nothing written by the refused runs
+    # the same configuration continues with append=True
+    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[log, table], append=True)
+    mon.log(net, 1)
+    mon.close()
+    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [0, 1]
+    assert [r["step"] for r in csv.DictReader(open(table))] == ["0", "1"]
+
+
+def test_csv_never_writes_under_a_foreign_header(tmp_path):
+    from lazyhasty.monitor import CSVSink
+
+    path = tmp_path / "t.csv"
+    sink = CSVSink(path)
+    sink(0, {"sign_similarity": 0.9})
+    sink.close()
+    again = CSVSink(path, append=True)  # a rerun with other metrics (no Monitor, so no run header)
+    with pytest.raises(ValueError, match=r"\['step', 'sign_similarity'\].*\['step', 'repr_alignment'\]"):
+        again(1, {"repr_alignment": 0.5})
+    again.close()
+    assert list(csv.DictReader(open(path))) == [{"step": "0", "sign_similarity": "0.9"}]
+
+
+def test_jsonl_append_sets_a_torn_row_aside(tmp_path):
+    from lazyhasty.monitor import JSONLSink
+
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"step": 0, "a": 1}\n{"step": 1, "a"')  # a crash while writing the second row
+    sink = JSONLSink(path, append=True)
+    with pytest.warns(RuntimeWarning, match="torn"):
+        sink(2, {"a": 3})
+    sink.close()
+    assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [0, 2]
+    assert (tmp_path / "t.jsonl.torn").read_text() == '{"step": 1, "a"'
+
+
+def test_sinks_are_exported_beside_monitor():
+    import lazyhasty
+    from lazyhasty import monitor
+
+    for name in ("TensorBoardSink", "WandbSink", "JSONLSink", "CSVSink"):
+        assert getattr(lazyhasty, name) is getattr(monitor, name)
+
+
+# --- output=, dtype=, block_size=, kernel= reach every metric (issue 27 item 6) --------------------------
+def test_monitor_options_reach_the_metrics():
+    net, x, _ = _setup()
+    init, model = copy.deepcopy(net), _moved(net)
+    mon = Monitor(init, x, metrics=("ntk_alignment", "repr_alignment"), kernel="full", dtype=torch.float64,
+                  block_size=7)
+    got = mon.measure(model)
+    assert mon.probe.ntk.options["block_size"] == 7 and mon.probe.ntk.options["dtype"] == torch.float64
+    assert mon.header["kernel"] == "full" and mon.header["dtype"] == "float64"
+    want = ntk_alignment(model, x, init, kernel="full", dtype=torch.float64)
+    assert got["ntk_alignment"] == pytest.approx(want, abs=1e-12)
+    assert got["ntk_alignment"] != pytest.approx(ntk_alignment(model, x, init, kernel="trace"), abs=1e-3)
+    assert got["repr_alignment"] == pytest.approx(representation_alignment(model, x, init, dtype=torch.float64),
+                                                  abs=1e-12)
+
+
+class _Output(dict):
+    """What a Hugging Face ModelOutput looks like to a probe: a mapping with attributes."""
+
+    def __getattr__(self, k):
+        return self[k]
+
+
+class _ReturnsOutput(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x=None, *, inputs=None, scale=None):
+        x = inputs * scale if inputs is not None else x
+        h = self.net(x)
+        return _Output(logits=h, hidden=h.relu())
+
+
+def test_a_model_output_is_measured_through_its_logits():
+    net, x, y = _setup()
+    init, model = _ReturnsOutput(copy.deepcopy(net)), _ReturnsOutput(_moved(net))
+    mon = Monitor(init, x, metrics=("ntk_alignment", "sign_similarity"), groups={"g": (x, y)})
+    got = mon.measure(model)
+    assert got["ntk_alignment"] == pytest.approx(
+        ntk_alignment(model, x, init, kernel="trace", output=lambda o: o.logits), abs=1e-6)
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(model(x).logits, y).item()
+    assert got["group/g/loss"] == pytest.approx(want, rel=1e-6)
+    # output= chooses another tensor
+    other = Monitor(init, x, metrics=("ntk_alignment",), output="hidden").measure(model)["ntk_alignment"]
+    assert other == pytest.approx(ntk_alignment(model, x, init, kernel="trace", output="hidden"), abs=1e-6)
+    with pytest.raises(TypeError, match="output="):
+        Monitor(init, x, metrics=("ntk_alignment",), output="nothing")
+
+
+def test_named_input_probes_are_keyword_arguments():
+    net, x, y = _setup()
+    init, model = _ReturnsOutput(copy.deepcopy(net)), _ReturnsOutput(_moved(net))
+    scale = torch.full((40, 1), 2.0)
+    batch = {"inputs": x, "scale": scale, "labels": y}  # labels dropped from the inputs
+    mon = Monitor(init, batch, metrics=("ntk_alignment", "sign_similarity", "repr_alignment"),
+                  groups={"g": batch})
+    got = mon.measure(model)
+    assert got["ntk_alignment"] == pytest.approx(
+        ntk_alignment(model, 2 * x, init, kernel="trace", output="logits"), abs=1e-6)
+    assert got["sign_similarity"] == pytest.approx(sign_similarity(model, 2 * x, init), abs=1e-12)
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(model(2 * x).logits, y).item()
+    assert got["group/g/loss"] == pytest.approx(want, rel=1e-6)
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        Monitor(init, {"inputs": x, "scale": scale[:3]})
+
+
+def test_param_distance_refuses_an_unrelated_model():
+    net, x, _ = _setup()
+    mon = Monitor(net, x, metrics=("param_distance",))
+    shares_names = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4))  # '0.*' match, '2.*' differ
+    with pytest.raises(ValueError, match="param_distance"):
+        mon.measure(shares_names)
+    fewer = nn.Sequential(nn.Linear(3, 16))
+    with pytest.raises(ValueError, match="missing"):
+        mon.measure(fewer)
+
+
+# --- budget= (issue 27 item 5): the cadence stretches, the values do not change ------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_stretches_the_cadence_to_the_share_of_wall_time(monkeypatch):
+    import lazyhasty.monitor as monitor_module
+
+    net, x, _ = _setup()
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module.time, "perf_counter", clock)
+    mon = Monitor(net, x, metrics=("sign_similarity",), every=2, budget=0.1)
+    moved = _moved(net)
+    exact = mon.measure(moved)
+    real_measure = mon.measure
+
+    def slow_measure(model):  # a log costs 1 s of the fake clock
+        clock.now += 1.0
+        return real_measure(model)
+
+    mon.measure = slow_measure
+    logged = []
+    for step in range(400):
+        clock.now += 0.1  # the training step: 0.1 s
+        if mon.due(step):
+            logged.append((step, mon.log(moved, step)))
+    steps = [s for s, _ in logged]
+    assert steps[0] == 0 and all(s % 2 == 0 for s in steps)  # still on the every= grid
+    # a 1 s log needs >= 9 s (90 steps) of loop time after it at a 10 % budget
+    assert all(b - a >= 90 for a, b in zip(steps, steps[1:])) and len(steps) >= 4
+    assert all(v["sign_similarity"] == exact["sign_similarity"] for _, v in logged)  # exactness untouched
+    assert all(v["probe_seconds"] == pytest.approx(1.0) for _, v in logged)
+    assert logged[-1][1]["probe_overhead"] <= 0.1 + 1 / 40 and logged[-1][1]["probe_overhead"] > 0.05
+    with pytest.raises(ValueError, match="budget"):
+        Monitor(net, x, budget=1.5)
+
+
+def test_budget_keeps_a_crossed_geometric_level_due(monkeypatch):
+    import lazyhasty.monitor as monitor_module
+
+    net, x, _ = _setup()
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module.time, "perf_counter", clock)
+    mon = Monitor(net, x, metrics=("sign_similarity",), geometric=0.5, budget=0.5)
+    assert mon.due(0, 1.0)
+    mon._last_cost, mon._last_end = 2.0, clock.now  # the first log took 2 s: the next needs 2 s of loop time
+    clock.now += 1.0
+    assert not mon.due(1, 0.4)  # level 0.5 crossed, but too soon
+    assert not mon.due(2, 0.45)
+    clock.now += 1.5
+    assert mon.due(3, 0.45)  # still due: the crossing was held back, not dropped
+    assert not mon.due(4, 0.44)

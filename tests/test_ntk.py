@@ -40,25 +40,26 @@ def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
     """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
     row blocks of 2 examples (several blocks, mirrored), ghost products in one chunk per row block or
     one example at a time."""
-    from lazyhasty.ntk import _plan, _trace
+    from lazyhasty.ntk import _trace, path_override
 
     monkeypatch.setattr(_trace, "ROW_BLOCK_MIN", 2)
-    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)  # the zoo's n = 5 would take one tile of all outputs
     if chunked:
         monkeypatch.setattr(_trace, "GHOST_CHUNK_ELEMENTS", 1)
     m, x = _model(name, torch.float64)
     want = R.ntk_gram(m, [x], kernel="trace")
-    assert explain(m, x, kernel="trace").path == "trace_one_block"
-    got = ntk_gram(m, x, kernel="trace")
+    assert explain(m, x, kernel="trace").path == "one_tile"  # the zoo's n = 5: one tile of all outputs
+    with path_override("trace_one_block"):
+        assert explain(m, x, kernel="trace").path == "trace_one_block"
+        got = ntk_gram(m, x, kernel="trace")
     assert _rel(got, want) <= 1e-10
     assert torch.equal(got, got.T)
-    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 16)  # the same kernel as one tile of every output
-    assert explain(m, x, kernel="trace").path == "one_tile"
-    tile = ntk_gram(m, x, kernel="trace")
+    with path_override("one_tile"):  # the same kernel as one tile of every output
+        assert explain(m, x, kernel="trace").path == "one_tile"
+        tile = ntk_gram(m, x, kernel="trace")
     assert _rel(tile, want) <= 1e-10 and torch.equal(tile, tile.T)
-    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)
     m32 = m.float()
-    got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
+    with path_override("trace_one_block"):
+        got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
     assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
 
 
@@ -251,15 +252,19 @@ def test_alignment_equals_materialized_for_any_block_size(kernel, centered, bloc
         K, K0 = torch.block_diag(*K), torch.block_diag(*K0)
     want = kernel_alignment(K, K0, centered=centered)
     assert 0.2 < want < 0.9999
-    if block_size == "tiles":  # default blocks, with no room for the trace kernel's single block
-        from lazyhasty.ntk import _featurizer
+    import contextlib
 
-        monkeypatch.setattr(_featurizer, "TRACE_BLOCK_BYTES", 1)
+    from lazyhasty.ntk import path_override
+
+    path = contextlib.nullcontext()
+    if block_size == "tiles":  # default blocks, on the tile path (not the trace kernel's single block)
+        path = path_override("tiles") if kernel != "diagonal" else path
         block_size = None
-    got = ntk_alignment(m, [x[:2], x[2:]], m0, kernel=kernel, centered=centered, block_size=block_size)
-    assert got == pytest.approx(want, rel=1e-10)
-    nocache = ntk_alignment(m, [x], m0.state_dict(), kernel=kernel, centered=centered, block_size=block_size,
-                            max_cache_bytes=0)
+    with path:
+        got = ntk_alignment(m, [x[:2], x[2:]], m0, kernel=kernel, centered=centered, block_size=block_size)
+        assert got == pytest.approx(want, rel=1e-10)
+        nocache = ntk_alignment(m, [x], m0.state_dict(), kernel=kernel, centered=centered, block_size=block_size,
+                                max_cache_bytes=0)
     assert nocache == pytest.approx(want, rel=1e-10)
 
 
@@ -406,7 +411,8 @@ def test_the_path_table(kernel, block_size, purpose, path):
 def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
     from lazyhasty.ntk import _engine, _plan
 
-    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)  # the one-block trace path (it estimates its size)
+    # the one-block trace path as it is chosen (it estimates its size): without the one-tile rule for few examples
+    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)
 
     m, x = _model("mlp_paper", torch.float64)
     calls = []

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._loaders import evaluating, model_device
+from .._modes import measuring
+from .._loaders import check_materialized, model_device, model_inputs, run_model
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32
 from .alignment import _feature_moments
@@ -37,16 +38,32 @@ class LinearityProbe:
         self.layer_name, self.where, self.ref_features = layer_name, where, ref_features
         self.ntk = ntk  # NTKReference or None
         self.group = group  # captured over ranks: measure() is over the union of their shards
+        self.dtype = None  # per-batch precision of the representation Gram products (None: fp32 / fp64 features)
 
     @classmethod
     @torch.no_grad()
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
-                trainable=None, process_group=None) -> "LinearityProbe":
+                trainable=None, process_group=None, dtype: torch.dtype | None = None,
+                ntk_options: dict | None = None) -> "LinearityProbe":
         """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
         (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
-        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``."""
+        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``; ``ntk_options`` are passed
+        to :meth:`lazyhasty.ntk.NTKReference.capture` (``output``, ``dtype``, ``block_size``, ...). The reference
+        runs in eval mode; its modes, buffers and the RNG states are restored after
+        (:func:`lazyhasty._modes.measuring`). ``dtype``: the per-batch precision of the representation Gram
+        products (default fp32, fp64 for fp64 features; sums are float64)."""
+        with measuring(reference):
+            probe = cls._capture(reference, x, layer=layer, where=where, modules=modules, batch_size=batch_size,
+                                 backend=backend, ntk=ntk, trainable=trainable, process_group=process_group,
+                                 ntk_options=ntk_options)
+        probe.dtype = dtype
+        return probe
+
+    @classmethod
+    def _capture(cls, reference, x, *, layer, where, modules, batch_size, backend, ntk, trainable, process_group,
+                 ntk_options) -> "LinearityProbe":
         from .. import _dist
 
         group = _dist.resolve(process_group)
@@ -65,11 +82,11 @@ class LinearityProbe:
         rec = CallRecorder([(name, module)], lambda site, t: feats.append(t.detach().reshape(t.shape[0], -1)), where)
         device = model_device(reference)
         try:
-            with evaluating(reference):
+            with measuring(reference):
                 for xb in batches:
                     n_before = len(feats)
                     rec.new_forward()
-                    reference(xb.to(device))
+                    run_model(reference, model_inputs(xb, reference, device), "the reference")
                     if len(feats) != n_before + 1:
                         raise ValueError(f"layer {name!r} must run exactly once per forward")
         finally:
@@ -78,11 +95,19 @@ class LinearityProbe:
         if ntk is not None:
             from ..ntk import NTKReference
 
-            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable, process_group=group)
+            kernel_ref = NTKReference.capture(reference, x, kernel=ntk, trainable=trainable, process_group=group,
+                                              **(ntk_options or {}))
         return cls(x, batch_size, signs, name, where, feats, kernel_ref, group)
 
     @torch.no_grad()
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
+        """The probes of ``model`` against the captured reference: ``{"sign_similarity", "repr_alignment"}``
+        (and ``"ntk_alignment"``, ``"ntk_rel_change"`` when captured with ``ntk=``), measured in eval mode;
+        the model's modes, buffers and the RNG states are restored after."""
+        with measuring(model):
+            return self._measure(model, backend=backend, centered=centered)
+
+    def _measure(self, model: nn.Module, *, backend: str | None, centered: bool) -> dict:
         device = model_device(model)
         (_, module), = same_modules(model, [self.layer_name])
         got: list[torch.Tensor] = []
@@ -90,10 +115,10 @@ class LinearityProbe:
         run = _Pass(same_modules(model, self.signs.module_names), backend, "model",
                     functional=model if self.signs.functional else None) if self.signs else None
         bits = [b.to(device) for b in self.signs.bits] if self.signs else None
-        grams = _feature_moments(centered)
+        grams = _feature_moments(centered, self.dtype)
         counts, start = [], 0
         try:
-            with evaluating(model), exact_fp32():
+            with measuring(model), exact_fp32():
                 for xb, phi0 in zip(self.x.split(self.batch_size), self.ref_features):
                     xb = xb.to(device)
                     b = xb.shape[0]
@@ -102,13 +127,17 @@ class LinearityProbe:
                     if run is not None:
                         run.reset(_BatchWords(self.signs.sites, self.signs.units, [w[start:start + b] for w in bits]))
                     with run.observing() if run is not None else contextlib.nullcontext():
-                        model(xb)
+                        run_model(model, model_inputs(xb, model))
                     if run is not None:
                         run.check(self.signs.sites)
                         counts.append(run.counts)
                     if len(got) != 1:
                         raise ValueError(f"layer {self.layer_name!r} must run exactly once per forward")
-                    grams.add(got[0].reshape(b, -1), phi0.to(device))
+                    phi, phi0 = got[0].reshape(b, -1), phi0.to(device)
+                    if phi.dtype != phi0.dtype:  # a float64 reference of a float32 model: the wider dtype
+                        wide = torch.promote_types(phi.dtype, phi0.dtype)
+                        phi, phi0 = phi.to(wide), phi0.to(wide)
+                    grams.add(phi, phi0)
                     start += b
         finally:
             rec.remove()

@@ -6,5 +6,5 @@ On the CPU they keep freed buffers in glibc's heap between calls (:mod:`lazyhast
 """
 from ._engine import IMPLEMENTATIONS, KERNELS, Featurizer, KernelOperator, ntk_alignment, ntk_gram  # noqa: F401
 from ._reference import NTKReference  # noqa: F401,E402
-from ._plan import PATHS, Plan, choose_path, explain  # noqa: F401,E402
+from ._plan import PATHS, Plan, choose_path, explain, path_override  # noqa: F401,E402
 from .._malloc import release as release_cpu_memory  # noqa: F401,E402

@@ -15,38 +15,18 @@ from .._precision import product_precision, tf32_requested
 from .._progress import Progress
 from .._exact import AlignmentSums
 from . import _features as feat
+from ._args import (  # noqa: F401  (re-exported under their former names)
+    DEFAULT_CACHE_BYTES, IMPLEMENTATIONS, KERNELS, check_args as _check_args, ntk_backend as _ntk_backend,
+)
+from ._blocks import (  # noqa: F401
+    default_block_size, finite as _finite, one_trace_block as _one_trace_block, output_size as _output_size,
+)
 from ._plan import choose_path
 from ._sharding import RankTiles, blocks_of
 from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
 from ._layers import check_per_example, check_probe_inputs, select_output, trainable_params
-
-KERNELS = ("full", "trace", "diagonal")
-IMPLEMENTATIONS = ("auto", "naive", "jacobian", "layerwise")
-DEFAULT_CACHE_BYTES = 1 << 30
-
-
-
-def _ntk_backend(device: torch.device, backend: str | None, dtype: torch.dtype = torch.float32) -> str:
-    """The NTK engine's path: ``"triton"`` (CUDA, or CPU in the interpreter) or ``"torch"`` (BLAS/cuBLAS tiles).
-
-    The C++ and CUDA extensions have no NTK kernels, so ``backend="cpp"`` / ``"cuda"`` are errors, not
-    silently another path. Default (None / "auto"): torch on every device. Measured on an H100 (the paper's
-    ResNet18, float32 without tf32, ``benchmarks/results/README.md``), cuBLAS tiles beat the Triton Gram
-    kernels: trace-kernel alignment on 1,000 examples 0.70 vs 1.17 s, the full kernel of 200 examples 0.64
-    vs 1.63 s; ``backend="triton"`` still runs them. The Triton kernels accumulate in float32, so float64
-    always runs the torch path: it must not lose digits.
-    """
-    if backend not in (None, "auto", "torch", "triton"):
-        raise ValueError(f"backend={backend!r}: the NTK engine has 'torch' and 'triton' paths (or None / 'auto'); "
-                         "the C++ and CUDA extensions hold no NTK kernels")
-    if dtype == torch.float64:
-        return "torch"
-    if backend == "triton":
-        return _backend.select(device, "triton")  # BackendUnavailable, with the reason, where it cannot run
-    return "torch"
-
 
 @contextlib.contextmanager
 def _same_trainable(model: nn.Module, ref: nn.Module):
@@ -71,37 +51,6 @@ def _tf32_option(fn):
         with tf32_requested(kwargs.get("tf32", False)):
             return fn(*args, **kwargs)
     return wrapper
-
-
-def _check_args(kernel: str, implementation: str, block_size, max_cache_bytes=0, dtype=None) -> None:
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool)
-                                   or block_size < 1):
-        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
-    if not isinstance(max_cache_bytes, int) or isinstance(max_cache_bytes, bool) or max_cache_bytes < 0:
-        raise ValueError(f"max_cache_bytes must be a non-negative int, got {max_cache_bytes!r}")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float64) or None, got {dtype!r}")
-
-
-def default_block_size(n: int, k: int) -> int:
-    """About four blocks a side (tiles with i <= j only: ~half the pair work of one n x n tile), at least
-    32 examples (GEMM efficiency), at most 1024 and ``8192 / k`` (a [b k, b k] tile stays <= 256 MB)."""
-    return int(max(1, min(max(32, -(-n // 4)), 1024, max(1, 8192 // max(1, k)))))
-
-
-def _one_trace_block(fz: "Featurizer", x_all: torch.Tensor, block_size: int | None) -> bool:
-    """Whether the trace kernel is computed as one block (see :meth:`Featurizer.trace_block_limit`)."""
-    n = x_all.shape[0]
-    return block_size >= n if block_size is not None else n <= fz.trace_block_limit(x_all)
-
-
-def _output_size(fz: "Featurizer", x: torch.Tensor) -> int:
-    with torch.no_grad():
-        return int(fz._call(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
 
 
 def _naive(model, loader, kernel, dtype, loader2=None):
@@ -129,7 +78,8 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
     trainable_params(model)
     if not xs:
         raise ValueError("the probe set is empty")
-    check_probe_inputs(model, torch.cat(xs) if len(xs) > 1 else xs[0])
+    check_probe_inputs(model, torch.cat(xs) if len(xs) > 1 else xs[0],
+                       params=[p for p in model.parameters() if p.requires_grad])
 
 
 @torch.enable_grad()  # per-example gradients need autograd, also when called under no_grad (a probe)
@@ -148,8 +98,14 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (sum over a = b);
     ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks).
 
-    by_layer: ``{parameter group: K_l}`` with ``K = sum_l K_l``, one kernel per module owning trainable
-    parameters (its qualified name; the per-layer terms the engine forms anyway), tile by tile.
+    by_layer: ``{module: K_l}`` with ``K = sum_l K_l``, tile by tile: one kernel per module owning trainable
+    parameters, keyed by its qualified name (``"features.0"``; ``""``: parameters of the model itself), the
+    same keys whatever the implementation. A module whose parameters capture splits into several maps gets
+    their sum under its own name: an ``nn.MultiheadAttention``'s packed input projection under the attention
+    module (its ``out_proj`` is a module of its own), an ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``'s input and
+    hidden maps of every layer under the recurrent module, a parameter the model multiplies directly under the
+    module holding it, a parametrized weight (``torch.nn.utils.parametrize``) under the module it is
+    registered on.
 
     loader2: a second set of examples gives the cross kernel ``K(X1, X2)``: ``[n1, k, n2, k]`` (full) or
     ``[n1, n2]`` (trace), e.g. test points against training points for kernel predictions; streamed in
@@ -546,15 +502,6 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
     return _finite(K)
 
 
-def _finite(K: torch.Tensor) -> torch.Tensor:
-    K = K.detach()  # a kernel, not a node of an autograd graph (that would keep the graph alive)
-    # NaN and inf reach the sum (inf - inf is NaN); a finite sum clears every entry, and a sum that overflowed
-    # while all entries are finite is told apart by the elementwise check
-    if not bool(torch.isfinite(K.sum(dtype=torch.float64))) and not bool(torch.isfinite(K).all()):
-        raise ValueError("the tangent kernel has NaN/inf entries (non-finite inputs, parameters or activations)")
-    return K
-
-
 @torch.enable_grad()
 @retained_heap()
 @_tf32_option
@@ -577,7 +524,8 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
     init, a module of the same architecture or its state_dict; None (the two-argument call) for an
     ``AlphaScaled`` / ``Linearized`` model: its frozen initialization. ``output``: as in :func:`ntk_gram`.
-    ``by_layer=True``: ``{parameter group: KA(K_t,l, K_0,l)}``, each layer's kernel aligned with its own at init.
+    ``by_layer=True``: ``{module: KA(K_t,l, K_0,l)}``, each module's kernel aligned with its own at init (the keys
+    of :func:`ntk_gram`'s ``by_layer``).
     ``tf32=True``: both kernels' products in TF32 on GPUs that have it (see :func:`ntk_gram`); the float64 sums
     are unchanged.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,7 +25,9 @@ from ._layers import (
     discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
     embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
     map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
+    _close, check_weights, weighted_layer_grads,
 )
+from ._trace import trace_gram as _trace_gram
 
 # On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
 # the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
@@ -46,6 +49,11 @@ TRACE_BLOCK_BYTES = 1 << 30
 # trace): the extra capture pass took 28 ms for 54M modelled flops (~2 GFLOP/s), GEMMs run at ~80, so the
 # flop-only rule took layerwise (3.5M "saved" a example against 0.84M) and was 7% slower than torch.func.
 PASS_FLOP_WEIGHT = 16
+
+
+# Why a layer that failed the check is on the fallback (explain()), unless the check found a more specific reason.
+CHECK_FAILED = ("its per-example gradients from the captured tensors differ from autograd's (a parameter also used "
+                "outside the module's forward, a forward other than its base class's, or a batch not on dim 0)")
 
 
 class Featurizer:
@@ -77,17 +85,21 @@ class Featurizer:
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
+        # {parameter name: why it is on the fallback} for parameters of layers the check moved there (explain())
+        self.fallback_reasons: dict[str, str] = {}
+        self._why: dict[str, str] = {}  # {plan name: why it failed}, this round of the check
         known = _VERIFIED.get(self._user_model, {}).get(self.implementation)
-        if known is not None and known[0] == self.fingerprint(self.implementation):
+        if known is not None and known.key == self.fingerprint(self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
-            self.sites = dict(known[4])
-            self._layer_costs = dict(known[5])
-            self._replan(known[1], known[3], known[2])
+            self.sites = dict(known.sites)
+            self._layer_costs = dict(known.layer_costs)
+            self.fallback_reasons = dict(known.reasons)
+            self._replan(known.excluded, known.affine, known.copies)
             self.verified = True
             self._auto_pending = self.auto  # decided once the call's pairs per example are known
         self.k: int | None = None
         self.by_layer = False  # split the fallback's Jacobian per owning module (ntk_gram(by_layer=True))
-        self.checked_mixing = False
+        self.checked_mixing: set[int] = set()  # block sizes this call checked for batch mixing
         # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
 
@@ -187,12 +199,10 @@ class Featurizer:
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
-        from ._trace import trace_gram
-
         x = self._prepare(x)
         while True:
             with self._checking():
-                K = trace_gram(self, x, backend)
+                K = _trace_gram(self, x, backend)
             if K is not None:
                 return K
 
@@ -214,7 +224,7 @@ class Featurizer:
         x = x.to(self.device)
         if x.is_floating_point():
             x = x.to(self.dtype)
-        if check and not self.checked_mixing:
+        if check and x.shape[0] not in self.checked_mixing:
             self._check_batch_independence(x)
         return x
 
@@ -238,18 +248,25 @@ class Featurizer:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
-        """:func:`check_probe_inputs` (two small forwards), once per model structure, train/eval flags and
-        input shape: whether a model mixes examples is a property of its code, not of the values. Non-finite
-        inputs are checked on every call (non-finite outputs make the kernel non-finite: an error there)."""
-        self.checked_mixing = True
-        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()),
-               tuple(x.shape[1:]), x.dtype, str(x.device))
-        if _MIXING_CHECKED.get(self._user_model) == key:
+        """:func:`check_probe_inputs` on the whole block ``x`` ``[b, ...]``, outputs and gradients, once per
+        model structure and state, train/eval flags, example shape and block size ``b`` (a model may mix
+        examples only in large batches): whether a model mixes examples is a property of its code, not of the
+        values. Non-finite inputs are checked on every block (non-finite outputs make the kernel non-finite:
+        an error there)."""
+        b = x.shape[0]
+        self.checked_mixing.add(b)
+        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()), tuple(x.shape[1:]),
+               x.dtype, str(x.device))
+        known = _MIXING_CHECKED.get(self._user_model)
+        if known is not None and known[0] == key and b in known[1]:
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
             return
-        check_probe_inputs(self._call, x)
-        _MIXING_CHECKED[self._user_model] = key
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        check_probe_inputs(self._call, x, sample=None, params=params)
+        sizes = known[1] if known is not None and known[0] == key and len(known[1]) < 64 else set()
+        sizes.add(b)
+        _MIXING_CHECKED[self._user_model] = (key, sizes)
 
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
@@ -272,7 +289,7 @@ class Featurizer:
                 parts, start = {}, 0
                 for n in self.generic:
                     size = named[n].numel()
-                    parts.setdefault(n.rpartition(".")[0], []).append((start, start + size))
+                    parts.setdefault(owner_key(n), []).append((start, start + size))
                     start += size
                 gen = []
                 for owner, spans in parts.items():
@@ -300,13 +317,13 @@ class Featurizer:
         if idle:
             # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
             # itself): their parameters are used some other way, so they go to the fallback
-            self.exclude(idle)
+            self.exclude(idle, "its forward never ran: the model uses its parameters another way")
             return None
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
             bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
-            self.exclude(bad)
+            self.exclude(bad, "its output did not require grad in the forward")
             return None
         verify = not self.verified
         if verify and any(isinstance(p.module, (InProjection, RecurrentProjection)) for p in plans):
@@ -315,7 +332,8 @@ class Featurizer:
             with torch.no_grad():
                 own = self._call(x).reshape(b, -1)
             if not _close(out.detach().reshape(-1), own.reshape(-1)):
-                self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))])
+                self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))],
+                             "the unrolled forward's outputs differ from the module's")
                 return None
         leaves = list(self._subs.values()) if self._subs else []  # per-example copies (their gradients too)
         every = outs + leaves
@@ -330,21 +348,16 @@ class Featurizer:
             # parameter is also used outside its module's forward, or when a module's batch is not its
             # inputs' first dimension (e.g. [L, b, E] sequences): random example weights w tell examples
             # apart, where a plain sum over examples would not. Such layers go to the exact fallback.
-            gen = torch.Generator(device="cpu").manual_seed(1234)
-            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-            w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+            w, v = (t.to(out.device, out.dtype) for t in check_weights(b, k))
             v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
-            vparams = [t for p in plans for _, t in p.params()]
-            vgrads = torch.autograd.grad((out * v).sum(), vparams, allow_unused=True)
-            vgrads = [torch.zeros_like(t) if g is None else g for g, t in zip(vgrads, vparams)]
-        feats, pos, vpos, bad = [], 0, 0, []
+            per_plan = weighted_layer_grads(out, v, plans)
+            vgrads = [t for ts in per_plan for t in ts]
+        feats, pos, bad = [], 0, []
         emit = sink if sink is not None else feats.append
-        for p in plans:
+        for i, p in enumerate(plans):
             g_calls = grads[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            np_ = len(p.params())
-            theirs = vgrads[vpos: vpos + np_] if verify else None
-            vpos += np_
+            theirs = per_plan[i] if verify else None
             if verify:
                 try:
                     self._plan_feature(p, g_calls, theirs, v, verify, sink, emit, bad)
@@ -352,7 +365,10 @@ class Featurizer:
                     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
                         raise
                     # a subclass whose forward is not its base class's (e.g. a LayerNorm over channels of
-                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback
+                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback,
+                    # with the error in explain() (not a silent slowdown)
+                    self._why[p.name] = (f"its captured tensors do not fit the {p.kind} layout "
+                                         f"({type(exc).__name__}: {exc})")
                     bad.append(p)
             else:
                 self._plan_feature(p, g_calls, theirs, None, False, sink, emit, bad)
@@ -380,7 +396,7 @@ class Featurizer:
                 if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                     bad.append(p)
             f = feat.Materialized(F)
-            f.name = p.name
+            f.name = self._layer_key(p)
             emit(f)
         else:
             a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
@@ -418,8 +434,21 @@ class Featurizer:
                 f = feat.Materialized(map_parametrized_rows(p, F) if p.weight_map else F)
             else:
                 f = feat.GhostLinear(*ghost_layout(a, g))
-            f.name = p.name
+            f.name = self._layer_key(p)
             emit(f)
+
+    def _layer_key(self, p) -> str:
+        """The name of a planned layer's feature: with :attr:`by_layer`, the module owning its parameters
+        (:func:`owner_key`: a packed attention projection ``att.in_proj`` counts for ``att``, a recurrent map
+        ``gru.ih_l0`` for ``gru``, a matmul site ``mix:matmul`` for the module holding ``mix``), the plan's own
+        name otherwise."""
+        if not self.by_layer:
+            return p.name
+        names = self.__dict__.get("_param_names")
+        if names is None:
+            names = self._param_names = {id(t): n for n, t in self.model.named_parameters()}
+        params = [names[id(t)] for _, t in p.params() if id(t) in names]
+        return owner_key(params[0]) if params else p.name
 
     def capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
         """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
@@ -531,7 +560,7 @@ class Featurizer:
         other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
         other.is_twin = True
         other._copies_owner = self._user_model  # its per-example-copy check decides for this model
-        other.checked_mixing = True  # this block passed the check already
+        other.checked_mixing = _ALL_SIZES  # this block passed the check already
         other.pairs_per_example = self.pairs_per_example
         other.channels_last = self.channels_last
         named = dict(twin.named_parameters())
@@ -558,6 +587,7 @@ class Featurizer:
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
         self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs and "dims" in p.costs}
         self.sites = dict(other.sites)
+        self.fallback_reasons = {n: why for n, why in other.fallback_reasons.items()}
         self._replan(names, affine, copies)
         switched = self.mark_verified()
         return switched or [(p.name, p.weight_map) for p in self.plans] != before
@@ -618,19 +648,31 @@ class Featurizer:
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = (
-            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs))
+        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = Verdict(
+            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs),
+            dict(self.fallback_reasons))
         return self._auto_choice()
 
-    def exclude(self, bad) -> None:
+    def exclude(self, bad, why: str = CHECK_FAILED) -> None:
         """Moves the layers ``bad`` (plans that failed the check) to the fallback; a Linear subclass first gets
-        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`)."""
+        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`).
+
+        Args:
+            bad: the failing :class:`LayerPlan` objects.
+            why: the reason, recorded per parameter in :attr:`fallback_reasons` (``explain()`` shows it), unless
+                the check recorded a more specific one for the layer (a layout that raised).
+        """
+        names = {id(t): n for n, t in self.model.named_parameters()}
         for p in bad:
+            reason = self._why.pop(p.name, why)
             if affine_candidate(p.module) and p.weight_map != "affine":
                 self.affine.add(id(p.module))
             else:
                 self.affine.discard(id(p.module))
                 self.excluded.add(id(p.module))
+                for _, t in p.params():
+                    if id(t) in names:
+                        self.fallback_reasons[names[id(t)]] = reason
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
         self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
                                                self.sites)
@@ -912,8 +954,56 @@ _COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictio
 TWIN_MAX_BYTES = 1 << 30
 # Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
 COPY_MAX_ELEMENTS = 1 << 24
-# Per model: the key (structure, train/eval flags, input shape/dtype/device) of its last passed batch-mixing check.
+# Per model: (key: structure and state, example shape, dtype, device; the block sizes whose batch-mixing check
+# passed).
 _MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def owner_key(param_name: str) -> str:
+    """The qualified name of the module owning a parameter, ``by_layer=True``'s key: ``"0.weight" -> "0"``,
+    ``"cls" -> ""`` (the model itself), and a parametrized weight's ``"lin.parametrizations.weight.original"``
+    -> ``"lin"`` (the module the parametrization is registered on)."""
+    owner = param_name.rpartition(".")[0]
+    head, sep, _ = owner.partition("parametrizations")
+    if sep and (head == "" or head.endswith(".")):
+        return head[:-1] if head else ""
+    return owner
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The layer check's outcome for one model structure and state (``_VERIFIED[model][implementation]``).
+
+    Attributes:
+        key: :meth:`Featurizer.fingerprint` of the model it holds for.
+        excluded: names (:func:`capture_modules`) of the modules moved to the fallback.
+        copies: ``{plan name: (copy_input, copy_output)}``: layers capturing copies (in-place ops).
+        affine: names of the Linear subclasses planned as affine maps.
+        sites: the matmul sites found on the twin (``{parameter name: MatmulSite spec}``).
+        layer_costs: ``{plan name: (G, d_in, S, k, d_out)}``, for ``implementation="auto"``.
+        reasons: ``{parameter name: why it is on the fallback}``.
+    """
+
+    key: tuple
+    excluded: frozenset
+    copies: dict
+    affine: frozenset
+    sites: dict
+    layer_costs: dict
+    reasons: dict = field(default_factory=dict)
+
+
+class _AllSizes:
+    """A twin's block sizes checked for mixing: all (its model's blocks passed the check)."""
+
+    def __contains__(self, b) -> bool:
+        return True
+
+    def add(self, b) -> None:
+        pass
+
+
+_ALL_SIZES = _AllSizes()
 
 
 def _per_example_leaves(named: dict, names: list[str], b: int) -> dict:
@@ -933,15 +1023,59 @@ def _fingerprint(model: nn.Module, implementation: str) -> tuple:
             tuple((n, id(m), type(m)) for n, m in model.named_modules()),
             # dtype and device too: which kernels run (e.g. nn.LSTM's) may differ between them
             tuple((n, id(p), tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
-                  for n, p in model.named_parameters()))
+                  for n, p in model.named_parameters()),
+            plan_state(model))
+
+
+# A buffer or tensor attribute of at most this many elements enters plan_state by its values too (a change
+# through ``.data`` moves no version counter); larger ones by identity, storage and version counter only.
+STATE_VALUE_MAX_ELEMENTS = 4096
+_SCALARS = (bool, int, float, complex, str, type(None))
+
+
+def plan_state(model: nn.Module) -> tuple:
+    """What can decide a plan besides the structure (modules, parameters, requires_grad flags), for the
+    per-model cache keys: every module's forward hooks, and, for modules whose class is
+    not torch's own (a subclass, a user's or a library's module: its forward may read anything), each buffer
+    and non-parameter tensor attribute by identity, storage, version counter, shape and dtype (and by value up
+    to :data:`STATE_VALUE_MAX_ELEMENTS` elements), and each scalar attribute (bool, int, float, str, None) by
+    value. Parameter values are left out: which layers capture exactly is a property of the code (the layer
+    check runs on a perturbed twin for that reason), so training steps keep the cached checks. torch's own
+    modules read their buffers (running statistics) the way the engine captures them whatever their values.
+    Train/eval flags are left out too (a model's mode changes mixing, which the mixing check keys by, not
+    which layers capture exactly: the layer check is kept across ``model.eval()`` / ``model.train()``).
+
+    Returns:
+        A hashable tuple; equal tuples mean the cached checks still hold.
+    """
+    state = []
+    for name, m in model.named_modules():
+        state.append((name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+        if type(m).__module__.startswith("torch."):
+            continue
+        for key, value in m.__dict__.items():
+            if key == "_buffers":
+                state.extend((name, k, _tensor_state(t)) for k, t in value.items() if t is not None)
+            elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                state.append((name, key, _tensor_state(value)))
+            elif isinstance(value, _SCALARS) and key != "training":
+                state.append((name, key, value))
+    return tuple(state)
+
+
+def _tensor_state(t: torch.Tensor) -> tuple:
+    token = (id(t), t._version, tuple(t.shape), t.dtype, str(t.device))
+    if t.layout != torch.strided or t.is_meta:
+        return token
+    token += (t.data_ptr(),)
+    if t.numel() <= STATE_VALUE_MAX_ELEMENTS:
+        try:  # (as raw bytes: every dtype numpy lacks, bfloat16 included, viewed as bytes first)
+            token += (t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes(),)
+        except (RuntimeError, TypeError):
+            pass  # a dtype without a byte view (quantized): identity, storage and version only
+    return token
 
 
 def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
     b, k, G, do, _ = g.shape
     return b * k * G * do * a.shape[2]
-
-
-def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
-    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
-    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
-    return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -426,11 +427,30 @@ def capture_modules(model: nn.Module, sites: dict | None = None) -> list[tuple[s
     return out
 
 
+class LayerKind(str, Enum):
+    """How a planned layer's parameters are captured (a ``str``: ``LayerKind.CONV == "conv"``).
+
+    ``LINEAR``: ``y = W a + b`` at each position (``nn.Linear``, packed attention and recurrent maps, matmul
+    sites); ``CONV``: N-d convolutions (patches); ``CONVT``: transposed convolutions (adjoint patches);
+    ``EMBEDDING``: table lookups (index comparisons); ``NORM``: elementwise affine parameters on a normalized
+    input (and a transposed convolution's bias, captured the same way).
+    """
+
+    LINEAR = "linear"
+    CONV = "conv"
+    CONVT = "convT"
+    EMBEDDING = "embedding"
+    NORM = "norm"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
 @dataclass
 class LayerPlan:
     name: str
     module: nn.Module
-    kind: str  # linear | conv | embedding | norm
+    kind: LayerKind  # (a plain string is converted)
     use_weight: bool
     use_bias: bool
     form: str | None = None  # ghost | materialized (chosen on the first block)
@@ -450,6 +470,9 @@ class LayerPlan:
     # "affine": a Linear subclass computing W(theta) in its forward (found out by the layer check), whose
     # effective map is read off the module itself (affine_map); False: the plain weight
     weight_map: str | bool = False
+
+    def __post_init__(self):
+        self.kind = LayerKind(self.kind)
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         if self.weight_map == "affine":
@@ -522,39 +545,69 @@ def tensor_output(out, what: str = "the model returned"):
                     "such as lambda out: out.logits) to choose the tensor the tangent kernel is of")
 
 
-def check_probe_inputs(call, x: torch.Tensor, *, sample: int = 16) -> None:
+def check_probe_inputs(call, x: torch.Tensor, *, sample: int | None = 16, params: list | None = None) -> None:
     """Guards every NTK implementation runs before its first block (naive included).
 
-    ``call``: the model as a function of a batch. Non-finite inputs or outputs are errors; so is a model
-    whose output for an example depends on the rest of the batch: the outputs of a random subset, in a
-    random order, of up to ``sample`` examples must equal those of the same examples within the whole
-    sample (batch statistics, order-dependent mixing and per-batch randomness all change them). Costs
-    two forwards of at most ``sample`` examples, under ``no_grad`` and without tf32.
+    Non-finite inputs or outputs are errors; so is a model whose output for an example depends on the rest
+    of the batch: the outputs of a random half, in a random order, of ``b`` examples must equal those of
+    the same examples within all ``b`` (batch statistics, order-dependent mixing and per-batch randomness
+    all change them). With ``params``, the gradients too: the gradient of a random combination
+    ``sum_i w_i v . f(x_i)`` over that half must be the same computed in the forward of all ``b`` as in the
+    forward of the half alone, which a term such as ``y + (y - y.detach()).mean(0)`` (the same values,
+    gradients mixed over the batch) fails. Costs two forwards of ``b + b / 2`` examples (with grad and two
+    backward passes when ``params`` is given), without tf32.
 
-    The tolerance is relative to the largest output: a GPU picks different convolution algorithms for the
-    two batch sizes, whose rounding differs (the paper's ResNet18 at init on an H100 failed the earlier
+    The tolerance is relative to the largest output (gradient): a GPU picks different convolution algorithms
+    for the two batch sizes, whose rounding differs (the paper's ResNet18 at init on an H100 failed the earlier
     absolute 1e-5), while mixing changes outputs by O(1) of their scale.
+
+    Args:
+        call: the model as a function of a batch ``[b, ...] -> [b, ...]``.
+        x: the examples ``[n, ...]``.
+        sample: ``b``, examples checked (``min(n, sample)``); None: all ``n`` (the engine passes each block
+            size it uses, so a model that mixes only in large batches is found).
+        params: the trainable parameters whose gradients are compared (None: outputs only).
+
+    Raises:
+        ValueError: non-finite inputs or outputs, or outputs or gradients that depend on other examples.
     """
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
-    b = min(x.shape[0], sample)
-    with torch.no_grad(), exact_fp32():
+    b = x.shape[0] if sample is None else min(x.shape[0], sample)
+    grads = params is not None and b >= 2
+    with exact_fp32():
         g = torch.Generator().manual_seed(b)
         pick = torch.randperm(x.shape[0], generator=g)[:b].to(x.device)
-        full = tensor_output(call(x[pick])).reshape(b, -1)
-        if not bool(torch.isfinite(full).all()):
+        xb = x[pick]
+        with torch.set_grad_enabled(grads):
+            full = tensor_output(call(xb)).reshape(b, -1)
+        if not bool(torch.isfinite(full.detach()).all()):
             raise ValueError("the model's outputs contain NaN/inf on the probe set: the tangent kernel is undefined")
         if b < 2:
             return
         sub = torch.randperm(b, generator=g)[: max(1, b // 2)].to(x.device)  # a random half, shuffled
-        part = call(x[pick][sub]).reshape(sub.numel(), -1)
-    ref = full[sub]
-    tol = 1e-7 if ref.dtype == torch.float64 else 1e-3 if ref.dtype == torch.float32 else 3e-2  # 16-bit: ~eps x 8
-    if not torch.allclose(part, ref, rtol=tol, atol=tol * (1e-3 + float(ref.abs().max()))):
+        with torch.set_grad_enabled(grads):
+            part = tensor_output(call(xb[sub])).reshape(sub.numel(), -1)
+        ref = full.detach()[sub]
+        tol = 1e-7 if ref.dtype == torch.float64 else 1e-3 if ref.dtype == torch.float32 else 3e-2  # 16-bit: ~eps x 8
+        if part.shape != ref.shape or not torch.allclose(part.detach(), ref, rtol=tol,
+                                                         atol=tol * (1e-3 + float(ref.abs().max()))):
+            raise ValueError(
+                "the model's output for an example depends on the other examples of the batch (a module mixes "
+                "examples, e.g. BatchNorm with batch statistics, or is random): the per-example tangent kernel "
+                "is ill-defined; use model.eval() or remove the batch-mixing module")
+        if not grads or not (full.requires_grad and part.requires_grad):
+            return
+        wv = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)  # [b/2, k]
+        within = torch.autograd.grad((full[sub] * wv).sum(), params, allow_unused=True)
+        alone = torch.autograd.grad((part * wv).sum(), params, allow_unused=True)
+    within = torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(within, params)])
+    alone = torch.cat([(torch.zeros_like(p) if t is None else t).reshape(-1) for t, p in zip(alone, params)])
+    if not torch.allclose(within, alone, rtol=tol, atol=tol * (1e-3 + float(alone.abs().max()))):
         raise ValueError(
-            "the model's output for an example depends on the other examples of the batch (a module mixes "
-            "examples, e.g. BatchNorm with batch statistics, or is random): the per-example tangent kernel is "
-            "ill-defined; use model.eval() or remove the batch-mixing module")
+            "the model's gradient for an example depends on the other examples of the batch while its outputs "
+            "do not (e.g. a term such as (y - y.detach()).mean(0)): the per-example tangent kernel is ill-defined; "
+            "remove the term that mixes the gradients of examples")
 
 
 def trainable_params(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -1165,3 +1218,48 @@ def batch_grad_from_factors(plan: LayerPlan, a, g_v) -> list[torch.Tensor]:
         flat_g = g_v[:, :, 0].reshape(-1, m.embedding_dim)
         return [torch.zeros_like(m.weight).index_add_(0, a.reshape(-1), flat_g)]
     return split_params(plan, torch.einsum("bgos,bgis->goi", g_v, a))  # [G, d_out, d_in']
+
+
+def _close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether a layer check's gradient ``mine`` equals autograd's ``theirs`` (same shape; max error within
+    1e-3 (16/32-bit) or 1e-8 (float64) of ``1 + max |theirs|``, times ``sqrt(rows)``)."""
+    scale = float(theirs.abs().max()) if theirs.numel() else 0.0
+    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * (1.0 + scale)
+    return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
+
+
+# The layer check's random weights: the same draws on the tile path and the one-block trace path.
+CHECK_SEED = 1234
+
+
+def check_weights(b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer check's random example weights ``w`` ``[b]`` and output weights ``v`` ``[k]`` (float64, CPU):
+    one random combination ``sum_i w_i v . f(x_i)`` checks every layer at once; random example weights tell
+    examples apart where a plain sum over examples would not (a batch that is not dim 0)."""
+    gen = torch.Generator(device="cpu").manual_seed(CHECK_SEED)
+    v = torch.randn(k, generator=gen, dtype=torch.float64)
+    w = torch.randn(b, generator=gen, dtype=torch.float64)
+    return w, v
+
+
+def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list) -> list[list[torch.Tensor]]:
+    """What the layer check compares against, on both paths: autograd's gradient of
+    ``sum_{i,a} wv[i, a] out[i, a]`` with respect to each plan's parameters (zeros where unused).
+
+    Args:
+        out: the model's outputs ``[b, k]`` (the capture's graph; freed by this backward).
+        wv: the weights ``[b, k]`` (``w_i v_a`` from :func:`check_weights`).
+        plans: the planned layers.
+
+    Returns:
+        Per plan, its parameters' gradients in :meth:`LayerPlan.params` order.
+    """
+    vparams = [t for p in plans for _, t in p.params()]
+    gs = torch.autograd.grad((out * wv).sum(), vparams, allow_unused=True)
+    flat = [torch.zeros_like(t) if g is None else g for g, t in zip(gs, vparams)]
+    per, pos = [], 0
+    for p in plans:
+        n = len(p.params())
+        per.append(flat[pos: pos + n])
+        pos += n
+    return per

@@ -17,10 +17,18 @@ Within a path, each layer's form (``ghost`` / ``materialized``) is chosen by the
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .._loaders import all_inputs
+from ._args import check_args, ntk_backend
+from ._blocks import default_block_size, one_trace_block, output_size
+from ._featurizer import Featurizer
+from ._layers import select_output
 
 PATHS = {
     "naive": "one autograd call per example and output (the spec)",
@@ -56,12 +64,64 @@ class PathChoice:
     block_size: int | None = None
 
 
+# Paths a call can be sent to by path_override (the others follow from the call's arguments: naive, by_layer,
+# cross, and diagonal from kernel='diagonal').
+OVERRIDABLE = ("trace_one_block", "one_tile", "tiles")
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("lazyhasty_ntk_path", default=None)
+
+
+@contextlib.contextmanager
+def path_override(name: str | None):
+    """Sends the NTK calls inside the block down the path ``name`` instead of the one :func:`choose_path`
+    would take (for tests, which parametrize over paths instead of changing thresholds; and for benchmarks);
+    ``explain()`` inside it shows the same choice. None: the usual choice.
+
+    Args:
+        name: one of :data:`OVERRIDABLE`: ``"trace_one_block"`` (``kernel="trace"`` only), ``"one_tile"``
+            (``ntk_gram``, full or trace kernel: one block of all n), ``"tiles"`` (``block_size`` or the default
+            block size; ``ntk_gram`` with ``kernel="full"`` / ``"trace"``, or ``ntk_alignment``).
+
+    Raises:
+        ValueError: an unknown path; a call inside the block that the path cannot take (named).
+
+    Example:
+        >>> with path_override("trace_one_block"):
+        ...     K = ntk_gram(model, x, kernel="trace")
+    """
+    if name is not None and name not in OVERRIDABLE:
+        raise ValueError(f"path_override takes one of {OVERRIDABLE} or None, got {name!r}")
+    token = _OVERRIDE.set(name)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def _overridden(name: str, fz, x_all: torch.Tensor, kernel: str, block_size: int | None, purpose: str
+                ) -> PathChoice:
+    n = x_all.shape[0]
+    why = f"path_override({name!r})"
+    if name == "trace_one_block":
+        if kernel != "trace":
+            raise ValueError(f"path_override('trace_one_block') takes kernel='trace', got kernel={kernel!r}")
+        return PathChoice(name, why, n)
+    if kernel == "diagonal":
+        raise ValueError(f"path_override({name!r}) takes kernel='full' or 'trace': kernel='diagonal' is its own path")
+    if name == "one_tile":
+        if purpose != "gram":
+            raise ValueError("path_override('one_tile') is a path of ntk_gram (ntk_alignment reduces tiles)")
+        return PathChoice(name, why, n)
+    bs = block_size or default_block_size(n, output_size(fz, x_all))
+    return PathChoice(name, why + f": {-(-n // bs)} block(s) of {bs}", bs)
+
+
 def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: str, block_size: int | None,
                 cross: bool = False, by_layer: bool = False, purpose: str = "gram", backend: str = "torch",
                 centered: bool = False) -> PathChoice:
-    """The path of one call (see the module docstring); ``fz`` is the call's Featurizer (None for naive)."""
-    from ._engine import _one_trace_block, _output_size, default_block_size
+    """The path of one call (see the module docstring); ``fz`` is the call's Featurizer (None for naive).
 
+    Inside :func:`path_override`, its path for the calls that can take it (not naive, by-layer or cross calls).
+    """
     if implementation == "naive":
         return PathChoice("naive", "implementation='naive'")
     if by_layer:
@@ -69,14 +129,17 @@ def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: 
     if cross:
         return PathChoice("cross", "a second example set (loader2=)")
     n = x_all.shape[0]
+    forced = _OVERRIDE.get()
+    if forced is not None:
+        return _overridden(forced, fz, x_all, kernel, block_size, purpose)
     if kernel == "trace" and purpose == "gram" and block_size is None and n <= TRACE_ONE_TILE_MAX_N:
         return PathChoice("one_tile", f"kernel='trace' on n = {n} <= {TRACE_ONE_TILE_MAX_N} examples: one tile of "
                                       "every output's features at once", n)
-    if kernel == "trace" and _one_trace_block(fz, x_all, block_size):
+    if kernel == "trace" and one_trace_block(fz, x_all, block_size):
         why = (f"block_size {block_size} >= n = {n}" if block_size is not None else
                f"all n = {n} examples fit one block (estimated from one example)")
         return PathChoice("trace_one_block", f"kernel='trace' and {why}", n)
-    k = _output_size(fz, x_all)
+    k = output_size(fz, x_all)
     bs = block_size or default_block_size(n, k)
     if block_size is None and not fz.plans and n * k * _generic_numel(fz) * fz.dtype.itemsize <= ONE_BLOCK_JACOBIAN_BYTES:
         # whole-model Jacobians of all n examples are small: one vmap and one product beat i <= j tiles, whose
@@ -129,7 +192,9 @@ class Plan:
             if p.get("costs"):
                 cost = "  (flops/pair: ghost {ghost:.3g}, materialized {materialized:.3g})".format(**p["costs"])
             copies = f"  copies {'+'.join(p['copies'])}" if p.get("copies") else ""
-            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}")
+            fallback = f"  (the layer check moved it here: {p['fallback']})" if p.get("fallback") else ""
+            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}"
+                         f"{fallback}")
         return "\n".join(lines)
 
 
@@ -140,18 +205,15 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     ``model`` and inputs ``x`` ``[n, ...]``: the path and why, and per trainable parameter its module, kind
     (linear / conv / embedding / norm / broadcast / generic), form (ghost / materialized / per-example copies /
     torch.func) with the cost
-    model's flops per example pair, and whether in-place ops made capture copy its input or output.
+    model's flops per example pair, whether in-place ops made capture copy its input or output, and for a
+    parameter the layer check moved to torch.func why (``fallback``: the check's mismatch, or the error a
+    layout raised on the layer's captured tensors).
     Runs the layer check on up to 8 examples (cached per model structure, as every call does).
 
     >>> print(explain(model, x, kernel="trace"))
     >>> explain(model, x).generic          # [] when every parameter has a per-layer form
     """
-    from .._loaders import all_inputs
-    from ._engine import _check_args, _ntk_backend
-    from ._featurizer import Featurizer
-    from ._layers import select_output
-
-    _check_args(kernel, implementation, block_size, 0, dtype)
+    check_args(kernel, implementation, block_size, 0, dtype)
     if purpose not in ("gram", "alignment"):
         raise ValueError(f"purpose must be 'gram' or 'alignment', got {purpose!r}")
     model = select_output(model, output)
@@ -164,7 +226,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         params = [_row(model, n, p, "generic", "autograd") for n, p in named]
         return Plan(choice.name, choice.why, kernel, implementation, x_all.shape[0], k, None, params)
     fz = Featurizer(model, implementation, kernel, dtype)
-    be = _ntk_backend(fz.device, backend, fz.dtype)
+    be = ntk_backend(fz.device, backend, fz.dtype)
     x_all = all_inputs(x, fz.device)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
@@ -190,13 +252,13 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies"))
         else:
-            rows.append(_row(model, name, t, "generic", "torch.func"))
+            rows.append(_row(model, name, t, "generic", "torch.func", fallback=fz.fallback_reasons.get(name)))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
                 int(fz.k or 0), choice.block_size, rows)
 
 
-def _row(model, name, t, kind, form, costs=None, copies=()) -> dict:
+def _row(model, name, t, kind, form, costs=None, copies=(), fallback=None) -> dict:
     owner = name.rpartition(".")[0]
     module = dict(model.named_modules()).get(owner)
     return {"name": name, "shape": list(t.shape), "module": owner, "module_type": type(module).__name__,
-            "kind": kind, "form": form, "costs": costs, "copies": list(copies)}
+            "kind": kind, "form": form, "costs": costs, "copies": list(copies), "fallback": fallback}

@@ -17,6 +17,7 @@ from torch import nn
 from .._loaders import all_inputs, model_device
 from .._exact import AlignmentSums
 from .._malloc import retained_heap
+from .._modes import measures
 from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
@@ -36,6 +37,9 @@ class NTKReference:
 
         >>> ref = NTKReference.capture(model_at_init, probe_x, kernel="trace")
         >>> ref.alignment(model)      # every log: only the model's kernel is formed
+
+    Both kernels are of the networks in eval mode (dropout off, BatchNorm on its running statistics), whatever
+    mode the models are in; their modes, buffers and the RNG states are restored after.
 
     ``stored``: whether ``K_0`` is kept (``[n, n]`` / ``[n, k, n, k]``), else the alignment recomputes it;
     ``nbytes``: the memory it holds.
@@ -66,6 +70,7 @@ class NTKReference:
         return 0 if self.K0 is None else self.K0.numel() * self.K0.element_size()
 
     @classmethod
+    @measures("reference")  # eval mode; the reference's modes, buffers and RNG states restored after
     @retained_heap()
     def capture(cls, reference: nn.Module, loader, *, kernel: str = "trace", centered: bool = False,
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
@@ -121,6 +126,7 @@ class NTKReference:
         """``KA(K_model, K_0)`` (centred if captured so) on the captured probe set."""
         return self.measure(model)["ntk_alignment"]
 
+    @measures("model", "self.reference")
     @retained_heap()
     def measure(self, model: nn.Module) -> dict:
         """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._featurizer import _close  # (no cycle: _featurizer imports this module only inside a method)
 from ._layers import (
+    _close, check_weights, weighted_layer_grads,
     batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, normalized_inputs, position_a,
     position_g,
     position_to_factor_layout, split_params,
@@ -152,10 +152,9 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             state.append({"xhat": normalized_inputs(p)})  # once per block, not once per output
     verify = not fz.verified
     if verify:
-        # as in Featurizer._layer_features: outputs weighted by v, examples by w (tells examples apart)
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        v = torch.randn(k, generator=gen, dtype=torch.float64).tolist()
-        w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        # the tile path's check (Featurizer._layer_features): the same weights, the same reference gradients
+        w, v = check_weights(b, k)
+        w, v = w.to(out.device, out.dtype), v.tolist()
         mine = [None] * len(plans)
     leaves = list(fz.capture_copies.values()) if fz.capture_copies else []  # per-example copies: their gradients too
     copy_grads: list = [[] for _ in leaves]
@@ -180,15 +179,10 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     if not verify:
         return []
     vt = torch.tensor(v, dtype=out.dtype, device=out.device)
-    vparams = [t for p in plans for _, t in p.params()]
-    theirs = torch.autograd.grad((out * vt * w[:, None]).sum(), vparams, allow_unused=True)
-    theirs = [torch.zeros_like(t) if g is None else g for g, t in zip(theirs, vparams)]
+    per_plan = weighted_layer_grads(out, w[:, None] * vt[None, :], plans)
 
-    bad, vpos = [], 0
-    for p, st, m in zip(plans, state, mine):
-        np_ = len(p.params())
-        ref = theirs[vpos: vpos + np_]
-        vpos += np_
+    bad = []
+    for p, st, m, ref in zip(plans, state, mine, per_plan):
         if p.kind in ("linear", "conv", "convT"):
             # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
             # position-major gradients [b, S, G, d_out]

@@ -1,0 +1,220 @@
+"""The engine's cached checks (issue 28 items 1 and 3): what decides a plan is part of the cache key, and the
+batch-mixing check covers the block sizes a call uses and the gradients, not only the outputs."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import ntk_alignment, ntk_gram
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+class _BufferScaled(nn.Linear):
+    """``s * F.linear(x, W, b)`` with ``s`` a buffer (changed in place below)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.register_buffer("s", torch.tensor(1.0))
+
+    def forward(self, x):
+        return self.s * F.linear(x, self.weight, self.bias)
+
+
+class _AttributeScaled(nn.Linear):
+    """``s * F.linear(x, W, b)`` with ``s`` a plain Python float or a tensor attribute (not a buffer)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.s = 1.0
+
+    def forward(self, x):
+        return self.s * F.linear(x, self.weight, self.bias)
+
+
+def _scaled_net(layer):
+    torch.manual_seed(0)
+    return nn.Sequential(layer(5, 7), nn.Tanh(), nn.Linear(7, 3)).double(), torch.randn(6, 5, dtype=torch.float64)
+
+
+CHANGES = {
+    "buffer-in-place": (_BufferScaled, lambda m: m.s.fill_(2.0)),
+    "buffer-through-data": (_BufferScaled, lambda m: m.s.data.fill_(2.0)),  # (no version counter moves)
+    "buffer-reassigned": (_BufferScaled, lambda m: setattr(m, "s", torch.tensor(2.0, dtype=torch.float64))),
+    "float-attribute": (_AttributeScaled, lambda m: setattr(m, "s", 2.0)),
+    "tensor-attribute": (_AttributeScaled, lambda m: setattr(m, "s", torch.tensor(2.0, dtype=torch.float64))),
+}
+
+
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_plan_follows_the_state_that_decides_it(change, kernel):
+    """A Linear subclass whose forward reads a scale: the first call (scale 1) plans it as a plain Linear, which
+    is exact there; after the scale changes the plan must be checked again (relative error 0.3 when it was
+    kept), on every path."""
+    layer, mutate = CHANGES[change]
+    net, x = _scaled_net(layer)
+    ntk_gram(net, x, kernel=kernel)  # plans and caches with s = 1
+    mutate(net[0])
+    want = R.ntk_gram(net, [x], kernel=kernel)
+    assert _rel(ntk_gram(net, x, kernel=kernel), want) <= 1e-10
+    assert _rel(ntk_gram(net, x, kernel=kernel, block_size=4), want) <= 1e-10  # tiles
+
+
+def test_alignment_with_itself_follows_the_state():
+    net, x = _scaled_net(_BufferScaled)
+    assert ntk_alignment(net, x, net) == pytest.approx(1.0, abs=1e-12)
+    net[0].s.fill_(2.0)
+    fresh = copy.deepcopy(net)
+    assert ntk_alignment(net, x, fresh) == pytest.approx(1.0, abs=1e-12)
+    assert ntk_alignment(net, x, fresh) == pytest.approx(R.ntk_alignment(net, [x], fresh), abs=1e-12)
+
+
+def test_requires_grad_flags_decide_the_plan():
+    """Freezing a parameter after a first call changes which parameters the kernel is over."""
+    net, x = _scaled_net(nn.Linear)
+    ntk_gram(net, x)
+    net[0].weight.requires_grad_(False)
+    assert _rel(ntk_gram(net, x), R.ntk_gram(net, [x])) <= 1e-10
+
+
+def test_unchanged_state_keeps_the_cached_check():
+    """The state key does not redo the layer check when nothing changed (parameter values do not count)."""
+    from lazyhasty.ntk import _featurizer
+
+    net, x = _scaled_net(_BufferScaled)
+    ntk_gram(net, x)
+    runs = []
+    real = _featurizer.Featurizer.verify_on_twin
+    try:
+        _featurizer.Featurizer.verify_on_twin = lambda self, x: runs.append(1) or real(self, x)
+        with torch.no_grad():
+            net[2].weight.mul_(1.5)  # a training step changes values, not the plan
+        ntk_gram(net, x)
+        assert runs == []
+        net[0].s.fill_(2.0)
+        ntk_gram(net, x)
+        assert runs == [1]
+    finally:
+        _featurizer.Featurizer.verify_on_twin = real
+
+
+class _MixesAbove16(nn.Module):
+    """Mixes examples only in batches of more than 16 (a sample of 16 does not see it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y - y.mean(0) if x.shape[0] > 16 else y
+
+
+class _GradientMixing(nn.Module):
+    """The same values as ``lin(x)``, gradients mixed over the batch: ``y + (y - y.detach()).mean(0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.tanh(self.lin(x))
+        return y + (y - y.detach()).mean(0)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: ntk_gram(m, x),  # default blocks (32 + 8)
+    lambda m, x: ntk_gram(m, x, kernel="trace"),  # one block of 40
+    lambda m, x: ntk_gram(m, x, block_size=20),
+    lambda m, x: ntk_alignment(m, x, copy.deepcopy(m), kernel="trace"),
+])
+def test_mixing_in_the_blocks_used_is_found(call):
+    torch.manual_seed(0)
+    m, x = _MixesAbove16(), torch.randn(40, 4)
+    with pytest.raises(ValueError, match="depends on the other examples"):
+        call(m, x)
+    # small blocks do not mix: accepted, the kernel of the per-example model
+    K = ntk_gram(m, x, block_size=8)
+    assert _rel(K, R.ntk_gram(m, [x])) <= 1e-5
+
+
+@pytest.mark.parametrize("implementation", ["layerwise", "jacobian", "naive"])
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_gradient_only_mixing_is_found(implementation, kernel):
+    torch.manual_seed(0)
+    m, x = _GradientMixing(), torch.randn(6, 4)
+    with pytest.raises(ValueError, match="gradient"):
+        ntk_gram(m, x, kernel=kernel, implementation=implementation)
+    with pytest.raises(ValueError, match="gradient"):
+        ntk_alignment(m, x, copy.deepcopy(m), kernel=kernel, implementation=implementation)
+
+
+class _Fused(nn.Module):
+    """Modules the engine splits into several captured maps: a GRU (input and hidden maps), an attention's packed
+    input projection, a parameter multiplied directly (a matmul site), a parametrized Linear, a bare parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 4, batch_first=True)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.lin = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.mix = nn.Parameter(torch.randn(4, 4))
+        self.cls = nn.Parameter(torch.randn(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        h, _ = self.att(h, h, h)
+        h = torch.tanh(self.lin(h) @ self.mix) + self.cls
+        return self.head(h.mean(1))
+
+
+def test_by_layer_keys_are_the_owning_modules_on_every_implementation():
+    """``by_layer=True`` keys: the module owning each parameter (whatever capture split it into), the same
+    keys on every implementation, each value the kernel over that module's parameters."""
+    torch.manual_seed(0)
+    m, x = _Fused().double().eval(), torch.randn(5, 6, 3, dtype=torch.float64)
+    want_keys = {"", "gru", "att", "att.out_proj", "lin", "head"}
+    for implementation in ("layerwise", "auto", "jacobian"):
+        parts = ntk_gram(m, x, kernel="trace", by_layer=True, implementation=implementation)
+        assert set(parts) == want_keys, implementation
+    for key in ("gru", "att", "lin", ""):
+        only = copy.deepcopy(m)
+        for name, p in only.named_parameters():
+            owner = name.rpartition(".")[0].partition(".parametrizations")[0].partition("parametrizations")[0]
+            p.requires_grad_(owner.rstrip(".") == key)
+        assert _rel(parts[key], R.ntk_gram(only, [x], kernel="trace")) <= 1e-10, key
+
+
+class _FoldedLinear(nn.Linear):
+    """Takes ``[b, 2 d_in]`` and applies the weight to both halves: the captured input does not fit the Linear
+    layout (its last dimension is not ``in_features``), so the layout raises on it."""
+
+    def forward(self, x):
+        return F.linear(x.view(x.shape[0], 2, -1), self.weight, self.bias).sum(1)
+
+
+def test_a_layout_that_raises_is_reported_in_explain():
+    """A layer whose captured tensors make a layout function raise goes to torch.func, and explain() says why
+    (the error), instead of the fallback taking it unseen; the kernel is still exact."""
+    from lazyhasty.ntk import explain
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_FoldedLinear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+    plan = explain(m, x, implementation="layerwise")
+    rows = {r["name"]: r for r in plan.to_dict()["parameters"]}
+    assert rows["0.weight"]["form"] == "torch.func"
+    assert "do not fit the linear layout" in rows["0.weight"]["fallback"]
+    assert "do not fit the linear layout" in str(plan)
+    assert rows["2.weight"]["fallback"] is None and rows["2.weight"]["form"] != "torch.func"
+    # remembered with the check's outcome: a second explain (no check) says the same
+    again = {r["name"]: r for r in explain(m, x, implementation="layerwise").to_dict()["parameters"]}
+    assert again["0.weight"]["fallback"] == rows["0.weight"]["fallback"]
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), R.ntk_gram(m, [x])) <= 1e-10
