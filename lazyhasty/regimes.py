@@ -73,6 +73,29 @@ def _selected(out, output: str | Callable | None):
     return t, rebuild
 
 
+def _is_tensor_tree(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    return isinstance(v, (tuple, list)) and all(_is_tensor_tree(u) for u in v)
+
+
+def _tensor_fields(out):
+    """What of a model's output can leave a JVP as its auxiliary value (tensors, tuples of tensors).
+
+    A ModelOutput or dict keeps its tensor fields; others (a ``DynamicCache`` of ``past_key_values``) become
+    ``None``. A tensor output needs no auxiliary value (``()``: torch.func's auxiliary outputs must be tensors).
+    """
+    if isinstance(out, torch.Tensor):
+        return ()
+    fields = getattr(type(out), "__dataclass_fields__", None)
+    if fields is not None:
+        return type(out)(**{f: (v if _is_tensor_tree(v := getattr(out, f)) else None) for f in fields})
+    if isinstance(out, dict):
+        return type(out)({k: v for k, v in out.items() if _is_tensor_tree(v)})
+    raise TypeError(f"Linearized: the model returned {type(out).__name__}; pass output= as a callable "
+                    "(lambda out: ...) returning the tensor to linearize")
+
+
 @contextlib.contextmanager
 def _math_attention():
     """Attention through its differentiable decomposition while a forward-mode JVP runs.
@@ -210,7 +233,8 @@ class Linearized(nn.Module):
         model: the network ``f``, called as it is called (``lin(x)``, ``lin(**batch)``).
         output: which field of a non-tensor output to linearize (default: the tensor, or ``.logits``): an
             attribute / key name, or a callable ``out -> tensor`` (then the forward returns the tensor). The
-            other fields of the returned object are the model's at ``theta0``; its ``loss`` is ``None``.
+            other fields of the returned object are the model's at ``theta0`` (tensors only: a cache such as
+            ``past_key_values`` is ``None``); its ``loss`` is ``None``.
 
     Example:
         >>> lin = Linearized(net)
@@ -239,9 +263,11 @@ class Linearized(nn.Module):
         def f(p):
             out = functional_call(self.model, p, args, kwargs)
             t, _ = _selected(out, self.output)
-            return t, out
+            return t, (() if callable(self.output) else _tensor_fields(out))
 
         with _math_attention():
             out0, tangent, raw = jvp(f, (theta0,), (delta,), has_aux=True)
+        if isinstance(raw, tuple) and not raw:
+            return out0 + tangent
         _, rebuild = _selected(raw, self.output)
         return rebuild(out0 + tangent)

@@ -186,13 +186,7 @@ REGIME_MODELS = ["hf-bert-mask", "hf-gpt2-eager-mask", "hf-t5-encoder", "timm-vi
 # forward-mode JVP and reverse-mode Jacobian rows of a float64 T5 agree to float32's precision only (3.8e-9
 # measured); the NTK tests are unaffected (both sides differentiate the same ops in reverse mode)
 LINEARIZED_TOL = {"hf-t5-encoder": 1e-7}
-LINEARIZED_XFAIL = pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-    "Linearized.forward (lazyhasty/regimes.py) runs torch.func.jvp over the whole ModelOutput, and GPT-2's holds "
-    "past_key_values, a DynamicCache (use_cache=True by default): 'Expected tensors, got unsupported type "
-    "DynamicCache'"))
-LINEARIZED_MODELS = [pytest.param(n, marks=([pytest.mark.slow] if n in SLOW else [])
-                                  + ([LINEARIZED_XFAIL] if n.startswith("hf-gpt2") else []))
-                     for n in REGIME_MODELS]
+LINEARIZED_MODELS = _params(REGIME_MODELS)
 
 
 def _perturb(module, scale=0.02, seed=3):
