@@ -104,7 +104,11 @@ class LinearityProbe:
         """The probes of ``model`` against the captured reference: ``{"sign_similarity", "repr_alignment"}``
         (and ``"ntk_alignment"``, ``"ntk_rel_change"`` when captured with ``ntk=``), measured in eval mode;
         the model's modes, buffers and the RNG states are restored after."""
-        with measuring(model):
+        from .. import _dist
+
+        with _dist.failing_together(self.group, "LinearityProbe.measure"), measuring(model):
+            if self.group is not None:
+                _dist.check_same_parameters(self.group, "LinearityProbe.measure", model)
             return self._measure(model, backend=backend, centered=centered)
 
     def _measure(self, model: nn.Module, *, backend: str | None, centered: bool) -> dict:
