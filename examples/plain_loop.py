@@ -15,7 +15,8 @@ from lazyhasty.train import per_example_loss
 
 torch.manual_seed(0)
 train = yinyang(200, seed=0, label_noise=0.1)
-net = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))  # labels are -1 / +1: logistic loss
+# labels are -1 / +1: one output and the logistic loss
+net = nn.Sequential(nn.Linear(2, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
 out = tempfile.mkdtemp()
 
 for alpha in (1.0, 100.0):  # both regimes from one initialization

@@ -181,8 +181,9 @@ def main(argv=None) -> int:
         return 2
     except RuntimeError as exc:
         from ._launch import RankFailed
+        from ._runlog import RunLocked
 
-        if not isinstance(exc, RankFailed):
+        if not isinstance(exc, (RankFailed, RunLocked)):
             raise
         print(f"lazyhasty: {exc}", file=sys.stderr)
         return 2

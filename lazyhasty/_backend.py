@@ -1,14 +1,16 @@
 """Capability flags and the one dispatch rule every lazyhasty op uses.
 
-Backends:
-  ``cuda``   kernels in ``lazyhasty._cuda`` (CUDA tensors; built when nvcc was found at install time)
-  ``triton`` Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``, for tests)
-  ``cpp``    OpenMP kernels in ``lazyhasty._C`` (CPU tensors)
-  ``torch``  plain torch, any device: always available, the slowest
+The backends:
 
-Rule (:func:`select`): an explicit ``backend=`` argument, else the ``LAZYHASTY_BACKEND`` environment
-variable, else the fastest backend available for the tensor's device (CUDA: cuda > triton > torch;
-CPU: cpp > torch). A request that cannot run on that device raises :class:`BackendUnavailable`.
+- `cuda`: kernels in `lazyhasty._cuda` (CUDA tensors; built when nvcc was found at install time);
+- `triton`: Triton kernels (CUDA tensors; CPU tensors only under `TRITON_INTERPRET=1`, for tests);
+- `cpp`: OpenMP kernels in `lazyhasty._C` (CPU tensors);
+- `torch`: plain torch, any device: always available, the slowest.
+
+The rule ([`select`][lazyhasty._backend.select]): an explicit `backend=` argument, else the `LAZYHASTY_BACKEND`
+environment variable, else the fastest backend available for the tensor's device (CUDA: cuda > triton > torch;
+CPU: cpp > torch). A request that cannot run on that device raises
+[`BackendUnavailable`][lazyhasty._backend.BackendUnavailable].
 """
 from __future__ import annotations
 
@@ -22,7 +24,11 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 
 
 class BackendUnavailable(RuntimeError):
-    """A backend was requested that cannot run here (not built, not installed, or wrong device)."""
+    """A backend was requested that cannot run here (not built, not installed, or the wrong device).
+
+    Raised by [`select`][lazyhasty._backend.select] and so by every op given such a `backend=`; a subclass of
+    `RuntimeError`.
+    """
 
 
 def _try_import(name: str):
@@ -45,12 +51,20 @@ except Exception:  # noqa: BLE001
 
 
 def cuda_available() -> bool:
-    """True when torch sees a usable CUDA device (checked at call time, never at import)."""
+    """Whether torch sees a usable CUDA device (checked at call time, never at import).
+
+    Returns:
+        `torch.cuda.is_available()`.
+    """
     return torch.cuda.is_available()
 
 
 def triton_interpreted() -> bool:
-    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    """Whether Triton kernels run in its CPU interpreter.
+
+    Returns:
+        True when the environment variable `TRITON_INTERPRET` is set to anything but `""` or `"0"`.
+    """
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -73,7 +87,18 @@ _warn_missing_once()
 
 
 def available(device: torch.device | str) -> list[str]:
-    """Backends that can run on ``device``, fastest first."""
+    """Backends that can run on tensors of `device`, fastest first.
+
+    Args:
+        device: a `torch.device` or its name (`"cpu"`, `"cuda"`, `"cuda:1"`, ...).
+
+    Returns:
+        Backend names, e.g. `["cpp", "torch"]` on a CPU with the compiled extension; `"torch"` is always last.
+
+    Example:
+        >>> available("cpu")[-1]
+        'torch'
+    """
     device = torch.device(device)
     if device.type == "cuda":
         out = ["cuda"] if has_cuda_ext else []
@@ -107,10 +132,26 @@ def _why_not(backend: str, device: torch.device) -> str:
 
 
 def select(device: torch.device | str, backend: str | None = None) -> str:
-    """The backend an op runs on for tensors on ``device``.
+    """The backend an op runs on for tensors on `device`.
 
-    >>> select("cpu")                     # 'cpp' when lazyhasty._C is built, else 'torch'
-    >>> select("cpu", backend="torch")    # 'torch'
+    Args:
+        device: a `torch.device` or its name.
+        backend: `"cuda"`, `"triton"`, `"cpp"` or `"torch"` to force one; `None` or `"auto"`: the environment
+            variable `LAZYHASTY_BACKEND` if set, else the fastest of [`available`][lazyhasty._backend.available].
+
+    Returns:
+        The backend's name.
+
+    Raises:
+        ValueError: `backend` is not one of the four names (or `"auto"`).
+        BackendUnavailable: the requested backend cannot run on `device` here (not built, not installed,
+            or the wrong device); the message says which and why.
+
+    Example:
+        >>> select("cpu") in ("cpp", "torch")        # 'cpp' when lazyhasty._C is built
+        True
+        >>> select("cpu", backend="torch")
+        'torch'
     """
     device = torch.device(device)
     requested = backend if backend not in (None, "auto") else os.environ.get("LAZYHASTY_BACKEND") or None
@@ -127,7 +168,13 @@ def select(device: torch.device | str, backend: str | None = None) -> str:
 
 
 def summary() -> dict:
-    """What this installation can do, for bug reports and benchmark records."""
+    """What this installation can do, for bug reports and benchmark records (`lazyhasty info` prints it).
+
+    Returns:
+        A dict: `has_cpp`, `cpp_openmp`, `has_cuda_ext`, `cuda_ext_architectures`, `cuda_ext_runtime`,
+        `cuda_available`, `has_triton`, `triton_interpreted`, `torch` (its version) and `cpu_heap_retained`
+        (whether NTK calls keep freed CPU buffers in the heap, and why not).
+    """
     return {
         "has_cpp": has_cpp,
         "cpp_openmp": bool(getattr(_C, "openmp", False)),

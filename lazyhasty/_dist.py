@@ -8,6 +8,12 @@ even when ``torch.distributed`` is initialized: a DDP script does not change mea
 Before any work the ranks compare what defines the call (:func:`agree`): a different metric, kernel, model
 structure or dtype on one rank is an error naming the rank and the difference, not a wrong number.
 Partial sums travel as float64 (``all_reduce``); shards are put together in rank order.
+:func:`check_same_parameters` compares the models' parameter values (a checksum) the same way.
+
+Every collective here runs asynchronously and is waited on while polling the group's store: a rank that
+raises inside :class:`failing_together` (and stays alive) posts its rank and exception there, and the
+ranks waiting for it raise :class:`RankFailed` naming both within a fraction of a second, not at the
+group's timeout.
 """
 from __future__ import annotations
 
@@ -49,15 +55,137 @@ class CollectiveFailed(RuntimeError):
     """A collective did not complete: another rank raised, died, or did not reach it within the group's timeout."""
 
 
-def _collective(what: str, fn, *args, **kwargs):
+class RankFailed(CollectiveFailed):
+    """Another rank raised inside a call (and stays alive): named with its exception, within ~0.1 s."""
+
+
+# -- failing together: a rank that raises tells the others through the group's store -----------------------
+_ABORT_KEY = "lazyhasty/abort"
+_POLL_S = 0.02
+
+
+def _store():
+    """The default group's key-value store (what ``init_process_group`` rendezvoused on), or None."""
     try:
-        return fn(*args, **kwargs)
+        from torch.distributed import distributed_c10d as c10d
+
+        return c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - a private API: without it, failures fall back to the group's timeout
+        return None
+
+
+def _abort_key(group) -> str:
+    import torch.distributed as dist
+
+    world = group is None or group is dist.group.WORLD
+    name = None if world else getattr(group, "group_name", None)
+    return f"{_ABORT_KEY}/{name or 'default'}"
+
+
+def posted_failure(group) -> str | None:
+    """The failure a rank posted on ``group`` (``"rank R: Type: message"``), or None."""
+    store = _store()
+    key = _abort_key(group)
+    try:
+        if store is not None and store.check([key]):
+            return store.get(key).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - a store that is gone: nothing posted that we can read
+        return None
+    return None
+
+
+def post_failure(group, error: BaseException) -> None:
+    """Tell every rank that this one raised ``error`` (they raise :class:`RankFailed` in their collective)."""
+    import torch.distributed as dist
+
+    store = _store()
+    if store is None:
+        return
+    try:
+        msg = f"rank {dist.get_rank(group)}: {type(error).__name__}: {str(error)[:500]}"
+        store.compare_set(_abort_key(group), "", msg)  # the first failure is the one named
+    except Exception:  # noqa: BLE001 - best effort: the others then fall back to the group's timeout
+        pass
+
+
+class failing_together:
+    """``with failing_together(group, what):`` around a call made on every rank: when this rank raises inside
+    (and stays alive), the other ranks, waiting in a collective of lazyhasty's, raise :class:`RankFailed`
+    naming this rank and its exception within a fraction of a second instead of at the group's timeout.
+
+    After such a failure the group is out of step (the failed rank left collectives the others entered):
+    every later lazyhasty collective on it raises at once. ``group=None`` (one process): does nothing.
+    """
+
+    def __init__(self, group, what: str):
+        self.group, self.what = group, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if self.group is not None and error is not None and isinstance(error, Exception) and \
+                not isinstance(error, CollectiveFailed):
+            post_failure(self.group, error)
+        return False
+
+
+def _wait(work, what: str, group) -> None:
+    """Wait for an async collective, raising :class:`RankFailed` as soon as another rank posts a failure."""
+    while not work.is_completed():
+        failed = posted_failure(group)
+        if failed is not None:
+            raise RankFailed(f"{what}: {failed} (raised there, while this rank waited for it in a collective)")
+        import time
+
+        time.sleep(_POLL_S)
+    work.wait()
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    group = kwargs.get("group")
+    failed = posted_failure(group)
+    if failed is not None:
+        raise RankFailed(f"{what}: {failed} (the group is out of step since: start it again)")
+    try:
+        work = fn(*args, async_op=True, **kwargs)
+        if work is None:  # a collective that ran synchronously
+            return None
+        _wait(work, what, group)
+        return None
     except CollectiveFailed:
         raise
     except (RuntimeError, ValueError, ConnectionError) as exc:  # gloo / NCCL errors, closed connections, timeouts
+        failed = posted_failure(group)
+        if failed is not None:
+            raise RankFailed(f"{what}: {failed}") from exc
         raise CollectiveFailed(
             f"{what}: the exchange between ranks failed — another rank raised, died or did not reach the same "
             f"call within the process group's timeout (init_process_group(timeout=...)): {exc}") from exc
+
+
+def _all_gather_bytes(data: bytes, group, what: str) -> list[bytes]:
+    """Every rank's ``data`` in rank order (async tensor collectives, so that a posted failure is seen)."""
+    import torch.distributed as dist
+
+    _, size = rank_and_size(group)
+    dev = _device(group)
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(size)]
+    _collective(what, dist.all_gather, sizes, n, group=group)
+    top = max(int(t) for t in sizes)
+    buf = torch.zeros(top, dtype=torch.uint8, device=dev)
+    if data:
+        buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    parts = [torch.empty_like(buf) for _ in range(size)]
+    _collective(what, dist.all_gather, parts, buf, group=group)
+    return [bytes(p[:int(c)].cpu().numpy().tobytes()) for p, c in zip(parts, sizes)]
+
+
+def _all_gather_object(obj, group, what: str) -> list:
+    import pickle
+
+    return [pickle.loads(b) for b in _all_gather_bytes(pickle.dumps(obj), group, what)]
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -82,14 +210,56 @@ def structure(model: nn.Module) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+def parameter_checksum(*models: nn.Module) -> str:
+    """SHA-256 (hex, 16 digits) over the parameter and buffer values of ``models`` (names, dtypes, bytes).
+
+    Args:
+        *models: the modules whose values a call combines (e.g. the model and its reference).
+
+    Returns:
+        16 hex digits; equal on two ranks exactly when every value is bitwise equal.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for i, model in enumerate(models):
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            flat = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            if flat.numel():
+                h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_same_parameters(group, what: str, *models: nn.Module) -> None:
+    """Raise on every rank, naming the rank, when a rank's models hold other values than rank 0's.
+
+    Ranks that combine their shards must measure the same model: structure alone (:func:`agree`) lets two
+    ranks with different weights return one mixed number. One small collective (a 16-digit checksum).
+
+    Args:
+        group: the process group (``None``: one process, nothing to check).
+        what: the call, for the message.
+        *models: the modules the call uses.
+
+    Raises:
+        ValueError: naming the ranks whose parameter values differ from rank 0's.
+    """
+    if group is None:
+        return
+    mine = parameter_checksum(*models)
+    everyone = _all_gather_object(mine, group, what)
+    differ = [r for r, c in enumerate(everyone) if c != everyone[0]]
+    if differ:
+        raise ValueError(f"{what}: the model's parameter values on rank(s) {', '.join(map(str, differ))} differ "
+                         "from rank 0's (checksums " + ", ".join(f"rank {r}: {c}" for r, c in enumerate(everyone))
+                         + "): every rank must measure the same model (broadcast it from one rank first)")
+
+
 def agree(group, what: str, **facts) -> list[dict]:
     """Every rank's ``facts`` (strings, numbers); an error naming the first rank that differs from rank 0."""
-    import torch.distributed as dist
-
-    _, size = rank_and_size(group)
-    everyone: list = [None] * size
     _count(_pickled_size(facts))
-    _collective(what, dist.all_gather_object, everyone, facts, group=group)
+    everyone = _all_gather_object(facts, group, what)
     for r, theirs in enumerate(everyone[1:], start=1):
         diff = [f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}"
                 for k in sorted(set(facts) | set(theirs)) if theirs.get(k) != everyone[0].get(k)]
@@ -118,14 +288,9 @@ def sum_i64(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def gather_objects(obj, group) -> list:
-    """Every rank's ``obj`` (picklable; tensors are moved to CPU first), in rank order, on every rank."""
-    import torch.distributed as dist
-
-    _, size = rank_and_size(group)
-    out: list = [None] * size
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
     _count(_pickled_size(obj))
-    _collective("all_gather", dist.all_gather_object, out, obj, group=group)
-    return out
+    return _all_gather_object(obj, group, "all_gather")
 
 
 def gather_inputs(x: torch.Tensor | None, group, device) -> torch.Tensor:
@@ -214,12 +379,21 @@ def broadcast_object(obj, src: int, group, nbytes: int | None = None):
     ``nbytes``: its size for the traffic count (default: pickled once more to measure it)."""
     import torch.distributed as dist
 
-    box = [obj]
+    import pickle
+
     rank, _ = rank_and_size(group)
+    root = dist.get_global_rank(group, src)
+    dev = _device(group)
+    data = pickle.dumps(obj) if rank == src else b""
     if rank == src:
-        _count(_pickled_size(obj) if nbytes is None else nbytes)
-    _collective("broadcast", dist.broadcast_object_list, box, src=dist.get_global_rank(group, src), group=group)
-    return box[0]
+        _count(len(data) if nbytes is None else nbytes)
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    _collective("broadcast", dist.broadcast, n, src=root, group=group)
+    buf = torch.zeros(int(n), dtype=torch.uint8, device=dev)
+    if rank == src and data:
+        buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev))
+    _collective("broadcast", dist.broadcast, buf, src=root, group=group)
+    return pickle.loads(buf.cpu().numpy().tobytes())
 
 
 def gather_loader(loader, group, device) -> torch.Tensor:

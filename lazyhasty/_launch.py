@@ -5,7 +5,8 @@ Every rank runs the same experiment with the same seeds, so training is replicat
 small); each :class:`lazyhasty.train.Trainer` splits its linearity probe set between the ranks
 (:class:`lazyhasty._dist.probes_over`), which is where the time goes at large probe sets (the NTK). Rank 0
 writes ``--out``; the other ranks work in a scratch copy of it (so that resuming decides the same on every
-rank) which is removed at the end. Backend: NCCL with one GPU per rank for ``--device cuda``, gloo otherwise.
+rank) which is removed at the end: a fresh folder made for it, inside ``LAZYHASTY_SCRATCH`` when that is
+set (the variable's folder and anything else in it are left alone). Backend: NCCL with one GPU per rank for ``--device cuda``, gloo otherwise.
 """
 from __future__ import annotations
 
@@ -73,7 +74,12 @@ def run_over_processes(nproc: int, run, ctx):
     from torch.multiprocessing.spawn import ProcessException
 
     if under_torchrun():
-        scratch = os.environ.get("LAZYHASTY_SCRATCH") or tempfile.mkdtemp(prefix="lazyhasty-rank")
+        # a fresh folder of this rank's own (inside LAZYHASTY_SCRATCH when set): only it is removed after,
+        # never the folder the user named nor what else it holds
+        parent = os.environ.get("LAZYHASTY_SCRATCH") or None
+        if parent is not None:
+            os.makedirs(parent, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix=f"lazyhasty-rank{os.environ['RANK']}-", dir=parent)
         try:
             return _rank_body(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), None, scratch, run, ctx)
         finally:

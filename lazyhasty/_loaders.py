@@ -41,11 +41,13 @@ def batch_inputs(batch) -> torch.Tensor:
     return x
 
 
-def iter_inputs(loader, device: torch.device | str | None = None, allow_empty: bool = False) -> Iterator[torch.Tensor]:
+def iter_inputs(loader, device: torch.device | str | None = None, allow_empty: bool = False,
+                same_shape: bool = False) -> Iterator[torch.Tensor]:
     """Yield the input tensor of every non-empty batch of ``loader``, moved to ``device``.
 
     Raises ``ValueError`` when the loader yields no example at all (unless ``allow_empty``: a rank's empty
-    shard of a probe set sharded over processes).
+    shard of a probe set sharded over processes), inputs on the meta device (no values), or, with
+    ``same_shape``, a batch whose examples have another shape or dtype than the first batch's.
     """
     if isinstance(loader, torch.Tensor):
         if loader.dim() == 0:
@@ -53,11 +55,21 @@ def iter_inputs(loader, device: torch.device | str | None = None, allow_empty: b
         loader = loader.split(DEFAULT_BATCH_SIZE)
     elif not isinstance(loader, Iterable):
         raise TypeError(f"a loader must be an iterable of batches, got {type(loader).__name__}")
-    seen = 0
-    for batch in loader:
+    seen, first = 0, None
+    for i, batch in enumerate(loader):
         x = batch_inputs(batch)
+        if x.device.type == "meta":
+            raise ValueError("the loader's inputs are on the meta device: they hold no values (materialize them, "
+                             "e.g. torch.randn(..., device='cpu'), before measuring)")
         if x.shape[0] == 0:
             continue
+        if same_shape:
+            if first is None:
+                first = (tuple(x.shape[1:]), x.dtype)
+            elif (tuple(x.shape[1:]), x.dtype) != first:
+                raise ValueError(f"batch {i} of the loader has examples of shape {tuple(x.shape[1:])} ({x.dtype}) but "
+                                 f"the first batch {first[0]} ({first[1]}): every batch must hold examples of one "
+                                 "shape and dtype (pad or crop them alike)")
         seen += x.shape[0]
         yield x.to(device, non_blocking=True) if device is not None else x
     if seen == 0 and not allow_empty:
@@ -68,6 +80,47 @@ def all_inputs(loader, device: torch.device | str | None = None) -> torch.Tensor
     """Every input of ``loader`` as one ``[n, ...]`` tensor (an empty loader is an error, as in iter_inputs)."""
     xs = list(iter_inputs(loader, device))
     return torch.cat(xs) if len(xs) > 1 else xs[0]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer (None for a module with neither)."""
+    for t in model.parameters():
+        if t.is_floating_point():
+            return t.dtype
+    for t in model.buffers():
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_materialized(model: nn.Module, name: str) -> None:
+    """Raise ``ValueError`` when ``model`` (the argument ``name``) has parameters or buffers on the meta device."""
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type == "meta":
+            raise ValueError(f"{name} has tensors on the meta device ({n!r}): they hold no values; materialize the "
+                             "module (to_empty(device=...) and load_state_dict) before measuring it")
+
+
+def model_inputs(x: torch.Tensor, model: nn.Module, device=None) -> torch.Tensor:
+    """``x`` for ``model``: on its device, floating-point inputs in its floating dtype (what ntk_alignment does,
+    so a float64 reference of a float32 model works); integer inputs (token ids) as they are."""
+    dtype = model_dtype(model)
+    if x.is_floating_point() and dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    return x.to(device) if device is not None else x
+
+
+def run_model(model: nn.Module, x: torch.Tensor, name: str = "the model"):
+    """``model(x)``, with torch's dtype error for integer inputs to a floating-point model made clear."""
+    try:
+        return model(x)
+    except RuntimeError as exc:
+        msg = str(exc)
+        if not x.is_floating_point() and ("dtype" in msg or "scalar type" in msg or "Long" in msg or "Int" in msg):
+            raise ValueError(f"the loader's inputs are {x.dtype} but {name} computes in {model_dtype(model)} ({msg.splitlines()[0]}):"
+                             " pass floating-point inputs (x.float()); integer inputs are for models that embed "
+                             "them (nn.Embedding)") from exc
+        raise
 
 
 def model_device(model: nn.Module) -> torch.device:

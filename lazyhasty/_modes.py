@@ -4,7 +4,7 @@ A probe inside a training loop meets models in train mode (dropout active, Batch
 Dropout makes the network random and BatchNorm in train mode makes each example's output depend on the rest
 of its batch, so neither has a tangent kernel, a sign pattern or a representation of its own; the
 deterministic network the probes are about is the model in eval mode (dropout off, BatchNorm on its running
-statistics). :func:`measuring` puts the models in that mode for the measurement and afterwards restores,
+statistics). `measuring` puts the models in that mode for the measurement and afterwards restores,
 bit for bit, what training depends on: each module's ``training`` flag, each buffer (BatchNorm's running
 statistics and counters included, even when a module replaced a buffer object instead of writing into it)
 and the random number generators of the CPU and of the models' CUDA devices, so a step after a probe is the
@@ -115,7 +115,7 @@ def measuring(*models: nn.Module | None) -> Iterator[None]:
 
 
 def measures(*arguments: str):
-    """Decorate a function so that it runs under :func:`measuring` of the modules named in ``arguments``.
+    """Decorate a function so that it runs under `measuring` of the modules named in ``arguments``.
 
     Args:
         *arguments: parameter names of the decorated function (``"model"``), or attribute paths from one

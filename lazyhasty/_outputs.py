@@ -1,12 +1,12 @@
 """Which tensor of a model's output the probes measure, and models that take named inputs.
 
 Models of outside libraries rarely return a bare tensor: a Hugging Face model returns a ``ModelOutput``
-(``.logits``), others a dict or a tuple. :func:`output_tensor` picks the tensor: the ``output=`` a user gave
+(``.logits``), others a dict or a tuple. `output_tensor` picks the tensor: the ``output=`` a user gave
 (an index, a key, an attribute name or a callable), else the output itself when it is a tensor, else its
-``logits`` (attribute or key). :class:`ProbeModel` wraps a model so that it is a function of one tensor with
+``logits`` (attribute or key). `ProbeModel` wraps a model so that it is a function of one tensor with
 one tensor out, which is what the tangent-kernel engine and the losses take: it picks the output and, for a
 model called with named inputs (``model(input_ids=..., attention_mask=...)``), unpacks them from one packed
-``[n, d]`` tensor (:func:`pack_inputs`).
+``[n, d]`` tensor (`pack_inputs`).
 """
 from __future__ import annotations
 
@@ -141,8 +141,8 @@ class ProbeModel(nn.Module):
 
     Args:
         model: the module measured.
-        output: which tensor of its output (see :func:`output_tensor`).
-        packing: how named inputs were packed (:func:`pack_inputs`); ``None``: the model takes ``x`` itself.
+        output: which tensor of its output (see `output_tensor`).
+        packing: how named inputs were packed (`pack_inputs`); ``None``: the model takes ``x`` itself.
     """
 
     def __init__(self, model: nn.Module, output=None, packing: InputPacking | None = None):

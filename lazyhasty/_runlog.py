@@ -8,10 +8,9 @@ Rules (what a resume may and may not do to a user's log):
   line; the file is left exactly as it is.
 - The checkpoint counts the rows it knows. A log with fewer rows than that is an error (rows are
   missing): nothing is changed.
-- Rows are chained: each row of a run carries in ``"_prev"`` a hash of the row before it (the first row:
-  of the run's id), and the checkpoint carries the hash of the last row it counts. Any row before the
-  checkpoint that was edited, deleted or inserted is an error naming the line; nothing is changed.
-  Readers (:func:`read_rows`) never see ``"_prev"``.
+- The checkpoint carries a hash of every row it counts (8 bytes a row, :func:`row_digest`): any row
+  before the checkpoint that was edited, deleted or inserted is an error naming the line (and which of
+  the three it was); nothing is changed. The rows themselves are stored as they are.
 - Rows after the checkpoint's count (written between a row and the next checkpoint) are kept on disk:
   the resumed run recomputes them and checks each against the row on disk. Should one differ (another
   machine, another torch), the whole old log is first copied to ``log.jsonl.diverged-<n>``, then the
@@ -19,6 +18,7 @@ Rules (what a resume may and may not do to a user's log):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +29,100 @@ from pathlib import Path
 
 class LogDamaged(ValueError):
     """A run log that cannot be resumed without losing rows; the files were left as they are."""
+
+
+class RunLocked(RuntimeError):
+    """Another process holds the directory (a run or an experiment being written); nothing was touched."""
+
+
+LOCK_NAME = "lazyhasty.lock"
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid holding the ``flock`` on ``path`` (from ``/proc/locks``, else as the holder wrote it)."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "->" in parts or len(parts) < 6 or parts[1] != "FLOCK":
+                    continue
+                maj, mnr, ino = parts[5].split(":")
+                if (int(ino), int(maj, 16), int(mnr, 16)) == (st.st_ino, os.major(st.st_dev), os.minor(st.st_dev)):
+                    return parts[4]
+    except (OSError, ValueError):
+        pass
+    try:
+        return Path(path).read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def locked(directory: Path, what: str = "run directory"):
+    """Hold an exclusive ``fcntl.flock`` on ``directory/lazyhasty.lock`` for the ``with`` block.
+
+    The lock goes with the process: a killed holder releases it, so a resume after SIGKILL is never
+    refused. Where ``/proc/locks`` is missing (not Linux) the holder writes its pid into the lock file.
+
+    Args:
+        directory: created when missing.
+        what: how the error names it.
+
+    Raises:
+        RunLocked: another process (or another open of it in this process) holds it; the error names the
+            holder's pid.
+    """
+    directory = Path(directory)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _lock_holder(path)
+            mine = " (this process)" if pid == str(os.getpid()) else ""
+            raise RunLocked(f"{directory} is in use by another process (pid {pid}{mine}, holding {path}): two "
+                            f"processes on one {what} would corrupt it. Nothing was touched; wait for it to end, "
+                            "or stop it, then resume.") from None
+        if not os.path.exists("/proc/locks"):
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def refuse_foreign(directory: Path, markers: tuple[str, ...], what: str) -> None:
+    """Refuse a non-empty ``directory`` that holds none of ``markers`` (files lazyhasty writes first).
+
+    Args:
+        directory: where lazyhasty is about to write; a missing or empty one is fine.
+        markers: names whose presence says lazyhasty created the directory.
+        what: what lazyhasty would write there, for the message.
+
+    Raises:
+        FileExistsError: naming the directory and a few of its entries; nothing was touched.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    names = sorted(p.name for p in directory.iterdir())
+    if any(m in names for m in markers):
+        return
+    # a run killed before its first file: only the lock, or a temp file of the marker, is there
+    others = [n for n in names if n != LOCK_NAME and n not in {m + ".tmp" for m in markers}]
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise FileExistsError(f"{directory} is not empty and was not created by lazyhasty (no {markers[0]}; it "
+                              f"holds {shown}): it is not a lazyhasty {what}, and its files are not replaced. "
+                              "Nothing was touched; choose another (new or empty) directory.")
 
 
 def payload_digest(obj) -> str:
@@ -77,13 +171,17 @@ def atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-CHAIN = "_prev"  # the key of a row's link to the row before it
+def row_digest(row: dict) -> bytes:
+    """8 bytes of SHA-256 of a row's JSON line: what the checkpoint keeps of each row it counts."""
+    return hashlib.sha256(json.dumps(row).encode()).digest()[:8]
 
 
-def link(prev: dict | None, seed: str) -> str:
-    """The ``"_prev"`` value of the row after ``prev`` (``None``: of the first row of the run ``seed``)."""
-    data = b"first:" + seed.encode() if prev is None else json.dumps(prev).encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+def digests_tensor(digests: list[bytes]):
+    """The digests as a ``[n, 8]`` uint8 tensor (what a ``weights_only`` checkpoint can hold)."""
+    import torch
+
+    return torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.uint8).reshape(len(digests), 8) \
+        if digests else torch.zeros(0, 8, dtype=torch.uint8)
 
 
 def read_log(path: Path) -> tuple[list[dict], bytes | None]:
@@ -120,55 +218,44 @@ def read_log(path: Path) -> tuple[list[dict], bytes | None]:
     return rows, None
 
 
-def _unchained(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k != CHAIN}
-
-
-def check_chain(path: Path, rows: list[dict], n: int, seed: str, head: str | None, checkpoint=None) -> None:
-    """Check that the first ``n`` rows are the run's rows in order, and the ``n``-th the checkpoint's last.
+def check_rows(path: Path, rows: list[dict], digests, checkpoint=None) -> None:
+    """Check that the log's first rows are the ones the checkpoint counts, in order.
 
     Args:
         path: the log (named in the error).
-        rows: its rows as on disk (``"_prev"`` included).
-        n: how many rows the checkpoint counts (at most ``len(rows)``).
-        seed: the run's id (the first row's link).
-        head: the checkpoint's hash of its last counted row (``link(rows[n - 1])``); ``None``: not checked.
+        rows: its rows.
+        digests: ``[n, 8]`` uint8, :func:`row_digest` of each row the checkpoint counts.
         checkpoint: the checkpoint's path, for the message.
 
     Raises:
-        LogDamaged: naming the first line that breaks the chain.
+        LogDamaged: naming the first line that differs and whether a row was edited, deleted or inserted.
     """
+    want = [bytes(d) for d in digests.cpu().numpy()]
+    have = [row_digest(r) for r in rows[:len(want) + 1]]
     fix = ("Nothing was changed: restore the log, or move the checkpoint aside to recompute the run from its "
            "start (the rows on disk are then checked, not lost).")
-    for i in range(n):
-        want = link(rows[i - 1] if i else None, seed)
-        got = rows[i].get(CHAIN)
-        if got == want:
+    ck = checkpoint or "the checkpoint"
+    for i, w in enumerate(want):
+        if i < len(have) and have[i] == w:
             continue
-        if got is None:
-            raise LogDamaged(f"{path}, line {i + 1}: the row carries no link to the row before it ({CHAIN!r}): it "
-                             f"was not written by this run, or was edited. {fix}")
-        if i == 0:
-            raise LogDamaged(f"{path}, line 1: the first row is not this run's (its link names another run: a log "
-                             f"copied from another run directory, or rows inserted before it). {fix}")
-        earlier = [j + 1 for j in range(i - 1) if link(rows[j], seed) == got]
-        why = (f"its link is that of the row after line {earlier[-1]}: a copied row was inserted here, or lines "
-               f"{earlier[-1] + 1}..{i} were inserted" if earlier else f"line {i} was edited, or rows between lines {i} and {i + 1} were deleted or "
-               "inserted")
-        raise LogDamaged(f"{path}, line {i + 1}: this row does not follow line {i} ({why}). {fix}")
-    if head is not None and n and link(rows[n - 1], seed) != head:
-        raise LogDamaged(f"{path}, line {n}: not the last row {checkpoint or 'the checkpoint'} counts (the row was "
-                         f"edited, or the checkpoint belongs to other rows). {fix}")
+        if i < len(have) and i + 1 < len(want) and have[i] == want[i + 1]:
+            why = f"it is the row {ck} counts as line {i + 2}: the row before it (line {i + 1}) was deleted"
+        elif i + 1 < len(have) and have[i + 1] == w:
+            why = f"a row was inserted here: the next line is the row {ck} counts as line {i + 1}"
+        elif i < len(have):
+            why = f"the row differs from the one {ck} counts there: it was edited"
+        else:
+            return  # fewer rows than counted: the caller says so
+        raise LogDamaged(f"{path}, line {i + 1}: {why}. {fix}")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows for reading (``Run``), without their links: a torn last line is skipped with a warning, other
-    damage is an error."""
+    """Rows for reading (``Run``): a torn last line is skipped with a warning, other damage is an error."""
     rows, torn = read_log(path)
     if torn is not None:
         warnings.warn(f"{path}: ignoring a torn last line ({len(torn)} bytes, a crash while writing it); "
                       f"{len(rows)} rows read", RuntimeWarning, stacklevel=3)
-    return [_unchained(r) for r in rows]
+    return rows
 
 
 def _aside(path: Path, tag: str) -> Path:
@@ -187,25 +274,38 @@ def _line(row: dict) -> str:
 class RunLog:
     """The log of a run being trained: known rows, rows on disk awaiting recomputation, appends.
 
-    ``RunLog.open(path, n_checkpoint, seed=run_id, head=...)`` applies the rules of the module docstring;
-    ``append(row)`` writes (fsync'd, linked to the row before) or verifies a row; ``rows`` are the rows the
-    run has now (without links); ``head`` is the link the next row gets (the checkpoint stores it).
-    ``seed=None``: a run of an older lazyhasty, whose rows carry no links (and get none).
+    ``RunLog.open(path, n_checkpoint, digests=...)`` applies the rules of the module docstring;
+    ``append(row)`` writes (fsync'd) or verifies a row; ``rows`` are the rows the run has now;
+    ``digests()`` the ``[n, 8]`` hashes of those rows, for the checkpoint.
     """
 
-    def __init__(self, path: Path, rows: list[dict], pending: list[dict], seed: str | None, head: str | None):
+    def __init__(self, path: Path, rows: list[dict], pending: list[dict]):
         self.path, self.rows, self.pending = path, rows, pending
-        self.seed, self.head = seed, head
+        self._digests = [row_digest(r) for r in rows]
         self._file = open(path, "a")
 
     @classmethod
-    def open(cls, path: Path, n_checkpoint: int | None, checkpoint: Path | None = None, *, seed: str | None = None,
-             head: str | None = None) -> "RunLog":
+    def open(cls, path: Path, n_checkpoint: int | None, checkpoint: Path | None = None, *,
+             digests=None) -> "RunLog":
+        """Open a run's log at a resume (or its start).
+
+        Args:
+            path: ``log.jsonl``.
+            n_checkpoint: how many rows the checkpoint counts (``None``: no checkpoint).
+            checkpoint: its path, for messages.
+            digests: the checkpoint's ``[n, 8]`` row hashes (``None``: not checked).
+
+        Raises:
+            LogDamaged: rows the checkpoint counts are missing or changed, or a middle line is not a row.
+        """
         path = Path(path)
         rows, torn = read_log(path)
         known = n_checkpoint or 0
-        if seed is not None:
-            check_chain(path, rows, min(known, len(rows)), seed, head if known <= len(rows) else None, checkpoint)
+        if digests is not None:
+            if digests.shape != (known, 8):
+                raise LogDamaged(f"{checkpoint or 'the checkpoint'} holds {digests.shape[0]} row hashes for {known} "
+                                 "rows: not a consistent lazyhasty checkpoint. Move it aside to recompute the run.")
+            check_rows(path, rows, digests, checkpoint)
         if len(rows) < known:
             raise LogDamaged(
                 f"{path} holds {len(rows)} rows but {checkpoint or 'the checkpoint'} counts {known}"
@@ -219,20 +319,18 @@ class RunLog:
                           f"{len(rows)} rows kept; the run recomputes the rest.", RuntimeWarning, stacklevel=3)
         if torn is not None or (path.exists() and not path.read_bytes().endswith(b"\n") and rows):
             atomic_write(path, "".join(_line(r) for r in rows).encode())  # every row stays
-        head = None if seed is None else link(rows[known - 1] if known else None, seed)
-        return cls(path, [_unchained(r) for r in rows[:known]], rows[known:], seed, head)
+        return cls(path, rows[:known], rows[known:])
 
-    def _linked(self, row: dict) -> dict:
-        return row if self.seed is None else {**row, CHAIN: self.head}
+    def digests(self):
+        """``[len(rows), 8]`` uint8: :func:`row_digest` of every row the run has, for its checkpoint."""
+        return digests_tensor(self._digests)
 
     def append(self, row: dict) -> None:
         """Write ``row`` after the run's rows (or find it already on disk, recomputed by a resume)."""
-        row = _unchained(row)
-        linked = self._linked(row)
         if self.pending:
-            if _line(self.pending[0]) == _line(linked):  # already on disk (a resume recomputing it)
+            if _line(self.pending[0]) == _line(row):  # already on disk (a resume recomputing it)
                 self.pending.pop(0)
-                self._advance(row, linked)
+                self._add(row)
                 return
             aside = _aside(self.path, f"diverged-{len(self.rows)}")
             shutil.copy2(self.path, aside)
@@ -241,23 +339,17 @@ class RunLog:
                 f"library version?); the old log was copied to {aside.name} and the new rows replace it from there",
                 RuntimeWarning, stacklevel=2)
             self._file.close()
-            self.head = None if self.seed is None else link(None, self.seed)
-            lines = []
-            for r in self.rows:
-                lines.append(_line(self._linked(r)))
-                self.head = None if self.seed is None else link(self._linked(r), self.seed)
-            atomic_write(self.path, "".join(lines).encode())
+            atomic_write(self.path, "".join(_line(r) for r in self.rows).encode())
             self._file = open(self.path, "a")
             self.pending = []
-        self._file.write(_line(linked))
+        self._file.write(_line(row))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._advance(row, linked)
+        self._add(row)
 
-    def _advance(self, row: dict, linked: dict) -> None:
+    def _add(self, row: dict) -> None:
         self.rows.append(row)
-        if self.seed is not None:
-            self.head = link(linked, self.seed)
+        self._digests.append(row_digest(row))
 
     def close(self) -> None:
         self._file.close()

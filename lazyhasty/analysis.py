@@ -240,7 +240,7 @@ def plot_logs(paths: Sequence, out, *, progress: str | None = None) -> list:
 def mean_and_band(curves: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``curves`` ``[S, G]`` (NaN where a seed has no value) -> mean ``[G]`` and the lower / upper ends of the
     95% Student-t interval of the mean ``[G]`` (NaN where fewer than 2 seeds have a value)."""
-    from .experiments.claims import t_quantile
+    from ._stats import t_quantile
 
     c = np.asarray(curves, dtype=np.float64)
     n = np.isfinite(c).sum(0)

@@ -1,4 +1,4 @@
-"""A :class:`lazyhasty.Monitor` inside the trainers people use: Lightning and Hugging Face ``transformers``.
+"""A [`Monitor`][lazyhasty.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
 
 Each is imported lazily (``pip install lightning`` / ``transformers accelerate``); nothing here is needed otherwise.
 The callbacks are classes, importable where their library is installed::
@@ -110,7 +110,7 @@ def _make_lightning_callback():
     Callback = _lightning_classes()
 
     class LazyhastyCallback(Callback):
-        """Log a :class:`lazyhasty.Monitor`'s values through Lightning after training batches.
+        """Log a [`Monitor`][lazyhasty.Monitor]'s values through Lightning after training batches.
 
         Args:
             monitor: the Monitor (its reference captured at init).
@@ -187,7 +187,7 @@ def _make_transformers_callback():
         raise ImportError("LazyhastyTrainerCallback needs transformers: pip install transformers accelerate") from exc
 
     class LazyhastyTrainerCallback(TrainerCallback):
-        """Log a :class:`lazyhasty.Monitor`'s values through a Hugging Face ``Trainer``'s own logging.
+        """Log a [`Monitor`][lazyhasty.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
 
         Args:
             monitor: the Monitor (its reference captured at init; a tokenized dict of tensors works as its probe).
@@ -267,10 +267,10 @@ def __getattr__(name):  # the classes need their library, so they are built on f
 
 
 def lightning_callback(monitor: Monitor, *, get_model: Callable | None = None, loss_key: str = "loss", **options):
-    """A :class:`LazyhastyCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    """A `LazyhastyCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
     return __getattr__("LazyhastyCallback")(monitor, get_model=get_model, loss_key=loss_key, **options)
 
 
 def transformers_callback(monitor: Monitor, *, get_model: Callable | None = None, **options):
-    """A :class:`LazyhastyTrainerCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    """A `LazyhastyTrainerCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
     return __getattr__("LazyhastyTrainerCallback")(monitor, get_model=get_model, **options)

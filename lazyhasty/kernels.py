@@ -20,6 +20,7 @@ has no closed form: gradient descent is iterated exactly, gradient flow integrat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -110,6 +111,11 @@ def predict(K_train: torch.Tensor, K_test_train: torch.Tensor | None, y: torch.T
     Y = _targets(y, n, k, loss).to(Kf.device)
     f0 = f0.to(Kf.device)
     test = K_test_train is not None
+    if not test and (f0_test is not None or y_test is not None):
+        given = " and ".join(n for n, v in (("f0_test", f0_test), ("y_test", y_test)) if v is not None)
+        raise ValueError(f"{given} given without K_test_train: the test predictions need the [m, n] (or "
+                         "[m, k, n, k]) kernel between test and training points; pass K_test_train, or drop "
+                         f"{given}")
     if test:
         if f0_test is None:
             raise ValueError("f0_test is needed with K_test_train")
@@ -221,21 +227,92 @@ def mode_residuals(eigvecs: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> t
     return eigvecs.to(F64).T @ (f - y.to(f.device))
 
 
+class NotConverged(ArithmeticError):
+    """:func:`ntk_eigh` did not reach its tolerance (``on_unconverged="raise"``); ``.result`` holds what it has."""
+
+    def __init__(self, message: str, result: "Eigenpairs"):
+        super().__init__(message)
+        self.result = result
+
+
+class Eigenpairs(tuple):
+    """``(values, vectors)`` of :func:`ntk_eigh`, unpacking as a pair, with how far they are from exact.
+
+    Attributes:
+        values: ``[r]`` descending.
+        vectors: ``[N, r]``, orthonormal columns.
+        residuals: ``[r]``, ``||K v_i - lambda_i v_i|| / lambda_1`` (float64): a vector's angle to the true
+            eigenspace is at most about ``residual * lambda_1 / gap`` and its value's error about
+            ``residual^2 lambda_1^2 / gap``, with ``gap`` the distance to the nearest other eigenvalue.
+        converged: every residual is within ``tol``.
+        iterations: subspace iterations run (0: from the materialized kernel).
+    """
+
+    def __new__(cls, values, vectors, residuals, converged: bool, iterations: int):
+        self = super().__new__(cls, (values, vectors))
+        self.values, self.vectors, self.residuals = values, vectors, residuals
+        self.converged, self.iterations = bool(converged), int(iterations)
+        return self
+
+    def __getnewargs__(self):
+        return (self.values, self.vectors, self.residuals, self.converged, self.iterations)
+
+
+def _residuals(KV: torch.Tensor, V: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    scale = float(lam.abs().max()) or 1.0
+    return (KV - V * lam).norm(dim=0) / scale
+
+
 def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1 << 30, block_size: int | None = None,
              dtype: torch.dtype | None = None, tol: float = 1e-10, max_iter: int = 200, seed: int = 0,
-             **ntk_options) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``r`` eigenpairs ``(values [r] descending, vectors [n, r])`` of the NTK on the probe set.
+             on_unconverged: str = "warn", **ntk_options) -> Eigenpairs:
+    """Top-``r`` eigenpairs ``(values [r] descending, vectors [N, r])`` of the NTK on the probe set.
 
-    ``kernel="trace"``: the ``[n, n]`` trace kernel; ``"full"``: the ``[nk, nk]`` kernel (vectors ``[n k, r]``).
-    From the materialized kernel (``torch.linalg.eigh``) while it fits ``max_bytes``; otherwise by block
-    subspace iteration with Rayleigh-Ritz on streamed kernel-vector products ``K V`` formed tile by tile
-    (:func:`kernel_matvec`), never holding the ``n x n`` matrix.
+    ``kernel="trace"``: the ``[n, n]`` trace kernel (``N = n``); ``"full"``: the ``[nk, nk]`` kernel
+    (``N = n k``). From the materialized kernel (``torch.linalg.eigh``) while it fits ``max_bytes``; otherwise
+    by block subspace iteration with Rayleigh-Ritz on streamed kernel-vector products ``K V`` formed tile by
+    tile (:func:`kernel_matvec`), never holding the ``N x N`` matrix. The iteration stops when every Ritz
+    pair's residual ``||K v_i - lambda_i v_i||`` is within ``tol * lambda_1`` (the products of the last
+    iteration give the residuals at no extra cost).
+
+    Args:
+        model: the network (its NTK at its current parameters).
+        loader: the probe inputs: a tensor ``[n, ...]`` or a loader of batches.
+        r: how many eigenpairs, ``1 <= r <= N``.
+        kernel: ``"trace"`` or ``"full"``.
+        max_bytes: materialize the float64 kernel when ``8 N^2`` fits.
+        block_size, dtype, **ntk_options: as :func:`lazyhasty.ntk.ntk_gram`.
+        tol: relative residual ``||K v - lambda v|| / lambda_1`` every pair must reach (subspace iteration).
+        max_iter: at most this many subspace iterations.
+        seed: of the random start block.
+        on_unconverged: ``"warn"`` (a ``RuntimeWarning`` with the residuals) or ``"raise"``
+            (:class:`NotConverged`) when ``max_iter`` ran out before ``tol``.
+
+    Returns:
+        :class:`Eigenpairs`: unpacks as ``(values, vectors)``; ``.residuals`` ``[r]``, ``.converged``,
+        ``.iterations`` say how close they are.
+
+    Raises:
+        ValueError: a bad ``kernel``, ``r``, ``tol``, ``max_iter`` or ``on_unconverged``.
+        NotConverged: with ``on_unconverged="raise"``, when the tolerance was not reached.
+
+    Example:
+        >>> lam, V = ntk_eigh(net, x, 8, max_bytes=0)  # streamed
+        >>> res = ntk_eigh(net, x, 8, max_bytes=0, on_unconverged="raise")
+        >>> res.converged, float(res.residuals.max()) <= 1e-10
+        (True, True)
     """
     from ._loaders import all_inputs, model_device
     from .ntk import ntk_gram
 
     if kernel not in ("trace", "full"):
         raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
+    if on_unconverged not in ("warn", "raise"):
+        raise ValueError(f"on_unconverged must be 'warn' or 'raise', got {on_unconverged!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise ValueError(f"tol must be a number > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     x = all_inputs(loader, model_device(model))
     n = x.shape[0]
     with torch.no_grad():
@@ -245,29 +322,40 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
         raise ValueError(f"r must be an integer in 1..{N} (the kernel's size), got {r!r}")
     if 8 * N * N <= max_bytes:
         K = ntk_gram(model, x, kernel=kernel, block_size=block_size, dtype=dtype, **ntk_options).to(F64)
-        lam, V = torch.linalg.eigh(K.reshape(N, N))
-        return lam.flip(0)[:r], V.flip(1)[:, :r]
+        K = K.reshape(N, N)
+        lam, V = torch.linalg.eigh(K)
+        lam, V = lam.flip(0)[:r], V.flip(1)[:, :r]
+        return Eigenpairs(lam, V, _residuals(K @ V, V, lam), True, 0)
     from .ntk import KernelOperator
 
     op = KernelOperator(model, x, kernel=kernel, block_size=block_size, dtype=dtype, **ntk_options)
-    return _subspace_iteration(op, N, r, tol, max_iter, seed, x.device)
+    result = _subspace_iteration(op, N, r, tol, max_iter, seed, x.device)
+    if not result.converged:
+        msg = (f"ntk_eigh: the subspace iteration did not reach tol={tol:g} in max_iter={max_iter} iterations: "
+               f"relative residuals ||K v - lambda v|| / lambda_1 up to {float(result.residuals.max()):.3g} "
+               f"(per pair: {', '.join(f'{float(v):.2g}' for v in result.residuals)}). Raise max_iter, loosen "
+               "tol, or materialize the kernel (max_bytes >= 8 N^2).")
+        if on_unconverged == "raise":
+            raise NotConverged(msg, result)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    return result
 
 
-def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device):
+def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device) -> Eigenpairs:
     g = torch.Generator().manual_seed(seed)
     p = min(N, r + max(5, r // 2))  # oversampling: the convergence rate is lambda_{p+1} / lambda_r
     Q, _ = torch.linalg.qr(torch.randn(N, p, generator=g, dtype=F64).to(device))
-    prev = None
-    for _ in range(max_iter):
-        Z = matvec(Q)
+    for it in range(1, max_iter + 1):
+        Z = matvec(Q)  # K Q
         H = Q.T @ Z
         lam, W = torch.linalg.eigh((H + H.T) / 2)
         lam, W = lam.flip(0), W.flip(1)
-        if prev is not None and float((lam[:r] - prev).abs().max()) <= tol * float(lam[0]):
-            return lam[:r], (Q @ W)[:, :r]
-        prev = lam[:r]
+        V, KV = Q @ W[:, :r], Z @ W[:, :r]  # Ritz vectors and K times them, exactly
+        res = _residuals(KV, V, lam[:r])
+        if float(res.max()) <= tol:
+            return Eigenpairs(lam[:r], V, res, True, it)
         Q, _ = torch.linalg.qr(Z @ W)
-    return lam[:r], (Q @ W)[:, :r]
+    return Eigenpairs(lam[:r], V, res, False, max_iter)
 
 
 def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **ntk_options) -> torch.Tensor:

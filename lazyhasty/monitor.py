@@ -6,8 +6,8 @@
         if mon.due(step, loss.item()):
             mon.log(model, step)          # {"sign_similarity": ..., "ntk_alignment": ..., "group/noisy/loss": ...}
 
-The reference's side is captured once (:class:`lazyhasty.metrics.LinearityProbe`, whose ``ntk=`` holds an
-:class:`lazyhasty.ntk.NTKReference`): a log runs one no-grad forward of the model for sign similarity and
+The reference's side is captured once ([`LinearityProbe`][lazyhasty.metrics.LinearityProbe], whose ``ntk=`` holds an
+[`NTKReference`][lazyhasty.ntk.NTKReference]): a log runs one no-grad forward of the model for sign similarity and
 representation alignment, and forms only the model's tangent kernel. Models are measured in eval mode on
 their own device; their modes, buffers and the RNG states are restored bit for bit after each log.
 
@@ -312,13 +312,13 @@ class Monitor:
 
     What it measures: the network in eval mode (dropout off, BatchNorm on its running statistics), whatever
     mode the model and the reference are in; each module's mode, every buffer and the RNG states are restored
-    bit for bit after each log (:func:`lazyhasty._modes.measuring`), so the training step after a log is the
+    bit for bit after each log (`measuring`), so the training step after a log is the
     one that would have run without it. The reference's side (sign patterns, features, ``K_0``) is captured
     once, here; a log runs one no-grad forward of the model and forms only its tangent kernel.
 
     The kernel: ``ntk_alignment`` is ``KA(K_t, K_0)`` of the ``kernel=`` chosen here, by default the **trace**
     kernel ``[n, n]`` (the sum over the k outputs of each block; k^2 times cheaper to form), while
-    :func:`lazyhasty.metrics.ntk_alignment` defaults to the full ``[n, k, n, k]`` kernel. The two are different
+    [`ntk_alignment`][lazyhasty.metrics.ntk_alignment] defaults to the full ``[n, k, n, k]`` kernel. The two are different
     quantities (0.995 vs 0.59 on a trained resnet18); the run header of every sink records which one.
 
     Args:
@@ -358,7 +358,7 @@ class Monitor:
             union (give ``sinks`` on rank 0 only, or every rank writes them). ``due`` follows rank 0's decision
             when it depends on a loss or a clock (``geometric``, ``budget``).
 
-    Every row :meth:`log` writes also has ``probe_seconds`` (this log's measurement) and ``probe_overhead``
+    Every row [`log`][lazyhasty.Monitor.log] writes also has ``probe_seconds`` (this log's measurement) and ``probe_overhead``
     (the share of wall time since the first ``due`` / ``log`` call spent in logs).
 
     Example:
@@ -671,11 +671,11 @@ class Monitor:
         """Measure, hand the values to every sink, and return them.
 
         Args:
-            model: as for :meth:`measure`.
+            model: as for [`measure`][lazyhasty.Monitor.measure].
             step: the training step the row is filed under.
 
         Returns:
-            :meth:`measure`'s values plus ``probe_seconds`` (this measurement's wall time) and
+            [`measure`][lazyhasty.Monitor.measure]'s values plus ``probe_seconds`` (this measurement's wall time) and
             ``probe_overhead`` (the share of wall time since the first ``due`` / ``log`` call spent in logs, this
             one included).
         """

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._progress import Progress
-from ._runlog import LogDamaged, RunLog, atomic_write, payload_digest, read_rows
+from ._runlog import (LogDamaged, RunLocked, RunLog, atomic_write, locked, payload_digest,  # noqa: F401 (users
+                      read_rows, refuse_foreign)  # catch LogDamaged / RunLocked from here)
 from .data import Dataset
 from .losses import LOSSES, per_example_loss, predictions_correct  # noqa: F401  (re-exported)
 from .regimes import AlphaScaled, scaled_lr
@@ -188,7 +189,7 @@ def load_checkpoint(path: Path, device, run_id: str | None = None) -> dict:
             "the checkpoint is damaged (truncated, overwritten, or not written by lazyhasty). It was left as it "
             "is; move it aside to recompute the run from its start (the log's rows are then checked, not "
             "lost), or restore it.") from None
-    need = {"model", "optimizer", "rng", "step", "log_state", "n_rows"}
+    need = {"model", "optimizer", "rng", "step", "log_state", "n_rows", "row_digests"}
     if not isinstance(blob, dict) or not need <= set(blob):
         raise LogDamaged(f"{path} is not a lazyhasty checkpoint (missing "
                          f"{sorted(need - set(blob if isinstance(blob, dict) else {}))})")
@@ -207,6 +208,37 @@ def load_checkpoint(path: Path, device, run_id: str | None = None) -> dict:
                          "left as it is; move it aside to recompute the run from its start (the log's rows are "
                          "then checked, not lost), or restore this run's own checkpoint.")
     return blob
+
+
+def _save_atomically(obj, path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, fsync, rename: ``path`` is the old file or the whole new one.
+
+    Raises:
+        OSError: naming the temp file, when writing fails (a full disk makes ``torch.save`` raise a bare
+            ``RuntimeError`` part-way); the temp file is removed, ``path`` stays as it was.
+    """
+    import errno
+    import shutil
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (RuntimeError, OSError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        try:
+            free = f"{shutil.disk_usage(tmp.parent).free} bytes free there"
+        except OSError:
+            free = "free space unknown"
+        code = getattr(exc, "errno", None) or errno.ENOSPC
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise OSError(code, f"writing failed ({detail}): is the disk full ({free})? {path.name} and the log were "
+                      "left as they were; free space, then resume", str(tmp)) from exc
+    os.replace(tmp, path)
 
 
 def _structure(model: nn.Module) -> str:
@@ -371,8 +403,8 @@ class Trainer:
                 raise FileExistsError(f"{self.run_dir} already holds a run: pass resume=True or another run_dir")
             if not isinstance(old.get("run_id"), str):
                 raise ValueError(f"{cfg_path} has no run id: the run was written by an older lazyhasty and cannot "
-                                 "be resumed safely (its rows carry no links). Its files were left as they are; "
-                                 "start it again in another run_dir.")
+                                 "be resumed safely (its checkpoints cannot be verified). Its files were left as "
+                                 "they are; start it again in another run_dir.")
             self.run_id = cfg["run_id"] = old["run_id"]
             diffs = _diff(old, cfg)
             if diffs:
@@ -383,7 +415,7 @@ class Trainer:
                 return load_checkpoint(ckpt, self.device, run_id=self.run_id)
             return None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # names this run in every checkpoint and in the first row's link: another run's files are refused
+        # names this run in every checkpoint: another run's checkpoint is refused
         self.run_id = cfg["run_id"] = uuid.uuid4().hex
         atomic_write(cfg_path, json.dumps(cfg, indent=1).encode())
         return None
@@ -394,14 +426,10 @@ class Trainer:
         blob = {"model": self.net.state_dict(), "optimizer": self.opt.state_dict(), "rng": rng,
                 **({"linearized": self.lin.state_dict(), "lin_optimizer": self.lin_opt.state_dict()}
                    if self.lin is not None else {}),
-                "step": step, "log_state": dict(state), "n_rows": len(runlog.rows), "log_head": runlog.head,
+                "step": step, "log_state": dict(state), "n_rows": len(runlog.rows), "row_digests": runlog.digests(),
                 "run_id": self.run_id}
         blob["sha256"] = payload_digest(blob)  # verified on load: a flipped bit must not resume silently
-        tmp = self.run_dir / "checkpoint.pt.tmp"
-        torch.save(blob, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.run_dir / "checkpoint.pt")
+        _save_atomically(blob, self.run_dir / "checkpoint.pt")
 
     # -- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -518,8 +546,31 @@ class Trainer:
 
         A log at step s records the state before update s (step 0 = init, step ``steps`` = the end).
         The geometric policy decides on the loss of that same state (full batch: exact; minibatches:
-        an EMA of minibatch losses), so each logged row is the first state below its level.
+        an EMA of minibatch losses), so each logged row is the first state below its level. The run
+        directory is locked (``fcntl.flock`` on ``lazyhasty.lock``) while this runs.
+
+        Args:
+            resume: continue the run in ``run_dir`` (else a directory holding a run is an error).
+
+        Returns:
+            The finished :class:`Run`.
+
+        Raises:
+            RunLocked: another process is writing ``run_dir`` (its pid is named); nothing was touched.
+            FileExistsError: ``run_dir`` holds files but no run (nothing was touched), or holds a run and
+                ``resume`` is false.
+            LogDamaged: the log or checkpoint cannot be resumed without losing rows (files left as they are).
+            ValueError: resuming with another config, model structure or data.
+            lazyhasty._dist.RankFailed: over ranks, when another rank raised (named, with its exception).
         """
+        from . import _dist
+
+        refuse_foreign(self.run_dir, ("config.json",), "run directory")
+        # over ranks: a rank that raises here tells the others, waiting in the probes' collectives, at once
+        with _dist.failing_together(self.group, "Trainer.fit"), locked(self.run_dir):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> Run:
         cfg = self.config
         ckpt = self._prepare_dir(resume)
         log_path = self.run_dir / "log.jsonl"
@@ -537,7 +588,7 @@ class Trainer:
             state = {"logs": 0, "next_m": 1, "L0": None, "ema": None, "last_logged": -1}
         # rows the checkpoint knows are kept; later ones stay on disk and are checked as they are recomputed
         runlog = RunLog.open(log_path, ckpt["n_rows"] if ckpt is not None else None, self.run_dir / "checkpoint.pt",
-                             seed=self.run_id, head=ckpt.get("log_head") if ckpt is not None else None)
+                             digests=ckpt["row_digests"] if ckpt is not None else None)
         rows = runlog.rows
         self.net.train()
         with runlog, Progress(cfg.steps - start, "train", self.progress) as bar:
@@ -588,9 +639,7 @@ class Trainer:
     def _snapshot(self, step: int) -> None:
         path = self.run_dir / "snapshots" / f"step-{step}.pt"
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.net.model.state_dict(), tmp)
-        os.replace(tmp, path)
+        _save_atomically(self.net.model.state_dict(), path)
 
     def _should_log(self, step: int, state: dict) -> bool:
         cfg = self.config

@@ -212,3 +212,64 @@ def test_batch_mixing_found_in_every_precision(dtype):
         ntk_gram(MixesLargeBatches().to(dtype), torch.randn(20, 3, dtype=dtype))
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)  # no mixing: accepted
     assert ntk_gram(m, torch.randn(20, 3, dtype=dtype), kernel="trace").shape == (20, 20)
+
+
+# --- ntk_eigh: an unconverged result is said, never silent ----------------------------------------------
+def _eigh_setup():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    x = torch.randn(13, 2, 6, 6, dtype=torch.float64)
+    K = ntk_gram(m, x, kernel="trace").double()
+    return m, x, K
+
+
+def test_ntk_eigh_reports_residuals_and_stops_on_them():
+    import warnings
+
+    from lazyhasty.kernels import ntk_eigh
+
+    m, x, K = _eigh_setup()
+    lam, V = torch.linalg.eigh(K)
+    want, Vw = lam.flip(0)[:4], V.flip(1)[:, :4]
+    for kw in ({}, {"max_bytes": 0, "block_size": 4}):  # materialized, streamed at the defaults
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # converged: no warning
+            res = ntk_eigh(m, x, 4, **kw)
+        got, vecs = res
+        true_residuals = (K @ vecs - vecs * got).norm(dim=0) / want[0]
+        assert res.converged and float(res.residuals.max()) <= 1e-10
+        assert torch.allclose(res.residuals, true_residuals, rtol=1e-3, atol=1e-14)
+        assert torch.allclose(got, want, rtol=1e-12)
+        assert float((vecs.T @ Vw).abs().diagonal().min()) > 1 - 1e-12
+
+
+def test_ntk_eigh_unconverged_warns_or_raises_with_the_residuals():
+    from lazyhasty.kernels import NotConverged, ntk_eigh
+
+    m, x, K = _eigh_setup()
+    with pytest.warns(RuntimeWarning, match=r"did not reach tol=1e-10 in max_iter=3 .*residuals"):
+        res = ntk_eigh(m, x, 4, max_bytes=0, block_size=4, max_iter=3)
+    got, vecs = res
+    assert not res.converged and res.iterations == 3
+    true_residuals = (K @ vecs - vecs * got).norm(dim=0) / float(got[0])
+    assert torch.allclose(res.residuals, true_residuals, rtol=1e-6)
+    assert float(res.residuals.max()) > 1e-4  # three iterations are far from the stated tolerance
+    with pytest.raises(NotConverged, match="max_iter=3") as info:
+        ntk_eigh(m, x, 4, max_bytes=0, block_size=4, max_iter=3, on_unconverged="raise")
+    assert torch.equal(info.value.result.residuals, res.residuals)
+    with pytest.raises(ValueError, match="on_unconverged"):
+        ntk_eigh(m, x, 4, on_unconverged="ignore")
+
+
+def test_predict_refuses_test_inputs_without_the_test_kernel():
+    from lazyhasty.kernels import predict
+
+    K = torch.eye(4, dtype=torch.float64) * 2
+    f0 = torch.zeros(4, 1, dtype=torch.float64)
+    y = torch.ones(4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="f0_test given without K_test_train"):
+        predict(K, None, y, f0, torch.zeros(3, 1), lr=0.1, times=[1])
+    with pytest.raises(ValueError, match="y_test given without K_test_train"):
+        predict(K, None, y, f0, lr=0.1, times=[1], y_test=torch.ones(3, 1))
+    out = predict(K, None, y, f0, lr=0.1, times=[1])
+    assert "f_test" not in out

@@ -195,3 +195,32 @@ def test_the_docstring_example_is_true():
 
     result = doctest.testmod(claims)
     assert result.attempted >= 2 and result.failed == 0
+
+
+def test_core_modules_never_import_from_experiments():
+    """Imports run down the layers: only the CLI and experiments/ itself import lazyhasty.experiments."""
+    import ast
+    from pathlib import Path
+
+    import lazyhasty
+
+    root = Path(lazyhasty.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == "experiments" or rel.name == "__main__.py":
+            continue
+        depth = len(rel.parts) - 1  # how many packages below lazyhasty: what ".." means there
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: resolve against lazyhasty/<package>
+                    pkg = ["lazyhasty", *rel.parts[:-1]][: 1 + depth - (node.level - 1)]
+                    base = ".".join(pkg + ([base] if base else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "lazyhasty.experiments" or n.startswith("lazyhasty.experiments.") for n in names):
+                offenders.append(f"{rel}:{node.lineno}")
+    assert not offenders, offenders

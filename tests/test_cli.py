@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,132 @@ def test_torchrun_launch_writes_rank0s_run(tmp_path):
         for ra, rb in zip(a, b):
             for key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-9, abs=1e-12), (log, key)
+
+
+def test_a_second_process_on_an_experiment_directory_is_refused_naming_the_holder(tmp_path, capsys):
+    """Two ``lazyhasty run`` into one --out: the second stops at once, naming the first's pid; nothing touched."""
+    import time
+
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 0
+    capsys.readouterr()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    holder = subprocess.Popen(  # an experiment still running in OUT: it holds OUT's lock
+        [sys.executable, "-c", "import sys, time; from lazyhasty._runlog import locked\n"
+         f"with locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=dict(os.environ, TRITON_INTERPRET="0"))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=2"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid}" in err and "in use by another process" in err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=2"]) == 0
+
+
+def test_out_into_a_folder_lazyhasty_did_not_create_is_refused_even_with_overwrite(tmp_path, capsys):
+    _needs("quadratic")
+    out = tmp_path / "mine"
+    (out / "seed_data").mkdir(parents=True)
+    (out / "seed_data" / "x.csv").write_text("1,2\n")
+    (out / "summary.json").write_text('{"mine": true}')
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra in ([], ["--overwrite"]):
+        assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"] + extra) == 2
+        assert "not created by lazyhasty" in capsys.readouterr().err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_overwrite_deletes_only_what_lazyhasty_wrote(tmp_path, capsys):
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=2"]) == 0
+    (out / "seed_data").mkdir()
+    (out / "seed_data" / "x.csv").write_text("1,2\n")  # the user's, beside lazyhasty's seed0/ and seed1/
+    (out / "notes.md").write_text("mine")
+    (out / "seed0" / "notes.md").write_text("mine too")  # inside lazyhasty's folder: goes with it
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1", "--overwrite"]) == 0
+    assert (out / "seed_data" / "x.csv").read_text() == "1,2\n" and (out / "notes.md").read_text() == "mine"
+    assert not (out / "seed1").exists() and not (out / "seed0" / "notes.md").exists()
+    assert json.loads((out / "summary.json").read_text())["seeds"] == 1
+
+
+def test_report_reads_only_files_inside_the_experiment_directory(tmp_path, capsys):
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 0
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    (out / "link.png").symlink_to(secret)
+    summary = json.loads((out / "summary.json").read_text())
+    for bad in ("/etc/hostname", "../secret.png", str(secret), "link.png"):
+        s = dict(summary, figures=summary["figures"] + [bad])
+        (out / "summary.json").write_text(json.dumps(s))
+        rep = tmp_path / f"rep-{abs(hash(bad))}" / "report.md"
+        assert main(["report", str(out), "--out", str(rep)]) == 2
+        assert repr(bad) in capsys.readouterr().err
+        copied = list((rep.parent / "figures").glob("*")) if (rep.parent / "figures").exists() else []
+        assert all(p.read_bytes() != b"not yours" for p in copied)
+        assert all("hostname" not in p.name for p in copied)
+    (out / "summary.json").write_text(json.dumps(summary))
+    assert main(["report", str(out), "--out", str(tmp_path / "ok" / "report.md")]) == 0
+
+
+def test_lazyhasty_scratch_keeps_its_contents_and_each_rank_removes_only_its_own(tmp_path, monkeypatch):
+    from lazyhasty import _launch
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("the user's")
+    (scratch / "rank1").mkdir()  # what an old lazyhasty would have written into, or the user's
+    (scratch / "rank1" / "data.bin").write_bytes(b"x")
+    used = []
+
+    def body(rank, size, init, scratch_dir, run, ctx):
+        used.append(Path(scratch_dir))
+        (Path(scratch_dir) / f"rank{rank}").mkdir()
+        (Path(scratch_dir) / f"rank{rank}" / "log.jsonl").write_text("{}\n")
+        return None
+
+    monkeypatch.setattr(_launch, "_rank_body", body)
+    monkeypatch.setenv("LAZYHASTY_SCRATCH", str(scratch))
+    for rank in ("1", "2"):  # two ranks of one torchrun, one after the other here
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setenv("RANK", rank)
+        assert _launch.run_over_processes(3, None, None) is None
+    assert len(set(used)) == 2 and all(u.parent == scratch for u in used)
+    assert (scratch / "keep.txt").read_text() == "the user's" and (scratch / "rank1" / "data.bin").read_bytes() == b"x"
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt", "rank1"]
+
+
+@pytest.mark.parametrize("dataset, option", [("digits", "cscores=/nowhere/cifar10-cscores.npz"),
+                                             ("cifar10", "cscore_runs=3")])
+def test_cscores_option_of_the_other_source_is_an_error_not_ignored(tmp_path, capsys, dataset, option):
+    _needs("cscores")
+    out = tmp_path / "c"
+    args = ["run", "cscores", "--quick", "--out", str(out), "--no-progress", "--dataset", dataset,
+            "--set", option] + TINY["cscores"]
+    if dataset == "cifar10":
+        args += ["--root", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert repr(option.split("=")[0]) in err and "cifar10" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_torn_seed_summary_is_an_error_naming_the_file(tmp_path, capsys):
+    _needs("quadratic")
+    out = tmp_path / "q"
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 0
+    done = out / "seed0" / "summary.json"
+    done.write_bytes(done.read_bytes()[:40])
+    capsys.readouterr()
+    assert main(["run", "quadratic", "--out", str(out), "--no-progress", "--set", "seeds=1"]) == 2
+    err = capsys.readouterr().err
+    assert str(done) in err and "damaged" in err
+    assert len(done.read_bytes()) == 40

@@ -342,3 +342,150 @@ def test_a_rank_that_dies_makes_the_others_fail_clearly_not_hang(tmp_path):
     msg, waited = pickle.load(open(tmp_path / "rank0.pkl", "rb"))
     assert "another rank raised, died or did not reach the same call" in msg
     assert waited < 60
+
+
+def _collective_calls(group, m):
+    """Every collective helper of lazyhasty._dist, each as one call made on every rank."""
+    from lazyhasty import _dist
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    replica = copy.deepcopy(m)
+    return {
+        "sum_f64": lambda: _dist.sum_f64(torch.ones(3), group),
+        "sum_i64": lambda: _dist.sum_i64(torch.ones(3), group),
+        "gather_objects": lambda: _dist.gather_objects({"a": 1}, group),
+        "agree": lambda: _dist.agree(group, "agree", kernel="trace"),
+        "gather_inputs": lambda: _dist.gather_inputs(x, group, "cpu"),
+        "own_shard": lambda: _dist.own_shard(x, group, "cpu"),
+        "barrier": lambda: _dist.barrier(group),
+        "broadcast_object": lambda: _dist.broadcast_object({"b": 2}, 0, group),
+        "broadcast_module": lambda: _dist.broadcast_module(m, replica, group),
+        "check_same_parameters": lambda: _dist.check_same_parameters(group, "check", m),
+        "settle": lambda: _dist.settle(group, None, "settle"),
+    }
+
+
+def _raises_alive(rank, size, init, out_dir):
+    import datetime
+    import time
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size,
+                             timeout=datetime.timedelta(seconds=120))
+    from lazyhasty import _dist
+
+    m, _, _ = _setup()
+    res = {}
+    names = list(_collective_calls(None, m))
+    for name in names:
+        group = dist.new_group(list(range(size)))  # a fresh group: the failed one is out of step after
+        call = _collective_calls(group, m)[name]
+        t0 = time.time()
+        if rank == 1:  # raises in its local part, and stays alive (caught, as a training loop would)
+            try:
+                with _dist.failing_together(group, name):
+                    raise ZeroDivisionError(f"rank 1's own failure in {name}")
+            except ZeroDivisionError:
+                pass
+            res[name] = ("raised", 0.0)
+            time.sleep(0.5)
+        else:
+            try:
+                call()
+                res[name] = ("no error", time.time() - t0)
+            except _dist.RankFailed as exc:
+                res[name] = (str(exc), time.time() - t0)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    os._exit(0)  # the groups are out of step by design: no teardown handshake
+
+
+def test_a_rank_that_raises_and_stays_alive_makes_the_others_raise_at_once_naming_it(tmp_path):
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_raises_alive, args=(r, 3, init, str(tmp_path))) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(not p.is_alive() for p in procs)
+    for r in (0, 2):
+        res = pickle.load(open(tmp_path / f"rank{r}.pkl", "rb"))
+        assert len(res) == 11
+        for name, (msg, waited) in res.items():
+            assert "rank 1: ZeroDivisionError: rank 1's own failure in " + name in msg, (r, name, msg)
+            assert waited < 20, (r, name, waited)  # generous: the group's timeout here is 120 s
+
+
+def _different_weights(rank, size, init, out_dir):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    from lazyhasty import _dist
+
+    m, _, _ = _setup()
+    if rank == 2:
+        with torch.no_grad():
+            next(m.parameters()).view(-1)[0] += 1e-12  # one value, one ulp-scale change
+    try:
+        _dist.check_same_parameters(dist.group.WORLD, "ntk_alignment", m)
+        res = "no error"
+    except ValueError as exc:
+        res = str(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_ranks_with_different_parameter_values_are_an_error_naming_the_rank(tmp_path):
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_different_weights, args=(3, init, str(tmp_path)), nprocs=3, join=True)
+    for r in range(3):
+        msg = pickle.load(open(tmp_path / f"rank{r}.pkl", "rb"))
+        assert "ntk_alignment: the model's parameter values on rank(s) 2 differ from rank 0's" in msg, msg
+
+
+def _trainer_rank_fails(rank, size, init, out_dir):
+    import datetime
+    import time
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size,
+                             timeout=datetime.timedelta(seconds=120))
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train import small_setup
+
+    from lazyhasty import _dist
+    from lazyhasty.train import TrainConfig, Trainer
+
+    net, ds = small_setup()
+    cfg = TrainConfig(steps=20, lr=0.5, loss="logistic", log_every=2, probe_every=1,
+                      probes=("sign_similarity", "repr_alignment"))
+
+    def on_log(row, net):
+        if rank == 1 and row["step"] == 4:
+            raise ZeroDivisionError("rank 1's on_log")
+
+    t0 = time.time()
+    try:
+        with _dist.probes_over("world"):
+            Trainer(net, ds, cfg, os.path.join(out_dir, f"run{rank}"), probe_set=ds[:40], on_log=on_log).fit()
+        res = ("no error", time.time() - t0)
+    except (ZeroDivisionError, _dist.RankFailed) as exc:
+        res = (f"{type(exc).__name__}: {exc}", time.time() - t0)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    os._exit(0)
+
+
+def test_a_trainer_rank_that_raises_makes_the_others_raise_at_once(tmp_path):
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_trainer_rank_fails, args=(r, 2, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert all(not p.is_alive() for p in procs)
+    mine, _ = pickle.load(open(tmp_path / "rank1.pkl", "rb"))
+    assert mine.startswith("ZeroDivisionError")
+    msg, waited = pickle.load(open(tmp_path / "rank0.pkl", "rb"))
+    assert "RankFailed" in msg and "rank 1: ZeroDivisionError: rank 1's on_log" in msg, msg
+    assert waited < 60  # training included; the wait itself is a fraction of a second (group timeout: 120 s)

@@ -178,3 +178,72 @@ def test_lightning_callback_class_reaches_every_logger_callback_metrics_and_earl
     acc.Reload()
     assert [e.step for e in acc.Scalars("ntk_alignment")] == steps
     assert [e.step for e in acc.Scalars("sign_similarity")] == steps
+
+
+def test_trainer_callback_reaches_the_trainers_logging_with_a_random_bert(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    pytest.importorskip("accelerate", reason="pip install accelerate")
+    pytest.importorskip("tensorboard", reason="pip install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lazyhasty.integrations import LazyhastyTrainerCallback
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    model = transformers.BertForSequenceClassification(config)  # random, dropout 0.1 at its default
+    assert config.hidden_dropout_prob > 0
+    g = torch.Generator().manual_seed(2)
+    n, length = 24, 8
+    ids = torch.randint(0, 50, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[::3, -2:] = 0
+    y = torch.randint(0, 3, (n,), generator=g)
+    probe = {"input_ids": ids[:8], "attention_mask": mask[:8], "labels": y[:8]}  # a tokenized batch, labels dropped
+    init = copy.deepcopy(model)
+    mon = Monitor(init, probe, groups={"train": {"input_ids": ids, "attention_mask": mask, "labels": y}},
+                  sinks=[tmp_path / "mon.jsonl"])
+    assert mon.metrics == ("repr_alignment", "ntk_alignment")  # no ReLU in BERT: the defaults without signs
+    cb = LazyhastyTrainerCallback(mon, every_n_steps=3)
+    data = [{"input_ids": ids[i], "attention_mask": mask[i], "labels": y[i]} for i in range(n)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6,
+                                          per_device_train_batch_size=8, learning_rate=5e-3, logging_steps=2,
+                                          report_to=["tensorboard"], save_strategy="no", use_cpu=True,
+                                          disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[cb])
+    trainer.train()
+    assert [s for s, _ in cb.logged] == [3, 6]
+    assert model.training
+    last = cb.logged[-1][1]
+    from lazyhasty._outputs import ProbeModel, pack_inputs
+
+    packed, packing = pack_inputs(probe)  # the value: the eval-mode networks on the named inputs, by hand
+    want = ntk_alignment(ProbeModel(copy.deepcopy(model).eval(), None, packing), packed,
+                         ProbeModel(copy.deepcopy(init).eval(), None, packing), kernel="trace")
+    assert last["ntk_alignment"] == pytest.approx(want, abs=1e-6) and 0 < want < 1
+    ours = [h for h in trainer.state.log_history if "ntk_alignment" in h]
+    assert [h["step"] for h in ours] == [3, 6] and ours[-1]["ntk_alignment"] == last["ntk_alignment"]
+    assert "group/train/loss" in ours[-1]
+    acc = EventAccumulator(str(next((tmp_path / "out").rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    tag = next(t for t in tags if t.endswith("ntk_alignment"))
+    assert [e.step for e in acc.Scalars(tag)] == [3, 6]
+    assert [json.loads(r)["step"] for r in (tmp_path / "mon.jsonl").read_text().splitlines()] == [3, 6]
+
+
+@pytest.mark.parametrize("example,needs", [("lightning_monitor.py", "lightning"), ("hf_monitor.py", "transformers")])
+def test_examples_run_at_a_small_size(example, needs, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    pytest.importorskip(needs)
+    monkeypatch.setenv("LAZYHASTY_EXAMPLE_STEPS", "4")
+    path = Path(__file__).resolve().parent.parent / "examples" / example
+    ns = runpy.run_path(str(path), run_name="__main__")
+    if example == "lightning_monitor.py":
+        assert set(ns["results"]) == {1.0, 100.0}
+        assert all(0 < v["ntk_alignment"] <= 1 + 1e-6 for v in ns["results"].values())
+    else:
+        assert [h["step"] for h in ns["history"]] == [1, 2, 3, 4]
+        assert ns["monitor"].header["probe_examples"] == 8

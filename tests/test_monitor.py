@@ -330,3 +330,61 @@ def test_param_distance_refuses_an_unrelated_model():
     fewer = nn.Sequential(nn.Linear(3, 16))
     with pytest.raises(ValueError, match="missing"):
         mon.measure(fewer)
+
+
+# --- budget= (issue 27 item 5): the cadence stretches, the values do not change ------------------------------
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_budget_stretches_the_cadence_to_the_share_of_wall_time(monkeypatch):
+    import lazyhasty.monitor as monitor_module
+
+    net, x, _ = _setup()
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module.time, "perf_counter", clock)
+    mon = Monitor(net, x, metrics=("sign_similarity",), every=2, budget=0.1)
+    moved = _moved(net)
+    exact = mon.measure(moved)
+    real_measure = mon.measure
+
+    def slow_measure(model):  # a log costs 1 s of the fake clock
+        clock.now += 1.0
+        return real_measure(model)
+
+    mon.measure = slow_measure
+    logged = []
+    for step in range(400):
+        clock.now += 0.1  # the training step: 0.1 s
+        if mon.due(step):
+            logged.append((step, mon.log(moved, step)))
+    steps = [s for s, _ in logged]
+    assert steps[0] == 0 and all(s % 2 == 0 for s in steps)  # still on the every= grid
+    # a 1 s log needs >= 9 s (90 steps) of loop time after it at a 10 % budget
+    assert all(b - a >= 90 for a, b in zip(steps, steps[1:])) and len(steps) >= 4
+    assert all(v["sign_similarity"] == exact["sign_similarity"] for _, v in logged)  # exactness untouched
+    assert all(v["probe_seconds"] == pytest.approx(1.0) for _, v in logged)
+    assert logged[-1][1]["probe_overhead"] <= 0.1 + 1 / 40 and logged[-1][1]["probe_overhead"] > 0.05
+    with pytest.raises(ValueError, match="budget"):
+        Monitor(net, x, budget=1.5)
+
+
+def test_budget_keeps_a_crossed_geometric_level_due(monkeypatch):
+    import lazyhasty.monitor as monitor_module
+
+    net, x, _ = _setup()
+    clock = _Clock()
+    monkeypatch.setattr(monitor_module.time, "perf_counter", clock)
+    mon = Monitor(net, x, metrics=("sign_similarity",), geometric=0.5, budget=0.5)
+    assert mon.due(0, 1.0)
+    mon._last_cost, mon._last_end = 2.0, clock.now  # the first log took 2 s: the next needs 2 s of loop time
+    clock.now += 1.0
+    assert not mon.due(1, 0.4)  # level 0.5 crossed, but too soon
+    assert not mon.due(2, 0.45)
+    clock.now += 1.5
+    assert mon.due(3, 0.45)  # still due: the crossing was held back, not dropped
+    assert not mon.due(4, 0.44)

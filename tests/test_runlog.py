@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -152,7 +153,11 @@ def test_resume_refuses_a_changed_architecture(tmp_path):
 
 
 def test_fault_injection_kill_and_damage(tmp_path):
-    """kill -9 at random moments and damage the files between runs: no row on disk is ever lost."""
+    """kill -9 at random moments and damage the files between runs: no row on disk is ever lost.
+
+    Damage: a torn row, a row the checkpoint counts cut short, a truncated checkpoint, a deleted / inserted /
+    edited middle row, a bit flip in the checkpoint, and a second process started on the directory.
+    """
     steps = 400
     env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
@@ -160,35 +165,71 @@ def test_fault_injection_kill_and_damage(tmp_path):
     want = Run(ref_dir).rows
     log, ck = run_dir / "log.jsonl", run_dir / "checkpoint.pt"
     rng = random.Random(0)
+    kinds = ["torn", "cut", "checkpoint", "delete-row", "insert-row", "edit-row", "bitflip", "second-process"]
+    schedule = rng.sample(kinds, len(kinds)) + [rng.choice(kinds + ["none"]) for _ in range(4)]
 
     def on_disk():
         return read_log(log)[0] if log.exists() else []
 
-    refusals = kills = 0
-    for it in range(7):
+    def middle_rows(edit):
+        lines = [ln for ln in _lines(log) if ln.strip()] if log.exists() else []
+        if len(lines) >= 4 and log.read_bytes().endswith(b"\n"):
+            edit(lines, rng.randrange(1, len(lines) - 2))
+            log.write_bytes(b"".join(ln + b"\n" for ln in lines))
+
+    refusals = kills = locked_out = 0
+    damage = "none"
+    for it in range(len(schedule) + 1):
         seen = on_disk()
         snapshot = {p: p.read_bytes() for p in run_dir.glob("*")} if run_dir.exists() else {}
-        p = subprocess.Popen([sys.executable, "-c", _script(run_dir, steps)], env=env, stderr=subprocess.PIPE)
-        try:
-            _, err = p.communicate(timeout=rng.uniform(1.0, 2.5))
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-            _, err = p.communicate()
-            kills += 1
-        if p.returncode not in (0, -signal.SIGKILL):
-            # a refusal: it names the damage, and the run directory is exactly as it was
-            assert b"LogDamaged" in err, err.decode()[-2000:]
+        n = 2 if damage == "second-process" else 1
+        procs = [subprocess.Popen([sys.executable, "-c", _script(run_dir, steps)], env=env, stderr=subprocess.PIPE)
+                 for _ in range(n)]
+        # kill at a random moment: blind (maybe before the files are even read), or once the run is past its
+        # checks (the log changed, or the second process was turned away) so that damage is always met
+        size0 = log.stat().st_size if log.exists() else -1
+        blind = n == 1 and rng.random() < 0.4
+        deadline = time.time() + (rng.uniform(1.0, 2.5) if blind else 120)
+        while time.time() < deadline and any(p.poll() is None for p in procs):
+            if not blind and (any(p.poll() is not None for p in procs) if n == 2 else
+                              (log.exists() and log.stat().st_size != size0)):
+                blind, deadline = True, time.time() + rng.uniform(0.0, 1.0)
+            time.sleep(0.02)
+        errs = []
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+            errs.append(p.communicate()[1])
+        outcomes = []
+        for p, err in zip(procs, errs):
+            if p.returncode in (0, -signal.SIGKILL):
+                outcomes.append("ran")
+            elif b"RunLocked" in err:  # the second process: refused at once, naming the holder
+                assert b"in use by another process (pid " in err, err.decode()[-2000:]
+                outcomes.append("locked")
+            else:
+                assert b"LogDamaged" in err, err.decode()[-2000:]
+                outcomes.append("damaged")
+        locked_out += outcomes.count("locked")
+        if n == 2:
+            assert outcomes.count("locked") <= 1
+        if "damaged" in outcomes:
+            # a refusal: it names the damage, and (alone on the directory) left it exactly as it was
             refusals += 1
-            assert {q: q.read_bytes() for q in run_dir.glob("*")} == snapshot
-            ck.rename(run_dir / f"checkpoint.pt.aside-{it}")  # the user's way out: recompute, rows checked
-            continue
-        now = on_disk()
-        # every row that was on disk is still there, at its index, or kept in a copy beside the log
-        kept = [read_log(a)[0] for a in run_dir.glob("log.jsonl.diverged*")]
-        for i, row in enumerate(seen):
-            assert (i < len(now) and now[i] == row) or any(i < len(k) and k[i] == row for k in kept)
-        # then damage: a torn row, a row the checkpoint counts cut short, or a damaged checkpoint
-        damage = rng.choice(["none", "torn", "cut", "checkpoint"])
+            if n == 1:
+                assert {q: q.read_bytes() for q in run_dir.glob("*")} == snapshot
+            if ck.exists():
+                ck.rename(run_dir / f"checkpoint.pt.aside-{it}")  # the user's way out: recompute, rows checked
+        else:
+            now = on_disk()
+            # every row that was on disk is still there, at its index, or kept in a copy beside the log
+            kept = [read_log(a)[0] for a in run_dir.glob("log.jsonl.diverged*")]
+            for i, row in enumerate(seen):
+                assert (i < len(now) and now[i] == row) or any(i < len(k) and k[i] == row for k in kept)
+        if it == len(schedule):
+            break
+        damage = schedule[it]
         if damage == "torn" and log.exists():
             with open(log, "ab") as f:
                 f.write(b'{"step": 1e9, "tr')
@@ -196,6 +237,16 @@ def test_fault_injection_kill_and_damage(tmp_path):
             log.write_bytes(log.read_bytes()[:-7])
         elif damage == "checkpoint" and ck.exists():
             ck.write_bytes(ck.read_bytes()[:100])
+        elif damage == "delete-row":
+            middle_rows(lambda ls, i: ls.pop(i))
+        elif damage == "insert-row":
+            middle_rows(lambda ls, i: ls.insert(i, ls[i - 1]))
+        elif damage == "edit-row":
+            middle_rows(lambda ls, i: ls.__setitem__(i, _edit_loss(ls[i])))
+        elif damage == "bitflip" and ck.exists():
+            data = bytearray(ck.read_bytes())
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            ck.write_bytes(bytes(data))
     for q in run_dir.glob("checkpoint.pt"):  # a damaged checkpoint left by the last round: step aside
         try:
             torch.load(q, weights_only=True)
@@ -210,7 +261,7 @@ def test_fault_injection_kill_and_damage(tmp_path):
         ck.rename(run_dir / f"checkpoint.pt.aside-end-{_}")
     assert r.returncode == 0
     assert Run(run_dir).rows == want
-    assert kills >= 1
+    assert kills >= 1 and refusals >= 1 and locked_out >= 1
     shutil.rmtree(tmp_path)
 
 
@@ -264,9 +315,9 @@ def _edit_loss(line: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("damage, line", [
-    ("delete", 10),   # row 9 (0-based) removed: line 10 (was row 10) does not follow line 9
+    ("delete", 10),   # row 9 (0-based) removed: line 10 is now the row that was line 11
     ("insert", 9),    # a copy of row 5 inserted as line 9
-    ("edit", 9),      # row 7 (line 8) edited: line 9 does not follow it
+    ("edit", 8),      # row 7 (line 8) edited
     ("edit-last-counted", 21),  # the last row the checkpoint counts (line 21) edited
 ])
 def test_a_changed_row_before_the_checkpoint_is_named_and_nothing_changes(tmp_path, damage, line):
@@ -320,3 +371,37 @@ def test_a_checkpoint_of_another_run_of_the_same_model_is_refused(tmp_path):
     with pytest.raises(LogDamaged, match=r"checkpoint.pt belongs to another run"):
         _train(tmp_path / "a")
     assert (tmp_path / "a" / "log.jsonl").read_bytes() == log_before
+
+
+def _slow_script(run_dir, steps=200) -> str:
+    return _script(run_dir, steps).replace(
+        "probe_set=ds[:40])", "probe_set=ds[:40], on_log=lambda row, net: __import__('time').sleep(0.2))")
+
+
+def test_a_second_process_on_a_run_directory_is_refused_naming_the_holder(tmp_path):
+    from lazyhasty._runlog import RunLocked
+
+    env = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    run_dir = tmp_path / "r"
+    holder = subprocess.Popen([sys.executable, "-c", _slow_script(run_dir)], env=env)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "log.jsonl").exists() or not read_log(run_dir / "log.jsonl")[0]:
+            assert holder.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        net, ds = small_setup()
+        cfg = TrainConfig(steps=200, lr=0.5, loss="logistic", log_every=5, batch_size=16, momentum=0.9, probe_every=2)
+        with pytest.raises(RunLocked, match=rf"pid {holder.pid}\b"):
+            Trainer(net, ds, cfg, run_dir, probes={"noisy": ds[ds.noisy]}, probe_set=ds[:40]).fit(resume=True)
+        after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+        for name, data in before.items():  # the holder only appends; the refused process wrote nothing
+            assert after[name].startswith(data) or name == "checkpoint.pt", name
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder is gone (killed): its lock went with it, and the run resumes to the uninterrupted rows
+    subprocess.run([sys.executable, "-c", _script(run_dir, 200)], check=True, env=env, timeout=300)
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, "-c", _script(ref, 200)], check=True, env=env, timeout=300)
+    assert Run(run_dir).rows == Run(ref).rows

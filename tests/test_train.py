@@ -157,3 +157,41 @@ def test_equal_progress_interpolation_hand_computed():
         at_equal_progress([])
     with pytest.raises(ValueError, match="no 'train_loss'"):
         at_equal_progress([[{"loss": 1.0}]])
+
+
+def test_a_run_dir_holding_other_files_is_refused(tmp_path):
+    net, ds = small_setup()
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "notes.txt").write_text("mine")
+    cfg = TrainConfig(steps=3, lr=0.5, loss="logistic", log_every=1, probe_every=0)
+    for resume in (False, True):
+        with pytest.raises(FileExistsError, match="not a lazyhasty run"):
+            Trainer(net, ds, cfg, tmp_path / "r").fit(resume=resume)
+        assert [p.name for p in (tmp_path / "r").iterdir()] == ["notes.txt"]
+
+
+def test_a_full_disk_while_checkpointing_is_a_clear_error_and_nothing_half_written(tmp_path):
+    """The file size limit (RLIMIT_FSIZE) stands in for a full disk: torch.save fails part-way."""
+    pytest.importorskip("resource")
+    script = textwrap.dedent(f"""
+        import json, resource, signal, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import small_setup
+        from lazyhasty.train import TrainConfig, Trainer
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, as on a full disk, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        net, ds = small_setup()
+        cfg = TrainConfig(steps=5, lr=0.5, loss="logistic", log_every=1, probe_every=0)
+        try:
+            Trainer(net, ds, cfg, {str(tmp_path / "r")!r}).fit()
+        except Exception as exc:
+            print(json.dumps({{"type": type(exc).__name__, "oserror": isinstance(exc, OSError),
+                              "message": str(exc), "filename": getattr(exc, "filename", None)}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0", PYTHONWARNINGS="ignore"))
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["oserror"], got
+    assert got["filename"].endswith("checkpoint.pt.tmp") and "disk" in got["message"], got
+    assert not (tmp_path / "r" / "checkpoint.pt.tmp").exists() and not (tmp_path / "r" / "checkpoint.pt").exists()
+    assert len(Run(tmp_path / "r").rows) == 1  # the row written before the failed checkpoint is kept

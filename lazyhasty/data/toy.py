@@ -1,4 +1,4 @@
-"""Toy 2-D tasks: the paper's yin-yang and the 3-class Yin-Yang of Kriener et al. (2021)."""
+"""Toy 2-D tasks: the paper's yin-yang (section 3.1) and the 3-class Yin-Yang of Kriener et al. (2021)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,21 @@ C1, C2, R = (0.5, -0.5), (-0.5, 0.5), 0.3
 
 
 def yinyang_labels(x: torch.Tensor) -> torch.Tensor:
-    """``y = s (-1)^[|x - c1| < r] (-1)^[|x - c2| < r]``, ``s = +1`` iff ``x_2 <= 0``; ``y`` in {-1, +1}."""
+    """The yin-yang labels of points `x`.
+
+    `y = s (-1)^[|x - c1| < r] (-1)^[|x - c2| < r]` with `s = +1` iff `x_2 <= 0`, `c1 = (0.5, -0.5)`,
+    `c2 = (-0.5, 0.5)`, `r = 0.3`: two half-planes, each with a small disk of the other label.
+
+    Args:
+        x: `[n, 2]` points.
+
+    Returns:
+        `[n]` labels in {-1, +1}, of `x`'s dtype.
+
+    Example:
+        >>> yinyang_labels(torch.tensor([[0.5, -0.5], [0.9, -0.9]]))
+        tensor([-1.,  1.])
+    """
     s = torch.where(x[:, 1] <= 0, 1.0, -1.0)
     in1 = (x - torch.tensor(C1, dtype=x.dtype)).norm(dim=1) < R
     in2 = (x - torch.tensor(C2, dtype=x.dtype)).norm(dim=1) < R
@@ -17,10 +31,24 @@ def yinyang_labels(x: torch.Tensor) -> torch.Tensor:
 
 
 def yinyang(n: int, *, seed: int, label_noise: float = 0.0) -> Dataset:
-    """The paper's toy task (section 3.1): x ~ U([-1, 1]^2), labels in {-1, +1} (float).
+    """The paper's toy task (section 3.1): `x ~ U([-1, 1]^2)`, labels in {-1, +1} (float).
 
-    ``label_noise``: fraction of examples (exactly ``round(rate n)``) whose label is flipped; metadata
-    ``noisy`` and ``y_clean``. Also ``in_disk`` (inside either small disk: the hard region).
+    Args:
+        n: number of examples (>= 1).
+        seed: seed of the points and of which labels are flipped.
+        label_noise: fraction of examples (exactly `round(label_noise * n)`) whose label is flipped.
+
+    Returns:
+        A `Dataset` with `x` `[n, 2]`, `y` `[n]` and metadata `noisy` `[n]` (the flipped ones), `y_clean`
+        `[n]` and `in_disk` `[n]` (inside either small disk: the hard region).
+
+    Raises:
+        ValueError: `n < 1` or `label_noise` outside [0, 1].
+
+    Example:
+        >>> ds = yinyang(100, seed=0, label_noise=0.1)
+        >>> ds.x.shape, int(ds.noisy.sum())
+        (torch.Size([100, 2]), 10)
     """
     if n < 1:
         raise ValueError("n must be >= 1")
@@ -39,7 +67,25 @@ def yinyang(n: int, *, seed: int, label_noise: float = 0.0) -> Dataset:
 
 
 def yinyang_grid(resolution: int = 100) -> Dataset:
-    """``resolution^2`` points paving [-1, 1]^2 (row-major, x_2 varies slowest) with their clean labels."""
+    """`resolution²` points paving [-1, 1]² with their clean labels (the test grid of Fig. 1).
+
+    Args:
+        resolution: points per axis (>= 2).
+
+    Returns:
+        A `Dataset` with `x` `[resolution², 2]` in row-major order (`x_2` varies slowest) and `y` from
+        [`yinyang_labels`][lazyhasty.data.yinyang_labels].
+
+    Raises:
+        ValueError: `resolution < 2`.
+
+    Example:
+        >>> yinyang_grid(3).x[:4]
+        tensor([[-1., -1.],
+                [ 0., -1.],
+                [ 1., -1.],
+                [-1.,  0.]])
+    """
     if resolution < 2:
         raise ValueError("resolution must be >= 2")
     t = torch.linspace(-1, 1, resolution)
@@ -59,9 +105,25 @@ def _kriener_class(x: torch.Tensor, y: torch.Tensor, r_small: float, r_big: floa
 def yinyang_kriener(n: int, *, seed: int, r_small: float = 0.1, r_big: float = 0.5) -> Dataset:
     """The 3-class Yin-Yang dataset (Kriener, Goeltz & Petrovici 2021): classes yin (1), yang (0), dots (2).
 
-    Points are uniform in the disk of radius ``r_big`` centred at (r_big, r_big); each example first
-    draws its class uniformly (class-balanced), then a point of that class by rejection. Features:
-    ``(x, y, 1 - x, 1 - y)``.
+    Points are uniform in the disk of radius `r_big` centred at `(r_big, r_big)`; each example first draws
+    its class uniformly (class-balanced), then a point of that class by rejection.
+
+    Args:
+        n: number of examples (>= 1).
+        seed: seed of the classes and points.
+        r_small: radius of the dots.
+        r_big: radius of the whole disk.
+
+    Returns:
+        A `Dataset` with features `(x, y, 1 - x, 1 - y)` `[n, 4]` and class indices `[n]` (int64).
+
+    Raises:
+        ValueError: `n < 1`.
+
+    Example:
+        >>> ds = yinyang_kriener(30, seed=0)
+        >>> ds.x.shape, sorted(set(ds.y.tolist()))
+        (torch.Size([30, 4]), [0, 1, 2])
     """
     if n < 1:
         raise ValueError("n must be >= 1")

@@ -3,7 +3,10 @@
 Layout of an experiment directory ``OUT``::
 
     OUT/experiment.json      what defines the experiment (name, options, quick, base seed, device) and the
-                             number of seeds asked for; a rerun into OUT with the same definition resumes
+                             number of seeds asked for; a rerun into OUT with the same definition resumes.
+                             It marks OUT as lazyhasty's (a non-empty OUT without it is refused) and lists in
+                             "written" what lazyhasty wrote there: all that ``--overwrite`` deletes
+    OUT/lazyhasty.lock       held (flock) by the process running the experiment: a second one is refused
     OUT/seed<s>/             one seed: its config.json, runs/ (Trainer run directories), figures, summary.json
     OUT/summary.json         every claim over seeds: per-seed values, mean, standard error, 95% t interval,
                              seeds with the expected sign, state (holds / fails / inconclusive)
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .._runlog import LOCK_NAME, locked, refuse_foreign
 from .claims import claims_over_seeds, plot_claims
 
 MANIFEST = "experiment.json"
@@ -67,29 +71,77 @@ def command_line(manifest: dict) -> str:
     return " ".join(parts)
 
 
+# what lazyhasty writes at the top of OUT besides the entries it records in the manifest's "written"
+_OWN = (MANIFEST, "config.json", "summary.json", LOCK_NAME, MANIFEST + ".tmp", "config.json.tmp", "summary.json.tmp")
+
+
+def _is_old_layout(out: Path) -> bool:
+    return (out / "runs").is_dir() and (out / "summary.json").is_file() and not (out / MANIFEST).exists()
+
+
+def _refuse_foreign(out: Path) -> None:
+    """OUT must be new, empty, or created by lazyhasty (its manifest, or the one-seed layout of old)."""
+    if not _is_old_layout(out):
+        refuse_foreign(out, (MANIFEST,), "experiment directory")
+
+
+def _delete_own(out: Path, old_manifest: dict | None) -> None:
+    """``--overwrite``: delete what lazyhasty wrote in OUT (never the user's files beside it)."""
+    names = set(_OWN) - {LOCK_NAME}  # the lock is held by this process now
+    if old_manifest is not None:
+        names |= {n for n in old_manifest.get("written", []) if isinstance(n, str) and "/" not in n and n not in ("", ".", "..")}
+    else:  # the one-seed layout of old: its runs, summary and the figures it lists
+        names.add("runs")
+        try:
+            names |= {f for f in json.loads((out / "summary.json").read_text()).get("figures", [])
+                      if isinstance(f, str) and "/" not in f}
+        except (OSError, ValueError, AttributeError):
+            pass
+    for name in names:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def record_written(out: Path, *names: str) -> None:
+    """Add top-level entries of OUT to the manifest's ``written``: what ``--overwrite`` may delete."""
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text())
+    written = manifest.setdefault("written", [])
+    new = [n for n in names if n not in written]
+    if new:
+        written.extend(new)
+        _write_json(path, manifest)
+
+
 def _prepare(name: str, ctx, seeds: int) -> dict:
     """Create, resume or (with ``overwrite``) replace the experiment directory; returns its manifest."""
     out = ctx.out
     manifest = {"experiment": name, "options": {k: v for k, v in ctx.options.items() if k != "seeds" and v is not None},
                 "quick": bool(ctx.quick), "base_seed": int(ctx.seed), "device": str(ctx.device), "seeds": seeds,
-                "layout": 2}
+                "layout": 2, "written": []}
     path = out / MANIFEST
-    old_layout = (out / "runs").exists() or ((out / "summary.json").exists() and not path.exists())
-    if ctx.overwrite:
-        for p in list(out.glob("seed*")) + [out / "runs"]:
-            if p.is_dir():
-                shutil.rmtree(p)
-        for f in (path, out / "summary.json"):
-            f.unlink(missing_ok=True)
-    elif path.exists():
+    old_layout = _is_old_layout(out)
+    old = None
+    if path.exists():
         try:
             old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise FileExistsError(f"{path} is unreadable ({exc}): choose another --out, or pass --overwrite") from exc
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
+        except (OSError, ValueError) as exc:
+            if not ctx.overwrite:
+                raise FileExistsError(f"{path} is unreadable ({exc}): choose another --out, or pass --overwrite") from exc
+            old = {}
+    if ctx.overwrite:
+        _delete_own(out, None if old_layout else (old or {}))
+    elif old is not None:
         diffs = [f"{k}: {old.get(k)!r} before, {manifest[k]!r} now" for k in _IDENTITY if old.get(k) != manifest[k]]
         if diffs:
             raise FileExistsError(f"{out} holds another experiment (" + "; ".join(diffs) + "): choose another --out, "
                                   "or pass --overwrite to replace it")
+        manifest["written"] = [n for n in old.get("written", []) if isinstance(n, str)]
     elif old_layout:
         raise FileExistsError(f"{out} already holds an experiment: choose another --out, or pass --overwrite "
                               "to replace its runs and summary")
@@ -103,6 +155,7 @@ def _set_aside(seed_dir: Path) -> Path:
     k = 1
     while (aside := seed_dir.with_name(f"{seed_dir.name}.incomplete-{k}")).exists():
         k += 1
+    record_written(seed_dir.parent, aside.name)
     seed_dir.rename(aside)
     return aside
 
@@ -112,6 +165,12 @@ def run_seeds(name: str, ctx, fn, spec) -> dict:
     seeds = int(seeds if seeds is not None else (spec.quick_seeds if ctx.quick else spec.seeds))
     if seeds < 1:
         raise ValueError(f"option 'seeds' must be >= 1, got {seeds}")
+    _refuse_foreign(ctx.out)  # before the lock file makes OUT non-empty
+    with locked(ctx.out, "experiment directory"):  # a second `lazyhasty run` into OUT is refused, naming us
+        return _run_seeds(name, ctx, fn, spec, seeds)
+
+
+def _run_seeds(name: str, ctx, fn, spec, seeds: int) -> dict:
     manifest = _prepare(name, ctx, seeds)
     per_seed, seed_dirs = [], []
     for s in range(seeds):
@@ -119,7 +178,13 @@ def run_seeds(name: str, ctx, fn, spec) -> dict:
         done = seed_dir / "summary.json"
         value = seed_value(ctx.seed, s)
         if done.exists():
-            summary = json.loads(done.read_text())
+            try:
+                summary = json.loads(done.read_text())
+                if not isinstance(summary, dict) or not isinstance(summary.get("claims"), list):
+                    raise ValueError("not a seed's summary (no list of claims)")
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{done} is damaged ({str(exc)[:80]}); it was left as it is. Restore it, or move "
+                                 f"it aside to rerun seed {s} (its runs resume from their checkpoints)") from None
             if summary.get("seed") != value:
                 raise FileExistsError(f"{done} was written for seed {summary.get('seed')}, expected {value}: "
                                       "pass --overwrite")
@@ -138,6 +203,7 @@ def run_seeds(name: str, ctx, fn, spec) -> dict:
                 print(f"[{name}] seed {s + 1}/{seeds} (training seed {value})", file=sys.stderr)
             seed_ctx = replace(ctx, out=seed_dir, seed=value, resume=resume,
                                options={k: v for k, v in ctx.options.items() if k != "seeds"})
+            record_written(ctx.out, seed_dir.name)
             seed_dir.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(value)
             summary = fn(seed_ctx)
@@ -155,6 +221,7 @@ def _aggregate(name, ctx, spec, manifest, per_seed, seed_dirs) -> dict:
     except ImportError:
         matplotlib = None
     if matplotlib is not None:
+        record_written(ctx.out, "claims.png")
         plot_claims(claims, ctx.out / "claims.png", title=f"{name}: {len(per_seed)} seeds, mean and 95% interval")
         figures.append("claims.png")
         figures += _curves_over_seeds(ctx.out, per_seed, seed_dirs)
@@ -162,6 +229,7 @@ def _aggregate(name, ctx, spec, manifest, per_seed, seed_dirs) -> dict:
     if spec.aggregate is not None:
         extra = spec.aggregate(ctx, seed_dirs, per_seed) or {}
         figures += extra.pop("figures", [])
+    record_written(ctx.out, *[f for f in figures if "/" not in f])  # --overwrite deletes them, nothing else
     # a seed's figures that have no version over seeds are shown as seed 0's (the report says so by its path)
     figures += [f"{seed_dirs[0].name}/{f}" for f in per_seed[0].get("figures", [])
                 if f not in figures and (seed_dirs[0] / f).exists()]

@@ -160,6 +160,23 @@ def check_options(name: str, options: dict) -> None:
             raise ValueError(f"option {key!r} expects {_TYPE_NAMES[want]}, got {value!r} ({type(value).__name__})")
 
 
+_ESTIMATE_OPTIONS = ("cscore_ratios", "cscore_runs", "cscore_epochs")
+
+
+def _check_cscore_source(options: dict) -> None:
+    """The C-scores come from a file (CIFAR-10's official ones) or are estimated (other datasets): an option
+    of the other source would be ignored, so it is an error naming it."""
+    dataset = options.get("dataset") or "digits"
+    if dataset == "cifar10":
+        given = [k for k in _ESTIMATE_OPTIONS if options.get(k) is not None]
+        if given:
+            raise ValueError(f"option(s) {', '.join(map(repr, given))} estimate C-scores, but dataset 'cifar10' uses "
+                             "the official C-scores (option 'cscores' = their file): drop them")
+    elif options.get("cscores") is not None:
+        raise ValueError(f"option 'cscores' (a file of official C-scores) applies to dataset 'cifar10' only; for "
+                         f"{dataset!r} the C-scores are estimated (options {', '.join(_ESTIMATE_OPTIONS)}): drop it")
+
+
 def run_experiment(name: str, ctx: Context) -> dict:
     """Run experiment ``name`` over its seeds into ``ctx.out`` (resuming the seeds not yet done) and return
     the summary over seeds. See :mod:`lazyhasty.experiments._seeds`."""
@@ -175,6 +192,8 @@ def run_experiment(name: str, ctx: Context) -> dict:
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {sorted(EXPERIMENTS)}")
     check_options(name, ctx.options)
+    if name == "cscores":
+        _check_cscore_source(ctx.options)
     import importlib.util
 
     needs = {"matplotlib": "plots", "scipy": "theory"} if name == "quadratic" else {"matplotlib": "plots"}

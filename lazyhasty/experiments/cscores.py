@@ -11,8 +11,8 @@ from ..analysis import difference, plot_groups
 from ..data import difficulty_groups, estimate_cscores, load_cscores
 from ._regime_runs import (LINEARITY, curve, equal_progress, figures, linearity_at_end, mean_over_grid,
                            train_regimes)
-from .common import (REGIME_OPTIONS, Claim, Context, load_image_dataset, register, write_config,
-                     write_summary)
+from .common import (REGIME_OPTIONS, Claim, Context, _check_cscore_source, load_image_dataset, register,
+                     write_config, write_summary)
 
 
 @register("cscores", dict(REGIME_OPTIONS, dataset=str, root=str, cscores=str, n_train=int, cscore_ratios=list,
@@ -21,6 +21,7 @@ def run(ctx: Context) -> dict:
     started = time.time()
     name = ctx.opt("dataset", "digits")
     root = ctx.opt("root", None)
+    _check_cscore_source(ctx.options)
     train = load_image_dataset(name, root, "train")
     source = "official"
     if name == "cifar10":

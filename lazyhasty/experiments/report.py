@@ -39,7 +39,19 @@ def load_experiment(path) -> tuple[dict, dict]:
 
 
 def section(path, out_dir: Path | None, level: int = 2) -> str:
-    """The markdown of one experiment directory (figures copied under ``out_dir/figures`` when given)."""
+    """The markdown of one experiment directory (figures copied under ``out_dir/figures`` when given).
+
+    Args:
+        path: the experiment directory (with ``summary.json``).
+        out_dir: where the report goes (``None``: figures are linked where they are, not copied).
+        level: the heading level of the section.
+
+    Returns:
+        The markdown text.
+
+    Raises:
+        ValueError: the summary names a figure outside the experiment directory (nothing is read from it).
+    """
     d = Path(path)
     summary, config = load_experiment(d)
     name = summary["experiment"]
@@ -60,9 +72,15 @@ def section(path, out_dir: Path | None, level: int = 2) -> str:
                      f"{'' if c['n'] == summary['seeds'] else ' (of ' + str(summary['seeds']) + ' seeds)'} | "
                      f"{_MARK[c['state']]} |")
     lines.append("")
+    inside = d.resolve()
     for fig in summary.get("figures", []):
-        src = d / fig
-        if not src.exists():
+        src = d / str(fig)
+        # a summary names files to copy into the report: only files of the experiment directory are read
+        if not isinstance(fig, str) or not src.resolve().is_relative_to(inside):
+            raise ValueError(f"{d / 'summary.json'}: figure {fig!r} is not a file inside the experiment directory "
+                             f"{d} (an absolute path, '..', or a link out of it): not read. Remove it from "
+                             "the summary's figures.")
+        if not src.is_file():
             continue
         if out_dir is not None:
             tag = f"{name}_{dataset}" if dataset else name

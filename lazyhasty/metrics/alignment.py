@@ -12,7 +12,8 @@ from torch import nn
 
 from .._precision import exact_fp32
 from .._modes import measuring
-from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
+from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
+                        model_inputs, run_model)
 from .._exact import AlignmentSums, CentredMoments
 from ._sites import CallRecorder, resolve_layer, same_modules
 
@@ -113,6 +114,8 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     group = _dist.resolve(process_group)
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
+    check_materialized(model, "model")
+    check_materialized(ref, "reference")
     name, module = resolve_layer(model, layer)
     if group is not None:
         _dist.agree(group, "representation_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
@@ -136,20 +139,23 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     failed = None
     try:
         with measuring(model, ref), exact_fp32():
-            for x in iter_inputs(loader, device, allow_empty=group is not None):
+            for x in iter_inputs(loader, device, allow_empty=group is not None, same_shape=True):
                 got.clear()
                 rec_m.new_forward()
                 if rec_r is None:  # model is its own reference
-                    model(x)
+                    run_model(model, model_inputs(x, model))
                     got["ref"] = got["model"]
                 else:
                     rec_r.new_forward()
-                    ref(x.to(ref_device))
-                    model(x)
+                    run_model(ref, model_inputs(x, ref, ref_device), "the reference")
+                    run_model(model, model_inputs(x, model))
                 if "model" not in got or "ref" not in got:
                     raise ValueError(f"layer {name!r} did not run during the forward pass")
                 phi = got["model"].reshape(x.shape[0], -1)
                 phi0 = got["ref"].to(device).reshape(x.shape[0], -1)
+                if phi.dtype != phi0.dtype:  # a float64 reference of a float32 model: both in the wider dtype
+                    wide = torch.promote_types(phi.dtype, phi0.dtype)
+                    phi, phi0 = phi.to(wide), phi0.to(wide)
                 grams.add(phi, phi0)
     except Exception as exc:  # noqa: BLE001 - with a group, every rank learns of it (below)
         if group is None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._modes import measuring
-from .._loaders import model_device
+from .._loaders import check_materialized, model_device, model_inputs, run_model
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32
 from .alignment import _feature_moments
@@ -86,7 +86,7 @@ class LinearityProbe:
                 for xb in batches:
                     n_before = len(feats)
                     rec.new_forward()
-                    reference(xb.to(device))
+                    run_model(reference, model_inputs(xb, reference, device), "the reference")
                     if len(feats) != n_before + 1:
                         raise ValueError(f"layer {name!r} must run exactly once per forward")
         finally:
@@ -127,13 +127,17 @@ class LinearityProbe:
                     if run is not None:
                         run.reset(_BatchWords(self.signs.sites, self.signs.units, [w[start:start + b] for w in bits]))
                     with run.observing() if run is not None else contextlib.nullcontext():
-                        model(xb)
+                        run_model(model, model_inputs(xb, model))
                     if run is not None:
                         run.check(self.signs.sites)
                         counts.append(run.counts)
                     if len(got) != 1:
                         raise ValueError(f"layer {self.layer_name!r} must run exactly once per forward")
-                    grams.add(got[0].reshape(b, -1), phi0.to(device))
+                    phi, phi0 = got[0].reshape(b, -1), phi0.to(device)
+                    if phi.dtype != phi0.dtype:  # a float64 reference of a float32 model: the wider dtype
+                        wide = torch.promote_types(phi.dtype, phi0.dtype)
+                        phi, phi0 = phi.to(wide), phi0.to(wide)
+                    grams.add(phi, phi0)
                     start += b
         finally:
             rec.remove()

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from .._modes import measuring
-from .._loaders import as_reference_module, iter_inputs, model_and_reference, model_device
+from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
+                        model_inputs, run_model)
 from ..ops.signs import pack_signs, sign_mismatch
 import contextlib
+import zlib
 
 from ._sites import CallRecorder, FunctionalReLUs, relu_modules, same_modules
 
@@ -102,9 +104,37 @@ class _BatchWords:
         self.sites, self.units, self.bits = sites, units, bits
 
 
+_HASH_WEIGHTS: dict = {}
+
+
+def _hash_weights(n: int, device) -> torch.Tensor:
+    """Two fixed odd int64 weights per input word (odd: invertible mod 2**64, so any change of a single word
+    changes the hash)."""
+    key = (n, str(device))
+    w = _HASH_WEIGHTS.get(key)
+    if w is None:
+        g = torch.Generator().manual_seed(0x5EED)
+        w = (torch.randint(-2**62, 2**62, (2, n), generator=g, dtype=torch.int64) | 1).to(device)
+        _HASH_WEIGHTS.clear()  # one probe shape at a time in practice: keep the cache small
+        _HASH_WEIGHTS[key] = w
+    return w
+
+
 def _fingerprint(x: torch.Tensor) -> torch.Tensor:
-    f = x.reshape(x.shape[0], -1).double()
-    return torch.stack([f.sum(1), (f * f).sum(1)], 1).cpu()
+    """``[b, 2]`` int64 hashes of each example's bits (its dtype, shape and every value, in order): two
+    position-weighted sums of the input words mod 2**64, one of them over bit-mixed words. A flipped, permuted
+    or otherwise changed example changes them (one changed word: always; more: all but ~2**-64 of the time)."""
+    b = x.shape[0]
+    flat = x.detach().reshape(b, -1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(b, -1)
+    size = flat.element_size()
+    word = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[size]
+    words = flat.contiguous().view(word).to(torch.int64) if flat.dtype != torch.bool else flat.to(torch.int64)
+    mixed = words ^ (words >> 13) ^ (words << 7)
+    w = _hash_weights(words.shape[1], words.device)
+    tag = zlib.crc32(repr((str(x.dtype), tuple(x.shape[1:]))).encode())  # the same in every process
+    return torch.stack([(words * w[0]).sum(1) + tag, (mixed * w[1]).sum(1)], 1).cpu()
 
 
 class SignPatterns:
@@ -116,8 +146,9 @@ class SignPatterns:
         ...
         s = init.similarity(model, probe_loader)                      # float in [0, 1]
 
-    The probe loader must yield the same examples in the same order each time (a fingerprint of every
-    example's inputs is stored and checked). ``bits[k]`` is ``[n, ceil(units[k] / 32)]`` int32 for site
+    The probe loader must yield the same examples in the same order each time: a hash of every example's
+    bits (dtype, shape, each value in order) is stored and checked, so a flipped, permuted or otherwise
+    changed input is an error naming the example. ``bits[k]`` is ``[n, ceil(units[k] / 32)]`` int32 for site
     ``sites[k]`` (a module name, with ``#j`` for the j-th extra call of a module called several times).
 
     ``capture(..., process_group=group)``: each rank captures its own shard of the probe set (possibly
@@ -157,6 +188,7 @@ class SignPatterns:
                     ) if isinstance(reference, Mapping) else ""
             raise TypeError(f"SignPatterns.capture needs the reference model (an nn.Module), got "
                             f"{type(reference).__name__}{hint}")
+        check_materialized(reference, "reference")
         named = relu_modules(reference, modules)
         if group is not None:
             _dist.agree(group, "SignPatterns.capture", reference=_dist.structure(reference),
@@ -167,10 +199,10 @@ class SignPatterns:
         failed = None
         try:
             with measuring(reference):
-                for x in iter_inputs(loader, device, allow_empty=group is not None):
+                for x in iter_inputs(loader, device, allow_empty=group is not None, same_shape=True):
                     run.reset(None)
                     with run.observing():
-                        reference(x)
+                        run_model(reference, model_inputs(x, reference), "the reference")
                     run.check(sites)
                     if sites is None and not run.functional_sites:
                         run.functional = None  # no functional ReLU in this architecture: no mode overhead
@@ -191,7 +223,7 @@ class SignPatterns:
             sites, units = _agreed_sites(_dist.gather_objects(None if sites is None else (sites, units), group))
         if not chunks:  # this rank's shard is empty
             bits = [torch.zeros(0, (u + 31) // 32, dtype=torch.int32, device=device) for u in units]
-            return cls([n for n, _ in named], sites, units, bits, torch.zeros(0, 2, dtype=torch.float64),
+            return cls([n for n, _ in named], sites, units, bits, torch.zeros(0, 2, dtype=torch.int64),
                        functional=any(":" in s.split("#")[0] for s in sites), group=group)
         bits = [torch.cat([c[k] for c in chunks]) for k in range(len(sites))]
         return cls([n for n, _ in named], sites, units, bits, torch.cat(prints),
@@ -223,18 +255,21 @@ class SignPatterns:
         failed = None
         try:
             with measuring(model):
-                for x in iter_inputs(loader, device, allow_empty=group is not None):
+                for x in iter_inputs(loader, device, allow_empty=group is not None, same_shape=True):
                     b = x.shape[0]
                     if start + b > self.n:
                         raise ValueError(f"the loader yields more than the {self.n} examples captured")
-                    if not torch.allclose(_fingerprint(x), self.fingerprints[start:start + b], rtol=1e-5, atol=1e-6):
+                    same = (_fingerprint(x) == self.fingerprints[start:start + b]).all(1)
+                    if not bool(same.all()):
+                        first = start + int((~same).nonzero()[0])
                         raise ValueError(
-                            f"examples {start}..{start + b - 1} differ from the captured probe set: the loader "
-                            "must yield the same examples in the same order (no shuffling)"
+                            f"example {first} (of {start}..{start + b - 1}) differs from the captured probe set: the "
+                            "loader must yield the same examples, bit for bit, in the same order (no shuffling, no "
+                            "random augmentation)"
                         )
                     run.reset(_BatchWords(self.sites, self.units, [w[start:start + b] for w in bits]))
                     with run.observing():
-                        model(x)
+                        run_model(model, model_inputs(x, model))
                     run.check(self.sites)
                     counts.append(run.counts)
                     start += b
@@ -285,6 +320,8 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     group = _dist.resolve(process_group)
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = as_reference_module(model, reference)
+    check_materialized(model, "model")
+    check_materialized(ref, "reference")
     named = relu_modules(model, modules)
     names = [n for n, _ in named]
     if group is not None:
@@ -297,17 +334,17 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     counts, units, failed = [], None, None
     try:
         with measuring(model, ref):
-            for x in iter_inputs(loader, device, allow_empty=group is not None):
+            for x in iter_inputs(loader, device, allow_empty=group is not None, same_shape=True):
                 ref_run.reset(None)
                 with ref_run.observing():
-                    ref(x.to(ref_device))
+                    run_model(ref, model_inputs(x, ref, ref_device), "the reference")
                 ref_run.check()
                 if units is None and not ref_run.functional_sites:
                     ref_run.functional = run.functional = None  # none in this architecture: no mode overhead
                 words = _BatchWords(ref_run.sites, ref_run.units, [w.to(device) for w in ref_run.bits])
                 run.reset(words)
                 with run.observing():
-                    model(x)
+                    run_model(model, model_inputs(x, model))
                 run.check(ref_run.sites)
                 if units is not None and sum(run.units) != units:
                     raise ValueError("the number of ReLU units changed between batches (inputs of different sizes?)")

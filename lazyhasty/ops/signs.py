@@ -1,16 +1,15 @@
-"""Bit-packed ReLU sign patterns: the hot path of :func:`lazyhasty.metrics.sign_similarity`.
+"""Bit-packed ReLU sign patterns: the hot path of [`sign_similarity`][lazyhasty.metrics.sign_similarity].
 
-Two ops, each on four backends (torch, cpp, cuda, triton; see :mod:`lazyhasty._backend`):
+Two ops, each on four backends (torch, cpp, cuda, triton; the rule that picks one:
+[`select`][lazyhasty._backend.select]):
 
-``pack_signs(x) -> bits``: x ``[n, u]`` float (fp16/bf16/fp32/fp64, any strides) to ``[n, ceil(u/32)]``
-int32 words, bit ``b`` of word ``w`` being ``x[:, 32 w + b] > 0``; bits past ``u`` are zero.
+- `pack_signs(x) -> bits`: `x` `[n, u]` float (fp16 / bf16 / fp32 / fp64, any strides) to `[n, ceil(u / 32)]`
+  int32 words, bit `b` of word `w` being `x[:, 32 w + b] > 0`; bits past `u` are zero.
+- `sign_mismatch(x, bits) -> counts`: `[n]` int64, the number of units whose sign `x > 0` differs from the
+  stored bit: `popcount(pack(x) XOR bits)` per row (bits past `u` ignored), without writing `pack(x)`.
 
-``sign_mismatch(x, bits) -> counts``: ``[n]`` int64, the number of units whose sign ``x > 0`` differs
-from the stored bit: ``popcount(pack(x) XOR bits)`` per row (bits past ``u`` ignored), without
-writing ``pack(x)``.
-
-Both are ``torch.library.custom_op`` s (``lazyhasty::pack_signs``, ``lazyhasty::sign_mismatch``) with fake
-implementations, so they trace under ``torch.compile``.
+Both are `torch.library.custom_op`s (`lazyhasty::pack_signs`, `lazyhasty::sign_mismatch`) with fake
+implementations, so they trace under `torch.compile`.
 """
 from __future__ import annotations
 
@@ -23,7 +22,18 @@ _FLOAT_TO_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16,
 
 
 def sign_words(units: int) -> int:
-    """Number of 32-bit words holding ``units`` sign bits."""
+    """Number of 32-bit words holding `units` sign bits.
+
+    Args:
+        units: sign bits per row (`u`).
+
+    Returns:
+        `ceil(units / 32)`, the width of [`pack_signs`][lazyhasty.ops.pack_signs]'s output.
+
+    Example:
+        >>> sign_words(33)
+        2
+    """
     return (units + 31) // 32
 
 
@@ -171,26 +181,54 @@ def _(x, bits, backend):
 
 # --- public functions -----------------------------------------------------------------------------
 def pack_signs(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Pack the signs ``x > 0`` of ``x`` ``[n, u]`` into ``[n, ceil(u / 32)]`` int32 words.
+    """Pack the signs `x > 0` of `x` `[n, u]` into `[n, ceil(u / 32)]` int32 words.
 
-    Bit ``b`` of word ``w`` of row ``r`` is ``x[r, 32 w + b] > 0``; padding bits are zero. NaN is not
-    checked here (callers check it once per batch); a NaN with a clear sign bit packs as 1.
+    Bit `b` of word `w` of row `r` is `x[r, 32 w + b] > 0`; padding bits are zero. NaN is not checked here
+    (callers check it once per batch); a NaN with a clear sign bit packs as 1.
 
-    >>> pack_signs(torch.tensor([[1.0, -1.0, 0.0, 2.0]]))
-    tensor([[9]], dtype=torch.int32)
+    Args:
+        x: `[n, u]` float16, bfloat16, float32 or float64, any strides, on any device.
+        backend: `"cuda"`, `"triton"`, `"cpp"` or `"torch"` to force one; default: the rule of
+            [`select`][lazyhasty._backend.select].
+
+    Returns:
+        `[n, ceil(u / 32)]` int32 words on `x`'s device.
+
+    Raises:
+        TypeError: `x` is not a float16, bfloat16, float32 or float64 tensor.
+        ValueError: `x` is not 2-D.
+        BackendUnavailable: the requested backend cannot run on `x`'s device.
+
+    Example:
+        >>> pack_signs(torch.tensor([[1.0, -1.0, 0.0, 2.0]]))
+        tensor([[9]], dtype=torch.int32)
     """
     _check_x(x)
     return _pack_signs_op(x, _backend.select(x.device, backend))
 
 
 def sign_mismatch(x: torch.Tensor, bits: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
-    """Per-row count ``[n]`` (int64) of units whose sign ``x > 0`` differs from ``bits`` (from :func:`pack_signs`).
+    """Per-row count of units whose sign `x > 0` differs from the stored `bits`.
 
-    Equals ``popcount(pack_signs(x) ^ bits).sum(1)``, without materializing ``pack_signs(x)``.
+    Equals `popcount(pack_signs(x) ^ bits).sum(1)`, without materializing `pack_signs(x)`.
 
-    >>> x = torch.tensor([[1.0, -1.0, 0.0, 2.0]])
-    >>> sign_mismatch(-x, pack_signs(x))
-    tensor([3])
+    Args:
+        x: `[n, u]` float16, bfloat16, float32 or float64, any strides.
+        bits: `[n, ceil(u / 32)]` int32 words from [`pack_signs`][lazyhasty.ops.pack_signs], on `x`'s device.
+        backend: as for [`pack_signs`][lazyhasty.ops.pack_signs].
+
+    Returns:
+        `[n]` int64 counts.
+
+    Raises:
+        TypeError: `x` is not a floating tensor, or `bits` is not int32.
+        ValueError: `x` is not 2-D, or `bits` does not have the shape or device that `x` needs.
+        BackendUnavailable: the requested backend cannot run on `x`'s device.
+
+    Example:
+        >>> x = torch.tensor([[1.0, -1.0, 0.0, 2.0]])
+        >>> sign_mismatch(-x, pack_signs(x))
+        tensor([3])
     """
     _check_x(x)
     _check_bits(x, bits)
