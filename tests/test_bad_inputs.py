@@ -80,12 +80,18 @@ def test_nan_inputs_refused_by_every_implementation(implementation):
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
-def test_batchnorm_in_train_mode_refused_without_touching_the_model(implementation):
+def test_batchnorm_in_train_mode_measured_on_running_stats_without_touching_the_model(implementation):
+    # issue 27: a train-mode model is measured in eval mode (running statistics); nothing of it changes
     m = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).train()
     before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(6, 3)
+    K = ntk_gram(m, x, implementation=implementation)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items()) and m[1].training
+    assert torch.equal(K, ntk_gram(copy.deepcopy(m).eval(), x, implementation=implementation))
+    # without running statistics there is no eval-mode network to measure: refused, the model untouched
+    bn = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.Linear(8, 1))
     with pytest.raises(ValueError, match="BatchNorm"):
-        ntk_gram(m, torch.randn(6, 3), implementation=implementation)
-    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+        ntk_gram(bn, x, implementation=implementation)
 
 
 class MixesLargeBatches(nn.Module):

@@ -542,3 +542,99 @@ def test_public_calls_over_ranks_with_different_parameter_values_raise_naming_th
                             "LinearityProbe.measure", "ntk_alignment"}
         for name, msg in res.items():
             assert "parameter values on rank(s) 2 differ from rank 0's" in msg, (r, name, msg)
+
+
+def _public_raises_alive(rank, size, init, out_dir):
+    # rank 1 raises inside the local part of each public call (and stays alive, as a training loop catching it
+    # would); the others must raise at once, naming rank 1 and its exception, not at the group's timeout
+    import datetime
+    import time
+    from unittest import mock
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=120))
+    from lazyhasty import _dist
+    from lazyhasty.metrics import LinearityProbe, ntk_alignment, ntk_gram
+    from lazyhasty.monitor import Monitor
+    from lazyhasty.ntk import NTKReference
+    from lazyhasty.ntk._featurizer import Featurizer
+
+    m, m0, x = _setup()
+    shard = x[rank::size]
+
+    def boom(*a, **k):
+        raise ZeroDivisionError("rank 1's own failure")
+
+    calls = {  # name: (the call, what rank 1's local part raises in)
+        "ntk_alignment exchange": (lambda g: ntk_alignment(m, shard, m0, kernel="full", block_size=2,
+                                                            process_group=g), (Featurizer, "__call__")),
+        "ntk_alignment recompute": (lambda g: ntk_alignment(m, shard, m0, kernel="full", block_size=2,
+                                                             max_cache_bytes=0, process_group=g),
+                                    (Featurizer, "__call__")),
+        "ntk_gram gather": (lambda g: ntk_gram(m, shard, kernel="trace", block_size=2, gather="all",
+                                               process_group=g), (Featurizer, "__call__")),
+    }
+    res = {}
+    for name, (call, (owner, attr)) in calls.items():
+        group = dist.new_group(list(range(size)))
+        t0 = time.time()
+        try:
+            if rank == 1:
+                with mock.patch.object(owner, attr, boom):
+                    call(group)
+            else:
+                call(group)
+            res[name] = ("no error", time.time() - t0)
+        except (ZeroDivisionError, _dist.RankFailed) as exc:
+            res[name] = (f"{type(exc).__name__}: {exc}", time.time() - t0)
+        if rank == 1:
+            time.sleep(0.5)
+    # the measuring objects: captured together, then rank 1 fails in its part of measure()
+    for name in ("NTKReference.measure", "LinearityProbe.measure", "Monitor.measure"):
+        group = dist.new_group(list(range(size)))
+        if name == "NTKReference.measure":
+            obj = NTKReference.capture(m0, shard, kernel="trace", block_size=2, process_group=group)
+            owner, attr = Featurizer, "__call__"
+        elif name == "LinearityProbe.measure":
+            obj = LinearityProbe.capture(m0, shard, process_group=group)
+            owner, attr = LinearityProbe, "_measure"
+        else:
+            obj = Monitor(m0, shard, metrics=("sign_similarity", "repr_alignment"), process_group=group)
+            owner, attr = Monitor, "_measure"
+        t0 = time.time()
+        try:
+            if rank == 1:
+                with mock.patch.object(owner, attr, boom):
+                    obj.measure(m)
+            else:
+                obj.measure(m)
+            res[name] = ("no error", time.time() - t0)
+        except (ZeroDivisionError, _dist.RankFailed) as exc:
+            res[name] = (f"{type(exc).__name__}: {exc}", time.time() - t0)
+        if rank == 1:
+            time.sleep(0.5)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    os._exit(0)  # the failed groups are out of step by design: no teardown handshake
+
+
+def test_public_calls_where_a_rank_raises_and_stays_alive_raise_at_once_naming_it(tmp_path):
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'store'}"
+    procs = [ctx.Process(target=_public_raises_alive, args=(r, 3, init, str(tmp_path))) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    assert all(not p.is_alive() for p in procs)
+    names = {"ntk_alignment exchange", "ntk_alignment recompute", "ntk_gram gather", "NTKReference.measure",
+             "LinearityProbe.measure", "Monitor.measure"}
+    own = pickle.load(open(tmp_path / "rank1.pkl", "rb"))
+    assert set(own) == names and all(msg.startswith("ZeroDivisionError") for msg, _ in own.values()), own
+    for r in (0, 2):
+        res = pickle.load(open(tmp_path / f"rank{r}.pkl", "rb"))
+        assert set(res) == names
+        for name, (msg, waited) in res.items():
+            assert msg.startswith("RankFailed") and "rank 1: ZeroDivisionError: rank 1's own failure" in msg, \
+                (r, name, msg)
+            assert waited < 20, (r, name, waited)  # generous: the group's timeout here is 120 s
