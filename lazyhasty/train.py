@@ -5,7 +5,7 @@ and ``checkpoint.pt`` (model incl. f_0, optimizer, RNG states, step, logging sta
 file then renamed). A run killed at any point (SIGKILL included) and resumed with ``resume=True``
 continues from the last checkpoint, recomputes the log rows written after it (each checked against the
 row on disk), and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
-No row on disk is ever lost: see :mod:`lazyhasty._runlog` for the rules on torn or damaged logs.
+No row on disk is ever lost: see `lazyhasty._runlog` for the rules on torn or damaged logs.
 
 A resume is refused, naming the reason, when anything that defines the run differs: the config, the
 model's modules and parameter shapes, the training data (a hash over its examples and labels, in order)
@@ -299,7 +299,7 @@ def _dataset_fingerprint(ds) -> dict:
     """``{"n", "sha256"}`` of a data set: a hash over its examples and labels, so that a resumed run notices
     other data (another order, one changed label or pixel).
 
-    A :class:`Dataset` is hashed in order (the order decides the minibatches and the sums). A loader's
+    A [Dataset][lazyhasty.data.Dataset] is hashed in order (the order decides the minibatches and the sums). A loader's
     batches (a probe set, evaluated only) are hashed example by example and the hashes sorted, so that a
     shuffling loader still resumes.
     """
@@ -322,18 +322,38 @@ def _dataset_fingerprint(ds) -> dict:
 
 # --- trainer ------------------------------------------------------------------------------------------
 class Trainer:
-    """Train ``AlphaScaled(model, alpha)`` on ``train`` and log losses and linearity probes.
+    """Train `AlphaScaled(model, alpha)` on `train` and log losses and linearity probes.
 
-    on_log(row, net): called after each logged row (e.g. to keep predictions on a grid in memory).
-    probes: ``{"name": Dataset}`` evaluated at every log (loss and accuracy, e.g. ``"train/decile0"``,
-    ``"test/noisy"``); probe_set: the examples the linearity probes use (sign similarity, representation
-    and NTK alignment of the inner model against ``f_0``), every ``probe_every``-th log.
-    process_group: a ``torch.distributed`` group (default: the one set by
-    :class:`lazyhasty._dist.probes_over`, as ``lazyhasty run --nproc N`` does): every rank trains the same
-    model and measures the linearity probes on its share of ``probe_set``; the values are over the whole set.
+    The network trained is `f_0 + alpha (f - f_0)` at learning rate `lr / alpha^2`
+    ([AlphaScaled][lazyhasty.regimes.AlphaScaled], [scaled_lr][lazyhasty.regimes.scaled_lr]); each log row
+    holds the losses and accuracies of the probe data sets and, every `probe_every`-th log, the linearity
+    probes of the inner model against `f_0` (sign similarity, representation and NTK alignment).
 
-        >>> t = Trainer(net, train_ds, TrainConfig(steps=1000, lr=0.1, alpha=100), run_dir="runs/a100",
-        ...             probes={"test": test_ds}, probe_set=train_ds[:1000])
+    Args:
+        model: the network at init.
+        train: the training [Dataset][lazyhasty.data.Dataset].
+        config: the [TrainConfig][lazyhasty.train.TrainConfig] (steps, lr, alpha, ...).
+        run_dir: the run directory (`config.json`, `log.jsonl`, `checkpoint.pt`).
+        probes: `{"name": Dataset}` evaluated at every log (loss and accuracy, e.g. `"train/decile0"`,
+            `"test/noisy"`).
+        probe_set: the examples the linearity probes use.
+        device: where to train (default: the device of the model's parameters, CPU when it has none).
+        progress: show a progress bar.
+        checkpoint_every: write a checkpoint every this many logs (at least 1).
+        on_log: `on_log(row, net)`, called after each logged row (e.g. to keep predictions on a grid in
+            memory).
+        process_group: a `torch.distributed` group (default: the one set by `lazyhasty._dist.probes_over`,
+            as `lazyhasty run --nproc N` does): every rank trains the same model and measures the linearity
+            probes on its share of `probe_set`; the values are over the whole set.
+
+    Example:
+        >>> from lazyhasty.data import yinyang
+        >>> ds = yinyang(1200, seed=0)
+        >>> train_ds, test_ds = ds[:1000], ds[1000:]
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+        >>> config = TrainConfig(steps=1000, lr=0.1, alpha=100, loss="logistic")   # labels in {-1, +1}
+        >>> t = Trainer(net, train_ds, config, run_dir="runs/a100",
+        ...             probes={"test": test_ds}, probe_set=train_ds)
         >>> run = t.fit(resume=True)
     """
 
@@ -553,7 +573,7 @@ class Trainer:
             resume: continue the run in ``run_dir`` (else a directory holding a run is an error).
 
         Returns:
-            The finished :class:`Run`.
+            The finished [Run][lazyhasty.train.Run].
 
         Raises:
             RunLocked: another process is writing ``run_dir`` (its pid is named); nothing was touched.
