@@ -13,8 +13,8 @@ Model: ``f_theta(x) = theta^T x`` with ``theta = 1/2 sum_lambda w_lambda^2 v_lam
 The rate of the linearized solution is ``mu (w0)^2 = 2 mu theta0``, the eigenvalue of ``Sigma(0)`` in the
 paper's eq. 11; eq. 13 as printed writes ``mu theta0`` (its time unit is half of eq. 12's). lazyhasty
 keeps the gradient-flow time of eqs. 10-12 for both regimes, so both can be checked against
-:meth:`QuadraticModel.simulate`. ``theta*`` is ``y_l / sqrt(mu_l)`` on the row space and ``theta0`` on the
-null space of X (the paper's footnote 4).
+[QuadraticModel.simulate][lazyhasty.theory.QuadraticModel.simulate]. ``theta*`` is ``y_l / sqrt(mu_l)`` on
+the row space and ``theta0`` on the null space of X (the paper's footnote 4).
 """
 from __future__ import annotations
 
@@ -35,12 +35,28 @@ def _as_times(t) -> tuple[np.ndarray, bool]:
 class QuadraticModel:
     """Closed-form training dynamics of the quadratic model in both regimes.
 
-    X: ``[n, d]`` inputs, y: ``[n]`` labels, w0: ``[d]`` initial weights per mode ``v_lambda`` (a scalar
-    is broadcast; the paper uses ``w0 = sqrt(sigma) 1``).
+    `f_theta(x) = theta^T x` with `theta = 1/2 sum_lambda w_lambda^2 v_lambda`, trained by gradient flow on
+    `l = 1/2 |X theta - y|^2` from `w0`; `regime` is `"nonlinear"` (eq. 12) or `"linear"` (eq. 13, in the
+    gradient-flow time of eq. 12). Times `t` are a scalar or `[T]`, finite and `>= 0`.
 
+    Args:
+        X: `[n, d]` inputs.
+        y: `[n]` labels.
+        w0: `[d]` initial weights per mode `v_lambda` (a scalar is broadcast; the paper uses
+            `w0 = sqrt(sigma) 1`).
+
+    Raises:
+        ValueError: `X` is not `[n, d]`, `y` not `[n]`, or an input is not finite.
+
+    Example:
+        >>> X, y = np.diag(np.sqrt([3.0, 2.0, 1.0])), np.ones(3)
         >>> qm = QuadraticModel(X, y, w0=np.sqrt(1e-3))
         >>> qm.theta_nonlinear([0.0, 10.0]).shape      # [2, d], input coordinates
-        >>> qm.errors([5.0], "linear")                 # [1, n] per-example squared errors
+        (2, 3)
+        >>> qm.errors([5.0], "linear").shape           # [1, n] per-example squared errors
+        (1, 3)
+        >>> bool(np.allclose(qm.simulate([1.0]), qm.theta_nonlinear([1.0]), rtol=1e-6))   # closed form = ODE
+        True
     """
 
     def __init__(self, X, y, *, w0):
@@ -191,11 +207,19 @@ class QuadraticModel:
 
     # --- numerical check ---------------------------------------------------------------------------
     def simulate(self, t, regime: str = "nonlinear", *, rtol: float = 1e-11, atol: float = 1e-13) -> np.ndarray:
-        """theta(t) (input coordinates, ``[T, d]``) from gradient flow on w, integrated numerically.
+        """theta(t) (input coordinates, `[T, d]`) from gradient flow on w, integrated numerically.
 
-        Uses X itself (not its SVD) for the gradient: non-linear ``dw/dt = -w * V^T X^T (X theta(w) - y)``
-        with ``theta(w) = V w^2 / 2``; linearized ``theta(w) = theta0 + V (w0 * (w - w0))`` and
-        ``dw/dt = -w0 * V^T X^T (X theta(w) - y)``. Radau (implicit, stiff-safe) with tight tolerances.
+        `dw/dt = -w0 * V^T X^T (X theta(w) - y)`, by Radau (implicit, stiff-safe) with tight tolerances: the
+        check of the closed forms.
+
+        Args:
+            t: times, a scalar or `[T]`.
+            regime: `"nonlinear"` or `"linear"`.
+            rtol: the integrator's relative tolerance.
+            atol: the integrator's absolute tolerance.
+
+        Returns:
+            `[T, d]` (`[d]` for a scalar t).
         """
         from scipy.integrate import solve_ivp
 
@@ -241,16 +265,39 @@ class QuadraticModel:
 # --- the paper's examples (section 4.4) -----------------------------------------------------------
 @dataclass
 class Example:
+    """One of the paper's examples: the model and its groups of examples.
+
+    Attributes:
+        model: the [QuadraticModel][lazyhasty.theory.QuadraticModel].
+        groups: `{name: example indices}`.
+        description: what the example shows.
+    """
+
     model: QuadraticModel
     groups: dict[str, np.ndarray]  # name -> example indices
     description: str
 
 
 def example1(mu=(3.0, 2.5, 2.0, 1.5, 1.0), sigma: float = 1e-2) -> Example:
-    """Example 1: one mode per example, ``x_i = sqrt(mu_i) e_i``, ``y_i = mu_{n-i+1} / sqrt(mu_i)``.
+    """Example 1: one mode per example, `x_i = sqrt(mu_i) e_i`, `y_i = mu_{n-i+1} / sqrt(mu_i)`.
 
     The linearized model learns example i at rate ~ mu_i (low index first); the non-linear one by
-    ``y~_i = mu_{n-i+1}`` (high index first): linearization reverses the learning order.
+    `y~_i = mu_{n-i+1}` (high index first): linearization reverses the learning order.
+
+    Args:
+        mu: the positive, non-increasing eigenvalues, one per example.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"example 1"` .. `"example n"`.
+
+    Raises:
+        ValueError: `mu` is not positive and non-increasing.
+
+    Example:
+        >>> ex = example1()
+        >>> ex.model.n, sorted(ex.groups)[:2]
+        (5, ['example 1', 'example 2'])
     """
     mu = np.asarray(mu, dtype=np.float64)
     if np.any(mu <= 0) or np.any(np.diff(mu) > 0):

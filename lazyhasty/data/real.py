@@ -1,10 +1,13 @@
 """Real datasets read from local files (nothing is downloaded).
 
-* :func:`digits` — scikit-learn's bundled 8x8 digits (1797 images), ``x`` ``[n, 1, 8, 8]`` in [0, 1].
-* :func:`fashion_mnist` — IDX files (gzipped or not); default root: Debian's ``dataset-fashion-mnist``.
-* :func:`cifar10` — torchvision's ``cifar-10-batches-py`` layout (read with a restricted unpickler).
-* :func:`celeba` — attributes + partition files and aligned images; task: blond, group: gender.
-* :func:`waterbirds` — ``metadata.csv`` + images; task: water bird, group: bird type x background.
+* [digits][lazyhasty.data.digits]: scikit-learn's bundled 8x8 digits (1797 images), `x` `[n, 1, 8, 8]` in [0, 1].
+* [fashion_mnist][lazyhasty.data.fashion_mnist]: IDX files (gzipped or not); default root: Debian's
+  `dataset-fashion-mnist`.
+* [cifar10][lazyhasty.data.cifar10]: torchvision's `cifar-10-batches-py` layout (read with a restricted
+  unpickler).
+* [celeba][lazyhasty.data.celeba]: attributes + partition files and aligned images; task: blond, group: gender.
+* [waterbirds][lazyhasty.data.waterbirds]: `metadata.csv` + images; task: water bird, group: bird type x
+  background.
 """
 from __future__ import annotations
 
