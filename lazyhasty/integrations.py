@@ -11,8 +11,8 @@ The callbacks are classes, importable where their library is installed:
 
 Lightning: the values go through ``pl_module.log_dict`` (``trainer.callback_metrics``, so ``EarlyStopping`` /
 ``ModelCheckpoint`` can monitor them, and the progress bar with ``prog_bar=True``) and to every logger in
-``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face: through ``Trainer.log`` (``state.log_history`` and every ``report_to``
-integration). Both measure the model in eval mode and leave its training state untouched (the Monitor's rule).
+``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face:
+through ``Trainer.log`` (``state.log_history`` and every ``report_to`` integration). Both measure the model in eval mode and leave its training state untouched (the Monitor's rule).
 
 The model measured: ``get_model(module)`` when given; by default the module, or the first of its submodules,
 whose parameters are the Monitor reference's (an ``AlphaScaled`` / ``Linearized`` wrapper of it counts), found

@@ -269,7 +269,7 @@ class NotConverged(ArithmeticError):
 
 
 class Eigenpairs(tuple):
-    """`(values, vectors)` of [ntk_eigh][lazyhasty.kernels.ntk_eigh], unpacking as a pair, with how far they are from exact.
+    """`(values, vectors)` of [ntk_eigh][lazyhasty.kernels.ntk_eigh], a pair with how far it is from exact.
 
     Attributes:
         values: `[r]` descending.
@@ -304,7 +304,8 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
     `kernel="trace"`: the `[n, n]` trace kernel (`N = n`); `"full"`: the `[nk, nk]` kernel
     (`N = n k`). From the materialized kernel (`torch.linalg.eigh`) while it fits `max_bytes`; otherwise
     by block subspace iteration with Rayleigh-Ritz on streamed kernel-vector products `K V` formed tile by
-    tile ([kernel_matvec][lazyhasty.kernels.kernel_matvec]), never holding the `N x N` matrix. The iteration stops when every Ritz
+    tile ([kernel_matvec][lazyhasty.kernels.kernel_matvec]), never holding the `N x N` matrix. The iteration
+    stops when every Ritz
     pair's residual `||K v_i - lambda_i v_i||` is within `tol * lambda_1` (the products of the last
     iteration give the residuals at no extra cost).
 

@@ -45,19 +45,34 @@ class NonFiniteLoss(FloatingPointError):
 class TrainConfig:
     """Everything that defines a run (compared on resume).
 
-    steps: optimizer steps in total. batch_size: None = full-batch gradient descent. lr: the alpha = 1
-    learning rate; the optimizer uses ``lr / alpha^2`` when ``scale_lr``. log_every: log every N steps,
-    or, with ``log_geometric=q``, when the training loss first falls below ``L0 q^m`` (m = 1, 2, ...;
-    the authors used q = 0.96; the first and last steps are always logged). probe_every: linearity
-    probes at every m-th log (0: never). modes: with r > 0, every log also records the residuals
-    ``f_t - y`` on the probe set projected on the top-r eigenvectors of ``f_0``'s trace kernel there
-    (``mode/0`` .. ``mode/{r-1}``; their eigenvalues go to ``modes.json`` in the run directory).
-    track_linearized: also train the exact linearization of the initial model (``Linearized``, learning
-    rate ``lr``: the alpha -> infinity limit of this run) on the same batches, and log ``lin_distance``,
-    the RMS over the probe set of ``|f_t(x) - f_lin,t(x)|`` (about twice the cost per step).
-    snapshot_steps: steps at which the inner model's parameters (before that step's update) are saved to
-    ``snapshots/step-<s>.pt`` in the run directory, to fork another regime from there
-    (``compare_regimes(fork_from=...)``, ``AlphaScaled(at=...)``).
+    Attributes:
+        steps: optimizer steps in total.
+        lr: the alpha = 1 learning rate; the optimizer uses `lr / alpha^2` when `scale_lr`.
+        alpha: the scale of [AlphaScaled][lazyhasty.regimes.AlphaScaled] (1: standard, 100: lazy).
+        center: train `alpha (f - f_0)` instead of `f_0 + alpha (f - f_0)`.
+        scale_lr: divide `lr` by `alpha^2`.
+        batch_size: examples per minibatch; None = full-batch gradient descent.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        loss: `"cross_entropy"`, `"logistic"` or `"mse"`.
+        log_every: log every N steps, or, with `log_geometric=q`, when the training loss first falls below
+            `L0 q^m` (m = 1, 2, ...; the authors used q = 0.96; the first and last steps are always logged).
+        log_geometric: the `q` above, or None.
+        probe_every: linearity probes at every m-th log (0: never).
+        probes: which linearity probes (`"sign_similarity"`, `"repr_alignment"`, `"ntk_alignment"`).
+        ntk_kernel: `"trace"`, `"full"` or `"diagonal"`, the tangent kernel of `ntk_alignment`.
+        modes: with r > 0, every log also records the residuals `f_t - y` on the probe set projected on the
+            top-r eigenvectors of `f_0`'s trace kernel there (`mode/0` .. `mode/{r-1}`; their eigenvalues go
+            to `modes.json` in the run directory).
+        track_linearized: also train the exact linearization of the initial model
+            ([Linearized][lazyhasty.regimes.Linearized], learning rate `lr`: the alpha -> infinity limit of
+            this run) on the same batches, and log `lin_distance`, the RMS over the probe set of
+            `|f_t(x) - f_lin,t(x)|` (about twice the cost per step).
+        snapshot_steps: steps at which the inner model's parameters (before that step's update) are saved to
+            `snapshots/step-<s>.pt` in the run directory, to fork another regime from there
+            (`compare_regimes(fork_from=...)`, `AlphaScaled(at=...)`).
+        seed: the seed of the minibatch order and of the torch RNG at the start of training (dropout).
+        eval_batch_size: examples per forward when the probe data sets are evaluated.
     """
 
     steps: int
