@@ -1,4 +1,4 @@
-"""A [`Monitor`][lazyhasty.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
+"""A [`Monitor`][lazyhasty.monitor.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
 
 Each is imported lazily (``pip install lightning`` / ``transformers accelerate``); nothing here is needed otherwise.
 The callbacks are classes, importable where their library is installed:
@@ -12,7 +12,8 @@ The callbacks are classes, importable where their library is installed:
 Lightning: the values go through ``pl_module.log_dict`` (``trainer.callback_metrics``, so ``EarlyStopping`` /
 ``ModelCheckpoint`` can monitor them, and the progress bar with ``prog_bar=True``) and to every logger in
 ``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face:
-through ``Trainer.log`` (``state.log_history`` and every ``report_to`` integration). Both measure the model in eval mode and leave its training state untouched (the Monitor's rule).
+through ``Trainer.log`` (``state.log_history`` and every ``report_to`` integration). Both measure the model in
+eval mode and leave its training state untouched (the Monitor's rule).
 
 The model measured: ``get_model(module)`` when given; by default the module, or the first of its submodules,
 whose parameters are the Monitor reference's (an ``AlphaScaled`` / ``Linearized`` wrapper of it counts), found
@@ -124,7 +125,7 @@ def _make_lightning_callback():
     Callback = _lightning_classes()
 
     class LazyhastyCallback(Callback):
-        """Log a [`Monitor`][lazyhasty.Monitor]'s values through Lightning after training batches.
+        """Log a [`Monitor`][lazyhasty.monitor.Monitor]'s values through Lightning after training batches.
 
         Args:
             monitor: the Monitor (its reference captured at init).
@@ -201,7 +202,7 @@ def _make_transformers_callback():
         raise ImportError("LazyhastyTrainerCallback needs transformers: pip install transformers accelerate") from exc
 
     class LazyhastyTrainerCallback(TrainerCallback):
-        """Log a [`Monitor`][lazyhasty.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
+        """Log a [`Monitor`][lazyhasty.monitor.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
 
         Args:
             monitor: the Monitor (its reference captured at init; a tokenized dict of tensors works as its probe).
@@ -284,7 +285,7 @@ def lightning_callback(monitor: Monitor, *, get_model: Callable | None = None, l
     """A `LazyhastyCallback` for Lightning (kept for earlier code).
 
     Args:
-        monitor: the [Monitor][lazyhasty.Monitor] (its reference captured at init).
+        monitor: the [Monitor][lazyhasty.monitor.Monitor] (its reference captured at init).
         get_model: maps the LightningModule to the module measured; default: found by parameter names.
         loss_key: the key of the loss in `training_step`'s output dict.
         **options: the callback's other keyword arguments (`every_n_steps`, `geometric`, `prog_bar`, `prefix`).
@@ -302,7 +303,7 @@ def transformers_callback(monitor: Monitor, *, get_model: Callable | None = None
     """A `LazyhastyTrainerCallback` for the Hugging Face `Trainer` (kept for earlier code).
 
     Args:
-        monitor: the [Monitor][lazyhasty.Monitor] (its reference captured at init).
+        monitor: the [Monitor][lazyhasty.monitor.Monitor] (its reference captured at init).
         get_model: maps the Trainer's model (unwrapped) to the module measured; default: found by parameter
             names.
         **options: the callback's other keyword arguments (`every_n_steps`, `geometric`, `trainer`).
