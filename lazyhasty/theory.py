@@ -327,10 +327,28 @@ def _labels_with_flips(n: int, q: int, seed: int):
 
 
 def example2(n: int = 20, q: int = 3, eta: float = 0.6, sigma: float = 1e-2, seed: int = 0) -> Example:
-    """Example 2, label noise: ``x_i = kappa_i y_i e_1 + eta e_{i+1}`` in R^{n+1}; q examples have kappa = -1.
+    """Example 2, label noise: `x_i = kappa_i y_i e_1 + eta e_{i+1}` in R^{n+1}; q examples have kappa = -1.
 
-    The dominant mode fits the labels of the input's class ``kappa_i y_i``: learning it first learns the
+    The dominant mode fits the labels of the input's class `kappa_i y_i`: learning it first learns the
     clean examples and pushes the noisy ones the wrong way.
+
+    Args:
+        n: examples, with balanced labels in {-1, +1}.
+        q: noisy examples, `1 <= q < ceil(n / 2)`.
+        eta: the scale of each example's own direction.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+        seed: the labels and which examples are noisy.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"clean"` and `"noisy"`.
+
+    Raises:
+        ValueError: `q` out of range.
+
+    Example:
+        >>> ex = example2()
+        >>> ex.model.X.shape, len(ex.groups["noisy"])
+        ((20, 21), 3)
     """
     y, kappa, noisy, clean = _labels_with_flips(n, q, seed)
     X = np.zeros((n, n + 1))
@@ -341,10 +359,24 @@ def example2(n: int = 20, q: int = 3, eta: float = 0.6, sigma: float = 1e-2, see
 
 def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma: float = 1e-2,
              seed: int = 0) -> Example:
-    """Example 3, spurious feature: ``x_i = kappa_i y_i e_1 + lam y_i e_2 + eta e_{i+2}`` in R^{n+2}.
+    """Example 3, spurious feature: `x_i = kappa_i y_i e_1 + lam y_i e_2 + eta e_{i+2}` in R^{n+2}.
 
-    e_2 is the core feature (separates everything), e_1 the spurious one: it agrees with the label on
-    the majority (kappa = 1) and disagrees on q minority examples.
+    e_2 is the core feature (separates everything), e_1 the spurious one: it agrees with the label on the
+    majority (kappa = 1) and disagrees on q minority examples.
+
+    Args:
+        n: examples, with balanced labels in {-1, +1}.
+        q: minority examples, `1 <= q < ceil(n / 2)`.
+        lam: the core feature's scale, in `(0, 1)` (weaker than the spurious one).
+        eta: the scale of each example's own direction.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+        seed: the labels and which examples are the minority.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"spurious"` (the majority) and `"no spur."`.
+
+    Raises:
+        ValueError: `lam` or `q` out of range.
     """
     if not 0 < lam < 1:
         raise ValueError("lam must be in (0, 1)")
@@ -358,7 +390,15 @@ def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma:
 
 
 def half_time(model: QuadraticModel, regime: str) -> float:
-    """Time at which the training loss reaches half its initial value (the figures' time unit)."""
+    """Time at which the training loss reaches half its initial value (the figures' time unit).
+
+    Args:
+        model: the [QuadraticModel][lazyhasty.theory.QuadraticModel].
+        regime: `"nonlinear"` or `"linear"`.
+
+    Returns:
+        The gradient-flow time `t` with `loss(t) = loss(0) / 2`.
+    """
     from scipy.optimize import brentq
 
     l0 = float(model.loss(0.0, regime))
@@ -379,7 +419,22 @@ def group_mse(ex: Example, t, regime: str) -> dict[str, np.ndarray]:
 
 
 def at_equal_group_mse(ex: Example, lead: str, other: str, level: float) -> dict[str, float]:
-    """MSE of group ``other`` in both regimes at the time group ``lead`` reaches ``level`` x its initial MSE."""
+    """MSE of group `other` in both regimes at the time group `lead` reaches `level` x its initial MSE.
+
+    Args:
+        ex: the [Example][lazyhasty.theory.Example].
+        lead: the group whose progress sets the time.
+        other: the group measured.
+        level: the fraction of `lead`'s initial MSE, in `(0, 1)`.
+
+    Returns:
+        `{"nonlinear": mse, "linear": mse}`.
+
+    Example:
+        >>> r = at_equal_group_mse(example2(), "clean", "noisy", 0.1)
+        >>> r["nonlinear"] > r["linear"]   # the non-linear regime fits the clean examples at the noisy ones' cost
+        True
+    """
     from scipy.optimize import brentq
 
     out = {}
@@ -397,10 +452,20 @@ def at_equal_group_mse(ex: Example, lead: str, other: str, level: float) -> dict
 
 
 def figure4(path, *, examples=None, span: float = 6.0, num: int = 400) -> dict:
-    """Draw the paper's Figure 4 (three panels) to ``path`` (PNG) and return the plotted numbers.
+    """Draw the paper's Figure 4 (three panels) to `path` (PNG) and return the plotted numbers.
 
-    Each regime's time is divided by its own half-loss time, so both appear at equal progress
-    (the paper's axis is "time (arbitrary scale)"). Solid: non-linear; dashed: linear.
+    Each regime's time is divided by its own half-loss time, so both appear at equal progress (the paper's
+    axis is "time (arbitrary scale)"). Solid: non-linear; dashed: linear.
+
+    Args:
+        path: the PNG written.
+        examples: the three [Example][lazyhasty.theory.Example]s (default: `example1()`, `example2()`,
+            `example3()`).
+        span: the time axis, in half-loss times.
+        num: points per curve.
+
+    Returns:
+        `{panel title: {regime: {group: curve as a list}}}`, the numbers plotted.
     """
     import matplotlib
 
