@@ -116,7 +116,23 @@ def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | 
 
 
 def difference(table: ProgressTable, run_a: str, run_b: str, columns: Sequence[str] | None = None) -> dict:
-    """``run_a - run_b`` per column at equal progress, e.g. non-linear minus linear per group loss."""
+    """`run_a - run_b` per column at equal progress, e.g. non-linear minus linear per group loss.
+
+    Args:
+        table: a [ProgressTable][lazyhasty.analysis.ProgressTable] holding both runs.
+        run_a: the run subtracted from.
+        run_b: the run subtracted.
+        columns: the columns (default: every column both runs have, except the progress one).
+
+    Returns:
+        `{column: [G] differences}`.
+
+    Example:
+        >>> a = [{"step": s, "train_loss": 1.0 / (s + 1), "acc": s / 10} for s in range(10)]
+        >>> table = at_equal_progress([a, a], grid=5, names=["lazy", "hasty"])
+        >>> float(abs(difference(table, "hasty", "lazy")["acc"]).max())
+        0.0
+    """
     a, b = table[run_a], table[run_b]
     keys = columns or [k for k in a if k in b and k != table.progress]
     missing = [k for k in keys if k not in a or k not in b]
@@ -233,8 +249,16 @@ def find_runs(paths: Sequence) -> list:
 def plot_logs(paths: Sequence, out, *, progress: str | None = None) -> list:
     """The paper-style figures of any runs: linearity metrics and group losses against progress.
 
-    progress: the column on the x axis (default ``train_loss`` when every run has it, else ``step``).
-    Returns the files written (``linearity.png``, ``groups.png`` when such columns exist).
+    Args:
+        paths: run directories (searched recursively for `log.jsonl`) and Monitor logs (`*.jsonl`).
+        out: the folder the figures are written to.
+        progress: the column on the x axis (default `train_loss` when every run has it, else `step`).
+
+    Returns:
+        The files written (`linearity.png`, `groups.png` when such columns exist).
+
+    Raises:
+        ValueError: the logs hold no rows.
     """
     from pathlib import Path
 
