@@ -29,7 +29,7 @@ CASES = {  # name -> (source, model, input shape, kernel, call); n reduced from 
 }
 
 
-def child(reps: int) -> None:
+def child(reps: int, only: str | None = None) -> None:
     import copy
 
     import torch
@@ -42,6 +42,8 @@ def child(reps: int) -> None:
     torch.set_num_threads(int(os.environ.get("AB_THREADS", "2")))
     out = {}
     for name, (src, make, shape, kernel, call) in CASES.items():
+        if only is not None and name != only:
+            continue
         torch.manual_seed(0)
         model = getattr(ntk_models if src == "ntk" else zoo_models, make)().eval()
         x = torch.randint(0, 100, (32, 12)) if shape == "tokens" else torch.rand(shape) * 2 - 1
@@ -63,6 +65,38 @@ def child(reps: int) -> None:
     print("AB-RESULT " + json.dumps(out))
 
 
+def _run(tree: str, reps: int, case: str | None = None) -> dict:
+    env = dict(os.environ, PYTHONPATH=tree, TRITON_INTERPRET="1")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", str(reps)] + ([case] if case else [])
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tree)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("AB-RESULT ")]
+    if res.returncode or not line:
+        raise SystemExit(f"{tree} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return json.loads(line[0][len("AB-RESULT "):])
+
+
+def paired(args) -> None:
+    names = [c for c in args.cases.split(",") if c] or list(CASES)
+    cases = {}
+    for name in names:
+        pairs = []
+        for r in range(args.rounds):
+            order = ("old", "new") if r % 2 == 0 else ("new", "old")
+            got = {which: _run(getattr(args, which), args.reps, name)[name] for which in order}
+            pairs.append((got["old"], got["new"]))
+            print(f"{name} round {r}: old {got['old']:.3f} new {got['new']:.3f} ratio {got['new'] / got['old']:.3f}",
+                  flush=True)
+        ratios = [n / o for o, n in pairs]
+        cases[name] = {"pair_ratios_new_over_old": ratios, "median_pair_ratio": statistics.median(ratios),
+                       "ratio_of_medians": statistics.median(n for _, n in pairs) / statistics.median(o for o, _ in pairs),
+                       "old_s": [o for o, _ in pairs], "new_s": [n for _, n in pairs]}
+        with open(args.out, "w") as f:  # written after each case: a cut-short run keeps what it measured
+            json.dump({"what": "paired A/B of the NTK engine (benchmarks/ab_trees.py --paired): per case, old and new "
+                               "subprocesses back to back; median of the pairs' ratios new / old",
+                       "rounds": args.rounds, "reps_per_run": args.reps, "cases": cases, **json.loads(args.meta)},
+                      f, indent=1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("old")
@@ -71,7 +105,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--meta", default="{}", help="JSON merged into the record (device, commits)")
+    ap.add_argument("--paired", action="store_true",
+                    help="per case, old and new subprocesses back to back (alternating which goes first): the "
+                         "ratio of each pair, which shares the machine's load of that moment; the median of them")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
+    if args.paired:
+        return paired(args)
     runs = {"old": [], "new": []}
     for r in range(args.rounds):
         order = ("old", "new") if r % 2 == 0 else ("new", "old")
@@ -102,6 +142,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(int(sys.argv[2]))
+        child(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     else:
         main()

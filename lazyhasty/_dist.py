@@ -59,6 +59,21 @@ class RankFailed(CollectiveFailed):
     """Another rank raised inside a call (and stays alive): named with its exception, within ~0.1 s."""
 
 
+def raised_together(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised by every rank at the same point, after a collective that completed (the ranks
+    disagree on arguments or values, or :func:`settle` shares one rank's failure): the group stays in step, so
+    :class:`failing_together` does not post it and later calls on the group work.
+
+    Args:
+        error: the exception about to be raised.
+
+    Returns:
+        ``error``, marked.
+    """
+    error._lazyhasty_raised_together = True
+    return error
+
+
 # -- failing together: a rank that raises tells the others through the group's store -----------------------
 _ABORT_KEY = "lazyhasty/abort"
 _POLL_S = 0.02
@@ -125,7 +140,7 @@ class failing_together:
 
     def __exit__(self, kind, error, tb):
         if self.group is not None and error is not None and isinstance(error, Exception) and \
-                not isinstance(error, CollectiveFailed):
+                not isinstance(error, CollectiveFailed) and not getattr(error, "_lazyhasty_raised_together", False):
             post_failure(self.group, error)
         return False
 
@@ -251,9 +266,10 @@ def check_same_parameters(group, what: str, *models: nn.Module) -> None:
     everyone = _all_gather_object(mine, group, what)
     differ = [r for r, c in enumerate(everyone) if c != everyone[0]]
     if differ:
-        raise ValueError(f"{what}: the model's parameter values on rank(s) {', '.join(map(str, differ))} differ "
-                         "from rank 0's (checksums " + ", ".join(f"rank {r}: {c}" for r, c in enumerate(everyone))
-                         + "): every rank must measure the same model (broadcast it from one rank first)")
+        raise raised_together(ValueError(
+            f"{what}: the model's parameter values on rank(s) {', '.join(map(str, differ))} differ from rank 0's "
+            "(checksums " + ", ".join(f"rank {r}: {c}" for r, c in enumerate(everyone))
+            + "): every rank must measure the same model (broadcast it from one rank first)"))
 
 
 def agree(group, what: str, **facts) -> list[dict]:
@@ -264,7 +280,8 @@ def agree(group, what: str, **facts) -> list[dict]:
         diff = [f"{k}: {everyone[0].get(k)!r} on rank 0, {theirs.get(k)!r} on rank {r}"
                 for k in sorted(set(facts) | set(theirs)) if theirs.get(k) != everyone[0].get(k)]
         if diff:
-            raise ValueError(f"{what}: the ranks were called with different arguments (" + "; ".join(diff) + ")")
+            raise raised_together(ValueError(
+                f"{what}: the ranks were called with different arguments (" + "; ".join(diff) + ")"))
     return everyone
 
 
@@ -412,10 +429,10 @@ def settle(group, error: BaseException | None, what: str) -> None:
     mine = None if error is None else f"{type(error).__name__}: {error}"
     everyone = gather_objects(mine, group)
     if error is not None:
-        raise error
+        raise raised_together(error)
     for r, msg in enumerate(everyone):
         if msg is not None:
-            raise ValueError(f"{what}: rank {r} failed ({msg})")
+            raise raised_together(ValueError(f"{what}: rank {r} failed ({msg})"))
 
 
 def own_shard(loader, group, device) -> torch.Tensor:

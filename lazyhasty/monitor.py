@@ -635,7 +635,9 @@ class Monitor:
         inner = model.model if isinstance(model, (AlphaScaled, Linearized)) else model
         if not isinstance(inner, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(inner).__name__}")
-        with measuring(inner, self.reference):
+        from . import _dist
+
+        with _dist.failing_together(self.group, "Monitor.measure"), measuring(inner, self.reference):
             return self._measure(inner)
 
     def _measure(self, inner: nn.Module) -> dict:

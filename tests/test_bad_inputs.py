@@ -59,10 +59,16 @@ IMPLS = ["naive", "jacobian", "layerwise"]
 
 
 @pytest.mark.parametrize("implementation", IMPLS)
-def test_active_dropout_refused_by_every_implementation(implementation):
+def test_train_mode_dropout_measured_in_eval_mode_by_every_implementation(implementation):
+    # issue 27: probes run inside training; the model's dropout is off while measuring, on after
     m = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.5), nn.Linear(8, 1)).train()
-    with pytest.raises(ValueError, match="dropout"):
-        ntk_alignment(m, torch.randn(6, 3), copy.deepcopy(m), implementation=implementation)
+    x = torch.randn(6, 3)
+    ref = copy.deepcopy(m)
+    got = ntk_alignment(m, x, ref, implementation=implementation)
+    want = ntk_alignment(copy.deepcopy(m).eval(), x, copy.deepcopy(ref).eval(), implementation=implementation)
+    assert got == want
+    assert m.training and m[1].training and ref.training
+    assert not torch.equal(m(x), m(x))  # dropout active again for the next training step
 
 
 @pytest.mark.parametrize("implementation", IMPLS)

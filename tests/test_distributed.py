@@ -489,3 +489,56 @@ def test_a_trainer_rank_that_raises_makes_the_others_raise_at_once(tmp_path):
     msg, waited = pickle.load(open(tmp_path / "rank0.pkl", "rb"))
     assert "RankFailed" in msg and "rank 1: ZeroDivisionError: rank 1's on_log" in msg, msg
     assert waited < 60  # training included; the wait itself is a fraction of a second (group timeout: 120 s)
+
+
+# the public entry points that combine ranks' shards, each called with rank 2's model one ulp away from rank 0's
+def _public_entry_points(m, m0, x, group):
+    from lazyhasty.metrics import (LinearityProbe, SignPatterns, ntk_alignment, representation_alignment,
+                                   sign_similarity)
+
+    calls = {
+        "sign_similarity": lambda: sign_similarity(m, x, m0, process_group=group),
+        "representation_alignment": lambda: representation_alignment(m, x, m0, process_group=group),
+        "SignPatterns.similarity": lambda: SignPatterns.capture(m0, x, process_group=group).similarity(m, x),
+        "LinearityProbe.measure": lambda: LinearityProbe.capture(m0, x, process_group=group).measure(m),
+        "ntk_alignment": lambda: ntk_alignment(m, x, m0, kernel="trace", process_group=group),
+    }
+    return calls
+
+
+def _different_weights_public(rank, size, init, out_dir):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    m, m0, x = _setup()
+    same = copy.deepcopy(m)
+    if rank == 2:
+        with torch.no_grad():
+            next(m.parameters()).view(-1)[0] += 1e-12
+    shard = x[rank::size]
+    res = {}
+    for name, call in _public_entry_points(m, m0, shard, dist.group.WORLD).items():
+        try:
+            call()
+            res[name] = "no error"
+        except ValueError as exc:
+            res[name] = str(exc)
+    # an error every rank raised together leaves the group in step: the next call works
+    from lazyhasty.metrics import sign_similarity
+    res["after"] = sign_similarity(same, shard, m0, process_group=dist.group.WORLD)
+    with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(res, f)
+    dist.barrier()
+    os._exit(0)
+
+
+def test_public_calls_over_ranks_with_different_parameter_values_raise_naming_the_rank(tmp_path):
+    # before: structure was compared, values not: one mixed number came back on every rank
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_different_weights_public, args=(3, init, str(tmp_path)), nprocs=3, join=True)
+    for r in range(3):
+        res = pickle.load(open(tmp_path / f"rank{r}.pkl", "rb"))
+        after = res.pop("after")
+        assert after == pickle.load(open(tmp_path / "rank0.pkl", "rb"))["after"] and 0 < after <= 1
+        assert set(res) == {"sign_similarity", "representation_alignment", "SignPatterns.similarity",
+                            "LinearityProbe.measure", "ntk_alignment"}
+        for name, msg in res.items():
+            assert "parameter values on rank(s) 2 differ from rank 0's" in msg, (r, name, msg)

@@ -153,6 +153,7 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
     if group is not None:
         _dist.agree(group, "representation_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
                     layer=name, where=where, centered=centered, dtype=str(dtype), gram=gram)
+        _dist.check_same_parameters(group, "representation_alignment", model, ref)
     if where is None:
         where = "input" if layer is None else "output"
     (_, ref_module), = same_modules(ref, [name])

@@ -142,7 +142,11 @@ class LinearityProbe:
             `{"sign_similarity", "repr_alignment"}` floats (and `"ntk_alignment"`, `"ntk_rel_change"` when
             captured with `ntk=`).
         """
-        with measuring(model):
+        from .. import _dist
+
+        with _dist.failing_together(self.group, "LinearityProbe.measure"), measuring(model):
+            if self.group is not None:
+                _dist.check_same_parameters(self.group, "LinearityProbe.measure", model)
             return self._measure(model, backend=backend, centered=centered)
 
     def _measure(self, model: nn.Module, *, backend: str | None, centered: bool) -> dict:

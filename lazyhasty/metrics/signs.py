@@ -215,6 +215,7 @@ class SignPatterns:
         if group is not None:
             _dist.agree(group, "SignPatterns.capture", reference=_dist.structure(reference),
                         modules=None if modules is None else [n for n, _ in named])
+            _dist.check_same_parameters(group, "SignPatterns.capture", reference)
         device = model_device(reference)
         run = _Pass(named, backend, "reference", functional=reference if modules is None else None)
         sites, units, chunks, prints = None, None, [], []
@@ -279,6 +280,7 @@ class SignPatterns:
         group = self.group
         if group is not None:
             _dist.agree(group, "SignPatterns.similarity", model=_dist.structure(model), reduction=reduction)
+            _dist.check_same_parameters(group, "SignPatterns.similarity", model)
         named = same_modules(model, self.module_names)
         device = model_device(model)
         bits = [b.to(device) for b in self.bits]
@@ -375,6 +377,7 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
     if group is not None:
         _dist.agree(group, "sign_similarity", model=_dist.structure(model), reference=_dist.structure(ref),
                     modules=None if modules is None else names, reduction=reduction)
+        _dist.check_same_parameters(group, "sign_similarity", model, ref)
     ref_named = same_modules(ref, names)
     device, ref_device = model_device(model), model_device(ref)
     ref_run = _Pass(ref_named, backend, "reference", functional=ref if modules is None else None)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import _backend
 from .._malloc import retained_heap
+from .._modes import measures
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import product_precision, tf32_requested
 from .._progress import Progress
@@ -83,6 +84,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 
 
 @torch.enable_grad()  # per-example gradients need autograd, also when called under no_grad (a probe)
+@measures("model")  # eval mode; the model's modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
@@ -137,7 +139,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     No effect on the CPU, for float64 / 16-bit dtypes, or with ``implementation="naive"`` (always exact).
     block_size: examples per tile (memory of a tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
     fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the result is
-    bounded. The model must not mix examples (eval mode for BatchNorm, no dropout).
+    bounded. The kernel is of the network in eval mode (dropout off, BatchNorm on its running statistics),
+    whatever mode the model is in; its modes, buffers and RNG states are restored after. A model that mixes
+    examples in eval mode is refused.
 
     ``kernel="trace"`` runs as one block while all n examples fit :data:`lazyhasty.ntk._featurizer.TRACE_BLOCK_BYTES` (estimated
     from one example; or when ``block_size >= n``): ``K = sum_a K_a``, so output ``a``'s backward pass is
@@ -178,14 +182,16 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     fz = Featurizer(model, implementation, kernel, dtype)
     be = _ntk_backend(fz.device, backend, fz.dtype)
     if group is not None or out is not None:
-        if group is not None:
-            _dist.agree(group, "ntk_gram", model=_dist.structure(model), kernel=kernel, implementation=implementation,
-                        dtype=str(fz.dtype), block_size=block_size, out=None if out is None else str(out),
-                        gather=gather, tf32=tf32)
-            x_all = _dist.gather_loader(loader, group, fz.device)
-        else:
-            x_all = all_inputs(loader, fz.device)
-        return _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress)
+        with _dist.failing_together(group, "ntk_gram"):
+            if group is not None:
+                _dist.agree(group, "ntk_gram", model=_dist.structure(model), kernel=kernel,
+                            implementation=implementation, dtype=str(fz.dtype), block_size=block_size,
+                            out=None if out is None else str(out), gather=gather, tf32=tf32)
+                _dist.check_same_parameters(group, "ntk_gram", model)
+                x_all = _dist.gather_loader(loader, group, fz.device)
+            else:
+                x_all = all_inputs(loader, fz.device)
+            return _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress)
     x_all = all_inputs(loader, fz.device)
     if by_layer and (kernel == "diagonal" or loader2 is not None):
         raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
@@ -503,6 +509,7 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
 
 
 @torch.enable_grad()
+@measures("model", "reference")  # eval mode; modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
@@ -562,12 +569,14 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
         be = _ntk_backend(fz.device, backend, fz.dtype)
         if group is not None:
-            _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
-                        kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
-                        block_size=block_size, by_layer=by_layer, tf32=tf32)
-            x_all = _dist.gather_loader(loader, group, fz.device)
-            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
-                                      by_layer)
+            with _dist.failing_together(group, "ntk_alignment"):
+                _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),
+                            kernel=kernel, centered=centered, implementation=implementation, dtype=str(fz.dtype),
+                            block_size=block_size, by_layer=by_layer, tf32=tf32)
+                _dist.check_same_parameters(group, "ntk_alignment", model, ref)
+                x_all = _dist.gather_loader(loader, group, fz.device)
+                return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group,
+                                          max_cache_bytes, by_layer)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
         if by_layer and kernel == "diagonal":

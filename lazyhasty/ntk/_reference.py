@@ -99,6 +99,7 @@ class NTKReference:
             _dist.agree(group, "NTKReference.capture", reference=_dist.structure(reference), kernel=kernel,
                         centered=centered, implementation=implementation, dtype=str(dtype), block_size=block_size,
                         max_bytes=max_bytes, output=repr(output), trainable=sorted(names))
+            _dist.check_same_parameters(group, "NTKReference.capture", reference)
             shard = _dist.own_shard(loader, group, model_device(reference))  # [0, ...] when empty
             x = _dist.gather_inputs(shard, group, model_device(reference))
         else:
@@ -144,15 +145,17 @@ class NTKReference:
         if self.group is not None:
             from .. import _dist
 
-            _dist.agree(self.group, "NTKReference.measure", model=_dist.structure(model))
-            work, tiles = _walk(model, self.x.to(model_device(model)), self.kernel, self.options, self.group,
-                                self.plan)
-            k = work.k if self.kernel == "full" else 1
-            sums = AlignmentSums(n, k, self.kernel, self.centered, model_device(model))
-            for I, J, Kt in tiles:
-                sums.add(Kt, self.K0[I, J].to(Kt.device), work.rows(I), work.rows(J), I != J)
-            _dist.reduce_alignment_sums(sums, self.group)
-            return self._values(sums)
+            with _dist.failing_together(self.group, "NTKReference.measure"):
+                _dist.agree(self.group, "NTKReference.measure", model=_dist.structure(model))
+                _dist.check_same_parameters(self.group, "NTKReference.measure", model)
+                work, tiles = _walk(model, self.x.to(model_device(model)), self.kernel, self.options, self.group,
+                                    self.plan)
+                k = work.k if self.kernel == "full" else 1
+                sums = AlignmentSums(n, k, self.kernel, self.centered, model_device(model))
+                for I, J, Kt in tiles:
+                    sums.add(Kt, self.K0[I, J].to(Kt.device), work.rows(I), work.rows(J), I != J)
+                _dist.reduce_alignment_sums(sums, self.group)
+                return self._values(sums)
         Kt = ntk_gram(model, self.x.to(model_device(model)), kernel=self.kernel, **self.options)
         sums = AlignmentSums(n, Kt.shape[1] if self.kernel == "full" else 1, self.kernel, self.centered, Kt.device)
         sums.add(Kt, self.K0.to(Kt.device), slice(0, n), slice(0, n), False)

@@ -1,0 +1,50 @@
+"""In-process A/B of two source trees of lazyhasty (AB_OLD, AB_NEW: tree roots; the old one imported as
+lazyhasty_old): per case both engines alternate call by call in one process, so each pair of calls shares the
+machine's load; the median of the pairs' ratios new / old. Usage: AB_OLD=... AB_NEW=... python ab_inprocess.py REPS OUT.json"""
+import importlib.util, sys, time, statistics, json, os
+import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+def load(name, root):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "lazyhasty", "__init__.py"),
+                                                  submodule_search_locations=[os.path.join(root, "lazyhasty")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+old = load("lazyhasty_old", os.environ["AB_OLD"])
+new = load("lazyhasty", os.environ["AB_NEW"])
+import zoo_models, ntk_models
+torch.set_num_threads(2)
+cases = {
+    "bench_zoo:lstm full n=64": (zoo_models.Recurrent, lambda: torch.rand(64, 10, 8) * 2 - 1, "full"),
+    "bench_zoo:transformer-text trace n=32": (zoo_models.TextClassifier, lambda: torch.randint(0, 100, (32, 12)), "trace"),
+    "bench_zoo:multihead-attention trace n=64": (zoo_models.Attention, lambda: torch.rand(64, 10, 8) * 2 - 1, "trace"),
+    "bench_zoo:plain-cnn full n=32": (zoo_models.plain_cnn, lambda: torch.rand(32, 3, 32, 32) * 2 - 1, "full"),
+    "bench_ntk:cnn-trace n=128": (ntk_models.cnn3, lambda: torch.rand(128, 3, 32, 32) * 2 - 1, "trace"),
+    "bench_ntk:mlp-full n=1000": (ntk_models.mlp_256, lambda: torch.rand(1000, 2) * 2 - 1, "full"),
+    "bench_ntk:resnet-trace n=32": (ntk_models.resnet18_w16, lambda: torch.rand(32, 3, 32, 32) * 2 - 1, "trace"),
+}
+reps = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+out = {}
+for name, (make, inp, kernel) in cases.items():
+    torch.manual_seed(0)
+    m_old, x = make().eval(), inp()
+    torch.manual_seed(0)
+    m_new = make().eval()
+    fo = lambda: old.metrics.ntk_gram(m_old, x, kernel=kernel)
+    fn = lambda: new.metrics.ntk_gram(m_new, x, kernel=kernel)
+    Ko, Kn = fo(), fn()
+    assert torch.equal(Ko, Kn) or float((Ko - Kn).norm() / Ko.norm()) < 1e-6
+    ratios, to, tn = [], [], []
+    for r in range(reps):
+        pair = {}
+        for which, f in ((("old", fo), ("new", fn)) if r % 2 == 0 else (("new", fn), ("old", fo))):
+            t = time.perf_counter(); f(); pair[which] = time.perf_counter() - t
+        ratios.append(pair["new"] / pair["old"]); to.append(pair["old"]); tn.append(pair["new"])
+    out[name] = {"median_pair_ratio_new_over_old": statistics.median(ratios), "pair_ratios": ratios,
+                 "old_s": to, "new_s": tn, "ratio_of_medians": statistics.median(tn) / statistics.median(to)}
+    print(f"{name:45s} median pair ratio {statistics.median(ratios):.3f}  ratio of medians "
+          f"{statistics.median(tn) / statistics.median(to):.3f}", flush=True)
+    json.dump(out, open(sys.argv[2], "w"), indent=1)
