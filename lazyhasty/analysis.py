@@ -50,10 +50,24 @@ def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | 
                       names: Sequence[str] | None = None) -> ProgressTable:
     """Interpolate every logged numeric column of every run onto one grid of progress values.
 
-    runs: :class:`lazyhasty.train.Run` objects or lists of row dicts. grid: a number of points spanning the
-    progress range all runs reached (from the largest initial value... to the smallest final value any
-    run did not go below, i.e. the intersection), or explicit values. Columns a run did not log at some
-    rows are interpolated over the rows that have them.
+    Columns a run did not log at some rows are interpolated over the rows that have them.
+
+    Args:
+        runs: [Run][lazyhasty.train.Run] objects or lists of row dicts.
+        progress: the column that measures progress (made monotone by a running minimum).
+        grid: a number of points spanning the progress range all runs reached (from the largest initial
+            value to the smallest final value any run did not go below, i.e. the intersection), or explicit
+            values `[G]`.
+        names: the runs' names in the table (default: taken from the runs).
+
+    Returns:
+        A [ProgressTable][lazyhasty.analysis.ProgressTable]: `table.grid` `[G]`, `table[run_name][column]` `[G]`.
+
+    Example:
+        >>> a = [{"step": s, "train_loss": 1.0 / (s + 1), "acc": s / 10} for s in range(10)]
+        >>> table = at_equal_progress([a, a], grid=5, names=["lazy", "hasty"])
+        >>> table["lazy"]["acc"].shape
+        (5,)
     """
     if not runs:
         raise ValueError("no runs to compare")
@@ -102,7 +116,23 @@ def at_equal_progress(runs: Sequence, progress: str = "train_loss", grid: int | 
 
 
 def difference(table: ProgressTable, run_a: str, run_b: str, columns: Sequence[str] | None = None) -> dict:
-    """``run_a - run_b`` per column at equal progress, e.g. non-linear minus linear per group loss."""
+    """`run_a - run_b` per column at equal progress, e.g. non-linear minus linear per group loss.
+
+    Args:
+        table: a [ProgressTable][lazyhasty.analysis.ProgressTable] holding both runs.
+        run_a: the run subtracted from.
+        run_b: the run subtracted.
+        columns: the columns (default: every column both runs have, except the progress one).
+
+    Returns:
+        `{column: [G] differences}`.
+
+    Example:
+        >>> a = [{"step": s, "train_loss": 1.0 / (s + 1), "acc": s / 10} for s in range(10)]
+        >>> table = at_equal_progress([a, a], grid=5, names=["lazy", "hasty"])
+        >>> float(abs(difference(table, "hasty", "lazy")["acc"]).max())
+        0.0
+    """
     a, b = table[run_a], table[run_b]
     keys = columns or [k for k in a if k in b and k != table.progress]
     missing = [k for k in keys if k not in a or k not in b]
@@ -144,11 +174,20 @@ def plot_linearity(table: ProgressTable, path, *, metrics=("sign_similarity", "r
 
 def plot_runs(runs: Sequence, progress: str, columns: Sequence[str], path, *, ylabel: str = "",
               styles=("-", "--", ":", "-.")) -> None:
-    """(``progress="step"``: steps left to right; a loss: decreasing, as the paper's figures read.)"""
     """Each run's logged columns against its own (monotone) progress, over the run's whole range.
 
-    Unlike :func:`plot_groups`, runs are not cut to the range they share (e.g. a lazy run that never
-    reaches the non-linear run's final loss)."""
+    Unlike [plot_groups][lazyhasty.analysis.plot_groups], runs are not cut to the range they share (e.g. a
+    lazy run that never reaches the non-linear run's final loss). `progress="step"`: steps left to right; a
+    loss: decreasing, as the paper's figures read.
+
+    Args:
+        runs: [Run][lazyhasty.train.Run] objects or lists of row dicts.
+        progress: the x-axis column.
+        columns: the columns to plot, one colour each.
+        path: where the figure is written.
+        ylabel: the y-axis label.
+        styles: line styles, one per run.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +249,16 @@ def find_runs(paths: Sequence) -> list:
 def plot_logs(paths: Sequence, out, *, progress: str | None = None) -> list:
     """The paper-style figures of any runs: linearity metrics and group losses against progress.
 
-    progress: the column on the x axis (default ``train_loss`` when every run has it, else ``step``).
-    Returns the files written (``linearity.png``, ``groups.png`` when such columns exist).
+    Args:
+        paths: run directories (searched recursively for `log.jsonl`) and Monitor logs (`*.jsonl`).
+        out: the folder the figures are written to.
+        progress: the column on the x axis (default `train_loss` when every run has it, else `step`).
+
+    Returns:
+        The files written (`linearity.png`, `groups.png` when such columns exist).
+
+    Raises:
+        ValueError: the logs hold no rows.
     """
     from pathlib import Path
 
@@ -255,9 +302,20 @@ def mean_and_band(curves: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, 
 
 def plot_groups_over_seeds(tables: Sequence[ProgressTable], columns: Sequence[str], path, *, ylabel: str = "loss",
                            styles=("-", "--", ":", "-.")) -> bool:
-    """Per-group curves at equal progress over seeds: the mean over seeds and its 95% band (shaded), colour =
-    group, style = run. ``tables``: one :class:`ProgressTable` per seed, same runs; they are put on the progress
-    range every seed reached. Returns False (nothing written) when the seeds share no range."""
+    """Per-group curves at equal progress over seeds: the mean over seeds and its 95% band (shaded).
+
+    Colour = group, style = run. The tables are put on the progress range every seed reached.
+
+    Args:
+        tables: one [ProgressTable][lazyhasty.analysis.ProgressTable] per seed, same runs.
+        columns: the group columns to plot.
+        path: where the figure is written.
+        ylabel: the y-axis label.
+        styles: line styles, one per run.
+
+    Returns:
+        True when the figure was written; False (nothing written) when the seeds share no range.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

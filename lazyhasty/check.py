@@ -1,12 +1,13 @@
-"""``lazyhasty check``: every op on every backend of a device against :mod:`lazyhasty.reference`.
+"""`lazyhasty check`: every op on every backend of a device against `lazyhasty.reference`.
 
-Run right after installing (``lazyhasty check --device all``): for each op and each backend that can run
+Run right after installing (`lazyhasty check --device all`): for each op and each backend that can run
 on the device (cpp, cuda, triton, torch) it compares the result with the plain-torch reference on awkward
 shapes (sizes that do not divide block sizes, one example, non-contiguous inputs, float32/float64 and the
 half types where the op takes them), and prints one row per case: op, backend, device, case, max error,
 tolerance, time. Backends that cannot run are listed as skipped, with the reason. The exit status is
 non-zero when any case mismatches or raises.
 
+Example:
     >>> results = run_checks("cpu", quick=True)
     >>> all(r.status in ("ok", "skipped") for r in results)
     True
@@ -29,6 +30,20 @@ from ._precision import exact_fp32
 
 @dataclasses.dataclass
 class CheckResult:
+    """One row of the check: one case of one op on one backend and device.
+
+    Attributes:
+        op: the op checked (e.g. `"sign_mismatch"`, `"ntk_gram"`).
+        backend: `"cpp"`, `"cuda"`, `"triton"` or `"torch"`.
+        device: `"cpu"` or `"cuda"`.
+        case: the input case (shape, dtype, layout).
+        max_error: the largest error against the reference (None when it did not run).
+        tolerance: the error allowed.
+        seconds: how long the case took.
+        status: `"ok"`, `"FAIL"` (error above tolerance), `"error"` (it raised) or `"skipped"`.
+        note: the reason for a skip, or the exception raised.
+    """
+
     op: str
     backend: str
     device: str
@@ -242,7 +257,18 @@ def _check_engine(device: str, quick: bool) -> list[CheckResult]:
 
 
 def run_checks(device: str = "all", quick: bool = False) -> list[CheckResult]:
-    """Every check on ``device`` (``"cpu"``, ``"cuda"`` or ``"all"``)."""
+    """Every check on `device`: each op on each backend that can run there, against the reference.
+
+    Args:
+        device: `"cpu"`, `"cuda"` or `"all"`.
+        quick: fewer and smaller cases.
+
+    Returns:
+        One [CheckResult][lazyhasty.check.CheckResult] per case (skipped backends included).
+
+    Raises:
+        ValueError: an unknown `device`.
+    """
     results: list[CheckResult] = []
     for dev in _devices(device):
         with exact_fp32():
@@ -253,7 +279,15 @@ def run_checks(device: str = "all", quick: bool = False) -> list[CheckResult]:
 
 
 def format_table(results: list[CheckResult], show_all: bool = True) -> str:
-    """The table of ``results`` (only the rows that are not ok unless ``show_all``), then the totals."""
+    """The table of `results`, one row per case, then the totals.
+
+    Args:
+        results: from [run_checks][lazyhasty.check.run_checks].
+        show_all: every row (else only the rows that are not ok).
+
+    Returns:
+        The table as text.
+    """
     head = ("op", "backend", "device", "case", "max error", "tolerance", "time", "status")
     rows = [head]
     for r in results if show_all else [r for r in results if r.status != "ok"]:
@@ -272,6 +306,17 @@ def format_table(results: list[CheckResult], show_all: bool = True) -> str:
 
 
 def main(device: str, quick: bool, json_path: str | None = None, show_all: bool = True) -> int:
+    """`lazyhasty check`: run the checks, print the table, optionally write them as JSON.
+
+    Args:
+        device: `"cpu"`, `"cuda"` or `"all"`.
+        quick: fewer and smaller cases.
+        json_path: also write the backends' summary and every result there.
+        show_all: print every row (else only the rows that are not ok).
+
+    Returns:
+        The exit status: 1 when any case mismatched or raised, else 0.
+    """
     results = run_checks(device, quick)
     print(format_table(results, show_all))
     if json_path:

@@ -1,7 +1,7 @@
-"""A [`Monitor`][lazyhasty.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
+"""A [`Monitor`][lazyhasty.monitor.Monitor] inside the trainers people use: Lightning and Hugging Face ``transformers``.
 
 Each is imported lazily (``pip install lightning`` / ``transformers accelerate``); nothing here is needed otherwise.
-The callbacks are classes, importable where their library is installed::
+The callbacks are classes, importable where their library is installed:
 
     from lazyhasty.integrations import LazyhastyCallback           # Lightning
     L.Trainer(callbacks=[LazyhastyCallback(Monitor(net_at_init, probe_x), every_n_steps=50)], ...)
@@ -11,8 +11,9 @@ The callbacks are classes, importable where their library is installed::
 
 Lightning: the values go through ``pl_module.log_dict`` (``trainer.callback_metrics``, so ``EarlyStopping`` /
 ``ModelCheckpoint`` can monitor them, and the progress bar with ``prog_bar=True``) and to every logger in
-``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face: through ``Trainer.log`` (``state.log_history`` and every ``report_to``
-integration). Both measure the model in eval mode and leave its training state untouched (the Monitor's rule).
+``Trainer(logger=[...])`` at the step they were measured (whatever ``log_every_n_steps`` is). Hugging Face:
+through ``Trainer.log`` (``state.log_history`` and every ``report_to`` integration). Both measure the model in
+eval mode and leave its training state untouched (the Monitor's rule).
 
 The model measured: ``get_model(module)`` when given; by default the module, or the first of its submodules,
 whose parameters are the Monitor reference's (an ``AlphaScaled`` / ``Linearized`` wrapper of it counts), found
@@ -33,8 +34,22 @@ __all__ = ["LazyhastyCallback", "LazyhastyTrainerCallback", "lightning_callback"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """``model`` without its distributed / compiled wrappers (DDP, DataParallel, ``torch.compile``, accelerate's
-    and DeepSpeed's engines: whatever keeps the trained module as ``.module`` or ``._orig_mod``)."""
+    """`model` without its distributed / compiled wrappers.
+
+    DDP, DataParallel, `torch.compile`, accelerate's and DeepSpeed's engines: whatever keeps the trained
+    module as `.module` or `._orig_mod` is peeled off, repeatedly.
+
+    Args:
+        model: the module, wrapped or not.
+
+    Returns:
+        The innermost trained module (`model` itself when it is not wrapped).
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> unwrap_model(torch.nn.DataParallel(net)) is net
+        True
+    """
     seen = set()
     while id(model) not in seen:
         seen.add(id(model))
@@ -110,7 +125,7 @@ def _make_lightning_callback():
     Callback = _lightning_classes()
 
     class LazyhastyCallback(Callback):
-        """Log a [`Monitor`][lazyhasty.Monitor]'s values through Lightning after training batches.
+        """Log a [`Monitor`][lazyhasty.monitor.Monitor]'s values through Lightning after training batches.
 
         Args:
             monitor: the Monitor (its reference captured at init).
@@ -187,7 +202,7 @@ def _make_transformers_callback():
         raise ImportError("LazyhastyTrainerCallback needs transformers: pip install transformers accelerate") from exc
 
     class LazyhastyTrainerCallback(TrainerCallback):
-        """Log a [`Monitor`][lazyhasty.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
+        """Log a [`Monitor`][lazyhasty.monitor.Monitor]'s values through a Hugging Face ``Trainer``'s own logging.
 
         Args:
             monitor: the Monitor (its reference captured at init; a tokenized dict of tensors works as its probe).
@@ -267,10 +282,36 @@ def __getattr__(name):  # the classes need their library, so they are built on f
 
 
 def lightning_callback(monitor: Monitor, *, get_model: Callable | None = None, loss_key: str = "loss", **options):
-    """A `LazyhastyCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    """A `LazyhastyCallback` for Lightning (kept for earlier code).
+
+    Args:
+        monitor: the [Monitor][lazyhasty.monitor.Monitor] (its reference captured at init).
+        get_model: maps the LightningModule to the module measured; default: found by parameter names.
+        loss_key: the key of the loss in `training_step`'s output dict.
+        **options: the callback's other keyword arguments (`every_n_steps`, `geometric`, `prog_bar`, `prefix`).
+
+    Returns:
+        The `lazyhasty.integrations.LazyhastyCallback`.
+
+    Raises:
+        ImportError: Lightning is not installed (`pip install lightning`).
+    """
     return __getattr__("LazyhastyCallback")(monitor, get_model=get_model, loss_key=loss_key, **options)
 
 
 def transformers_callback(monitor: Monitor, *, get_model: Callable | None = None, **options):
-    """A `LazyhastyTrainerCallback` (kept for earlier code; ``options`` are its keyword arguments)."""
+    """A `LazyhastyTrainerCallback` for the Hugging Face `Trainer` (kept for earlier code).
+
+    Args:
+        monitor: the [Monitor][lazyhasty.monitor.Monitor] (its reference captured at init).
+        get_model: maps the Trainer's model (unwrapped) to the module measured; default: found by parameter
+            names.
+        **options: the callback's other keyword arguments (`every_n_steps`, `geometric`, `trainer`).
+
+    Returns:
+        The `lazyhasty.integrations.LazyhastyTrainerCallback`.
+
+    Raises:
+        ImportError: transformers is not installed (`pip install transformers accelerate`).
+    """
     return __getattr__("LazyhastyTrainerCallback")(monitor, get_model=get_model, **options)

@@ -1,21 +1,23 @@
 """The tangent kernel as an instrument: predictions of lazy training, spectra and modes.
 
-Training ``L = (1/n) sum_i l(f(x_i), y_i)`` (the Trainer's loss: a mean of per-example losses) with
-gradient descent at learning rate ``eta``, the linearized model (the alpha -> infinity regime) moves in
-function space by ``f_{s+1} = f_s - (eta / n) K (dl/df)(f_s)`` on the training points and
-``f_test <- f_test - (eta / n) K_test,train (dl/df)(f_s)`` elsewhere, ``K`` the NTK at init. For MSE
-(``l = |f - y|^2 / 2``) it is solved in the eigenbasis ``K = V diag(lambda) V^T``:
+Training `L = (1/n) sum_i l(f(x_i), y_i)` (the Trainer's loss: a mean of per-example losses) with
+gradient descent at learning rate `eta`, the linearized model (the alpha -> infinity regime) moves in
+function space by `f_{s+1} = f_s - (eta / n) K (dl/df)(f_s)` on the training points and
+`f_test <- f_test - (eta / n) K_test,train (dl/df)(f_s)` elsewhere, `K` the NTK at init. For MSE
+(`l = |f - y|^2 / 2`) it is solved in the eigenbasis `K = V diag(lambda) V^T`:
 
     gradient flow (time t in steps):  f_t - y = V exp(-eta lambda t / n) V^T (f_0 - y)
     gradient descent (s steps):       f_s - y = V (1 - eta lambda / n)^s V^T (f_0 - y)
     test points:                      f_t(x) = f_0(x) - K(x, X) V diag((1 - phi_t(lambda)) / lambda) V^T (f_0 - y)
 
-(``phi_t`` the training factor above; ``(1 - phi) / lambda`` -> ``eta t / n`` as lambda -> 0). Cross-entropy
+(`phi_t` the training factor above; `(1 - phi) / lambda` -> `eta t / n` as lambda -> 0). Cross-entropy
 has no closed form: gradient descent is iterated exactly, gradient flow integrated by RK4.
 
-    >>> K = ntk_gram(model, x_train, kernel="full"); Kx = ntk_gram(model, x_test, loader2=x_train, kernel="full")
+Example:
+    >>> K = ntk_gram(model, x_train, kernel="full")                    # [n, k, n, k]
+    >>> Kx = ntk_gram(model, x_test, loader2=x_train, kernel="full")   # [m, k, n, k]
     >>> out = predict(K, Kx, y_train, model(x_train), model(x_test), loss="mse", lr=0.1, times=[0, 10, 100])
-    >>> out["loss_train"]      # [3, n] per-example losses of the linearized model after 0, 10, 100 steps
+    >>> out["loss_train"]   # [3, n] per-example losses of the linearized model after 0, 10, 100 steps
 """
 from __future__ import annotations
 
@@ -80,17 +82,29 @@ def _factors(lam: torch.Tensor, t: float, lr: float, n: int, dynamics: str) -> t
 def predict(K_train: torch.Tensor, K_test_train: torch.Tensor | None, y: torch.Tensor, f0_train: torch.Tensor,
             f0_test: torch.Tensor | None = None, *, loss: str = "mse", lr: float, times: Sequence[float],
             dynamics: str = "gd", y_test: torch.Tensor | None = None, rk4_step: float | None = None) -> dict:
-    """Outputs and per-example losses of the linearized model trained from ``f0`` with kernel ``K_train``.
+    """Outputs and per-example losses of the linearized model trained from `f0` with kernel `K_train`.
 
-    K_train: ``[n, k, n, k]`` (the full NTK) or ``[n, n]`` (one kernel for every output, e.g. the trace
-    kernel over k when outputs are exchangeable). K_test_train: ``[m, k, n, k]`` / ``[m, n]`` or None.
-    y: ``[n, k]`` targets (MSE) or ``[n]`` class indices (one-hot for MSE). f0_train ``[n, k]``,
-    f0_test ``[m, k]``: the model's outputs at init. lr: the step size of ``L = mean_i l_i``; times:
-    steps (``dynamics="gd"``: integers, discrete gradient descent) or continuous time in steps
-    (``"flow"``: gradient flow). y_test: labels of the test points for their losses.
+    Args:
+        K_train: `[n, k, n, k]` (the full NTK) or `[n, n]` (one kernel for every output, e.g. the trace
+            kernel over k when outputs are exchangeable).
+        K_test_train: `[m, k, n, k]` / `[m, n]`, or None.
+        y: `[n, k]` targets (MSE) or `[n]` class indices (one-hot for MSE).
+        f0_train: `[n, k]`, the model's outputs at init on the training points.
+        f0_test: `[m, k]`, the model's outputs at init on the test points.
+        loss: `"mse"` or `"cross_entropy"`.
+        lr: the step size of `L = mean_i l_i`.
+        times: steps (`dynamics="gd"`: integers, discrete gradient descent) or continuous time in steps
+            (`"flow"`: gradient flow).
+        dynamics: `"gd"` or `"flow"`.
+        y_test: labels of the test points, for their losses.
+        rk4_step: the RK4 step of cross-entropy gradient flow.
 
-    Returns ``{"times": [T], "f_train": [T, n, k], "loss_train": [T, n], "f_test": [T, m, k],
-    "loss_test": [T, m]}`` (float64; test entries only when given).
+    Returns:
+        `{"times": [T], "f_train": [T, n, k], "loss_train": [T, n], "f_test": [T, m, k], "loss_test": [T, m]}`
+        (float64; test entries only when given).
+
+    Raises:
+        ValueError: an unknown `loss` or `dynamics`, or shapes that do not match.
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -211,10 +225,25 @@ def _cross_entropy(Kf, Kx, per_output, f0, g0, Y, lr, n, k, times, dynamics, rk4
 
 
 def mode_residuals(eigvecs: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Residuals ``f - y`` projected on kernel eigenvectors: ``[r]`` (or ``[r, k]`` per output).
+    """Residuals `f - y` projected on kernel eigenvectors: `V^T (f - y)`.
 
-    eigvecs: ``[n, r]`` (columns: eigenvectors of an ``[n, n]`` kernel, e.g. from :func:`ntk_eigh`);
-    f, y: ``[n]`` or ``[n, k]`` (class indices are one-hot encoded for ``[n, k]`` outputs).
+    Args:
+        eigvecs: `[n, r]`, columns the eigenvectors of an `[n, n]` kernel (e.g. from
+            [ntk_eigh][lazyhasty.kernels.ntk_eigh]).
+        f: `[n]` or `[n, k]` outputs.
+        y: `[n]` or `[n, k]` targets (class indices are one-hot encoded for `[n, k]` outputs).
+
+    Returns:
+        `[r]` (or `[r, k]` per output) float64 coefficients.
+
+    Raises:
+        ValueError: `eigvecs` is not `[n, r]`.
+
+    Example:
+        >>> V = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]   # an orthonormal basis [n, n]
+        >>> f, y = torch.randn(6), torch.zeros(6)
+        >>> torch.allclose(mode_residuals(V, f, y).norm(), f.double().norm())   # V orthonormal: |V^T r| = |r|
+        True
     """
     f = torch.as_tensor(f).detach().to(F64)
     n = f.shape[0]
@@ -228,7 +257,11 @@ def mode_residuals(eigvecs: torch.Tensor, f: torch.Tensor, y: torch.Tensor) -> t
 
 
 class NotConverged(ArithmeticError):
-    """:func:`ntk_eigh` did not reach its tolerance (``on_unconverged="raise"``); ``.result`` holds what it has."""
+    """[ntk_eigh][lazyhasty.kernels.ntk_eigh] did not reach its tolerance (`on_unconverged="raise"`).
+
+    Attributes:
+        result: the [Eigenpairs][lazyhasty.kernels.Eigenpairs] it has.
+    """
 
     def __init__(self, message: str, result: "Eigenpairs"):
         super().__init__(message)
@@ -236,15 +269,15 @@ class NotConverged(ArithmeticError):
 
 
 class Eigenpairs(tuple):
-    """``(values, vectors)`` of :func:`ntk_eigh`, unpacking as a pair, with how far they are from exact.
+    """`(values, vectors)` of [ntk_eigh][lazyhasty.kernels.ntk_eigh], a pair with how far it is from exact.
 
     Attributes:
-        values: ``[r]`` descending.
-        vectors: ``[N, r]``, orthonormal columns.
-        residuals: ``[r]``, ``||K v_i - lambda_i v_i|| / lambda_1`` (float64): a vector's angle to the true
-            eigenspace is at most about ``residual * lambda_1 / gap`` and its value's error about
-            ``residual^2 lambda_1^2 / gap``, with ``gap`` the distance to the nearest other eigenvalue.
-        converged: every residual is within ``tol``.
+        values: `[r]` descending.
+        vectors: `[N, r]`, orthonormal columns.
+        residuals: `[r]`, `||K v_i - lambda_i v_i|| / lambda_1` (float64): a vector's angle to the true
+            eigenspace is at most about `residual * lambda_1 / gap` and its value's error about
+            `residual^2 lambda_1^2 / gap`, with `gap` the distance to the nearest other eigenvalue.
+        converged: every residual is within `tol`.
         iterations: subspace iterations run (0: from the materialized kernel).
     """
 
@@ -266,35 +299,38 @@ def _residuals(KV: torch.Tensor, V: torch.Tensor, lam: torch.Tensor) -> torch.Te
 def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1 << 30, block_size: int | None = None,
              dtype: torch.dtype | None = None, tol: float = 1e-10, max_iter: int = 200, seed: int = 0,
              on_unconverged: str = "warn", **ntk_options) -> Eigenpairs:
-    """Top-``r`` eigenpairs ``(values [r] descending, vectors [N, r])`` of the NTK on the probe set.
+    """Top-`r` eigenpairs `(values [r] descending, vectors [N, r])` of the NTK on the probe set.
 
-    ``kernel="trace"``: the ``[n, n]`` trace kernel (``N = n``); ``"full"``: the ``[nk, nk]`` kernel
-    (``N = n k``). From the materialized kernel (``torch.linalg.eigh``) while it fits ``max_bytes``; otherwise
-    by block subspace iteration with Rayleigh-Ritz on streamed kernel-vector products ``K V`` formed tile by
-    tile (:func:`kernel_matvec`), never holding the ``N x N`` matrix. The iteration stops when every Ritz
-    pair's residual ``||K v_i - lambda_i v_i||`` is within ``tol * lambda_1`` (the products of the last
+    `kernel="trace"`: the `[n, n]` trace kernel (`N = n`); `"full"`: the `[nk, nk]` kernel
+    (`N = n k`). From the materialized kernel (`torch.linalg.eigh`) while it fits `max_bytes`; otherwise
+    by block subspace iteration with Rayleigh-Ritz on streamed kernel-vector products `K V` formed tile by
+    tile ([kernel_matvec][lazyhasty.kernels.kernel_matvec]), never holding the `N x N` matrix. The iteration
+    stops when every Ritz
+    pair's residual `||K v_i - lambda_i v_i||` is within `tol * lambda_1` (the products of the last
     iteration give the residuals at no extra cost).
 
     Args:
         model: the network (its NTK at its current parameters).
-        loader: the probe inputs: a tensor ``[n, ...]`` or a loader of batches.
-        r: how many eigenpairs, ``1 <= r <= N``.
-        kernel: ``"trace"`` or ``"full"``.
-        max_bytes: materialize the float64 kernel when ``8 N^2`` fits.
-        block_size, dtype, **ntk_options: as :func:`lazyhasty.ntk.ntk_gram`.
-        tol: relative residual ``||K v - lambda v|| / lambda_1`` every pair must reach (subspace iteration).
+        loader: the probe inputs: a tensor `[n, ...]` or a loader of batches.
+        r: how many eigenpairs, `1 <= r <= N`.
+        kernel: `"trace"` or `"full"`.
+        max_bytes: materialize the float64 kernel when `8 N^2` fits.
+        block_size: as [ntk_gram][lazyhasty.ntk.ntk_gram].
+        dtype: as [ntk_gram][lazyhasty.ntk.ntk_gram].
+        **ntk_options: as [ntk_gram][lazyhasty.ntk.ntk_gram].
+        tol: relative residual `||K v - lambda v|| / lambda_1` every pair must reach (subspace iteration).
         max_iter: at most this many subspace iterations.
         seed: of the random start block.
-        on_unconverged: ``"warn"`` (a ``RuntimeWarning`` with the residuals) or ``"raise"``
-            (:class:`NotConverged`) when ``max_iter`` ran out before ``tol``.
+        on_unconverged: `"warn"` (a `RuntimeWarning` with the residuals) or `"raise"`
+            ([NotConverged][lazyhasty.kernels.NotConverged]) when `max_iter` ran out before `tol`.
 
     Returns:
-        :class:`Eigenpairs`: unpacks as ``(values, vectors)``; ``.residuals`` ``[r]``, ``.converged``,
-        ``.iterations`` say how close they are.
+        [Eigenpairs][lazyhasty.kernels.Eigenpairs]: unpacks as `(values, vectors)`; `.residuals` `[r]`, `.converged`,
+        `.iterations` say how close they are.
 
     Raises:
-        ValueError: a bad ``kernel``, ``r``, ``tol``, ``max_iter`` or ``on_unconverged``.
-        NotConverged: with ``on_unconverged="raise"``, when the tolerance was not reached.
+        ValueError: a bad `kernel`, `r`, `tol`, `max_iter` or `on_unconverged`.
+        NotConverged: with `on_unconverged="raise"`, when the tolerance was not reached.
 
     Example:
         >>> lam, V = ntk_eigh(net, x, 8, max_bytes=0)  # streamed
@@ -359,8 +395,27 @@ def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device) -> Eigenpairs
 
 
 def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **ntk_options) -> torch.Tensor:
-    """``K Q`` for ``Q`` ``[N, p]`` (``N = n`` trace, ``n k`` full) over tiles ``I <= J``, never the ``N x N``
-    kernel (see :class:`lazyhasty.ntk.KernelOperator`, which keeps the block features for repeated products)."""
+    """`K Q` for `Q` `[N, p]` (`N = n` trace, `n k` full), over kernel tiles `I <= J`, never the `N x N` kernel.
+
+    [KernelOperator][lazyhasty.ntk.KernelOperator] keeps the block features for repeated products; this
+    forms them once per call.
+
+    Args:
+        model: the network (its NTK at its current parameters).
+        loader: the probe inputs: a tensor `[n, ...]` or a loader of batches.
+        Q: `[N, p]` block of vectors.
+        kernel: `"trace"` or `"full"`.
+        **ntk_options: as [ntk_gram][lazyhasty.ntk.ntk_gram] (`block_size`, `dtype`, ...).
+
+    Returns:
+        `[N, p]`, the product `K Q`.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        >>> x = torch.randn(10, 3)
+        >>> kernel_matvec(net, x, torch.eye(10)).shape   # K I = K
+        torch.Size([10, 10])
+    """
     from ._loaders import all_inputs, model_device
     from .ntk import KernelOperator
 

@@ -318,8 +318,8 @@ class Monitor:
 
     The kernel: ``ntk_alignment`` is ``KA(K_t, K_0)`` of the ``kernel=`` chosen here, by default the **trace**
     kernel ``[n, n]`` (the sum over the k outputs of each block; k^2 times cheaper to form), while
-    [`ntk_alignment`][lazyhasty.metrics.ntk_alignment] defaults to the full ``[n, k, n, k]`` kernel. The two are different
-    quantities (0.995 vs 0.59 on a trained resnet18); the run header of every sink records which one.
+    [`ntk_alignment`][lazyhasty.ntk.ntk_alignment] defaults to the full ``[n, k, n, k]`` kernel. The two are
+    different quantities (0.995 vs 0.59 on a trained resnet18); the run header of every sink records which one.
 
     Args:
         reference: the model at init (a module), or an ``AlphaScaled`` / ``Linearized`` model, whose frozen
@@ -358,8 +358,8 @@ class Monitor:
             union (give ``sinks`` on rank 0 only, or every rank writes them). ``due`` follows rank 0's decision
             when it depends on a loss or a clock (``geometric``, ``budget``).
 
-    Every row [`log`][lazyhasty.Monitor.log] writes also has ``probe_seconds`` (this log's measurement) and ``probe_overhead``
-    (the share of wall time since the first ``due`` / ``log`` call spent in logs).
+    Every row [`log`][lazyhasty.monitor.Monitor.log] writes also has ``probe_seconds`` (this log's measurement)
+    and ``probe_overhead`` (the share of wall time since the first ``due`` / ``log`` call spent in logs).
 
     Example:
         >>> mon = Monitor(model_at_init, probe_x, every=100, sinks=["probes.jsonl"])
@@ -673,13 +673,13 @@ class Monitor:
         """Measure, hand the values to every sink, and return them.
 
         Args:
-            model: as for [`measure`][lazyhasty.Monitor.measure].
+            model: as for [`measure`][lazyhasty.monitor.Monitor.measure].
             step: the training step the row is filed under.
 
         Returns:
-            [`measure`][lazyhasty.Monitor.measure]'s values plus ``probe_seconds`` (this measurement's wall time) and
-            ``probe_overhead`` (the share of wall time since the first ``due`` / ``log`` call spent in logs, this
-            one included).
+            [`measure`][lazyhasty.monitor.Monitor.measure]'s values plus ``probe_seconds`` (this measurement's
+            wall time) and ``probe_overhead`` (the share of wall time since the first ``due`` / ``log`` call spent
+            in logs, this one included).
         """
         start = time.perf_counter()
         if self._clock_start is None:

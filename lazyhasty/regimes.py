@@ -116,7 +116,22 @@ def _math_attention():
 
 
 def scaled_lr(lr: float, alpha: float) -> float:
-    """``lr / alpha^2``: keeps the first-order change of ``f_alpha`` per step independent of alpha."""
+    """`lr / alpha^2`: keeps the first-order change of `f_alpha` per step independent of alpha.
+
+    Args:
+        lr: the learning rate of standard training (alpha = 1).
+        alpha: the scale of [AlphaScaled][lazyhasty.regimes.AlphaScaled], `> 0`.
+
+    Returns:
+        The learning rate for the alpha-scaled model.
+
+    Raises:
+        ValueError: `alpha <= 0`.
+
+    Example:
+        >>> scaled_lr(0.1, 100.0)
+        1e-05
+    """
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0, got {alpha}")
     return lr / alpha**2

@@ -13,8 +13,8 @@ Model: ``f_theta(x) = theta^T x`` with ``theta = 1/2 sum_lambda w_lambda^2 v_lam
 The rate of the linearized solution is ``mu (w0)^2 = 2 mu theta0``, the eigenvalue of ``Sigma(0)`` in the
 paper's eq. 11; eq. 13 as printed writes ``mu theta0`` (its time unit is half of eq. 12's). lazyhasty
 keeps the gradient-flow time of eqs. 10-12 for both regimes, so both can be checked against
-:meth:`QuadraticModel.simulate`. ``theta*`` is ``y_l / sqrt(mu_l)`` on the row space and ``theta0`` on the
-null space of X (the paper's footnote 4).
+[QuadraticModel.simulate][lazyhasty.theory.QuadraticModel.simulate]. ``theta*`` is ``y_l / sqrt(mu_l)`` on
+the row space and ``theta0`` on the null space of X (the paper's footnote 4).
 """
 from __future__ import annotations
 
@@ -35,12 +35,28 @@ def _as_times(t) -> tuple[np.ndarray, bool]:
 class QuadraticModel:
     """Closed-form training dynamics of the quadratic model in both regimes.
 
-    X: ``[n, d]`` inputs, y: ``[n]`` labels, w0: ``[d]`` initial weights per mode ``v_lambda`` (a scalar
-    is broadcast; the paper uses ``w0 = sqrt(sigma) 1``).
+    `f_theta(x) = theta^T x` with `theta = 1/2 sum_lambda w_lambda^2 v_lambda`, trained by gradient flow on
+    `l = 1/2 |X theta - y|^2` from `w0`; `regime` is `"nonlinear"` (eq. 12) or `"linear"` (eq. 13, in the
+    gradient-flow time of eq. 12). Times `t` are a scalar or `[T]`, finite and `>= 0`.
 
+    Args:
+        X: `[n, d]` inputs.
+        y: `[n]` labels.
+        w0: `[d]` initial weights per mode `v_lambda` (a scalar is broadcast; the paper uses
+            `w0 = sqrt(sigma) 1`).
+
+    Raises:
+        ValueError: `X` is not `[n, d]`, `y` not `[n]`, or an input is not finite.
+
+    Example:
+        >>> X, y = np.diag(np.sqrt([3.0, 2.0, 1.0])), np.ones(3)
         >>> qm = QuadraticModel(X, y, w0=np.sqrt(1e-3))
         >>> qm.theta_nonlinear([0.0, 10.0]).shape      # [2, d], input coordinates
-        >>> qm.errors([5.0], "linear")                 # [1, n] per-example squared errors
+        (2, 3)
+        >>> qm.errors([5.0], "linear").shape           # [1, n] per-example squared errors
+        (1, 3)
+        >>> bool(np.allclose(qm.simulate([1.0]), qm.theta_nonlinear([1.0]), rtol=1e-6))   # closed form = ODE
+        True
     """
 
     def __init__(self, X, y, *, w0):
@@ -191,11 +207,19 @@ class QuadraticModel:
 
     # --- numerical check ---------------------------------------------------------------------------
     def simulate(self, t, regime: str = "nonlinear", *, rtol: float = 1e-11, atol: float = 1e-13) -> np.ndarray:
-        """theta(t) (input coordinates, ``[T, d]``) from gradient flow on w, integrated numerically.
+        """theta(t) (input coordinates, `[T, d]`) from gradient flow on w, integrated numerically.
 
-        Uses X itself (not its SVD) for the gradient: non-linear ``dw/dt = -w * V^T X^T (X theta(w) - y)``
-        with ``theta(w) = V w^2 / 2``; linearized ``theta(w) = theta0 + V (w0 * (w - w0))`` and
-        ``dw/dt = -w0 * V^T X^T (X theta(w) - y)``. Radau (implicit, stiff-safe) with tight tolerances.
+        `dw/dt = -w0 * V^T X^T (X theta(w) - y)`, by Radau (implicit, stiff-safe) with tight tolerances: the
+        check of the closed forms.
+
+        Args:
+            t: times, a scalar or `[T]`.
+            regime: `"nonlinear"` or `"linear"`.
+            rtol: the integrator's relative tolerance.
+            atol: the integrator's absolute tolerance.
+
+        Returns:
+            `[T, d]` (`[d]` for a scalar t).
         """
         from scipy.integrate import solve_ivp
 
@@ -241,16 +265,39 @@ class QuadraticModel:
 # --- the paper's examples (section 4.4) -----------------------------------------------------------
 @dataclass
 class Example:
+    """One of the paper's examples: the model and its groups of examples.
+
+    Attributes:
+        model: the [QuadraticModel][lazyhasty.theory.QuadraticModel].
+        groups: `{name: example indices}`.
+        description: what the example shows.
+    """
+
     model: QuadraticModel
     groups: dict[str, np.ndarray]  # name -> example indices
     description: str
 
 
 def example1(mu=(3.0, 2.5, 2.0, 1.5, 1.0), sigma: float = 1e-2) -> Example:
-    """Example 1: one mode per example, ``x_i = sqrt(mu_i) e_i``, ``y_i = mu_{n-i+1} / sqrt(mu_i)``.
+    """Example 1: one mode per example, `x_i = sqrt(mu_i) e_i`, `y_i = mu_{n-i+1} / sqrt(mu_i)`.
 
     The linearized model learns example i at rate ~ mu_i (low index first); the non-linear one by
-    ``y~_i = mu_{n-i+1}`` (high index first): linearization reverses the learning order.
+    `y~_i = mu_{n-i+1}` (high index first): linearization reverses the learning order.
+
+    Args:
+        mu: the positive, non-increasing eigenvalues, one per example.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"example 1"` .. `"example n"`.
+
+    Raises:
+        ValueError: `mu` is not positive and non-increasing.
+
+    Example:
+        >>> ex = example1()
+        >>> ex.model.n, sorted(ex.groups)[:2]
+        (5, ['example 1', 'example 2'])
     """
     mu = np.asarray(mu, dtype=np.float64)
     if np.any(mu <= 0) or np.any(np.diff(mu) > 0):
@@ -280,10 +327,28 @@ def _labels_with_flips(n: int, q: int, seed: int):
 
 
 def example2(n: int = 20, q: int = 3, eta: float = 0.6, sigma: float = 1e-2, seed: int = 0) -> Example:
-    """Example 2, label noise: ``x_i = kappa_i y_i e_1 + eta e_{i+1}`` in R^{n+1}; q examples have kappa = -1.
+    """Example 2, label noise: `x_i = kappa_i y_i e_1 + eta e_{i+1}` in R^{n+1}; q examples have kappa = -1.
 
-    The dominant mode fits the labels of the input's class ``kappa_i y_i``: learning it first learns the
+    The dominant mode fits the labels of the input's class `kappa_i y_i`: learning it first learns the
     clean examples and pushes the noisy ones the wrong way.
+
+    Args:
+        n: examples, with balanced labels in {-1, +1}.
+        q: noisy examples, `1 <= q < ceil(n / 2)`.
+        eta: the scale of each example's own direction.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+        seed: the labels and which examples are noisy.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"clean"` and `"noisy"`.
+
+    Raises:
+        ValueError: `q` out of range.
+
+    Example:
+        >>> ex = example2()
+        >>> ex.model.X.shape, len(ex.groups["noisy"])
+        ((20, 21), 3)
     """
     y, kappa, noisy, clean = _labels_with_flips(n, q, seed)
     X = np.zeros((n, n + 1))
@@ -294,10 +359,24 @@ def example2(n: int = 20, q: int = 3, eta: float = 0.6, sigma: float = 1e-2, see
 
 def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma: float = 1e-2,
              seed: int = 0) -> Example:
-    """Example 3, spurious feature: ``x_i = kappa_i y_i e_1 + lam y_i e_2 + eta e_{i+2}`` in R^{n+2}.
+    """Example 3, spurious feature: `x_i = kappa_i y_i e_1 + lam y_i e_2 + eta e_{i+2}` in R^{n+2}.
 
-    e_2 is the core feature (separates everything), e_1 the spurious one: it agrees with the label on
-    the majority (kappa = 1) and disagrees on q minority examples.
+    e_2 is the core feature (separates everything), e_1 the spurious one: it agrees with the label on the
+    majority (kappa = 1) and disagrees on q minority examples.
+
+    Args:
+        n: examples, with balanced labels in {-1, +1}.
+        q: minority examples, `1 <= q < ceil(n / 2)`.
+        lam: the core feature's scale, in `(0, 1)` (weaker than the spurious one).
+        eta: the scale of each example's own direction.
+        sigma: the initial scale, `w0 = sqrt(sigma)`.
+        seed: the labels and which examples are the minority.
+
+    Returns:
+        An [Example][lazyhasty.theory.Example] with groups `"spurious"` (the majority) and `"no spur."`.
+
+    Raises:
+        ValueError: `lam` or `q` out of range.
     """
     if not 0 < lam < 1:
         raise ValueError("lam must be in (0, 1)")
@@ -311,7 +390,15 @@ def example3(n: int = 20, q: int = 3, lam: float = 0.5, eta: float = 0.6, sigma:
 
 
 def half_time(model: QuadraticModel, regime: str) -> float:
-    """Time at which the training loss reaches half its initial value (the figures' time unit)."""
+    """Time at which the training loss reaches half its initial value (the figures' time unit).
+
+    Args:
+        model: the [QuadraticModel][lazyhasty.theory.QuadraticModel].
+        regime: `"nonlinear"` or `"linear"`.
+
+    Returns:
+        The gradient-flow time `t` with `loss(t) = loss(0) / 2`.
+    """
     from scipy.optimize import brentq
 
     l0 = float(model.loss(0.0, regime))
@@ -332,7 +419,22 @@ def group_mse(ex: Example, t, regime: str) -> dict[str, np.ndarray]:
 
 
 def at_equal_group_mse(ex: Example, lead: str, other: str, level: float) -> dict[str, float]:
-    """MSE of group ``other`` in both regimes at the time group ``lead`` reaches ``level`` x its initial MSE."""
+    """MSE of group `other` in both regimes at the time group `lead` reaches `level` x its initial MSE.
+
+    Args:
+        ex: the [Example][lazyhasty.theory.Example].
+        lead: the group whose progress sets the time.
+        other: the group measured.
+        level: the fraction of `lead`'s initial MSE, in `(0, 1)`.
+
+    Returns:
+        `{"nonlinear": mse, "linear": mse}`.
+
+    Example:
+        >>> r = at_equal_group_mse(example2(), "clean", "noisy", 0.1)
+        >>> r["nonlinear"] > r["linear"]   # the non-linear regime fits the clean examples at the noisy ones' cost
+        True
+    """
     from scipy.optimize import brentq
 
     out = {}
@@ -350,10 +452,20 @@ def at_equal_group_mse(ex: Example, lead: str, other: str, level: float) -> dict
 
 
 def figure4(path, *, examples=None, span: float = 6.0, num: int = 400) -> dict:
-    """Draw the paper's Figure 4 (three panels) to ``path`` (PNG) and return the plotted numbers.
+    """Draw the paper's Figure 4 (three panels) to `path` (PNG) and return the plotted numbers.
 
-    Each regime's time is divided by its own half-loss time, so both appear at equal progress
-    (the paper's axis is "time (arbitrary scale)"). Solid: non-linear; dashed: linear.
+    Each regime's time is divided by its own half-loss time, so both appear at equal progress (the paper's
+    axis is "time (arbitrary scale)"). Solid: non-linear; dashed: linear.
+
+    Args:
+        path: the PNG written.
+        examples: the three [Example][lazyhasty.theory.Example]s (default: `example1()`, `example2()`,
+            `example3()`).
+        span: the time axis, in half-loss times.
+        num: points per curve.
+
+    Returns:
+        `{panel title: {regime: {group: curve as a list}}}`, the numbers plotted.
     """
     import matplotlib
 

@@ -5,7 +5,7 @@ and ``checkpoint.pt`` (model incl. f_0, optimizer, RNG states, step, logging sta
 file then renamed). A run killed at any point (SIGKILL included) and resumed with ``resume=True``
 continues from the last checkpoint, recomputes the log rows written after it (each checked against the
 row on disk), and ends with the same rows and parameters as an uninterrupted run (deterministic on CPU).
-No row on disk is ever lost: see :mod:`lazyhasty._runlog` for the rules on torn or damaged logs.
+No row on disk is ever lost: see `lazyhasty._runlog` for the rules on torn or damaged logs.
 
 A resume is refused, naming the reason, when anything that defines the run differs: the config, the
 model's modules and parameter shapes, the training data (a hash over its examples and labels, in order)
@@ -45,19 +45,34 @@ class NonFiniteLoss(FloatingPointError):
 class TrainConfig:
     """Everything that defines a run (compared on resume).
 
-    steps: optimizer steps in total. batch_size: None = full-batch gradient descent. lr: the alpha = 1
-    learning rate; the optimizer uses ``lr / alpha^2`` when ``scale_lr``. log_every: log every N steps,
-    or, with ``log_geometric=q``, when the training loss first falls below ``L0 q^m`` (m = 1, 2, ...;
-    the authors used q = 0.96; the first and last steps are always logged). probe_every: linearity
-    probes at every m-th log (0: never). modes: with r > 0, every log also records the residuals
-    ``f_t - y`` on the probe set projected on the top-r eigenvectors of ``f_0``'s trace kernel there
-    (``mode/0`` .. ``mode/{r-1}``; their eigenvalues go to ``modes.json`` in the run directory).
-    track_linearized: also train the exact linearization of the initial model (``Linearized``, learning
-    rate ``lr``: the alpha -> infinity limit of this run) on the same batches, and log ``lin_distance``,
-    the RMS over the probe set of ``|f_t(x) - f_lin,t(x)|`` (about twice the cost per step).
-    snapshot_steps: steps at which the inner model's parameters (before that step's update) are saved to
-    ``snapshots/step-<s>.pt`` in the run directory, to fork another regime from there
-    (``compare_regimes(fork_from=...)``, ``AlphaScaled(at=...)``).
+    Attributes:
+        steps: optimizer steps in total.
+        lr: the alpha = 1 learning rate; the optimizer uses `lr / alpha^2` when `scale_lr`.
+        alpha: the scale of [AlphaScaled][lazyhasty.regimes.AlphaScaled] (1: standard, 100: lazy).
+        center: train `alpha (f - f_0)` instead of `f_0 + alpha (f - f_0)`.
+        scale_lr: divide `lr` by `alpha^2`.
+        batch_size: examples per minibatch; None = full-batch gradient descent.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        loss: `"cross_entropy"`, `"logistic"` or `"mse"`.
+        log_every: log every N steps, or, with `log_geometric=q`, when the training loss first falls below
+            `L0 q^m` (m = 1, 2, ...; the authors used q = 0.96; the first and last steps are always logged).
+        log_geometric: the `q` above, or None.
+        probe_every: linearity probes at every m-th log (0: never).
+        probes: which linearity probes (`"sign_similarity"`, `"repr_alignment"`, `"ntk_alignment"`).
+        ntk_kernel: `"trace"`, `"full"` or `"diagonal"`, the tangent kernel of `ntk_alignment`.
+        modes: with r > 0, every log also records the residuals `f_t - y` on the probe set projected on the
+            top-r eigenvectors of `f_0`'s trace kernel there (`mode/0` .. `mode/{r-1}`; their eigenvalues go
+            to `modes.json` in the run directory).
+        track_linearized: also train the exact linearization of the initial model
+            ([Linearized][lazyhasty.regimes.Linearized], learning rate `lr`: the alpha -> infinity limit of
+            this run) on the same batches, and log `lin_distance`, the RMS over the probe set of
+            `|f_t(x) - f_lin,t(x)|` (about twice the cost per step).
+        snapshot_steps: steps at which the inner model's parameters (before that step's update) are saved to
+            `snapshots/step-<s>.pt` in the run directory, to fork another regime from there
+            (`compare_regimes(fork_from=...)`, `AlphaScaled(at=...)`).
+        seed: the seed of the minibatch order and of the torch RNG at the start of training (dropout).
+        eval_batch_size: examples per forward when the probe data sets are evaluated.
     """
 
     steps: int
@@ -299,7 +314,7 @@ def _dataset_fingerprint(ds) -> dict:
     """``{"n", "sha256"}`` of a data set: a hash over its examples and labels, so that a resumed run notices
     other data (another order, one changed label or pixel).
 
-    A :class:`Dataset` is hashed in order (the order decides the minibatches and the sums). A loader's
+    A [Dataset][lazyhasty.data.Dataset] is hashed in order (the order decides the minibatches and the sums). A loader's
     batches (a probe set, evaluated only) are hashed example by example and the hashes sorted, so that a
     shuffling loader still resumes.
     """
@@ -322,18 +337,38 @@ def _dataset_fingerprint(ds) -> dict:
 
 # --- trainer ------------------------------------------------------------------------------------------
 class Trainer:
-    """Train ``AlphaScaled(model, alpha)`` on ``train`` and log losses and linearity probes.
+    """Train `AlphaScaled(model, alpha)` on `train` and log losses and linearity probes.
 
-    on_log(row, net): called after each logged row (e.g. to keep predictions on a grid in memory).
-    probes: ``{"name": Dataset}`` evaluated at every log (loss and accuracy, e.g. ``"train/decile0"``,
-    ``"test/noisy"``); probe_set: the examples the linearity probes use (sign similarity, representation
-    and NTK alignment of the inner model against ``f_0``), every ``probe_every``-th log.
-    process_group: a ``torch.distributed`` group (default: the one set by
-    :class:`lazyhasty._dist.probes_over`, as ``lazyhasty run --nproc N`` does): every rank trains the same
-    model and measures the linearity probes on its share of ``probe_set``; the values are over the whole set.
+    The network trained is `f_0 + alpha (f - f_0)` at learning rate `lr / alpha^2`
+    ([AlphaScaled][lazyhasty.regimes.AlphaScaled], [scaled_lr][lazyhasty.regimes.scaled_lr]); each log row
+    holds the losses and accuracies of the probe data sets and, every `probe_every`-th log, the linearity
+    probes of the inner model against `f_0` (sign similarity, representation and NTK alignment).
 
-        >>> t = Trainer(net, train_ds, TrainConfig(steps=1000, lr=0.1, alpha=100), run_dir="runs/a100",
-        ...             probes={"test": test_ds}, probe_set=train_ds[:1000])
+    Args:
+        model: the network at init.
+        train: the training [Dataset][lazyhasty.data.Dataset].
+        config: the [TrainConfig][lazyhasty.train.TrainConfig] (steps, lr, alpha, ...).
+        run_dir: the run directory (`config.json`, `log.jsonl`, `checkpoint.pt`).
+        probes: `{"name": Dataset}` evaluated at every log (loss and accuracy, e.g. `"train/decile0"`,
+            `"test/noisy"`).
+        probe_set: the examples the linearity probes use.
+        device: where to train (default: the device of the model's parameters, CPU when it has none).
+        progress: show a progress bar.
+        checkpoint_every: write a checkpoint every this many logs (at least 1).
+        on_log: `on_log(row, net)`, called after each logged row (e.g. to keep predictions on a grid in
+            memory).
+        process_group: a `torch.distributed` group (default: the one set by `lazyhasty._dist.probes_over`,
+            as `lazyhasty run --nproc N` does): every rank trains the same model and measures the linearity
+            probes on its share of `probe_set`; the values are over the whole set.
+
+    Example:
+        >>> from lazyhasty.data import yinyang
+        >>> ds = yinyang(1200, seed=0)
+        >>> train_ds, test_ds = ds[:1000], ds[1000:]
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+        >>> config = TrainConfig(steps=1000, lr=0.1, alpha=100, loss="logistic")   # labels in {-1, +1}
+        >>> t = Trainer(net, train_ds, config, run_dir="runs/a100",
+        ...             probes={"test": test_ds}, probe_set=train_ds)
         >>> run = t.fit(resume=True)
     """
 
@@ -553,7 +588,7 @@ class Trainer:
             resume: continue the run in ``run_dir`` (else a directory holding a run is an error).
 
         Returns:
-            The finished :class:`Run`.
+            The finished [Run][lazyhasty.train.Run].
 
         Raises:
             RunLocked: another process is writing ``run_dir`` (its pid is named); nothing was touched.

@@ -1,5 +1,6 @@
 """Datasets and example-difficulty groups (yin-yang, digits, Fashion-MNIST, CIFAR-10, CelebA, Waterbirds;
-label noise, C-scores, spurious features). See :class:`Dataset`."""
+label noise, C-scores, spurious features). See [Dataset][lazyhasty.data.Dataset].
+"""
 from ._dataset import Dataset, TensorLoader  # noqa: F401
 from .difficulty import (  # noqa: F401
     CScores, balanced_groups, balanced_subsample, difficulty_groups, estimate_cscores, load_cscores,

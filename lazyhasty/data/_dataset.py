@@ -7,15 +7,30 @@ import torch
 
 
 class Dataset:
-    """``x`` ``[n, ...]``, ``y`` ``[n]`` and per-example metadata ``meta[name]`` ``[n, ...]``.
+    """`x` `[n, ...]`, `y` `[n]` and per-example metadata `meta[name]` `[n, ...]`.
 
-    Sliceable (``ds[10:20]``, ``ds[mask]``, ``ds[index_tensor]`` give a Dataset; ``ds[i]`` an ``(x, y)``
-    pair), and usable wherever lazyhasty takes a loader (its inputs are cut into batches). Metadata is
-    reachable as attributes: ``ds.noisy``, ``ds.y_clean``, ``ds.groups``, ``ds.cscore``...
+    Sliceable (`ds[10:20]`, `ds[mask]`, `ds[index_tensor]` give a Dataset; `ds[i]` an `(x, y)` pair), and
+    usable wherever lazyhasty takes a loader (its inputs are cut into batches). Metadata is reachable as
+    attributes: `ds.noisy`, `ds.y_clean`, `ds.groups`, `ds.cscore`...
 
+    Args:
+        x: `[n, ...]` inputs.
+        y: `[n]` labels (class indices, or real targets).
+        meta: `{name: [n, ...] tensor}` per-example metadata.
+        num_classes: the number of classes (default: `max(y) + 1` for integer labels, none for real ones).
+        name: shown in `repr` and in run configs.
+
+    Raises:
+        TypeError: `x` or `y` is not a tensor.
+        ValueError: `x`, `y` and the metadata do not have the same number of rows.
+
+    Example:
         >>> ds = yinyang(1000, seed=0)
         >>> train, test = ds[:800], ds[800:]
-        >>> loader = train.loader(batch_size=100, shuffle=True, seed=0)     # yields (x, y, index)
+        >>> loader = train.loader(batch_size=100, shuffle=True, seed=0)
+        >>> x, y, index = next(iter(loader))   # [100, 2], [100], [100]
+        >>> train.noisy.shape                  # a per-example metadata column
+        torch.Size([800])
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, meta: Mapping[str, torch.Tensor] | None = None, *,
@@ -75,7 +90,17 @@ class Dataset:
 
     def loader(self, batch_size: int = 256, *, shuffle: bool = False, seed: int | None = None,
                drop_last: bool = False) -> "TensorLoader":
-        """An iterable of ``(x, y, index)`` batches (re-iterable; a new permutation each epoch when shuffled)."""
+        """An iterable of `(x, y, index)` batches (re-iterable; a new permutation each epoch when shuffled).
+
+        Args:
+            batch_size: examples per batch.
+            shuffle: permute the examples each epoch.
+            seed: the permutation seed (epoch e uses `seed + e`).
+            drop_last: drop a last, smaller batch.
+
+        Returns:
+            A [TensorLoader][lazyhasty.data.TensorLoader].
+        """
         return TensorLoader(self, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last)
 
     def __iter__(self):
@@ -86,7 +111,25 @@ class Dataset:
 
 
 class TensorLoader:
-    """Batches ``(x, y, index)`` of a :class:`Dataset`; deterministic given ``seed`` (epoch e uses seed + e)."""
+    """Batches `(x, y, index)` of a [Dataset][lazyhasty.data.Dataset]; deterministic given `seed`.
+
+    Epoch e of a shuffled loader uses the permutation of `seed + e`.
+
+    Args:
+        ds: the [Dataset][lazyhasty.data.Dataset].
+        batch_size: examples per batch, `>= 1`.
+        shuffle: permute the examples each epoch.
+        seed: the permutation seed.
+        drop_last: drop a last, smaller batch.
+
+    Raises:
+        ValueError: `batch_size < 1`.
+
+    Example:
+        >>> loader = TensorLoader(yinyang(250, seed=0), 100, shuffle=True, seed=0)
+        >>> [len(index) for _, _, index in loader]
+        [100, 100, 50]
+    """
 
     def __init__(self, ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: int | None = None,
                  drop_last: bool = False):

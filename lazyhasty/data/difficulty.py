@@ -22,9 +22,23 @@ def _classes(ds: Dataset) -> int:
 
 # --- label noise ------------------------------------------------------------------------------------
 def with_label_noise(ds: Dataset, rate: float, *, seed: int) -> Dataset:
-    """Give exactly ``round(rate n)`` random examples a label drawn uniformly from the *other* classes.
+    """Give exactly `round(rate n)` random examples a label drawn uniformly from the *other* classes.
 
-    Metadata: ``noisy`` (bool) and ``y_clean`` (the original labels). The paper used rate = 0.15.
+    Args:
+        ds: a [Dataset][lazyhasty.data.Dataset] with integer class labels.
+        rate: the fraction of examples relabelled, in `[0, 1]` (the paper used 0.15).
+        seed: which examples, and their new labels.
+
+    Returns:
+        A copy with the new labels and metadata `noisy` (bool `[n]`) and `y_clean` (the original labels).
+
+    Raises:
+        ValueError: `rate` is outside `[0, 1]`, or the labels are not integer classes.
+
+    Example:
+        >>> ds = with_label_noise(digits(), 0.15, seed=0)
+        >>> int(ds.noisy.sum()), bool((ds.y[ds.noisy] != ds.y_clean[ds.noisy]).all())
+        (270, True)
     """
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"rate must be in [0, 1], got {rate}")
@@ -43,6 +57,13 @@ def with_label_noise(ds: Dataset, rate: float, *, seed: int) -> Dataset:
 # --- C-scores -----------------------------------------------------------------------------------------
 @dataclass
 class CScores:
+    """C-scores of a dataset's examples, with the labels they were computed for.
+
+    Attributes:
+        scores: `[n]` float, higher is easier.
+        labels: `[n]` long, the labels in the order the scores follow.
+    """
+
     scores: torch.Tensor  # [n] float
     labels: torch.Tensor  # [n] long
 
@@ -63,7 +84,15 @@ class CScores:
 
 
 def load_cscores(path: str | os.PathLike) -> CScores:
-    """Official C-score file (npz with ``labels`` and ``scores``), loaded with ``allow_pickle=False``."""
+    """Official C-score file (npz with `labels` and `scores`), loaded with `allow_pickle=False`.
+
+    Args:
+        path: the `.npz` file.
+
+    Returns:
+        The [CScores][lazyhasty.data.CScores]; `attach(ds)` adds them to a dataset as `ds.cscore` after
+        checking its labels.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"C-score file {path} not found (e.g. cifar10-cscores-orig-order.npz)")
@@ -95,10 +124,26 @@ def estimate_cscores(ds: Dataset, model_factory, *, ratios=(0.2, 0.4, 0.6, 0.8),
     """Holdout consistency C-scores (Jiang et al. 2021; the paper's eq. 7).
 
     For each subset ratio and run, the examples are shuffled and cut into held-out folds of size
-    ``(1 - ratio) n`` covering everyone; for each fold ``model_factory()`` is trained (SGD with momentum,
+    `(1 - ratio) n` covering everyone; for each fold `model_factory()` is trained (SGD with momentum,
     cross-entropy) on the rest and scores each held-out example by the softmax probability of its label.
     An example's score is its mean over the models that held it out, averaged over ratios. Cost:
-    ``runs * sum(ceil(1 / (1 - ratio)))`` trainings.
+    `runs * sum(ceil(1 / (1 - ratio)))` trainings.
+
+    Args:
+        ds: a [Dataset][lazyhasty.data.Dataset] with integer class labels.
+        model_factory: `() -> nn.Module`, a fresh classifier per training.
+        ratios: the training-subset ratios, each in `(0, 1)`.
+        runs: shuffles per ratio.
+        epochs: training epochs per model.
+        lr: SGD learning rate (momentum 0.9).
+        batch_size: examples per minibatch.
+        weight_decay: SGD weight decay.
+        seed: the shuffles, initializations and minibatches.
+        device: where the models train.
+        progress: show a progress bar.
+
+    Returns:
+        The [CScores][lazyhasty.data.CScores] `[n]` of `ds`, in its order.
     """
     from .._progress import Progress
 
@@ -157,7 +202,22 @@ def estimate_cscores(ds: Dataset, model_factory, *, ratios=(0.2, 0.4, 0.6, 0.8),
 
 
 def difficulty_groups(scores: torch.Tensor, bins: int = 10) -> torch.Tensor:
-    """Quantile bins of ``scores``: ``[n]`` long in 0..bins-1; 0 holds the lowest scores (hardest)."""
+    """Quantile bins of `scores`; bin 0 holds the lowest scores (the hardest examples).
+
+    Args:
+        scores: `[n]` scores (e.g. C-scores), at least `bins` of them, no NaN.
+        bins: the number of bins, a positive integer.
+
+    Returns:
+        `[n]` long, each example's bin in `0..bins-1`.
+
+    Raises:
+        ValueError: a bad `bins`, too few scores, or a NaN.
+
+    Example:
+        >>> difficulty_groups(torch.tensor([0.9, 0.1, 0.5, 0.3]), bins=2)
+        tensor([1, 0, 1, 0])
+    """
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive integer, got {bins!r}")
     scores = torch.as_tensor(scores, dtype=torch.float64)
@@ -172,7 +232,23 @@ def difficulty_groups(scores: torch.Tensor, bins: int = 10) -> torch.Tensor:
 
 
 def balanced_subsample(groups: torch.Tensor, per_group: int, *, seed: int) -> torch.Tensor:
-    """Indices with exactly ``per_group`` random examples of every group (sorted within each group)."""
+    """Indices with exactly `per_group` random examples of every group (sorted within each group).
+
+    Args:
+        groups: `[n]` group labels.
+        per_group: examples drawn from each group.
+        seed: which examples.
+
+    Returns:
+        `[G * per_group]` long indices, group by group.
+
+    Raises:
+        ValueError: a group has fewer than `per_group` examples.
+
+    Example:
+        >>> balanced_subsample(torch.tensor([0, 0, 1, 1, 1]), 1, seed=0)
+        tensor([0, 2])
+    """
     groups = torch.as_tensor(groups)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -192,12 +268,24 @@ def _palette(C: int) -> torch.Tensor:
 
 
 def with_spurious_feature(ds: Dataset, kind: str = "patch", agreement: float = 0.95, *, seed: int) -> Dataset:
-    """Add an easy feature ``s`` that equals the label on a fraction ``agreement`` of examples.
+    """Add an easy feature `s` that equals the label on a fraction `agreement` of examples.
 
-    The others (exactly ``round((1 - agreement) n)``) get ``s`` drawn uniformly from the other classes.
-    ``kind="patch"``: a bright 2x2 (or 1/4-side) square whose horizontal position encodes ``s``;
-    ``kind="color"``: images become RGB, tinted with class ``s``'s colour. Images must be ``[n, c, h, w]``.
-    Metadata: ``spurious`` (s), ``agrees`` (s == y), ``groups`` = ``y * C + s``.
+    The others (exactly `round((1 - agreement) n)`) get `s` drawn uniformly from the other classes.
+
+    Args:
+        ds: a [Dataset][lazyhasty.data.Dataset] of images `[n, c, h, w]` with integer class labels.
+        kind: `"patch"`: a bright 2x2 (or 1/4-side) square whose horizontal position encodes `s`;
+            `"color"`: images become RGB, tinted with class `s`'s colour.
+        agreement: the fraction of examples whose `s` equals the label.
+        seed: which examples disagree, and their `s`.
+
+    Returns:
+        A copy with the feature added and metadata `spurious` (s), `agrees` (s == y) and
+        `groups` = `y * C + s`.
+
+    Raises:
+        ValueError: an unknown `kind`, `agreement` outside `[0, 1]`, images that are not `[n, c, h, w]`
+            (1 or 3 channels for `"color"`), or non-integer labels.
     """
     if kind not in ("patch", "color"):
         raise ValueError(f"kind must be 'patch' or 'color', got {kind!r}")
@@ -230,7 +318,20 @@ def with_spurious_feature(ds: Dataset, kind: str = "patch", agreement: float = 0
 
 
 def balanced_groups(ds: Dataset, per_group: int, *, seed: int, groups: str = "groups") -> Dataset:
-    """The examples of ``ds`` with exactly ``per_group`` of each value of ``ds.meta[groups]``."""
+    """The examples of `ds` with exactly `per_group` of each value of `ds.meta[groups]`.
+
+    Args:
+        ds: a [Dataset][lazyhasty.data.Dataset] with a group metadata column.
+        per_group: examples kept from each group.
+        seed: which examples.
+        groups: the metadata column holding the groups.
+
+    Returns:
+        The balanced [Dataset][lazyhasty.data.Dataset].
+
+    Raises:
+        ValueError: `ds` has no such metadata.
+    """
     if groups not in ds.meta:
         raise ValueError(f"dataset has no {groups!r} metadata (add it with with_spurious_feature or a loader)")
     return ds[balanced_subsample(ds.meta[groups], per_group, seed=seed)]

@@ -1,10 +1,13 @@
 """Real datasets read from local files (nothing is downloaded).
 
-* :func:`digits` — scikit-learn's bundled 8x8 digits (1797 images), ``x`` ``[n, 1, 8, 8]`` in [0, 1].
-* :func:`fashion_mnist` — IDX files (gzipped or not); default root: Debian's ``dataset-fashion-mnist``.
-* :func:`cifar10` — torchvision's ``cifar-10-batches-py`` layout (read with a restricted unpickler).
-* :func:`celeba` — attributes + partition files and aligned images; task: blond, group: gender.
-* :func:`waterbirds` — ``metadata.csv`` + images; task: water bird, group: bird type x background.
+* [digits][lazyhasty.data.digits]: scikit-learn's bundled 8x8 digits (1797 images), `x` `[n, 1, 8, 8]` in [0, 1].
+* [fashion_mnist][lazyhasty.data.fashion_mnist]: IDX files (gzipped or not); default root: Debian's
+  `dataset-fashion-mnist`.
+* [cifar10][lazyhasty.data.cifar10]: torchvision's `cifar-10-batches-py` layout (read with a restricted
+  unpickler).
+* [celeba][lazyhasty.data.celeba]: attributes + partition files and aligned images; task: blond, group: gender.
+* [waterbirds][lazyhasty.data.waterbirds]: `metadata.csv` + images; task: water bird, group: bird type x
+  background.
 """
 from __future__ import annotations
 
@@ -26,7 +29,19 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 
 
 def digits() -> Dataset:
-    """scikit-learn's 8x8 digits: 1797 images ``[n, 1, 8, 8]`` scaled to [0, 1], labels 0-9."""
+    """scikit-learn's 8x8 digits: 1797 images `[n, 1, 8, 8]` scaled to [0, 1], labels 0-9.
+
+    Returns:
+        The [Dataset][lazyhasty.data.Dataset].
+
+    Raises:
+        ImportError: scikit-learn is not installed (`pip install 'lazyhasty[data]'`).
+
+    Example:
+        >>> ds = digits()
+        >>> ds.x.shape, ds.num_classes
+        (torch.Size([1797, 1, 8, 8]), 10)
+    """
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
@@ -56,7 +71,17 @@ def check_labels(labels: np.ndarray, num_classes: int, where) -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (``.gz`` or raw) into a numpy array; a clear error for a corrupt file."""
+    """Read an IDX file (`.gz` or raw) into a numpy array.
+
+    Args:
+        path: the IDX file.
+
+    Returns:
+        The array, of the shape and dtype its header gives.
+
+    Raises:
+        ValueError: the file is not IDX, or its header and payload disagree (truncated or corrupt).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -87,10 +112,19 @@ def _find(root: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -> Dataset:
-    """Fashion-MNIST from IDX files: ``x`` ``[n, 1, 28, 28]`` in [0, 1], labels 0-9.
+    """Fashion-MNIST from IDX files: `x` `[n, 1, 28, 28]` in [0, 1], labels 0-9.
 
-    root: folder with ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``; default: Debian's
-    ``dataset-fashion-mnist`` package location (``apt-get install dataset-fashion-mnist``).
+    Args:
+        root: folder with `{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`; default: Debian's
+            `dataset-fashion-mnist` package location (`apt-get install dataset-fashion-mnist`).
+        split: `"train"` or `"test"`.
+
+    Returns:
+        The [Dataset][lazyhasty.data.Dataset].
+
+    Raises:
+        ValueError: an unknown `split`.
+        FileNotFoundError: no IDX files under `root`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -129,9 +163,20 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def cifar10(root: str | os.PathLike, split: str = "train") -> Dataset:
-    """CIFAR-10 from torchvision's layout: ``root/cifar-10-batches-py/{data_batch_1..5,test_batch}``.
+    """CIFAR-10 from torchvision's layout: `root/cifar-10-batches-py/{data_batch_1..5,test_batch}`.
 
-    ``x`` ``[n, 3, 32, 32]`` in [0, 1]; train order is torchvision's (the official C-scores' order).
+    The batch files are read with an unpickler that accepts numpy arrays only.
+
+    Args:
+        root: the folder holding `cifar-10-batches-py`.
+        split: `"train"` (50000 images, torchvision's order: the official C-scores' order) or `"test"`.
+
+    Returns:
+        The [Dataset][lazyhasty.data.Dataset]: `x` `[n, 3, 32, 32]` in [0, 1], labels 0-9.
+
+    Raises:
+        ValueError: an unknown `split`, or a malformed batch file.
+        FileNotFoundError: no batch files under `root`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -198,10 +243,23 @@ def _pick(n: int, max_examples: int | None, seed: int) -> np.ndarray:
 
 def celeba(root: str | os.PathLike, split: str = "train", *, image_size: int = 64,
            max_examples: int | None = None, seed: int = 0) -> Dataset:
-    """CelebA, task "blond" (``Blond_Hair``), group: gender (``Male``); the paper's spurious setup.
+    """CelebA, task "blond" (`Blond_Hair`), group: gender (`Male`); the paper's spurious setup.
 
-    Layout: ``root/list_attr_celeba.txt``, ``root/list_eval_partition.txt``, ``root/img_align_celeba/*.jpg``
-    (``root/celeba/...`` also accepted). Metadata: ``male`` (bool) and ``groups`` = 2 blond + male.
+    Args:
+        root: `root/list_attr_celeba.txt`, `root/list_eval_partition.txt`, `root/img_align_celeba/*.jpg`
+            (`root/celeba/...` also accepted).
+        split: `"train"`, `"valid"` or `"test"`.
+        image_size: images are resized to `[3, image_size, image_size]`.
+        max_examples: keep at most this many random examples of the split.
+        seed: which examples `max_examples` keeps.
+
+    Returns:
+        The [Dataset][lazyhasty.data.Dataset], with metadata `male` (bool) and `groups` = 2 blond + male.
+
+    Raises:
+        ValueError: an unknown `split`, or a malformed attribute / partition file.
+        FileNotFoundError: the files are missing.
+        ImportError: Pillow is not installed.
     """
     splits = {"train": 0, "valid": 1, "test": 2}
     if split not in splits:
@@ -236,10 +294,24 @@ def celeba(root: str | os.PathLike, split: str = "train", *, image_size: int = 6
 
 def waterbirds(root: str | os.PathLike, split: str = "train", *, image_size: int = 64,
                max_examples: int | None = None, seed: int = 0) -> Dataset:
-    """Waterbirds (Sagawa et al. 2020): ``root/metadata.csv`` (img_filename, y, split, place) + images.
+    """Waterbirds (Sagawa et al. 2020): `root/metadata.csv` (img_filename, y, split, place) + images.
 
-    Label 1 = water bird; metadata ``place`` (1 = water background) and ``groups`` = 2 y + place;
-    ``spurious`` = (y == place), the with-spurious-correlation examples.
+    Args:
+        root: the folder holding `metadata.csv` and the images.
+        split: `"train"`, `"valid"` or `"test"`.
+        image_size: images are resized to `[3, image_size, image_size]`.
+        max_examples: keep at most this many random examples of the split.
+        seed: which examples `max_examples` keeps.
+
+    Returns:
+        The [Dataset][lazyhasty.data.Dataset]: label 1 = water bird; metadata `place` (1 = water
+        background), `groups` = 2 y + place and `spurious` = (y == place), the with-spurious-correlation
+        examples.
+
+    Raises:
+        ValueError: an unknown `split`, or `metadata.csv` without the needed columns.
+        FileNotFoundError: the files are missing.
+        ImportError: Pillow is not installed.
     """
     import csv
 

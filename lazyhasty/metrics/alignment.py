@@ -41,18 +41,28 @@ def _check_gram(K: torch.Tensor, name: str) -> None:
 
 
 def kernel_alignment(K1: torch.Tensor, K2: torch.Tensor, *, centered: bool = False) -> float:
-    """Kernel alignment ``Tr[K1 K2] / (|K1|_F |K2|_F)`` of two symmetric Gram matrices, exactly.
+    """Kernel alignment `Tr[K1 K2] / (|K1|_F |K2|_F)` of two symmetric Gram matrices, exactly.
 
-    K1, K2: ``[n, n]`` or ``[n, k, n, k]`` (flattened to ``[nk, nk]``), same shape. ``centered=True``
-    uses ``H K H`` with ``H = I - 11^T / n`` over examples (CKA). The sums are error-free in float64
-    (:mod:`lazyhasty._exact`), so the result is within ~1e-15 of the exact value of the given
-    entries even when the centred kernels are 1e-4 of the uncentred ones; a centred kernel that is zero
-    to the inputs' working precision (duplicated rows, one example) is an error, not a number. The result
-    lies in ``[-1, 1]``.
+    `centered=True` uses `H K H` with `H = I - 11^T / n` over examples (CKA). The sums are error-free in
+    float64 (`lazyhasty._exact`), so the result is within ~1e-15 of the exact value of the given entries even
+    when the centred kernels are 1e-4 of the uncentred ones.
 
-    >>> f = torch.randn(5, 3)
-    >>> kernel_alignment(f @ f.T, 2 * f @ f.T)   # invariant to scale
-    1.0
+    Args:
+        K1: `[n, n]` or `[n, k, n, k]` (flattened to `[nk, nk]`) Gram matrix.
+        K2: the other Gram matrix, the same shape as `K1`.
+        centered: centre both kernels over examples first (centred kernel alignment, CKA).
+
+    Returns:
+        The alignment, in `[-1, 1]`.
+
+    Raises:
+        ValueError: the kernels are not square and symmetric, differ in shape, hold NaN/inf, or a centred
+            kernel is zero to the inputs' working precision (duplicated rows, one example).
+
+    Example:
+        >>> f = torch.randn(5, 3, dtype=torch.float64)
+        >>> round(kernel_alignment(f @ f.T, 2 * f @ f.T), 12)   # invariant to scale
+        1.0
     """
     _check_gram(K1, "K1")
     _check_gram(K2, "K2")
@@ -86,26 +96,49 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
                              where: str | None = None, centered: bool = False,
                              dtype: torch.dtype | None = None, gram: str = "examples",
                              process_group=None) -> float:
-    """Kernel alignment of the representation Gram matrices of ``model`` and ``reference`` over all examples.
+    """Kernel alignment of the representation Gram matrices of `model` and `reference` over all examples.
 
-    phi(x) (flattened to ``[d]``) is, by default, the input of the last ``nn.Linear`` in
-    ``model.modules()`` order (the paper's "last non-softmax layer"); with ``layer=`` (a module of
-    ``model`` or its qualified name) it is that module's output (``where="input"`` for its input).
-    ``K[i, j] = phi(x_i) . phi(x_j)``; returns ``Tr[K_t K_0] / (|K_t|_F |K_0|_F)`` computed from ``d x d``
-    accumulators (exact for any batching, memory independent of n). ``centered=True`` centres the
-    features over the whole probe set (linear CKA): each batch is centred on its own mean and the
-    co-moments merged (no large sum minus a large correction), so it stays exact when the features
-    vary by 1e-4 of their size; identical representations (one example) are an error.
-    ``gram="examples"`` (default) aligns the ``n x n`` example Grams (the paper's text); ``"features"``
-    the ``d x d`` feature Grams ``Phi^T Phi`` (what the authors' code computed): the two agree at init
-    and differ once the features rotate (the feature Gram ignores which example carries which feature). ``dtype``: per-batch GEMM precision (default fp32,
-    fp64 for fp64 features); cross-batch sums are float64. Both models run in eval mode.
+    `phi(x)` (flattened to `[d]`) is, by default, the input of the last `nn.Linear` in `model.modules()`
+    order (the paper's "last non-softmax layer"). With `K[i, j] = phi(x_i) . phi(x_j)` it returns
+    `Tr[K_t K_0] / (|K_t|_F |K_0|_F)`, computed from `d x d` accumulators: exact for any batching, memory
+    independent of n. `gram="examples"` aligns the `n x n` example Grams (the paper's text); `"features"` the
+    `d x d` feature Grams `Phi^T Phi` (what the authors' code computed): the two agree at init and differ once
+    the features rotate (the feature Gram ignores which example carries which feature). Both models run in eval
+    mode.
 
-        ra = representation_alignment(model, probe_loader, init_state_dict)   # 1.0 at init
+    Args:
+        model: the network now.
+        loader: the probe examples: a tensor `[n, ...]`, or an iterable of batches.
+        reference: the network at init (a module or its state dict); `None` for an
+            [AlphaScaled][lazyhasty.regimes.AlphaScaled] / [Linearized][lazyhasty.regimes.Linearized] model,
+            whose init it is.
+        layer: a module of `model` or its qualified name: its output is `phi` (default: the input of the
+            last `nn.Linear`).
+        where: `"input"` or `"output"` of `layer` (default: `"output"` when `layer` is given, the input of
+            the last `nn.Linear` otherwise).
+        centered: centre the features over the whole probe set (linear CKA). Each batch is centred on its own
+            mean and the co-moments merged (no large sum minus a large correction), so it stays exact when the
+            features vary by 1e-4 of their size; identical representations (one example) are an error.
+        dtype: per-batch GEMM precision (default fp32, fp64 for fp64 features); cross-batch sums are float64.
+        gram: `"examples"` (default) or `"features"`, as above.
+        process_group: a `torch.distributed` group (or `"world"`): each rank passes its own shard (possibly
+            empty) and gets the alignment over the union, the same on every rank (the `d x d` moments are
+            merged in rank order; centred ones with Chan's update). See `lazyhasty._dist`.
 
-    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard (possibly
-    empty) and gets the alignment over the union, the same on every rank (the ``d x d`` moments are merged
-    in rank order; centred ones with Chan's update). See :mod:`lazyhasty._dist`.
+    Returns:
+        The alignment, 1.0 at init.
+
+    Raises:
+        ValueError: `gram` is neither value, `layer` did not run or runs several times per forward, or the
+            `d x d` accumulators would exceed 4 GiB (choose a pooled layer).
+
+    Example:
+        >>> import copy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(32, 4)
+        >>> init = copy.deepcopy(net).state_dict()
+        >>> round(representation_alignment(net, x, init), 6)   # 1.0 at init
+        1.0
     """
     if gram not in ("examples", "features"):
         raise ValueError(f"gram must be 'examples' or 'features', got {gram!r}")
@@ -173,14 +206,28 @@ def representation_alignment(model: nn.Module, loader, reference=None, *, layer:
 
 
 def target_alignment(K: torch.Tensor, y: torch.Tensor, *, centered: bool = False, groups=None):
-    """Kernel-target alignment ``KA(K, Y Y^T)`` (Cristianini et al. 2001; Baratin et al. 2021).
+    """Kernel-target alignment `KA(K, Y Y^T)` (Cristianini et al. 2001; Baratin et al. 2021).
 
-    K: ``[n, n]`` or ``[n, k, n, k]``; y: ``[n]`` class indices (one-hot ``Y`` ``[n, C]``; for a full kernel
-    C must be k), ``[n, k]`` targets, or ``[n]`` real targets. groups: an ``[n]`` boolean mask or integer
-    group labels: then ``{group: KA of the group's sub-kernel with its targets}`` (a mask gives
-    ``{True: ..., False: ...}``). Exact sums as :func:`kernel_alignment`.
+    Exact sums as [kernel_alignment][lazyhasty.metrics.kernel_alignment].
 
-    >>> target_alignment(ntk_gram(model, x, kernel="trace"), labels)   # how much the NTK "sees" the labels
+    Args:
+        K: `[n, n]` or `[n, k, n, k]` kernel.
+        y: `[n]` class indices (one-hot `Y` `[n, C]`; for a full kernel C must be k), `[n, k]` targets, or
+            `[n]` real targets.
+        centered: centre the kernel and the targets' kernel over examples (CKA).
+        groups: an `[n]` boolean mask or integer group labels.
+
+    Returns:
+        The alignment; with `groups`, `{group: KA of the group's sub-kernel with its targets}` (a mask gives
+        `{True: ..., False: ...}`).
+
+    Raises:
+        ValueError: `y` or `groups` has not n rows, class labels out of range, or a full kernel with targets
+            of another width.
+
+    Example:
+        >>> K = ntk_gram(model, x, kernel="trace")   # [n, n]
+        >>> target_alignment(K, labels)              # how much the NTK "sees" the labels
     """
     _check_gram(K, "K")
     n = K.shape[0]

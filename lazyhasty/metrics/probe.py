@@ -19,17 +19,23 @@ from .signs import SignPatterns, _BatchWords, _Pass, _reduce
 class LinearityProbe:
     """The init model's side of the no-grad linearity probes, captured once on a fixed probe set.
 
-    ``capture`` keeps the reference's packed ReLU sign patterns and its representation features
-    ``[n, d]``; ``measure(model)`` then runs the model once per batch, with both hooks on, and returns
-    ``{"sign_similarity", "repr_alignment"}`` (the same numbers as :func:`sign_similarity` and
-    :func:`representation_alignment`, without rerunning the reference or the model twice), and
-    ``"ntk_alignment"`` when captured with ``ntk=`` (the reference's kernel is formed once).
+    `capture` keeps the reference's packed ReLU sign patterns and its representation features `[n, d]`;
+    `measure(model)` then runs the model once per batch, with both hooks on, and returns
+    `{"sign_similarity", "repr_alignment"}` (the same numbers as
+    [sign_similarity][lazyhasty.metrics.sign_similarity] and
+    [representation_alignment][lazyhasty.metrics.representation_alignment], without rerunning the reference or
+    the model twice), and `"ntk_alignment"` when captured with `ntk=` (the reference's kernel is formed once).
 
-        >>> probe = LinearityProbe.capture(model_at_init, probe_x)
-        >>> probe.measure(model)     # every logging step
+    `capture(..., process_group=group)`: each rank passes its own shard of the probe set (possibly empty);
+    `measure` returns the values over the union, the same on every rank (see `lazyhasty._dist`).
 
-    ``capture(..., process_group=group)``: each rank passes its own shard of the probe set (possibly empty);
-    ``measure`` returns the values over the union, the same on every rank (see :mod:`lazyhasty._dist`).
+    Example:
+        >>> import copy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> probe_x = torch.randn(32, 4)
+        >>> probe = LinearityProbe.capture(copy.deepcopy(net), probe_x)
+        >>> sorted(probe.measure(net))     # every logging step
+        ['repr_alignment', 'sign_similarity']
     """
 
     def __init__(self, x: torch.Tensor, batch_size: int, signs: SignPatterns | None, layer_name: str, where: str,
@@ -47,13 +53,35 @@ class LinearityProbe:
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
                 trainable=None, process_group=None, dtype: torch.dtype | None = None,
                 ntk_options: dict | None = None) -> "LinearityProbe":
-        """ntk: ``"trace"`` or ``"full"`` also captures the reference's tangent kernel
-        (:class:`lazyhasty.ntk.NTKReference`, over the parameters named in ``trainable``, default the
-        reference's trainable ones), and ``measure`` then adds ``"ntk_alignment"``; ``ntk_options`` are passed
-        to :meth:`lazyhasty.ntk.NTKReference.capture` (``output``, ``dtype``, ``block_size``, ...). The reference
-        runs in eval mode; its modes, buffers and the RNG states are restored after
-        (:func:`lazyhasty._modes.measuring`). ``dtype``: the per-batch precision of the representation Gram
-        products (default fp32, fp64 for fp64 features; sums are float64)."""
+        """Run the reference once over the probe set and keep what the probes compare against.
+
+        The reference runs in eval mode; its modes, buffers and the RNG states are restored after
+        (`lazyhasty._modes.measuring`).
+
+        Args:
+            reference: the model at init (an `nn.Module`).
+            x: the probe inputs `[n, ...]`, a non-empty tensor (a rank's shard may be empty).
+            layer: the representation layer (a module of `reference` or its qualified name); default the input
+                of the last `nn.Linear`.
+            where: `"input"` or `"output"` of `layer` (default `"output"` when `layer` is given).
+            modules: only these ReLU modules for the sign similarity.
+            batch_size: examples per forward.
+            backend: the sign-packing backend.
+            ntk: `"trace"` or `"full"` also captures the reference's tangent kernel
+                ([NTKReference][lazyhasty.ntk.NTKReference]), and `measure` then adds `"ntk_alignment"`.
+            trainable: names of the parameters the kernel is over (default the reference's trainable ones).
+            process_group: a `torch.distributed` group (or `"world"`): each rank passes its own shard.
+            dtype: the per-batch precision of the representation Gram products (default fp32, fp64 for fp64
+                features; sums are float64).
+            ntk_options: passed to [NTKReference.capture][lazyhasty.ntk.NTKReference.capture] (`output`,
+                `dtype`, `block_size`, ...).
+
+        Returns:
+            The captured [LinearityProbe][lazyhasty.metrics.LinearityProbe].
+
+        Raises:
+            ValueError: `x` is not a non-empty tensor, or `layer` does not run exactly once per forward.
+        """
         with measuring(reference):
             probe = cls._capture(reference, x, layer=layer, where=where, modules=modules, batch_size=batch_size,
                                  backend=backend, ntk=ntk, trainable=trainable, process_group=process_group,
@@ -101,9 +129,19 @@ class LinearityProbe:
 
     @torch.no_grad()
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
-        """The probes of ``model`` against the captured reference: ``{"sign_similarity", "repr_alignment"}``
-        (and ``"ntk_alignment"``, ``"ntk_rel_change"`` when captured with ``ntk=``), measured in eval mode;
-        the model's modes, buffers and the RNG states are restored after."""
+        """The probes of `model` against the captured reference, measured in eval mode.
+
+        The model's modes, buffers and the RNG states are restored after.
+
+        Args:
+            model: the network now, of the reference's architecture.
+            backend: the sign-comparison backend.
+            centered: centre the representations (linear CKA).
+
+        Returns:
+            `{"sign_similarity", "repr_alignment"}` floats (and `"ntk_alignment"`, `"ntk_rel_change"` when
+            captured with `ntk=`).
+        """
         from .. import _dist
 
         with _dist.failing_together(self.group, "LinearityProbe.measure"), measuring(model):

@@ -1,8 +1,9 @@
 """ReLU sign similarity: the fraction of (example, unit) pairs whose on/off status is unchanged since init.
 
 The hot path packs each ReLU site's signs into 32-bit words and compares them by XOR + popcount
-(:mod:`lazyhasty.ops.signs`), so a probe set costs ``n * units / 8`` bytes, not ``n * units`` booleans,
-and the stateful :class:`SignPatterns` keeps the init model's words so it is not rerun at every log.
+(`lazyhasty.ops.signs`: [pack_signs][lazyhasty.ops.pack_signs], [sign_mismatch][lazyhasty.ops.sign_mismatch]),
+so a probe set costs `n * units / 8` bytes, not `n * units` booleans, and the stateful
+[SignPatterns][lazyhasty.metrics.SignPatterns] keeps the init model's words so it is not rerun at every log.
 """
 from __future__ import annotations
 
@@ -140,20 +141,25 @@ def _fingerprint(x: torch.Tensor) -> torch.Tensor:
 class SignPatterns:
     """Packed ReLU sign patterns of a reference model (the model at init) on a fixed probe set.
 
-    Capture once, compare at every logging step without rerunning the reference::
+    Capture once, compare at every logging step without rerunning the reference. The probe loader must yield
+    the same examples in the same order each time: a hash of every example's bits (dtype, shape, each value in
+    order) is stored and checked, so a flipped, permuted or otherwise changed input is an error naming the
+    example.
 
-        init = SignPatterns.capture(model_at_init, probe_loader)      # n * units / 8 bytes
-        ...
-        s = init.similarity(model, probe_loader)                      # float in [0, 1]
+    `capture(..., process_group=group)`: each rank captures its own shard of the probe set (possibly empty)
+    and keeps its words; `similarity` then returns the value over the union, the same on every rank
+    (`reduction="none"`: the rank's own examples). See `lazyhasty._dist`.
 
-    The probe loader must yield the same examples in the same order each time: a hash of every example's
-    bits (dtype, shape, each value in order) is stored and checked, so a flipped, permuted or otherwise
-    changed input is an error naming the example. ``bits[k]`` is ``[n, ceil(units[k] / 32)]`` int32 for site
-    ``sites[k]`` (a module name, with ``#j`` for the j-th extra call of a module called several times).
+    Attributes:
+        sites: the sign sites, each a module name (with `#j` for the j-th extra call of a module called
+            several times; `"owner:relu"` for a functional ReLU).
+        units: the number of units of each site.
+        bits: `bits[k]` is `[n, ceil(units[k] / 32)]` int32, the packed signs of site `sites[k]`.
+        fingerprints: `[n, 2]` int64 hashes of the probe examples.
 
-    ``capture(..., process_group=group)``: each rank captures its own shard of the probe set (possibly
-    empty) and keeps its words; ``similarity`` then returns the value over the union, the same on every
-    rank (``reduction="none"``: the rank's own examples). See :mod:`lazyhasty._dist`.
+    Example:
+        >>> init = SignPatterns.capture(model_at_init, probe_loader)   # n * units / 8 bytes
+        >>> init.similarity(model, probe_loader)                       # float in [0, 1]
     """
 
     def __init__(self, module_names: list[str], sites: list[str], units: list[int], bits: list[torch.Tensor],
@@ -178,7 +184,23 @@ class SignPatterns:
     @torch.no_grad()
     def capture(cls, reference: nn.Module, loader, *, modules: Sequence[nn.Module | str] | None = None,
                 backend: str | None = None, process_group=None) -> "SignPatterns":
-        """Run ``reference`` (eval mode) over ``loader`` and keep its packed sign patterns."""
+        """Run `reference` (eval mode) over `loader` and keep its packed sign patterns.
+
+        Args:
+            reference: the model at init (an `nn.Module`; a state dict has no forward pass).
+            loader: the probe examples: a tensor `[n, ...]` or an iterable of batches, the same each time.
+            modules: only these ReLU modules (modules of `reference` or qualified names); default every
+                `nn.ReLU` and functional ReLU call.
+            backend: the sign-packing backend (default: chosen by `lazyhasty._backend.select`).
+            process_group: a `torch.distributed` group (or `"world"`): each rank captures its own shard.
+
+        Returns:
+            The captured [SignPatterns][lazyhasty.metrics.SignPatterns].
+
+        Raises:
+            TypeError: `reference` is not an `nn.Module`.
+            ValueError: the sign sites changed between batches.
+        """
         from .. import _dist
 
         group = _dist.resolve(process_group)
@@ -236,10 +258,20 @@ class SignPatterns:
 
     @torch.no_grad()
     def similarity(self, model: nn.Module, loader, *, reduction: str = "mean", backend: str | None = None):
-        """Sign similarity of ``model`` with the captured reference on the same probe set.
+        """Sign similarity of `model` with the captured reference on the same probe set.
 
-        ``reduction="mean"``: a float, matching units over all ``n * sum(units)`` pairs.
-        ``reduction="none"``: ``[n]`` float64, per-example fraction of matching units.
+        Args:
+            model: the network now, of the reference's architecture.
+            loader: the same probe examples, in the same order, as at capture.
+            reduction: `"mean"`: a float, matching units over all `n * sum(units)` pairs; `"none"`: `[n]`
+                float64, the per-example fraction of matching units.
+            backend: the sign-comparison backend (default: chosen by `lazyhasty._backend.select`).
+
+        Returns:
+            A float in `[0, 1]`, or an `[n]` tensor for `reduction="none"`.
+
+        Raises:
+            ValueError: `reduction` is neither value, or the probe examples differ from the captured ones.
         """
         if reduction not in ("mean", "none"):
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
@@ -301,19 +333,35 @@ def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequen
                     reduction: str = "mean", backend: str | None = None, process_group=None):
     """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.
 
-    Pooled over all units of all ReLUs of ``model``: ``nn.ReLU`` modules and functional ``F.relu`` /
-    ``torch.relu`` / ``Tensor.relu`` / ``clamp(min=0)`` calls (sites ``"owner:relu"``) — or only the
-    ``modules`` given (modules of ``model`` or qualified names). ``reference`` is the model at init: a module of the same architecture or
-    its state_dict. Both run in eval mode under ``torch.no_grad`` on each batch, so any loader works,
-    shuffled or not. ``reduction="none"`` gives ``[n]`` per-example similarities.
+    `1 - sum_i sum_u [sign(h_u(x_i)) != sign(h0_u(x_i))] / (n U)`, where `sign` means `> 0`, pooled over all
+    units of all ReLUs of `model`: `nn.ReLU` modules and functional `F.relu` / `torch.relu` / `Tensor.relu` /
+    `clamp(min=0)` calls (sites `"owner:relu"`). Both models run in eval mode under `torch.no_grad` on each
+    batch, so any loader works, shuffled or not.
 
-        s = sign_similarity(model, probe_loader, init_state_dict)    # 1.0 at init, lower as ReLUs flip
+    Args:
+        model: the network now.
+        loader: the probe examples: a tensor `[n, ...]` or an iterable of batches.
+        reference: the model at init: a module of the same architecture or its state dict; `None` for an
+            [AlphaScaled][lazyhasty.regimes.AlphaScaled] / [Linearized][lazyhasty.regimes.Linearized] model.
+        modules: only these ReLU modules (modules of `model` or qualified names).
+        reduction: `"mean"` (a float) or `"none"` (`[n]` per-example similarities).
+        backend: the sign-packing backend (default: chosen by `lazyhasty._backend.select`).
+        process_group: a `torch.distributed` group (or `"world"`): each rank passes its own shard of the probe
+            set (possibly empty) and gets the similarity over the union, the same on every rank (mismatch
+            counts are summed); `reduction="none"` then gives the rank's own examples. See `lazyhasty._dist`.
 
-    With math: ``1 - sum_i sum_u [sign(h_u(x_i)) != sign(h0_u(x_i))] / (n U)`` where ``sign`` means ``> 0``.
+    Returns:
+        A float in `[0, 1]` (1.0 at init, lower as ReLUs flip), or `[n]` float64 for `reduction="none"`.
 
-    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the probe
-    set (possibly empty) and gets the similarity over the union, the same on every rank (mismatch counts are
-    summed); ``reduction="none"`` then gives the rank's own examples. See :mod:`lazyhasty._dist`.
+    Raises:
+        ValueError: `reduction` is neither value, or the model has no ReLU.
+
+    Example:
+        >>> import copy
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(32, 4)
+        >>> sign_similarity(net, x, copy.deepcopy(net).state_dict())   # 1.0 at init
+        1.0
     """
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
