@@ -128,7 +128,8 @@ def _make_lightning_callback():
         """Log a [`Monitor`][lazyhasty.monitor.Monitor]'s values through Lightning after training batches.
 
         Args:
-            monitor: the Monitor (its reference captured at init).
+            monitor: the Monitor (its reference captured at init), or a function of no arguments returning one,
+                called at the Trainer's ``setup`` (for a ``process_group`` Monitor, which needs the process group).
             get_model: maps the LightningModule to the module measured; default: found by parameter names.
             every_n_steps: log when ``trainer.global_step % every_n_steps == 0`` (instead of the Monitor's own
                 cadence; give one of the two).
@@ -137,24 +138,49 @@ def _make_lightning_callback():
             prog_bar: also show the values in the progress bar. Default False.
             prefix: prepended to every logged name, e.g. ``"lazyhasty/"``. Default ``""``.
 
-        The step is ``trainer.global_step`` (optimizer steps taken). A Monitor with a ``process_group`` is
-        measured on every rank (each its shard; the values are the same on all) and logged on every rank, so
-        ``callback_metrics`` agree and ``EarlyStopping`` decides alike everywhere, while Lightning's loggers
-        write on rank 0 only; a Monitor without one is measured on rank 0 and its values broadcast.
-        ``logged``: ``[(step, values)]`` of this process.
+        The step is ``trainer.global_step`` (optimizer steps taken). Over several processes (``strategy="ddp"``
+        / ``"ddp_spawn"``): a Monitor without a ``process_group`` is measured on rank 0 (its whole probe set) and
+        its values broadcast; a Monitor with one (built after the process group exists: pass ``monitor`` as a
+        function, e.g. ``lambda: Monitor(init, my_shard, process_group="world")``, called at ``setup``) is
+        measured on every rank, each its shard. Either way every rank gets the same values in
+        ``callback_metrics`` (so ``EarlyStopping`` decides alike everywhere), while the loggers and the
+        Monitor's sinks are written on global rank 0 only. A measurement that raises on rank 0 raises on every
+        rank, naming it, instead of leaving the others waiting. ``logged``: ``[(step, values)]`` of this process.
+
+        Example:
+            >>> cb = LazyhastyCallback(Monitor(net_at_init, probe_x), every_n_steps=50, prog_bar=True)
+            >>> L.Trainer(callbacks=[cb], strategy="ddp", devices=2).fit(module, loader)
         """
 
-        def __init__(self, monitor: Monitor, *, get_model: Callable | None = None, every_n_steps: int | None = None,
-                     geometric: float | None = None, loss_key: str = "loss", prog_bar: bool = False,
-                     prefix: str = ""):
+        def __init__(self, monitor: Monitor | Callable[[], Monitor], *, get_model: Callable | None = None,
+                     every_n_steps: int | None = None, geometric: float | None = None, loss_key: str = "loss",
+                     prog_bar: bool = False, prefix: str = ""):
             super().__init__()
-            if not isinstance(monitor, Monitor):
-                raise TypeError(f"monitor must be a lazyhasty.Monitor, got {type(monitor).__name__}")
-            self.monitor, self.get_model, self.loss_key = monitor, get_model, loss_key
+            if not isinstance(monitor, Monitor) and not callable(monitor):
+                raise TypeError("monitor must be a lazyhasty.Monitor or a function returning one (built at setup), "
+                                f"got {type(monitor).__name__}")
+            if every_n_steps is not None and geometric is not None:
+                raise ValueError("give every_n_steps or geometric, not both")
+            self.get_model, self.loss_key = get_model, loss_key
             self.prog_bar, self.prefix = bool(prog_bar), str(prefix)
-            self.schedule = _Schedule(monitor, every_n_steps, geometric)
+            self._cadence = (every_n_steps, geometric)
+            self.monitor, self._make_monitor, self.schedule = None, None, None
+            if isinstance(monitor, Monitor):
+                self._use(monitor)
+            else:
+                self._make_monitor = monitor
             self.logged: list[tuple[int, dict]] = []
             self._measured = None
+
+        def _use(self, monitor):
+            if not isinstance(monitor, Monitor):
+                raise TypeError(f"the monitor function must return a lazyhasty.Monitor, got {type(monitor).__name__}")
+            self.monitor = monitor
+            self.schedule = _Schedule(monitor, *self._cadence)
+
+        def setup(self, trainer, pl_module, stage):
+            if self.monitor is None:  # after the process group exists: a process_group Monitor can be built
+                self._use(self._make_monitor())
 
         def _model(self, pl_module):
             if self.get_model is not None:
@@ -177,10 +203,20 @@ def _make_lightning_callback():
             if not due:
                 return
             if many and not grouped:
-                values = self.monitor.log(self._model(pl_module), step) if trainer.is_global_zero else None
-                values = trainer.strategy.broadcast(values, src=0)
-            else:
-                values = self.monitor.log(self._model(pl_module), step)
+                values = None
+                if trainer.is_global_zero:
+                    try:
+                        values = self.monitor.log(self._model(pl_module), step)
+                    except Exception as exc:  # the others are waiting in the broadcast: tell them, then raise
+                        trainer.strategy.broadcast(("failed", f"{type(exc).__name__}: {exc}"), src=0)
+                        raise
+                values = trainer.strategy.broadcast(("ok", values), src=0)
+                if values[0] == "failed":
+                    raise RuntimeError(f"LazyhastyCallback: the Monitor's measurement at step {step} raised on rank "
+                                       f"0: {values[1]}")
+                values = values[1]
+            else:  # a group Monitor: every rank measures its shard; only rank 0 writes the sinks
+                values = self.monitor.log(self._model(pl_module), step, write=trainer.is_global_zero)
             self.logged.append((step, values))
             named = {self.prefix + k: float(v) for k, v in values.items()}
             # callback_metrics (EarlyStopping, ModelCheckpoint) and the progress bar through Lightning's own
@@ -192,7 +228,13 @@ def _make_lightning_callback():
                 for logger in trainer.loggers:
                     logger.log_metrics(named, step=step)
 
-    return LazyhastyCallback
+    return _importable(LazyhastyCallback)
+
+
+def _importable(cls):
+    """``cls`` under its public name, so that pickle finds it (``ddp_spawn`` pickles the Trainer's callbacks)."""
+    cls.__qualname__, cls.__module__ = cls.__name__, __name__
+    return cls
 
 
 def _make_transformers_callback():
@@ -266,7 +308,7 @@ def _make_transformers_callback():
             if self.schedule.due(int(state.global_step), float(logs["loss"])):
                 self._log(state, model)
 
-    return LazyhastyTrainerCallback
+    return _importable(LazyhastyTrainerCallback)
 
 
 _BUILT: dict = {}

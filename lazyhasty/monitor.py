@@ -127,6 +127,19 @@ class _FileSink:
     def _ensure_open(self) -> None:
         if not self._opened:  # used without a Monitor: the same rules, without a header
             self.open(None)
+        elif getattr(self, "_f", None) is None:  # unpickled in another process: the same run, appended to
+            self._reopen()
+
+    def _reopen(self) -> None:
+        self._f = open(self.path, "a")
+
+    def __getstate__(self) -> dict:
+        # a sink sent to another process (Lightning's ddp_spawn pickles the callbacks) reopens its file there
+        return {k: v for k, v in self.__dict__.items() if k not in ("_f", "_w")}
+
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None and not self._f.closed:
+            self._f.close()
 
 
 class JSONLSink(_FileSink):
@@ -163,10 +176,6 @@ class JSONLSink(_FileSink):
         self._f.flush()
         os.fsync(self._f.fileno())
 
-    def close(self) -> None:
-        if self._opened and not self._f.closed:
-            self._f.close()
-
 
 class CSVSink(_FileSink):
     """A CSV file with a header line; the columns are those of the first row (later new keys are an error).
@@ -187,7 +196,7 @@ class CSVSink(_FileSink):
     def __call__(self, step: int, values: dict) -> None:
         self._ensure_open()
         row = {"step": step, **values}
-        if self._w is None:
+        if getattr(self, "_w", None) is None:
             keys = list(row)
             if self._columns is not None and self._columns != keys:
                 raise ValueError(f"{self.path} has the columns {self._columns}, but these rows have {keys}: a CSV "
@@ -202,9 +211,8 @@ class CSVSink(_FileSink):
         self._w.writerow(row)
         self._f.flush()
 
-    def close(self) -> None:
-        if self._opened and not self._f.closed:
-            self._f.close()
+    def _reopen(self) -> None:
+        self._f, self._w = open(self.path, "a", newline=""), None
 
 
 def _flat_hparams(header: dict) -> dict:
@@ -669,12 +677,14 @@ class Monitor:
             den += float(p0.double().pow(2).sum())
         return (num / den) ** 0.5 if den > 0 else float("nan")
 
-    def log(self, model: nn.Module, step: int) -> dict:
+    def log(self, model: nn.Module, step: int, *, write: bool = True) -> dict:
         """Measure, hand the values to every sink, and return them.
 
         Args:
             model: as for [`measure`][lazyhasty.monitor.Monitor.measure].
             step: the training step the row is filed under.
+            write: hand the row to the sinks. Default True; False on the ranks other than the one that writes
+                (a ``process_group`` Monitor measures on every rank, together).
 
         Returns:
             [`measure`][lazyhasty.monitor.Monitor.measure]'s values plus ``probe_seconds`` (this measurement's
@@ -690,7 +700,7 @@ class Monitor:
         elapsed = measured - self._clock_start
         values["probe_seconds"] = cost
         values["probe_overhead"] = (self._probe_seconds + cost) / elapsed if elapsed > 0 else 1.0
-        for s in self.sinks:
+        for s in self.sinks if write else ():
             s(int(step), values)
         end = time.perf_counter()
         self._probe_seconds += end - start

@@ -247,3 +247,125 @@ def test_examples_run_at_a_small_size(example, needs, monkeypatch):
     else:
         assert [h["step"] for h in ns["history"]] == [1, 2, 3, 4]
         assert ns["monitor"].header["probe_examples"] == 8
+
+
+def _ddp_run(tmp_path, strategy, mode):
+    """tests/lightning_ddp_run.py over 2 CPU processes (gloo), in a subprocess bounded in time (a hang fails)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("lightning", reason="pip install lightning")
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(root / "tests" / "lightning_ddp_run.py"), str(tmp_path), strategy, mode],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy,mode", [("ddp_spawn", "rank0"), ("ddp", "group")])
+def test_lightning_callback_over_two_processes(tmp_path, strategy, mode):
+    """Both ranks get the same values (rank 0's whole probe set broadcast, or each rank's half over the group),
+    equal to one process measuring the same model on the whole probe set; only rank 0 writes the logger's and
+    the Monitor's files."""
+    import csv
+
+    proc = _ddp_run(tmp_path, strategy, mode)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [json.loads((tmp_path / f"logged-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["world_size"] for s in seen] == [2, 2]
+    metrics = ("ntk_alignment", "sign_similarity", "repr_alignment", "param_distance")
+    logged = [{step: {k: v[k] for k in metrics} for step, v in s["logged"]} for s in seen]
+    assert sorted(logged[0]) == [2, 4] and logged[0].keys() == logged[1].keys()
+    for step in logged[0]:
+        for k in metrics:
+            assert logged[1][step][k] == pytest.approx(logged[0][step][k], rel=1e-12, abs=1e-12)
+    assert seen[0]["callback_metrics"] == seen[1]["callback_metrics"]  # EarlyStopping decides alike
+    assert set(seen[0]["callback_metrics"]) == set(metrics)
+
+    # one process, the same model states, the whole probe set
+    sys.path.insert(0, str(tmp_path.parent))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lightning_ddp_run", __file__.replace("test_integrations.py",
+                                                                                        "lightning_ddp_run.py"))
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    x, _ = run.data()
+    one = Monitor(run.net(), x, metrics=metrics)
+    for step in (2, 4):
+        states = [torch.load(tmp_path / f"state-{step}-rank{r}.pt") for r in (0, 1)]
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # DDP kept the ranks in step
+        net = run.net()
+        net.load_state_dict(states[0])
+        want = one.measure(net)
+        for k in metrics:
+            assert logged[0][step][k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), (step, k)
+        assert want["ntk_alignment"] < 1.0
+
+    rows = [json.loads(r) for r in (tmp_path / "mon-rank0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    rank1 = tmp_path / "mon-rank1.jsonl"  # the group Monitor's sink on rank 1: never written
+    assert not rank1.exists() or rank1.read_text() == ""
+    tables = list(tmp_path.rglob("metrics.csv"))
+    assert len(tables) == 1  # one logger directory: rank 0's
+    table = list(csv.DictReader(open(tables[0])))
+    assert [int(r["step"]) for r in table if r.get("ntk_alignment")] == [2, 4]  # each step once
+    assert float(table[-1]["ntk_alignment"]) == pytest.approx(logged[0][4]["ntk_alignment"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_lightning_callback_failure_on_rank_zero_raises_on_every_rank(tmp_path):
+    """A measurement that raises on rank 0 (which measures for all) raises on rank 1 too, naming it, instead of
+    leaving rank 1 in the broadcast until the group's timeout."""
+    proc = _ddp_run(tmp_path, "ddp", "fail")
+    assert proc.returncode != 0
+    assert "a model that cannot be measured" in (tmp_path / "error-rank0.txt").read_text()
+    other = (tmp_path / "error-rank1.txt").read_text()
+    assert "raised on rank 0" in other and "a model that cannot be measured" in other
+    assert not (tmp_path / "mon-rank0.jsonl").read_text()  # no row for the failed measurement
+
+
+def test_file_sinks_survive_pickling_into_another_process(tmp_path):
+    """Lightning's ddp_spawn pickles the callbacks, Monitor and sinks included: an open file sink pickles and
+    goes on appending to the same run (a file handle could not be pickled before)."""
+    import pickle
+
+    from lazyhasty.monitor import CSVSink, JSONLSink
+
+    x, _ = _data(8)
+    net = _net()
+    mon = Monitor(copy.deepcopy(net), x, metrics=("ntk_alignment",),
+                  sinks=[tmp_path / "m.jsonl", CSVSink(tmp_path / "m.csv")])
+    mon.log(net, 0)
+    twin = pickle.loads(pickle.dumps(mon))
+    twin.log(net, 1)
+    twin.close()
+    mon.close()
+    assert [json.loads(r)["step"] for r in (tmp_path / "m.jsonl").read_text().splitlines()] == [0, 1]
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines[0].split(",")[0] == "step" and [ln.split(",")[0] for ln in lines[1:]] == ["0", "1"]
+    assert isinstance(twin.sinks[0], JSONLSink)
+
+
+def test_lightning_callback_class_pickles():
+    pytest.importorskip("lightning", reason="pip install lightning")
+    import pickle
+
+    from lazyhasty.integrations import LazyhastyCallback
+
+    x, _ = _data(8)
+    cb = pickle.loads(pickle.dumps(LazyhastyCallback(Monitor(_net(), x), every_n_steps=2)))
+    assert type(cb) is LazyhastyCallback and cb.monitor.every == 2
+
+
+def test_monitor_log_write_false_leaves_the_sinks_alone(tmp_path):
+    x, _ = _data(8)
+    net = _net()
+    mon = Monitor(copy.deepcopy(net), x, metrics=("ntk_alignment",), sinks=[tmp_path / "m.jsonl"])
+    values = mon.log(net, 0, write=False)
+    mon.close()
+    assert "ntk_alignment" in values and (tmp_path / "m.jsonl").read_text() == ""
