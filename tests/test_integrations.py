@@ -369,3 +369,88 @@ def test_monitor_log_write_false_leaves_the_sinks_alone(tmp_path):
     values = mon.log(net, 0, write=False)
     mon.close()
     assert "ntk_alignment" in values and (tmp_path / "m.jsonl").read_text() == ""
+
+
+def _geometric_steps(losses, q):
+    """The steps the paper's logging picks: the first loss (L0), then each first loss below L0 q^m."""
+    steps, L0, m = [], None, 1
+    for step, loss in losses:
+        if L0 is None:
+            L0 = loss
+            steps.append(step)
+        elif loss < L0 * q ** m:
+            while loss < L0 * q ** m:
+                m += 1
+            steps.append(step)
+    return steps
+
+
+def _learnable(n=48):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 3, generator=g)
+    return x, (x @ torch.randn(3, 4, generator=g)).argmax(1)  # a loss that falls through several levels
+
+
+def test_lightning_callback_geometric_logs_at_the_loss_levels(tmp_path):
+    L = pytest.importorskip("lightning", reason="pip install lightning")
+    from lazyhasty.integrations import LazyhastyCallback
+
+    x, y = _learnable()
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def training_step(self, batch, idx):
+            return {"loss": nn.functional.cross_entropy(self.net(batch[0]), batch[1])}
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    class Losses(L.Callback):
+        seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen.append((trainer.global_step, float(outputs["loss"])))
+
+    module, losses = Module(), Losses()
+    cb = LazyhastyCallback(Monitor(copy.deepcopy(module.net), x, metrics=("ntk_alignment",)), geometric=0.8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=48)
+    L.Trainer(max_steps=25, logger=False, callbacks=[cb, losses], enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu").fit(module, loader)
+    want = _geometric_steps(losses.seen, 0.8)
+    assert len(want) >= 3  # the loss fell through at least two levels
+    assert [s for s, _ in cb.logged] == want
+    with pytest.raises(ValueError, match="not both"):
+        LazyhastyCallback(Monitor(_net(), x, metrics=("ntk_alignment",)), geometric=0.8, every_n_steps=2)
+
+
+def test_trainer_callback_geometric_logs_at_the_reported_loss_levels(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    from lazyhasty.integrations import LazyhastyTrainerCallback
+
+    x, y = _learnable()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
+
+    model = Model()
+    cb = LazyhastyTrainerCallback(Monitor(copy.deepcopy(model.net), x, metrics=("ntk_alignment",)), geometric=0.8)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=25, per_device_train_batch_size=48,
+                                          learning_rate=0.5, logging_steps=1, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, optim="sgd", lr_scheduler_type="constant")
+    trainer = transformers.Trainer(model=model, args=args, callbacks=[cb],
+                                   train_dataset=[{"x": x[i], "labels": y[i]} for i in range(len(x))])
+    trainer.train()
+    reported = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and "ntk_alignment" not in h]
+    want = _geometric_steps(reported, 0.8)
+    assert len(want) >= 3
+    assert [s for s, _ in cb.logged] == want
+    assert [h["step"] for h in trainer.state.log_history if "ntk_alignment" in h] == want

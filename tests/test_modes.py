@@ -126,6 +126,16 @@ def test_a_model_random_in_eval_mode_is_still_refused():
         def forward(self, x):
             return nn.functional.dropout(self.lin(x), 0.5, training=True)  # random whatever the mode
 
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y - y.mean(0)  # mixes the examples of a batch whatever the mode
+
     x, _ = _data()
-    with pytest.raises(ValueError):
-        Monitor(Noisy(), x, metrics=("ntk_alignment",))
+    for model in (Noisy(), Mixing()):
+        with pytest.raises(ValueError, match="depends on the other examples"):
+            Monitor(model, x, metrics=("ntk_alignment",))
