@@ -78,7 +78,7 @@ def iter_inputs(loader, device: torch.device | str | None = None, allow_empty: b
 
 def all_inputs(loader, device: torch.device | str | None = None) -> torch.Tensor:
     """Every input of ``loader`` as one ``[n, ...]`` tensor (an empty loader is an error, as in iter_inputs)."""
-    xs = list(iter_inputs(loader, device))
+    xs = list(iter_inputs(loader, device, same_shape=True))  # torch.cat would promote mixed dtypes silently
     return torch.cat(xs) if len(xs) > 1 else xs[0]
 
 

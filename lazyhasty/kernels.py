@@ -338,7 +338,9 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
         >>> res.converged, float(res.residuals.max()) <= 1e-10
         (True, True)
     """
-    from ._loaders import all_inputs, model_device
+    from ._loaders import all_inputs, model_device, model_inputs
+    from ._modes import measuring
+    from ._validate import check_model_inputs
     from .ntk import ntk_gram
 
     if kernel not in ("trace", "full"):
@@ -349,9 +351,11 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
         raise ValueError(f"tol must be a number > 0, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    x = all_inputs(loader, model_device(model))
+    check_model_inputs(None, model=model)
+    x = model_inputs(all_inputs(loader, model_device(model)), model)
+    check_model_inputs(x, model=model)
     n = x.shape[0]
-    with torch.no_grad():
+    with torch.no_grad(), measuring(model):
         k = int(model(x[:1]).reshape(1, -1).shape[1])
     N = n if kernel == "trace" else n * k
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= N:
@@ -417,6 +421,9 @@ def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **nt
         torch.Size([10, 10])
     """
     from ._loaders import all_inputs, model_device
+    from ._validate import check_model_inputs
     from .ntk import KernelOperator
+
+    check_model_inputs(None, model=model)
 
     return KernelOperator(model, all_inputs(loader, model_device(model)), kernel=kernel, **ntk_options)(Q)

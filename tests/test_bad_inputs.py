@@ -285,3 +285,168 @@ def test_predict_refuses_test_inputs_without_the_test_kernel():
         predict(K, None, y, f0, lr=0.1, times=[1], y_test=torch.ones(3, 1))
     out = predict(K, None, y, f0, lr=0.1, times=[1])
     assert "f_test" not in out
+
+
+# --- the adversarial sweep of the NTK entry points (issue 28: no raw torch message, no silent number) -------
+class _Emb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.l = nn.Embedding(10, 4), nn.Linear(4, 2)
+
+    def forward(self, t):
+        return self.l(self.e(t).mean(1))
+
+
+class _Wrap(nn.Module):
+    """An MLP whose output is reshaped by ``how``: what a model returning the wrong thing looks like."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.net, self.how = _mlp(), how
+
+    def forward(self, x):
+        y = self.net(x)
+        return {"sum": lambda: y.sum(), "sum0": lambda: y.sum(0), "half": lambda: y[: max(1, len(y) // 2)],
+                "twice": lambda: torch.cat([y, y]), "flat": lambda: y.reshape(-1), "long": lambda: y.long(),
+                "detached": lambda: y.detach()}[self.how]()
+
+
+class _Positions(nn.Module):
+    """Token ids in range of the token embedding, positions embedded by a table too short for the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tok, self.pos, self.l = nn.Embedding(10, 4), nn.Embedding(3, 4), nn.Linear(4, 2)
+
+    def forward(self, t):
+        return self.l((self.tok(t) + self.pos(torch.arange(t.shape[1]))).mean(1))
+
+
+def _tokens(shift=0):
+    return torch.randint(0, 10, (10, 5), generator=torch.Generator().manual_seed(3)) + shift
+
+
+def _entry_points():
+    from lazyhasty.kernels import kernel_matvec, ntk_eigh
+    from lazyhasty.ntk import KernelOperator, NTKReference, explain
+
+    def op(m, x):
+        return KernelOperator(m, x)(torch.ones(10, 1))
+
+    return {
+        "ntk_gram": lambda m, x: ntk_gram(m, x),
+        "ntk_gram-trace-naive": lambda m, x: ntk_gram(m, x, kernel="trace", implementation="naive"),
+        "ntk_alignment": lambda m, x: ntk_alignment(m, x, copy.deepcopy(m) if isinstance(m, nn.Module) else None),
+        "explain": lambda m, x: explain(m, x),
+        "KernelOperator": op,
+        "ntk_eigh": lambda m, x: ntk_eigh(m, x, 2),
+        "kernel_matvec": lambda m, x: kernel_matvec(m, x, torch.ones(10, 1)),
+        "NTKReference": lambda m, x: NTKReference.capture(m, x).alignment(m),
+    }
+
+
+_SWEEP = {  # name: (model, inputs, what the message must say)
+    "token id out of range": (_Emb, lambda: _tokens(20), r"token id \d+ is out of range of .*nn\.Embedding 'e' "
+                                                          r"\(num_embeddings=10\)"),
+    "negative token id": (_Emb, lambda: _tokens(-11), r"token id -\d+ is out of range of .*'e'"),
+    "position table too short": (_Positions, _tokens, r"token id 4 is out of range of .*nn\.Embedding 'pos' "
+                                                      r"\(num_embeddings=3\)"),
+    "float token ids": (_Emb, lambda: _tokens().float(), r"nn\.Embedding 'e' got torch\.float32 inputs: token ids "
+                                                         "are integers"),
+    "batch-summed scalar output": (lambda: _Wrap("sum"), lambda: torch.randn(10, 3),
+                                   r"returns a scalar \(shape \[\]\).*one output row per example"),
+    "batch-summed [k] output": (lambda: _Wrap("sum0"), lambda: torch.randn(10, 3),
+                                r"returns 2 rows \(output \[2\]\) for a batch of 3 examples"),
+    "fewer output rows": (lambda: _Wrap("half"), lambda: torch.randn(10, 3), r"returns 1 rows .* batch of 3"),
+    "more output rows": (lambda: _Wrap("twice"), lambda: torch.randn(10, 3), r"returns 6 rows .* batch of 3"),
+    "output without a batch dim": (lambda: _Wrap("flat"), lambda: torch.randn(10, 3), r"returns 6 rows \(output \[6\]\)"),
+    "integer output": (lambda: _Wrap("long"), lambda: torch.randn(10, 3), r"output is torch\.int64.*floating-point"),
+    "output without gradient": (lambda: _Wrap("detached"), lambda: torch.randn(10, 3),
+                                r"output does not depend on its trainable parameters"),
+    "integer inputs to a float model": (_mlp, lambda: torch.randint(0, 3, (10, 3)),
+                                        r"inputs are torch\.int64 but \w+ computes in torch\.float32"),
+    "inputs of the wrong shape": (_mlp, lambda: torch.randn(10, 5), r"cannot run on the inputs \(examples of shape "
+                                                                    r"\[5\], torch\.float32"),
+    "batches of different shapes": (_mlp, lambda: [torch.randn(4, 3), torch.randn(4, 5)],
+                                    r"batch 1 of the loader has examples of shape \(5,\)"),
+    "batches of different dtypes": (_mlp, lambda: [torch.randn(4, 3), torch.randint(0, 3, (4, 3))],
+                                    r"batch 1 of the loader .*torch\.int64"),
+    "NaN inputs": (_mlp, lambda: torch.tensor([[0.0, float("nan"), 1.0]]).repeat(10, 1), r"NaN/inf"),
+    "inf inputs": (_mlp, lambda: torch.tensor([[0.0, float("inf"), 1.0]]).repeat(10, 1), r"NaN/inf"),
+    "empty loader": (_mlp, lambda: [], r"empty|no example"),
+    "empty tensor": (_mlp, lambda: torch.zeros(0, 3), r"empty|no example"),
+    "0-d inputs": (_mlp, lambda: torch.tensor(1.0), r"batch dimension"),
+    "no parameters": (lambda: nn.Sequential(nn.ReLU()), lambda: torch.randn(10, 3), r"no trainable parameter"),
+    "frozen parameters": (lambda: _mlp().requires_grad_(False), lambda: torch.randn(10, 3), r"no trainable parameter"),
+    "not a module": (lambda: "net", lambda: torch.randn(10, 3), r"must be an nn\.Module, got str|carries no init"),
+}
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()))
+@pytest.mark.parametrize("case", list(_SWEEP))
+def test_ntk_entry_points_name_every_bad_input(entry, case):
+    make_model, make_x, message = _SWEEP[case]
+    if entry == "KernelOperator" and case in ("batches of different shapes", "batches of different dtypes",
+                                              "empty loader"):
+        with pytest.raises(TypeError, match=r"inputs must be a tensor \[n, \.\.\.\], got list"):
+            _entry_points()[entry](make_model(), make_x())
+        return
+    with pytest.raises((ValueError, TypeError), match=message) as info:
+        _entry_points()[entry](make_model(), make_x())
+    assert "mat1 and mat2" not in str(info.value).split("(")[0]  # torch's words only as the quoted cause
+
+
+@pytest.mark.parametrize("entry", ["ntk_eigh", "NTKReference", "kernel_matvec"])
+def test_float64_inputs_or_reference_of_a_float32_model_work_as_in_ntk_gram(entry):
+    # ntk_gram / ntk_alignment feed floating inputs in the model's dtype; the other entry points raised torch's
+    # "mat1 and mat2 must have the same dtype" (ntk_eigh, NTKReference), now the same rule everywhere
+    from lazyhasty.kernels import kernel_matvec, ntk_eigh
+    from lazyhasty.ntk import NTKReference
+
+    net, x = _mlp(), torch.randn(10, 3)
+    if entry == "ntk_eigh":
+        got, want = ntk_eigh(net, x.double(), 2).values, ntk_eigh(net, x, 2).values
+        assert torch.allclose(got, want, rtol=1e-5)
+    elif entry == "kernel_matvec":
+        Q = torch.randn(10, 2)
+        assert torch.allclose(kernel_matvec(net, x.double(), Q), kernel_matvec(net, x, Q), rtol=1e-5)
+    else:
+        ref64 = copy.deepcopy(net).double()
+        assert NTKReference.capture(ref64, x).alignment(net) == pytest.approx(
+            ntk_alignment(net, x, ref64, kernel="trace"), abs=1e-6)
+        assert NTKReference.capture(net, x.double()).alignment(net) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_reference_of_another_architecture_is_named():
+    from lazyhasty.ntk import NTKReference
+
+    wide = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2))
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="not the same architecture"):
+        ntk_alignment(_mlp(), x, wide)
+    other = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="trainable parameters differ"):
+        NTKReference.capture(other, x).alignment(_mlp())
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(kernel="bogus"), "kernel must be"), (dict(block_size=0), "block_size must be"),
+    (dict(block_size=2.5), "block_size must be"), (dict(dtype=torch.int64), "dtype must be a floating"),
+    (dict(implementation="fast"), "implementation must be"),
+])
+@pytest.mark.parametrize("entry", ["ntk_gram", "ntk_alignment", "explain", "KernelOperator", "ntk_eigh",
+                                   "NTKReference"])
+def test_ntk_arguments_out_of_range_are_named(entry, kw, message):
+    from lazyhasty.kernels import ntk_eigh
+    from lazyhasty.ntk import KernelOperator, NTKReference, explain
+
+    net, x = _mlp(), torch.randn(10, 3)
+    if entry in ("KernelOperator", "ntk_eigh", "NTKReference") and "kernel" in kw:
+        message = "kernel must be"
+    call = {"ntk_gram": lambda: ntk_gram(net, x, **kw), "ntk_alignment": lambda: ntk_alignment(net, x, net, **kw),
+            "explain": lambda: explain(net, x, **kw), "KernelOperator": lambda: KernelOperator(net, x, **kw),
+            "ntk_eigh": lambda: ntk_eigh(net, x, 2, **kw), "NTKReference": lambda: NTKReference.capture(net, x, **kw)}
+    with pytest.raises((ValueError, TypeError), match=message):
+        call[entry]()

@@ -28,6 +28,7 @@ from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers o
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
 from ._layers import check_per_example, check_probe_inputs, select_output, trainable_params
+from .._validate import check_model_inputs
 
 @contextlib.contextmanager
 def _same_trainable(model: nn.Module, ref: nn.Module):
@@ -59,13 +60,13 @@ def _naive(model, loader, kernel, dtype, loader2=None):
 
     m = model if dtype is None else copy.deepcopy(model).to(dtype)
     xs = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
-          for x in iter_inputs(loader, model_device(m))]
+          for x in iter_inputs(loader, model_device(m), same_shape=True)]
     _guard_naive(m, xs)
     if loader2 is not None:
         if kernel == "diagonal":
             raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
         xs2 = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
-               for x in iter_inputs(loader2, model_device(m))]
+               for x in iter_inputs(loader2, model_device(m), same_shape=True)]
         _guard_naive(m, xs2)
         K = reference.ntk_cross(m, xs, xs2, kernel=kernel)
     else:
@@ -79,6 +80,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
     trainable_params(model)
     if not xs:
         raise ValueError("the probe set is empty")
+    check_model_inputs(torch.cat(xs) if len(xs) > 1 else xs[0], model=model)
     check_probe_inputs(model, torch.cat(xs) if len(xs) > 1 else xs[0],
                        params=[p for p in model.parameters() if p.requires_grad])
 
@@ -163,6 +165,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     >>> K = ntk_gram(model, x, kernel="full", out="K.npy")   # numpy.memmap [n, k, n, k] on disk
     """
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+    check_model_inputs(None, model=model)
     model = select_output(model, output)
     if implementation == "naive":
         if out is not None or process_group is not None:
@@ -191,8 +194,10 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                 x_all = _dist.gather_loader(loader, group, fz.device)
             else:
                 x_all = all_inputs(loader, fz.device)
+            check_model_inputs(x_all, model=model)
             return _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress)
     x_all = all_inputs(loader, fz.device)
+    check_model_inputs(x_all, model=model)
     if by_layer and (kernel == "diagonal" or loader2 is not None):
         raise ValueError("by_layer=True takes kernel='full' or 'trace' and one example set")
     if loader2 is not None and kernel == "diagonal":
@@ -441,6 +446,7 @@ class KernelOperator:
         if kernel not in ("trace", "full"):
             raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
         _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+        check_model_inputs(x, model=model)
         self.fz = Featurizer(model, implementation, kernel, dtype)
         self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
         self.x, self.kernel = x.to(self.fz.device), kernel
@@ -575,9 +581,11 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                             block_size=block_size, by_layer=by_layer, tf32=tf32)
                 _dist.check_same_parameters(group, "ntk_alignment", model, ref)
                 x_all = _dist.gather_loader(loader, group, fz.device)
+                check_model_inputs(x_all, model=model, reference=ref)
                 return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group,
                                           max_cache_bytes, by_layer)
         x_all = all_inputs(loader, fz.device)
+        check_model_inputs(x_all, model=model, reference=ref)
         n = x_all.shape[0]
         if by_layer and kernel == "diagonal":
             raise ValueError("by_layer=True takes kernel='full' or 'trace'")

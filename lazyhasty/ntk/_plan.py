@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._loaders import all_inputs
+from .._validate import check_model_inputs
 from ._args import check_args, ntk_backend
 from ._blocks import default_block_size, one_trace_block, output_size
 from ._featurizer import Featurizer
@@ -216,10 +217,12 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     check_args(kernel, implementation, block_size, 0, dtype)
     if purpose not in ("gram", "alignment"):
         raise ValueError(f"purpose must be 'gram' or 'alignment', got {purpose!r}")
+    check_model_inputs(None, model=model)
     model = select_output(model, output)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if implementation == "naive":
         x_all = all_inputs(x, next(model.parameters()).device)
+        check_model_inputs(x_all, model=model)
         choice = choose_path(None, x_all, kernel=kernel, implementation="naive", block_size=block_size)
         with torch.enable_grad():
             k = int(model(x_all[:1]).reshape(1, -1).shape[1])
@@ -228,6 +231,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     fz = Featurizer(model, implementation, kernel, dtype)
     be = ntk_backend(fz.device, backend, fz.dtype)
     x_all = all_inputs(x, fz.device)
+    check_model_inputs(x_all, model=model)
     n = x_all.shape[0]
     fz.pairs_per_example = (n + 1) / 2
     choice = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,

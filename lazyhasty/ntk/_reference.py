@@ -14,14 +14,16 @@ import copy
 import torch
 from torch import nn
 
-from .._loaders import all_inputs, model_device
+from .._loaders import all_inputs, model_device, model_inputs
 from .._exact import AlignmentSums
 from .._malloc import retained_heap
-from .._modes import measures
+from .._modes import measures, measuring
+from .._validate import check_model_inputs
 from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
                       default_block_size, ntk_alignment, ntk_gram)
+from ._args import check_args
 from ._layers import select_output
 from ._sharding import RankTiles
 
@@ -90,6 +92,8 @@ class NTKReference:
                              "'layerwise' or 'jacobian'")
         from .. import _dist
 
+        check_args(kernel, implementation, block_size, 0, dtype)
+        check_model_inputs(None, reference=reference)
         group = _dist.resolve(process_group)
         names = frozenset(trainable) if trainable is not None else frozenset(
             n for n, p in reference.named_parameters() if p.requires_grad)
@@ -104,9 +108,10 @@ class NTKReference:
             x = _dist.gather_inputs(shard, group, model_device(reference))
         else:
             x, shard = all_inputs(loader, model_device(reference)), None
+        check_model_inputs(x, reference=select_output(reference, output))
         n = x.shape[0]
-        with torch.no_grad():
-            k = int(select_output(reference, output)(x[:1]).reshape(1, -1).shape[1])
+        with torch.no_grad(), measuring(reference):
+            k = int(select_output(reference, output)(model_inputs(x[:1], reference)).reshape(1, -1).shape[1])
         item = torch.finfo(dtype or next(p.dtype for p in reference.parameters())).bits // 8
         need = item * (n * n if kernel == "trace" else (n * k) ** 2)
         frozen = copy.deepcopy(reference)
