@@ -21,12 +21,12 @@ def _shape(x: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
 
-def check_module(model, name: str = "model") -> None:
-    """Raise ``TypeError`` unless ``model`` (the argument ``name``) is an ``nn.Module``; ``ValueError`` when it
-    has no trainable parameter (its tangent kernel would be zero)."""
+def check_module(model, name: str = "model", trainable: bool = True) -> None:
+    """Raise ``TypeError`` unless ``model`` (the argument ``name``) is an ``nn.Module``; with ``trainable``,
+    ``ValueError`` when it has no trainable parameter (its tangent kernel would be zero)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
+    if trainable and not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{name} has no trainable parameter (requires_grad=True): its NTK is zero")
 
 
@@ -121,7 +121,8 @@ def check_model_inputs(x, **models) -> None:
     """Check each model (by its argument name) and the inputs ``x`` ``[n, ...]`` of an NTK call.
 
     Args:
-        x: the gathered inputs ``[n, ...]`` (None: the models only).
+        x: the gathered inputs ``[n, ...]`` (None: only that each model is an ``nn.Module``, before the inputs
+            are read).
         **models: the modules, by argument name, e.g. ``model=model, reference=ref``.
 
     Raises:
@@ -138,7 +139,7 @@ def check_model_inputs(x, **models) -> None:
         ValueError: model cannot run on the inputs (examples [5], torch.float32: RuntimeError: ...
     """
     for name, model in models.items():
-        check_module(model, name)
+        check_module(model, name, trainable=x is not None)
     if x is None:
         return
     if not isinstance(x, torch.Tensor):

@@ -31,25 +31,49 @@ DEFAULT_REFERENCE_BYTES = 1 << 30
 
 
 class NTKReference:
-    """``K_0`` of a reference model on a fixed probe set, for ``KA(K_t, K_0)`` at every logging step.
+    """``K_0``, the tangent kernel of a reference model (the network at init) on a fixed probe set, captured
+    once for ``KA(K_t, K_0) = Tr[K_t K_0] / (|K_t|_F |K_0|_F)`` at every logging step.
 
-    capture(reference, loader, kernel="trace"|"full", centered=False, ...) -> NTKReference
-    alignment(model) -> float   equal to ``ntk_alignment(model, loader, reference, ...)`` (1e-6 float32,
-                                1e-12 float64): the same tiles, the same exact sums.
-
-        >>> ref = NTKReference.capture(model_at_init, probe_x, kernel="trace")
-        >>> ref.alignment(model)      # every log: only the model's kernel is formed
+    Build it with [`capture`][lazyhasty.ntk.NTKReference.capture]; each
+    [`alignment`][lazyhasty.ntk.NTKReference.alignment] / [`measure`][lazyhasty.ntk.NTKReference.measure] then
+    forms only the model's kernel ``K_t`` and reduces it against the stored ``K_0`` tile by tile, with the
+    exact float64 sums of [`ntk_alignment`][lazyhasty.ntk.ntk_alignment]: the value equals
+    ``ntk_alignment(model, x, reference, kernel=...)`` (to 1e-6 in float32, 1e-12 in float64) at half its cost.
+    ``K_0`` is ``[n, n]`` (``kernel="trace"``) or ``[n, k, n, k]`` (``"full"``), kept in the reference's dtype
+    while it fits ``max_bytes``; beyond that a frozen copy of the reference is kept instead and both kernels
+    are recomputed at each call (the same number, without the saving).
 
     Both kernels are of the networks in eval mode (dropout off, BatchNorm on its running statistics), whatever
     mode the models are in; their modes, buffers and the RNG states are restored after.
 
-    ``stored``: whether ``K_0`` is kept (``[n, n]`` / ``[n, k, n, k]``), else the alignment recomputes it;
-    ``nbytes``: the memory it holds.
+    With a ``process_group`` (a ``torch.distributed`` group, or ``"world"``) each rank captures with its own
+    shard of the probe set (possibly empty) and keeps only its share of ``K_0``'s tiles (``max_bytes`` is per
+    rank); ``alignment(model)`` forms the same tiles of the model's kernel and returns the value over the
+    union, the same on every rank.
 
-    process_group: a ``torch.distributed`` group (or ``"world"``): each rank captures with its own shard of
-    the probe set (possibly empty) and keeps only its share of ``K_0``'s tiles (``max_bytes`` is per rank);
-    ``alignment(model)`` forms the same tiles of the model's kernel and returns the value over the union,
-    the same on every rank (see :mod:`lazyhasty._dist`).
+    Attributes:
+        x: the probe inputs ``[n, ...]`` (all ranks' examples with a process group).
+        kernel: ``"trace"`` or ``"full"``.
+        centered: whether both kernels are centred over examples (CKA).
+        stored: whether ``K_0`` is kept (else it is recomputed at each call).
+        nbytes: the bytes ``K_0`` holds on this process (0 when not stored).
+
+    Example:
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> init = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+        >>> x = torch.randn(20, 3)
+        >>> ref = NTKReference.capture(init, x, kernel="trace")
+        >>> ref.stored, ref.nbytes                       # K_0 [20, 20] float32
+        (True, 1600)
+        >>> round(ref.alignment(init), 6)
+        1.0
+        >>> model = copy.deepcopy(init)
+        >>> with torch.no_grad():
+        ...     for p in model.parameters():
+        ...         _ = p.add_(0.5 * torch.randn_like(p))
+        >>> round(ref.alignment(model), 4)               # = ntk_alignment(model, x, init, kernel="trace")
+        0.9822
     """
 
     def __init__(self, x: torch.Tensor, kernel: str, centered: bool, options: dict, K0,
@@ -78,10 +102,50 @@ class NTKReference:
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
                 max_bytes: int = DEFAULT_REFERENCE_BYTES, backend: str | None = None, output=None,
                 trainable=None, process_group=None) -> "NTKReference":
-        """Form ``K_0`` once (or, beyond ``max_bytes``, keep a frozen copy of ``reference``).
+        """Form ``K_0``, the reference's tangent kernel on the probe set, once.
 
-        trainable: names of the parameters the kernel is over (default: the reference's trainable ones;
-        the Trainer passes the model's, as :func:`ntk_alignment` does with a frozen ``f_0``).
+        Args:
+            reference: the network at init (an ``nn.Module``; the model later measured must have the same
+                trainable parameter names).
+            loader: the probe inputs: a tensor ``[n, ...]``, a Dataset or a loader of batches (the inputs of
+                each; with a process group, this rank's shard).
+            kernel: ``"trace"`` (default; ``K_0`` ``[n, n]``, the sum over the k outputs) or ``"full"``
+                (``[n, k, n, k]``).
+            centered: centre both kernels over examples (CKA). Default False.
+            implementation: the engine's implementation, as in [`ntk_gram`][lazyhasty.ntk.ntk_gram]
+                (``"auto"``, ``"layerwise"``, ``"jacobian"``, ``"naive"``).
+            dtype: precision of both kernels (e.g. ``torch.float64``); default None: the reference's.
+            block_size: examples per block of the tiles; default None: chosen from n and k.
+            max_bytes: the most memory ``K_0`` may hold (per rank); beyond it a frozen copy of the reference
+                is kept and both kernels are recomputed at each call. Default 1 GiB.
+            backend: ``"torch"`` / ``"triton"`` / None, as in [`ntk_gram`][lazyhasty.ntk.ntk_gram].
+            output: which tensor of the model's output the kernel is of (an index, a key or a callable);
+                default None: the output itself.
+            trainable: names of the parameters the kernel is over; default: the reference's trainable ones
+                (the Trainer passes the model's, as [`ntk_alignment`][lazyhasty.ntk.ntk_alignment] does with
+                a frozen ``f_0``).
+            process_group: a ``torch.distributed`` group or ``"world"``; default None (one process).
+
+        Returns:
+            The `NTKReference`, with ``K_0`` stored when ``item_size * n^2`` (trace) or
+            ``item_size * (n k)^2`` (full) fits ``max_bytes``.
+
+        Raises:
+            TypeError: a reference that is not an ``nn.Module``; a dtype that is not a floating torch.dtype.
+            ValueError: a kernel other than ``"trace"`` / ``"full"``, a negative ``max_bytes`` or another
+                argument out of range (named); an empty probe set, probe inputs the reference cannot take
+                (token ids out of an ``nn.Embedding``'s range, integer inputs to a float model, another shape)
+                or an output without one row per example; a reference without trainable parameters;
+                non-finite inputs or outputs; a reference that mixes examples of a batch.
+
+        Example:
+            >>> init = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+            >>> x = torch.randn(20, 3)
+            >>> full = NTKReference.capture(init, x, kernel="full")
+            >>> full.K0.shape, full.nbytes                   # [n, k, n, k] float32
+            (torch.Size([20, 2, 20, 2]), 6400)
+            >>> NTKReference.capture(init, x, kernel="full", max_bytes=0).stored   # recomputed at each call
+            False
         """
         if kernel not in KERNELS or kernel == "diagonal":
             raise ValueError(f"kernel must be 'trace' or 'full' for a reference kernel, got {kernel!r}")
@@ -108,15 +172,15 @@ class NTKReference:
             x = _dist.gather_inputs(shard, group, model_device(reference))
         else:
             x, shard = all_inputs(loader, model_device(reference)), None
-        check_model_inputs(x, reference=select_output(reference, output))
+        frozen = copy.deepcopy(reference)
+        for name, p in frozen.named_parameters():
+            p.requires_grad_(name in names)
+        check_model_inputs(x, reference=select_output(frozen, output))
         n = x.shape[0]
         with torch.no_grad(), measuring(reference):
             k = int(select_output(reference, output)(model_inputs(x[:1], reference)).reshape(1, -1).shape[1])
         item = torch.finfo(dtype or next(p.dtype for p in reference.parameters())).bits // 8
         need = item * (n * n if kernel == "trace" else (n * k) ** 2)
-        frozen = copy.deepcopy(reference)
-        for name, p in frozen.named_parameters():
-            p.requires_grad_(name in names)
         if group is not None:
             need //= _dist.rank_and_size(group)[1]  # each rank keeps its share of the tiles
         if need > max_bytes:
@@ -129,7 +193,14 @@ class NTKReference:
         return cls(x, kernel, centered, options, K0, None, names)
 
     def alignment(self, model: nn.Module) -> float:
-        """``KA(K_model, K_0)`` (centred if captured so) on the captured probe set."""
+        """``KA(K_t, K_0)`` (centred if captured so) of ``model``'s kernel on the captured probe set.
+
+        Args:
+            model: the network now (the same trainable parameter names as the reference).
+
+        Returns:
+            The alignment, a float in ``[-1, 1]`` (1.0 at init).
+        """
         return self.measure(model)["ntk_alignment"]
 
     @measures("model", "self.reference")
