@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._loaders import model_device, model_dtype
+from ._loaders import check_materialized, model_device, model_dtype
 from ._modes import measuring
 
 SAMPLE = 3  # examples of the trial forward: enough to tell one row per example from a batch-summed output
@@ -22,10 +22,12 @@ def _shape(x: torch.Tensor) -> str:
 
 
 def check_module(model, name: str = "model", trainable: bool = True) -> None:
-    """Raise ``TypeError`` unless ``model`` (the argument ``name``) is an ``nn.Module``; with ``trainable``,
-    ``ValueError`` when it has no trainable parameter (its tangent kernel would be zero)."""
+    """Raise ``TypeError`` unless ``model`` (the argument ``name``) is an ``nn.Module``; ``ValueError`` when it
+    holds tensors on the meta device or, with ``trainable``, has no trainable parameter (its tangent kernel
+    would be zero)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name} must be an nn.Module, got {type(model).__name__}")
+    check_materialized(model, name)
     if trainable and not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"{name} has no trainable parameter (requires_grad=True): its NTK is zero")
 
@@ -127,7 +129,7 @@ def check_model_inputs(x, **models) -> None:
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, inputs that are not a tensor.
-        ValueError: a model without trainable parameters; inputs without a batch dimension or with no example;
+        ValueError: a model with tensors on the meta device; a model without trainable parameters; inputs without a batch dimension or with no example;
             token ids out of an ``nn.Embedding``'s range (naming it); integer inputs to a floating-point model;
             inputs of a shape the model cannot take; an output that is a scalar, has another number of rows
             than the batch, is not floating-point or does not depend on the parameters.

@@ -450,3 +450,16 @@ def test_ntk_arguments_out_of_range_are_named(entry, kw, message):
             "ntk_eigh": lambda: ntk_eigh(net, x, 2, **kw), "NTKReference": lambda: NTKReference.capture(net, x, **kw)}
     with pytest.raises((ValueError, TypeError), match=message):
         call[entry]()
+
+
+@pytest.mark.parametrize("entry", list(_entry_points()))
+def test_meta_device_models_are_named(entry):
+    meta = _mlp().to("meta")
+    name = "reference" if entry == "NTKReference" else "model"
+    with pytest.raises(ValueError, match=f"{name} has tensors on the meta device"):
+        _entry_points()[entry](meta, torch.randn(10, 3))
+
+
+def test_a_meta_device_reference_is_named():
+    with pytest.raises(ValueError, match="reference has tensors on the meta device"):
+        ntk_alignment(_mlp(), torch.randn(10, 3), _mlp().to("meta"))

@@ -554,6 +554,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
     ref = select_output(as_reference_module(model, reference), output)
+    check_model_inputs(None, model=model, reference=ref)
     model = select_output(model, output)
     if implementation == "naive":
         if process_group is not None:
