@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._loaders import check_materialized, model_device, model_dtype
+from ._loaders import check_materialized, model_device, model_dtype, run_model
 from ._modes import measuring
 
 SAMPLE = 3  # examples of the trial forward: enough to tell one row per example from a batch-summed output
@@ -32,6 +32,13 @@ def check_module(model, name: str = "model", trainable: bool = True) -> None:
         raise ValueError(f"{name} has no trainable parameter (requires_grad=True): its NTK is zero")
 
 
+def _check_ids(ids: torch.Tensor, module: nn.Embedding, mname: str, name: str) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= module.num_embeddings:
+        raise ValueError(f"token id {lo if lo < 0 else hi} is out of range of {name}'s nn.Embedding {mname!r} "
+                         f"(num_embeddings={module.num_embeddings}): ids must be in [0, {module.num_embeddings})")
+
+
 def _embedding_ranges(model: nn.Module, x: torch.Tensor, name: str) -> list:
     """Forward pre-hooks on ``model``'s ``nn.Embedding`` modules that refuse ids outside ``[0, num_embeddings)``,
     naming the module; each records whether it read the raw inputs ``x`` (then all of ``x`` is checked)."""
@@ -44,11 +51,7 @@ def _embedding_ranges(model: nn.Module, x: torch.Tensor, name: str) -> list:
         if ids.is_floating_point():
             raise ValueError(f"{name}'s nn.Embedding {mname!r} got {ids.dtype} inputs: token ids are integers "
                              "(pass x.long()), or pass floating-point inputs to a model that does not embed them")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= module.num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range of {name}'s nn.Embedding {mname!r} "
-                             f"(num_embeddings={module.num_embeddings}): ids must be in [0, {module.num_embeddings})")
+        _check_ids(ids, module, mname, name)
         if ids.shape == x.shape and torch.equal(ids, x):
             direct.append((mname, module))
 
@@ -60,13 +63,9 @@ def _embedding_ranges(model: nn.Module, x: torch.Tensor, name: str) -> list:
 
 def _run(model: nn.Module, xs: torch.Tensor, x: torch.Tensor, name: str):
     try:
-        return model(xs)
+        return run_model(model, xs, name)  # integer inputs to a floating-point model: named there
     except (RuntimeError, IndexError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not xs.is_floating_point() and ("dtype" in msg or "scalar type" in msg):
-            raise ValueError(f"the inputs are {xs.dtype} but {name} computes in {model_dtype(model)} ({msg}): pass "
-                             "floating-point inputs (x.float()); integer inputs are for models that embed them "
-                             "(nn.Embedding)") from exc
         raise ValueError(f"{name} cannot run on the inputs (examples of shape {_shape(x[0])}, {x.dtype}; "
                          f"{type(exc).__name__}: {msg}): check the input shape and dtype {name} expects") from exc
 
@@ -104,11 +103,7 @@ def _trial_forward(model: nn.Module, x: torch.Tensor, name: str) -> None:
         for h in handles:
             h.remove()
     for mname, module in direct:  # ids read as they are: every example's, not only the trial's
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi >= module.num_embeddings:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is out of range of {name}'s nn.Embedding {mname!r} "
-                             f"(num_embeddings={module.num_embeddings}): ids must be in [0, {module.num_embeddings})")
+        _check_ids(x, module, mname, name)
     if not isinstance(out, torch.Tensor):
         return
     if not out.is_floating_point() and not out.is_complex():
