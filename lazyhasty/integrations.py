@@ -257,7 +257,8 @@ def _make_transformers_callback():
             trainer: the Trainer; default: the one that calls ``on_train_begin``.
 
         The values go through ``trainer.log`` (so ``state.log_history`` and every ``report_to`` integration get
-        them, on the process that logs: the Trainer's world process zero) and to the Monitor's own sinks.
+        them, on the process that logs: the Trainer's world process zero) and to the Monitor's own sinks (on
+        that process only: under ``torchrun`` every process measures, one writes).
         ``logged``: ``[(step, values)]``.
         """
 
@@ -290,7 +291,9 @@ def _make_transformers_callback():
 
         def _log(self, state, model):
             step = int(state.global_step)
-            values = self.monitor.log(self._model(model), step)
+            # every process measures (the same values); the Monitor's sinks are written by the one that logs
+            values = self.monitor.log(self._model(model), step, write=bool(getattr(state, "is_world_process_zero",
+                                                                                     True)))
             self.logged.append((step, values))
             self._logging = True
             try:

@@ -454,3 +454,19 @@ def test_trainer_callback_geometric_logs_at_the_reported_loss_levels(tmp_path):
     assert len(want) >= 3
     assert [s for s, _ in cb.logged] == want
     assert [h["step"] for h in trainer.state.log_history if "ntk_alignment" in h] == want
+
+
+def test_trainer_callback_writes_the_sinks_on_world_process_zero_only(tmp_path):
+    pytest.importorskip("transformers", reason="pip install transformers")
+    from lazyhasty.integrations import LazyhastyTrainerCallback
+
+    x, _ = _data(8)
+    net = _net()
+    cb = LazyhastyTrainerCallback(Monitor(copy.deepcopy(net), x, metrics=("ntk_alignment",),
+                                          sinks=[tmp_path / "m.jsonl"]), every_n_steps=1,
+                                  trainer=types.SimpleNamespace(log=lambda values: None))
+    for step, zero in ((1, False), (2, True)):  # a torchrun process other than zero, then process zero
+        cb.on_step_end(None, types.SimpleNamespace(global_step=step, is_world_process_zero=zero), None, model=net)
+    cb.monitor.close()
+    assert [s for s, _ in cb.logged] == [1, 2]  # both measured
+    assert [json.loads(r)["step"] for r in (tmp_path / "m.jsonl").read_text().splitlines()] == [2]
