@@ -437,7 +437,9 @@ def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
     calls.clear()
     ntk_gram(m, x, kernel="trace")
     again = len(calls)
-    assert again == 1  # the capture of the block (the block-size estimate is remembered per model structure)
+    trial = [3, 2]  # every call: the input checks' trial forwards of 3 and 2 examples (lazyhasty/_validate.py)
+    assert calls[:2] == trial
+    assert again == 2 + 1  # and the capture of the block (the block-size estimate is remembered per structure)
     # the first call also estimated the block size from one example (1), ran the mixing check (2) and the layer
     # check (1)
     assert first == again + 1 + 2 + 1
