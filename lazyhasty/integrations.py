@@ -216,7 +216,10 @@ def _make_lightning_callback():
                                        f"0: {values[1]}")
                 values = values[1]
             else:  # a group Monitor: every rank measures its shard; only rank 0 writes the sinks
-                values = self.monitor.log(self._model(pl_module), step, write=trainer.is_global_zero)
+                from . import _dist
+
+                with _dist.failing_together(self.monitor.group, "LazyhastyCallback"):  # get_model included
+                    values = self.monitor.log(self._model(pl_module), step, write=trainer.is_global_zero)
             self.logged.append((step, values))
             named = {self.prefix + k: float(v) for k, v in values.items()}
             # callback_metrics (EarlyStopping, ModelCheckpoint) and the progress bar through Lightning's own

@@ -4,7 +4,8 @@
 
 MODE rank0: a Monitor without a process group, built before fit (rank 0 measures, the values are broadcast);
 MODE group: a Monitor over the world group built at setup (each rank measures its half of the probe set);
-MODE fail: as rank0, but the measurement raises on rank 0 (each rank writes its exception to OUT/error-rank<r>.txt).
+MODE fail: as rank0, but the measurement raises on rank 0 (each rank writes its exception to OUT/error-rank<r>.txt);
+MODE groupfail: as group, but finding the model raises on rank 0 only.
 Each rank writes OUT/logged-rank<r>.json (what its callback got) and, at every log, the model's state
 (OUT/state-<step>-rank<r>.pt); the Monitor's sink is OUT/mon-rank<r>.jsonl on rank r (only rank 0 may write rows).
 """
@@ -73,6 +74,12 @@ def broken(module):
     raise ValueError("a model that cannot be measured")
 
 
+def broken_on_rank0(module):
+    if dist.get_rank() == 0:
+        broken(module)
+    return module.net
+
+
 def main(out, strategy, mode):
     x, y = data()
     init = net()
@@ -83,7 +90,8 @@ def main(out, strategy, mode):
             r = dist.get_rank()
             return Monitor(init, x[r::2], metrics=METRICS, process_group="world",
                            sinks=[os.path.join(out, f"mon-rank{r}.jsonl")])
-    cb = LazyhastyCallback(monitor, every_n_steps=2, get_model=broken if mode == "fail" else None)
+    cb = LazyhastyCallback(monitor, every_n_steps=2,
+                           get_model={"fail": broken, "groupfail": broken_on_rank0}.get(mode))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)  # 4 steps a rank
     trainer = L.Trainer(max_steps=4, strategy=strategy, accelerator="cpu", devices=2, logger=CSVLogger(out),
                         callbacks=[cb, Record(cb, out)], enable_checkpointing=False, enable_progress_bar=False,
