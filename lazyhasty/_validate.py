@@ -124,7 +124,8 @@ def check_model_inputs(x, **models) -> None:
 
     Raises:
         TypeError: a model that is not an ``nn.Module``, inputs that are not a tensor.
-        ValueError: a model with tensors on the meta device; a model without trainable parameters; inputs without a batch dimension or with no example;
+        ValueError: a model with tensors on the meta device; a model without trainable parameters; inputs
+            without a batch dimension or with no example;
             token ids out of an ``nn.Embedding``'s range (naming it); integer inputs to a floating-point model;
             inputs of a shape the model cannot take; an output that is a scalar, has another number of rows
             than the batch, is not floating-point or does not depend on the parameters.
@@ -133,7 +134,7 @@ def check_model_inputs(x, **models) -> None:
         >>> check_model_inputs(torch.randn(4, 3), model=torch.nn.Linear(3, 2))   # nothing to say
         >>> check_model_inputs(torch.randn(4, 5), model=torch.nn.Linear(3, 2))
         Traceback (most recent call last):
-        ValueError: model cannot run on the inputs (examples [5], torch.float32: RuntimeError: ...
+        ValueError: model cannot run on the inputs (examples of shape [5], torch.float32; RuntimeError: ...
     """
     for name, model in models.items():
         check_module(model, name, trainable=x is not None)

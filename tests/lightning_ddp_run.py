@@ -17,14 +17,14 @@ import types
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from torch import nn  # noqa: E402
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
-from lazyhasty import Monitor  # noqa: E402
-from lazyhasty.integrations import LazyhastyCallback  # noqa: E402
+from lazyhasty import Monitor
+from lazyhasty.integrations import LazyhastyCallback
 
 METRICS = ("ntk_alignment", "sign_similarity", "repr_alignment", "param_distance")
 

@@ -183,20 +183,23 @@ def test_unresolved_cross_reference_check_sees_one(tmp_path):
         test_no_cross_reference_left_unresolved(tmp_path)
 
 
-@pytest.mark.parametrize("qualname", ["NTKReference", "NTKReference.capture"])
-def test_docstring_examples_are_true(qualname):
+@pytest.mark.parametrize("where", ["lazyhasty.ntk._reference:NTKReference",
+                                   "lazyhasty.ntk._reference:NTKReference.capture",
+                                   "lazyhasty._validate:check_model_inputs"])
+def test_docstring_examples_are_true(where):
     """The Google-style examples of the converted docstrings run and print what they say (doctest)."""
     import doctest
     import functools
+    import importlib
 
-    import lazyhasty.ntk._reference as module
-
+    path, qualname = where.split(":")
+    module = importlib.import_module(path)
     obj = functools.reduce(getattr, qualname.split("."), module)
     obj = getattr(obj, "__func__", obj)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
     for test in doctest.DocTestFinder(recurse=False).find(obj, qualname, globs=dict(vars(module))):
         runner.run(test)
-    assert runner.tries > 3 and runner.failures == 0
+    assert runner.tries >= 2 and runner.failures == 0
 
 
 def test_internal_links_and_anchors_resolve(site):

@@ -410,7 +410,8 @@ def test_lightning_callback_geometric_logs_at_the_loss_levels(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.5)
 
     class Losses(L.Callback):
-        seen = []
+        def __init__(self):
+            self.seen = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.seen.append((trainer.global_step, float(outputs["loss"])))
