@@ -110,7 +110,6 @@ def test_site_builds_strict_and_renders_the_docstrings(site):
 PENDING_DOCSTRINGS = {
     "lazyhasty.ntk.NTKReference",
     "lazyhasty.ntk.NTKReference.capture",
-    "lazyhasty.ntk.explain",
     "lazyhasty.ntk.ntk_alignment",
     "lazyhasty.ntk.ntk_gram",
 }

@@ -748,41 +748,64 @@ class Featurizer:
         return [n for n in self.generic if decided.get(n)]
 
     def _decide_copies(self, todo: list, decided: dict, probe: torch.Tensor, named: dict, twin) -> None:
-        """Whether per-example copies work for each fallback parameter of ``todo`` (``decided[name]``): True for
-        copies of the parameter itself, a tuple of operation names for stand-ins at the operations that broadcast
-        it (:mod:`.capture.broadcast`, tried for the parameters whose own copies fail, all in one forward)."""
-        failed = []
+        """Whether per-example copies work for each fallback parameter of ``todo`` (``decided[name]``): a tuple of
+        operation names for stand-ins at the operations that broadcast it (:mod:`.capture.broadcast`), True for
+        copies of the parameter itself (tried for the rest), False when neither passes the check. Each way runs
+        one forward for all the parameters it tries (one at a time only where copies of several break the
+        forward together), and the check's reference gradient is one backward for all: a first call on timm's
+        efficientnet ran 42 forwards and backwards here before."""
         for n in todo:
             decided[n] = False
-            if named[n].numel() * probe.shape[0] > COPY_MAX_ELEMENTS:
-                continue
-            failed.append(n)
-            if named[n].dim() == 0:
-                continue
-            try:
-                J = self._copy_jacobian(probe, [n], twin)[0]
-                decided[n] = self._copy_check(probe, n, J, twin)
-            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # (torch asserts shapes)
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                continue  # the copies changed the output's shape or broke the forward: not this way
-            if decided[n]:
-                failed.pop()
-        if not failed:
+        eligible = [n for n in todo if named[n].numel() * probe.shape[0] <= COPY_MAX_ELEMENTS]
+        if not eligible:
             return
+        ref = self._copy_reference(probe, eligible, twin)
         ops: dict = {}
         try:
-            Js = self._copy_jacobian(probe, failed, twin, at_ops=failed, ops=ops)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+            Js = self._copy_jacobian(probe, eligible, twin, at_ops=eligible, ops=ops)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # (torch asserts shapes)
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             # a stand-in broke the forward: said in explain() (not a silent fallback)
             why = f"per-example stand-ins at its operations broke the forward ({type(exc).__name__}: {exc})"
-            _COPY_WHY.setdefault(self._copies_owner or self._user_model, {}).update({n: why for n in failed})
-            return
-        for n, J in zip(failed, Js):
-            if ops.get(n) and self._copy_check(probe, n, J, twin):
-                decided[n] = tuple(ops[n])
+            _COPY_WHY.setdefault(self._copies_owner or self._user_model, {}).update({n: why for n in eligible})
+            Js = None
+        if Js is not None:
+            for n, J in zip(eligible, Js):
+                if ops.get(n) and _copy_agrees(J, ref.get(n)):
+                    decided[n] = tuple(ops[n])
+        rest = [n for n in eligible if not decided[n] and named[n].dim() > 0]
+        groups = [rest] if len(rest) > 1 else [[n] for n in rest]
+        while groups:
+            group = groups.pop(0)
+            try:
+                Js = self._copy_jacobian(probe, group, twin, at_ops=())
+            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
+                if isinstance(exc, torch.cuda.OutOfMemoryError):
+                    raise
+                if len(group) > 1:  # one of them broke the forward: each on its own
+                    groups.extend([n] for n in group)
+                continue  # the copies changed the output's shape or broke the forward: not this way
+            for n, J in zip(group, Js):
+                decided[n] = _copy_agrees(J, ref.get(n))
+
+    @torch.enable_grad()
+    def _copy_reference(self, x: torch.Tensor, names: list, model: nn.Module) -> dict:
+        """``{name: (w, v, autograd's gradient of sum_i w_i v . f(x_i))}`` for the per-example-copy check (one
+        forward and backward of the model itself for all ``names``; ``w`` ``[b]``, ``v`` ``[k]`` random)."""
+        named = dict(model.named_parameters())
+        out = self._call(x, model=model).reshape(x.shape[0], -1)
+        b, k = out.shape
+        gen = torch.Generator(device="cpu").manual_seed(4321)
+        w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        gs = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [named[n] for n in names], allow_unused=True)
+        return {n: (w, v, g) for n, g in zip(names, gs) if g is not None}
+
+    def copy_failures(self) -> dict:
+        """``{parameter name: why}`` for fallback parameters whose per-example stand-ins broke the forward."""
+        return {n: why for n, why in _COPY_WHY.get(self._copies_owner or self._user_model, {}).items()
+                if n in self.generic}
 
     def copy_ops(self) -> dict:
         """``{parameter name: operation names}`` of the fallback parameters captured by stand-ins at operations
@@ -851,29 +874,6 @@ class Featurizer:
             if ops is not None:
                 ops.update(mode.ops())
         return [got[n] if n in got else out.new_zeros(b, k, named[n].numel()) for n in names]
-
-    @torch.enable_grad()
-    def _copy_check(self, x: torch.Tensor, name: str, J: torch.Tensor, model: nn.Module) -> bool:
-        """``sum_i w_i v . J_i`` from the copies against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
-        gen = torch.Generator(device="cpu").manual_seed(4321)
-        b, k = J.shape[:2]
-        w = torch.randn(b, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
-        v = torch.randn(k, generator=gen, dtype=torch.float64).to(J.device, J.dtype)
-        mine = torch.einsum("i,a,iap->p", w, v, J)
-        p = dict(model.named_parameters())[name]
-        out = self._call(x, model=model).reshape(b, -1)
-        if out.shape[1] != k:
-            return False  # with copies the model computed something of another shape (copies mixed)
-        theirs, = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [p], allow_unused=True)
-        if theirs is None or not bool(mine.any()):
-            return False  # unused, or the substituted copies were not what the model read (e.g. nn.LSTM)
-        theirs = theirs.reshape(-1)
-        # relative to the gradient's size (no absolute floor: a small gradient must still match). float64: 1e-6, not
-        # tighter: a float64 model may run some ops in float32 (T5's norms compute their variance in float32),
-        # whose rounding of the weighted backward differs from the per-output passes' by ~1e-8 (measured, T5
-        # encoder norm weights behind later blocks); an op mixing examples is an O(1) error
-        rtol = 1e-4 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
-        return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
 
     def _torch_func_jacobian(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop)."""
@@ -1154,6 +1154,27 @@ def _tensor_state(t: torch.Tensor) -> tuple:
         except (RuntimeError, TypeError):
             pass  # a dtype without a byte view (quantized): identity, storage and version only
     return token
+
+
+def _copy_agrees(J: torch.Tensor, ref) -> bool:
+    """Whether per-example gradients ``J`` ``[b, k, numel]`` from copies agree with the check's reference ``ref``
+    (``(w, v, theirs)`` of :meth:`Featurizer._copy_reference`; None: the parameter is unused): ``sum_i w_i v . J_i``
+    against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
+    if ref is None:
+        return False
+    w, v, theirs = ref
+    if J.shape[:2] != (w.shape[0], v.shape[0]):
+        return False  # with copies the model computed something of another shape (copies mixed)
+    mine = torch.einsum("i,a,iap->p", w, v, J)
+    if not bool(mine.any()):
+        return False  # the substituted copies were not what the model read (e.g. nn.LSTM)
+    theirs = theirs.reshape(-1)
+    # relative to the gradient's size (no absolute floor: a small gradient must still match). float64: 1e-6, not
+    # tighter: a float64 model may run some ops in float32 (T5's norms compute their variance in float32), whose
+    # rounding of the weighted backward differs from the per-output passes' by ~1e-8 (measured, T5 encoder norm
+    # weights behind later blocks); an op mixing examples is an O(1) error
+    rtol = 1e-4 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
+    return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
 
 
 def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
