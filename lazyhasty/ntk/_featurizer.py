@@ -754,8 +754,11 @@ class Featurizer:
         one forward for all the parameters it tries (one at a time only where copies of several break the
         forward together), and the check's reference gradient is one backward for all: a first call on timm's
         efficientnet ran 42 forwards and backwards here before."""
+        why = _COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
         for n in todo:
             decided[n] = False
+            why[n] = (f"not a planned layer's parameter, and its per-example copies would take more than "
+                      f"{COPY_MAX_ELEMENTS} elements")
         eligible = [n for n in todo if named[n].numel() * probe.shape[0] <= COPY_MAX_ELEMENTS]
         if not eligible:
             return
@@ -767,13 +770,20 @@ class Featurizer:
             if isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
             # a stand-in broke the forward: said in explain() (not a silent fallback)
-            why = f"per-example stand-ins at its operations broke the forward ({type(exc).__name__}: {exc})"
-            _COPY_WHY.setdefault(self._copies_owner or self._user_model, {}).update({n: why for n in eligible})
+            broke = f"per-example stand-ins at its operations broke the forward ({type(exc).__name__}: {exc})"
+            why.update({n: broke for n in eligible})
             Js = None
         if Js is not None:
             for n, J in zip(eligible, Js):
                 if ops.get(n) and _copy_agrees(J, ref.get(n)):
                     decided[n] = tuple(ops[n])
+                elif ops.get(n):
+                    why[n] = (f"its per-example stand-ins at {', '.join(ops[n])} differ from autograd's (it is also "
+                              "used another way, or an operation after them mixes examples)")
+                else:
+                    why[n] = ("no elementwise operation broadcasts it against the batch (it enters a product, a "
+                              "concatenation or another operation with the examples), and copies of it do not "
+                              "give its per-example gradients")
         rest = [n for n in eligible if not decided[n] and named[n].dim() > 0]
         groups = [rest] if len(rest) > 1 else [[n] for n in rest]
         while groups:
@@ -788,6 +798,9 @@ class Featurizer:
                 continue  # the copies changed the output's shape or broke the forward: not this way
             for n, J in zip(group, Js):
                 decided[n] = _copy_agrees(J, ref.get(n))
+        for n in eligible:
+            if decided[n]:
+                why.pop(n, None)
 
     @torch.enable_grad()
     def _copy_reference(self, x: torch.Tensor, names: list, model: nn.Module) -> dict:
