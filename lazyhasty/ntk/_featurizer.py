@@ -877,7 +877,7 @@ class Featurizer:
         k = out.shape[1]
         leaves = list(subs.values()) + ([s.leaf for s in mode.standins] if mode else [])
         cols: list = [[] for _ in leaves]
-        for a in range(k):
+        for a in range(k if leaves else 0):  # (no leaves: no operation broadcast a candidate)
             gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=True, allow_unused=True)
             for c, g, t in zip(cols, gs, leaves):
                 c.append(torch.zeros_like(t) if g is None else g)

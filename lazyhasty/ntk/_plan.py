@@ -309,10 +309,10 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies", ops=at_ops.get(name)))
         else:
-            why = fz.fallback_reasons.get(name)
+            reason = fz.fallback_reasons.get(name)
             if name in copy_why:
-                why = f"{why}; {copy_why[name]}" if why else copy_why[name]
-            rows.append(_row(model, name, t, "generic", "torch.func", fallback=why))
+                reason = f"{reason}; {copy_why[name]}" if reason else copy_why[name]
+            rows.append(_row(model, name, t, "generic", "torch.func", fallback=reason))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
                 int(fz.k or 0), choice.block_size, rows)
 
