@@ -290,7 +290,12 @@ class Featurizer:
             if layer_feats is None:  # verification moved a layer to the fallback: redo this block
                 return None
             feats.extend(layer_feats)
-        if self.generic:
+        if self.generic and self.is_twin:
+            # the twin checks layers, not the fallback's Jacobians (those are checked on the model's own blocks):
+            # only the per-example-copy decisions, which it makes for its model (a first call on timm's
+            # efficientnet formed the twin's copy Jacobians twice)
+            self.per_example_copies(x)
+        elif self.generic:
             J = self.fallback_jacobian(x)
             self.k = J.shape[1]
             if self.by_layer:  # one feature per owning module (the kernel's per-layer parts)
@@ -877,10 +882,11 @@ class Featurizer:
         k = out.shape[1]
         leaves = list(subs.values()) + ([s.leaf for s in mode.standins] if mode else [])
         cols: list = [[] for _ in leaves]
-        for a in range(k if leaves else 0):  # (no leaves: no operation broadcast a candidate)
-            gs = torch.autograd.grad(out[:, a].sum(), leaves, retain_graph=True, allow_unused=True)
-            for c, g, t in zip(cols, gs, leaves):
-                c.append(torch.zeros_like(t) if g is None else g)
+        if leaves:  # (none: no operation broadcast a candidate)
+            # one batched backward where it fits and agrees (output_gradient_passes), else k passes
+            for gs in self.output_gradient_passes(out, leaves, retain=True):
+                for c, g in zip(cols, gs):
+                    c.append(g)
         got = {n: torch.stack([g.reshape(b, -1) for g in c], 1) for n, c in zip(subs, cols)}
         if mode is not None:
             got.update(standin_grads(mode.standins, [torch.stack(c, 1) for c in cols[len(subs):]], named))
