@@ -279,10 +279,19 @@ class MatmulSite(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self._get(self._names[1]) if self._names[1] else None
 
-    def record(self, func, args):
+    def record(self, func, args, b: int | None = None):
         """``(input, output to record, output for the model)`` of one call, the recorded pair in the
         ``[b, ..., S, G, d]`` layout: for ``W @ h`` and grouped products the same product computed on the
-        moved input, and the model given the moved-back view of it."""
+        moved input, and the model given the moved-back view of it. ``b``: the block's examples; a 2-d ``h``
+        of ``b S`` rows (batch and positions merged, ``torch.addmm(bias, x.view(-1, d), W)``: Hugging Face's
+        ``Conv1D``) is recorded as ``[b, S, d]``, the model given the merged view (the layer check confirms that
+        the rows are example-major)."""
+        if self.layout == "h@W" and b is not None:
+            h = args[1] if func is torch.addmm else args[0]
+            if h.dim() == 2 and h.shape[0] != b and h.shape[0] % b == 0:
+                out = func(*args)
+                rec = out.view(b, -1, out.shape[-1])
+                return h.view(b, -1, h.shape[-1]), rec, rec.view(out.shape)
         if self.layout == "W@h":
             h = args[1].transpose(-1, -2)
             out = F.linear(h, args[0])  # [b, ..., S, d_out] = (W @ h)ᵀ
@@ -388,9 +397,10 @@ def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str
 
 class SiteRecorder:
     """A TorchFunctionMode for the capture forward: each call through a planned :class:`MatmulSite` is
-    recorded (input, output, version counters) like a module hook records a layer's call."""
+    recorded (input, output, version counters) like a module hook records a layer's call (``b``: the block's
+    examples, for products whose rows merge batch and positions: :meth:`MatmulSite.record`)."""
 
-    def __init__(self, plans: list):
+    def __init__(self, plans: list, b: int | None = None):
         by_name = {p.module._names[0]: p for p in plans}
         ids = {id(p.module.weight): name for name, p in by_name.items()}
         bias_ids = {id(p.module.bias): p.module._names[1] for p in plans if p.module.bias is not None}
@@ -401,7 +411,7 @@ class SiteRecorder:
                 p = by_name.get(site[0]) if site is not None else None
                 if p is None or site[2] != p.module.layout:
                     return func(*args, **(kwargs or {}))
-                x, out, given = p.module.record(func, args)
+                x, out, given = p.module.record(func, args, b)
                 x = x.detach()
                 p.inputs.append(x.clone() if p.copy_input else x)
                 p.outputs.append(out)
@@ -685,10 +695,25 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
     if implementation == "jacobian":
         return [], [n for n, _ in params]
     owners: dict[int, int] = {}
+    holders: dict[int, list] = {}  # parameter -> the modules holding it, in named_modules order
     for _, m in model.named_modules():
         for p in m._parameters.values():
             if p is not None:
                 owners[id(p)] = owners.get(id(p), 0) + 1
+                holders.setdefault(id(p), []).append(m)
+
+    def sole(t, m) -> bool:
+        """Whether ``m``'s plan takes the parameter ``t``: its only holder, or a tied parameter (held by several
+        modules of one type, e.g. T5's ``shared`` and ``embed_tokens``) whose first holder not yet moved to the
+        fallback is ``m`` (a holder whose forward never ran is moved there, and the next one planned; the layer
+        check confirms that the one planned is the only one the model calls)."""
+        if owners.get(id(t)) == 1:
+            return True
+        hs = holders.get(id(t), ())
+        if not hs or any(type(h) is not type(m) for h in hs):
+            return False
+        live = [h for h in hs if id(h) not in excluded]
+        return bool(live) and live[0] is m
     plans, covered = [], set()
     for name, m in capture_modules(model):
         if not isinstance(m, _LINEAR_TYPES + (InProjection, RecurrentProjection)) or id(m) in excluded:
@@ -707,10 +732,10 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
         originals = list(m.parametrizations.weight.parameters()) if mapped else []
         w = m.weight if proxy else m._parameters.get("weight")
         b = m.bias if proxy else m._parameters.get("bias")
-        use_w = w is not None and w.requires_grad and owners.get(id(w)) == 1
+        use_w = w is not None and w.requires_grad and (owners.get(id(w)) == 1 or not proxy and sole(w, m))
         if mapped:
             use_w = bool(originals) and all(t.requires_grad and owners.get(id(t)) == 1 for t in originals)
-        use_b = b is not None and b.requires_grad and owners.get(id(b)) == 1
+        use_b = b is not None and b.requires_grad and (owners.get(id(b)) == 1 or not proxy and sole(b, m))
         if not (use_w or use_b):
             continue
         if isinstance(m, _CONV_TRANSPOSE):

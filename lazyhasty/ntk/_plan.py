@@ -194,7 +194,8 @@ class Plan:
                 cost = "  (flops/pair: ghost {ghost:.3g}, materialized {materialized:.3g})".format(**p["costs"])
             copies = f"  copies {'+'.join(p['copies'])}" if p.get("copies") else ""
             fallback = f"  (the layer check moved it here: {p['fallback']})" if p.get("fallback") else ""
-            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{cost}{copies}"
+            at = f" at {', '.join(p['at_ops'])}" if p.get("at_ops") else ""
+            lines.append(f"  {p['name']:<{w}}  {p['module_type']:<14} {p['kind']:<10} {p['form']}{at}{cost}{copies}"
                          f"{fallback}")
         return "\n".join(lines)
 
@@ -202,17 +203,71 @@ class Plan:
 def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = "auto", block_size: int | None = None,
             dtype: torch.dtype | None = None, backend: str | None = None, output=None,
             purpose: str = "gram") -> Plan:
-    """The plan :func:`ntk_gram` (``purpose="gram"``) or :func:`ntk_alignment` (``"alignment"``) follows on
-    ``model`` and inputs ``x`` ``[n, ...]``: the path and why, and per trainable parameter its module, kind
-    (linear / conv / embedding / norm / broadcast / generic), form (ghost / materialized / per-example copies /
-    torch.func) with the cost
-    model's flops per example pair, whether in-place ops made capture copy its input or output, and for a
-    parameter the layer check moved to torch.func why (``fallback``: the check's mismatch, or the error a
-    layout raised on the layer's captured tensors).
-    Runs the layer check on up to 8 examples (cached per model structure, as every call does).
+    """The plan an NTK call on `model` and inputs `x` follows: its path and why, and each parameter's capture.
 
-    >>> print(explain(model, x, kernel="trace"))
-    >>> explain(model, x).generic          # [] when every parameter has a per-layer form
+    What [ntk_gram][lazyhasty.ntk.ntk_gram] (`purpose="gram"`) or
+    [ntk_alignment][lazyhasty.ntk.ntk_alignment] (`"alignment"`) with the same arguments does, without
+    computing the kernel: the path (a key of `PATHS`) and why it was chosen, and per trainable parameter the
+    module it belongs to, how its per-example gradients `J_i = d f(x_i) / d theta` are captured (its `kind`) and
+    the form of its kernel term `J_i . J_j` (its `form`):
+
+    - `kind` `"linear"` / `"conv"` / `"convT"` / `"embedding"` / `"norm"`: one layer's captured input and
+      output gradient, in `form` `"ghost"` (position Grams, never forming `J_i`) or `"materialized"` (`J_i`
+      formed), whichever the cost model's flops per example pair (`costs`) make cheaper;
+    - `kind` `"broadcast"`, `form` `"per-example copies"`: a parameter the model broadcasts against the batch
+      (class tokens, position embeddings looked up on a `[1, L]` buffer, layer scales, norm affines), replaced
+      by `b` copies of itself, or at the operations named in `at_ops` (`mul`, `add`, `layer_norm`,
+      `batch_norm`, `scaled_dot_product_attention`, ...) by copies of the tensor computed from it: example
+      `i`'s gradient is copy `i`'s;
+    - `kind` `"generic"`, `form` `"torch.func"`: on the exact `vmap(jacrev)` fallback; `fallback` says why
+      when the layer check moved it there (the check's mismatch, or the error a layout or a stand-in raised on
+      the layer's captured tensors), so a parameter on the slower path is never unseen.
+
+    `copies` lists `"input"` / `"output"` where in-place ops made capture copy a layer's tensors. The layer
+    check runs on up to 8 examples of `x` (on a perturbed copy of the model; cached per model structure, as
+    every call does), so a later call on the same model starts at once.
+
+    Args:
+        model: the network; its output `[n, k]` (or picked by `output`).
+        x: the inputs `[n, ...]`, or an iterable of batches.
+        kernel: `"full"`, `"trace"` or `"diagonal"`, as in `ntk_gram`.
+        implementation: `"auto"` (default), `"layerwise"`, `"jacobian"` or `"naive"`.
+        block_size: examples a tile, as in `ntk_gram` (None: the default).
+        dtype: the computation's dtype (None: the parameters').
+        backend: `"torch"`, `"triton"` or `"cpp"` (None: the default for the device).
+        output: picks the tensor the kernel is of from a tuple / dict / `ModelOutput` output: an index, a key
+            or a callable.
+        purpose: `"gram"` (an `ntk_gram` call) or `"alignment"` (an `ntk_alignment` call).
+
+    Returns:
+        A `Plan`: `path`, `why`, `kernel`, `implementation`, `n`, `k`, `block_size` and `parameters` (one
+        dict a trainable parameter, in `named_parameters` order: `name`, `shape`, `module`, `module_type`,
+        `kind`, `form`, `costs`, `copies`, `fallback`, `at_ops`); `plan.generic` names those on torch.func;
+        `str(plan)` is a table, `plan.to_dict()` the same as plain data.
+
+    Raises:
+        ValueError: an unknown `kernel`, `implementation` or `purpose`, a bad `block_size` or `dtype`, a model
+            whose examples are not independent (batch statistics, active dropout), or non-finite inputs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from lazyhasty.ntk import explain
+        >>> class Scaled(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(3, 2)
+        ...         self.gamma = nn.Parameter(torch.ones(2))  # a layer scale, broadcast over the batch
+        ...     def forward(self, x):
+        ...         return self.fc(x) * self.gamma
+        >>> plan = explain(Scaled(), torch.randn(4, 3), kernel="trace")
+        >>> for p in plan.parameters:
+        ...     print(p["name"], str(p["kind"]), p["form"], p["at_ops"])
+        gamma broadcast per-example copies ['mul']
+        fc.weight linear ghost None
+        fc.bias linear ghost None
+        >>> plan.generic   # every parameter has a per-layer form
+        []
     """
     check_args(kernel, implementation, block_size, 0, dtype)
     if purpose not in ("gram", "alignment"):
@@ -245,6 +300,8 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
         for attr, t in p.params():
             by_param[id(t)] = (p, copies)
     copied = set(fz.per_example_copies())
+    at_ops = fz.copy_ops()
+    copy_why = fz.copy_failures()
     rows = []
     for name, t in named:
         if id(t) in by_param:
@@ -254,15 +311,19 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
                      if plan.costs and plan.kind in ("linear", "conv", "convT", "embedding") else None)
             rows.append(_row(model, name, t, plan.kind, form, costs, copies))
         elif name in copied:
-            rows.append(_row(model, name, t, "broadcast", "per-example copies"))
+            rows.append(_row(model, name, t, "broadcast", "per-example copies", ops=at_ops.get(name)))
         else:
-            rows.append(_row(model, name, t, "generic", "torch.func", fallback=fz.fallback_reasons.get(name)))
+            reason = fz.fallback_reasons.get(name)
+            if name in copy_why:
+                reason = f"{reason}; {copy_why[name]}" if reason else copy_why[name]
+            rows.append(_row(model, name, t, "generic", "torch.func", fallback=reason))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
                 int(fz.k or 0), choice.block_size, rows)
 
 
-def _row(model, name, t, kind, form, costs=None, copies=(), fallback=None) -> dict:
+def _row(model, name, t, kind, form, costs=None, copies=(), fallback=None, ops=None) -> dict:
     owner = name.rpartition(".")[0]
     module = dict(model.named_modules()).get(owner)
     return {"name": name, "shape": list(t.shape), "module": owner, "module_type": type(module).__name__,
-            "kind": kind, "form": form, "costs": costs, "copies": list(copies), "fallback": fallback}
+            "kind": kind, "form": form, "costs": costs, "copies": list(copies), "fallback": fallback,
+            "at_ops": list(ops) if ops else None}

@@ -1,0 +1,282 @@
+"""Capture rules by operation (``lazyhasty/ntk/capture/``, issue 30 item 4) on small hand-written modules.
+
+Each module uses one pattern the outside libraries use (timm, Hugging Face), written out by hand: the plan
+``explain()`` returns names the rule that captures it (its ``kind`` / ``form`` / ``at_ops``, never the generic
+torch.func fallback), and the float64 full and trace kernels equal :func:`lazyhasty.reference.ntk_gram` within
+1e-10. Before these rules every parameter named here was on torch.func (``explain(...).generic``).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import ntk_gram
+from lazyhasty.ntk import explain
+
+TOL = 1e-10
+
+
+def _rel(got, want):
+    return float((got - want).norm() / want.norm())
+
+
+def _exact(m, x):
+    for kernel in ("full", "trace"):
+        for implementation in ("layerwise", "auto"):
+            got = ntk_gram(m, x, kernel=kernel, implementation=implementation)
+            err = _rel(got, R.ntk_gram(m, [x], kernel=kernel))
+            assert err <= TOL, f"{kernel} {implementation}: {err:.3g}"
+
+
+def _rows(m, x):
+    plan = explain(m, x, kernel="full", implementation="layerwise")
+    return plan, {p["name"]: p for p in plan.parameters}
+
+
+class LayerScale2d(nn.Module):
+    """ConvNeXt's block: ``x.mul(gamma.reshape(1, -1, 1, 1))`` after a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.gamma = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.conv(x).mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+class TokenScale(nn.Module):
+    """ResMLP: ``x + ls * mlp(x)`` with ``ls`` ``[d]`` on ``[b, L, d]``, and Affine's ``addcmul(beta, alpha, x)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.rand(1, 1, 5) + 0.5)
+        self.beta = nn.Parameter(torch.randn(1, 1, 5))
+        self.fc = nn.Linear(5, 5)
+        self.ls = nn.Parameter(torch.rand(5) + 0.5)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = torch.addcmul(self.beta, self.alpha, x)
+        h = h + self.ls * torch.tanh(self.fc(h))
+        return self.head(h.mean(1))
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 ``Conv1D``: the weight ``[in, out]``, batch and positions merged in one ``addmm``."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) / nx ** 0.5)
+        self.bias = nn.Parameter(torch.randn(nf))
+        self.nf = nf
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.nf,))
+
+
+class Conv1DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = Conv1D(4, 6)
+        self.b = Conv1D(6, 2)
+
+    def forward(self, x):  # x [b, L, 4]
+        return self.b(torch.tanh(self.a(x))).mean(1)
+
+
+class PositionEmbedded(nn.Module):
+    """BERT / GPT-2 embeddings: position ids a ``[1, L]`` buffer, looked up and added to the token embeddings."""
+
+    def __init__(self, vocab=11, L=5, d=6):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(8, d)
+        self.register_buffer("position_ids", torch.arange(8)[None], persistent=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, ids):
+        L = ids.shape[1]
+        h = self.tok(ids)
+        h += self.pos(self.position_ids[:, :L])
+        return self.head(torch.tanh(h).mean(1))
+
+
+class NormAct2d(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: batch norm then an activation in one module's forward."""
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return F.silu(x)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's ``LayerNorm2d``: permute to channels last, ``layer_norm``, permute back."""
+
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class RMSNormT5(nn.Module):
+    """T5's ``T5LayerNorm``: ``weight * x / rms(x)`` written out elementwise."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class Norms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = NormAct2d(4)
+        self.ln = LayerNorm2d(4)
+        self.rms = RMSNormT5(4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.ln(self.bn(self.conv(x)))
+        return self.head(self.rms(h.mean((2, 3))))
+
+
+class AttentionBias(nn.Module):
+    """T5 on the SDPA path: a learned bias ``[1, H, L, L]`` as the attention's additive ``attn_mask``."""
+
+    def __init__(self, L=4, d=6, H=2):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.bias = nn.Parameter(torch.randn(1, H, L, L))
+        self.H = H
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):  # [b, L, d]
+        b, L, d = x.shape
+        q, k, v = self.qkv(x).view(b, L, 3, self.H, d // self.H).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        return self.head(o.transpose(1, 2).reshape(b, L, d).mean(1))
+
+
+class TiedEmbeddings(nn.Module):
+    """T5's ``shared`` and ``encoder.embed_tokens``: two Embedding modules holding one weight, one called."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Embedding(9, 4)
+        self.embed_tokens = nn.Embedding(9, 4)
+        self.embed_tokens.weight = self.shared.weight
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.embed_tokens(ids)).mean(1))
+
+
+class AlsoMultiplied(nn.Module):
+    """A parameter broadcast at ``h * p`` and also entering a product ``h @ outer(p, p)``: stand-ins at the mul
+    miss the product's share of its gradient, which the check sees: it stays on torch.func, and says why."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.p = nn.Parameter(torch.rand(4) + 0.5)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.out(h * self.p + h @ torch.outer(self.p, self.p))
+
+
+def _double(m):
+    torch.manual_seed(0)
+    return m.double().eval()
+
+
+def test_layer_scale_reshaped_is_captured_at_its_mul():
+    torch.manual_seed(0)
+    m, x = _double(LayerScale2d()), torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == []
+    assert (rows["gamma"]["kind"], rows["gamma"]["form"], rows["gamma"]["at_ops"]) == (
+        "broadcast", "per-example copies", ["mul"])
+    _exact(m, x)
+
+
+def test_token_layer_scale_and_affine_are_captured():
+    torch.manual_seed(0)
+    m, x = _double(TokenScale()), torch.randn(5, 3, 5, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == []
+    assert rows["ls"]["at_ops"] == ["mul"] and rows["ls"]["kind"] == "broadcast"
+    assert rows["alpha"]["form"] == rows["beta"]["form"] == "per-example copies"
+    _exact(m, x)
+
+
+def test_addmm_with_merged_batch_rows_is_a_linear_site():
+    torch.manual_seed(0)
+    m, x = _double(Conv1DNet()), torch.randn(5, 7, 4, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == []
+    for name in ("a.weight", "a.bias", "b.weight", "b.bias"):
+        assert rows[name]["kind"] == "linear" and rows[name]["form"] in ("ghost", "materialized"), rows[name]
+    _exact(m, x)
+
+
+def test_position_embedding_on_a_broadcast_buffer_is_captured():
+    torch.manual_seed(0)
+    m = _double(PositionEmbedded())
+    ids = torch.randint(0, 11, (6, 5))
+    plan, rows = _rows(m, ids)
+    assert plan.generic == []
+    assert rows["tok.weight"]["kind"] == "embedding"
+    assert rows["pos.weight"]["kind"] == "broadcast" and rows["pos.weight"]["at_ops"] == ["add"]
+    _exact(m, ids)
+
+
+def test_norms_with_an_activation_a_permuted_layout_or_written_out_are_captured():
+    torch.manual_seed(0)
+    m = Norms()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    m, x = _double(m), torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == []
+    assert rows["bn.weight"]["at_ops"] == ["batch_norm"] and rows["bn.bias"]["at_ops"] == ["batch_norm"]
+    assert rows["ln.weight"]["at_ops"] == ["layer_norm"] and rows["ln.bias"]["at_ops"] == ["layer_norm"]
+    assert rows["rms.weight"]["at_ops"] == ["mul"]
+    _exact(m, x)
+
+
+def test_attention_bias_as_an_sdpa_mask_is_captured():
+    torch.manual_seed(0)
+    m, x = _double(AttentionBias()), torch.randn(5, 4, 6, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == []
+    assert rows["bias"]["at_ops"] == ["scaled_dot_product_attention"]
+    _exact(m, x)
+
+
+def test_tied_embedding_is_planned_on_the_module_that_runs():
+    torch.manual_seed(0)
+    m = _double(TiedEmbeddings())
+    ids = torch.randint(0, 9, (6, 5))
+    plan, rows = _rows(m, ids)
+    assert [p["name"] for p in plan.parameters][:1] == ["shared.weight"]  # (named once: the first holder)
+    assert plan.generic == [] and rows["shared.weight"]["kind"] == "embedding"
+    _exact(m, ids)
+
+
+def test_a_parameter_also_used_another_way_stays_on_torch_func_and_says_why():
+    torch.manual_seed(0)
+    m, x = _double(AlsoMultiplied()), torch.randn(6, 3, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert plan.generic == ["p"]
+    assert "stand-ins at mul differ from autograd" in rows["p"]["fallback"]
+    _exact(m, x)
