@@ -27,7 +27,8 @@ from ._sharding import RankTiles, blocks_of
 from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
-from ._layers import check_per_example, check_probe_inputs, select_output, trainable_params
+from ._layers import check_per_example, check_probe_inputs, trainable_params
+from .._outputs import current_call, probing, reapplying
 
 @contextlib.contextmanager
 def _same_trainable(model: nn.Module, ref: nn.Module):
@@ -87,6 +88,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 @measures("model")  # eval mode; the model's modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
+@probing("model", loaders=("loader", "loader2"))  # named inputs and output= (lazyhasty._outputs)
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
@@ -163,7 +165,6 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
     >>> K = ntk_gram(model, x, kernel="full", out="K.npy")   # numpy.memmap [n, k, n, k] on disk
     """
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
-    model = select_output(model, output)
     if implementation == "naive":
         if out is not None or process_group is not None:
             raise ValueError("implementation='naive' (the spec) runs in one process into memory: out= and "
@@ -435,12 +436,14 @@ class KernelOperator:
     (``K_JI = K_IJ^T``). ``Q``: ``[N, p]`` with ``N = n`` (trace) or ``n k`` (full, rows (example, output)).
     Memory: the cached features, one tile, and ``Q``."""
 
+    @probing("model", loaders=("x",))  # named inputs (lazyhasty._outputs); kept for __call__
     def __init__(self, model: nn.Module, x: torch.Tensor, *, kernel: str = "trace", implementation: str = "auto",
                  dtype: torch.dtype | None = None, block_size: int | None = None, backend: str | None = None,
                  max_cache_bytes: int = DEFAULT_CACHE_BYTES):
         if kernel not in ("trace", "full"):
             raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
         _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+        self._probe_call, self._probe_model = current_call(model), model
         self.fz = Featurizer(model, implementation, kernel, dtype)
         self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
         self.x, self.kernel = x.to(self.fz.device), kernel
@@ -454,6 +457,7 @@ class KernelOperator:
 
     @torch.enable_grad()
     @retained_heap()
+    @reapplying("self._probe_model")
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         Q = Q.to(self.fz.device, torch.float64)
         if Q.shape[0] != self.N:
@@ -512,6 +516,7 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
 @measures("model", "reference")  # eval mode; modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
+@probing("model", reference="reference")  # named inputs and output= (lazyhasty._outputs)
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
@@ -547,8 +552,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
-    ref = select_output(as_reference_module(model, reference), output)
-    model = select_output(model, output)
+    ref = as_reference_module(model, reference)
     if implementation == "naive":
         if process_group is not None:
             raise ValueError("implementation='naive' (the spec) runs in one process: process_group= takes 'auto', "

@@ -22,7 +22,7 @@ from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
                       default_block_size, ntk_alignment, ntk_gram)
-from ._layers import select_output
+from .._outputs import probing, reapplying, select_output, tensor_output
 from ._sharding import RankTiles
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
@@ -72,6 +72,7 @@ class NTKReference:
     @classmethod
     @measures("reference")  # eval mode; the reference's modes, buffers and RNG states restored after
     @retained_heap()
+    @probing("reference", keep=True)  # named inputs and output= (lazyhasty._outputs), kept for measure
     def capture(cls, reference: nn.Module, loader, *, kernel: str = "trace", centered: bool = False,
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
                 max_bytes: int = DEFAULT_REFERENCE_BYTES, backend: str | None = None, output=None,
@@ -106,7 +107,7 @@ class NTKReference:
             x, shard = all_inputs(loader, model_device(reference)), None
         n = x.shape[0]
         with torch.no_grad():
-            k = int(select_output(reference, output)(x[:1]).reshape(1, -1).shape[1])
+            k = int(tensor_output(reference(x[:1])).reshape(1, -1).shape[1])
         item = torch.finfo(dtype or next(p.dtype for p in reference.parameters())).bits // 8
         need = item * (n * n if kernel == "trace" else (n * k) ** 2)
         frozen = copy.deepcopy(reference)
@@ -129,6 +130,7 @@ class NTKReference:
 
     @measures("model", "self.reference")
     @retained_heap()
+    @reapplying("model")
     def measure(self, model: nn.Module) -> dict:
         """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only
         while ``K_0`` is stored; from the same exact sums: ``|K_t|^2 + |K_0|^2 - 2 <K_t, K_0>``)."""
