@@ -14,7 +14,7 @@ dim 0 of every input; rows that disagree are an error naming the keys), and ever
 per-example shapes and dtypes (pad sequences to one length). A mapping with the key ``"x"`` is the older form
 and keeps its meaning: ``batch["x"]`` is the one positional input, the other keys are ignored.
 
-**One place.** `probing` (a decorator on every entry point: ``ntk_gram``, ``ntk_alignment``, ``explain``,
+**One place.** :func:`lazyhasty._probing.probing` (a decorator on every entry point: ``ntk_gram``, ``ntk_alignment``, ``explain``,
 ``KernelOperator``, ``ntk_eigh``, ``kernel_matvec``, ``sign_similarity``, ``representation_alignment``,
 ``SignPatterns``, ``NTKReference``, ``LinearityProbe``) turns (model, loader, output) into what the engine
 runs: the named inputs of each batch packed into one tensor ``[n, d]`` (`InputPacking`; one input key: that
@@ -28,15 +28,13 @@ the per-model caches of the layer checks hold across calls; the call's descripti
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import itertools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-__all__ = ["InputPacking", "ProbeCall", "ProbeModel", "output_tensor", "pack_inputs", "probing", "TARGET_KEYS"]
+__all__ = ["TARGET_KEYS", "InputPacking", "ProbeCall", "ProbeModel", "output_tensor", "pack_inputs"]
 
 # a probe batch's keys that are targets, not inputs (the Trainer's own "labels" convention)
 TARGET_KEYS = ("labels", "label", "label_ids")
@@ -195,8 +193,8 @@ def pack_inputs(batch: Mapping, packing: InputPacking | None = None, name: str =
             raise ValueError(f"{name}[{k!r}] is on the meta device: it holds no values")
     rows = {k: v.shape[0] for k, v in items.items()}
     if len(set(rows.values())) != 1:
-        raise ValueError(f"the inputs of {name} have different numbers of examples (dim 0): {rows}; every input "
-                         "must hold one row per example")
+        raise ValueError(f"the inputs of {name} have different numbers of rows (examples, dim 0): {rows}; every "
+                         "input must hold one row per example")
     keys = tuple(items)
     shapes = tuple(tuple(v.shape[1:]) for v in items.values())
     dtypes = tuple(v.dtype for v in items.values())
@@ -301,7 +299,7 @@ class ProbeCall:
     def key(self) -> str:
         return repr((None if self.packing is None else self.packing.describe(), _output_key(self.output)))
 
-    def merged(self, inner: "ProbeCall") -> "ProbeCall":
+    def merged(self, inner: ProbeCall) -> ProbeCall:
         """This call with a nested entry point's: its packing if it has one, its output if it names one."""
         return ProbeCall(self.output if inner.output is None else inner.output, inner.packing or self.packing)
 
@@ -359,158 +357,3 @@ def _patch(m: nn.Module, call: ProbeCall):
 def current_call(model) -> ProbeCall:
     """The `ProbeCall` a model runs under now (an inactive one outside every entry point)."""
     return getattr(model, "__dict__", {}).get(_CALL) or ProbeCall()
-
-
-class _Packed:
-    """A loader whose batches of named inputs come out packed (re-iterable when the source is)."""
-
-    def __init__(self, source, call: ProbeCall):
-        self.source, self.call = source, call
-
-    def __iter__(self):
-        for i, batch in enumerate(self.source):
-            yield self.call.pack(batch, f"batch {i}")
-
-
-def _first(loader):
-    """``(first batch or None, the loader to iterate instead)``: a one-shot iterator is chained back."""
-    if isinstance(loader, torch.Tensor) or loader is None or not isinstance(loader, Iterable):
-        return None, loader
-    it = iter(loader)
-    try:
-        first = next(it)
-    except StopIteration:
-        return None, loader if it is not loader else []
-    return first, (loader if it is not loader else itertools.chain([first], it))
-
-
-def probe_call(loaders: list, output=None, group=None) -> tuple[ProbeCall, list]:
-    """``(call, loaders)``: the `ProbeCall` of an entry point's loaders and ``output=``, and the loaders as
-    the engine takes them (named inputs packed). Every loader must hold named inputs or none; with a
-    ``group`` (``torch.distributed``) the ranks agree on one packing (a rank with an empty shard takes the
-    others'), and a rank whose batches cannot be packed fails on every rank."""
-    check_output(output)
-    packing, out, err = None, [], None
-    try:
-        for j, loader in enumerate(loaders):
-            name = "the probe set" if j == 0 else "the second example set"
-            if isinstance(loader, Mapping) and named_batch(loader) is not None:  # the whole set as one dict
-                x, packing = pack_inputs(loader, packing, name)
-                out.append(x)
-                continue
-            first, loader = _first(loader)
-            named = None if first is None else named_batch(first)
-            if named is not None:
-                _, packing = pack_inputs(named, packing, f"batch 0 of {name}")
-                out.append(_Packed(loader, None))  # its call is set below, once the packing is agreed
-            else:
-                if packing is not None and first is not None:
-                    raise TypeError(f"{name} holds tensors but the first set named inputs {list(packing.keys)}")
-                out.append(loader)
-    except (TypeError, ValueError) as exc:
-        err = exc
-    if group is not None:
-        from . import _dist
-
-        everyone = _dist.gather_objects((packing, None if err is None else f"{type(err).__name__}: {err}"), group)
-        if err is not None:
-            raise err
-        for r, (_, msg) in enumerate(everyone):
-            if msg is not None:
-                raise ValueError(f"rank {r} failed reading its probe shard ({msg})")
-        known = [(r, p) for r, (p, _) in enumerate(everyone) if p is not None]
-        for r, p in known[1:]:
-            if p != known[0][1]:
-                raise ValueError(f"the ranks' probe shards have different named inputs: rank {known[0][0]} "
-                                 f"{known[0][1].describe()}, rank {r} {p.describe()}")
-        if packing is None and known:
-            packing = known[0][1]
-    elif err is not None:
-        raise err
-    call = ProbeCall(output, packing)
-    for v in out:
-        if isinstance(v, _Packed):
-            v.call = call
-    return call, out
-
-
-def probing(*models: str, loaders: tuple = ("loader",), reference: str | None = None, keep: bool = False):
-    """Decorate an entry point so that it runs on named inputs and picked outputs (the module docstring).
-
-    Args:
-        *models: the names of its model arguments (``"model"``; a value that is not a module is left alone).
-        loaders: the names of its loader arguments (``None`` values are left alone).
-        reference: the name of a reference argument resolved as :func:`lazyhasty.ntk.ntk_alignment` does (the
-            model at init, a module or a state_dict; ``None`` for an ``AlphaScaled`` / ``Linearized`` model),
-            so that the reference measured runs under the same call.
-        keep: the returned object keeps the call (``_probe_call``) for its later methods (`reapplying`).
-
-    The entry point's ``output=`` (an argument, or a key of its ``**options``) is read and passed on as
-    ``None``; its ``process_group=``, if any, makes the ranks agree on the packing.
-
-    Example:
-        >>> @probing("model")
-        ... def first_output(model, loader, output=None):
-        ...     return model(next(iter(loader)))
-    """
-    def decorate(fn):
-        sig = inspect.signature(fn)
-        var_kw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            a = bound.arguments
-            where = a if "output" in sig.parameters else a.get(var_kw, {}) if var_kw else {}
-            output = where.get("output")
-            group = None
-            if "process_group" in sig.parameters and a.get("process_group") is not None:
-                from . import _dist
-
-                group = _dist.resolve(a["process_group"])
-            names = [n for n in loaders if a.get(n) is not None]
-            call, packed = probe_call([a[n] for n in names], output, group)
-            a.update(zip(names, packed))
-            if call.active and output is not None:
-                where["output"] = None
-            if not call.active:
-                result = fn(*bound.args, **bound.kwargs)
-            else:
-                targets = [n for n in models if n in a]
-                if reference is not None:
-                    from ._loaders import as_reference_module, model_and_reference
-
-                    a[targets[0]], ref = model_and_reference(a[targets[0]], a.get(reference))
-                    a[reference] = as_reference_module(a[targets[0]], ref)
-                    targets.append(reference)
-                with call.on(*[a[n] for n in targets]) as objs:
-                    a.update(zip(targets, objs))
-                    result = fn(*bound.args, **bound.kwargs)
-            if keep and result is not None:
-                result._probe_call = call
-            return result
-        return wrapper
-    return decorate
-
-
-def reapplying(*models: str):
-    """Decorate a method of an object an entry point made with ``keep=True`` (`probing`): its models (argument
-    names, or ``"self.attr"``) run under the call the object kept (the packing of its probe set and its
-    output)."""
-    def decorate(fn):
-        sig = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(self, *args, **kwargs):
-            call = getattr(self, "_probe_call", None)
-            if call is None or not call.active:
-                return fn(self, *args, **kwargs)
-            bound = sig.bind(self, *args, **kwargs)
-            a = bound.arguments
-            own = [getattr(self, n[5:]) for n in models if n.startswith("self.")]
-            targets = [n for n in models if n in a]
-            with call.on(*own, *[a[n] for n in targets]) as objs:
-                a.update(zip(targets, objs[len(own):]))
-                return fn(*bound.args, **bound.kwargs)
-        return wrapper
-    return decorate

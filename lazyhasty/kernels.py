@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._outputs import probing, tensor_output
+from ._outputs import tensor_output
+from ._probing import probing
 
 F64 = torch.float64
 LOSSES = ("mse", "cross_entropy")

@@ -111,8 +111,6 @@ PENDING_DOCSTRINGS = {
     "lazyhasty.ntk.NTKReference",
     "lazyhasty.ntk.NTKReference.capture",
     "lazyhasty.ntk.explain",
-    "lazyhasty.ntk.ntk_alignment",
-    "lazyhasty.ntk.ntk_gram",
 }
 
 

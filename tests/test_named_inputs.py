@@ -9,10 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from lazyhasty import Monitor, reference as R
+from lazyhasty import Monitor
+from lazyhasty import reference as R
 from lazyhasty.kernels import kernel_matvec, ntk_eigh
-from lazyhasty.metrics import (LinearityProbe, SignPatterns, ntk_alignment, ntk_gram, representation_alignment,
-                               sign_similarity)
+from lazyhasty.metrics import (
+    LinearityProbe,
+    SignPatterns,
+    ntk_alignment,
+    ntk_gram,
+    representation_alignment,
+    sign_similarity,
+)
 from lazyhasty.ntk import KernelOperator, NTKReference, explain
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -135,7 +142,7 @@ def test_kernel_operator_and_the_kernel_functions():
     _close(op(Q), K @ Q)
     _close(op(Q), K @ Q)  # the operator keeps the call for every product
     _close(kernel_matvec(m, dicts, Q), K @ Q)
-    lam, V = ntk_eigh(m, dicts, 3, max_bytes=0, tol=1e-12, max_iter=500)
+    lam, _ = ntk_eigh(m, dicts, 3, max_bytes=0, tol=1e-12, max_iter=500)
     _close(lam, torch.linalg.eigvalsh(K).flip(0)[:3], 1e-9)
     lam2, _ = ntk_eigh(m, dicts, 3)
     _close(lam2, torch.linalg.eigvalsh(K).flip(0)[:3], 1e-9)
@@ -164,7 +171,7 @@ def test_sign_and_representation_metrics_and_probes():
 
 def test_monitor_with_named_inputs_still_works():
     m, m0 = two_inputs()
-    dicts, x = batches()
+    dicts, _ = batches()
     whole = {k: torch.cat([b[k] for b in dicts]) for k in dicts[0]}
     got = Monitor(m0, whole, metrics=("ntk_alignment", "sign_similarity")).measure(m)
     assert abs(got["ntk_alignment"] - ntk_alignment(m, dicts, m0, kernel="trace")) <= 1e-9
@@ -223,7 +230,7 @@ def test_bad_named_batches_are_errors_naming_the_keys():
     m, _ = two_inputs()
     dicts, _ = batches()
     ids, mask = dicts[0]["input_ids"], dicts[0]["mask"]
-    with pytest.raises(ValueError, match=r"different numbers of examples.*'input_ids': 4.*'mask': 3"):
+    with pytest.raises(ValueError, match=r"different numbers of rows.*'input_ids': 4.*'mask': 3"):
         ntk_gram(m, [{"input_ids": ids, "mask": mask[:3]}])
     with pytest.raises(TypeError, match=r"\['mask'\] must be a tensor.*got list"):
         ntk_gram(m, [{"input_ids": ids, "mask": mask.tolist()}])

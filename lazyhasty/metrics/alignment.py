@@ -12,7 +12,7 @@ from torch import nn
 
 from .._precision import exact_fp32
 from .._modes import measuring
-from .._outputs import probing
+from .._probing import probing
 from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
                         model_inputs, run_model)
 from .._exact import AlignmentSums, CentredMoments

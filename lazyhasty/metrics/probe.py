@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._modes import measuring
-from .._outputs import probing, reapplying
+from .._probing import probing, reapplying
 from .._loaders import check_materialized, model_device, model_inputs, run_model
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._modes import measuring
-from .._outputs import probing
+from .._probing import probing
 from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
                         model_inputs, run_model)
 from ..ops.signs import pack_signs, sign_mismatch

@@ -28,7 +28,7 @@ from .._loaders import all_inputs
 from ._args import check_args, ntk_backend
 from ._blocks import default_block_size, one_trace_block, output_size
 from ._featurizer import Featurizer
-from .._outputs import probing
+from .._probing import probing
 
 PATHS = {
     "naive": "one autograd call per example and output (the spec)",

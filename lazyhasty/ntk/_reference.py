@@ -22,7 +22,8 @@ from .._precision import exact_fp32
 from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
                       default_block_size, ntk_alignment, ntk_gram)
-from .._outputs import probing, reapplying, select_output, tensor_output
+from .._outputs import select_output, tensor_output
+from .._probing import probing, reapplying
 from ._sharding import RankTiles
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
