@@ -141,6 +141,7 @@ def test_kernel_operator_and_the_kernel_functions():
     op = KernelOperator(m, whole, kernel="trace", block_size=4)
     _close(op(Q), K @ Q)
     _close(op(Q), K @ Q)  # the operator keeps the call for every product
+    _close(KernelOperator(m, dicts, kernel="trace")(Q), K @ Q)  # a loader of dict batches
     _close(kernel_matvec(m, dicts, Q), K @ Q)
     lam, _ = ntk_eigh(m, dicts, 3, max_bytes=0, tol=1e-12, max_iter=500)
     _close(lam, torch.linalg.eigvalsh(K).flip(0)[:3], 1e-9)

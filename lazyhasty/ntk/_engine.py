@@ -174,8 +174,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
 
     Example:
         >>> import torch
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
         >>> x = torch.randn(5, 3, dtype=torch.float64)
         >>> K = ntk_gram(net, x)                             # full: [n, k, n, k]
@@ -467,7 +466,9 @@ class KernelOperator:
     """``Q -> K Q`` for the NTK of ``model`` on ``x`` without forming ``K``: features of every block are formed
     once (kept within ``max_cache_bytes``, else recomputed) and each product runs over tiles ``I <= J``
     (``K_JI = K_IJ^T``). ``Q``: ``[N, p]`` with ``N = n`` (trace) or ``n k`` (full, rows (example, output)).
-    Memory: the cached features, one tile, and ``Q``."""
+    Memory: the cached features, one tile, and ``Q``. ``x``: a tensor ``[n, ...]``, a dict of named inputs
+    (passed to the model as keyword arguments, as in [ntk_gram][lazyhasty.ntk.ntk_gram]) or a loader; the
+    model runs under that call (and its picked output) in every product."""
 
     @probing("model", loaders=("x",))  # named inputs (lazyhasty._outputs); kept for __call__
     def __init__(self, model: nn.Module, x: torch.Tensor, *, kernel: str = "trace", implementation: str = "auto",
@@ -477,6 +478,7 @@ class KernelOperator:
             raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
         _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
         self._probe_call, self._probe_model = current_call(model), model
+        x = x if isinstance(x, torch.Tensor) else all_inputs(x, model_device(model))  # a loader (of named inputs)
         self.fz = Featurizer(model, implementation, kernel, dtype)
         self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
         self.x, self.kernel = x.to(self.fz.device), kernel
@@ -605,8 +607,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
 
     Example:
         >>> import copy, torch
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
         >>> init = copy.deepcopy(net.state_dict())
         >>> x = torch.randn(16, 3, dtype=torch.float64)
