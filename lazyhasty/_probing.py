@@ -52,37 +52,45 @@ def probe_call(loaders: list, output=None, group=None) -> tuple[ProbeCall, list]
     ``group`` (``torch.distributed``) the ranks agree on one packing (a rank with an empty shard takes the
     others'), and a rank whose batches cannot be packed fails on every rank."""
     check_output(output)
-    packing, out, err = None, [], None
+    packing, out, err, plain = None, [], None, None  # plain: the first set holding tensors, not named inputs
     try:
         for j, loader in enumerate(loaders):
             name = "the probe set" if j == 0 else "the second example set"
             if isinstance(loader, Mapping) and named_batch(loader) is not None:  # the whole set as one dict
                 x, packing = pack_inputs(loader, packing, name)
                 out.append(x)
-                continue
-            first, loader = _first(loader)
-            named = None if first is None else named_batch(first)
-            if named is not None:
-                _, packing = pack_inputs(named, packing, f"batch 0 of {name}")
-                out.append(_Packed(loader, None))  # its call is set below, once the packing is agreed
             else:
-                if packing is not None and first is not None:
-                    raise TypeError(f"{name} holds tensors but the first set named inputs {list(packing.keys)}")
-                out.append(loader)
+                first, loader = _first(loader)
+                named = None if first is None else named_batch(first)
+                if named is not None:
+                    _, packing = pack_inputs(named, packing, f"batch 0 of {name}")
+                    out.append(_Packed(loader, None))  # its call is set below, once the packing is agreed
+                else:
+                    if first is not None or (isinstance(loader, torch.Tensor) and loader.numel()):
+                        plain = plain or name
+                    out.append(loader)
+            if packing is not None and plain is not None:
+                raise TypeError(f"{plain} holds tensors but another set named inputs {list(packing.keys)}: give "
+                                "every set as dicts of named inputs, or none")
     except (TypeError, ValueError) as exc:
         err = exc
     if group is not None:
-        everyone = _dist.gather_objects((packing, None if err is None else f"{type(err).__name__}: {err}"), group)
+        mine = (packing, plain is not None, None if err is None else f"{type(err).__name__}: {err}")
+        everyone = _dist.gather_objects(mine, group)
         if err is not None:
             raise err
-        for r, (_, msg) in enumerate(everyone):
+        for r, (_, _, msg) in enumerate(everyone):
             if msg is not None:
                 raise ValueError(f"rank {r} failed reading its probe shard ({msg})")
-        known = [(r, p) for r, (p, _) in enumerate(everyone) if p is not None]
+        known = [(r, p) for r, (p, _, _) in enumerate(everyone) if p is not None]
         for r, p in known[1:]:
             if p != known[0][1]:
                 raise ValueError(f"the ranks' probe shards have different named inputs: rank {known[0][0]} "
                                  f"{known[0][1].describe()}, rank {r} {p.describe()}")
+        tensors = [r for r, (_, t, _) in enumerate(everyone) if t]
+        if known and tensors:
+            raise ValueError(f"rank {known[0][0]}'s probe shard has named inputs {list(known[0][1].keys)} but rank "
+                             f"{tensors[0]}'s holds tensors: every rank must pass the same kind of batches")
         if packing is None and known:
             packing = known[0][1]
     elif err is not None:

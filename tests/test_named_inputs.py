@@ -245,6 +245,11 @@ def test_bad_named_batches_are_errors_naming_the_keys():
         ntk_gram(m, [{"input_ids": ids, "mask": mask}, {"input_ids": ids[:, :3], "mask": mask[:, :3]}])
     with pytest.raises(ValueError, match="no input keys"):
         sign_similarity(m, [{"labels": ids}], copy.deepcopy(m))
+    x = torch.cat([ids.double(), mask], 1)
+    with pytest.raises(TypeError, match="holds tensors but another set named inputs"):
+        ntk_gram(m, x, loader2=[{"input_ids": ids, "mask": mask}])
+    with pytest.raises(TypeError, match="holds tensors but another set named inputs"):
+        ntk_gram(m, [{"input_ids": ids, "mask": mask}], loader2=x)
 
 
 def test_the_x_key_keeps_its_meaning():
