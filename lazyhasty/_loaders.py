@@ -4,6 +4,11 @@ A loader is any iterable of batches. A batch is a tensor (the inputs), a tuple/l
 element is the input tensor (the rest, e.g. labels or ``None``, is ignored) or a dict with key ``"x"``.
 A bare tensor passed as the loader itself is the whole probe set, cut into batches of
 ``DEFAULT_BATCH_SIZE`` examples along dim 0.
+
+A batch of named inputs (a mapping of tensors without ``"x"``, e.g. ``{"input_ids", "attention_mask",
+"labels"}``) is passed to the model as keyword arguments: the entry points turn it into one packed tensor and
+the model into a function of it before these helpers see either (:mod:`lazyhasty._outputs`, which also says
+which keys are inputs: every key but ``labels`` / ``label`` / ``label_ids``).
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ def batch_inputs(batch) -> torch.Tensor:
         x = batch
     elif isinstance(batch, Mapping):
         if "x" not in batch:
-            raise ValueError(f"a dict batch must have the key 'x' (the inputs); got keys {sorted(map(str, batch))}")
+            raise ValueError(f"a dict batch must have the key 'x' (the inputs) here; got keys {sorted(map(str, batch))} "
+                             "(dicts of named inputs are taken by the entry points: ntk_gram, ntk_alignment, the "
+                             "metrics and probes)")
         x = batch["x"]
     elif isinstance(batch, (tuple, list)):
         if len(batch) == 0:

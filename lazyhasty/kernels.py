@@ -28,6 +28,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ._outputs import tensor_output
+from ._probing import probing
+
 F64 = torch.float64
 LOSSES = ("mse", "cross_entropy")
 
@@ -296,6 +299,7 @@ def _residuals(KV: torch.Tensor, V: torch.Tensor, lam: torch.Tensor) -> torch.Te
     return (KV - V * lam).norm(dim=0) / scale
 
 
+@probing("model")  # named inputs and output= (lazyhasty._outputs)
 def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1 << 30, block_size: int | None = None,
              dtype: torch.dtype | None = None, tol: float = 1e-10, max_iter: int = 200, seed: int = 0,
              on_unconverged: str = "warn", **ntk_options) -> Eigenpairs:
@@ -356,7 +360,7 @@ def ntk_eigh(model, loader, r: int, *, kernel: str = "trace", max_bytes: int = 1
     check_model_inputs(x, model=model)
     n = x.shape[0]
     with torch.no_grad(), measuring(model):
-        k = int(model(x[:1]).reshape(1, -1).shape[1])
+        k = int(tensor_output(model(x[:1])).reshape(1, -1).shape[1])
     N = n if kernel == "trace" else n * k
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= N:
         raise ValueError(f"r must be an integer in 1..{N} (the kernel's size), got {r!r}")
@@ -398,6 +402,7 @@ def _subspace_iteration(matvec, N, r, tol, max_iter, seed, device) -> Eigenpairs
     return Eigenpairs(lam[:r], V, res, False, max_iter)
 
 
+@probing("model")  # named inputs and output= (lazyhasty._outputs)
 def kernel_matvec(model, loader, Q: torch.Tensor, *, kernel: str = "trace", **ntk_options) -> torch.Tensor:
     """`K Q` for `Q` `[N, p]` (`N = n` trace, `n k` full), over kernel tiles `I <= J`, never the `N x N` kernel.
 

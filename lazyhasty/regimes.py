@@ -33,21 +33,15 @@ def _selected(out, output: str | Callable | None):
         ``(tensor, rebuild)``: ``rebuild(new)`` is ``new`` itself for a tensor output or a callable ``output``,
         else a shallow copy of ``out`` whose selected field is ``new`` and whose ``loss`` (if any) is ``None``.
     """
-    if callable(output):
-        t = output(out)
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"output= returned {type(t).__name__}, expected a tensor")
+    from ._outputs import output_tensor
+
+    t = output_tensor(out, output)  # the one picker of every entry point: its errors name output=
+    if callable(output) or isinstance(out, torch.Tensor):
         return t, lambda new: new
     if output is None:
-        if isinstance(out, torch.Tensor):
-            return out, lambda new: new
-        if getattr(out, "logits", None) is None:
-            raise TypeError(f"the model returned {type(out).__name__}, which is not a tensor and has no .logits: "
-                            "pass output= (an attribute name, or a callable such as lambda out: out[0])")
         output = "logits"
-    t = out.get(output) if isinstance(out, dict) else getattr(out, output, None)
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"output={output!r}: the model's {type(out).__name__} has no tensor {output!r}")
+    if isinstance(out, (tuple, list)) and isinstance(output, int):
+        return t, lambda new: type(out)([new if i == output % len(out) else v for i, v in enumerate(out)])
 
     def rebuild(new):
         fields = getattr(type(out), "__dataclass_fields__", None)

@@ -121,6 +121,8 @@ def _worker(rank, size, init, shards, out_dir, mode):
                                                       gather="all", max_cache_bytes=0)
         elif mode == "probes":
             res = _probes(m, m0, mine, "world", _labels(x)[lo:hi])
+        elif mode == "named":  # dict batches (ids, mask, labels): the ranks gather the named inputs
+            res = _named(lo, hi, "world")
         elif mode == "naive":  # the naive spec with a group: an error, not each rank's own shard
             from lazyhasty.metrics import ntk_alignment
 
@@ -188,6 +190,32 @@ def test_captured_probes_over_ranks_equal_one_process(tmp_path, shards):
         assert res == got[0], f"rank {r} differs from rank 0"
         for key, value in want.items():
             assert res[key] == pytest.approx(value, abs=1e-12, rel=0), key
+
+
+def _named(lo, hi, group):
+    """ntk_alignment and ntk_gram of a two-input model on dict batches, this rank's rows ``lo:hi`` (an empty
+    shard: no batch at all)."""
+    from lazyhasty.metrics import ntk_alignment, ntk_gram
+    from test_named_inputs import batches, two_inputs
+
+    m, m0 = two_inputs()
+    dicts, _ = batches(n=11, size=11)
+    mine = [{k: v[lo:hi] for k, v in dicts[0].items()}] if hi > lo else []
+    out = {f"ntk-{kernel}": ntk_alignment(m, mine, m0, kernel=kernel, block_size=3, process_group=group)
+           for kernel in ("trace", "full")}
+    out["gram"] = ntk_gram(m, mine, kernel="trace", block_size=3, process_group=group, gather="all")
+    return out
+
+
+@pytest.mark.parametrize("shards", [[(0, 6), (6, 11)], [(0, 0), (0, 11)]], ids=["2-ranks", "2-ranks-one-empty"])
+def test_ntk_alignment_of_named_inputs_over_ranks_equals_one_process(tmp_path, shards):
+    want = _named(0, 11, None)
+    got = _run(tmp_path, shards, mode="named")
+    for r, res in enumerate(got):
+        for kernel in ("trace", "full"):
+            assert res[f"ntk-{kernel}"] == got[0][f"ntk-{kernel}"], f"rank {r} differs from rank 0"
+            assert res[f"ntk-{kernel}"] == pytest.approx(want[f"ntk-{kernel}"], abs=1e-12, rel=0)
+        assert torch.allclose(res["gram"], want["gram"], rtol=1e-12, atol=1e-12)
 
 
 def test_ntk_gram_over_ranks_to_a_memory_mapped_file_or_gathered(tmp_path):

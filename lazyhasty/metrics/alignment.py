@@ -12,6 +12,7 @@ from torch import nn
 
 from .._precision import exact_fp32
 from .._modes import measuring
+from .._probing import probing
 from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
                         model_inputs, run_model)
 from .._exact import AlignmentSums, CentredMoments
@@ -92,6 +93,7 @@ def _feature_moments(centered: bool, dtype: torch.dtype | None = None) -> Centre
 
 
 @torch.no_grad()
+@probing("model", reference="reference")  # named inputs (lazyhasty._outputs)
 def representation_alignment(model: nn.Module, loader, reference=None, *, layer: nn.Module | str | None = None,
                              where: str | None = None, centered: bool = False,
                              dtype: torch.dtype | None = None, gram: str = "examples",

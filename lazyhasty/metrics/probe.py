@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .._modes import measuring
+from .._probing import probing, reapplying
 from .._loaders import check_materialized, model_device, model_inputs, run_model
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32
@@ -48,6 +49,7 @@ class LinearityProbe:
 
     @classmethod
     @torch.no_grad()
+    @probing("reference", loaders=("x",), keep=True)  # named inputs (lazyhasty._outputs), kept for measure
     def capture(cls, reference: nn.Module, x: torch.Tensor, *, layer: nn.Module | str | None = None,
                 where: str | None = None, modules: Sequence[nn.Module | str] | None = None,
                 batch_size: int = 1024, backend: str | None = None, ntk: str | None = None,
@@ -128,6 +130,7 @@ class LinearityProbe:
         return cls(x, batch_size, signs, name, where, feats, kernel_ref, group)
 
     @torch.no_grad()
+    @reapplying("model")
     def measure(self, model: nn.Module, *, backend: str | None = None, centered: bool = False) -> dict:
         """The probes of `model` against the captured reference, measured in eval mode.
 

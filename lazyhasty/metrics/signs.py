@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .._modes import measuring
+from .._probing import probing
 from .._loaders import (as_reference_module, check_materialized, iter_inputs, model_and_reference, model_device,
                         model_inputs, run_model)
 from ..ops.signs import pack_signs, sign_mismatch
@@ -182,6 +183,7 @@ class SignPatterns:
 
     @classmethod
     @torch.no_grad()
+    @probing("reference", keep=True)  # named inputs (lazyhasty._outputs)
     def capture(cls, reference: nn.Module, loader, *, modules: Sequence[nn.Module | str] | None = None,
                 backend: str | None = None, process_group=None) -> "SignPatterns":
         """Run `reference` (eval mode) over `loader` and keep its packed sign patterns.
@@ -257,6 +259,7 @@ class SignPatterns:
                             self.fingerprints, self.functional, self.group)
 
     @torch.no_grad()
+    @probing("model")  # named inputs (lazyhasty._outputs)
     def similarity(self, model: nn.Module, loader, *, reduction: str = "mean", backend: str | None = None):
         """Sign similarity of `model` with the captured reference on the same probe set.
 
@@ -329,6 +332,7 @@ def _reduce(mismatches: torch.Tensor, units_per_example: int, reduction: str):
 
 
 @torch.no_grad()
+@probing("model", reference="reference")  # named inputs (lazyhasty._outputs)
 def sign_similarity(model: nn.Module, loader, reference=None, *, modules: Sequence[nn.Module | str] | None = None,
                     reduction: str = "mean", backend: str | None = None, process_group=None):
     """Fraction of (example, ReLU unit) pairs whose on/off status (output > 0) is the same in both models.

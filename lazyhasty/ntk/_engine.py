@@ -27,7 +27,9 @@ from ._sharding import RankTiles, blocks_of
 from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
-from ._layers import check_per_example, check_probe_inputs, select_output, trainable_params
+from ._layers import check_per_example, check_probe_inputs, trainable_params
+from .._outputs import current_call
+from .._probing import probing, reapplying
 from .._validate import check_model_inputs
 
 @contextlib.contextmanager
@@ -89,6 +91,7 @@ def _guard_naive(model: nn.Module, xs: list) -> None:
 @measures("model")  # eval mode; the model's modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
+@probing("model", loaders=("loader", "loader2"))  # named inputs and output= (lazyhasty._outputs)
 def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: str = "auto",
              dtype: torch.dtype | None = None, block_size: int | None = None, progress: bool = False,
              backend: str | None = None, max_cache_bytes: int = DEFAULT_CACHE_BYTES, output=None,
@@ -96,77 +99,107 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
              tf32: bool = False):
     """Empirical neural tangent kernel of ``model`` on every example of ``loader``.
 
-    ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>`` over all trainable parameters
-    (``requires_grad=True``), with ``f(x)`` flattened to ``[b, k]`` (k = 1 for outputs ``[b]`` / ``[b, 1]``).
+    ``K = J J^T``, with ``J`` ``[n k, p]`` the Jacobian of the outputs ``f(x_i)`` (flattened to ``[k]``; k = 1
+    for outputs ``[n]`` / ``[n, 1]``) with respect to the ``p`` trainable parameters (``requires_grad=True``):
+    ``K[i, a, j, b] = <d f_a(x_i) / d theta, d f_b(x_j) / d theta>``. The kernel is of the network in eval
+    mode (dropout off, BatchNorm on its running statistics), whatever mode the model is in; its modes,
+    buffers and RNG states are restored after. A model that mixes examples in eval mode is refused.
 
-    kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (sum over a = b);
-    ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks).
+    Args:
+        model: the network (an ``nn.Module``). Its output is a tensor, or anything with ``logits`` (a Hugging
+            Face ``ModelOutput``, a dict): those are taken; else pass ``output=``.
+        loader: the examples: a tensor ``[n, ...]``, an iterable of batches (tensors, tuples/lists whose first
+            element is the inputs, ``{"x": ...}``), or batches of **named inputs**: mappings of tensors
+            (``{"input_ids": [b, L], "attention_mask": [b, L], "labels": [b]}``, or ``(mapping, labels)``;
+            a mapping is also the whole set), passed to the model as keyword arguments. Their inputs are every
+            key but ``labels`` / ``label`` / ``label_ids``; examples are counted along dim 0 of every input
+            (the module ``lazyhasty._outputs``; docs: "Named inputs" in the guide).
+        kernel: ``"full"`` -> ``[n, k, n, k]``; ``"trace"`` -> ``[n, n]`` (``sum_a K[i, a, j, a]``);
+            ``"diagonal"`` -> ``[n, k, k]`` (the per-example blocks ``K[i, :, i, :]``).
+        implementation: ``"naive"``: one autograd call per example and output (the spec; ``O(n k)``
+            backward passes). ``"jacobian"``: per-block Jacobians by ``torch.func.vmap(jacrev)``, then
+            ``J_I J_J^T`` per tile pair (memory ``block k p``; wins for small models and many outputs per
+            parameter). ``"layerwise"``: one forward and k backward passes per block capture layer inputs and
+            output gradients; per layer a cost model picks the ghost form (``G S^2 (d_in + k^2 d_out)`` flops
+            per example pair: few positions S, wide layers) or materialized per-example gradients
+            (``k^2 G d_in d_out``: many positions, narrow layers), and charges forming per-example gradients
+            (``k S G d_in d_out`` per example, spread over its ~n/2 pairs); modules it does not know get exact
+            torch.func Jacobians for their parameters only. ``"auto"``: layerwise or the whole-model Jacobian,
+            by the cost model ([explain][lazyhasty.ntk.explain] says which and why).
+        dtype: compute precision (default: the parameters' dtype). float64 gives ~1e-15 relative error,
+            float32 ~5e-8 (at most 8.3e-8 on the test zoo), bfloat16 ~3e-3.
+        block_size: examples per tile (a tile's memory is ``(block k)^2``; default
+            ``lazyhasty.ntk._blocks.default_block_size``). Per-block features are kept while
+            they fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the
+            result is bounded. ``kernel="trace"`` runs as one block while all n examples fit
+            ``TRACE_BLOCK_BYTES`` (estimated from one example; or when ``block_size >= n``): each output's
+            backward pass is reduced into the kernel and dropped before the next one.
+        progress: show a progress bar over the tiles.
+        backend: the tile products' backend (default: Triton on GPUs that have it, else torch).
+        max_cache_bytes: memory for kept block features.
+        output: which tensor of a non-tensor output the kernel is of: an index, a key or attribute name, or a
+            callable (``output=lambda out: out.hidden_states[-1]``).
+        loader2: a second example set: the cross kernel ``K(X1, X2)``, ``[n1, k, n2, k]`` (full) or
+            ``[n1, n2]`` (trace), e.g. test against training points; streamed in tiles like the Gram.
+        by_layer: ``{module: K_l}`` with ``K = sum_l K_l``, one kernel per module owning trainable
+            parameters, keyed by the model's own qualified name (``"features.0"``; ``""``: parameters of the
+            model itself), the same keys whatever the implementation. A module whose parameters capture splits
+            into several maps gets their sum under its own name: an ``nn.MultiheadAttention``'s packed input
+            projection (its ``out_proj`` is a module of its own), an ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``'s
+            maps, a parameter the model multiplies directly under the module holding it, a parametrized weight
+            under the module it is registered on.
+        out: a path: the kernel is written tile by tile into a memory-mapped ``.npy`` file (float32 / float64)
+            and returned as a read-only ``numpy.memmap`` (memory: the features of the blocks in use and one
+            tile), so a kernel larger than memory can be computed and read back lazily.
+        process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard (possibly
+            empty); the inputs (named inputs too) are gathered in rank order and the ``i <= j`` tiles split over
+            the ranks by their work. With ``out=`` (a file every rank can reach) each rank writes its tiles.
+        gather: with ``process_group`` and no ``out``: ``"rank0"`` returns the kernel on rank 0 (None
+            elsewhere), ``"all"`` on every rank.
+        tf32: on CUDA GPUs with TF32 tensor cores, a float32 call's GEMMs, convolutions and Triton dots use
+            TF32 (10 of fp32's 23 mantissa bits); the layer checks of a first call still run in exact fp32, so
+            the plan is the same. Its error is measured by
+            ``tests/test_ntk.py::test_tf32_option_error_against_float64``. No effect on the CPU, for float64 /
+            16-bit dtypes, or with ``implementation="naive"``.
 
-    by_layer: ``{module: K_l}`` with ``K = sum_l K_l``, tile by tile: one kernel per module owning trainable
-    parameters, keyed by its qualified name (``"features.0"``; ``""``: parameters of the model itself), the
-    same keys whatever the implementation. A module whose parameters capture splits into several maps gets
-    their sum under its own name: an ``nn.MultiheadAttention``'s packed input projection under the attention
-    module (its ``out_proj`` is a module of its own), an ``nn.GRU`` / ``nn.LSTM`` / ``nn.RNN``'s input and
-    hidden maps of every layer under the recurrent module, a parameter the model multiplies directly under the
-    module holding it, a parametrized weight (``torch.nn.utils.parametrize``) under the module it is
-    registered on.
+    Returns:
+        The kernel: ``[n, k, n, k]`` (full), ``[n, n]`` (trace), ``[n, k, k]`` (diagonal), ``[n1, k, n2, k]`` /
+        ``[n1, n2]`` with ``loader2``; a ``{module: kernel}`` dict with ``by_layer``; a ``numpy.memmap`` with
+        ``out``; ``None`` on ranks other than 0 with ``gather="rank0"``.
 
-    loader2: a second set of examples gives the cross kernel ``K(X1, X2)``: ``[n1, k, n2, k]`` (full) or
-    ``[n1, n2]`` (trace), e.g. test points against training points for kernel predictions; streamed in
-    tiles like the Gram (the second set's block features are kept while they fit ``max_cache_bytes``).
+    Raises:
+        ValueError: bad arguments, an empty probe set, non-finite inputs or outputs, a model that mixes
+            examples (BatchNorm on batch statistics, active dropout), named inputs whose rows (dim 0) disagree
+            (naming the keys) or batches with other keys or shapes.
+        TypeError: an output that is neither a tensor nor has ``logits`` (without ``output=``), a named input
+            that is not a tensor.
 
-    implementation:
-      ``"naive"``     one autograd call per example and output (the spec; O(n k) backward passes).
-      ``"jacobian"``  per-block Jacobians by ``torch.func.vmap(jacrev)``, then ``J_I J_J^T`` per tile pair.
-                      Memory ``block * k * p``; wins for small models and many outputs per parameter.
-      ``"layerwise"`` one forward + k backward passes per block capture layer inputs and output gradients;
-                      per layer, a cost model picks the ghost form (``G S^2 (d_in + k^2 d_out)`` flops per
-                      example pair; few positions S, wide layers: MLPs, last ResNet stages) or materialized
-                      per-example gradients (``k^2 G d_in d_out``; many positions, narrow layers: early convs).
-                      Modules it does not know get exact torch.func Jacobians for their parameters only.
-                      The cost model also charges forming per-example gradients (``k S G d_in d_out`` per
-                      example, spread over its ~n/2 pairs).
-      ``"auto"``      layerwise.
-
-    output: for a model returning a tuple, list or dict, which element the kernel is of: an index, a key,
-    or a callable (``output=lambda out: out.logits``).
-
-    dtype: compute precision (default: the parameters' dtype, float32 without tf32). float64 gives
-    ~1e-15 relative error; float32 ~5e-8 (at most 8.3e-8 on the test zoo); bfloat16 ~3e-3.
-    tf32: on CUDA GPUs with TF32 tensor cores (Ampere and later), let a float32 call's GEMMs, convolutions and
-    Triton dots use TF32 (10 of fp32's 23 mantissa bits) for speed; the layer checks of a model's first call
-    (and of each new block shape) still run in exact fp32, so the plan is the same as without it. Its error
-    against float64 is measured by ``tests/test_ntk.py::test_tf32_option_error_against_float64`` and recorded by
-    ``benchmarks/bench_gpu.py::test_ntk_tf32_resnet18`` (not yet run on a GPU).
-    No effect on the CPU, for float64 / 16-bit dtypes, or with ``implementation="naive"`` (always exact).
-    block_size: examples per tile (memory of a tile is ``(block k)^2``; default :func:`default_block_size`). Per-block features are kept while they
-    fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the result is
-    bounded. The kernel is of the network in eval mode (dropout off, BatchNorm on its running statistics),
-    whatever mode the model is in; its modes, buffers and RNG states are restored after. A model that mixes
-    examples in eval mode is refused.
-
-    ``kernel="trace"`` runs as one block while all n examples fit :data:`lazyhasty.ntk._featurizer.TRACE_BLOCK_BYTES` (estimated
-    from one example; or when ``block_size >= n``): ``K = sum_a K_a``, so output ``a``'s backward pass is
-    reduced into the kernel and dropped before the next one (per-example gradients formed one output at a
-    time, ghost layers accumulating ``sum_a g_a g_a^T``, symmetric products on row blocks i <= j), on
-    channels-last activations for convolutional models. Beyond that, tiles as for the full kernel.
-
-    out: a path: the kernel is written tile by tile into a memory-mapped ``.npy`` file (float32/float64) and
-    returned as a read-only ``numpy.memmap``, so a kernel larger than memory can be computed and read back
-    lazily (memory: the features of the blocks in use and one tile).
-
-    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard (possibly
-    empty); inputs are gathered in rank order and the ``i <= j`` tiles split over the ranks by their work.
-    With ``out=`` (a file every rank can reach) each rank writes its tiles and no rank holds the kernel;
-    without, ``gather="rank0"`` returns the kernel on rank 0 (None elsewhere) and ``gather="all"`` on every
-    rank.
-
-    >>> K = ntk_gram(model, x, kernel="trace")     # [n, n]
-    >>> K = ntk_gram(model, x, kernel="full", out="K.npy")   # numpy.memmap [n, k, n, k] on disk
+    Example:
+        >>> import torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> x = torch.randn(5, 3, dtype=torch.float64)
+        >>> K = ntk_gram(net, x)                             # full: [n, k, n, k]
+        >>> K.shape
+        torch.Size([5, 2, 5, 2])
+        >>> Kt = ntk_gram(net, x, kernel="trace")            # [n, n] = sum over the outputs
+        >>> bool(torch.allclose(Kt, K.diagonal(dim1=1, dim2=3).sum(-1)))
+        True
+        >>> sorted(ntk_gram(net, x, kernel="trace", by_layer=True))
+        ['0', '2']
+        >>> class Bag(torch.nn.Module):                      # a model called with keyword arguments
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.emb = torch.nn.Embedding(10, 4)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return (self.emb(input_ids) * attention_mask[..., None]).sum(1)
+        >>> batch = {"input_ids": torch.randint(0, 10, (5, 6)), "attention_mask": torch.ones(5, 6),
+        ...          "labels": torch.zeros(5)}               # "labels" is not an input
+        >>> ntk_gram(Bag(), [batch], kernel="trace").shape   # [n, n]
+        torch.Size([5, 5])
     """
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     check_model_inputs(None, model=model)
-    model = select_output(model, output)
     if implementation == "naive":
         if out is not None or process_group is not None:
             raise ValueError("implementation='naive' (the spec) runs in one process into memory: out= and "
@@ -438,14 +471,19 @@ class KernelOperator:
     """``Q -> K Q`` for the NTK of ``model`` on ``x`` without forming ``K``: features of every block are formed
     once (kept within ``max_cache_bytes``, else recomputed) and each product runs over tiles ``I <= J``
     (``K_JI = K_IJ^T``). ``Q``: ``[N, p]`` with ``N = n`` (trace) or ``n k`` (full, rows (example, output)).
-    Memory: the cached features, one tile, and ``Q``."""
+    Memory: the cached features, one tile, and ``Q``. ``x``: a tensor ``[n, ...]``, a dict of named inputs
+    (passed to the model as keyword arguments, as in [ntk_gram][lazyhasty.ntk.ntk_gram]) or a loader; the
+    model runs under that call (and its picked output) in every product."""
 
+    @probing("model", loaders=("x",))  # named inputs (lazyhasty._outputs); kept for __call__
     def __init__(self, model: nn.Module, x: torch.Tensor, *, kernel: str = "trace", implementation: str = "auto",
                  dtype: torch.dtype | None = None, block_size: int | None = None, backend: str | None = None,
                  max_cache_bytes: int = DEFAULT_CACHE_BYTES):
         if kernel not in ("trace", "full"):
             raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
         _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+        self._probe_call, self._probe_model = current_call(model), model
+        x = x if isinstance(x, torch.Tensor) else all_inputs(x, model_device(model))  # a loader (of named inputs)
         check_model_inputs(x, model=model)
         self.fz = Featurizer(model, implementation, kernel, dtype)
         self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
@@ -460,6 +498,7 @@ class KernelOperator:
 
     @torch.enable_grad()
     @retained_heap()
+    @reapplying("self._probe_model")
     def __call__(self, Q: torch.Tensor) -> torch.Tensor:
         Q = Q.to(self.fz.device, torch.float64)
         if Q.shape[0] != self.N:
@@ -518,44 +557,79 @@ def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: st
 @measures("model", "reference")  # eval mode; modes, buffers and RNG states restored after
 @retained_heap()
 @_tf32_option
+@probing("model", reference="reference")  # named inputs and output= (lazyhasty._outputs)
 def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "full", centered: bool = False,
                   implementation: str = "auto", block_size: int | None = None, dtype: torch.dtype | None = None,
                   max_cache_bytes: int = DEFAULT_CACHE_BYTES, progress: bool = False,
                   backend: str | None = None, output=None, by_layer: bool = False, process_group=None,
                   tf32: bool = False):
-    """``KA(K_model, K_reference) = Tr[K K0] / (|K|_F |K0|_F)`` of the empirical NTKs on all examples.
+    """Kernel alignment ``KA(K_t, K_0) = Tr[K_t K_0] / (|K_t|_F |K_0|_F)`` of the empirical NTKs of ``model`` and
+    ``reference`` on all examples.
 
-    Computed tile by tile (``block_size`` examples a side) with float64 sums; no ``n x n`` (or
-    ``nk x nk``) matrix is ever held, except for ``kernel="trace"`` while one block of all n examples
-    fits :data:`lazyhasty.ntk._featurizer.TRACE_BLOCK_BYTES` (then both ``[n, n]`` kernels are formed one output at a time, as in
-    :func:`ntk_gram`, and reduced at once). Per-block features (see :func:`ntk_gram`) are kept while they fit
-    in ``max_cache_bytes``, otherwise recomputed for each tile pair, so memory is then set by
-    ``block_size`` alone. ``centered=True`` centres both kernels over examples (CKA), still in one pass:
-    the sums are error-free (:class:`lazyhasty._exact.AlignmentSums`), so nothing large cancels
-    when the centred kernels are small against the uncentred ones. float32 kernels carry rounding of
-    ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
-    ``kernel="diagonal"`` aligns only the per-example ``[k, k]`` blocks. ``reference``: the model at
-    init, a module of the same architecture or its state_dict; None (the two-argument call) for an
-    ``AlphaScaled`` / ``Linearized`` model: its frozen initialization. ``output``: as in :func:`ntk_gram`.
-    ``by_layer=True``: ``{module: KA(K_t,l, K_0,l)}``, each module's kernel aligned with its own at init (the keys
-    of :func:`ntk_gram`'s ``by_layer``).
-    ``tf32=True``: both kernels' products in TF32 on GPUs that have it (see :func:`ntk_gram`); the float64 sums
-    are unchanged.
+    Both kernels are ``K = J J^T`` as in [ntk_gram][lazyhasty.ntk.ntk_gram] (``[n k, n k]`` full, ``[n, n]``
+    trace), computed tile by tile (``block_size`` examples a side) with float64 sums; no ``[n k, n k]`` (or
+    ``[n, n]``) matrix is held, except for ``kernel="trace"`` while one block of all n examples fits
+    ``TRACE_BLOCK_BYTES`` (then both ``[n, n]`` kernels are formed one output at a time and reduced at once).
+    Per-block features are kept while they fit ``max_cache_bytes``, otherwise recomputed for each tile pair,
+    so memory is then set by ``block_size`` alone. The sums are error-free
+    (``lazyhasty._exact.AlignmentSums``): with ``centered=True`` nothing large cancels when the
+    centred kernels are small against the uncentred ones.
 
-    process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the probe
-    set (possibly empty); the inputs are gathered (inputs, not features, travel), the ``i <= j`` tile pairs
-    split over the ranks by their work (:func:`lazyhasty._dist.balanced_tiles`), and the exact partial sums
-    combined in rank order: the alignment over the union, the same on every rank.
+    Args:
+        model: the network now. Its output is a tensor or has ``logits`` (a ``ModelOutput``); else ``output=``.
+        loader: the probe examples: a tensor ``[n, ...]``, an iterable of batches, or batches of named inputs
+            (mappings of tensors passed as keyword arguments; see [ntk_gram][lazyhasty.ntk.ntk_gram]).
+        reference: the model at init: a module of the same architecture or its state_dict; ``None`` for an
+            ``AlphaScaled`` / ``Linearized`` model (its frozen initialization).
+        kernel: ``"full"``, ``"trace"`` or ``"diagonal"`` (only the per-example ``[k, k]`` blocks are aligned).
+        centered: centre both kernels over examples (CKA), still in one pass. float32 kernels carry rounding of
+            ~1e-7 of the uncentred kernel; a warning says when that limits the centred value (use float64).
+        implementation: as in [ntk_gram][lazyhasty.ntk.ntk_gram].
+        block_size: examples per tile side.
+        dtype: compute precision (default: the parameters').
+        max_cache_bytes: memory for kept block features (of both models).
+        progress: show a progress bar over the tiles.
+        backend: the tile products' backend.
+        output: as in [ntk_gram][lazyhasty.ntk.ntk_gram].
+        by_layer: ``{module: KA(K_t,l, K_0,l)}``, each module's kernel aligned with its own at init (the keys
+            of [ntk_gram][lazyhasty.ntk.ntk_gram]'s ``by_layer``: the model's own names).
+        process_group: a ``torch.distributed`` group (or ``"world"``): each rank passes its own shard of the
+            probe set (possibly empty); the inputs are gathered (inputs, named inputs too, not features,
+            travel), the ``i <= j`` tile pairs split over the ranks by their work
+            (``lazyhasty._dist.balanced_tiles``), and the exact partial sums combined in rank
+            order: the alignment over the union, the same on every rank.
+        tf32: both kernels' products in TF32 on GPUs that have it (see [ntk_gram][lazyhasty.ntk.ntk_gram]);
+            the float64 sums are unchanged.
 
-    >>> ntk_alignment(model, probe, init_state_dict, kernel="trace")   # 1.0 at init
+    Returns:
+        The alignment, a float in ``[-1, 1]`` (``[0, 1]`` uncentred: both kernels are positive semi-definite);
+        with ``by_layer``, ``{module: float}``.
+
+    Raises:
+        ValueError: bad arguments (``centered`` with ``kernel="diagonal"``), a reference of another
+            architecture, an empty probe set, named inputs whose rows disagree (naming the keys).
+        TypeError: a plain module without ``reference``, an output that is neither a tensor nor has ``logits``
+            (without ``output=``).
+
+    Example:
+        >>> import copy, torch
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> init = copy.deepcopy(net.state_dict())
+        >>> x = torch.randn(16, 3, dtype=torch.float64)
+        >>> ntk_alignment(net, x, init, kernel="trace")           # 1.0 at init
+        1.0
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.mul_(3.0)
+        >>> 0.0 < ntk_alignment(net, x, init, kernel="full") < 1.0
+        True
     """
     _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
-    ref = select_output(as_reference_module(model, reference), output)
+    ref = as_reference_module(model, reference)
     check_model_inputs(None, model=model, reference=ref)
-    model = select_output(model, output)
     if implementation == "naive":
         if process_group is not None:
             raise ValueError("implementation='naive' (the spec) runs in one process: process_group= takes 'auto', "

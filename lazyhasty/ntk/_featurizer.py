@@ -1123,7 +1123,8 @@ def _fingerprint(model: nn.Module, implementation: str) -> tuple:
             # dtype and device too: which kernels run (e.g. nn.LSTM's) may differ between them
             tuple((n, id(p), tuple(p.shape), p.requires_grad, p.dtype, str(p.device))
                   for n, p in model.named_parameters()),
-            plan_state(model))
+            plan_state(model),
+            model.__dict__.get("_lazyhasty_call"))  # the entry point's named inputs and output (_outputs.ProbeCall)
 
 
 # A buffer or tensor attribute of at most this many elements enters plan_state by its values too (a change

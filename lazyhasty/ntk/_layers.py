@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+from .._outputs import SelectOutput, select_output, tensor_output  # noqa: F401  (moved to _outputs)
 from .._precision import exact_fp32
 
 
@@ -512,47 +513,6 @@ def check_per_example(model: nn.Module) -> None:
                 f"{name or type(m).__name__} is an active dropout: the network is random, so its tangent "
                 "kernel is ill-defined: call model.eval() (or set p=0)"
             )
-
-
-class SelectOutput(nn.Module):
-    """``model`` whose output is picked from a tuple/list/dict by ``output``: an index, a key or a callable.
-
-    The wrapped model is the only child, so parameter names gain a ``model.`` prefix (consistently for a
-    model and its reference).
-    """
-
-    def __init__(self, model: nn.Module, output):
-        super().__init__()
-        self.model = model
-        self.output = output
-
-    def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        try:
-            picked = self.output(out) if callable(self.output) else out[self.output]
-        except (KeyError, IndexError, TypeError) as exc:
-            raise ValueError(f"output={self.output!r} cannot pick from the model's {type(out).__name__} output "
-                             f"({exc})") from None
-        return tensor_output(picked, "output= selected")
-
-
-def select_output(model: nn.Module, output) -> nn.Module:
-    if output is None:
-        return model
-    if not (callable(output) or isinstance(output, (int, str))) or isinstance(output, bool):
-        raise TypeError(f"output= must be an index, a key or a callable, got {output!r}")
-    return SelectOutput(model, output)
-
-
-def tensor_output(out, what: str = "the model returned"):
-    """``out`` when it is a tensor; a clear error naming the fix otherwise."""
-    if isinstance(out, torch.Tensor):
-        return out
-    kind = type(out).__name__
-    keys = f" with keys {list(out)[:5]}" if isinstance(out, dict) else (
-        f" of {len(out)} items" if isinstance(out, (tuple, list)) else "")
-    raise TypeError(f"{what} a {kind}{keys}, not a tensor: pass output= (an index, a key, or a callable "
-                    "such as lambda out: out.logits) to choose the tensor the tangent kernel is of")
 
 
 def check_probe_inputs(call, x: torch.Tensor, *, sample: int | None = 16, params: list | None = None) -> None:

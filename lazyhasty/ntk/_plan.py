@@ -29,7 +29,7 @@ from .._validate import check_model_inputs
 from ._args import check_args, ntk_backend
 from ._blocks import default_block_size, one_trace_block, output_size
 from ._featurizer import Featurizer
-from ._layers import select_output
+from .._probing import probing
 
 PATHS = {
     "naive": "one autograd call per example and output (the spec)",
@@ -200,6 +200,7 @@ class Plan:
         return "\n".join(lines)
 
 
+@probing("model", loaders=("x",))  # named inputs and output= (lazyhasty._outputs)
 def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = "auto", block_size: int | None = None,
             dtype: torch.dtype | None = None, backend: str | None = None, output=None,
             purpose: str = "gram") -> Plan:
@@ -273,7 +274,6 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     if purpose not in ("gram", "alignment"):
         raise ValueError(f"purpose must be 'gram' or 'alignment', got {purpose!r}")
     check_model_inputs(None, model=model)
-    model = select_output(model, output)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if implementation == "naive":
         x_all = all_inputs(x, next(model.parameters()).device)

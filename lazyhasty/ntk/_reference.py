@@ -24,7 +24,8 @@ from . import _features as feat
 from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
                       default_block_size, ntk_alignment, ntk_gram)
 from ._args import check_args
-from ._layers import select_output
+from .._outputs import select_output, tensor_output
+from .._probing import probing, reapplying
 from ._sharding import RankTiles
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
@@ -97,6 +98,7 @@ class NTKReference:
     @classmethod
     @measures("reference")  # eval mode; the reference's modes, buffers and RNG states restored after
     @retained_heap()
+    @probing("reference", keep=True)  # named inputs and output= (lazyhasty._outputs), kept for measure
     def capture(cls, reference: nn.Module, loader, *, kernel: str = "trace", centered: bool = False,
                 implementation: str = "auto", dtype: torch.dtype | None = None, block_size: int | None = None,
                 max_bytes: int = DEFAULT_REFERENCE_BYTES, backend: str | None = None, output=None,
@@ -177,7 +179,7 @@ class NTKReference:
         check_model_inputs(x, reference=select_output(frozen, output))
         n = x.shape[0]
         with torch.no_grad(), measuring(reference):
-            k = int(select_output(reference, output)(model_inputs(x[:1], reference)).reshape(1, -1).shape[1])
+            k = int(tensor_output(select_output(reference, output)(model_inputs(x[:1], reference))).reshape(1, -1).shape[1])
         item = torch.finfo(dtype or next(p.dtype for p in reference.parameters())).bits // 8
         need = item * (n * n if kernel == "trace" else (n * k) ** 2)
         if group is not None:
@@ -204,6 +206,7 @@ class NTKReference:
 
     @measures("model", "self.reference")
     @retained_heap()
+    @reapplying("model")
     def measure(self, model: nn.Module) -> dict:
         """``{"ntk_alignment": KA(K_t, K_0), "ntk_rel_change": |K_t - K_0|_F / |K_0|_F}`` (the second only
         while ``K_0`` is stored; from the same exact sums: ``|K_t|^2 + |K_0|^2 - 2 <K_t, K_0>``)."""
