@@ -1,7 +1,7 @@
 """In-process A/B of two source trees of lazyhasty (AB_OLD, AB_NEW: tree roots; the old one imported as
 lazyhasty_old): per case both engines alternate call by call in one process, so each pair of calls shares the
 machine's load; the median of the pairs' ratios new / old. Usage: AB_OLD=... AB_NEW=... python ab_inprocess.py REPS OUT.json"""
-import importlib.util, sys, time, statistics, json, os
+import copy, importlib.util, sys, time, statistics, json, os
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,18 +25,54 @@ cases = {
     "bench_ntk:cnn-trace n=128": (ntk_models.cnn3, lambda: torch.rand(128, 3, 32, 32) * 2 - 1, "trace"),
     "bench_ntk:mlp-full n=1000": (ntk_models.mlp_256, lambda: torch.rand(1000, 2) * 2 - 1, "full"),
     "bench_ntk:resnet-trace n=32": (ntk_models.resnet18_w16, lambda: torch.rand(32, 3, 32, 32) * 2 - 1, "trace"),
+    # the other walks (issue 26's tile walker): alignment tiles, cross kernel, by-layer, K @ Q
+    "mlp-align n=2000 (tiles of 500)": (ntk_models.mlp_256, lambda: torch.rand(2000, 2) * 2 - 1, "full", "alignment"),
+    "mlp-cross n=600 x 400 (tiles of 200)": (ntk_models.mlp_256, lambda: torch.rand(1000, 2) * 2 - 1, "full", "cross"),
+    "plain-cnn by_layer trace n=64": (zoo_models.plain_cnn, lambda: torch.rand(64, 3, 32, 32) * 2 - 1, "trace", "by_layer"),
+    "mlp-operator trace n=1000 (tiles of 250)": (ntk_models.mlp_256, lambda: torch.rand(1000, 2) * 2 - 1, "trace",
+                                                 "operator"),
 }
+
+
+def call(lib, model, x, kernel, kind, m0):
+    if kind == "alignment":
+        return lambda: lib.metrics.ntk_alignment(model, x, m0, kernel=kernel, block_size=500)
+    if kind == "cross":
+        return lambda: lib.metrics.ntk_gram(model, x[:600], kernel=kernel, loader2=x[600:], block_size=200)
+    if kind == "by_layer":
+        return lambda: lib.metrics.ntk_gram(model, x, kernel=kernel, by_layer=True)
+    if kind == "operator":
+        Q = torch.randn(x.shape[0], 4, dtype=torch.float64)
+        # a fresh operator per call: its block features formed, then one product
+        return lambda: lib.ntk.KernelOperator(model, x, kernel=kernel, block_size=250)(Q)
+    return lambda: lib.metrics.ntk_gram(model, x, kernel=kernel)
+
+
+def same(a, b):
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, float):
+        return abs(a - b) <= 1e-9
+    return torch.equal(a, b) or float((a - b).norm() / a.norm()) < 1e-6
 reps = int(sys.argv[1]) if len(sys.argv) > 1 else 7
 out = {}
-for name, (make, inp, kernel) in cases.items():
+only = [c for c in os.environ.get("AB_CASES", "").split(",") if c]
+for name, (make, inp, kernel, *kind) in cases.items():
+    if only and name not in only:
+        continue
+    kind = kind[0] if kind else "gram"
     torch.manual_seed(0)
     m_old, x = make().eval(), inp()
     torch.manual_seed(0)
     m_new = make().eval()
-    fo = lambda: old.metrics.ntk_gram(m_old, x, kernel=kernel)
-    fn = lambda: new.metrics.ntk_gram(m_new, x, kernel=kernel)
+    m0_old, m0_new = copy.deepcopy(m_old), copy.deepcopy(m_new)
+    with torch.no_grad():
+        for p in list(m_old.parameters()) + list(m_new.parameters()):
+            p.mul_(1.1)
+    fo = call(old, m_old, x, kernel, kind, m0_old)
+    fn = call(new, m_new, x, kernel, kind, m0_new)
     Ko, Kn = fo(), fn()
-    assert torch.equal(Ko, Kn) or float((Ko - Kn).norm() / Ko.norm()) < 1e-6
+    assert same(Ko, Kn), name
     ratios, to, tn = [], [], []
     for r in range(reps):
         pair = {}

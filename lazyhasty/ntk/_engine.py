@@ -19,8 +19,8 @@ from ._blocks import (  # noqa: F401
     default_block_size, finite as _finite, one_trace_block as _one_trace_block, output_size as _output_size,
 )
 from ._plan import choose_path
-from ._walk import (AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk, flat_rows_pair,
-                    fused_alignment, kernel_shape, place)
+from ._walk import (FORM_OF_PATH, AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk,
+                    flat_rows_pair, fused_alignment, kernel_shape, place)
 from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
@@ -207,7 +207,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         walk = Walk([fz], x_all, kernel, be, block_size, x2=all_inputs(loader2, fz.device),
                     max_cache_bytes=max_cache_bytes)
         return walk.run(GramSink(walk), progress, "ntk cross tiles")
-    form = {"trace_one_block": "one_output_at_a_time", "one_tile": "streamed"}.get(path.name, "tiles")
+    form = FORM_OF_PATH.get(path.name, "tiles")
     walk = Walk([fz], x_all, kernel, be, path.block_size, max_cache_bytes=max_cache_bytes, form=form)
     return walk.run(GramSink(walk), progress, "ntk features" if kernel == "diagonal" else "ntk tiles")
 

@@ -35,6 +35,8 @@ from ._blocks import BlockFeatures, Blocks, default_block_size, finite, output_s
 from ._sharding import RankTiles
 
 FORMS = ("tiles", "streamed", "one_output_at_a_time")
+# how each path of lazyhasty.ntk._plan.PATHS forms its tiles (by_layer, cross, diagonal and tiles: "tiles")
+FORM_OF_PATH = {"trace_one_block": "one_output_at_a_time", "one_tile": "streamed"}
 
 
 @dataclass
