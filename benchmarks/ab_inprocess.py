@@ -1,6 +1,7 @@
 """In-process A/B of two source trees of lazyhasty (AB_OLD, AB_NEW: tree roots; the old one imported as
 lazyhasty_old): per case both engines alternate call by call in one process, so each pair of calls shares the
-machine's load; the median of the pairs' ratios new / old. Usage: AB_OLD=... AB_NEW=... python ab_inprocess.py REPS OUT.json"""
+machine's load; the median of the pairs' ratios new / old (after two warm-up calls of each; a timing runs
+enough calls to last ~0.25 s). AB_CASES: comma-separated case names (default: all). Usage: AB_OLD=... AB_NEW=... python ab_inprocess.py REPS OUT.json"""
 import copy, importlib.util, sys, time, statistics, json, os
 import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -73,13 +74,20 @@ for name, (make, inp, kernel, *kind) in cases.items():
     fn = call(new, m_new, x, kernel, kind, m0_new)
     Ko, Kn = fo(), fn()
     assert same(Ko, Kn), name
+    for _ in range(2):  # warm-up beyond the first call (allocator, caches), both trees
+        fo(), fn()
+    t = time.perf_counter(); fo(); fn(); both = time.perf_counter() - t
+    inner = max(1, min(20, int(round(0.5 / max(both, 1e-3)))))  # calls per timing: each timing ~0.25 s or more
     ratios, to, tn = [], [], []
     for r in range(reps):
         pair = {}
         for which, f in ((("old", fo), ("new", fn)) if r % 2 == 0 else (("new", fn), ("old", fo))):
-            t = time.perf_counter(); f(); pair[which] = time.perf_counter() - t
+            t = time.perf_counter()
+            for _ in range(inner):
+                f()
+            pair[which] = (time.perf_counter() - t) / inner
         ratios.append(pair["new"] / pair["old"]); to.append(pair["old"]); tn.append(pair["new"])
-    out[name] = {"median_pair_ratio_new_over_old": statistics.median(ratios), "pair_ratios": ratios,
+    out[name] = {"calls_per_timing": inner, "median_pair_ratio_new_over_old": statistics.median(ratios), "pair_ratios": ratios,
                  "old_s": to, "new_s": tn, "ratio_of_medians": statistics.median(tn) / statistics.median(to)}
     print(f"{name:45s} median pair ratio {statistics.median(ratios):.3f}  ratio of medians "
           f"{statistics.median(tn) / statistics.median(to):.3f}", flush=True)
