@@ -360,7 +360,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                 _dist.check_same_parameters(group, "ntk_alignment", model, ref)
                 x_all = _dist.gather_loader(loader, group, fz.device)
                 return _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, group,
-                                          max_cache_bytes, by_layer)
+                                        max_cache_bytes, by_layer)
         x_all = all_inputs(loader, fz.device)
         n = x_all.shape[0]
         if by_layer and kernel == "diagonal":

@@ -402,7 +402,22 @@ class AlignmentSink:
     rank's sums combined in rank order, names in one order. Row-matrix tiles (``prepare=flat_rows_pair``) are
     reduced by the fused Triton kernel without forming either tile.
 
-    Returns (``result()``): the alignment (float), or ``{name: alignment}``.
+    Args:
+        walk: a walk of two featurizers (model, reference).
+        centered: centre both kernels over examples (CKA).
+        by_layer: one alignment per parameter group (the featurizers' ``by_layer`` features).
+        group: the walk's ``torch.distributed`` group (None: one process).
+        k: outputs per example for a centred full kernel's sums (default: the walk's, once known; a rank
+            without tiles needs it given).
+
+    Returns (``result()``): the alignment (float), or ``{name: alignment}``; the same on every rank.
+
+    Raises:
+        ValueError: the model's and the reference's parameter groups differ (``by_layer``).
+
+    Example:
+        >>> walk = Walk([fz, fz0], x, "trace", "torch", block_size=32)
+        >>> walk.run(AlignmentSink(walk, centered=False))      # ntk_alignment(model, x, reference, kernel="trace")
     """
 
     def __init__(self, walk: Walk, centered: bool, by_layer: bool = False, group=None, k: int | None = None):
