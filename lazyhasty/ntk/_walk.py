@@ -280,9 +280,6 @@ class GramSink:
 
     def add(self, tile: Tile) -> None:
         t = tile.gram()
-        self.add_tile(tile, t)
-
-    def add_tile(self, tile: Tile, t: torch.Tensor) -> None:
         whole = tile.rows == slice(0, self.walk.n) and tile.cols == slice(0, self.walk.n2)
         if tile.partial:
             self.streamed = True
@@ -444,7 +441,8 @@ class AlignmentSink:
         if self.by_layer and tile.kernel != "diagonal":
             tt, t0 = layer_tiles(tile, 0), layer_tiles(tile, 1)
             if set(tt) != set(t0):
-                raise ValueError(f"the model's and the reference's parameter groups differ: {sorted(set(tt) ^ set(t0))}")
+                raise ValueError("the model's and the reference's parameter groups differ: "
+                                 f"{sorted(set(tt) ^ set(t0))}")
             for name in tt:
                 self._sums(name).add(tt[name], t0[name].to(dev), tile.rows, tile.cols, tile.mirrored)
             return
