@@ -8,14 +8,10 @@ import functools
 import torch
 from torch import nn
 
-from .. import _backend
 from .._malloc import retained_heap
 from .._modes import measures
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
-from .._precision import product_precision, tf32_requested
-from .._progress import Progress
-from .._exact import AlignmentSums
-from . import _features as feat
+from .._precision import tf32_requested
 from ._args import (  # noqa: F401  (re-exported under their former names)
     DEFAULT_CACHE_BYTES, IMPLEMENTATIONS, KERNELS, check_args as _check_args, ntk_backend as _ntk_backend,
 )
@@ -23,7 +19,8 @@ from ._blocks import (  # noqa: F401
     default_block_size, finite as _finite, one_trace_block as _one_trace_block, output_size as _output_size,
 )
 from ._plan import choose_path
-from ._sharding import RankTiles, blocks_of
+from ._walk import (FORM_OF_PATH, AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk,
+                    flat_rows_pair, fused_alignment, kernel_shape, place)
 from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
     _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
 )
@@ -242,59 +239,15 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
                        cross=loader2 is not None, by_layer=by_layer)
     if path.name == "by_layer":
         fz.by_layer = True
-        return _gram_by_layer(fz, x_all, kernel, block_size, be)
+        walk = Walk([fz], x_all, kernel, be, block_size, max_cache_bytes=max_cache_bytes)
+        return walk.run(ByLayerSink(walk), progress)
     if path.name == "cross":
-        return _cross_gram(fz, x_all, all_inputs(loader2, fz.device), kernel, block_size, be, max_cache_bytes,
-                           progress)
-    blocks, starts = blocks_of(x_all, path.block_size)
-    with product_precision():
-        if path.name == "trace_one_block":
-            return _finite(fz.trace_gram(x_all, be))
-        if path.name == "one_tile":
-            # one tile: reduce each layer's features as soon as they exist (no [b, k, P] per layer kept)
-            acc = {}
-
-            def sink(f):
-                t = feat.tile([f], [f], kernel, be)  # full or trace
-                acc["K"] = t if "K" not in acc else acc["K"].add_(t)
-
-            fz.stream(blocks[0], sink, acc.clear)
-            K = acc["K"]
-            if kernel == "trace":  # GEMM products F Fᵀ are symmetric only to rounding: (K + Kᵀ) / 2 is exactly
-                K = (K + K.T).mul_(0.5)
-            return _finite(K.contiguous())
-        if path.name == "diagonal":  # per-block features are used once: nothing is kept
-            diags = []
-            with Progress(len(blocks), "ntk features", progress) as bar:
-                for x in blocks:
-                    diags.append(feat.diagonal(fz(x)))
-                    bar.update()
-            return _finite(torch.cat(diags))
-        # features beyond max_cache_bytes are recomputed for each row of tiles that needs them
-        get = _BlockFeatures(fz, blocks, max_cache_bytes)
-
-        K = None
-        nb = len(blocks)
-        with Progress(nb * (nb + 1) // 2, "ntk tiles", progress) as bar:
-            for I in range(nb):
-                fi = get(I)
-                for J in range(I, nb):
-                    t = feat.tile(fi, fi if J == I else get(J), kernel, be)
-                    if K is None:
-                        k = fz.k
-                        K = torch.empty((n, k, n, k) if kernel == "full" else (n, n), dtype=fz.dtype,
-                                        device=fz.device)
-                    si, sj = slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
-                    if kernel == "full":
-                        K[si, :, sj, :] = t
-                        if I != J:
-                            K[sj, :, si, :] = t.permute(2, 3, 0, 1)
-                    else:
-                        K[si, sj] = t
-                        if I != J:
-                            K[sj, si] = t.T
-                    bar.update()
-    return _finite(K)
+        walk = Walk([fz], x_all, kernel, be, block_size, x2=all_inputs(loader2, fz.device),
+                    max_cache_bytes=max_cache_bytes)
+        return walk.run(GramSink(walk), progress, "ntk cross tiles")
+    form = FORM_OF_PATH.get(path.name, "tiles")
+    walk = Walk([fz], x_all, kernel, be, path.block_size, max_cache_bytes=max_cache_bytes, form=form)
+    return walk.run(GramSink(walk), progress, "ntk features" if kernel == "diagonal" else "ntk tiles")
 
 
 def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress):
@@ -305,12 +258,11 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
 
     rank = 0 if group is None else _dist.rank_and_size(group)[0]
     n = x_all.shape[0]
-    fz.pairs_per_example = (n + 1) / 2
     k = _output_size(fz, x_all)
-    work = RankTiles([fz], x_all, kernel, block_size or default_block_size(n, k), group, max_cache_bytes)
-    shape = {"full": (n, k, n, k), "trace": (n, n), "diagonal": (n, k, k)}[kernel]
+    walk = Walk([fz], x_all, kernel, be, block_size or default_block_size(n, k), group=group,
+                max_cache_bytes=max_cache_bytes)
+    shape = kernel_shape(kernel, n, k)
     np_dtype = {torch.float32: np.float32, torch.float64: np.float64}.get(fz.dtype)
-    target = None
     if out is not None:
         if np_dtype is None:
             raise ValueError(f"out= writes float32 or float64 kernels, not {fz.dtype}: pass dtype=torch.float32")
@@ -318,153 +270,34 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
             np.lib.format.open_memmap(out, mode="w+", dtype=np_dtype, shape=shape).flush()
         if group is not None:
             _dist.barrier(group)
-        target = np.load(out, mmap_mode="r+")
-    tiles = []
-    with product_precision(), Progress(len(work.tiles), "ntk tiles", progress) as bar:
-        for I, J, (fi,), (fj,) in work:
-            si, sj = work.rows(I), work.rows(J)
-            if kernel == "diagonal":
-                t = _finite(feat.diagonal(fi))
-            else:
-                t = _finite(feat.tile(fi, fj, kernel, be))
-            if target is None:
-                tiles.append((I, J, t.cpu()))
-            else:
-                _put(target, kernel, si, sj, t.cpu().numpy())
-            bar.update()
-    if target is not None:
-        target.flush()
+        target = walk.run(MemmapSink(np.load(out, mmap_mode="r+"), kernel), progress)
         del target
         if group is not None:
             _dist.barrier(group)
         return np.load(out, mmap_mode="r")
+    tiles = walk.run(TileSink(cpu=True), progress)
     everyone = _dist.gather_objects(tiles, group) if group is not None else [tiles]
     if group is not None and gather == "rank0" and rank != 0:
         return None
     K = torch.empty(shape, dtype=fz.dtype)
     for part in everyone:
         for I, J, t in part:
-            _put(K, kernel, work.rows(I), work.rows(J), t)
+            place(K, kernel, walk.blocks.rows(I), walk.blocks.rows(J), t, I != J and kernel != "diagonal")
     return K.to(fz.device)
 
 
-def _put(K, kernel, si, sj, t) -> None:
-    """Tile ``t`` at rows ``si``, columns ``sj`` of ``K`` (torch or numpy), and its mirror image."""
-    if kernel == "diagonal":
-        K[si] = t
-    elif kernel == "full":
-        K[si, :, sj, :] = t
-        if si != sj:
-            K[sj, :, si, :] = t.transpose(2, 3, 0, 1) if not isinstance(t, torch.Tensor) else t.permute(2, 3, 0, 1)
-    else:
-        K[si, sj] = t
-        if si != sj:
-            K[sj, si] = t.T
-
-
-def _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
-                       by_layer: bool = False):
-    """``ntk_alignment`` over ranks: this rank's share of the tile pairs, then the exact sums of all ranks
-    (``by_layer``: one set of sums per parameter group, reduced in name order). ``group=None``: one process
-    walks every tile (the by-layer path)."""
-    from .. import _dist
-
+def _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, group, max_cache_bytes,
+                     by_layer: bool = False):
+    """``ntk_alignment``'s walk of both kernels' tiles into exact sums: over ranks (``group``: this rank's share,
+    then the sums of all ranks), or in one process (``group=None``; ``by_layer``: one set of sums per parameter
+    group, reduced in name order)."""
     n = x_all.shape[0]
-    fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
     k = _output_size(fz, x_all)
     if by_layer:
         fz.by_layer = fz0.by_layer = True
-    work = RankTiles([fz, fz0], x_all, kernel, block_size or default_block_size(n, k), group, max_cache_bytes)
-    sums: dict = {}
-
-    def add(name, Kt, K0, I, J):
-        if name not in sums:
-            sums[name] = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
-        sums[name].add(Kt, K0.to(fz.device), work.rows(I), work.rows(J), I != J)
-
-    with product_precision():
-        for I, J, (fi, fi0), (fj, fj0) in work:
-            if kernel == "diagonal":
-                add(None, feat.diagonal(fi), feat.diagonal(fi0), I, I)
-            elif by_layer:
-                tt, t0 = _layer_tiles(fi, fj, kernel, be), _layer_tiles(fi0, fj0, kernel, be)
-                if set(tt) != set(t0):
-                    raise ValueError("the model's and the reference's parameter groups differ: "
-                                     f"{sorted(set(tt) ^ set(t0))}")
-                for name in tt:
-                    add(name, tt[name], t0[name], I, J)
-            else:
-                add(None, feat.tile(fi, fj, kernel, be), feat.tile(fi0, fj0, kernel, be), I, J)
-    # every rank reduces the same names in the same order (a rank without tiles has none of its own)
-    names = [None] if not by_layer else sorted(sums, key=str) if group is None else sorted(
-        {name for part in _dist.gather_objects(sorted(sums, key=str), group) for name in part}, key=str)
-    for name in names:
-        if name not in sums:
-            sums[name] = AlignmentSums(n, 1 if kernel == "trace" else k, kernel, centered, fz.device)
-        if group is not None:
-            _dist.reduce_alignment_sums(sums[name], group)
-    if not by_layer:
-        return sums[None].alignment()
-    return {name: sums[name].alignment(f"the tangent kernel of {name}") for name in names}
-
-
-class _BlockFeatures:
-    """Features of block I on demand: kept while they fit ``max_bytes``, recomputed otherwise, so memory
-    beyond the result stays bounded whatever n is."""
-
-    def __init__(self, fz: "Featurizer", blocks: list, max_bytes: int):
-        self.fz, self.blocks, self.room, self.cache = fz, blocks, max_bytes, {}
-
-    def __call__(self, I: int) -> list:
-        if I in self.cache:
-            return self.cache[I]
-        f = self.fz(self.blocks[I])
-        size = sum(t.nbytes for t in f)
-        if size <= self.room:
-            self.cache[I] = f
-            self.room -= size
-        return f
-
-
-def _layer_tiles(fi: list, fj: list, kernel: str, be: str) -> dict:
-    """Per parameter group (feature name): its tile between two blocks."""
-    out: dict = {}
-    for a, b in zip(fi, fj):
-        t = feat.tile([a], [b], kernel, be)
-        out[a.name] = t if a.name not in out else out[a.name].add_(t)
-    return out
-
-
-def _block_pairs(n: int, bs: int):
-    starts = list(range(0, n, bs)) + [n]
-    nb = len(starts) - 1
-    for I in range(nb):
-        for J in range(I, nb):
-            yield I, J, slice(starts[I], starts[I + 1]), slice(starts[J], starts[J + 1])
-
-
-def _gram_by_layer(fz: "Featurizer", x: torch.Tensor, kernel: str, block_size: int | None, be: str) -> dict:
-    n = x.shape[0]
-    bs = block_size or default_block_size(n, _output_size(fz, x))
-    fz.pairs_per_example = (n + 1) / 2
-    feats, K = _BlockFeatures(fz, list(x.split(bs)), DEFAULT_CACHE_BYTES), {}
-    with product_precision():
-        for I, J, si, sj in _block_pairs(n, bs):
-            fi = feats(I)
-            for name, t in _layer_tiles(fi, fi if I == J else feats(J), kernel, be).items():
-                if name not in K:
-                    k = fz.k
-                    K[name] = torch.zeros((n, k, n, k) if kernel == "full" else (n, n), dtype=fz.dtype,
-                                          device=fz.device)
-                if kernel == "full":
-                    K[name][si, :, sj, :] = t
-                    if I != J:
-                        K[name][sj, :, si, :] = t.permute(2, 3, 0, 1)
-                else:
-                    K[name][si, sj] = t
-                    if I != J:
-                        K[name][sj, si] = t.T
-    return {name: _finite(k) for name, k in K.items()}
+    walk = Walk([fz, fz0], x_all, kernel, be, block_size or default_block_size(n, k), group=group,
+                max_cache_bytes=max_cache_bytes)
+    return walk.run(AlignmentSink(walk, centered, by_layer, group, k))
 
 
 class KernelOperator:
@@ -488,13 +321,11 @@ class KernelOperator:
         self.fz = Featurizer(model, implementation, kernel, dtype)
         self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
         self.x, self.kernel = x.to(self.fz.device), kernel
-        n = x.shape[0]
         self.k = _output_size(self.fz, self.x)
-        self.fz.pairs_per_example = (n + 1) / 2
-        bs = block_size or default_block_size(n, self.k)
-        self.starts = list(range(0, n, bs)) + [n]
-        self._feats = _BlockFeatures(self.fz, list(self.x.split(bs)), max_cache_bytes)
-        self.N = n * (self.k if kernel == "full" else 1)
+        # one walk, run again for every product: its feature cache persists between them
+        self._walk = Walk([self.fz], self.x, kernel, self.be, block_size or default_block_size(x.shape[0], self.k),
+                          max_cache_bytes=max_cache_bytes)
+        self.N = x.shape[0] * (self.k if kernel == "full" else 1)
 
     @torch.enable_grad()
     @retained_heap()
@@ -503,54 +334,7 @@ class KernelOperator:
         Q = Q.to(self.fz.device, torch.float64)
         if Q.shape[0] != self.N:
             raise ValueError(f"Q must have {self.N} rows, got {tuple(Q.shape)}")
-        m = self.k if self.kernel == "full" else 1
-        out = torch.zeros_like(Q)
-        nb = len(self.starts) - 1
-        with product_precision():
-            for I in range(nb):
-                fi = self._feats(I)
-                ri = slice(self.starts[I] * m, self.starts[I + 1] * m)
-                for J in range(I, nb):
-                    t = feat.tile(fi, fi if J == I else self._feats(J), self.kernel, self.be).detach().double()
-                    t = t.reshape(t.shape[0] * m, -1)
-                    rj = slice(self.starts[J] * m, self.starts[J + 1] * m)
-                    out[ri] += t @ Q[rj]
-                    if J != I:
-                        out[rj] += t.T @ Q[ri]
-        return out
-
-
-def _cross_gram(fz: "Featurizer", x1: torch.Tensor, x2: torch.Tensor, kernel: str, block_size: int | None, be: str,
-                max_cache_bytes: int, progress: bool) -> torch.Tensor:
-    """``K(X1, X2)``: every tile (I of X1, J of X2); X2's block features cached within the budget."""
-    if x1.shape[1:] != x2.shape[1:]:
-        raise ValueError(f"the two example sets differ in shape: {tuple(x1.shape[1:])} vs {tuple(x2.shape[1:])}")
-    n1, n2 = x1.shape[0], x2.shape[0]
-    fz.pairs_per_example = n2  # each example of X1 meets every example of X2
-    bs = block_size or default_block_size(max(n1, n2), _output_size(fz, x1))
-    b1, b2 = list(x1.split(bs)), list(x2.split(bs))
-    s1, s2 = [0], [0]
-    for b, s in ((b1, s1), (b2, s2)):
-        for x in b:
-            s.append(s[-1] + x.shape[0])
-    get = _BlockFeatures(fz, b2, max_cache_bytes)
-
-    K = None
-    with product_precision(), Progress(len(b1) * len(b2), "ntk cross tiles", progress) as bar:
-        for I, xi in enumerate(b1):
-            fi = fz(xi)
-            for J in range(len(b2)):
-                t = feat.tile(fi, get(J), kernel, be)
-                if K is None:
-                    k = fz.k
-                    K = torch.empty((n1, k, n2, k) if kernel == "full" else (n1, n2), dtype=fz.dtype, device=fz.device)
-                si, sj = slice(s1[I], s1[I + 1]), slice(s2[J], s2[J + 1])
-                if kernel == "full":
-                    K[si, :, sj, :] = t
-                else:
-                    K[si, sj] = t
-                bar.update()
-    return _finite(K)
+        return self._walk.run(OperatorSink(Q, self.k if self.kernel == "full" else 1))
 
 
 @torch.enable_grad()
@@ -657,8 +441,8 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
                 _dist.check_same_parameters(group, "ntk_alignment", model, ref)
                 x_all = _dist.gather_loader(loader, group, fz.device)
                 check_model_inputs(x_all, model=model, reference=ref)
-                return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, group,
-                                          max_cache_bytes, by_layer)
+                return _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, group,
+                                        max_cache_bytes, by_layer)
         x_all = all_inputs(loader, fz.device)
         check_model_inputs(x_all, model=model, reference=ref)
         n = x_all.shape[0]
@@ -669,67 +453,12 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                            by_layer=by_layer, purpose="alignment", backend=be, centered=centered)
         if path.name == "by_layer":
-            return _alignment_sharded(fz, fz0, x_all, kernel, centered, block_size, be, None, max_cache_bytes,
-                                      by_layer=True)
-        if path.name == "trace_one_block":
-            # both [n, n] trace kernels of one block (one output at a time), reduced at once
-            with product_precision():
-                sums = AlignmentSums(n, 1, kernel, centered, fz.device)
-                Kt = fz.trace_gram(x_all, be)
-                sums.add(Kt, fz0.trace_gram(x_all.to(fz0.device), be).to(fz.device), slice(0, n), slice(0, n),
-                         False)
-            return sums.alignment()
-        blocks, starts = blocks_of(x_all, path.block_size)
-        with product_precision():
-            first = (fz(blocks[0]), fz0(blocks[0].to(fz0.device)))
-            per_block = sum(f.nbytes for f in first[0]) + sum(f.nbytes for f in first[1])
-            cache = per_block * len(blocks) <= max_cache_bytes
-            fused = be == "triton" and kernel != "diagonal" and not centered
-    
-            def prepare(f):
-                if not fused:
-                    return f
-                # Triton: all-materialized blocks become one row matrix each, and the fused kernel reduces
-                # K_t * K_0 tiles without writing them.
-                rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
-                return rows if rows[0] is not None and rows[1] is not None else f
-    
-            # block 0 is kept for the first row of tiles even without caching (it is not computed twice)
-            cached = {0: prepare(first)}
-    
-            def get(I):
-                if I in cached:
-                    return cached[I]
-                f = prepare((fz(blocks[I]), fz0(blocks[I].to(fz0.device))))
-                if cache:
-                    cached[I] = f
-                return f
-    
-            sums = AlignmentSums(n, fz.k, kernel, centered, fz.device)
-            nb = len(blocks)
-            total = nb if kernel == "diagonal" else nb * (nb + 1) // 2
-            with Progress(total, "ntk alignment", progress) as bar:
-                for I in range(nb):
-                    fi, fi0 = get(I)
-                    if I == 1 and not cache:
-                        cached.pop(0, None)
-                    si = slice(starts[I], starts[I + 1])
-                    if kernel == "diagonal":
-                        sums.add(feat.diagonal(fi), feat.diagonal(fi0).to(fz.device), si, si, False)
-                        bar.update()
-                        continue
-                    for J in range(I, nb):
-                        fj, fj0 = (fi, fi0) if J == I else get(J)
-                        if isinstance(fi, torch.Tensor):
-                            from ._triton_ntk import alignment_partials
-    
-                            parts = alignment_partials(fi, fj, fi0.to(fz.device), fj0.to(fz.device), I == J,
-                                                       _backend.triton_interpreted(),
-                                                       fz.k if kernel == "trace" else 1)
-                            sums.add_partials(parts, 2.0 if I != J else 1.0)
-                        else:
-                            Kt = feat.tile(fi, fj, kernel, be)
-                            K0 = feat.tile(fi0, fj0, kernel, be).to(fz.device)
-                            sums.add(Kt, K0, si, slice(starts[J], starts[J + 1]), I != J)
-                        bar.update()
-        return sums.alignment()
+            return _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, None, max_cache_bytes,
+                                    by_layer=True)
+        if path.name == "trace_one_block":  # both [n, n] trace kernels of one block (one output at a time)
+            walk = Walk([fz, fz0], x_all, kernel, be, form="one_output_at_a_time")
+            return walk.run(AlignmentSink(walk, centered))
+        fused = fused_alignment(be, kernel, centered)
+        walk = Walk([fz, fz0], x_all, kernel, be, path.block_size, max_cache_bytes=max_cache_bytes,
+                    prepare=functools.partial(flat_rows_pair, kernel=kernel) if fused else None)
+        return walk.run(AlignmentSink(walk, centered), progress, "ntk alignment")

@@ -19,14 +19,13 @@ from .._exact import AlignmentSums
 from .._malloc import retained_heap
 from .._modes import measures, measuring
 from .._validate import check_model_inputs
-from .._precision import exact_fp32
-from . import _features as feat
-from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _finite, _ntk_backend, _output_size,
+from .._precision import tf32_requested
+from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _ntk_backend, _output_size,
                       default_block_size, ntk_alignment, ntk_gram)
 from ._args import check_args
 from .._outputs import select_output, tensor_output
 from .._probing import probing, reapplying
-from ._sharding import RankTiles
+from ._walk import TileSink, Walk
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
 
@@ -228,10 +227,10 @@ class NTKReference:
                 _dist.check_same_parameters(self.group, "NTKReference.measure", model)
                 work, tiles = _walk(model, self.x.to(model_device(model)), self.kernel, self.options, self.group,
                                     self.plan)
-                k = work.k if self.kernel == "full" else 1
+                k = work.outputs if self.kernel == "full" else 1
                 sums = AlignmentSums(n, k, self.kernel, self.centered, model_device(model))
                 for I, J, Kt in tiles:
-                    sums.add(Kt, self.K0[I, J].to(Kt.device), work.rows(I), work.rows(J), I != J)
+                    sums.add(Kt, self.K0[I, J].to(Kt.device), work.blocks.rows(I), work.blocks.rows(J), I != J)
                 _dist.reduce_alignment_sums(sums, self.group)
                 return self._values(sums)
         Kt = ntk_gram(model, self.x.to(model_device(model)), kernel=self.kernel, **self.options)
@@ -248,18 +247,16 @@ class NTKReference:
 
 @torch.enable_grad()  # LinearityProbe runs under no_grad; tangent features need backward passes
 def _walk(model: nn.Module, x: torch.Tensor, kernel: str, options: dict, group, plan: tuple | None = None):
-    """This rank's tiles of ``model``'s kernel on the union ``x``: ``(work, [(I, J, tile)])`` (``work.plan``
-    repeats the same walk for another model)."""
+    """This rank's tiles of ``model``'s kernel on the union ``x``: ``(walk, [(I, J, tile)])`` (``walk.plan``
+    repeats the same walk for another model; ``walk.outputs``: the model's output size)."""
     if options.get("output") is not None:
         model = select_output(model, options["output"])
     fz = Featurizer(model, options["implementation"], kernel, options["dtype"])
     be = _ntk_backend(fz.device, options["backend"], fz.dtype)
-    n = x.shape[0]
-    fz.pairs_per_example = (n + 1) / 2
     k = _output_size(fz, x)
-    work = RankTiles([fz], x, kernel, options["block_size"] or default_block_size(n, k), group,
-                     DEFAULT_CACHE_BYTES, plan)
-    work.k = k
-    with exact_fp32():
-        tiles = [(I, J, _finite(feat.tile(fi, fj, kernel, be))) for I, J, (fi,), (fj,) in work]
-    return work, tiles
+    with tf32_requested(False):  # exact fp32 products (no tf32 option here)
+        walk = Walk([fz], x, kernel, be, options["block_size"] or default_block_size(x.shape[0], k), group=group,
+                    max_cache_bytes=DEFAULT_CACHE_BYTES, plan=plan)
+        tiles = walk.run(TileSink())
+    walk.outputs = k
+    return walk, tiles

@@ -19,18 +19,17 @@ from __future__ import annotations
 import torch
 
 from .. import _dist
+from ._blocks import BlockFeatures, Blocks, nbytes
 
 EXCHANGE = "exchange"
 RECOMPUTE = "recompute"
 
 
 def blocks_of(x_all: torch.Tensor, block_size: int) -> tuple[list[torch.Tensor], list[int]]:
-    """``(blocks, starts)``: the probe set ``[n, ...]`` cut into blocks, and each block's first row (+ ``n``)."""
-    blocks = list(x_all.split(block_size))
-    starts = [0]
-    for x in blocks:
-        starts.append(starts[-1] + x.shape[0])
-    return blocks, starts
+    """``(blocks, starts)``: the probe set ``[n, ...]`` cut into blocks, and each block's first row (+ ``n``)
+    (:class:`lazyhasty.ntk._blocks.Blocks`, as two lists)."""
+    b = Blocks(x_all, block_size)
+    return b.blocks, b.starts
 
 
 def row_major_runs(sizes: list[int], size: int) -> list[list[tuple[int, int]]]:
@@ -57,23 +56,32 @@ def row_major_runs(sizes: list[int], size: int) -> list[list[tuple[int, int]]]:
 
 class RankTiles:
     """This rank's tiles of the kernel and the features of their blocks, for one or two featurizers
-    (model and reference). Iterating yields ``(I, J, feats_I, feats_J)`` with ``feats_*`` a tuple of one
-    feature list per featurizer.
+    (model and reference): the rank schedule of :class:`lazyhasty.ntk._walk.Walk`. Iterating yields
+    ``(I, J, feats_I, feats_J)`` with ``feats_*`` a tuple of one feature list per featurizer (the same tuple
+    when ``I == J``).
+
+    Block features come from one :class:`lazyhasty.ntk._blocks.BlockFeatures` (kept while they fit
+    ``max_cache_bytes``); in the exchange regime every block's features are kept (they fit, by its choice).
+    ``kernel="diagonal"``: tiles ``(I, I)`` of this rank's own blocks, nothing kept (nothing is used twice).
 
     regime: ``"exchange"`` or ``"recompute"`` (module docstring); tiles: ``[(I, J)]`` in the order walked.
     """
 
     def __init__(self, featurizers: list, x_all: torch.Tensor, kernel: str, block_size: int, group,
-                 max_cache_bytes: int, plan: tuple | None = None):
+                 max_cache_bytes: int, plan: tuple | None = None, prepare=None):
         """plan: ``(regime, tiles)`` of an earlier walk to repeat (the same tiles on the same rank: a kernel
-        captured once and compared later, :class:`lazyhasty.ntk.NTKReference`)."""
+        captured once and compared later, :class:`lazyhasty.ntk.NTKReference`). prepare: see
+        :class:`~lazyhasty.ntk._blocks.BlockFeatures`."""
         self.fzs, self.kernel, self.group = featurizers, kernel, group
         self.rank, self.size = (0, 1) if group is None else _dist.rank_and_size(group)
-        self.blocks, self.starts = blocks_of(x_all, block_size)
+        self.cut = Blocks(x_all, block_size)
+        self.blocks, self.starts = self.cut.blocks, self.cut.starts
+        self.features = BlockFeatures(featurizers, self.cut, 0 if kernel == "diagonal" else max_cache_bytes,
+                                      prepare)
+        self._first: tuple | None = None  # (I, features) of the block measured for the regime, for its row
         nb = len(self.blocks)
-        sizes = [b.shape[0] for b in self.blocks]
+        sizes = self.cut.sizes
         self.owned = [I for I in range(nb) if I % self.size == self.rank]
-        self.features: dict[int, tuple] = {}
         if plan is not None:
             self.regime, self.tiles = plan[0], list(plan[1])
             if self.regime == EXCHANGE:
@@ -88,52 +96,52 @@ class RankTiles:
         probe = runs[self.rank][0][0] if runs[self.rank] else (self.owned[0] if self.owned else None)
         per_example = 0.0
         if probe is not None:
-            self.features[probe] = self._compute(probe)
-            per_example = sum(f.nbytes for fs in self.features[probe] for f in fs) / sizes[probe]
+            f = self.features(probe)
+            self._first = (probe, f)
+            per_example = nbytes(f) / sizes[probe]
         if group is not None:
             per_example = max(float(v) for v in _dist.gather_objects(per_example, group))
         self.regime = EXCHANGE if per_example * x_all.shape[0] <= max_cache_bytes else RECOMPUTE
         if self.regime == EXCHANGE:
             self.tiles = _dist.balanced_tiles(sizes, self.size)[self.rank]
-            self._exchange()
+            if group is not None:
+                self._exchange()
         else:
             self.tiles = runs[self.rank]
 
-    def _compute(self, I: int) -> tuple:
-        x = self.blocks[I]
-        return tuple(fz(x.to(fz.device)) for fz in self.fzs)
-
     def _exchange(self) -> None:
         """Every block's features on every rank: each owner computes its blocks and broadcasts them."""
+        cache = self.features.cache
         for I in range(len(self.blocks)):
             owner = I % self.size
-            if owner == self.rank and I not in self.features:
-                self.features[I] = self._compute(I)
+            if owner == self.rank and I not in cache:
+                self.features.keep(I, self._first[1] if self._first and self._first[0] == I
+                                   else self.features.compute(I), always=True)
             if self.group is not None:
-                mine = self.features.get(I) if owner == self.rank else None
-                size = None if mine is None else sum(f.nbytes for fs in mine for f in fs)
+                mine = cache.get(I) if owner == self.rank else None
+                size = None if mine is None else nbytes(mine)
                 sent = _dist.broadcast_object(mine, owner, self.group, nbytes=size)
-                self.features.setdefault(I, sent)
-        kinds = {tuple((type(f).__name__, getattr(f, "name", None)) for f in fs[0]) for fs in self.features.values()}
+                if I not in cache:
+                    self.features.keep(I, sent, always=True)
+        kinds = {tuple((type(f).__name__, getattr(f, "name", None)) for f in fs[0]) for fs in cache.values()}
         if len(kinds) > 1:
             raise RuntimeError("the ranks formed different per-layer feature forms for their blocks: "
                                "report this with the model (it would mix incompatible tiles)")
 
     def __iter__(self):
-        if self.regime == EXCHANGE:
-            for I, J in self.tiles:
-                yield I, J, self.features[I], self.features[J]
-            return
         row, fi = None, None
         for I, J in self.tiles:
             if I != row:  # a new row: its features are kept while the row is walked
                 row = I
-                fi = self.features.pop(I, None) or self._compute(I)
-            yield I, J, fi, fi if J == I else self._compute(J)
+                if self._first is not None and self._first[0] == I:
+                    fi, self._first = self._first[1], None
+                else:
+                    fi = self.features(I)
+            yield I, J, fi, fi if J == I else self.features(J)
 
     @property
     def plan(self) -> tuple:
         return self.regime, tuple(self.tiles)
 
     def rows(self, I: int) -> slice:
-        return slice(self.starts[I], self.starts[I + 1])
+        return self.cut.rows(I)
