@@ -137,5 +137,7 @@ def test_a_model_random_in_eval_mode_is_still_refused():
 
     x, _ = _data()
     for model in (Noisy(), Mixing()):
-        with pytest.raises(ValueError, match="depends on the other examples"):
+        with pytest.raises(ValueError, match="depends on the other examples") as info:
             Monitor(model, x, metrics=("ntk_alignment",))
+        # the Monitor measures in eval mode already: advising model.eval() would send the user in a circle
+        assert "model.eval()" not in str(info.value) and "eval mode already" in str(info.value)

@@ -565,7 +565,8 @@ def check_probe_inputs(call, x: torch.Tensor, *, sample: int | None = 16, params
             raise ValueError(
                 "the model's output for an example depends on the other examples of the batch (a module mixes "
                 "examples, e.g. BatchNorm with batch statistics, or is random): the per-example tangent kernel "
-                "is ill-defined; use model.eval() or remove the batch-mixing module")
+                "is ill-defined. It was measured in eval mode already (dropout off, BatchNorm on running "
+                "statistics), so the mixing is in the model itself: remove or replace the module that mixes")
         if not grads or not (full.requires_grad and part.requires_grad):
             return
         wv = torch.randn(ref.shape, generator=g, dtype=torch.float64).to(ref.device, ref.dtype)  # [b/2, k]
