@@ -28,6 +28,7 @@ the per-model caches of the layer checks hold across calls; the call's descripti
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 from collections.abc import Callable, Mapping
 
@@ -328,12 +329,35 @@ class ProbeCall:
                     out.append(m if isinstance(m, ProbeModel) else ProbeModel(m, self.output, self.packing))
                     continue
                 if isinstance(m, nn.Module):
+                    if self.packing is not None:
+                        _check_keywords(m, self.packing.keys)
                     undo.append(_patch(m, self))
                 out.append(m)
             yield tuple(out)
         finally:
             for u in reversed(undo):
                 u()
+
+
+def _check_keywords(m: nn.Module, keys: tuple) -> None:
+    """Raise ``ValueError`` when ``m``'s forward cannot take the named inputs ``keys`` as keyword arguments
+    (before the first call, instead of torch's or Python's message from deep inside it)."""
+    forward = m.__dict__.get(_BASE) or m.__dict__.get("forward") or type(m).forward
+    if m.__dict__.get(_CALL) is not None:
+        forward = m.__dict__.get(_BASE) or type(m).forward
+    try:
+        params = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C forward: nothing to read, the call itself will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    unknown = [k for k in keys if k not in names]
+    if unknown:
+        raise ValueError(f"the batches' named inputs {list(keys)} are passed to {type(m).__name__} as keyword "
+                         f"arguments, but its forward takes {names}: {unknown} match none. Name the keys after "
+                         "forward's arguments, or give a model of one positional input a tensor or {'x': tensor} "
+                         "batch")
 
 
 def _patch(m: nn.Module, call: ProbeCall):

@@ -318,3 +318,12 @@ def test_the_layer_check_is_kept_across_calls_and_keyed_by_the_call():
     ntk_gram(m, dicts, kernel="trace", implementation="layerwise", output=lambda out: out[:, :2])
     other = _VERIFIED[m]["layerwise"]
     assert other is not first and other.key != first.key  # another output is another function to check
+
+
+def test_named_inputs_the_forward_does_not_take_are_named_before_the_call():
+    """A dict batch whose keys are not the forward's arguments: a clear error naming both (was Python's
+    'forward() got an unexpected keyword argument' from inside the engine's first trial forward)."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    batch = {"inputs": torch.randn(4, 3)}
+    with pytest.raises(ValueError, match=r"\['inputs'\].*takes \['input'\].*match none"):
+        ntk_gram(net, [batch], kernel="trace")
