@@ -160,9 +160,9 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
             16-bit dtypes, or with ``implementation="naive"``.
 
     Returns:
-        The kernel: ``[n, k, n, k]`` (full), ``[n, n]`` (trace), ``[n, k, k]`` (diagonal), ``[n1, k, n2, k]`` /
-        ``[n1, n2]`` with ``loader2``; a ``{module: kernel}`` dict with ``by_layer``; a ``numpy.memmap`` with
-        ``out``; ``None`` on ranks other than 0 with ``gather="rank0"``.
+        The kernel: ``[n, k, n, k]`` (full), ``[n, n]`` (trace), ``[n, k, k]`` (diagonal), ``[n1, k, n2, k]``
+            / ``[n1, n2]`` with ``loader2``; a ``{module: kernel}`` dict with ``by_layer``; a ``numpy.memmap``
+            with ``out``; ``None`` on ranks other than 0 with ``gather="rank0"``.
 
     Raises:
         ValueError: bad arguments, an empty probe set, non-finite inputs or outputs, a model that mixes
@@ -387,7 +387,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
 
     Returns:
         The alignment, a float in ``[-1, 1]`` (``[0, 1]`` uncentred: both kernels are positive semi-definite);
-        with ``by_layer``, ``{module: float}``.
+            with ``by_layer``, ``{module: float}``.
 
     Raises:
         ValueError: bad arguments (``centered`` with ``kernel="diagonal"``), a reference of another
