@@ -34,8 +34,21 @@ class _Packed:
             yield self.call.pack(batch, f"batch {i}")
 
 
+class _Resumed:
+    """A re-iterable loader whose first pass goes on from the iterator its first batch was read from, so that
+    reading that batch costs no second pass (a DataLoader's workers started twice, a dataset read twice);
+    every later pass iterates the loader anew."""
+
+    def __init__(self, loader, first, it):
+        self.loader, self._pending = loader, (first, it)
+
+    def __iter__(self):
+        pending, self._pending = self._pending, None
+        return iter(self.loader) if pending is None else itertools.chain([pending[0]], pending[1])
+
+
 def _first(loader):
-    """``(first batch or None, the loader to iterate instead)``: a one-shot iterator is chained back."""
+    """``(first batch or None, the loader to iterate instead)``: the first pass goes on from the batch read."""
     if isinstance(loader, torch.Tensor) or loader is None or not isinstance(loader, Iterable):
         return None, loader
     it = iter(loader)
@@ -43,7 +56,7 @@ def _first(loader):
         first = next(it)
     except StopIteration:
         return None, loader if it is not loader else []
-    return first, (loader if it is not loader else itertools.chain([first], it))
+    return first, (_Resumed(loader, first, it) if it is not loader else itertools.chain([first], it))
 
 
 def probe_call(loaders: list, output=None, group=None) -> tuple[ProbeCall, list]:

@@ -327,3 +327,29 @@ def test_named_inputs_the_forward_does_not_take_are_named_before_the_call():
     batch = {"inputs": torch.randn(4, 3)}
     with pytest.raises(ValueError, match=r"\['inputs'\].*takes \['input'\].*match none"):
         ntk_gram(net, [batch], kernel="trace")
+
+
+class _CountingLoader:
+    """A re-iterable loader that counts its passes."""
+
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_reading_the_first_batch_costs_no_second_pass_over_the_loader(named):
+    """The entry points read a loader's first batch to see whether it holds named inputs; that batch is the
+    start of the pass the engine makes, not a pass of its own (before: two passes, e.g. a DataLoader's workers
+    started twice), and the kernel is the same as from the tensor."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    parts = x.split(3)
+    loader = _CountingLoader([{"input": p} for p in parts] if named else list(parts))
+    K = ntk_gram(net, loader, kernel="trace")
+    assert loader.passes == 1
+    assert torch.allclose(K, ntk_gram(net, x, kernel="trace"), rtol=0, atol=1e-12)
