@@ -10,7 +10,7 @@ from torch import nn
 
 from .._modes import measuring
 from .._probing import probing, reapplying
-from .._loaders import check_materialized, model_device, model_inputs, run_model
+from .._loaders import model_device, model_inputs, run_model
 from ._sites import CallRecorder, resolve_layer, same_modules
 from .._precision import exact_fp32
 from .alignment import _feature_moments
