@@ -13,6 +13,6 @@ Example:
 """
 from . import _backend  # noqa: F401  (capability flags; warns once if a compiled backend is missing)
 from . import metrics, ntk, ops, reference  # noqa: F401
-from .monitor import CSVSink, JSONLSink, Monitor, TensorBoardSink, WandbSink  # noqa: F401,E402
+from .monitor import CSVSink, JSONLSink, Monitor, TensorBoardSink, WandbSink, read_monitor_log  # noqa: F401,E402
 
 __version__ = "0.1.0"

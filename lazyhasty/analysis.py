@@ -226,7 +226,10 @@ def find_runs(paths: Sequence) -> list:
     """Run directories (``log.jsonl`` inside, searched recursively) and Monitor logs (``*.jsonl`` files)."""
     from pathlib import Path
 
-    from ._runlog import read_rows
+    from .monitor import read_monitor_log
+
+    def read_rows(path):  # a run's log.jsonl, or a Monitor log without its run header row
+        return read_monitor_log(path)[1]
 
     found = []
     for p in map(Path, paths):

@@ -11,13 +11,16 @@ The reference's side is captured once ([`LinearityProbe`][lazyhasty.metrics.Line
 representation alignment, and forms only the model's tangent kernel. Models are measured in eval mode on
 their own device; their modes, buffers and the RNG states are restored bit for bit after each log.
 
-Sinks never mix runs silently: each file sink writes the Monitor's run header (metrics, kernel, probe size,
-dtype, ...) beside its file (``<path>.header.json``), refuses a file that already holds rows unless
-``append=True``, and appends then only to rows of the same configuration (a CSV only under its own columns).
+Sinks never mix runs silently: each file sink records the Monitor's run header (metrics, kernel, probe size,
+dtype, ...): a ``.jsonl`` log as its first row (``read_monitor_log`` returns it apart), a ``.csv`` beside it
+(``<path>.header.json``). A file that already holds a run is refused unless ``append=True``, and then only one
+of the same configuration is continued (a CSV only under its own columns); one process writes at a time.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -40,13 +43,15 @@ DEFAULT_METRICS = ("sign_similarity", "repr_alignment", "ntk_alignment")
 
 # --- sinks -----------------------------------------------------------------------------------------
 HEADER_FORMAT = "lazyhasty.Monitor/1"
+HEADER_KEY = "run_header"  # the first row of a .jsonl log: {"run_header": {...}}
 # header entries that describe when or with what a file was written, not what its rows are
 # (the cadence is recorded, not compared: a continued run may log more or less often)
 _UNCOMPARED = ("created", "lazyhasty_version", "every", "geometric", "budget")
 
 
 def header_path(path: str | os.PathLike) -> Path:
-    """The run header of a ``.jsonl`` / ``.csv`` Monitor log: ``<path>.header.json`` beside it."""
+    """The run header of a ``.csv`` Monitor log: ``<path>.header.json`` beside it (a ``.jsonl`` log holds its
+    header in its first row, ``{"run_header": {...}}``)."""
     path = Path(path)
     return path.with_name(path.name + ".header.json")
 
@@ -58,6 +63,31 @@ def header_difference(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
+def read_monitor_log(path: str | os.PathLike) -> tuple[dict | None, list[dict]]:
+    """A ``.jsonl`` Monitor log: its run header and its rows.
+
+    Args:
+        path: the file a ``JSONLSink`` (or ``Monitor(sinks=["....jsonl"])``) wrote.
+
+    Returns:
+        ``(header, rows)``: the run header (metrics, kernel, probe examples, dtype, ...; None for a file written
+        without a Monitor) and one dict per log, ``{"step": ..., metric: value, ...}``. A torn last row (a
+        crash while writing it) is skipped with a warning.
+
+    Example:
+        >>> header, rows = read_monitor_log("probes.jsonl")   # doctest: +SKIP
+        >>> header["kernel"], rows[-1]["ntk_alignment"]       # doctest: +SKIP
+        ('trace', 0.93)
+    """
+    from ._runlog import read_rows
+
+    rows = read_rows(Path(path))
+    header = None
+    if rows and set(rows[0]) == {HEADER_KEY}:
+        header, rows = rows[0][HEADER_KEY], rows[1:]
+    return header, rows
+
+
 def _atomic_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -67,8 +97,38 @@ def _atomic_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive ``flock`` on the log file itself (created when missing) for the block: two processes never
+    check or start one log at the same time. A file held for longer than a check (its writer holds it until it
+    closes) is checked without the lock: it has rows, which the check then finds."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield True
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
+    try:
+        for _ in range(100):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except BlockingIOError:
+                time.sleep(0.01)
+        yield held
+    finally:
+        os.close(fd)
+
+
 class _FileSink:
-    """What the file sinks share: a header beside the file, and no silent appending to another run's rows."""
+    """What the file sinks share: a run header, no silent appending to another run's rows, a torn last row set
+    aside, and one writing process (an ``flock`` held from the first row to ``close``).
+
+    In a multi-process run every process may build the same Monitor with the same path (a Lightning ``ddp``
+    script runs once per rank): only the process that writes rows takes the file; the others only check it.
+    """
 
     kind = "rows"
 
@@ -80,7 +140,7 @@ class _FileSink:
         self._opened = False
 
     def open(self, header: dict | None) -> None:
-        """Check the file against ``header`` (the Monitor's run header) and write the header beside it.
+        """Check the file against ``header`` (the Monitor's run header) and record the header.
 
         Raises:
             FileExistsError: the file holds rows and ``append`` is False.
@@ -90,36 +150,76 @@ class _FileSink:
         if self._opened:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        side = header_path(self.path)
-        has_rows = self.path.exists() and self.path.stat().st_size > 0
-        if has_rows and not self.append:
-            raise FileExistsError(
-                f"{self.path} already holds the {self.kind} of a run: pass append=True to the sink to continue "
-                "that run (with the same configuration), or choose another path (sinks never mix runs silently)")
-        if has_rows and side.exists() and header is not None:
-            try:
-                old = json.loads(side.read_text())
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{side}: unreadable run header ({exc}); choose another path") from None
-            diff = header_difference(old, header)
-            if diff:
-                raise ValueError(f"{self.path} was written by another configuration of the Monitor ("
-                                 + "; ".join(diff) + "): choose another path; append=True continues only the same "
-                                 "configuration")
-        elif has_rows and header is not None:
-            warnings.warn(f"{self.path} has no run header ({side.name}): appending without checking which "
-                          "configuration wrote its rows", RuntimeWarning, stacklevel=3)
-        self._owns_header = header is not None and not (has_rows and side.exists())
-        if self._owns_header:
-            _atomic_json(side, header)
-        self.header, self._opened = header, True
-        self._start(has_rows)
+        with _file_lock(self.path) as held:
+            has_rows = self._has_rows()
+            if has_rows and not self.append:
+                raise FileExistsError(
+                    f"{self.path} already holds the {self.kind} of a run: pass append=True to the sink to continue "
+                    "that run (with the same configuration), or choose another path (sinks never mix runs "
+                    "silently)")
+            if has_rows and held:  # (a file another process is writing is never changed here)
+                self._set_torn_row_aside()
+            old = self._stored_header()
+            if has_rows and old is not None and header is not None:
+                diff = header_difference(old, header)
+                if diff:
+                    raise ValueError(f"{self.path} was written by another configuration of the Monitor ("
+                                     + "; ".join(diff) + "): choose another path; append=True continues only the "
+                                     "same configuration")
+            elif has_rows and header is not None:
+                warnings.warn(f"{self.path} has no run header: appending without checking which configuration "
+                              "wrote its rows", RuntimeWarning, stacklevel=3)
+            if header is not None and not has_rows and held and (old is None or header_difference(old, header)):
+                self._write_header(header)  # a file without rows: its header is this run's
+            self._owns_header = header is not None and not has_rows
+            self._size_at_open = self.path.stat().st_size
+            self.header, self._opened = header, True
+            self._start(has_rows)
 
     def update_header(self, header: dict) -> None:
         """A new run header before any row (the cadence set by a callback): rewritten if this sink wrote it."""
-        if getattr(self, "_owns_header", False):
-            _atomic_json(header_path(self.path), header)
-            self.header = header
+        if getattr(self, "_owns_header", False) and getattr(self, "_lock_fd", None) is None:
+            with _file_lock(self.path) as held:
+                if not held or self._has_rows():
+                    return
+                self.close()
+                self._write_header(header)
+                self.header = header
+                self._size_at_open = self.path.stat().st_size
+                self._reopen()
+
+    def _has_rows(self) -> bool:
+        return self.path.exists() and self.path.stat().st_size > 0
+
+    def _stored_header(self) -> dict | None:
+        side = header_path(self.path)
+        if not side.exists():
+            return None
+        try:
+            return json.loads(side.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{side}: unreadable run header ({exc}); choose another path") from None
+
+    def _write_header(self, header: dict) -> None:
+        _atomic_json(header_path(self.path), header)
+
+    def _set_torn_row_aside(self) -> None:
+        data = self.path.read_bytes()
+        if data.endswith(b"\n"):
+            return
+        # a crash mid-row: set the torn row aside, never glue the next one on it
+        keep = data.rfind(b"\n") + 1
+        aside = self.path.with_name(self.path.name + ".torn")
+        i = 1
+        while aside.exists():
+            i += 1
+            aside = self.path.with_name(f"{self.path.name}.torn-{i}")
+        aside.write_bytes(data[keep:])
+        with open(self.path, "r+b") as f:
+            f.truncate(keep)
+            os.fsync(f.fileno())
+        warnings.warn(f"{self.path}: a torn last row ({len(data) - keep} bytes) was moved to {aside.name}",
+                      RuntimeWarning, stacklevel=5)
 
     def _start(self, has_rows: bool) -> None:
         raise NotImplementedError
@@ -129,52 +229,115 @@ class _FileSink:
             self.open(None)
         elif getattr(self, "_f", None) is None:  # unpickled in another process: the same run, appended to
             self._reopen()
+        if getattr(self, "_lock_fd", None) is None:
+            self._take()
+
+    def _take(self) -> None:
+        """Become the file's one writer: an ``flock`` held until ``close``, refused while another process holds
+        it, and refused when another process wrote rows since ``open`` (unless ``append``)."""
+        try:
+            import fcntl
+        except ImportError:
+            self._lock_fd = -1
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            from ._runlog import _lock_holder
+
+            holder = _lock_holder(self.path)
+            if holder in (str(os.getpid()), getattr(self, "_pickled_by", None)):
+                # this sink pickled from (or beside) the one holding the file: the same run, continued
+                self._lock_fd = -1
+                return
+            raise FileExistsError(f"{self.path} is being written by another process (pid "
+                                  f"{holder}): two runs never write into one log; choose another "
+                                  "path") from None
+        if not self.append and self.path.stat().st_size != self._size_at_open:
+            os.close(fd)
+            raise FileExistsError(f"{self.path} gained the {self.kind} of another run since this sink opened it: "
+                                  "choose another path (sinks never mix runs silently)")
+        self._lock_fd = fd
 
     def _reopen(self) -> None:
         self._f = open(self.path, "a")
 
+    def _write(self, text: str) -> None:
+        self._f.write(text)
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
     def __getstate__(self) -> dict:
         # a sink sent to another process (Lightning's ddp_spawn pickles the callbacks) reopens its file there
-        return {k: v for k, v in self.__dict__.items() if k not in ("_f", "_w")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_f", "_w", "_lock_fd")}
+        if getattr(self, "_lock_fd", None) is not None:
+            state["_pickled_by"] = str(os.getpid())  # the writer: its copies continue its run
+        return state
 
     def close(self) -> None:
         if getattr(self, "_f", None) is not None and not self._f.closed:
             self._f.close()
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            if fd >= 0:
+                os.close(fd)  # releases the writer's lock
+            self._lock_fd = None
 
 
 class JSONLSink(_FileSink):
     """One JSON object per log, appended, flushed and fsync'd (a crash loses at most the row being written).
 
+    The first row is the run header, ``{"run_header": {...}}`` (the Monitor's configuration: metrics, kernel,
+    probe examples, dtype, ...); [`read_monitor_log`][lazyhasty.monitor.read_monitor_log] returns it apart
+    from the rows.
+
     Args:
-        path: the ``.jsonl`` file; its run header (the Monitor's configuration) is written to
-            ``<path>.header.json`` beside it.
-        append: continue a file that already holds rows (its header must equal this run's); default False: such
+        path: the ``.jsonl`` file.
+        append: continue a file that already holds a run (its header must equal this run's); default False: such
             a file is refused, so a rerun never mixes into an earlier run's rows.
     """
 
+    def _has_rows(self) -> bool:
+        if not self.path.exists():
+            return False
+        with open(self.path, "rb") as f:
+            first = f.readline()
+            more = f.read(1)
+        return bool(more) or (bool(first) and not self._is_header_line(first))
+
+    @staticmethod
+    def _is_header_line(line: bytes) -> bool:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False
+        return isinstance(row, dict) and set(row) == {HEADER_KEY}
+
+    def _stored_header(self) -> dict | None:
+        if not self.path.exists():
+            return None
+        with open(self.path, "rb") as f:
+            first = f.readline()
+        if self._is_header_line(first):
+            return json.loads(first)[HEADER_KEY]
+        return super()._stored_header()  # a log of an earlier version: its header beside it
+
+    def _write_header(self, header: dict) -> None:
+        # in place, under the lock (a run with no row yet gets its new header): the locked file stays the log
+        with open(self.path, "r+b" if self.path.exists() else "wb") as f:
+            f.truncate(0)
+            f.write((json.dumps({HEADER_KEY: header}, sort_keys=True) + "\n").encode())
+            f.flush()
+            os.fsync(f.fileno())
+
     def _start(self, has_rows: bool) -> None:
-        if has_rows:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):  # a crash mid-row: set the torn row aside, never glue the next one on it
-                keep = data.rfind(b"\n") + 1
-                aside = self.path.with_name(self.path.name + ".torn")
-                i = 1
-                while aside.exists():
-                    i += 1
-                    aside = self.path.with_name(f"{self.path.name}.torn-{i}")
-                aside.write_bytes(data[keep:])
-                with open(self.path, "r+b") as f:
-                    f.truncate(keep)
-                    os.fsync(f.fileno())
-                warnings.warn(f"{self.path}: a torn last row ({len(data) - keep} bytes) was moved to {aside.name}",
-                              RuntimeWarning, stacklevel=4)
         self._f = open(self.path, "a")
 
     def __call__(self, step: int, values: dict) -> None:
         self._ensure_open()
-        self._f.write(json.dumps({"step": step, **values}) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        self._write(json.dumps({"step": step, **values}) + "\n")
 
 
 class CSVSink(_FileSink):
@@ -201,7 +364,8 @@ class CSVSink(_FileSink):
             if self._columns is not None and self._columns != keys:
                 raise ValueError(f"{self.path} has the columns {self._columns}, but these rows have {keys}: a CSV "
                                  "never writes values under another header; choose another path")
-            self._w = csv.DictWriter(self._f, fieldnames=keys)
+            self._buf = io.StringIO()
+            self._w = csv.DictWriter(self._buf, fieldnames=keys)
             if self._columns is None:
                 self._w.writeheader()
             self._columns = keys
@@ -209,7 +373,10 @@ class CSVSink(_FileSink):
         if extra:
             raise ValueError(f"{self.path}: new columns {sorted(extra)} after the header was written")
         self._w.writerow(row)
-        self._f.flush()
+        text = self._buf.getvalue()
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._write(text)
 
     def _reopen(self) -> None:
         self._f, self._w = open(self.path, "a", newline=""), None
@@ -354,8 +521,9 @@ class Monitor:
         sinks: paths (``.jsonl``: crash-safe JSON lines; ``.csv``), ``JSONLSink`` / ``CSVSink`` /
             ``TensorBoardSink`` / ``WandbSink`` objects or any ``callable(step, values)``. Each sink with an
             ``open(header)`` method gets the run header first (``header``: metrics, kernel, probe examples,
-            dtype, ...): file sinks write it beside the file (``<path>.header.json``) and refuse a file that
-            already holds rows unless ``append=True``, and then only one written by the same configuration.
+            dtype, ...): a ``.jsonl`` as its first row, a ``.csv`` beside it (``<path>.header.json``); file sinks
+            refuse a file that already holds a run unless ``append=True``, and then continue only one written by
+            the same configuration.
         append: passed to the sinks given as paths. Default False.
         batch_size: examples per forward of the no-grad probes. Default 1024.
         budget: the largest share of wall time the probes may take, e.g. 0.05. ``due`` then also waits until

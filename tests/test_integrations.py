@@ -11,7 +11,7 @@ from torch import nn
 # torchvision is installed without its compiled ops: Lightning imports it, which needs this stub first
 sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
 
-from lazyhasty import Monitor  # noqa: E402
+from lazyhasty import Monitor, read_monitor_log  # noqa: E402
 from lazyhasty.metrics import ntk_alignment  # noqa: E402
 from lazyhasty.regimes import AlphaScaled  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_lightning_callback_in_a_real_run(tmp_path):
     assert last["ntk_alignment"] == pytest.approx(ntk_alignment(module.net, x, kernel="trace"), abs=1e-6)
     assert last["ntk_alignment"] < 1.0
     assert all(torch.equal(a, b) for a, b in zip(f0_before, module.net.f0.parameters()))  # f_0 frozen
-    rows = [json.loads(r) for r in (tmp_path / "mon.jsonl").read_text().splitlines()]
+    rows = read_monitor_log(tmp_path / "mon.jsonl")[1]
     assert [r["step"] for r in rows] == steps
     metrics_csv = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "ntk_alignment" in metrics_csv and "sign_similarity" in metrics_csv
@@ -229,7 +229,7 @@ def test_trainer_callback_reaches_the_trainers_logging_with_a_random_bert(tmp_pa
     tags = acc.Tags()["scalars"]
     tag = next(t for t in tags if t.endswith("ntk_alignment"))
     assert [e.step for e in acc.Scalars(tag)] == [3, 6]
-    assert [json.loads(r)["step"] for r in (tmp_path / "mon.jsonl").read_text().splitlines()] == [3, 6]
+    assert [r["step"] for r in read_monitor_log(tmp_path / "mon.jsonl")[1]] == [3, 6]
 
 
 @pytest.mark.parametrize("example,needs", [("lightning_monitor.py", "lightning"), ("hf_monitor.py", "transformers")])
@@ -306,10 +306,10 @@ def test_lightning_callback_over_two_processes(tmp_path, strategy, mode):
             assert logged[0][step][k] == pytest.approx(want[k], rel=1e-10, abs=1e-12), (step, k)
         assert want["ntk_alignment"] < 1.0
 
-    rows = [json.loads(r) for r in (tmp_path / "mon-rank0.jsonl").read_text().splitlines()]
+    rows = read_monitor_log(tmp_path / "mon-rank0.jsonl")[1]
     assert [r["step"] for r in rows] == [2, 4]
     rank1 = tmp_path / "mon-rank1.jsonl"  # the group Monitor's sink on rank 1: never written
-    assert not rank1.exists() or rank1.read_text() == ""
+    assert not rank1.exists() or read_monitor_log(rank1)[1] == []
     tables = list(tmp_path.rglob("metrics.csv"))
     assert len(tables) == 1  # one logger directory: rank 0's
     table = list(csv.DictReader(open(tables[0])))
@@ -327,7 +327,7 @@ def test_lightning_callback_failure_on_rank_zero_raises_on_every_rank(tmp_path, 
     assert "a model that cannot be measured" in (tmp_path / "error-rank0.txt").read_text()
     other = (tmp_path / "error-rank1.txt").read_text()
     assert "rank 0" in other and "a model that cannot be measured" in other
-    assert not (tmp_path / "mon-rank0.jsonl").read_text()  # no row for the failed measurement
+    assert not read_monitor_log(tmp_path / "mon-rank0.jsonl")[1]  # no row for the failed measurement
 
 
 def test_file_sinks_survive_pickling_into_another_process(tmp_path):
@@ -346,7 +346,7 @@ def test_file_sinks_survive_pickling_into_another_process(tmp_path):
     twin.log(net, 1)
     twin.close()
     mon.close()
-    assert [json.loads(r)["step"] for r in (tmp_path / "m.jsonl").read_text().splitlines()] == [0, 1]
+    assert [r["step"] for r in read_monitor_log(tmp_path / "m.jsonl")[1]] == [0, 1]
     lines = (tmp_path / "m.csv").read_text().splitlines()
     assert lines[0].split(",")[0] == "step" and [ln.split(",")[0] for ln in lines[1:]] == ["0", "1"]
     assert isinstance(twin.sinks[0], JSONLSink)
@@ -369,7 +369,7 @@ def test_monitor_log_write_false_leaves_the_sinks_alone(tmp_path):
     mon = Monitor(copy.deepcopy(net), x, metrics=("ntk_alignment",), sinks=[tmp_path / "m.jsonl"])
     values = mon.log(net, 0, write=False)
     mon.close()
-    assert "ntk_alignment" in values and (tmp_path / "m.jsonl").read_text() == ""
+    assert "ntk_alignment" in values and read_monitor_log(tmp_path / "m.jsonl")[1] == []
 
 
 def _geometric_steps(losses, q):
@@ -471,4 +471,4 @@ def test_trainer_callback_writes_the_sinks_on_world_process_zero_only(tmp_path):
         cb.on_step_end(None, types.SimpleNamespace(global_step=step, is_world_process_zero=zero), None, model=net)
     cb.monitor.close()
     assert [s for s, _ in cb.logged] == [1, 2]  # both measured
-    assert [json.loads(r)["step"] for r in (tmp_path / "m.jsonl").read_text().splitlines()] == [2]
+    assert [r["step"] for r in read_monitor_log(tmp_path / "m.jsonl")[1]] == [2]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lazyhasty import Monitor
+from lazyhasty import Monitor, read_monitor_log
 from lazyhasty._progress import Progress
 from lazyhasty.metrics import ntk_alignment, representation_alignment, sign_similarity
 from lazyhasty.regimes import AlphaScaled, Linearized
@@ -49,7 +49,7 @@ def test_monitor_values_equal_the_functions(tmp_path):
     mon.log(model, step=9)
     assert model.training  # modes restored
     mon.close()
-    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = read_monitor_log(tmp_path / "log.jsonl")[1]
     assert [r["step"] for r in rows] == [7, 9] and rows[0]["ntk_alignment"] == got["ntk_alignment"]
     table = list(csv.DictReader(open(tmp_path / "log.csv")))
     assert float(table[0]["sign_similarity"]) == pytest.approx(got["sign_similarity"])
@@ -175,6 +175,8 @@ def test_plot_command_on_monitor_logs_and_run_dirs(tmp_path, capsys):
 
 # --- rows that say what they are; sinks that never mix runs (issue 27 item 4, issue 28 item 9) -------------
 def _header(path):
+    if path.suffix == ".jsonl":  # the first row of the log
+        return json.loads(path.read_text().splitlines()[0])["run_header"]
     return json.loads((path.parent / (path.name + ".header.json")).read_text())
 
 
@@ -188,33 +190,97 @@ def test_run_header_says_what_the_rows_are(tmp_path):
         h = _header(path)
         assert h["kernel"] == "trace" and h["probe_examples"] == 40 and h["dtype"] == "float32"
         assert h["metrics"] == ["ntk_alignment", "sign_similarity"] and h["groups"] == {"g": 7} and h["every"] == 3
-    row = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
-    assert row["probe_seconds"] > 0 and 0 < row["probe_overhead"] <= 1
+    assert not (tmp_path / "a.jsonl.header.json").exists()  # a .jsonl holds its header: one file to move
+    header, rows = read_monitor_log(tmp_path / "a.jsonl")
+    assert header == _header(tmp_path / "a.jsonl") == mon.header
+    assert len(rows) == 1 and rows[0]["step"] == 0
+    assert rows[0]["probe_seconds"] > 0 and 0 < rows[0]["probe_overhead"] <= 1
 
 
-def test_sinks_refuse_to_mix_runs(tmp_path):
+def test_jsonl_header_row_follows_the_cadence_set_before_the_first_row(tmp_path):
     net, x, _ = _setup()
-    log, table = tmp_path / "r.jsonl", tmp_path / "r.csv"
-    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[log, table])
+    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[tmp_path / "c.jsonl"])
+    mon.schedule(every=5)  # what the integrations' every_n_steps does, after the Monitor was built
     mon.log(net, 0)
     mon.close()
-    before = log.read_text(), table.read_text()
-    with pytest.raises(FileExistsError, match="append=True"):  # a rerun into the same file
-        Monitor(net, x, metrics=("sign_similarity",), sinks=[log])
-    with pytest.raises(FileExistsError, match="append=True"):
-        Monitor(net, x, metrics=("sign_similarity",), sinks=[table])
-    # another configuration, even with append=True: refused, naming the difference
-    with pytest.raises(ValueError, match=r"metrics: \['sign_similarity'\] -> \['repr_alignment'\]"):
-        Monitor(net, x, metrics=("repr_alignment",), sinks=[log], append=True)
-    with pytest.raises(ValueError, match="probe_examples: 40 -> 20"):
-        Monitor(net, x[:20], metrics=("sign_similarity",), sinks=[table], append=True)
-    assert (log.read_text(), table.read_text()) == before  # nothing written by the refused runs
-    # the same configuration continues with append=True
-    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[log, table], append=True)
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["run_header"]["every"] == 5
+
+
+def test_plot_reads_a_monitor_log_without_its_header_row(tmp_path):
+    from lazyhasty.analysis import find_runs
+
+    net, x, _ = _setup()
+    with Monitor(net, x, metrics=("sign_similarity",), sinks=[tmp_path / "p.jsonl"]) as mon:
+        mon.log(net, 0)
+        mon.log(_moved(net), 1)
+    run, = find_runs([tmp_path / "p.jsonl"])
+    assert [r["step"] for r in run.rows] == [0, 1]
+
+
+_SECOND_RUN = """
+import sys, torch
+from torch import nn
+from lazyhasty import Monitor
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+x = torch.randn(40, 3)
+try:
+    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[sys.argv[1]], append=sys.argv[2] == "append")
+    print("built")
+    if sys.argv[2] != "build":
+        mon.log(net, 99)
+        print("wrote")
+except FileExistsError as exc:
+    print("refused:", exc)
+"""
+
+
+def _second_run(path, mode):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _SECOND_RUN, str(path), mode], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_one_process_writes_a_log_at_a_time(tmp_path):
+    """A second process on a log the first is writing: refused at once (rows there), and with append=True
+    refused at its first row (the first holds the file); a process that only builds the same Monitor (another
+    rank of a Lightning ddp script) is not. The first run's rows stay whole."""
+    net, x, _ = _setup()
+    path = tmp_path / "shared.jsonl"
+    mon = Monitor(net, x, metrics=("sign_similarity",), sinks=[path])
+    assert _second_run(path, "build") == "built\n"  # no row yet: building the same Monitor is fine
+    mon.log(net, 0)
+    out = _second_run(path, "new")
+    assert out.startswith("refused:") and "append=True" in out
+    out = _second_run(path, "append")
+    assert out.startswith("built\nrefused:") and "being written by another process" in out
     mon.log(net, 1)
     mon.close()
-    assert [json.loads(r)["step"] for r in log.read_text().splitlines()] == [0, 1]
-    assert [r["step"] for r in csv.DictReader(open(table))] == ["0", "1"]
+    header, rows = read_monitor_log(path)
+    assert header["probe_examples"] == 40 and [r["step"] for r in rows] == [0, 1]
+    assert _second_run(path, "append") == "built\nwrote\n"  # once the first is closed, append continues it
+    assert [r["step"] for r in read_monitor_log(path)[1]] == [0, 1, 99]
+
+
+def test_a_process_that_opened_a_log_never_writes_after_another_run(tmp_path):
+    """A sink opened on an empty log, and another run's rows written there before this one's first row: the
+    first row is refused instead of being appended after the other run's."""
+    from lazyhasty.monitor import JSONLSink
+
+    path = tmp_path / "race.jsonl"
+    mine = JSONLSink(path)
+    mine.open({"format": "mine"})
+    other = JSONLSink(tmp_path / "race.jsonl", append=True)
+    other(0, {"a": 1})
+    other.close()
+    with pytest.raises(FileExistsError, match="another run since this sink opened it"):
+        mine(0, {"a": 2})
+    mine.close()
 
 
 def test_csv_never_writes_under_a_foreign_header(tmp_path):
@@ -240,8 +306,21 @@ def test_jsonl_append_sets_a_torn_row_aside(tmp_path):
     with pytest.warns(RuntimeWarning, match="torn"):
         sink(2, {"a": 3})
     sink.close()
-    assert [json.loads(r)["step"] for r in path.read_text().splitlines()] == [0, 2]
+    assert [r["step"] for r in read_monitor_log(path)[1]] == [0, 2]
     assert (tmp_path / "t.jsonl.torn").read_text() == '{"step": 1, "a"'
+
+
+def test_csv_append_sets_a_torn_row_aside(tmp_path):
+    from lazyhasty.monitor import CSVSink
+
+    path = tmp_path / "t.csv"
+    path.write_text("step,a\n0,1\n1,0.12")  # a crash while writing the second row
+    sink = CSVSink(path, append=True)
+    with pytest.warns(RuntimeWarning, match="torn"):
+        sink(2, {"a": 3})
+    sink.close()
+    assert list(csv.DictReader(open(path))) == [{"step": "0", "a": "1"}, {"step": "2", "a": "3"}]
+    assert (tmp_path / "t.csv.torn").read_text() == "1,0.12"
 
 
 def test_sinks_are_exported_beside_monitor():
