@@ -21,7 +21,7 @@ from torch.func import functional_call, jacrev, vmap
 
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
-from lazyhasty.ntk._features import symmetric_gram
+from lazyhasty.ntk.forms import symmetric_gram
 from memory import peak_bytes
 from ntk_models import cnn3, mlp_256, resnet18_w16
 from zoo_models import plain_cnn

@@ -4,7 +4,7 @@
 [`check_model_inputs`][lazyhasty._validate.check_model_inputs] once the inputs are gathered, so that a bad
 input is an error naming the argument and what was expected, not torch's message from deep inside the engine
 and never a silent wrong number. (The checks that depend on the engine's blocks, batch mixing and non-finite
-values, stay in `ntk._layers.check_probe_inputs`.)
+values, stay in `ntk.capture.mixing.check_probe_inputs`.)
 """
 from __future__ import annotations
 

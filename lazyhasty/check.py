@@ -136,8 +136,8 @@ def _check_triton_ntk(device: str, quick: bool) -> list[CheckResult]:
     out = []
     if "triton" not in _backend.available(device):
         return [_skip(op, "triton", device) for op in ("ntk.gram", "ntk.ghost_gram", "ntk.alignment_partials")]
-    from .ntk import _triton_ntk as T
-    from .ntk import _twins as twin
+    from .ntk.forms import triton_kernels as T
+    from .ntk.forms import twins as twin
 
     interp = _backend.triton_interpreted()
     g = torch.Generator().manual_seed(0)

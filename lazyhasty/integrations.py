@@ -30,7 +30,8 @@ from torch import nn
 
 from .monitor import Monitor
 
-__all__ = ["LazyhastyCallback", "LazyhastyTrainerCallback", "lightning_callback", "transformers_callback"]
+# the two callback classes are built on first access (module __getattr__), only when Lightning / transformers import
+__all__ = ["LazyhastyCallback", "LazyhastyTrainerCallback", "lightning_callback", "transformers_callback"]  # noqa: F822
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

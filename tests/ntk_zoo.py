@@ -371,3 +371,16 @@ def conv_prelu(n=5):
 
 ZOO = {f.__name__: f for f in (encoder_decoder, matmul_layouts, conv_prelu, hand_written, conv3d, conv_transpose, parametrized, vit_tiny, subclasses, lstm, attention, resnet_inplace, mlp_paper, cnn_strided, resnet_small, layernorm_seq, shared_linear, embedding_bag,
                                batchnorm_eval, conv1d_groupnorm, generic_params, tied_and_outside_use)}
+
+
+def zoo_model(name, dtype):
+    """``ZOO[name]`` built with seed 0 and cast to ``dtype`` (its inputs too, unless they are ids)."""
+    torch.manual_seed(0)
+    m, x = ZOO[name]()
+    m = m.to(dtype)
+    return m, (x.to(dtype) if x.is_floating_point() else x)
+
+
+def rel_error(a, b):
+    """``|a - b| / |b|`` in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())

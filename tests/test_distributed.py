@@ -290,7 +290,7 @@ def test_balanced_tiles_split_work_evenly_and_cover_every_pair():
 
 
 def test_row_major_runs_are_contiguous_balanced_and_cover_every_pair():
-    from lazyhasty.ntk._sharding import row_major_runs
+    from lazyhasty.ntk.sharding import row_major_runs
 
     sizes = [64] * 8 + [17]
     order = [(i, j) for i in range(9) for j in range(i, 9)]
@@ -305,8 +305,8 @@ def test_row_major_runs_are_contiguous_balanced_and_cover_every_pair():
 
 def test_recompute_regime_in_one_process_walks_rows_once():
     """One process, no feature cache: each row's features are formed once, each column block once per tile."""
-    from lazyhasty.ntk._engine import Featurizer
-    from lazyhasty.ntk._sharding import RECOMPUTE, RankTiles
+    from lazyhasty.ntk.api import Featurizer
+    from lazyhasty.ntk.sharding import RECOMPUTE, RankTiles
 
     m, m0, x = _setup()
     fz = Featurizer(m, "auto", "full", None)
@@ -585,7 +585,7 @@ def _public_raises_alive(rank, size, init, out_dir):
     from lazyhasty.metrics import LinearityProbe, ntk_alignment, ntk_gram
     from lazyhasty.monitor import Monitor
     from lazyhasty.ntk import NTKReference
-    from lazyhasty.ntk._featurizer import Featurizer
+    from lazyhasty.ntk.featurize import Featurizer
 
     m, m0, x = _setup()
     shard = x[rank::size]

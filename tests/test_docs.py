@@ -180,8 +180,8 @@ def test_unresolved_cross_reference_check_sees_one(tmp_path):
         test_no_cross_reference_left_unresolved(tmp_path)
 
 
-@pytest.mark.parametrize("where", ["lazyhasty.ntk._reference:NTKReference",
-                                   "lazyhasty.ntk._reference:NTKReference.capture",
+@pytest.mark.parametrize("where", ["lazyhasty.ntk.at_init:NTKReference",
+                                   "lazyhasty.ntk.at_init:NTKReference.capture",
                                    "lazyhasty._validate:check_model_inputs"])
 def test_docstring_examples_are_true(where):
     """The Google-style examples of the converted docstrings run and print what they say (doctest)."""

@@ -307,16 +307,16 @@ def test_bert_explain_shows_the_stand_ins_forms_under_the_models_names(bert):
 
 
 def test_the_layer_check_is_kept_across_calls_and_keyed_by_the_call():
-    from lazyhasty.ntk._featurizer import _VERIFIED
+    from lazyhasty.ntk.capture.caches import VERIFIED
 
     m, _ = two_inputs(seed=3)
     dicts, _ = batches()
     ntk_gram(m, dicts, kernel="trace", implementation="layerwise")
-    first = _VERIFIED[m]["layerwise"]
+    first = VERIFIED[m]["layerwise"]
     ntk_gram(m, dicts, kernel="trace", implementation="layerwise")
-    assert _VERIFIED[m]["layerwise"] is first  # the same model object is measured: its check stays cached
+    assert VERIFIED[m]["layerwise"] is first  # the same model object is measured: its check stays cached
     ntk_gram(m, dicts, kernel="trace", implementation="layerwise", output=lambda out: out[:, :2])
-    other = _VERIFIED[m]["layerwise"]
+    other = VERIFIED[m]["layerwise"]
     assert other is not first and other.key != first.key  # another output is another function to check
 
 

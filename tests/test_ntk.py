@@ -34,35 +34,6 @@ def test_float64_matches_naive(name, implementation, kernel):
     assert _rel(got, want) <= 1e-10
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("name", list(ZOO))
-def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
-    """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
-    row blocks of 2 examples (several blocks, mirrored), ghost products in one chunk per row block or
-    one example at a time."""
-    from lazyhasty.ntk import _trace, path_override
-
-    monkeypatch.setattr(_trace, "ROW_BLOCK_MIN", 2)
-    if chunked:
-        monkeypatch.setattr(_trace, "GHOST_CHUNK_ELEMENTS", 1)
-    m, x = _model(name, torch.float64)
-    want = R.ntk_gram(m, [x], kernel="trace")
-    assert explain(m, x, kernel="trace").path == "one_tile"  # the zoo's n = 5: one tile of all outputs
-    with path_override("trace_one_block"):
-        assert explain(m, x, kernel="trace").path == "trace_one_block"
-        got = ntk_gram(m, x, kernel="trace")
-    assert _rel(got, want) <= 1e-10
-    assert torch.equal(got, got.T)
-    with path_override("one_tile"):  # the same kernel as one tile of every output
-        assert explain(m, x, kernel="trace").path == "one_tile"
-        tile = ntk_gram(m, x, kernel="trace")
-    assert _rel(tile, want) <= 1e-10 and torch.equal(tile, tile.T)
-    m32 = m.float()
-    with path_override("trace_one_block"):
-        got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
-    assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
-
-
 @pytest.mark.parametrize("kernel", ["full", "trace", "diagonal"])
 @pytest.mark.parametrize("name", ["cnn_strided", "tied_and_outside_use"])
 def test_features_beyond_the_cache_are_recomputed(name, kernel):
@@ -71,14 +42,6 @@ def test_features_beyond_the_cache_are_recomputed(name, kernel):
     for cache in (0, 1 << 16):  # nothing kept; some blocks kept
         got = ntk_gram(m, x, kernel=kernel, block_size=2, max_cache_bytes=cache)
         assert _rel(got, want) <= 1e-10
-
-
-def test_trace_one_block_moves_tied_weights_to_the_fallback():
-    m, x = _model("tied_and_outside_use", torch.float64)
-    fz = Featurizer(m, "layerwise", "trace", None)
-    K = fz.trace_gram(x)
-    assert set(fz.describe()["generic"]) == {"emb.weight", "proj.weight", "proj.bias"}
-    assert _rel(K, R.ntk_gram(m, [x], kernel="trace")) <= 1e-10
 
 
 def test_layer_check_runs_once_per_model_structure():
@@ -158,7 +121,7 @@ def test_layerwise_uses_the_exact_forms_it_should():
 def test_in_place_ops_keep_every_layer_on_its_exact_form(kernel):
     """ReLU(inplace=True), ``out += identity`` and Hardswish(inplace=True) overwrite captured layer outputs;
     the capture notices (version counters), copies them, and no layer falls back to torch.func."""
-    from lazyhasty.ntk import _engine
+    from lazyhasty.ntk.capture import caches
 
     m, x = _model("resnet_inplace", torch.float64)
     want = R.ntk_gram(m, [x], kernel=kernel)
@@ -172,7 +135,7 @@ def test_in_place_ops_keep_every_layer_on_its_exact_form(kernel):
     # remembered per model structure: a new featurizer starts with the copies, without re-checking
     fz2 = Featurizer(m, "layerwise", kernel, None)
     assert fz2.verified and fz2.describe()["copies"] == d["copies"]
-    _engine._VERIFIED.pop(m, None)
+    caches.VERIFIED.pop(m, None)
 
 
 @pytest.mark.parametrize("kernel", ["full", "trace"])
@@ -180,7 +143,7 @@ def test_auto_compares_the_layerwise_pass_plus_fallback_with_one_whole_model_jac
     """With a parameter left to torch.func (PReLU), ``auto`` takes the layerwise pass only where its ghost forms
     save more flops than the fallback's extra forward and k backward passes (the cost model), else one
     whole-model Jacobian; both exact."""
-    from lazyhasty.ntk import _engine
+    from lazyhasty.ntk.capture import caches
 
     torch.manual_seed(0)
     # convolutions over many positions (materialized: ghost saves nothing) -> the whole-model Jacobian
@@ -207,13 +170,13 @@ def test_auto_compares_the_layerwise_pass_plus_fallback_with_one_whole_model_jac
     assert fz.auto_reason.startswith("layerwise: its ghost forms save")
     for m, x in ((conv, xc), (mlp, xm)):
         assert _rel(ntk_gram(m, x, kernel=kernel), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-10
-        _engine._VERIFIED.pop(m, None)
+        caches.VERIFIED.pop(m, None)
     fz = Featurizer(conv, "layerwise", kernel, None)  # asked for explicitly: layerwise with its fallback
     fz(xc)
     assert {p.name for p in fz.plans} == {"0", "2", "5"}
     # a model whose every layer falls back: the check's outcome is remembered (not redone on each call)
     m, x = _model("tied_and_outside_use", torch.float64)
-    _engine._VERIFIED.pop(m, None)
+    caches.VERIFIED.pop(m, None)
     Featurizer(m, "auto", "full", None)(x)
     again = Featurizer(m, "auto", "full", None)
     assert again.verified and again.plans == []
@@ -426,7 +389,8 @@ def test_the_path_table(kernel, block_size, purpose, path):
 
 
 def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
-    from lazyhasty.ntk import _engine, _plan
+    from lazyhasty.ntk import paths as _plan
+    from lazyhasty.ntk.capture import caches
 
     # the one-block trace path as it is chosen (it estimates its size): without the one-tile rule for few examples
     monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)
@@ -451,64 +415,14 @@ def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
     calls.clear()
     ntk_gram(m, x, kernel="trace")
     assert len(calls) == again
-    _engine._MIXING_CHECKED.pop(m, None)
-
-
-class _Attend(nn.Module):
-    """Self-attention with masks (not batch first); cross-attention (a query against another key, the value the
-    key, or three different tensors); or attention with its own key / value widths (kdim, vdim: separate
-    projection weights)."""
-
-    def __init__(self, mode: str):
-        super().__init__()
-        self.mode = mode
-        self.att = (nn.MultiheadAttention(6, 3, kdim=4, vdim=5) if mode == "kdim-vdim"
-                    else nn.MultiheadAttention(6, 3))
-        self.head = nn.Linear(6, 2)
-
-    def forward(self, x):  # x [b, L, 6]
-        h = x.transpose(0, 1)  # [L, b, 6]
-        L = h.shape[0]
-        causal = torch.triu(torch.ones(L, L, dtype=torch.bool), 1)  # True: not attended
-        pad = torch.zeros(h.shape[1], L, dtype=torch.bool)
-        pad[:, -1] = True  # the last position is padding for every example
-        if self.mode == "cross-kv":  # the memory is the key and the value (an encoder-decoder's cross-attention)
-            mem = torch.tanh(h[:-1])
-            y = self.att(h, mem, mem, need_weights=False)[0]
-        elif self.mode == "cross-3":
-            y = self.att(h, torch.tanh(h), h, key_padding_mask=pad, need_weights=False)[0]
-        elif self.mode == "kdim-vdim":
-            y = self.att(h, torch.tanh(h[..., :4]), h[..., 1:], need_weights=False)[0]
-        else:
-            y = self.att(h, h, h, attn_mask=causal, key_padding_mask=pad)[0]
-        return self.head(y.mean(0))
-
-
-@pytest.mark.parametrize("mode", ["self", "cross-kv", "cross-3", "kdim-vdim"])
-def test_attention_capture_is_exact_and_separate_projections_fall_back(mode):
-    """Self- and cross-attention with the packed projection are captured (the projection a hooked call per
-    distinct input); separate q / k / v weights (kdim, vdim) run the module's own forward on torch.func."""
-    from lazyhasty.ntk import explain
-
-    torch.manual_seed(0)
-    m = _Attend(mode).double().eval()
-    x = torch.randn(5, 4, 6, dtype=torch.float64)
-    for kernel in ("full", "trace"):
-        assert _rel(ntk_gram(m, x, kernel=kernel), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
-        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=2), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
-    generic = set(explain(m, x, implementation="layerwise").generic)
-    # with separate weights the module's own forward runs: its projections and out_proj are used outside any hook
-    assert generic == ({"att.q_proj_weight", "att.k_proj_weight", "att.v_proj_weight", "att.in_proj_bias",
-                        "att.out_proj.weight", "att.out_proj.bias"} if mode == "kdim-vdim" else set())
-    assert dict(m.named_modules()).keys() == dict(_Attend(mode).named_modules()).keys()  # structure untouched
-    assert "forward" not in vars(m.att)  # the unrolled forward is removed after capture
+    caches.MIXING_CHECKED.pop(m, None)
 
 
 def test_per_example_copies_are_refused_when_an_op_mixes_examples():
     """A parameter flipped along its first dimension: harmless for the [1, d] parameter, but it would swap
     the per-example copies of the parameter between examples; the weighted check catches that. Copies of the
     flipped tensor at the add that broadcasts it (capture/broadcast.py, tried first) are exact: it is captured
-    there. (A parameter whose stand-ins the check refuses: tests/test_capture_rules.py.)"""
+    there. (A parameter whose stand-ins the check refuses: tests/ntk/test_capture_rules.py.)"""
     from lazyhasty.ntk import explain
 
     class M(nn.Module):
@@ -537,17 +451,17 @@ def test_a_zero_initialised_head_does_not_decide_the_checks():
     """torchvision's ViT starts with a zero head: every other gradient is zero, so a layer check on the model
     itself would pass whatever the capture did. The checks run on a perturbed copy of the model instead and
     are decided (and remembered) at once; a layer moved there is moved here."""
-    from lazyhasty.ntk import _engine
+    from lazyhasty.ntk.capture import caches
 
     m, x = _model("vit_tiny", torch.float64)
     with torch.no_grad():
         m.head.weight.zero_()
     fz = Featurizer(m, "layerwise", "full", None)
     fz(x)
-    assert fz.verified and m in _engine._VERIFIED and fz.describe()["generic"] == ["cls", "pos", "scale"]
+    assert fz.verified and m in caches.VERIFIED and fz.describe()["generic"] == ["cls", "pos", "scale"]
     assert set(fz.per_example_copies()) == {"cls", "pos", "scale"}
     assert _rel(ntk_gram(m, x, kernel="trace"), R.ntk_gram(m, [x], kernel="trace")) <= 1e-12
-    _engine._VERIFIED.pop(m, None)
+    caches.VERIFIED.pop(m, None)
     # a layer whose capture is wrong is found on the twin even when its gradient here is zero
     t, xt = _model("tied_and_outside_use", torch.float64)
     with torch.no_grad():
@@ -555,72 +469,26 @@ def test_a_zero_initialised_head_does_not_decide_the_checks():
     fz = Featurizer(t, "layerwise", "full", None)
     fz(xt)
     assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
-    _engine._VERIFIED.pop(t, None)
-
-
-@pytest.mark.parametrize("cell,kw", [(nn.LSTM, {}), (nn.GRU, {"num_layers": 2}), (nn.RNN, {"nonlinearity": "relu"}),
-                                     (nn.LSTM, {"num_layers": 2, "bidirectional": True, "batch_first": False})],
-                         ids=["lstm", "gru-2-layers", "rnn-relu", "lstm-bidirectional-sequence-first"])
-def test_recurrent_modules_are_captured_unrolled_and_exact(cell, kw):
-    """nn.LSTM / GRU / RNN run fused kernels whose weights reach no hook; capture runs the same recurrence
-    step by step with the input and hidden maps as hooked projections (no torch.func pass: it cannot even
-    batch nn.GRU's backward)."""
-    from lazyhasty.ntk import explain
-
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first = kw.get("batch_first", True)
-            self.rnn = cell(3, 5, **{"batch_first": True, **kw})
-            self.head = nn.Linear(10 if kw.get("bidirectional") else 5, 2)
-
-        def forward(self, x):
-            y = self.rnn(x if self.first else x.transpose(0, 1))[0]
-            return self.head((y if self.first else y.transpose(0, 1))[:, -1])
-
-    torch.manual_seed(2)
-    m = M().double()
-    x = torch.randn(5, 4, 3, dtype=torch.float64)
-    for kernel in ("full", "trace"):
-        assert _rel(ntk_gram(m, x, kernel=kernel), R.ntk_gram(m, [x], kernel=kernel)) <= 1e-12
-    plan = explain(m, x, kernel="full")
-    assert plan.generic == [] and "jacobian" not in plan.why
-    assert "forward" not in vars(m.rnn)  # the module's own forward again after capture
-    y = m.rnn(x)  # and the fused kernel still runs as before
-    assert isinstance(y, tuple)
+    caches.VERIFIED.pop(t, None)
 
 
 def test_models_too_large_to_copy_are_checked_in_place(monkeypatch):
     """Beyond TWIN_MAX_BYTES no twin is made: the same checks run on the model itself, with the same outcome
     where gradients are not zero."""
-    from lazyhasty.ntk import _featurizer
+    from lazyhasty.ntk import featurize
+    from lazyhasty.ntk.capture import caches
 
-    monkeypatch.setattr(_featurizer, "TWIN_MAX_BYTES", 0)
+    monkeypatch.setattr(featurize, "TWIN_MAX_BYTES", 0)
     m, x = _model("tied_and_outside_use", torch.float64)
     fz = Featurizer(m, "layerwise", "full", None)
     assert fz._perturbed_twin(1) is None
     fz(x)
     assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
     assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-12
-    _featurizer._VERIFIED.pop(m, None)
+    caches.VERIFIED.pop(m, None)
     v, xv = _model("vit_tiny", torch.float64)
     assert _rel(ntk_gram(v, xv, kernel="trace"), R.ntk_gram(v, [xv], kernel="trace")) <= 1e-12
-    _featurizer._VERIFIED.pop(v, None)
-
-
-def test_capture_sites_do_not_keep_models_alive():
-    """The capture sites of attention, recurrent and hand-written layers are cached per model; the cache must
-    not keep a model alive after its user dropped it."""
-    import gc
-    import weakref
-
-    for name in ("attention", "lstm", "hand_written"):
-        m, x = _model(name, torch.float64)
-        ntk_gram(m, x, kernel="trace")
-        refs = [weakref.ref(mod) for mod in m.modules()]  # the sites are keyed by submodules too
-        del m
-        gc.collect()
-        assert all(r() is None for r in refs), name
+    caches.VERIFIED.pop(v, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -647,46 +515,18 @@ def test_torch_func_jacobians_are_checked_against_autograd(dtype):
 def test_the_checks_deep_copy_the_model_once(name, monkeypatch):
     """The layer check and the per-example-copy check share one perturbed twin (a model is copied once, not
     once per check), and a second call copies nothing."""
-    from lazyhasty.ntk import _featurizer
+    from lazyhasty.ntk import featurize
 
     m, x = _model(name, torch.float64)
     copies = []
     real = copy.deepcopy
-    monkeypatch.setattr(_featurizer.copy, "deepcopy",
+    monkeypatch.setattr(featurize.copy, "deepcopy",
                         lambda obj, memo=None: (copies.append(type(obj)) if memo is None else None, real(obj, memo))[1])
     want = R.ntk_gram(m, [x])
     assert _rel(ntk_gram(m, x), want) <= 1e-10
     assert len(copies) == 1
     assert _rel(ntk_gram(m, x), want) <= 1e-10
     assert len(copies) == 1
-
-
-@pytest.mark.parametrize("vocab,form", [(12, "materialized"), (4000, "ghost")])
-def test_embedding_form_by_the_cost_model(vocab, form):
-    """An embedding's per-example gradients are materialized (one scatter-add per block) when its table is small
-    against its positions' ghost product, else ghost; a padding index gets no gradient either way."""
-    torch.manual_seed(0)
-
-    class Bag(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(vocab, 6, padding_idx=0)
-            self.out = nn.Linear(6, 3)
-
-        def forward(self, idx):
-            return self.out(torch.tanh(self.emb(idx)).mean(1))
-
-    m = Bag().double()
-    x = torch.randint(0, 12, (7, 9))
-    x[:, 0] = 0  # padding at the first position of every example, repeated indices elsewhere
-    plan = explain(m, x, kernel="full")
-    row = next(p for p in plan.parameters if p["name"] == "emb.weight")
-    assert row["form"] == form and row["costs"] is not None
-    assert row["form"] == min(row["costs"], key=lambda f: (row["costs"][f], f != "materialized"))
-    for kernel in ("full", "trace", "diagonal"):
-        want = R.ntk_gram(m, [x], kernel=kernel)
-        assert _rel(ntk_gram(m, x, kernel=kernel), want) <= 1e-12
-        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=3), want) <= 1e-12
 
 
 def test_the_layer_check_is_remembered_per_implementation():
@@ -697,28 +537,6 @@ def test_the_layer_check_is_remembered_per_implementation():
         assert _rel(ntk_gram(m, x, implementation=implementation), want) <= 1e-10
     assert Featurizer(m, "layerwise", "full", None).verified and Featurizer(m, "jacobian", "full", None).verified
     assert Featurizer(m, "auto", "full", None).verified
-
-
-@pytest.mark.parametrize("m_rows", [64, 65, 130, 257, 600])
-def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows, monkeypatch):
-    """The upper-block-triangle product equals X @ X.T for row counts that do not divide into its blocks, and
-    the blocked path gives the spec's full kernel (diagonal tiles of n k rows, blocks of 3 rows)."""
-    from lazyhasty.ntk import _features
-
-    X = torch.randn(m_rows, 37, dtype=torch.float64)
-    got = _features.symmetric_gram(X)
-    assert torch.allclose(got, X @ X.T, rtol=1e-13, atol=1e-13)
-    blocks = max(1, min(8, m_rows // _features.SYMMETRIC_BLOCK_ROWS))
-    r = -(-m_rows // blocks)
-    off = torch.ones(m_rows, m_rows, dtype=torch.bool)
-    for i0 in range(0, m_rows, r):
-        off[i0:i0 + r, i0:i0 + r] = False
-    assert torch.equal(got[off], got.T[off])  # mirrored off the diagonal blocks: exactly symmetric there
-    monkeypatch.setattr(_features, "SYMMETRIC_BLOCK_ROWS", 3)
-    for name in ("cnn_strided", "vit_tiny"):
-        m, x = _model(name, torch.float64)
-        assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
-        assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
 
 
 @pytest.mark.gpu
@@ -747,7 +565,7 @@ def test_zoo_on_cuda_matches_naive(name):
 def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
     """Free memory for a trace block = the driver's free bytes + what torch's allocator caches unused
     (a second large call must not see less memory than the first just because its blocks are cached)."""
-    from lazyhasty.ntk._featurizer import cuda_free_bytes
+    from lazyhasty.ntk.featurize import cuda_free_bytes
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 40 << 30)
@@ -755,118 +573,17 @@ def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
     assert cuda_free_bytes("cuda") == (10 + 40 - 4) << 30
 
 
-@pytest.mark.parametrize("kernel", ["full", "trace"])
-def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wrong(monkeypatch, kernel):
-    """Small blocks take one batched backward over the k outputs (Featurizer.output_gradients): the kernel is
-    the reference's; the check against one plain backward is remembered per block shape; a batched backward
-    that is wrong (as a silently wrong batching rule would be) fails it and the k passes give the exact
-    kernel; over the byte budget it is not tried."""
-    import lazyhasty.ntk._featurizer as FZ
-
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
-    x = torch.randn(6, 3, dtype=torch.float64)
-    want = R.ntk_gram(m, [x], kernel=kernel)
-
-    def checks():
-        return list(FZ._BATCHED_CHECKED.get(m, {}).values())
-
-    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
-    assert checks() == [True]  # one block shape, checked once and taken
-    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
-    assert checks() == [True]
-
-    real = torch.autograd.grad
-
-    def wrong_when_batched(*args, **kw):
-        got = real(*args, **kw)
-        return tuple(None if g is None else g * 1.5 for g in got) if kw.get("is_grads_batched") else got
-
-    monkeypatch.setattr(torch.autograd, "grad", wrong_when_batched)
-    FZ._BATCHED_CHECKED.pop(m, None)
-    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
-    assert checks() == [False]  # refused for this shape, remembered
-    monkeypatch.setattr(torch.autograd, "grad", real)
-
-    FZ._BATCHED_CHECKED.pop(m, None)
-    monkeypatch.setattr(FZ, "BATCHED_BACKWARD_BYTES", 0)
-    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
-    assert checks() == []  # over the budget: the k passes, nothing tried
-
-
-def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypatch):
-    """_batched_vjp's one buffer: each input's VJP in its columns (zeros for an unused one), then the caller's
-    extra columns; the same in chunks of rows, and one row at a time where the batched backward raises."""
-    import lazyhasty.ntk._layers as L
-
-    torch.manual_seed(0)
-    a = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    unused = torch.randn(2, dtype=torch.float64, requires_grad=True)
-    with torch.enable_grad():
-        W = a / a.norm(dim=1, keepdim=True) + b.sin()  # [3, 4]
-    G = torch.randn(7, 3, 4, dtype=torch.float64)
-    want = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(W, (a, b), g, retain_graph=True)])
-                        for g in G])  # one backward per row
-    for chunk, batched in ((L.VJP_CHUNK_ELEMENTS, True), (40, True), (40, False)):
-        monkeypatch.setattr(L, "VJP_CHUNK_ELEMENTS", chunk)  # 40 elements: 1 row a chunk here (12 + 18 per row)
-        if not batched:
-            real = torch.autograd.grad
-
-            def no_batching_rule(*args, **kw):
-                if kw.get("is_grads_batched"):
-                    raise RuntimeError("no batching rule")
-                return real(*args, **kw)
-
-            monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
-        got = L._batched_vjp((W,), [a, b, unused], (G,), extra=5)
-        assert got.shape == (7, 12 + 4 + 2 + 5)
-        assert torch.allclose(got[:, :16], want, rtol=0, atol=1e-12), (chunk, batched)
-        assert (got[:, 16:18] == 0).all()  # the unused input
-        parts = L._split_rows(got, [a, b])
-        assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])
-
-
-def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_linear_call(monkeypatch):
-    """Beyond AFFINE_MAX_IN inputs, a Linear subclass whose forward is one F.linear call on its input
-    (returned as is) is planned from that call's operands (cost of a materialized row, any width); one that
-    scales the call's result stays on the exact fallback. Both float64-exact, the VJP in chunks or not."""
-    import lazyhasty.ntk._layers as L
-
-    class Cosine(nn.Linear):
-        def forward(self, x):
-            return nn.functional.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
-
-    class Scaled(nn.Linear):
-        def forward(self, x):
-            return 2.0 * nn.functional.linear(x, self.weight / self.weight.norm(dim=1, keepdim=True), self.bias)
-
-    d = L.AFFINE_MAX_IN + 32
-    for cls in (Cosine, Scaled):
-        for chunk in (L.VJP_CHUNK_ELEMENTS, 3 * d):  # the batched VJP in one piece, and a few rows a chunk
-            monkeypatch.setattr(L, "VJP_CHUNK_ELEMENTS", chunk)
-            torch.manual_seed(0)
-            m = nn.Sequential(nn.Linear(3, d), cls(d, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-            x = torch.randn(5, 3, dtype=torch.float64)
-            for kernel in ("full", "trace"):
-                want = R.ntk_gram(m, [x], kernel=kernel)
-                got = ntk_gram(m, [x[:2], x[2:]], kernel=kernel, implementation="layerwise", block_size=3)
-                assert _rel(got, want) <= 1e-10, (cls.__name__, chunk, kernel)
-            generic = set(explain(m, x, kernel="full", implementation="layerwise").generic)
-            assert ("1.weight" in generic) == (cls is Scaled) and ("1.bias" in generic) <= (cls is Scaled)
-
-
 def test_tf32_option_reaches_the_products_and_never_the_layer_checks(monkeypatch):
     """ntk_gram / ntk_alignment(tf32=True): the products and passes run with torch's TF32 flags on, every
     layer check (in the first call of a model structure) with them off, the user's own flag values come back
     afterwards, and tf32=False (the default) keeps them off throughout. The CPU ignores the flags: the
     kernels are the same. tf32 must be a bool."""
-    import lazyhasty.ntk._featurizer as FZ
-    from lazyhasty.ntk import _features
+    import lazyhasty.ntk.featurize as FZ
+    from lazyhasty.ntk import forms
 
     seen = {"products": [], "checks": []}
     flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
-    tile, close = _features.tile, FZ._close
+    tile, close = forms.tile, FZ.grads_close
 
     def spy_tile(*a, **k):
         seen["products"].append(flags())
@@ -882,8 +599,8 @@ def test_tf32_option_reaches_the_products_and_never_the_layer_checks(monkeypatch
         seen["passes"].append(flags())
         return passes(self, *a, **k)
 
-    monkeypatch.setattr(_features, "tile", spy_tile)
-    monkeypatch.setattr(FZ, "_close", spy_close)
+    monkeypatch.setattr(forms, "tile", spy_tile)
+    monkeypatch.setattr(FZ, "grads_close", spy_close)
     monkeypatch.setattr(FZ.Featurizer, "output_gradient_passes", spy_passes)
     seen["passes"] = []
     user = flags()

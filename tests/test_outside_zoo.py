@@ -46,7 +46,7 @@ def _params(names):
 
 # Parameters on the generic (torch.func) fallback of the layerwise plan: explain(model, x,
 # implementation="layerwise").generic (the same for kernel "full" and "trace"). None since the capture rules by
-# operation (lazyhasty/ntk/capture/, tests/test_capture_rules.py): BERT's position_embeddings and GPT-2's wpe
+# operation (lazyhasty/ntk/capture/, tests/ntk/test_capture_rules.py): BERT's position_embeddings and GPT-2's wpe
 # (an Embedding of a [1, L] buffer, broadcast over the batch) are per-example stand-ins at the add; GPT-2's Conv1D
 # (addmm with the weight [in, out], batch and positions merged) a linear matmul site; T5's RMS norm weights
 # stand-ins at their mul, its relative attention bias at the SDPA mask, its tied shared / embed_tokens embedding

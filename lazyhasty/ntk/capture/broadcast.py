@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .._layers import _batched_vjp, _metadata_only
+from .backward import batched_vjp
+from .sites import metadata_only
 
 # Elementwise, broadcasting operations (torch functions, Tensor methods, operators, in-place forms) by name.
 ELEMENTWISE = frozenset({
@@ -163,7 +164,7 @@ class BroadcastStandIns(TorchFunctionMode):
     # -- the mode ------------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if _metadata_only(func):
+        if metadata_only(func):
             return func(*args, **kwargs)
         tensors = list(_tensors(args)) + list(_tensors(kwargs))
         batch = any(self._is_batch(t) for t in tensors)
@@ -275,7 +276,7 @@ def standin_grads(standins: list, grads: list, named: dict) -> dict:
         else:
             params = [named[n] for n in s.names]
             with torch.enable_grad():
-                flat = _batched_vjp((s.source,), params, (rows,))
+                flat = batched_vjp((s.source,), params, (rows,))
             parts, off = {}, 0
             for n, t in zip(s.names, params):
                 parts[n] = flat[:, off: off + t.numel()].reshape(b, k, -1)

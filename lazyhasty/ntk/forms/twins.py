@@ -1,7 +1,7 @@
-"""Torch twins of the Triton NTK kernels (:mod:`lazyhasty.ntk._triton_ntk`): the same signatures (less the
+"""Torch twins of the Triton NTK kernels (:mod:`lazyhasty.ntk.forms.triton_kernels`): the same signatures (less the
 interpreter flag) and the same math, in plain torch, accumulated in float64. They are the spec each kernel is
-tested against (``tests/test_ntk_triton.py``, ``lazyhasty check``), and what the engine's torch path computes
-with GEMMs (:mod:`lazyhasty.ntk._features`).
+tested against (``tests/ntk/test_forms_triton.py``, ``lazyhasty check``), and what the engine's torch path computes
+with GEMMs (:mod:`lazyhasty.ntk.forms`).
 """
 from __future__ import annotations
 

@@ -1,17 +1,17 @@
 """Capture and verification: one model's per-block NTK features (:class:`Featurizer`).
 
-A :class:`Featurizer` turns a block of examples ``[b, ...]`` into feature objects (``_features``): per
+A :class:`Featurizer` turns a block of examples ``[b, ...]`` into feature objects (``forms``): per
 planned layer, its captured inputs and output gradients in ghost or materialized form; for the other
-trainable parameters, per-example copies or ``torch.func`` Jacobians. It owns the layer check (on a
-perturbed twin of the model, once per structure: ``verify_on_twin``) and the caches keyed by model
-(``_VERIFIED``, ``_COPYABLE``, ``_MIXING_CHECKED``, ``_VMAP_CHECKED``, ``_TRACE_SIZES``). Tiling, paths and alignment live in ``_engine``;
-the one-block trace kernel, which drives a Featurizer's capture itself, in ``_trace``.
+trainable parameters, per-example copies or ``torch.func`` Jacobians. It runs the capture rules of
+``capture/`` (plan, sites, layouts, maps, the layer check on a perturbed twin of the model, once per structure:
+``verify_on_twin``) and records their decisions in ``capture.caches``. Tiling and sinks live in ``walk``, paths
+in ``paths``, the entry points in ``api``; the one-block trace kernel, on the same capture and check, in
+``forms.trace_block``.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -19,15 +19,21 @@ from torch import nn
 
 from .._loaders import model_device
 from .._precision import exact_fp32
-from . import _features as feat
-from ._layers import (
-    InProjection, MatmulSite, RecurrentProjection, SiteRecorder, affine_candidate, batch_grad_from_factors,
-    discover_sites, capture_modules, check_per_example, check_probe_inputs, choose_form, form_costs,
-    embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, plan_layers, split_params,
-    map_parametrized_rows, tensor_output, to_materialized, trainable_params, unrolled_attention, unrolled_recurrent,
-    _close, check_weights, weighted_layer_grads,
+from . import forms as feat
+from .._outputs import tensor_output
+from .capture.check import grads_close, check_weights, weighted_layer_grads
+from .capture.cost import choose_form, form_costs
+from .capture.layouts import (
+    embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, to_materialized,
 )
-from ._trace import trace_gram as _trace_gram
+from .capture.maps import batch_grad_from_factors, split_params, map_parametrized_rows
+from .capture.mixing import check_per_example, check_probe_inputs
+from .capture.plan import affine_candidate, plan_layers, trainable_params
+from .capture.sites import (
+    InProjection, MatmulSite, RecurrentProjection, SiteRecorder, discover_sites, capture_modules, unrolled_attention, unrolled_recurrent,
+)
+from .forms.trace_block import trace_gram as _trace_gram
+from .capture import caches
 from .capture.broadcast import BroadcastStandIns, standin_grads
 
 # On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
@@ -90,7 +96,7 @@ class Featurizer:
         # {parameter name: why it is on the fallback} for parameters of layers the check moved there (explain())
         self.fallback_reasons: dict[str, str] = {}
         self._why: dict[str, str] = {}  # {plan name: why it failed}, this round of the check
-        known = _VERIFIED.get(self._user_model, {}).get(self.implementation)
+        known = caches.VERIFIED.get(self._user_model, {}).get(self.implementation)
         if known is not None and known.key == self.fingerprint(self.implementation):
             # this model's structure was checked before: the same layers go to the fallback
             self.sites = dict(known.sites)
@@ -156,9 +162,9 @@ class Featurizer:
         kernels."""
         key = (self.fingerprint("trace-size"), tuple(x.shape[1:]), x.dtype, str(self.device),
                tuple((p.name, p.form) for p in self.plans), tuple(self.generic))
-        known = _TRACE_SIZES.get(self._user_model)
+        known = caches.TRACE_SIZES.get(self._user_model)
         per = known[1] if known is not None and known[0] == key else self._trace_bytes_per_example(x)
-        _TRACE_SIZES[self._user_model] = (key, per)
+        caches.TRACE_SIZES[self._user_model] = (key, per)
         if budget is None:
             budget = cuda_free_bytes(self.device) // 2 if self.device.type == "cuda" else TRACE_BLOCK_BYTES
         # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
@@ -169,7 +175,7 @@ class Featurizer:
     def _trace_bytes_per_example(self, x: torch.Tensor) -> int:
         """Elements one example of ``x`` takes in :meth:`trace_gram` (one capture forward of it; remembered
         per model structure, input shape and plan by :meth:`trace_block_limit`)."""
-        from ._layers import convT_dims, position_a
+        from .capture.layouts import convT_dims, position_a
 
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
@@ -200,7 +206,7 @@ class Featurizer:
         return per
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``_trace``)."""
+        """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``forms.trace_block``)."""
         x = self._prepare(x)
         while True:
             with self._checking():
@@ -266,7 +272,7 @@ class Featurizer:
         self.checked_mixing.add(b)
         key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()), tuple(x.shape[1:]),
                x.dtype, str(x.device))
-        known = _MIXING_CHECKED.get(self._user_model)
+        known = caches.MIXING_CHECKED.get(self._user_model)
         if known is not None and known[0] == key and b in known[1]:
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
@@ -275,7 +281,7 @@ class Featurizer:
         check_probe_inputs(self._call, x, sample=None, params=params)
         sizes = known[1] if known is not None and known[0] == key and len(known[1]) < 64 else set()
         sizes.add(b)
-        _MIXING_CHECKED[self._user_model] = (key, sizes)
+        caches.MIXING_CHECKED[self._user_model] = (key, sizes)
 
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
@@ -345,7 +351,7 @@ class Featurizer:
             # another function): compare the outputs once per model structure
             with torch.no_grad():
                 own = self._call(x).reshape(b, -1)
-            if not _close(out.detach().reshape(-1), own.reshape(-1)):
+            if not grads_close(out.detach().reshape(-1), own.reshape(-1)):
                 self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))],
                              "the unrolled forward's outputs differ from the module's")
                 return None
@@ -408,7 +414,7 @@ class Featurizer:
             F = norm_grads(p, g_calls)
             if verify:
                 mine = torch.einsum("bk,bkp->p", v, F)
-                if not _close(mine, torch.cat([t.reshape(-1) for t in theirs])):
+                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs])):
                     bad.append(p)
             f = feat.Materialized(F)
             f.name = self._layer_key(p)
@@ -441,7 +447,7 @@ class Featurizer:
                         gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
                         g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
                     mine = batch_grad_from_factors(p, a, g_v)
-                if not all(_close(u, w) for u, w in zip(mine, theirs)):
+                if not all(grads_close(u, w) for u, w in zip(mine, theirs)):
                     bad.append(p)
             if p.kind == "embedding" and F is None:
                 f = feat.GhostEmbedding(a, g)
@@ -600,7 +606,7 @@ class Featurizer:
             for _ in range(len(other.plans) + 2):  # each round moves at least one layer, or ends
                 if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
                     break
-        _VERIFIED.pop(twin, None)
+        caches.VERIFIED.pop(twin, None)
         # kept for this call: should auto take the whole-model Jacobian, the per-example-copy check of the
         # parameters that then join the fallback runs on it too (one deep copy per call, not two)
         self._twin = twin
@@ -674,14 +680,14 @@ class Featurizer:
         names = frozenset(n for n, m in named if id(m) in self.excluded)
         affine = frozenset(n for n, m in named if id(m) in self.affine)
         copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        _VERIFIED.setdefault(self._user_model, {})[self.implementation] = Verdict(
+        caches.VERIFIED.setdefault(self._user_model, {})[self.implementation] = Verdict(
             self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs),
             dict(self.fallback_reasons))
         return self._auto_choice()
 
     def exclude(self, bad, why: str = CHECK_FAILED) -> None:
         """Moves the layers ``bad`` (plans that failed the check) to the fallback; a Linear subclass first gets
-        a second chance as an affine map (:func:`lazyhasty.ntk._layers.affine_map`).
+        a second chance as an affine map (:func:`lazyhasty.ntk.capture.maps.affine_map`).
 
         Args:
             bad: the failing :class:`LayerPlan` objects.
@@ -733,7 +739,7 @@ class Featurizer:
         itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
         owner = self._copies_owner or self._user_model  # a twin's decisions are its model's
         fp = (self.fingerprint("copies", owner), self.dtype)
-        known = _COPYABLE.get(owner)
+        known = caches.COPYABLE.get(owner)
         shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
         if known is None or known[0] != fp or (x is not None and known[1] != shape):
             known = (fp, shape, {})  # name -> passed the check
@@ -749,7 +755,7 @@ class Featurizer:
             probe = x[: min(x.shape[0], 4)]
             with exact_fp32():  # a check: never in TF32
                 self._decide_copies(todo, decided, probe, named, twin)
-            _COPYABLE[owner] = (fp, shape, decided)
+            caches.COPYABLE[owner] = (fp, shape, decided)
         return [n for n in self.generic if decided.get(n)]
 
     def _decide_copies(self, todo: list, decided: dict, probe: torch.Tensor, named: dict, twin) -> None:
@@ -759,7 +765,7 @@ class Featurizer:
         one forward for all the parameters it tries (one at a time only where copies of several break the
         forward together), and the check's reference gradient is one backward for all: a first call on timm's
         efficientnet ran 42 forwards and backwards here before."""
-        why = _COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
+        why = caches.COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
         for n in todo:
             decided[n] = False
             why[n] = (f"not a planned layer's parameter, and its per-example copies would take more than "
@@ -822,7 +828,7 @@ class Featurizer:
 
     def copy_failures(self) -> dict:
         """``{parameter name: why}`` for fallback parameters whose per-example stand-ins broke the forward."""
-        return {n: why for n, why in _COPY_WHY.get(self._copies_owner or self._user_model, {}).items()
+        return {n: why for n, why in caches.COPY_WHY.get(self._copies_owner or self._user_model, {}).items()
                 if n in self.generic}
 
     def copy_ops(self) -> dict:
@@ -830,7 +836,7 @@ class Featurizer:
         (:mod:`.capture.broadcast`) rather than by copies of themselves (known once :meth:`per_example_copies`
         decided)."""
         owner = self._copies_owner or self._user_model
-        known = _COPYABLE.get(owner)
+        known = caches.COPYABLE.get(owner)
         if known is None:
             return {}
         return {n: list(v) for n, v in known[2].items() if isinstance(v, tuple) and n in self.generic}
@@ -907,7 +913,7 @@ class Featurizer:
                 return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
 
             # a block shape not yet checked against autograd is checked in exact fp32 (in a tf32=True call too)
-            pending = self._vmap_key(x, names) not in _VMAP_CHECKED.get(self._user_model, {})
+            pending = self._vmap_key(x, names) not in caches.VMAP_CHECKED.get(self._user_model, {})
             try:
                 with torch.enable_grad(), exact_fp32(pending):
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
@@ -934,7 +940,7 @@ class Featurizer:
         combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
         once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
         key = self._vmap_key(x, names)
-        seen = _VMAP_CHECKED.setdefault(self._user_model, {})
+        seen = caches.VMAP_CHECKED.setdefault(self._user_model, {})
         if key in seen:
             return seen[key]
         named = dict(self.model.named_parameters())
@@ -980,7 +986,7 @@ class Featurizer:
         if k < 2 or k * sum(t.numel() * t.element_size() for t in every) > BATCHED_BACKWARD_BYTES:
             return None
         key = (self.fingerprint("batched"), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
-        seen = _BATCHED_CHECKED.setdefault(self._user_model, {})
+        seen = caches.BATCHED_CHECKED.setdefault(self._user_model, {})
         if seen.get(key) is False:
             return None
         # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
@@ -1002,7 +1008,7 @@ class Featurizer:
             gen = torch.Generator(device="cpu").manual_seed(2468)
             v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
             ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
-            ok = all(_close(torch.einsum("k,k...->...", v, g).reshape(-1),
+            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1),
                             (torch.zeros_like(t) if r is None else r).reshape(-1))
                      for g, r, t in zip(gs, ref, every))
             if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
@@ -1012,8 +1018,6 @@ class Featurizer:
                 return None
         return gs
 
-# Per model: (structure, example shape, plan) and the elements one example takes in a one-block trace kernel.
-_TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def cuda_free_bytes(device) -> int:
@@ -1033,29 +1037,11 @@ def cuda_free_bytes(device) -> int:
 # classifier 0.047 -> 0.038 s, nn.MultiheadAttention 0.016 -> 0.0135 s, nn.LSTM 0.018 -> 0.016 s; the plain CNN
 # (n = 64) and the cosine MLP unchanged. Larger blocks gain nothing and would hold k times the gradients.
 BATCHED_BACKWARD_BYTES = 64 << 20
-# Per model: {(structure, block shape, dtype, captured shapes): whether the batched backward agreed (None: unchecked)}
-_BATCHED_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-# Per model: {(structure, block shape, dtype, parameter names): whether torch.func's Jacobian agreed with autograd}
-_VMAP_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-# Per model and implementation ("layerwise" / "jacobian"): (structure fingerprint, names of the modules moved to
-# the fallback, ...) once the layerwise gradients were checked against autograd (first block of the first call).
-# Whether a weight is also used outside its module is a property of the model's code, so later calls on the same
-# structure skip the extra backward pass; any change of modules or parameters (objects, shapes, requires_grad)
-# redoes it. Keyed by implementation too, so calls alternating implementations do not redo each other's checks.
-_VERIFIED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-# Per model: (fingerprint, input shape and dtype, {fallback parameter name: whether its per-example copies passed
-# the check}).
-_COPYABLE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-# Per model: {fallback parameter name: why its per-example stand-ins could not be formed} (explain()).
-_COPY_WHY: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # The checks run on a perturbed copy of models up to this size (parameters and buffers); larger ones are checked
 # in place (a check that decides nothing, e.g. behind a zero head, then runs again on the next call).
 TWIN_MAX_BYTES = 1 << 30
 # Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
 COPY_MAX_ELEMENTS = 1 << 24
-# Per model: (key: structure and state, example shape, dtype, device; the block sizes whose batch-mixing check
-# passed).
-_MIXING_CHECKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def owner_key(param_name: str) -> str:
@@ -1071,7 +1057,7 @@ def owner_key(param_name: str) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The layer check's outcome for one model structure and state (``_VERIFIED[model][implementation]``).
+    """The layer check's outcome for one model structure and state (``caches.VERIFIED[model][implementation]``).
 
     Attributes:
         key: :meth:`Featurizer.fingerprint` of the model it holds for.

@@ -1,11 +1,11 @@
 """The one tile walker: every NTK kernel, operator product and alignment is a walk over tiles ``(I, J)`` of
 blocks of examples, fed to a sink.
 
-Named ``_walk`` for what it does — walk the tiles of a kernel once, in one order, with one block cutting, one
+Named ``walk`` for what it does — walk the tiles of a kernel once, in one order, with one block cutting, one
 feature cache and one precision setting — as against what is done with each tile, which is the sink's (a dense
 Gram, a memory-mapped Gram, one Gram per layer, ``K @ Q``, the exact alignment sums). Every entry point
 (:func:`~lazyhasty.ntk.ntk_gram`, :func:`~lazyhasty.ntk.ntk_alignment`, :class:`~lazyhasty.ntk.KernelOperator`,
-:class:`~lazyhasty.ntk.NTKReference`) validates its arguments, chooses a path (:mod:`lazyhasty.ntk._plan`) and
+:class:`~lazyhasty.ntk.NTKReference`) validates its arguments, chooses a path (:mod:`lazyhasty.ntk.paths`) and
 then runs ``Walk(...).run(sink)``.
 
 A kernel over blocks ``0..nb-1`` is the tiles ``K[I, J]``; for a Gram ``K[J, I] = K[I, J]^T``, so only
@@ -13,7 +13,7 @@ A kernel over blocks ``0..nb-1`` is the tiles ``K[I, J]``; for a Gram ``K[J, I] 
 
 | form | tiles | a tile's kernel |
 | --- | --- | --- |
-| ``"tiles"`` | ``I <= J`` row-major (a rank: its share, :class:`~lazyhasty.ntk._sharding.RankTiles`); cross ``X1 x X2``: every ``(I, J)``; ``kernel="diagonal"``: ``(I, I)`` | products of the two blocks' features (:func:`lazyhasty.ntk._features.tile`), cached by :class:`~lazyhasty.ntk._blocks.BlockFeatures` |
+| ``"tiles"`` | ``I <= J`` row-major (a rank: its share, :class:`~lazyhasty.ntk.sharding.RankTiles`); cross ``X1 x X2``: every ``(I, J)``; ``kernel="diagonal"``: ``(I, I)`` | products of the two blocks' features (:func:`lazyhasty.ntk.forms.tile`), cached by :class:`~lazyhasty.ntk.blocks.BlockFeatures` |
 | ``"streamed"`` | one tile of all ``n`` | each layer's features reduced into the tile as soon as they exist (the per-example gradients in the Featurizer's reused workspace): partial tiles summed by the sink |
 | ``"one_output_at_a_time"`` | one tile of all ``n`` (trace) | :meth:`Featurizer.trace_gram`: one output's backward pass at a time |
 
@@ -30,12 +30,12 @@ from .. import _backend
 from .._exact import AlignmentSums
 from .._precision import product_precision
 from .._progress import Progress
-from . import _features as feat
-from ._blocks import BlockFeatures, Blocks, default_block_size, finite, output_size
-from ._sharding import RankTiles
+from . import forms as feat
+from .blocks import BlockFeatures, Blocks, default_block_size, finite, output_size
+from .sharding import RankTiles
 
 FORMS = ("tiles", "streamed", "one_output_at_a_time")
-# how each path of lazyhasty.ntk._plan.PATHS forms its tiles (by_layer, cross, diagonal and tiles: "tiles")
+# how each path of lazyhasty.ntk.paths.PATHS forms its tiles (by_layer, cross, diagonal and tiles: "tiles")
 FORM_OF_PATH = {"trace_one_block": "one_output_at_a_time", "one_tile": "streamed"}
 
 
@@ -85,15 +85,15 @@ class Walk:
     """The tiles of one kernel (or of a model's and a reference's, walked together) and how they are formed.
 
     Args:
-        featurizers: one :class:`~lazyhasty.ntk._featurizer.Featurizer` (a kernel) or two (model and reference:
+        featurizers: one :class:`~lazyhasty.ntk.featurize.Featurizer` (a kernel) or two (model and reference:
             an alignment); tile ``.gram(m)`` is featurizer ``m``'s.
         x: the examples ``[n, ...]`` (rows; for a Gram also the columns).
         kernel: ``"full"``, ``"trace"`` or ``"diagonal"``.
-        backend: ``"torch"`` or ``"triton"`` (:func:`lazyhasty.ntk._args.ntk_backend`).
+        backend: ``"torch"`` or ``"triton"`` (:func:`lazyhasty.ntk.args.ntk_backend`).
         block_size: examples per block (``"tiles"``); the other forms are one block of all ``n``.
         x2: a second example set ``[n2, ...]``: the cross kernel ``K(X1, X2)``, every tile, none mirrored.
         group: a ``torch.distributed`` group: this rank's share of the tiles (:class:`RankTiles`).
-        max_cache_bytes: the feature cache's budget (:class:`~lazyhasty.ntk._blocks.BlockFeatures`).
+        max_cache_bytes: the feature cache's budget (:class:`~lazyhasty.ntk.blocks.BlockFeatures`).
         form: one of :data:`FORMS` (module docstring).
         plan: a rank walk's ``(regime, tiles)`` to repeat (:attr:`plan` of an earlier walk).
         prepare: applied to each block's features before they are cached (the fused alignment's rows).
@@ -388,7 +388,7 @@ def fused_alignment(backend: str, kernel: str, centered: bool) -> bool:
 
 def flat_rows_pair(f: tuple, kernel: str):
     """The fused alignment's form of a block's ``(model, reference)`` features: each one row matrix
-    (:func:`lazyhasty.ntk._features.flat_rows`), or the features as they are where a ghost feature is present."""
+    (:func:`lazyhasty.ntk.forms.flat_rows`), or the features as they are where a ghost feature is present."""
     rows = (feat.flat_rows(f[0], kernel), feat.flat_rows(f[1], kernel))
     return rows if rows[0] is not None and rows[1] is not None else f
 
@@ -431,7 +431,7 @@ class AlignmentSink:
     def add(self, tile: Tile) -> None:
         dev = self.walk.device
         if tile.feats and isinstance(tile.feats[0], torch.Tensor):
-            from ._triton_ntk import alignment_partials
+            from .forms.triton_kernels import alignment_partials
 
             outputs = self.walk.k if tile.kernel == "trace" else 1
             parts = alignment_partials(tile.feats[0], tile.other[0], tile.feats[1].to(dev), tile.other[1].to(dev),

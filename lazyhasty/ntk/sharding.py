@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _dist
-from ._blocks import BlockFeatures, Blocks, nbytes
+from .blocks import BlockFeatures, Blocks, nbytes
 
 EXCHANGE = "exchange"
 RECOMPUTE = "recompute"
@@ -27,7 +27,7 @@ RECOMPUTE = "recompute"
 
 def blocks_of(x_all: torch.Tensor, block_size: int) -> tuple[list[torch.Tensor], list[int]]:
     """``(blocks, starts)``: the probe set ``[n, ...]`` cut into blocks, and each block's first row (+ ``n``)
-    (:class:`lazyhasty.ntk._blocks.Blocks`, as two lists)."""
+    (:class:`lazyhasty.ntk.blocks.Blocks`, as two lists)."""
     b = Blocks(x_all, block_size)
     return b.blocks, b.starts
 
@@ -56,11 +56,11 @@ def row_major_runs(sizes: list[int], size: int) -> list[list[tuple[int, int]]]:
 
 class RankTiles:
     """This rank's tiles of the kernel and the features of their blocks, for one or two featurizers
-    (model and reference): the rank schedule of :class:`lazyhasty.ntk._walk.Walk`. Iterating yields
+    (model and reference): the rank schedule of :class:`lazyhasty.ntk.walk.Walk`. Iterating yields
     ``(I, J, feats_I, feats_J)`` with ``feats_*`` a tuple of one feature list per featurizer (the same tuple
     when ``I == J``).
 
-    Block features come from one :class:`lazyhasty.ntk._blocks.BlockFeatures` (kept while they fit
+    Block features come from one :class:`lazyhasty.ntk.blocks.BlockFeatures` (kept while they fit
     ``max_cache_bytes``); in the exchange regime every block's features are kept (they fit, by its choice).
     ``kernel="diagonal"``: tiles ``(I, I)`` of this rank's own blocks, nothing kept (nothing is used twice).
 
@@ -71,7 +71,7 @@ class RankTiles:
                  max_cache_bytes: int, plan: tuple | None = None, prepare=None):
         """plan: ``(regime, tiles)`` of an earlier walk to repeat (the same tiles on the same rank: a kernel
         captured once and compared later, :class:`lazyhasty.ntk.NTKReference`). prepare: see
-        :class:`~lazyhasty.ntk._blocks.BlockFeatures`."""
+        :class:`~lazyhasty.ntk.blocks.BlockFeatures`."""
         self.fzs, self.kernel, self.group = featurizers, kernel, group
         self.rank, self.size = (0, 1) if group is None else _dist.rank_and_size(group)
         self.cut = Blocks(x_all, block_size)

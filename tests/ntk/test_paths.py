@@ -1,4 +1,4 @@
-"""Paths (``lazyhasty.ntk._plan``): every overridable path gives the spec's kernel, ``explain()`` shows the
+"""Paths (``lazyhasty.ntk.paths``): every overridable path gives the spec's kernel, ``explain()`` shows the
 path a call takes, and the rules of ``choose_path`` on the call's facts."""
 import copy
 
@@ -8,7 +8,7 @@ import torch
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
 from lazyhasty.ntk import explain, path_override
-from lazyhasty.ntk._plan import OVERRIDABLE, TRACE_ONE_TILE_MAX_N
+from lazyhasty.ntk.paths import OVERRIDABLE, TRACE_ONE_TILE_MAX_N
 
 from ntk_zoo import ZOO
 

@@ -6,7 +6,7 @@ import torch
 
 from lazyhasty import _backend
 from lazyhasty.metrics import ntk_alignment, ntk_gram
-from lazyhasty.ntk import _twins as twin
+from lazyhasty.ntk.forms import twins as twin
 
 from conftest import TRITON_DEVICES
 from ntk_zoo import ZOO
@@ -22,7 +22,7 @@ def _interp() -> bool:
                                                 (9, 5, 12, 6, 3)])
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_alignment_partials(M, N, Pt, P0, outputs, symmetric, device):
-    from lazyhasty.ntk._triton_ntk import alignment_partials
+    from lazyhasty.ntk.forms.triton_kernels import alignment_partials
 
     g = torch.Generator().manual_seed(M + N)
     ft_i, f0_i = torch.randn(M, Pt, generator=g), torch.randn(M, P0, generator=g)
@@ -39,7 +39,7 @@ def test_alignment_partials(M, N, Pt, P0, outputs, symmetric, device):
 
 @pytest.mark.parametrize("M,N,P,outputs", [(1, 1, 1, 1), (33, 7, 45, 1), (40, 40, 70, 1), (7, 7, 36, 4), (5, 3, 20, 2)])
 def test_gram(M, N, P, outputs, device):
-    from lazyhasty.ntk._triton_ntk import gram
+    from lazyhasty.ntk.forms.triton_kernels import gram
 
     x = torch.randn(M, P, device=device)
     y = x if M == N else torch.randn(N, P, device=device)
@@ -49,7 +49,7 @@ def test_gram(M, N, P, outputs, device):
 
 @pytest.mark.parametrize("b_i,b_j,k,S,din,dout", [(1, 1, 1, 1, 1, 1), (5, 3, 2, 3, 7, 5), (9, 9, 1, 2, 33, 4)])
 def test_ghost_gram(b_i, b_j, k, S, din, dout, device):
-    from lazyhasty.ntk._triton_ntk import ghost_gram
+    from lazyhasty.ntk.forms.triton_kernels import ghost_gram
 
     g = torch.Generator().manual_seed(S)
     a_i, g_i = torch.randn(b_i, S, din, generator=g), torch.randn(b_i, k, S, dout, generator=g)
@@ -113,7 +113,7 @@ def test_gram_under_tf32_request(M, N, P, outputs, device):
     """Inside a tf32=True call the Triton Gram takes tl.dot's default precision (TF32 on a GPU that has it,
     exact in the interpreter): within TF32's error of the torch twin (unit roundoff 2^-11 per input)."""
     from lazyhasty._precision import tf32_enabled, tf32_requested
-    from lazyhasty.ntk._triton_ntk import gram
+    from lazyhasty.ntk.forms.triton_kernels import gram
 
     x = torch.randn(M, P, device=device)
     y = x if M == N else torch.randn(N, P, device=device)

@@ -1,6 +1,6 @@
 """Cutting examples into blocks (:class:`Blocks`, the one block cutting) and the one feature-cache policy
 (:class:`BlockFeatures`); the default block size, the one-block trace test, the output size, and the finiteness
-check of a kernel (shared by every path and by the tile walker, :mod:`lazyhasty.ntk._walk`)."""
+check of a kernel (shared by every path and by the tile walker, :mod:`lazyhasty.ntk.walk`)."""
 from __future__ import annotations
 
 import torch

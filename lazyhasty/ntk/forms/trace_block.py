@@ -7,9 +7,10 @@ positions) keep every output's gradients; the tile path holds them for every lay
 
 * materialized layers: ``F_a = sum_s g_a[s] a[s]^T`` per example (one batched GEMM on position-major
   layouts), then ``K += F_a F_a^T`` on row blocks ``i <= j`` only (mirrored at the end);
-* ghost layers: every output's gradients are gathered (``[b S, k, d_out]``, linear in b); at the end
-  ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` with ``A = a a^T`` and ``G = sum_a g_a g_a^T`` (one GEMM
-  of inner dimension ``k d_out``), again on row blocks ``i <= j``, in bounded chunks.
+* ghost layers: every output's gradients are gathered into the tile path's ghost (``forms.ghost``, made by
+  ``gathering``; linear in b); at the end ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` with ``A = a a^T`` and
+  ``G = sum_a g_a g_a^T`` (one GEMM of inner dimension ``k d_out``), again on row blocks ``i <= j``, in
+  bounded chunks (``Ghost.trace_upper_into``).
 
 Both layouts are position-major (``[b, S, G, d]``), which is the memory layout of a channels-last
 activation: the conv gradients and patches need no transposes.
@@ -18,16 +19,13 @@ from __future__ import annotations
 
 import torch
 
-from ._layers import (
-    _close, check_weights, weighted_layer_grads,
-    batch_grad_from_factors, convT_dims, map_parametrized_rows, choose_form, embedding_factors, norm_grads, normalized_inputs, position_a,
-    position_g,
-    position_to_factor_layout, split_params,
+from ..capture.check import grads_close, check_weights, weighted_layer_grads
+from ..capture.cost import choose_form
+from ..capture.layouts import (
+    convT_dims, embedding_factors, norm_grads, normalized_inputs, position_a, position_g, position_to_factor_layout,
 )
-
-# Elements of one [rows, cols] product of a ghost layer's reduction (x 8 on CUDA).
-GHOST_CHUNK_ELEMENTS = 1 << 23
-
+from ..capture.maps import batch_grad_from_factors, map_parametrized_rows, split_params
+from .ghost import GhostEmbedding, GhostLinear
 
 # Rows of the smallest row block (GEMM efficiency).
 ROW_BLOCK_MIN = 32
@@ -50,42 +48,6 @@ def _mirror(K: torch.Tensor) -> torch.Tensor:
     """Upper block triangle (diagonal blocks full) to the symmetric matrix."""
     out = torch.triu(K)
     return out.add_(torch.triu(K, 1).T)
-
-
-class _Ghost:
-    """One ghost layer (one group): inputs ``rows`` ``[b S, d_in]`` (or embedding indices ``[b, S]``) and
-    every output's gradients gathered into ``g`` ``[b S, k, d_out]`` over the backward passes. At the end,
-    on row blocks ``i <= j``: ``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` with ``A = a a^T`` and
-    ``G = sum_a g_a g_a^T`` as one GEMM of inner dimension ``k d_out``. Memory is linear in b (the
-    ``[rows, cols]`` products are chunked to ``GHOST_CHUNK_ELEMENTS``)."""
-
-    def __init__(self, rows: torch.Tensor | None, idx: torch.Tensor | None, b: int, S: int, k: int, dout: int,
-                 like: torch.Tensor):
-        self.rows, self.idx, self.b, self.S = rows, idx, b, S
-        self.g = like.new_empty(b * S, k, dout)
-
-    def add(self, a_out: int, g: torch.Tensor) -> None:
-        """g: ``[b S, d_out]`` gradients of output ``a_out``."""
-        self.g[:, a_out].copy_(g)
-
-    def _a_block(self, i0: int, i1: int) -> torch.Tensor:
-        S = self.S
-        if self.idx is None:
-            return self.rows[i0 * S: i1 * S] @ self.rows[i0 * S:].T
-        # embedding: A = [idx_i[s] == idx_j[t]]
-        return (self.idx[i0:i1].reshape(-1, 1) == self.idx[i0:].reshape(1, -1)).to(self.g.dtype)
-
-    def reduce_into(self, K: torch.Tensor) -> None:
-        S, b = self.S, self.b
-        g = self.g.view(b * S, -1)
-        for r0, r1 in row_blocks(b):
-            chunk = GHOST_CHUNK_ELEMENTS * (8 if g.is_cuda else 1)  # fewer, larger launches on a GPU
-            step = max(1, chunk // (S * S * (b - r0)))
-            for i0 in range(r0, r1, step):
-                i1 = min(i0 + step, r1)
-                P = self._a_block(i0, i1).mul_(g[i0 * S: i1 * S] @ g[i0 * S:].T)
-                K[i0:i1, i0:] += P.view(i1 - i0, S, b - i0, S).sum((1, 3))
-        self.g = None
 
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
@@ -138,16 +100,11 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
             if p.form is None:
                 p.form = choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, _dout(p), "trace",
                                      fz.pairs_per_example or (b + 1) / 2)
-            ghosts = None
-            if p.form == "ghost":
-                G, din = a.shape[2], a.shape[3]
-                ghosts = [_Ghost(a[:, :, grp].reshape(-1, din), None, b, a.shape[1], k, _dout(p), K)
-                          for grp in range(G)]
-            state.append({"a": a, "ghosts": ghosts})
+            ghost = GhostLinear.gathering(a, k, _dout(p)) if p.form == "ghost" else None
+            state.append({"a": a, "ghost": ghost})
         elif p.kind == "embedding":
             idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
-            gh = _Ghost(None, idx, b, idx.shape[1], k, p.module.embedding_dim, K)
-            state.append({"idx": idx, "ghosts": [gh]})
+            state.append({"idx": idx, "ghost": GhostEmbedding.gathering(idx, k, p.module.embedding_dim, K)})
         else:
             state.append({"xhat": normalized_inputs(p)})  # once per block, not once per output
     verify = not fz.verified
@@ -174,8 +131,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     if leaves:
         fz.keep_copy_grads(copy_grads)  # the generic part's Jacobian takes them (trace_gram)
     for st in state:
-        for gh in st.get("ghosts") or ():
-            gh.reduce_into(K)
+        if st.get("ghost") is not None:
+            st["ghost"].trace_upper_into(K, row_blocks(b))
     if not verify:
         return []
     vt = torch.tensor(v, dtype=out.dtype, device=out.device)
@@ -186,14 +143,14 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         if p.kind in ("linear", "conv", "convT"):
             # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
             # position-major gradients [b, S, G, d_out]
-            full = m if st["ghosts"] is None else torch.einsum("b,bsgo,bsgi->goi", w, m, st["a"])
+            full = m if st["ghost"] is None else torch.einsum("b,bsgo,bsgi->goi", w, m, st["a"])
             got = split_params(p, position_to_factor_layout(p, full))
         elif p.kind == "embedding":  # m: [b, S, D] as the helper's [b, S, 1, D]
             got = batch_grad_from_factors(p, st["idx"], (m * w[:, None, None]).unsqueeze(2))
         else:
             got = [m]
             ref = [torch.cat([t.reshape(-1) for t in ref])]
-        if not all(_close(u, w) for u, w in zip(got, ref)):
+        if not all(grads_close(u, w) for u, w in zip(got, ref)):
             bad.append(p)
     for p in plans:
         p.inputs.clear()
@@ -222,14 +179,13 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: tor
         return w @ F if verify else None
     if p.kind == "embedding":
         _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
-        g = g[:, 0, :, 0]
-        st["ghosts"][0].add(a_out, g.reshape(-1, g.shape[-1]))
+        g = g[:, 0, :, 0]  # [b, S, D]
+        st["ghost"].set_output(a_out, g.unsqueeze(2))
         return g
     gp = [position_g(p, g, x.shape[2:]) for g, x in zip(g_calls, p.inputs)]
     g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
-    if st["ghosts"] is not None:
-        for grp, gh in enumerate(st["ghosts"]):
-            gh.add(a_out, g[:, :, grp].reshape(-1, g.shape[3]))
+    if st["ghost"] is not None:
+        st["ghost"].set_output(a_out, g)
         return g
     a = st["a"]
     b, _, G, din = a.shape
@@ -245,8 +201,8 @@ def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: tor
 
 def _gram(F: torch.Tensor, K: torch.Tensor, dense: torch.Tensor, backend: str) -> None:
     if backend == "triton":
-        from .. import _backend
-        from ._triton_ntk import gram
+        from ... import _backend
+        from .triton_kernels import gram
 
         dense += gram(F.contiguous(), F.contiguous(), True, _backend.triton_interpreted()).to(dense.dtype)
     else:

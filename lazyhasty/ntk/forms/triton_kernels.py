@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._precision import tf32_enabled
+from ..._precision import tf32_enabled
 
 
 @triton.jit

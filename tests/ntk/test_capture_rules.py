@@ -5,7 +5,6 @@ Each module uses one pattern the outside libraries use (timm, Hugging Face), wri
 torch.func fallback), and the float64 full and trace kernels equal :func:`lazyhasty.reference.ntk_gram` within
 1e-10. Before these rules every parameter named here was on torch.func (``explain(...).generic``).
 """
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn

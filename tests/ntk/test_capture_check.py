@@ -85,14 +85,14 @@ def test_requires_grad_flags_decide_the_plan():
 
 def test_unchanged_state_keeps_the_cached_check():
     """The state key does not redo the layer check when nothing changed (parameter values do not count)."""
-    from lazyhasty.ntk import _featurizer
+    from lazyhasty.ntk import featurize
 
     net, x = _scaled_net(_BufferScaled)
     ntk_gram(net, x)
     runs = []
-    real = _featurizer.Featurizer.verify_on_twin
+    real = featurize.Featurizer.verify_on_twin
     try:
-        _featurizer.Featurizer.verify_on_twin = lambda self, x: runs.append(1) or real(self, x)
+        featurize.Featurizer.verify_on_twin = lambda self, x: runs.append(1) or real(self, x)
         with torch.no_grad():
             net[2].weight.mul_(1.5)  # a training step changes values, not the plan
         ntk_gram(net, x)
@@ -101,7 +101,7 @@ def test_unchanged_state_keeps_the_cached_check():
         ntk_gram(net, x)
         assert runs == [1]
     finally:
-        _featurizer.Featurizer.verify_on_twin = real
+        featurize.Featurizer.verify_on_twin = real
 
 
 class _MixesAbove16(nn.Module):

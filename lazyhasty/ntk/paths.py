@@ -13,7 +13,7 @@ Paths (``PATHS``), chosen by :func:`choose_path` for :func:`ntk_gram` and :func:
 | ``tiles`` | ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes`` (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized) |
 
 Within a path, each layer's form (``ghost`` / ``materialized``) is chosen by the cost model of
-:func:`lazyhasty.ntk._layers.choose_form`; parameters no per-layer form covers use ``torch.func``.
+:func:`lazyhasty.ntk.capture.cost.choose_form`; parameters no per-layer form covers use ``torch.func``.
 """
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ from torch import nn
 
 from .._loaders import all_inputs
 from .._validate import check_model_inputs
-from ._args import check_args, ntk_backend
-from ._blocks import default_block_size, one_trace_block, output_size
-from ._featurizer import Featurizer
+from .args import check_args, ntk_backend
+from .blocks import default_block_size, one_trace_block, output_size
+from .featurize import Featurizer
 from .._probing import probing
 
 PATHS = {

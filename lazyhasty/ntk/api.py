@@ -12,19 +12,14 @@ from .._malloc import retained_heap
 from .._modes import measures
 from .._loaders import all_inputs, as_reference_module, iter_inputs, model_and_reference, model_device
 from .._precision import tf32_requested
-from ._args import (  # noqa: F401  (re-exported under their former names)
-    DEFAULT_CACHE_BYTES, IMPLEMENTATIONS, KERNELS, check_args as _check_args, ntk_backend as _ntk_backend,
-)
-from ._blocks import (  # noqa: F401
-    default_block_size, finite as _finite, one_trace_block as _one_trace_block, output_size as _output_size,
-)
-from ._plan import choose_path
-from ._walk import (FORM_OF_PATH, AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk,
-                    flat_rows_pair, fused_alignment, kernel_shape, place)
-from ._featurizer import (  # noqa: F401  (the caches: re-exported for callers of _engine)
-    _COPYABLE, _MIXING_CHECKED, _VERIFIED, Featurizer, _close,
-)
-from ._layers import check_per_example, check_probe_inputs, trainable_params
+from .args import DEFAULT_CACHE_BYTES, IMPLEMENTATIONS, KERNELS, check_args, ntk_backend  # noqa: F401
+from .blocks import default_block_size, finite, one_trace_block, output_size  # noqa: F401
+from .capture.mixing import check_per_example, check_probe_inputs
+from .capture.plan import trainable_params
+from .featurize import Featurizer
+from .paths import choose_path
+from .walk import (FORM_OF_PATH, AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk,
+                   flat_rows_pair, fused_alignment, kernel_shape, place)
 from .._outputs import current_call
 from .._probing import probing, reapplying
 from .._validate import check_model_inputs
@@ -70,7 +65,7 @@ def _naive(model, loader, kernel, dtype, loader2=None):
         K = reference.ntk_cross(m, xs, xs2, kernel=kernel)
     else:
         K = reference.ntk_gram(m, xs, kernel=kernel)
-    return _finite(K.to(dtype or next(p.dtype for p in model.parameters())))
+    return finite(K.to(dtype or next(p.dtype for p in model.parameters())))
 
 
 def _guard_naive(model: nn.Module, xs: list) -> None:
@@ -126,7 +121,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         dtype: compute precision (default: the parameters' dtype). float64 gives ~1e-15 relative error,
             float32 ~5e-8 (at most 8.3e-8 on the test zoo), bfloat16 ~3e-3.
         block_size: examples per tile (a tile's memory is ``(block k)^2``; default
-            ``lazyhasty.ntk._blocks.default_block_size``). Per-block features are kept while
+            ``lazyhasty.ntk.blocks.default_block_size``). Per-block features are kept while
             they fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the
             result is bounded. ``kernel="trace"`` runs as one block while all n examples fit
             ``TRACE_BLOCK_BYTES`` (estimated from one example; or when ``block_size >= n``): each output's
@@ -195,7 +190,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         >>> ntk_gram(Bag(), [batch], kernel="trace").shape   # [n, n]
         torch.Size([5, 5])
     """
-    _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+    check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     check_model_inputs(None, model=model)
     if implementation == "naive":
         if out is not None or process_group is not None:
@@ -213,7 +208,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         raise ValueError("with process_group=, pass out=PATH (each rank writes its tiles) or gather='rank0' / 'all' "
                          "(the whole kernel is sent to rank 0 / every rank)")
     fz = Featurizer(model, implementation, kernel, dtype)
-    be = _ntk_backend(fz.device, backend, fz.dtype)
+    be = ntk_backend(fz.device, backend, fz.dtype)
     if group is not None or out is not None:
         with _dist.failing_together(group, "ntk_gram"):
             if group is not None:
@@ -258,7 +253,7 @@ def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache
 
     rank = 0 if group is None else _dist.rank_and_size(group)[0]
     n = x_all.shape[0]
-    k = _output_size(fz, x_all)
+    k = output_size(fz, x_all)
     walk = Walk([fz], x_all, kernel, be, block_size or default_block_size(n, k), group=group,
                 max_cache_bytes=max_cache_bytes)
     shape = kernel_shape(kernel, n, k)
@@ -292,7 +287,7 @@ def _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, group, ma
     then the sums of all ranks), or in one process (``group=None``; ``by_layer``: one set of sums per parameter
     group, reduced in name order)."""
     n = x_all.shape[0]
-    k = _output_size(fz, x_all)
+    k = output_size(fz, x_all)
     if by_layer:
         fz.by_layer = fz0.by_layer = True
     walk = Walk([fz, fz0], x_all, kernel, be, block_size or default_block_size(n, k), group=group,
@@ -314,14 +309,14 @@ class KernelOperator:
                  max_cache_bytes: int = DEFAULT_CACHE_BYTES):
         if kernel not in ("trace", "full"):
             raise ValueError(f"kernel must be 'trace' or 'full', got {kernel!r}")
-        _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+        check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
         self._probe_call, self._probe_model = current_call(model), model
         x = x if isinstance(x, torch.Tensor) else all_inputs(x, model_device(model))  # a loader (of named inputs)
         check_model_inputs(x, model=model)
         self.fz = Featurizer(model, implementation, kernel, dtype)
-        self.be = _ntk_backend(self.fz.device, backend, self.fz.dtype)
+        self.be = ntk_backend(self.fz.device, backend, self.fz.dtype)
         self.x, self.kernel = x.to(self.fz.device), kernel
-        self.k = _output_size(self.fz, self.x)
+        self.k = output_size(self.fz, self.x)
         # one walk, run again for every product: its feature cache persists between them
         self._walk = Walk([self.fz], self.x, kernel, self.be, block_size or default_block_size(x.shape[0], self.k),
                           max_cache_bytes=max_cache_bytes)
@@ -408,7 +403,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         >>> 0.0 < ntk_alignment(net, x, init, kernel="full") < 1.0
         True
     """
-    _check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
+    check_args(kernel, implementation, block_size, max_cache_bytes, dtype)
     if kernel == "diagonal" and centered:
         raise ValueError("centered=True is not defined for kernel='diagonal' (only per-example blocks)")
     model, reference = model_and_reference(model, reference)  # None: an AlphaScaled/Linearized's init
@@ -432,7 +427,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         raise ValueError("by_layer=True takes kernel='full' or 'trace'")
     with _same_trainable(model, ref):
         fz, fz0 = Featurizer(model, implementation, kernel, dtype), Featurizer(ref, implementation, kernel, dtype)
-        be = _ntk_backend(fz.device, backend, fz.dtype)
+        be = ntk_backend(fz.device, backend, fz.dtype)
         if group is not None:
             with _dist.failing_together(group, "ntk_alignment"):
                 _dist.agree(group, "ntk_alignment", model=_dist.structure(model), reference=_dist.structure(ref),

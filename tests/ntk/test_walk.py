@@ -1,4 +1,4 @@
-"""The tile walker (``lazyhasty.ntk._walk``) on its own: which tiles it visits, mirrored tiles, awkward block
+"""The tile walker (``lazyhasty.ntk.walk``) on its own: which tiles it visits, mirrored tiles, awkward block
 sizes, a rank's share, the feature cache, the precision, and every sink against the spec (``reference.py``, float64)."""
 import copy
 
@@ -9,12 +9,13 @@ import torch
 from lazyhasty import _backend
 from lazyhasty import reference as R
 from lazyhasty._precision import tf32_requested
-from lazyhasty.ntk import _features as feat
-from lazyhasty.ntk._blocks import BlockFeatures, Blocks, nbytes
-from lazyhasty.ntk._featurizer import Featurizer
-from lazyhasty.ntk._sharding import row_major_runs
-from lazyhasty.ntk._walk import (AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk,
-                                 flat_rows_pair, kernel_shape, place)
+from lazyhasty.ntk import forms as feat
+from lazyhasty.ntk.blocks import BlockFeatures, Blocks, nbytes
+from lazyhasty.ntk.featurize import Featurizer
+from lazyhasty.ntk.sharding import row_major_runs
+from lazyhasty.ntk.walk import (
+    AlignmentSink, ByLayerSink, GramSink, MemmapSink, OperatorSink, TileSink, Walk, flat_rows_pair, kernel_shape, place,
+)
 
 from ntk_zoo import ZOO
 

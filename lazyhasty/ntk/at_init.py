@@ -20,12 +20,13 @@ from .._malloc import retained_heap
 from .._modes import measures, measuring
 from .._validate import check_model_inputs
 from .._precision import tf32_requested
-from ._engine import (DEFAULT_CACHE_BYTES, KERNELS, Featurizer, _ntk_backend, _output_size,
-                      default_block_size, ntk_alignment, ntk_gram)
-from ._args import check_args
+from .api import ntk_alignment, ntk_gram
+from .args import DEFAULT_CACHE_BYTES, KERNELS, check_args, ntk_backend
+from .blocks import default_block_size, output_size
+from .featurize import Featurizer
 from .._outputs import select_output, tensor_output
 from .._probing import probing, reapplying
-from ._walk import TileSink, Walk
+from .walk import TileSink, Walk
 
 DEFAULT_REFERENCE_BYTES = 1 << 30
 
@@ -252,8 +253,8 @@ def _walk(model: nn.Module, x: torch.Tensor, kernel: str, options: dict, group, 
     if options.get("output") is not None:
         model = select_output(model, options["output"])
     fz = Featurizer(model, options["implementation"], kernel, options["dtype"])
-    be = _ntk_backend(fz.device, options["backend"], fz.dtype)
-    k = _output_size(fz, x)
+    be = ntk_backend(fz.device, options["backend"], fz.dtype)
+    k = output_size(fz, x)
     with tf32_requested(False):  # exact fp32 products (no tf32 option here)
         walk = Walk([fz], x, kernel, be, options["block_size"] or default_block_size(x.shape[0], k), group=group,
                     max_cache_bytes=DEFAULT_CACHE_BYTES, plan=plan)

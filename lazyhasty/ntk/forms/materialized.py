@@ -1,0 +1,54 @@
+"""Materialized per-example gradients ``F [b, k, P]``: tiles as GEMMs, the symmetric product in row blocks."""
+from __future__ import annotations
+
+import torch
+
+
+# Rows per block of a symmetric Gram (X Xᵀ from its upper block triangle): GEMMs of fewer rows lose efficiency.
+SYMMETRIC_BLOCK_ROWS = 64
+
+
+def symmetric_gram(X: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` ``[m, m]`` of ``X`` ``[m, P]`` from its upper block triangle (row blocks of at least
+    :data:`SYMMETRIC_BLOCK_ROWS` against the rows from their own on), mirrored: ``(1 + 1/B) / 2`` of the flops
+    of ``X @ X.T`` with ``B`` blocks, at most 8 (off the diagonal blocks symmetric exactly; inside them, as any
+    GEMM, to rounding). Also the ``sym-floor`` provider of ``benchmarks/bench_ntk.py``."""
+    m = X.shape[0]
+    blocks = max(1, min(8, m // SYMMETRIC_BLOCK_ROWS))
+    if blocks == 1:
+        return X @ X.T
+    K = X.new_empty(m, m)
+    r = -(-m // blocks)
+    for i0 in range(0, m, r):
+        i1 = min(i0 + r, m)
+        K[i0:i1, i0:] = X[i0:i1] @ X[i0:].T
+        K[i1:, i0:i1] = K[i0:i1, i1:].T
+    return K
+
+
+class Materialized:
+    kind = "materialized"
+
+    def __init__(self, F: torch.Tensor):
+        self.F = F  # [b, k, P]
+
+    @property
+    def nbytes(self) -> int:
+        return self.F.numel() * self.F.element_size()
+
+    def full(self, o: "Materialized") -> torch.Tensor:
+        b, k, P = self.F.shape
+        bo = o.F.shape[0]
+        if o is self:  # a diagonal tile: its upper block triangle only
+            return symmetric_gram(self.F.reshape(b * k, P)).view(b, k, b, k)
+        return (self.F.reshape(b * k, P) @ o.F.reshape(bo * k, P).T).view(b, k, bo, k)
+
+    def trace(self, o: "Materialized") -> torch.Tensor:
+        k = self.F.shape[1]
+        out = self.F[:, 0] @ o.F[:, 0].T
+        for a in range(1, k):
+            out += self.F[:, a] @ o.F[:, a].T
+        return out
+
+    def diagonal(self) -> torch.Tensor:
+        return self.F @ self.F.transpose(1, 2)

@@ -1,0 +1,61 @@
+"""The feature forms (lazyhasty/ntk/forms/): the symmetric Gram on awkward sizes, the embedding's form by the cost model."""
+
+import pytest
+import torch
+from torch import nn
+
+from lazyhasty import reference as R
+from lazyhasty.metrics import ntk_gram
+from lazyhasty.ntk import explain
+
+from ntk_zoo import rel_error as _rel, zoo_model as _model
+
+
+@pytest.mark.parametrize("vocab,form", [(12, "materialized"), (4000, "ghost")])
+def test_embedding_form_by_the_cost_model(vocab, form):
+    """An embedding's per-example gradients are materialized (one scatter-add per block) when its table is small
+    against its positions' ghost product, else ghost; a padding index gets no gradient either way."""
+    torch.manual_seed(0)
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, 6, padding_idx=0)
+            self.out = nn.Linear(6, 3)
+
+        def forward(self, idx):
+            return self.out(torch.tanh(self.emb(idx)).mean(1))
+
+    m = Bag().double()
+    x = torch.randint(0, 12, (7, 9))
+    x[:, 0] = 0  # padding at the first position of every example, repeated indices elsewhere
+    plan = explain(m, x, kernel="full")
+    row = next(p for p in plan.parameters if p["name"] == "emb.weight")
+    assert row["form"] == form and row["costs"] is not None
+    assert row["form"] == min(row["costs"], key=lambda f: (row["costs"][f], f != "materialized"))
+    for kernel in ("full", "trace", "diagonal"):
+        want = R.ntk_gram(m, [x], kernel=kernel)
+        assert _rel(ntk_gram(m, x, kernel=kernel), want) <= 1e-12
+        assert _rel(ntk_gram(m, x, kernel=kernel, block_size=3), want) <= 1e-12
+
+
+@pytest.mark.parametrize("m_rows", [64, 65, 130, 257, 600])
+def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows, monkeypatch):
+    """The upper-block-triangle product equals X @ X.T for row counts that do not divide into its blocks, and
+    the blocked path gives the spec's full kernel (diagonal tiles of n k rows, blocks of 3 rows)."""
+    from lazyhasty.ntk.forms import materialized
+
+    X = torch.randn(m_rows, 37, dtype=torch.float64)
+    got = materialized.symmetric_gram(X)
+    assert torch.allclose(got, X @ X.T, rtol=1e-13, atol=1e-13)
+    blocks = max(1, min(8, m_rows // materialized.SYMMETRIC_BLOCK_ROWS))
+    r = -(-m_rows // blocks)
+    off = torch.ones(m_rows, m_rows, dtype=torch.bool)
+    for i0 in range(0, m_rows, r):
+        off[i0:i0 + r, i0:i0 + r] = False
+    assert torch.equal(got[off], got.T[off])  # mirrored off the diagonal blocks: exactly symmetric there
+    monkeypatch.setattr(materialized, "SYMMETRIC_BLOCK_ROWS", 3)
+    for name in ("cnn_strided", "vit_tiny"):
+        m, x = _model(name, torch.float64)
+        assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+        assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
