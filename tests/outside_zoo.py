@@ -130,7 +130,8 @@ def _transformers():
 
 
 def _timm():
-    return pytest.importorskip("timm", reason="timm is not installed (pip install timm; it is not in the test extra)")
+    return pytest.importorskip("timm", reason="timm is not installed (pip install --no-deps timm torchvision==0.28.0, "
+                                              "as in the README's test command)")
 
 
 def _text_case(name, natural, n, masked, pad_id, dtype, side="right"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -232,17 +233,67 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         fz.pairs_per_example = (n + 1) / 2
     path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                        cross=loader2 is not None, by_layer=by_layer)
-    if path.name == "by_layer":
-        fz.by_layer = True
-        walk = Walk([fz], x_all, kernel, be, block_size, max_cache_bytes=max_cache_bytes)
-        return walk.run(ByLayerSink(walk), progress)
-    if path.name == "cross":
-        walk = Walk([fz], x_all, kernel, be, block_size, x2=all_inputs(loader2, fz.device),
-                    max_cache_bytes=max_cache_bytes)
-        return walk.run(GramSink(walk), progress, "ntk cross tiles")
-    form = FORM_OF_PATH.get(path.name, "tiles")
-    walk = Walk([fz], x_all, kernel, be, path.block_size, max_cache_bytes=max_cache_bytes, form=form)
-    return walk.run(GramSink(walk), progress, "ntk features" if kernel == "diagonal" else "ntk tiles")
+    call = Call(kernel, be, block_size, max_cache_bytes, progress,
+                x2=None if loader2 is None else all_inputs(loader2, fz.device))
+    return GRAM_RUNNERS[path.name]([fz], x_all, path, call)
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a path runner needs of a call besides its Featurizers and inputs (one runner signature:
+    ``runner(featurizers, x_all, path, call)``)."""
+
+    kernel: str
+    backend: str
+    block_size: int | None
+    max_cache_bytes: int
+    progress: bool | None
+    x2: torch.Tensor | None = None  # a cross kernel's second example set
+    centered: bool = False
+
+
+def _gram_by_layer(fzs, x_all, path, call):
+    fzs[0].by_layer = True
+    walk = Walk(fzs, x_all, call.kernel, call.backend, call.block_size, max_cache_bytes=call.max_cache_bytes)
+    return walk.run(ByLayerSink(walk), call.progress)
+
+
+def _gram_cross(fzs, x_all, path, call):
+    walk = Walk(fzs, x_all, call.kernel, call.backend, call.block_size, x2=call.x2,
+                max_cache_bytes=call.max_cache_bytes)
+    return walk.run(GramSink(walk), call.progress, "ntk cross tiles")
+
+
+def _gram_walk(fzs, x_all, path, call):
+    walk = Walk(fzs, x_all, call.kernel, call.backend, path.block_size, max_cache_bytes=call.max_cache_bytes,
+                form=FORM_OF_PATH.get(path.name, "tiles"))
+    return walk.run(GramSink(walk), call.progress, "ntk features" if call.kernel == "diagonal" else "ntk tiles")
+
+
+def _alignment_by_layer(fzs, x_all, path, call):
+    return _alignment_tiles(*fzs, x_all, call.kernel, call.centered, call.block_size, call.backend, None,
+                            call.max_cache_bytes, by_layer=True)
+
+
+def _alignment_one_block(fzs, x_all, path, call):
+    # both [n, n] trace kernels of one block (one output at a time)
+    walk = Walk(fzs, x_all, call.kernel, call.backend, form="one_output_at_a_time")
+    return walk.run(AlignmentSink(walk, call.centered))
+
+
+def _alignment_walk(fzs, x_all, path, call):
+    fused = fused_alignment(call.backend, call.kernel, call.centered)
+    walk = Walk(fzs, x_all, call.kernel, call.backend, path.block_size, max_cache_bytes=call.max_cache_bytes,
+                prepare=functools.partial(flat_rows_pair, kernel=call.kernel) if fused else None)
+    return walk.run(AlignmentSink(walk, call.centered), call.progress, "ntk alignment")
+
+
+# Each path of paths.PATHS (but the naive spec, run before any Featurizer exists) and its runner, per entry point:
+# the one dispatch of a call once choose_path has named its path.
+GRAM_RUNNERS = {"by_layer": _gram_by_layer, "cross": _gram_cross, "trace_one_block": _gram_walk,
+                "one_tile": _gram_walk, "diagonal": _gram_walk, "tiles": _gram_walk}
+ALIGNMENT_RUNNERS = {"by_layer": _alignment_by_layer, "trace_one_block": _alignment_one_block,
+                     "one_tile": _alignment_walk, "diagonal": _alignment_walk, "tiles": _alignment_walk}
 
 
 def _gram_tiles(fz, x_all, kernel, block_size, be, group, out, gather, max_cache_bytes, progress):
@@ -447,13 +498,5 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
             fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
         path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                            by_layer=by_layer, purpose="alignment", backend=be, centered=centered)
-        if path.name == "by_layer":
-            return _alignment_tiles(fz, fz0, x_all, kernel, centered, block_size, be, None, max_cache_bytes,
-                                    by_layer=True)
-        if path.name == "trace_one_block":  # both [n, n] trace kernels of one block (one output at a time)
-            walk = Walk([fz, fz0], x_all, kernel, be, form="one_output_at_a_time")
-            return walk.run(AlignmentSink(walk, centered))
-        fused = fused_alignment(be, kernel, centered)
-        walk = Walk([fz, fz0], x_all, kernel, be, path.block_size, max_cache_bytes=max_cache_bytes,
-                    prepare=functools.partial(flat_rows_pair, kernel=kernel) if fused else None)
-        return walk.run(AlignmentSink(walk, centered), progress, "ntk alignment")
+        call = Call(kernel, be, block_size, max_cache_bytes, progress, centered=centered)
+        return ALIGNMENT_RUNNERS[path.name]([fz, fz0], x_all, path, call)

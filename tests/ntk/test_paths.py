@@ -85,3 +85,14 @@ def test_choose_path_rules():
     assert explain(m, x_more, kernel="full", block_size=4).path == "tiles"
     assert explain(m, x_more, kernel="diagonal").path == "diagonal"
     assert explain(m, x_more, implementation="naive").path == "naive"
+
+
+def test_every_path_has_one_runner_per_entry_point():
+    """The dispatch is a table: every path choose_path can name (but the naive spec, run before any Featurizer)
+    has a runner for ntk_gram, and every path an alignment can take one for ntk_alignment; no runner names a
+    path the table does not hold."""
+    from lazyhasty.ntk import PATHS
+    from lazyhasty.ntk.api import ALIGNMENT_RUNNERS, GRAM_RUNNERS
+
+    assert set(GRAM_RUNNERS) == set(PATHS) - {"naive"}
+    assert set(ALIGNMENT_RUNNERS) == set(PATHS) - {"naive", "cross"}
