@@ -110,6 +110,7 @@ class Featurizer:
         self.checked_mixing: set[int] = set()  # block sizes this call checked for batch mixing
         # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
 
     # -- public ------------------------------------------------------------------------------------
     def fingerprint(self, tag: str, model: nn.Module | None = None) -> tuple:
@@ -563,11 +564,16 @@ class Featurizer:
                     reset()
         return run(x)
 
+    def twin_fits(self) -> bool:
+        """Whether the layer check runs on a perturbed copy (the model holds at most :data:`TWIN_MAX_BYTES` in
+        parameters and buffers) rather than on the model itself."""
+        size = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
+        return size <= TWIN_MAX_BYTES
+
     def _perturbed_twin(self, seed: int) -> nn.Module | None:
         """A deep copy of the model with every parameter perturbed by noise of its own scale (so no gradient
         is zero by the values' accident), or None when the model holds more than :data:`TWIN_MAX_BYTES`."""
-        size = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
-        if size > TWIN_MAX_BYTES:
+        if not self.twin_fits():
             return None
         twin = copy.deepcopy(self.model)
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -983,15 +989,25 @@ class Featurizer:
         k gradients is checked against one plain backward; a shape that fails (or has no batching rule) keeps
         the k passes. The graph is retained (the caller may still need it)."""
         b, k = out.shape
-        if k < 2 or k * sum(t.numel() * t.element_size() for t in every) > BATCHED_BACKWARD_BYTES:
+        need = k * sum(t.numel() * t.element_size() for t in every)
+        if k < 2 or need > BATCHED_BACKWARD_BYTES:
+            self.backward_used = (f"{k} backward passes (block of {b}: "
+                                  + ("one output)" if k < 2 else
+                                     f"the k gradients take {need / 2**20:.3g} MiB > BATCHED_BACKWARD_BYTES)"))
             return None
         key = (self.fingerprint("batched"), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
         seen = caches.BATCHED_CHECKED.setdefault(self._user_model, {})
         if seen.get(key) is False:
+            self.backward_used = (f"{k} backward passes (block of {b}: the batched backward failed its check or "
+                                  "has no batching rule)")
             return None
         # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
         with exact_fp32(key not in seen):
-            return self._batched_output_gradients(out, every, key, seen)
+            got = self._batched_output_gradients(out, every, key, seen)
+        self.backward_used = (f"one batched backward over the {k} outputs (block of {b})" if got is not None else
+                              f"{k} backward passes (block of {b}: the batched backward failed its check or has "
+                              "no batching rule)")
+        return got
 
     def _batched_output_gradients(self, out: torch.Tensor, every: list, key: tuple, seen: dict) -> list | None:
         b, k = out.shape

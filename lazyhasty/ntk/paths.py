@@ -172,11 +172,12 @@ class Plan:
     k: int
     block_size: int | None
     parameters: list = field(default_factory=list)
+    switches: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"path": self.path, "path_description": PATHS[self.path], "why": self.why, "kernel": self.kernel,
                 "implementation": self.implementation, "n": self.n, "k": self.k, "block_size": self.block_size,
-                "parameters": [dict(p) for p in self.parameters]}
+                "parameters": [dict(p) for p in self.parameters], "switches": dict(self.switches)}
 
     @property
     def generic(self) -> list[str]:
@@ -186,7 +187,9 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"path: {self.path} ({PATHS[self.path]})", f"  why: {self.why}",
                  f"  kernel={self.kernel!r}, implementation={self.implementation!r}, n={self.n}, k={self.k}, "
-                 f"block_size={self.block_size}", "parameters:"]
+                 f"block_size={self.block_size}"]
+        lines += [f"  {k}: {v}" for k, v in self.switches.items()]
+        lines.append("parameters:")
         w = max((len(p["name"]) for p in self.parameters), default=4)
         for p in self.parameters:
             cost = ""
@@ -243,7 +246,10 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     Returns:
         A `Plan`: `path`, `why`, `kernel`, `implementation`, `n`, `k`, `block_size` and `parameters` (one
         dict a trainable parameter, in `named_parameters` order: `name`, `shape`, `module`, `module_type`,
-        `kind`, `form`, `costs`, `copies`, `fallback`, `at_ops`); `plan.generic` names those on torch.func;
+        `kind`, `form`, `costs`, `copies`, `fallback`, `at_ops`) and `switches` (the call's other implicit
+        choices, each saying why: `backend`, `layer check` (on a perturbed copy or on the model itself),
+        `input layout` (channels-last or contiguous), `output gradients` (one batched backward or k passes, for
+        the examples explained), `alignment reduction`); `plan.generic` names those on torch.func;
         `str(plan)` is a table, `plan.to_dict()` the same as plain data.
 
     Raises:
@@ -318,7 +324,28 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
                 reason = f"{reason}; {copy_why[name]}" if reason else copy_why[name]
             rows.append(_row(model, name, t, "generic", "torch.func", fallback=reason))
     return Plan(choice.name, why, kernel, fz.implementation if implementation != "auto" else "auto", n,
-                int(fz.k or 0), choice.block_size, rows)
+                int(fz.k or 0), choice.block_size, rows, _switches(fz, be, kernel, purpose))
+
+
+def _switches(fz, backend: str, kernel: str, purpose: str) -> dict:
+    """The implicit choices of a call besides its path, each with why (``Plan.switches``)."""
+    from .walk import fused_alignment
+
+    out = {"backend": backend}
+    if fz.plans and not fz.verified:
+        out["layer check"] = "not decided: every gradient was zero on these examples (it runs again next call)"
+    elif fz.plans:
+        out["layer check"] = ("on a perturbed copy of the model, once per structure" if fz.twin_fits() else
+                              "on the model itself (it holds more than TWIN_MAX_BYTES), once per structure")
+    if any(isinstance(m, nn.Conv2d) for m in fz.model.modules()):
+        out["input layout"] = ("channels-last (faster convolutions)" if fz.channels_last else
+                               "contiguous (the model failed on channels-last inputs)")
+    if fz.backward_used:
+        out["output gradients"] = fz.backward_used
+    if purpose == "alignment":
+        out["alignment reduction"] = ("the fused Triton K_t * K_0 reduction of materialized tiles"
+                                      if fused_alignment(backend, kernel, False) else "torch products of each tile")
+    return out
 
 
 def _row(model, name, t, kind, form, costs=None, copies=(), fallback=None, ops=None) -> dict:

@@ -96,3 +96,37 @@ def test_every_path_has_one_runner_per_entry_point():
 
     assert set(GRAM_RUNNERS) == set(PATHS) - {"naive"}
     assert set(ALIGNMENT_RUNNERS) == set(PATHS) - {"naive", "cross"}
+
+
+def test_explain_shows_the_implicit_switches(monkeypatch):
+    """Every implicit choice besides the path is in explain()'s Plan, with why: where the layer check runs, the
+    input layout, how the output gradients are formed, the alignment's reduction (each flipped here by the
+    threshold that decides it, and seen flipping)."""
+    from torch import nn
+
+    from lazyhasty.ntk import featurize
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
+    x = torch.randn(10, 3, 8, 8, dtype=torch.float64)
+    plan = explain(m, x, kernel="trace")
+    sw = plan.switches
+    assert sw["backend"] == "torch" and sw["layer check"].startswith("on a perturbed copy")
+    assert sw["input layout"].startswith("channels-last") and sw["output gradients"].startswith("one batched")
+    assert "layer check: on a perturbed copy" in str(plan) and plan.to_dict()["switches"] == sw
+    assert "alignment reduction" in explain(m, x, kernel="trace", purpose="alignment").switches
+
+    class NeedsContiguous(nn.Module):  # a .view() that channels-last inputs cannot take
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.head = nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x):
+            return self.head(self.conv(x).view(x.shape[0], -1))
+
+    monkeypatch.setattr(featurize, "TWIN_MAX_BYTES", 0)
+    monkeypatch.setattr(featurize, "BATCHED_BACKWARD_BYTES", 0)
+    sw = explain(NeedsContiguous().double(), x, kernel="trace").switches
+    assert sw["layer check"].startswith("on the model itself") and sw["input layout"].startswith("contiguous")
+    assert sw["output gradients"].startswith("3 backward passes")
