@@ -51,7 +51,7 @@ def _tf32_option(fn):
 
 
 def _naive(model, loader, kernel, dtype, loader2=None):
-    from .. import reference
+    from . import naive as reference
 
     m = model if dtype is None else copy.deepcopy(model).to(dtype)
     xs = [x.to(dtype) if (dtype is not None and x.is_floating_point()) else x
@@ -464,7 +464,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         if process_group is not None:
             raise ValueError("implementation='naive' (the spec) runs in one process: process_group= takes 'auto', "
                              "'layerwise' or 'jacobian'")
-        from .. import reference as R
+        from . import naive as R
 
         with _same_trainable(model, ref):
             xs = list(iter_inputs(loader, model_device(model)))

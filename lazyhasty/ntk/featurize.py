@@ -933,10 +933,10 @@ class Featurizer:
             # the batch has as many examples as the model has outputs, where it silently mixes the two (torch
             # 2.13; errors of 5% here): the exact loop instead, from now on for this Featurizer
             self._vmap_failed = True
-        from .. import reference
+        from . import naive
 
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
-            return reference.jacobian_rows(self.model, [x], params=[named[n] for n in names])
+            return naive.jacobian_rows(self.model, [x], params=[named[n] for n in names])
 
     def _vmap_key(self, x: torch.Tensor, names: list[str]) -> tuple:
         return (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
