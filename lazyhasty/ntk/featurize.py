@@ -111,6 +111,7 @@ class Featurizer:
         # mkldnn/cudnn convolutions (and their backward passes) are faster on channels-last inputs
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
+        self._twin_tried = False  # the twin's check left this call undecided: the model's own blocks decide
 
     # -- public ------------------------------------------------------------------------------------
     def fingerprint(self, tag: str, model: nn.Module | None = None) -> tuple:
@@ -288,7 +289,8 @@ class Featurizer:
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
         self.resolve_auto()
         feats: list = []
-        if (self.plans or self.generic) and not self.verified and not self.is_twin and self.verify_on_twin(x):
+        if (self.plans or self.generic) and not self.verified and not self.is_twin and not self._twin_tried \
+                and self.verify_on_twin(x):
             return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
         if not self.plans and not self.verified:
             self.mark_verified()  # every layer is on the fallback: remember it, do not check again
@@ -617,7 +619,21 @@ class Featurizer:
         # parameters that then join the fallback runs on it too (one deep copy per call, not two)
         self._twin = twin
         if not other.verified:
-            return False  # undecided (e.g. a layer whose gradient stays zero): the check runs here instead
+            # undecided (a layer whose gradient stays zero on the twin, e.g. behind a saturated hard-sigmoid): the
+            # check runs on the model's own blocks instead, once. The layers the twin found wrong are wrong
+            # whatever the values (a mismatch decides; only agreement can be by accident), so they go to the
+            # fallback now rather than being found again there, one more round and one more twin later.
+            self._twin_tried = True
+            bad = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
+            if not bad:
+                return False
+            before = [(p.name, p.weight_map) for p in self.plans]
+            self.sites = dict(other.sites)
+            self.fallback_reasons.update(other.fallback_reasons)
+            known = {n for n, m in capture_modules(self.model, self.sites) if id(m) in self.excluded}
+            self._replan(known | bad, {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine},
+                         {p.name: (p.copy_input, p.copy_output) for p in other.plans})
+            return [(p.name, p.weight_map) for p in self.plans] != before
         names = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
         affine = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine}
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}

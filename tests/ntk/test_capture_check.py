@@ -218,3 +218,41 @@ def test_a_layout_that_raises_is_reported_in_explain():
     again = {r["name"]: r for r in explain(m, x, implementation="layerwise").to_dict()["parameters"]}
     assert again["0.weight"]["fallback"] == rows["0.weight"]["fallback"]
     assert _rel(ntk_gram(m, x, implementation="layerwise"), R.ntk_gram(m, [x])) <= 1e-10
+
+
+def test_an_undecided_twin_check_still_moves_the_layers_it_found_wrong():
+    """A twin check left undecided (a layer whose gradient is zero whatever the values) still decides the
+    layers it found wrong: they go to the fallback at once, and the call checks its own blocks without a second
+    twin (before: the model's block found the same layer wrong, and a second twin was made and checked)."""
+    import torch
+    from torch import nn
+
+    from lazyhasty import reference as R
+    from lazyhasty.metrics import ntk_gram
+    from lazyhasty.ntk import explain, featurize
+
+    class OutsideUseAndDeadBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.dead = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            outside = 0.1 * (x @ self.a.weight.T).sum(1, keepdim=True)  # a.weight used outside a's forward
+            return self.b(h) + outside + 0.0 * self.dead(x)  # dead: a zero gradient on every twin
+
+    torch.manual_seed(0)
+    m = OutsideUseAndDeadBranch().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    calls = []
+    real = featurize.Featurizer.verify_on_twin
+    try:
+        featurize.Featurizer.verify_on_twin = lambda self, xb: calls.append(1) or real(self, xb)
+        got = ntk_gram(m, x, kernel="full", implementation="layerwise")
+    finally:
+        featurize.Featurizer.verify_on_twin = real
+    assert len(calls) == 1
+    want = R.ntk_gram(m, [x], kernel="full")
+    assert float((got - want).norm() / want.norm()) <= 1e-10
+    rows = {r["name"]: r for r in explain(m, x, kernel="full", implementation="layerwise").parameters}
+    assert rows["a.weight"]["form"] == "torch.func" and rows["a.weight"]["fallback"]
