@@ -86,7 +86,7 @@ def engine_features(model, x, kernel):
 
     block = explain(model, x, kernel=kernel).block_size
     fz = Featurizer(model, "auto", kernel, None)
-    fz.pairs_per_example = (x.shape[0] + 1) / 2  # as ntk_gram sets it: the same cost model, the same forms
+    fz.plan_for_pairs((x.shape[0] + 1) / 2)  # as ntk_gram sets it: the same cost model, the same forms
 
     @retained_heap()
     def fn():

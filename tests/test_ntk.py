@@ -151,20 +151,20 @@ def test_auto_compares_the_layerwise_pass_plus_fallback_with_one_whole_model_jac
                          nn.Flatten(), nn.Linear(8, 3)).double()
     xc = torch.randn(6, 3, 16, 16, dtype=torch.float64)
     fz = Featurizer(conv, "auto", kernel, None)
-    fz.pairs_per_example = 3.5
+    fz.plan_for_pairs(3.5)
     fz(xc)
     assert fz.plans == [] and len(fz.generic) == 7 and fz.auto_reason.startswith("jacobian: the torch.func pass")
     assert "jacobian: the torch.func pass" in explain(conv, xc, kernel=kernel).why
     # remembered check: the choice waits for the call's pairs per example, then is the same
     again = Featurizer(conv, "auto", kernel, None)
     assert again.verified and again.plans != [] and again.auto_reason == ""
-    again.pairs_per_example = 3.5
+    again.plan_for_pairs(3.5)
     assert again.plans == [] and again.auto_reason == fz.auto_reason
     # a wide MLP (ghost forms save k^2 d_in d_out a pair) with a PReLU -> layerwise plus the fallback
     mlp = nn.Sequential(nn.Linear(20, 512), nn.PReLU(512), nn.Linear(512, 10)).double()
     xm = torch.randn(6, 20, dtype=torch.float64)
     fz = Featurizer(mlp, "auto", kernel, None)
-    fz.pairs_per_example = 50.5  # as for a probe set of 100 (the savings grow with it, the extra pass does not)
+    fz.plan_for_pairs(50.5)  # as for a probe set of 100 (the savings grow with it, the extra pass does not)
     fz(xm)
     assert {p.name for p in fz.plans} == {"0", "2"} and fz.generic == ["1.weight"]
     assert fz.auto_reason.startswith("layerwise: its ghost forms save")

@@ -230,7 +230,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
         raise ValueError("a cross kernel K(X1, X2) has no diagonal blocks: use kernel='full' or 'trace'")
     n = x_all.shape[0]
     if not (by_layer or loader2 is not None):
-        fz.pairs_per_example = (n + 1) / 2
+        fz.plan_for_pairs((n + 1) / 2)
     path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                        cross=loader2 is not None, by_layer=by_layer)
     call = Call(kernel, be, block_size, max_cache_bytes, progress,
@@ -495,7 +495,8 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
         if by_layer and kernel == "diagonal":
             raise ValueError("by_layer=True takes kernel='full' or 'trace'")
         if not by_layer:
-            fz.pairs_per_example = fz0.pairs_per_example = (n + 1) / 2
+            fz.plan_for_pairs((n + 1) / 2)
+            fz0.plan_for_pairs((n + 1) / 2)
         path = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                            by_layer=by_layer, purpose="alignment", backend=be, centered=centered)
         call = Call(kernel, be, block_size, max_cache_bytes, progress, centered=centered)

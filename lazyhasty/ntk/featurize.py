@@ -126,13 +126,20 @@ class Featurizer:
 
     @property
     def pairs_per_example(self) -> float:
-        """Example pairs each example's features meet (about (n + 1) / 2 for a Gram of n; set by the caller):
-        amortizes forming per-example gradients in the ghost / materialized choice and in ``auto``'s."""
+        """Example pairs each example's features meet (about (n + 1) / 2 for a Gram of n; see
+        :meth:`plan_for_pairs`): amortizes forming per-example gradients in the ghost / materialized choice and in
+        ``auto``'s."""
         return self._pairs_per_example
 
-    @pairs_per_example.setter
-    def pairs_per_example(self, value: float) -> None:
-        self._pairs_per_example = float(value)
+    def plan_for_pairs(self, pairs: float) -> None:
+        """Set the example pairs each example's features meet in this call, and with it the plan: on a model
+        whose layer check is remembered, ``implementation="auto"`` decides here between layerwise and the
+        whole-model Jacobian (which replaces the layer plans).
+
+        Args:
+            pairs: about ``(n + 1) / 2`` for a Gram of n examples, ``n2`` for a cross kernel against n2.
+        """
+        self._pairs_per_example = float(pairs)
         self.resolve_auto()
 
     def resolve_auto(self) -> None:
@@ -601,7 +608,7 @@ class Featurizer:
         other.is_twin = True
         other._copies_owner = self._user_model  # its per-example-copy check decides for this model
         other.checked_mixing = _ALL_SIZES  # this block passed the check already
-        other.pairs_per_example = self.pairs_per_example
+        other.plan_for_pairs(self.pairs_per_example)
         other.channels_last = self.channels_last
         named = dict(twin.named_parameters())
         candidates = [n for n in other.generic if named[n].dim() in (1, 2, 3)]

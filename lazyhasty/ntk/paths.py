@@ -294,7 +294,7 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     x_all = all_inputs(x, fz.device)
     check_model_inputs(x_all, model=model)
     n = x_all.shape[0]
-    fz.pairs_per_example = (n + 1) / 2
+    fz.plan_for_pairs((n + 1) / 2)
     choice = choose_path(fz, x_all, kernel=kernel, implementation=implementation, block_size=block_size,
                          purpose=purpose, backend=be)
     with torch.enable_grad():

@@ -121,7 +121,7 @@ class Walk:
         self.n = x.shape[0]
         self.n2 = self.n if x2 is None else x2.shape[0]
         for fz in self.fzs:  # the example pairs each example's features meet (forming them is spread over those)
-            fz.pairs_per_example = self.n2 if x2 is not None else (self.n + 1) / 2
+            fz.plan_for_pairs(self.n2 if x2 is not None else (self.n + 1) / 2)
         if form != "tiles":
             block_size = self.n
         elif block_size is None:

@@ -42,6 +42,9 @@ class _Counting:
         self.fz, self.calls = fz, []
         self.device, self.dtype = fz.device, fz.dtype
 
+    def plan_for_pairs(self, pairs):
+        self.fz.plan_for_pairs(pairs)
+
     def __call__(self, x):
         self.calls.append(x.shape[0])
         return self.fz(x)
