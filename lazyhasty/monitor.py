@@ -209,11 +209,9 @@ class _FileSink:
             return
         # a crash mid-row: set the torn row aside, never glue the next one on it
         keep = data.rfind(b"\n") + 1
-        aside = self.path.with_name(self.path.name + ".torn")
-        i = 1
-        while aside.exists():
-            i += 1
-            aside = self.path.with_name(f"{self.path.name}.torn-{i}")
+        from ._runlog import _aside
+
+        aside = _aside(self.path, "torn")  # <path>.torn, then .torn-2, ... as a run log's
         aside.write_bytes(data[keep:])
         with open(self.path, "r+b") as f:
             f.truncate(keep)
