@@ -388,34 +388,34 @@ def test_the_path_table(kernel, block_size, purpose, path):
     assert explain(m, x, implementation="naive").path == "naive"
 
 
-def test_batch_mixing_check_runs_once_per_model_structure_and_mode(monkeypatch):
-    from lazyhasty.ntk import paths as _plan
+def test_batch_mixing_check_runs_once_per_model_structure_and_mode():
+    from lazyhasty.ntk import limits
     from lazyhasty.ntk.capture import caches
 
     # the one-block trace path as it is chosen (it estimates its size): without the one-tile rule for few examples
-    monkeypatch.setattr(_plan, "TRACE_ONE_TILE_MAX_N", 0)
+    with limits(trace_one_tile_max_n=0):
 
-    m, x = _model("mlp_paper", torch.float64)
-    calls = []
-    m.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
-    ntk_gram(m, x, kernel="trace")
-    first = len(calls)
-    calls.clear()
-    ntk_gram(m, x, kernel="trace")
-    again = len(calls)
-    trial = [3, 2]  # every call: the input checks' trial forwards of 3 and 2 examples (lazyhasty/_validate.py)
-    assert calls[:2] == trial
-    assert again == 2 + 1  # and the capture of the block (the block-size estimate is remembered per structure)
-    # the first call also estimated the block size from one example (1), ran the mixing check (2) and the layer
-    # check (1)
-    assert first == again + 1 + 2 + 1
-    with pytest.raises(ValueError, match="NaN/inf"):
-        ntk_gram(m, torch.full_like(x, float("nan")), kernel="trace")
-    m.eval()  # the zoo models start in train mode; both are measured in eval mode, so nothing is checked again
-    calls.clear()
-    ntk_gram(m, x, kernel="trace")
-    assert len(calls) == again
-    caches.MIXING_CHECKED.pop(m, None)
+        m, x = _model("mlp_paper", torch.float64)
+        calls = []
+        m.register_forward_hook(lambda mod, a, o: calls.append(a[0].shape[0]))
+        ntk_gram(m, x, kernel="trace")
+        first = len(calls)
+        calls.clear()
+        ntk_gram(m, x, kernel="trace")
+        again = len(calls)
+        trial = [3, 2]  # every call: the input checks' trial forwards of 3 and 2 examples (lazyhasty/_validate.py)
+        assert calls[:2] == trial
+        assert again == 2 + 1  # and the capture of the block (the block-size estimate is remembered per structure)
+        # the first call also estimated the block size from one example (1), ran the mixing check (2) and the layer
+        # check (1)
+        assert first == again + 1 + 2 + 1
+        with pytest.raises(ValueError, match="NaN/inf"):
+            ntk_gram(m, torch.full_like(x, float("nan")), kernel="trace")
+        m.eval()  # the zoo models start in train mode; both are measured in eval mode, so nothing is checked again
+        calls.clear()
+        ntk_gram(m, x, kernel="trace")
+        assert len(calls) == again
+        caches.MIXING_CHECKED.pop(m, None)
 
 
 def test_per_example_copies_are_refused_when_an_op_mixes_examples():
@@ -472,23 +472,23 @@ def test_a_zero_initialised_head_does_not_decide_the_checks():
     caches.VERIFIED.pop(t, None)
 
 
-def test_models_too_large_to_copy_are_checked_in_place(monkeypatch):
-    """Beyond TWIN_MAX_BYTES no twin is made: the same checks run on the model itself, with the same outcome
+def test_models_too_large_to_copy_are_checked_in_place():
+    """Beyond limits twin_max_bytes no twin is made: the same checks run on the model itself, with the same outcome
     where gradients are not zero."""
-    from lazyhasty.ntk import featurize
+    from lazyhasty.ntk import limits
     from lazyhasty.ntk.capture import caches
 
-    monkeypatch.setattr(featurize, "TWIN_MAX_BYTES", 0)
-    m, x = _model("tied_and_outside_use", torch.float64)
-    fz = Featurizer(m, "layerwise", "full", None)
-    assert fz._perturbed_twin(1) is None
-    fz(x)
-    assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
-    assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-12
-    caches.VERIFIED.pop(m, None)
-    v, xv = _model("vit_tiny", torch.float64)
-    assert _rel(ntk_gram(v, xv, kernel="trace"), R.ntk_gram(v, [xv], kernel="trace")) <= 1e-12
-    caches.VERIFIED.pop(v, None)
+    with limits(twin_max_bytes=0):
+        m, x = _model("tied_and_outside_use", torch.float64)
+        fz = Featurizer(m, "layerwise", "full", None)
+        assert fz._perturbed_twin(1) is None
+        fz(x)
+        assert fz.verified and {"emb.weight", "proj.weight"} <= set(fz.describe()["generic"])
+        assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-12
+        caches.VERIFIED.pop(m, None)
+        v, xv = _model("vit_tiny", torch.float64)
+        assert _rel(ntk_gram(v, xv, kernel="trace"), R.ntk_gram(v, [xv], kernel="trace")) <= 1e-12
+        caches.VERIFIED.pop(v, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -125,7 +125,7 @@ def ntk_gram(model: nn.Module, loader, *, kernel: str = "full", implementation: 
             ``lazyhasty.ntk.blocks.default_block_size``). Per-block features are kept while
             they fit ``max_cache_bytes`` and recomputed for each row of tiles otherwise, so memory beyond the
             result is bounded. ``kernel="trace"`` runs as one block while all n examples fit
-            ``TRACE_BLOCK_BYTES`` (estimated from one example; or when ``block_size >= n``): each output's
+            ``limits`` ``trace_block_bytes`` (estimated from one example; or when ``block_size >= n``): each output's
             backward pass is reduced into the kernel and dropped before the next one.
         progress: show a progress bar over the tiles.
         backend: the tile products' backend (default: Triton on GPUs that have it, else torch).
@@ -399,7 +399,7 @@ def ntk_alignment(model: nn.Module, loader, reference=None, *, kernel: str = "fu
     Both kernels are ``K = J J^T`` as in [ntk_gram][lazyhasty.ntk.ntk_gram] (``[n k, n k]`` full, ``[n, n]``
     trace), computed tile by tile (``block_size`` examples a side) with float64 sums; no ``[n k, n k]`` (or
     ``[n, n]``) matrix is held, except for ``kernel="trace"`` while one block of all n examples fits
-    ``TRACE_BLOCK_BYTES`` (then both ``[n, n]`` kernels are formed one output at a time and reduced at once).
+    ``limits`` ``trace_block_bytes`` (then both ``[n, n]`` kernels are formed one output at a time and reduced at once).
     Per-block features are kept while they fit ``max_cache_bytes``, otherwise recomputed for each tile pair,
     so memory is then set by ``block_size`` alone. The sums are error-free
     (``lazyhasty._exact.AlignmentSums``): with ``centered=True`` nothing large cancels when the

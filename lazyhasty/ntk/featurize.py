@@ -33,13 +33,10 @@ from .capture.sites import (
     InProjection, MatmulSite, RecurrentProjection, SiteRecorder, discover_sites, capture_modules, unrolled_attention, unrolled_recurrent,
 )
 from .forms.trace_block import trace_gram as _trace_gram
+from . import tuning
 from .capture import caches
 from .capture.broadcast import BroadcastStandIns, standin_grads
 
-# On CPU the trace kernel is one block (one output's backward pass at a time, symmetric products inside
-# the block) while what that block holds fits in this many bytes (on CUDA: half the free memory);
-# beyond, tiles of default_block_size.
-TRACE_BLOCK_BYTES = 1 << 30
 # implementation="auto" (Featurizer._auto_choice): where some parameters still need torch.func, the layerwise
 # pass plus that fallback against one whole-model Jacobian, by the cost model. The fallback's vmap(jacrev) runs a
 # forward and k backward passes through the whole model whatever share of the parameters it covers, so per
@@ -165,7 +162,7 @@ class Featurizer:
 
     def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
         """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
-        :data:`TRACE_BLOCK_BYTES` on CPU, half the free memory on CUDA), from what one example of ``x``
+        :class:`~lazyhasty.ntk.tuning.Limits` ``trace_block_bytes`` on CPU, half the free memory on CUDA), from what one example of ``x``
         needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
         layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
         kernels."""
@@ -175,7 +172,7 @@ class Featurizer:
         per = known[1] if known is not None and known[0] == key else self._trace_bytes_per_example(x)
         caches.TRACE_SIZES[self._user_model] = (key, per)
         if budget is None:
-            budget = cuda_free_bytes(self.device) // 2 if self.device.type == "cuda" else TRACE_BLOCK_BYTES
+            budget = cuda_free_bytes(self.device) // 2 if self.device.type == "cuda" else tuning.current().trace_block_bytes
         # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
         # both models' kernels in an alignment)
         elems = budget / (torch.finfo(self.dtype).bits // 8)
@@ -574,14 +571,14 @@ class Featurizer:
         return run(x)
 
     def twin_fits(self) -> bool:
-        """Whether the layer check runs on a perturbed copy (the model holds at most :data:`TWIN_MAX_BYTES` in
+        """Whether the layer check runs on a perturbed copy (the model holds at most ``limits`` ``twin_max_bytes`` in
         parameters and buffers) rather than on the model itself."""
         size = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
-        return size <= TWIN_MAX_BYTES
+        return size <= tuning.current().twin_max_bytes
 
     def _perturbed_twin(self, seed: int) -> nn.Module | None:
         """A deep copy of the model with every parameter perturbed by noise of its own scale (so no gradient
-        is zero by the values' accident), or None when the model holds more than :data:`TWIN_MAX_BYTES`."""
+        is zero by the values' accident), or None when the model holds more than ``limits`` ``twin_max_bytes``."""
         if not self.twin_fits():
             return None
         twin = copy.deepcopy(self.model)
@@ -795,11 +792,12 @@ class Featurizer:
         forward together), and the check's reference gradient is one backward for all: a first call on timm's
         efficientnet ran 42 forwards and backwards here before."""
         why = caches.COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
+        cap = tuning.current().copy_max_elements
         for n in todo:
             decided[n] = False
             why[n] = (f"not a planned layer's parameter, and its per-example copies would take more than "
-                      f"{COPY_MAX_ELEMENTS} elements")
-        eligible = [n for n in todo if named[n].numel() * probe.shape[0] <= COPY_MAX_ELEMENTS]
+                      f"{cap} elements (limits copy_max_elements)")
+        eligible = [n for n in todo if named[n].numel() * probe.shape[0] <= cap]
         if not eligible:
             return
         ref = self._copy_reference(probe, eligible, twin)
@@ -1005,7 +1003,7 @@ class Featurizer:
     def output_gradients(self, out: torch.Tensor, every: list) -> list | None:
         """``[k, *t.shape]`` per tensor of ``every``: the gradients of each of ``out``'s ``[b, k]`` columns'
         batch sums, from one batched backward (autograd's ``is_grads_batched``, a vmap over the output axis),
-        where those gradients take at most :data:`BATCHED_BACKWARD_BYTES`; None otherwise (the caller then runs
+        where those gradients take at most ``limits`` ``batched_backward_bytes``; None otherwise (the caller then runs
         its k backward passes). Small models are bound by the per-op overheads of k passes, which one batched
         pass pays once. vmap over backward can be silently wrong for some sizes (torch.func's PReLU rule when
         the batch equals the batched axis): once per model structure and block shape the v-weighted sum of the
@@ -1013,10 +1011,10 @@ class Featurizer:
         the k passes. The graph is retained (the caller may still need it)."""
         b, k = out.shape
         need = k * sum(t.numel() * t.element_size() for t in every)
-        if k < 2 or need > BATCHED_BACKWARD_BYTES:
+        if k < 2 or need > tuning.current().batched_backward_bytes:
             self.backward_used = (f"{k} backward passes (block of {b}: "
                                   + ("one output)" if k < 2 else
-                                     f"the k gradients take {need / 2**20:.3g} MiB > BATCHED_BACKWARD_BYTES)"))
+                                     f"the k gradients take {need / 2**20:.3g} MiB > limits batched_backward_bytes)"))
             return None
         key = (self.fingerprint("batched"), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
         seen = caches.BATCHED_CHECKED.setdefault(self._user_model, {})
@@ -1069,18 +1067,6 @@ def cuda_free_bytes(device) -> int:
     free = torch.cuda.mem_get_info(device)[0]
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
-
-# The k backward passes of a block as one batched backward while the k gradients of the captured tensors take at
-# most this many bytes (Featurizer.output_gradients). Measured in-process (2-core CPU, malloc tuned, trace kernel,
-# k passes -> one batched pass): torchvision ViT-tiny n = 32 0.098 -> 0.073 s, an nn.TransformerEncoder text
-# classifier 0.047 -> 0.038 s, nn.MultiheadAttention 0.016 -> 0.0135 s, nn.LSTM 0.018 -> 0.016 s; the plain CNN
-# (n = 64) and the cosine MLP unchanged. Larger blocks gain nothing and would hold k times the gradients.
-BATCHED_BACKWARD_BYTES = 64 << 20
-# The checks run on a perturbed copy of models up to this size (parameters and buffers); larger ones are checked
-# in place (a check that decides nothing, e.g. behind a zero head, then runs again on the next call).
-TWIN_MAX_BYTES = 1 << 30
-# Per-example copies of one parameter beyond this many elements (b x numel) stay on torch.func.
-COPY_MAX_ELEMENTS = 1 << 24
 
 
 def owner_key(param_name: str) -> str:

@@ -7,8 +7,8 @@ Paths (``PATHS``), chosen by :func:`choose_path` for :func:`ntk_gram` and :func:
 | ``naive`` | one autograd call per example and output (``implementation="naive"``: the spec) |
 | ``by_layer`` | one kernel (or alignment) per parameter group, tile by tile (``by_layer=True``) |
 | ``cross`` | a cross kernel ``K(X1, X2)`` in tiles (``loader2=``) |
-| ``trace_one_block`` | trace kernel of all n examples as one block, one output's backward pass at a time, symmetric products on row blocks (while the block fits ``TRACE_BLOCK_BYTES``) |
-| ``one_tile`` | full kernel of one block (or trace kernel of at most ``TRACE_ONE_TILE_MAX_N`` examples): each layer's features reduced as soon as they exist |
+| ``trace_one_block`` | trace kernel of all n examples as one block, one output's backward pass at a time, symmetric products on row blocks (while the block fits ``limits`` ``trace_block_bytes``) |
+| ``one_tile`` | full kernel of one block (or trace kernel of at most ``limits`` ``trace_one_tile_max_n`` examples): each layer's features reduced as soon as they exist |
 | ``diagonal`` | the per-example ``[k, k]`` blocks, one block of examples at a time |
 | ``tiles`` | ``i <= j`` tiles of per-block features, kept while they fit ``max_cache_bytes`` (alignment on Triton: fused ``K_t * K_0`` reduction where blocks are all materialized) |
 
@@ -27,6 +27,7 @@ from torch import nn
 from .._loaders import all_inputs
 from .._validate import check_model_inputs
 from .args import check_args, ntk_backend
+from . import tuning
 from .blocks import default_block_size, one_trace_block, output_size
 from .featurize import Featurizer
 from .._probing import probing
@@ -43,14 +44,6 @@ PATHS = {
 }
 
 
-# The trace kernel of at most this many examples is one tile of features with all k outputs at once, not the
-# one-output-at-a-time trace path, whose per-layer, per-output overheads dominate at this size. Measured (2-core
-# CPU, median of 9, one_tile vs trace_one_block): torchvision mobilenet_v3_small n = 8 240 vs 384 ms, resnet18
-# n = 2 131 vs 144, squeezenet n = 8 56 vs 62; at n = 32-64 mixed (ViT-tiny 62 vs 51, text 18 vs 19, attention
-# and LSTM equal), at n >= 64 the trace path wins (plain CNN n = 64 243 vs 397 ms, ResNet18-w16 n = 128 2.4 vs 3.8 s).
-TRACE_ONE_TILE_MAX_N = 16
-# one block (no tiles) for the whole-model Jacobian path while J [n, k, P] takes at most this many bytes
-ONE_BLOCK_JACOBIAN_BYTES = 256 << 20
 
 
 def _generic_numel(fz) -> int:
@@ -133,8 +126,9 @@ def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: 
     forced = _OVERRIDE.get()
     if forced is not None:
         return _overridden(forced, fz, x_all, kernel, block_size, purpose)
-    if kernel == "trace" and purpose == "gram" and block_size is None and n <= TRACE_ONE_TILE_MAX_N:
-        return PathChoice("one_tile", f"kernel='trace' on n = {n} <= {TRACE_ONE_TILE_MAX_N} examples: one tile of "
+    lim = tuning.current()
+    if kernel == "trace" and purpose == "gram" and block_size is None and n <= lim.trace_one_tile_max_n:
+        return PathChoice("one_tile", f"kernel='trace' on n = {n} <= {lim.trace_one_tile_max_n} examples: one tile of "
                                       "every output's features at once", n)
     if kernel == "trace" and one_trace_block(fz, x_all, block_size):
         why = (f"block_size {block_size} >= n = {n}" if block_size is not None else
@@ -142,7 +136,7 @@ def choose_path(fz, x_all: torch.Tensor | None, *, kernel: str, implementation: 
         return PathChoice("trace_one_block", f"kernel='trace' and {why}", n)
     k = output_size(fz, x_all)
     bs = block_size or default_block_size(n, k)
-    if block_size is None and not fz.plans and n * k * _generic_numel(fz) * fz.dtype.itemsize <= ONE_BLOCK_JACOBIAN_BYTES:
+    if block_size is None and not fz.plans and n * k * _generic_numel(fz) * fz.dtype.itemsize <= lim.one_block_jacobian_bytes:
         # whole-model Jacobians of all n examples are small: one vmap and one product beat i <= j tiles, whose
         # per-block overheads dominate at this size (measured: nn.MultiheadAttention n = 64, 2 blocks 1.25x slower)
         bs = n
@@ -336,12 +330,15 @@ def _switches(fz, backend: str, kernel: str, purpose: str) -> dict:
         out["layer check"] = "not decided: every gradient was zero on these examples (it runs again next call)"
     elif fz.plans:
         out["layer check"] = ("on a perturbed copy of the model, once per structure" if fz.twin_fits() else
-                              "on the model itself (it holds more than TWIN_MAX_BYTES), once per structure")
+                              "on the model itself (it holds more than limits twin_max_bytes), once per structure")
     if any(isinstance(m, nn.Conv2d) for m in fz.model.modules()):
         out["input layout"] = ("channels-last (faster convolutions)" if fz.channels_last else
                                "contiguous (the model failed on channels-last inputs)")
     if fz.backward_used:
         out["output gradients"] = fz.backward_used
+    changed = tuning.current().changed()
+    if changed:  # inside a limits() block: the thresholds the switches above were decided by
+        out["limits"] = ", ".join(f"{name}={v} (default {d})" for name, (v, d) in changed.items())
     if purpose == "alignment":
         out["alignment reduction"] = ("the fused Triton K_t * K_0 reduction of materialized tiles"
                                       if fused_alignment(backend, kernel, False) else "torch products of each tile")

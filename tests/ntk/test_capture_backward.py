@@ -6,6 +6,7 @@ from torch import nn
 
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_gram
+from lazyhasty.ntk import Limits, limits
 
 from ntk_zoo import rel_error as _rel
 
@@ -16,7 +17,6 @@ def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wr
     the reference's; the check against one plain backward is remembered per block shape; a batched backward
     that is wrong (as a silently wrong batching rule would be) fails it and the k passes give the exact
     kernel; over the byte budget it is not tried."""
-    import lazyhasty.ntk.featurize as FZ
     from lazyhasty.ntk.capture import caches
 
     torch.manual_seed(0)
@@ -45,9 +45,9 @@ def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wr
     monkeypatch.setattr(torch.autograd, "grad", real)
 
     caches.BATCHED_CHECKED.pop(m, None)
-    monkeypatch.setattr(FZ, "BATCHED_BACKWARD_BYTES", 0)
-    assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
-    assert checks() == []  # over the budget: the k passes, nothing tried
+    with limits(batched_backward_bytes=0):
+        assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
+        assert checks() == []  # over the budget: the k passes, nothing tried
 
 
 def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypatch):
@@ -64,20 +64,20 @@ def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypa
     G = torch.randn(7, 3, 4, dtype=torch.float64)
     want = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(W, (a, b), g, retain_graph=True)])
                         for g in G])  # one backward per row
-    for chunk, batched in ((L.VJP_CHUNK_ELEMENTS, True), (40, True), (40, False)):
-        monkeypatch.setattr(L, "VJP_CHUNK_ELEMENTS", chunk)  # 40 elements: 1 row a chunk here (12 + 18 per row)
-        if not batched:
-            real = torch.autograd.grad
+    for chunk, batched in ((Limits().vjp_chunk_elements, True), (40, True), (40, False)):
+        with limits(vjp_chunk_elements=chunk):  # 40 elements: 1 row a chunk here (12 + 18 per row)
+            if not batched:
+                real = torch.autograd.grad
 
-            def no_batching_rule(*args, **kw):
-                if kw.get("is_grads_batched"):
-                    raise RuntimeError("no batching rule")
-                return real(*args, **kw)
+                def no_batching_rule(*args, **kw):
+                    if kw.get("is_grads_batched"):
+                        raise RuntimeError("no batching rule")
+                    return real(*args, **kw)
 
-            monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
-        got = L.batched_vjp((W,), [a, b, unused], (G,), extra=5)
-        assert got.shape == (7, 12 + 4 + 2 + 5)
-        assert torch.allclose(got[:, :16], want, rtol=0, atol=1e-12), (chunk, batched)
-        assert (got[:, 16:18] == 0).all()  # the unused input
-        parts = L.split_rows(got, [a, b])
-        assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])
+                monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+            got = L.batched_vjp((W,), [a, b, unused], (G,), extra=5)
+            assert got.shape == (7, 12 + 4 + 2 + 5)
+            assert torch.allclose(got[:, :16], want, rtol=0, atol=1e-12), (chunk, batched)
+            assert (got[:, 16:18] == 0).all()  # the unused input
+            parts = L.split_rows(got, [a, b])
+            assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])

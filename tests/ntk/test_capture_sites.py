@@ -109,11 +109,11 @@ def test_capture_sites_do_not_keep_models_alive():
         assert all(r() is None for r in refs), name
 
 
-def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_linear_call(monkeypatch):
+def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_linear_call():
     """Beyond AFFINE_MAX_IN inputs, a Linear subclass whose forward is one F.linear call on its input
     (returned as is) is planned from that call's operands (cost of a materialized row, any width); one that
     scales the call's result stays on the exact fallback. Both float64-exact, the VJP in chunks or not."""
-    import lazyhasty.ntk.capture.backward as L
+    from lazyhasty.ntk import Limits, limits
     from lazyhasty.ntk.capture.plan import AFFINE_MAX_IN
 
     class Cosine(nn.Linear):
@@ -126,14 +126,14 @@ def test_wide_weight_computing_linear_is_an_affine_map_when_its_forward_is_one_l
 
     d = AFFINE_MAX_IN + 32
     for cls in (Cosine, Scaled):
-        for chunk in (L.VJP_CHUNK_ELEMENTS, 3 * d):  # the batched VJP in one piece, and a few rows a chunk
-            monkeypatch.setattr(L, "VJP_CHUNK_ELEMENTS", chunk)
-            torch.manual_seed(0)
-            m = nn.Sequential(nn.Linear(3, d), cls(d, 4), nn.Tanh(), nn.Linear(4, 2)).double()
-            x = torch.randn(5, 3, dtype=torch.float64)
-            for kernel in ("full", "trace"):
-                want = R.ntk_gram(m, [x], kernel=kernel)
-                got = ntk_gram(m, [x[:2], x[2:]], kernel=kernel, implementation="layerwise", block_size=3)
-                assert _rel(got, want) <= 1e-10, (cls.__name__, chunk, kernel)
-            generic = set(explain(m, x, kernel="full", implementation="layerwise").generic)
-            assert ("1.weight" in generic) == (cls is Scaled) and ("1.bias" in generic) <= (cls is Scaled)
+        for chunk in (Limits().vjp_chunk_elements, 3 * d):  # the batched VJP in one piece, and a few rows a chunk
+            with limits(vjp_chunk_elements=chunk):
+                torch.manual_seed(0)
+                m = nn.Sequential(nn.Linear(3, d), cls(d, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+                x = torch.randn(5, 3, dtype=torch.float64)
+                for kernel in ("full", "trace"):
+                    want = R.ntk_gram(m, [x], kernel=kernel)
+                    got = ntk_gram(m, [x[:2], x[2:]], kernel=kernel, implementation="layerwise", block_size=3)
+                    assert _rel(got, want) <= 1e-10, (cls.__name__, chunk, kernel)
+                generic = set(explain(m, x, kernel="full", implementation="layerwise").generic)
+                assert ("1.weight" in generic) == (cls is Scaled) and ("1.bias" in generic) <= (cls is Scaled)

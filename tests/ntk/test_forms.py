@@ -40,22 +40,24 @@ def test_embedding_form_by_the_cost_model(vocab, form):
 
 
 @pytest.mark.parametrize("m_rows", [64, 65, 130, 257, 600])
-def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows, monkeypatch):
+def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows):
     """The upper-block-triangle product equals X @ X.T for row counts that do not divide into its blocks, and
     the blocked path gives the spec's full kernel (diagonal tiles of n k rows, blocks of 3 rows)."""
+    from lazyhasty.ntk import Limits, limits
     from lazyhasty.ntk.forms import materialized
 
     X = torch.randn(m_rows, 37, dtype=torch.float64)
     got = materialized.symmetric_gram(X)
     assert torch.allclose(got, X @ X.T, rtol=1e-13, atol=1e-13)
-    blocks = max(1, min(8, m_rows // materialized.SYMMETRIC_BLOCK_ROWS))
+    blocks = max(1, min(8, m_rows // Limits().symmetric_block_rows))
     r = -(-m_rows // blocks)
     off = torch.ones(m_rows, m_rows, dtype=torch.bool)
     for i0 in range(0, m_rows, r):
         off[i0:i0 + r, i0:i0 + r] = False
     assert torch.equal(got[off], got.T[off])  # mirrored off the diagonal blocks: exactly symmetric there
-    monkeypatch.setattr(materialized, "SYMMETRIC_BLOCK_ROWS", 3)
-    for name in ("cnn_strided", "vit_tiny"):
-        m, x = _model(name, torch.float64)
-        assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
-        assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+    with limits(symmetric_block_rows=3):
+        assert materialized.symmetric_gram(X).shape == (m_rows, m_rows)
+        for name in ("cnn_strided", "vit_tiny"):
+            m, x = _model(name, torch.float64)
+            assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+            assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10

@@ -8,13 +8,17 @@ import torch
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
 from lazyhasty.ntk import explain, path_override
-from lazyhasty.ntk.paths import OVERRIDABLE, TRACE_ONE_TILE_MAX_N
+from lazyhasty.ntk.paths import OVERRIDABLE
+from lazyhasty.ntk.tuning import Limits
 
 from ntk_zoo import ZOO
 
 
 def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+TRACE_ONE_TILE_MAX_N = Limits().trace_one_tile_max_n
 
 
 def _model(name):
@@ -98,13 +102,13 @@ def test_every_path_has_one_runner_per_entry_point():
     assert set(ALIGNMENT_RUNNERS) == set(PATHS) - {"naive", "cross"}
 
 
-def test_explain_shows_the_implicit_switches(monkeypatch):
+def test_explain_shows_the_implicit_switches():
     """Every implicit choice besides the path is in explain()'s Plan, with why: where the layer check runs, the
     input layout, how the output gradients are formed, the alignment's reduction (each flipped here by the
     threshold that decides it, and seen flipping)."""
     from torch import nn
 
-    from lazyhasty.ntk import featurize
+    from lazyhasty.ntk import limits
 
     torch.manual_seed(0)
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double()
@@ -125,8 +129,42 @@ def test_explain_shows_the_implicit_switches(monkeypatch):
         def forward(self, x):
             return self.head(self.conv(x).view(x.shape[0], -1))
 
-    monkeypatch.setattr(featurize, "TWIN_MAX_BYTES", 0)
-    monkeypatch.setattr(featurize, "BATCHED_BACKWARD_BYTES", 0)
-    sw = explain(NeedsContiguous().double(), x, kernel="trace").switches
+    assert "limits" not in sw  # only a limits() block's changes are listed
+    with limits(twin_max_bytes=0, batched_backward_bytes=0):
+        sw = explain(NeedsContiguous().double(), x, kernel="trace").switches
+    assert sw["limits"] == "batched_backward_bytes=0 (default 67108864), twin_max_bytes=0 (default 1073741824)"
     assert sw["layer check"].startswith("on the model itself") and sw["input layout"].startswith("contiguous")
     assert sw["output gradients"].startswith("3 backward passes")
+
+
+def test_limits_are_one_validated_context_that_calls_read_when_they_run():
+    """limits() changes the thresholds for the calls inside its block only (nested blocks compose, the defaults
+    come back after, also after an error); unknown names and values that are not ints >= 0 are refused by
+    name; a changed threshold moves the choice it decides (here the trace path for few examples)."""
+    from lazyhasty.ntk import limits, tuning
+
+    with limits(trace_one_tile_max_n=3) as outer:
+        assert tuning.current() is outer and outer.trace_one_tile_max_n == 3
+        with limits(row_block_min=2):
+            assert tuning.current().trace_one_tile_max_n == 3 and tuning.current().row_block_min == 2
+        assert tuning.current().row_block_min == Limits().row_block_min
+    assert tuning.current() == Limits()
+    with pytest.raises(RuntimeError):
+        with limits(twin_max_bytes=0):
+            raise RuntimeError
+    assert tuning.current() == Limits()
+    with pytest.raises(ValueError, match=r"unknown \['twin_bytes'\].*twin_max_bytes"):
+        with limits(twin_bytes=0):
+            pass
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="row_block_min must be an int >= 0"):
+            with limits(row_block_min=bad):
+                pass
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    x = torch.randn(6, 2, dtype=torch.float64)
+    assert explain(m, x, kernel="trace").path == "one_tile"
+    with limits(trace_one_tile_max_n=5):
+        plan = explain(m, x, kernel="trace")
+        assert plan.path == "trace_one_block" and "trace_one_tile_max_n=5" in plan.switches["limits"]
+        assert _rel(ntk_gram(m, x, kernel="trace"), R.ntk_gram(m, [x], kernel="trace")) <= 1e-12

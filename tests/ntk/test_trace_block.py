@@ -12,32 +12,29 @@ from ntk_zoo import ZOO, rel_error as _rel, zoo_model as _model
 
 @pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("name", list(ZOO))
-def test_trace_one_block_matches_naive(name, chunked, monkeypatch):
+def test_trace_one_block_matches_naive(name, chunked):
     """The trace kernel of one block, one output's backward pass at a time (float64 and float32), with
     row blocks of 2 examples (several blocks, mirrored), ghost products in one chunk per row block or
     one example at a time."""
-    from lazyhasty.ntk import path_override
-    from lazyhasty.ntk.forms import ghost, trace_block
+    from lazyhasty.ntk import Limits, limits, path_override
 
-    monkeypatch.setattr(trace_block, "ROW_BLOCK_MIN", 2)
-    if chunked:
-        monkeypatch.setattr(ghost, "GHOST_CHUNK_ELEMENTS", 1)  # the one ghost's chunks, shared by both paths
-    m, x = _model(name, torch.float64)
-    want = R.ntk_gram(m, [x], kernel="trace")
-    assert explain(m, x, kernel="trace").path == "one_tile"  # the zoo's n = 5: one tile of all outputs
-    with path_override("trace_one_block"):
-        assert explain(m, x, kernel="trace").path == "trace_one_block"
-        got = ntk_gram(m, x, kernel="trace")
-    assert _rel(got, want) <= 1e-10
-    assert torch.equal(got, got.T)
-    with path_override("one_tile"):  # the same kernel as one tile of every output
-        assert explain(m, x, kernel="trace").path == "one_tile"
-        tile = ntk_gram(m, x, kernel="trace")
-    assert _rel(tile, want) <= 1e-10 and torch.equal(tile, tile.T)
-    m32 = m.float()
-    with path_override("trace_one_block"):
-        got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
-    assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
+    with limits(row_block_min=2, ghost_chunk_elements=1 if chunked else Limits().ghost_chunk_elements):
+        m, x = _model(name, torch.float64)
+        want = R.ntk_gram(m, [x], kernel="trace")
+        assert explain(m, x, kernel="trace").path == "one_tile"  # the zoo's n = 5: one tile of all outputs
+        with path_override("trace_one_block"):
+            assert explain(m, x, kernel="trace").path == "trace_one_block"
+            got = ntk_gram(m, x, kernel="trace")
+        assert _rel(got, want) <= 1e-10
+        assert torch.equal(got, got.T)
+        with path_override("one_tile"):  # the same kernel as one tile of every output
+            assert explain(m, x, kernel="trace").path == "one_tile"
+            tile = ntk_gram(m, x, kernel="trace")
+        assert _rel(tile, want) <= 1e-10 and torch.equal(tile, tile.T)
+        m32 = m.float()
+        with path_override("trace_one_block"):
+            got32 = ntk_gram(m32, x.float() if x.is_floating_point() else x, kernel="trace")
+        assert got32.dtype == torch.float32 and _rel(got32, want) <= 1e-5
 
 
 def test_trace_one_block_moves_tied_weights_to_the_fallback():

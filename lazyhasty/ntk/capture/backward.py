@@ -1,5 +1,5 @@
 """The backward passes of a block: batched vector-Jacobian products (:func:`batched_vjp`, chunked by
-:data:`VJP_CHUNK_ELEMENTS`) and gradients through a parametrization (:func:`through_parametrization`).
+``limits`` ``vjp_chunk_elements``) and gradients through a parametrization (:func:`through_parametrization`).
 """
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import tuning
 
 
-# Rows of a batched vector-Jacobian product taken at once: about 8 MB of float32 per chunk. Measured (2-core CPU,
-# the VJP of W / ||W||_row for 640 rows of a 256 x 256 weight): 377 ms in one batch, 140 ms in chunks of 32 rows.
-VJP_CHUNK_ELEMENTS = 1 << 21
+
 
 
 def batched_vjp(outputs: tuple, inputs: list, grads: tuple, extra: int = 0) -> torch.Tensor:
@@ -24,7 +23,7 @@ def batched_vjp(outputs: tuple, inputs: list, grads: tuple, extra: int = 0) -> t
     sizes = [t.numel() for t in inputs]
     flat = grads[0].new_empty(R, sum(sizes) + extra)
     per_row = sum(g[0].numel() for g in grads) + sum(sizes)
-    chunk = max(1, min(R, VJP_CHUNK_ELEMENTS // max(1, per_row)))
+    chunk = max(1, min(R, tuning.current().vjp_chunk_elements // max(1, per_row)))
 
     def put(rows: slice, got) -> None:
         off = 0

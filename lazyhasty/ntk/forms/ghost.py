@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import tuning
 
-# Elements of one ghost intermediate (b k S x b k S, or one [rows, cols] product of the trace reduction, x 8 on
-# CUDA) before it is split into chunks.
-GHOST_CHUNK_ELEMENTS = 1 << 23
+
 
 
 class Ghost:
@@ -35,7 +34,7 @@ class Ghost:
     def trace_upper_into(self, K: torch.Tensor, blocks: list) -> None:
         """``K[i, j] += sum_{s,t} A[is, jt] G[is, jt]`` for the row blocks' columns ``j >= i0`` (the caller
         mirrors), with ``A = a a^T`` and ``G = sum_a g_a g_a^T`` one GEMM of inner dimension ``k d_out``; the
-        ``[rows, cols]`` products are chunked to ``GHOST_CHUNK_ELEMENTS``, so memory stays linear in b. The
+        ``[rows, cols]`` products are chunked to ``limits`` ``ghost_chunk_elements``, so memory stays linear in b. The
         gathered gradients are dropped afterwards.
 
         Args:
@@ -46,7 +45,7 @@ class Ghost:
         for grp in range(G):
             g = self._g_by_position(grp)
             for r0, r1 in blocks:
-                chunk = GHOST_CHUNK_ELEMENTS * (8 if g.is_cuda else 1)  # fewer, larger launches on a GPU
+                chunk = tuning.current().ghost_chunk_elements * (8 if g.is_cuda else 1)  # fewer, larger launches on a GPU
                 step = max(1, chunk // (S * S * (b - r0)))
                 for i0 in range(r0, r1, step):
                     i1 = min(i0 + step, r1)
@@ -67,8 +66,8 @@ class Ghost:
         return self.g.shape[0]
 
     def _chunks(self, bo: int, per_pair: int):
-        # rows of i per chunk so that one [ci k S, bo k S] intermediate stays below GHOST_CHUNK_ELEMENTS
-        ci = max(1, min(self.b, GHOST_CHUNK_ELEMENTS // max(1, per_pair * bo)))
+        # rows of i per chunk so that one [ci k S, bo k S] intermediate stays below limits ghost_chunk_elements
+        ci = max(1, min(self.b, tuning.current().ghost_chunk_elements // max(1, per_pair * bo)))
         return [(i, min(i + ci, self.b)) for i in range(0, self.b, ci)]
 
     def full(self, o: "Ghost") -> torch.Tensor:

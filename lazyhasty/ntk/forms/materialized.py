@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from .. import tuning
 
-# Rows per block of a symmetric Gram (X Xᵀ from its upper block triangle): GEMMs of fewer rows lose efficiency.
-SYMMETRIC_BLOCK_ROWS = 64
+
 
 
 def symmetric_gram(X: torch.Tensor) -> torch.Tensor:
     """``X Xᵀ`` ``[m, m]`` of ``X`` ``[m, P]`` from its upper block triangle (row blocks of at least
-    :data:`SYMMETRIC_BLOCK_ROWS` against the rows from their own on), mirrored: ``(1 + 1/B) / 2`` of the flops
+    ``limits`` ``symmetric_block_rows`` against the rows from their own on), mirrored: ``(1 + 1/B) / 2`` of the flops
     of ``X @ X.T`` with ``B`` blocks, at most 8 (off the diagonal blocks symmetric exactly; inside them, as any
     GEMM, to rounding). Also the ``sym-floor`` provider of ``benchmarks/bench_ntk.py``."""
     m = X.shape[0]
-    blocks = max(1, min(8, m // SYMMETRIC_BLOCK_ROWS))
+    blocks = max(1, min(8, m // max(1, tuning.current().symmetric_block_rows)))
     if blocks == 1:
         return X @ X.T
     K = X.new_empty(m, m)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import tuning
+
 from ..capture.check import grads_close, check_weights, weighted_layer_grads
 from ..capture.cost import choose_form
 from ..capture.layouts import (
@@ -27,13 +29,11 @@ from ..capture.layouts import (
 from ..capture.maps import batch_grad_from_factors, map_parametrized_rows, split_params
 from .ghost import GhostEmbedding, GhostLinear
 
-# Rows of the smallest row block (GEMM efficiency).
-ROW_BLOCK_MIN = 32
 
 
 def row_blocks(b: int) -> list[tuple[int, int]]:
     """Row blocks of a symmetric ``[b, b]`` product: ~4 of them (rows i0:i1 against columns i0:)."""
-    r = max(ROW_BLOCK_MIN, -(-b // 4))
+    r = max(tuning.current().row_block_min, -(-b // 4))
     return [(i, min(i + r, b)) for i in range(0, b, r)]
 
 
