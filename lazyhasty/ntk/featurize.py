@@ -21,10 +21,11 @@ from .._loaders import model_device
 from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
-from .capture.check import grads_close, check_weights, weighted_layer_grads
+from .capture.check import PlanChanged, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import choose_form, form_costs
 from .capture.layouts import (
-    embedding_factors, embedding_materialized, ghost_layout, linear_factors, linear_g, norm_grads, to_materialized,
+    embedding_factors, embedding_materialized, ghost_layout, layout_mismatch, linear_factors, linear_g, norm_grads,
+    to_materialized,
 )
 from .capture.maps import batch_grad_from_factors, split_params, map_parametrized_rows
 from .capture.mixing import check_per_example, check_probe_inputs
@@ -148,11 +149,22 @@ class Featurizer:
 
     def __call__(self, x: torch.Tensor) -> list:
         x = self._prepare(x)
-        while True:
-            with self._checking():
-                feats = self._features(x)
-            if feats is not None:
-                return feats
+        return self._settled(lambda: self._features(x))
+
+    def _settled(self, attempt, reset=None):
+        """``attempt()``'s value, computed again while it raises :class:`PlanChanged` (``reset()`` first, if
+        given). Each change moves a layer one step towards the fallback (planned -> affine map -> fallback) or
+        switches ``auto`` once, so the rounds are bounded; past the bound the plan is not settling: a bug."""
+        bound = 2 * (sum(1 for _ in self.model.modules()) + sum(1 for _ in self.model.parameters())) + 8
+        for _ in range(bound):
+            try:
+                with self._checking():
+                    return attempt()
+            except PlanChanged:
+                if reset is not None:
+                    reset()
+        raise RuntimeError(f"lazyhasty: the layer plan of {type(self.model).__name__} changed {bound} times "
+                           "without settling (a bug: please report it with lazyhasty.ntk.explain's output)")
 
     def _checking(self):
         """Exact fp32 while the layer check of this model structure is still to run (in a ``tf32=True`` call
@@ -214,11 +226,7 @@ class Featurizer:
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``forms.trace_block``)."""
         x = self._prepare(x)
-        while True:
-            with self._checking():
-                K = _trace_gram(self, x, backend)
-            if K is not None:
-                return K
+        return self._settled(lambda: _trace_gram(self, x, backend))
 
     def stream(self, x: torch.Tensor, sink, reset) -> None:
         """Hand each feature of the block to ``sink`` as soon as it exists, then drop it.
@@ -228,11 +236,7 @@ class Featurizer:
         ``reset()`` is called before a block is recomputed (a layer moved to the fallback).
         """
         x = self._prepare(x)
-        while True:
-            with self._checking():
-                if self._features(x, sink) is not None:
-                    return
-            reset()
+        self._settled(lambda: self._features(x, sink), reset)
 
     def _prepare(self, x: torch.Tensor, check: bool = True) -> torch.Tensor:
         x = x.to(self.device)
@@ -295,14 +299,11 @@ class Featurizer:
         feats: list = []
         if (self.plans or self.generic) and not self.verified and not self.is_twin and not self._twin_tried \
                 and self.verify_on_twin(x):
-            return None  # the plan changed (layers moved, or auto took the whole-model Jacobian): again
+            raise PlanChanged  # layers moved, or auto took the whole-model Jacobian
         if not self.plans and not self.verified:
             self.mark_verified()  # every layer is on the fallback: remember it, do not check again
         if self.plans:
-            layer_feats = self._layer_features(x, sink)
-            if layer_feats is None:  # verification moved a layer to the fallback: redo this block
-                return None
-            feats.extend(layer_feats)
+            feats.extend(self._layer_features(x, sink))
         if self.generic and self.is_twin:
             # the twin checks layers, not the fallback's Jacobians (those are checked on the model's own blocks):
             # only the per-example-copy decisions, which it makes for its model (a first call on timm's
@@ -345,13 +346,13 @@ class Featurizer:
             # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
             # itself): their parameters are used some other way, so they go to the fallback
             self.exclude(idle, "its forward never ran: the model uses its parameters another way")
-            return None
+            raise PlanChanged
         outs = [o for p in plans for o in p.outputs]
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
             bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
             self.exclude(bad, "its output did not require grad in the forward")
-            return None
+            raise PlanChanged
         verify = not self.verified
         if verify and any(isinstance(p.module, (InProjection, RecurrentProjection)) for p in plans):
             # the unrolled attention must compute what the module computes (else the kernel would be of
@@ -361,7 +362,7 @@ class Featurizer:
             if not grads_close(out.detach().reshape(-1), own.reshape(-1)):
                 self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))],
                              "the unrolled forward's outputs differ from the module's")
-                return None
+                raise PlanChanged
         copies = self.capture_copies
         leaves = list(copies.values()) if copies else []  # per-example copies (their gradients too)
         every = outs + leaves
@@ -381,37 +382,41 @@ class Featurizer:
             per_plan = weighted_layer_grads(out, v, plans)
             vgrads = [t for ts in per_plan for t in ts]
         feats, pos, bad = [], 0, []
+        misfits = self.layout_misfits(plans, b) if verify else []
         emit = sink if sink is not None else feats.append
         for i, p in enumerate(plans):
             g_calls = grads[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
             theirs = per_plan[i] if verify else None
-            if verify:
-                try:
-                    self._plan_feature(p, g_calls, theirs, v, verify, sink, emit, bad)
-                except (RuntimeError, ValueError, IndexError) as exc:
-                    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
-                        raise
-                    # a subclass whose forward is not its base class's (e.g. a LayerNorm over channels of
-                    # NCHW inputs): its captured tensors do not fit the base-class factors -> the fallback,
-                    # with the error in explain() (not a silent slowdown)
-                    self._why[p.name] = (f"its captured tensors do not fit the {p.kind} layout "
-                                         f"({type(exc).__name__}: {exc})")
-                    bad.append(p)
+            if p in misfits:
+                bad.append(p)
             else:
-                self._plan_feature(p, g_calls, theirs, None, False, sink, emit, bad)
+                self._plan_feature(p, g_calls, theirs, v if verify else None, verify, sink, emit, bad)
             p.inputs.clear()
             p.outputs.clear()
         if bad:
             self.exclude(bad)
-            return None
+            raise PlanChanged
         if verify and not all(bool(t.any()) for t in vgrads):
             # a layer's gradient is zero here (e.g. behind a zero-initialised head): its check decided nothing,
             # so the outcome is not remembered and the check runs again on the next call
             return feats
         if verify and self.mark_verified():
-            return None  # auto chose the whole-model Jacobian: this block again, with that plan
+            raise PlanChanged  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
+
+    def layout_misfits(self, plans: list, b: int) -> list:
+        """The plans whose captured calls do not fit their kind's layout (:func:`layout_mismatch`: a forward of
+        the subclass's own, a call without the batch), each reason kept for :meth:`exclude` (``explain()``
+        shows it). Checked on unverified blocks, before any layout runs: any other error of a layout is raised,
+        not sent to the fallback unseen."""
+        out = []
+        for p in plans:
+            misfit = layout_mismatch(p, b)
+            if misfit is not None:
+                self._why[p.name] = f"its captured tensors do not fit the {p.kind} layout: {misfit}"
+                out.append(p)
+        return out
 
     def _plan_feature(self, p, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
         """One planned layer's feature from its captured calls (emitted), and on an unverified block its
@@ -615,9 +620,13 @@ class Featurizer:
             if other.sites:
                 other._replan(set(), set(), {})
         with torch.enable_grad():
-            for _ in range(len(other.plans) + 2):  # each round moves at least one layer, or ends
-                if other._features(x[: min(x.shape[0], 8)]) is not None or other.verified:
+            for _ in range(2 * len(other.plans) + 2):  # each round moves a layer a step, or ends
+                try:
+                    other._features(x[: min(x.shape[0], 8)])
                     break
+                except PlanChanged:
+                    if other.verified:
+                        break
         caches.VERIFIED.pop(twin, None)
         # kept for this call: should auto take the whole-model Jacobian, the per-example-copy check of the
         # parameters that then join the fallback runs on it too (one deep copy per call, not two)
@@ -718,7 +727,7 @@ class Featurizer:
         Args:
             bad: the failing :class:`LayerPlan` objects.
             why: the reason, recorded per parameter in :attr:`fallback_reasons` (``explain()`` shows it), unless
-                the check recorded a more specific one for the layer (a layout that raised).
+                the check recorded a more specific one for the layer (captured tensors that do not fit its layout).
         """
         names = {id(t): n for n, t in self.model.named_parameters()}
         for p in bad:

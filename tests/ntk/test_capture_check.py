@@ -194,15 +194,15 @@ def test_by_layer_keys_are_the_owning_modules_on_every_implementation():
 
 class _FoldedLinear(nn.Linear):
     """Takes ``[b, 2 d_in]`` and applies the weight to both halves: the captured input does not fit the Linear
-    layout (its last dimension is not ``in_features``), so the layout raises on it."""
+    layout (its last dimension is not ``in_features``)."""
 
     def forward(self, x):
         return F.linear(x.view(x.shape[0], 2, -1), self.weight, self.bias).sum(1)
 
 
-def test_a_layout_that_raises_is_reported_in_explain():
-    """A layer whose captured tensors make a layout function raise goes to torch.func, and explain() says why
-    (the error), instead of the fallback taking it unseen; the kernel is still exact."""
+def test_captured_tensors_that_do_not_fit_a_layout_are_reported_in_explain():
+    """A layer whose captured tensors do not fit its kind's layout goes to torch.func, and explain() says why
+    (the shapes), instead of the fallback taking it unseen; the kernel is still exact."""
     from lazyhasty.ntk import explain
 
     torch.manual_seed(0)
@@ -256,3 +256,92 @@ def test_an_undecided_twin_check_still_moves_the_layers_it_found_wrong():
     assert float((got - want).norm() / want.norm()) <= 1e-10
     rows = {r["name"]: r for r in explain(m, x, kernel="full", implementation="layerwise").parameters}
     assert rows["a.weight"]["form"] == "torch.func" and rows["a.weight"]["fallback"]
+
+
+class _ChannelsLayerNorm(nn.LayerNorm):
+    """timm's LayerNorm2d: a LayerNorm over the channels of NCHW inputs (permute, layer_norm, permute back)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class _BucketBias(nn.Module):
+    """T5's relative-position bias: an Embedding called on ``[L, L]`` buckets (no batch), broadcast over it."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 3)
+        self.bias = nn.Embedding(5, 1)
+
+    def forward(self, x):  # x [b, L, 3]
+        L = x.shape[1]
+        buckets = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs().clamp(max=4)
+        return self.inp(x).sum(-1, keepdim=True) + self.bias(buckets).squeeze(-1).sum(-1)[None, :, None]
+
+
+@pytest.mark.parametrize("case", ["channels_layernorm", "bucket_bias"])
+def test_forwards_of_their_own_and_calls_without_the_batch_are_misfits_by_shape(case):
+    """A norm subclass normalizing another dimension and an Embedding called on a tensor without the batch do
+    not fit their layouts: found from the captured shapes (explain() names them), on the fallback or captured
+    where the parameter is broadcast, and the kernels equal the spec; the rest stays captured."""
+    from lazyhasty.ntk import Featurizer, explain
+
+    torch.manual_seed(0)
+    if case == "channels_layernorm":
+        m = nn.Sequential(nn.Conv2d(2, 4, 3), _ChannelsLayerNorm(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 9, 2))
+        x, name, why = torch.randn(5, 2, 5, 5), "1.weight", "a call is not [b, ..., 4] -> the same shape as LayerNorm"
+    else:
+        m, x = _BucketBias(), torch.randn(6, 4, 3)
+        name, why = "bias.weight", "a call's first dimension is not the batch of"
+    m = m.double()
+    x = x.double()
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert why in fz.fallback_reasons[name], fz.fallback_reasons
+    for kernel in ("full", "trace"):
+        want = R.ntk_gram(m, [x], kernel=kernel)
+        assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-10, kernel
+    plan = explain(m, x, implementation="layerwise")
+    assert plan.to_dict()["parameters"][0]["form"] in ("ghost", "materialized")  # the layer before stays planned
+
+
+def test_a_layout_that_raises_is_an_error_not_a_fallback(monkeypatch):
+    """Captured tensors that fit their layout but make a layout function raise are a bug of the engine: the
+    error reaches the caller (before, a broad except sent the layer to the fallback, a silent slowdown)."""
+    import lazyhasty.ntk.featurize as FZ
+
+    def broken(plan, grads):
+        raise IndexError("a bug in a layout")
+
+    monkeypatch.setattr(FZ, "linear_factors", broken)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(IndexError, match="a bug in a layout"):
+        ntk_gram(m, torch.randn(5, 3, dtype=torch.float64), implementation="layerwise")
+
+
+def test_a_block_is_computed_again_while_the_plan_changes_and_a_plan_that_never_settles_is_an_error():
+    """PlanChanged (the layer check changed the plan) makes the Featurizer compute the block again, resetting
+    the sink first, in one loop; a plan that keeps changing past the bound is a RuntimeError, not a hang."""
+    from lazyhasty.ntk import Featurizer
+    from lazyhasty.ntk.capture.check import PlanChanged
+
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    fz = Featurizer(m, "layerwise", "full", None)
+    rounds, resets = [], []
+
+    def twice():
+        rounds.append(1)
+        if len(rounds) < 3:
+            raise PlanChanged
+        return "features"
+
+    assert fz._settled(twice, lambda: resets.append(1)) == "features"
+    assert len(rounds) == 3 and len(resets) == 2
+
+    def never():
+        raise PlanChanged
+
+    with pytest.raises(RuntimeError, match="changed .* times without settling"):
+        fz._settled(never)

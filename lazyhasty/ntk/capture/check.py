@@ -1,6 +1,7 @@
 """The layer check shared by the tile and one-block trace paths: random example and output weights
 (:func:`check_weights`, seeded by :data:`CHECK_SEED`), autograd's gradient of the same weighted sum per layer
-(:func:`weighted_layer_grads`) and the comparison (:func:`grads_close`).
+(:func:`weighted_layer_grads`) and the comparison (:func:`grads_close`); :class:`PlanChanged`, raised when its
+outcome changed the plan a block ran on.
 """
 from __future__ import annotations
 
@@ -52,3 +53,9 @@ def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list) -> li
         per.append(flat[pos: pos + n])
         pos += n
     return per
+
+
+class PlanChanged(Exception):
+    """Raised by a block's computation when the layer check changed the plan it ran on (layers moved to the
+    fallback or planned as affine maps, or ``auto`` took the whole-model Jacobian): the block is computed again,
+    with the new plan, by ``Featurizer._settled`` (the one place that loops)."""

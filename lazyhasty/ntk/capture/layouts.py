@@ -12,7 +12,64 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import LayerPlan, CONV_TRANSPOSE_TYPES
+from .plan import CONV_TRANSPOSE_TYPES, NORM_TYPES, LayerPlan
+
+
+# --- whether captured tensors fit a layout ----------------------------------------------------------
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
+              nn.ConvTranspose3d: 3}
+
+
+def layout_mismatch(plan: LayerPlan, b: int) -> str | None:
+    """Why the captured calls of a planned layer do not fit its kind's layout, or None when they do.
+
+    The layouts below read a call's input ``x`` and output ``y`` as the base class's forward makes them: batch
+    first (``b`` examples), then ``nn.Linear``: ``[b, ..., G d_in]`` -> ``[b, ..., G d_out]`` at the same
+    positions; convolutions: ``[b, C_in, *spatial]`` -> ``[b, C_out, *spatial']``; ``nn.Embedding``: indices
+    ``[b, ...]`` -> ``[b, ..., D]``; norms: ``y`` the shape of ``x``, with ``normalized_shape`` trailing
+    (LayerNorm, RMSNorm) or the channels on dim 1 (BatchNorm, GroupNorm). A subclass whose forward is not its
+    base class's (timm's ``LayerNorm2d`` permuting NCHW inputs, a Linear applied to halves of its input) or a
+    module called on a tensor without the batch (T5's relative-position bias on ``[L, L]`` buckets) does not fit:
+    the layer goes to the fallback with this reason (``explain()``), and any other error of a layout is a bug
+    that is raised, not hidden.
+    """
+    m = plan.module
+    for x, y in zip(plan.inputs, plan.outputs):
+        shapes = f"input {list(x.shape)}, output {list(y.shape)}"
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != b or y.shape[0] != b:
+            return f"a call's first dimension is not the batch of {b} ({shapes})"
+        if plan.kind == "linear":
+            G = getattr(m, "groups", 1)
+            din, dout = G * m.in_features, G * m.out_features
+            if x.numel() % (b * din) or y.numel() % (b * dout) or x.numel() // din != y.numel() // dout:
+                return (f"a call does not map [b, ..., {din}] to [b, ..., {dout}] at the same positions as "
+                        f"nn.Linear does ({shapes})")
+        elif plan.kind in ("conv", "convT"):
+            nd = next((d for t, d in _CONV_DIMS.items() if isinstance(m, t)), None)
+            if nd is not None and (x.dim() != nd + 2 or y.dim() != nd + 2 or x.shape[1] != m.in_channels
+                                   or y.shape[1] != m.out_channels):
+                return (f"a call is not [b, {m.in_channels}, {nd} spatial dims] -> [b, {m.out_channels}, ...] as "
+                        f"{_base_name(m, tuple(_CONV_DIMS))} computes it ({shapes})")
+        elif plan.kind == "embedding":
+            if tuple(y.shape) != tuple(x.shape) + (m.embedding_dim,):
+                return f"a call does not map indices [b, ...] to [b, ..., {m.embedding_dim}] ({shapes})"
+        elif isinstance(m, NORM_TYPES):
+            ns = tuple(getattr(m, "normalized_shape", ()) or ())
+            if isinstance(m, nn.LayerNorm) or (hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm)):
+                fits = tuple(x.shape[x.dim() - len(ns):]) == ns
+                want = f"[b, ..., {', '.join(map(str, ns))}]"
+            else:
+                c = m.num_channels if isinstance(m, nn.GroupNorm) else m.num_features
+                fits = x.dim() >= 2 and x.shape[1] == c
+                want = f"[b, {c}, ...]"
+            if not fits or y.shape != x.shape:
+                return f"a call is not {want} -> the same shape as {_base_name(m, NORM_TYPES)} computes it ({shapes})"
+    return None
+
+
+def _base_name(m: nn.Module, types: tuple) -> str:
+    """The torch class among ``types`` that ``m`` is an instance of (its own class or the nearest base)."""
+    return next(t.__name__ for t in type(m).__mro__ if t in types)
 
 
 # --- factors from captured inputs and output gradients --------------------------------------------

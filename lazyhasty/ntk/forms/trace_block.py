@@ -21,7 +21,7 @@ import torch
 
 from .. import tuning
 
-from ..capture.check import grads_close, check_weights, weighted_layer_grads
+from ..capture.check import PlanChanged, check_weights, grads_close, weighted_layer_grads
 from ..capture.cost import choose_form
 from ..capture.layouts import (
     convT_dims, embedding_factors, norm_grads, normalized_inputs, position_a, position_g, position_to_factor_layout,
@@ -51,7 +51,8 @@ def _mirror(K: torch.Tensor) -> torch.Tensor:
 
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
-    """``[b, b]`` trace kernel of the block ``x``; None when verification moved a layer to the fallback."""
+    """``[b, b]`` trace kernel of the block ``x``; raises ``PlanChanged`` when the layer check changed the plan
+    (the Featurizer computes the block again)."""
     fz.resolve_auto()
     if fz.plans and not fz.verified:
         # the layer check first, on a perturbed copy of the model and a few examples, by the tile path
@@ -59,7 +60,7 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
         # time); remembered per model structure
         fz.verify_on_twin(x)
         if not fz.plans:
-            return None  # auto took the whole-model Jacobian: the caller asks again
+            raise PlanChanged  # auto took the whole-model Jacobian
     # still unverified: every gradient was zero there (a zero-initialised head), the check decided nothing
     vacuous = bool(fz.plans) and not fz.verified
     plans = fz.plans
@@ -71,7 +72,7 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
         bad = _layer_terms(fz, plans, out, K, dense, backend)
         if bad:
             fz.exclude(bad)
-            return None
+            raise PlanChanged
     if fz.generic:
         J = fz.fallback_jacobian(x)  # [b, k, P]
         fz.k = J.shape[1]
@@ -91,6 +92,9 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     outs = [o for p in plans for o in p.outputs]
     if any(not o.requires_grad for o in outs):
         return [p for p in plans if any(not o.requires_grad for o in p.outputs)]
+    misfits = fz.layout_misfits(plans, b) if not fz.verified else []
+    if misfits:  # (checked here too when the check runs on the model itself: no twin, or an undecided one)
+        return misfits
     # per layer: position-major inputs (or embedding indices), form, accumulators
     state = []
     for p in plans:
