@@ -21,7 +21,7 @@ from .._loaders import model_device
 from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
-from .capture.check import PlanChanged, check_weights, grads_close, weighted_layer_grads
+from .capture.check import CHECK_EXAMPLES, PlanChanged, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import choose_form, form_costs
 from .capture.layouts import (
     embedding_factors, embedding_materialized, ghost_layout, layout_mismatch, linear_factors, linear_g, norm_grads,
@@ -110,6 +110,8 @@ class Featurizer:
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
         self._twin_tried = False  # the twin's check left this call undecided: the model's own blocks decide
+        self._passed: set = set()  # (plan name, weight map) that a round of the check found right
+        self._checked_dims: dict = {}  # plan name -> cost-model dims seen by the check, with the call's k
 
     # -- public ------------------------------------------------------------------------------------
     def fingerprint(self, tag: str, model: nn.Module | None = None) -> tuple:
@@ -363,15 +365,26 @@ class Featurizer:
                 self.exclude([p for p in plans if isinstance(p.module, (InProjection, RecurrentProjection))],
                              "the unrolled forward's outputs differ from the module's")
                 raise PlanChanged
-        copies = self.capture_copies
-        leaves = list(copies.values()) if copies else []  # per-example copies (their gradients too)
-        every = outs + leaves
-        per_out = [list(col) for col in zip(*self.output_gradient_passes(out, every, retain=verify))]
-        if leaves:
-            self.keep_copy_grads(per_out[len(outs):])
-            per_out = per_out[:len(outs)]
-        grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
-        if verify:
+        if verify and self.is_twin:
+            # the twin only checks (its features are thrown away): one backward of the check's weighted sum
+            # gives both the output gradients the captured factors are formed from, as one "output" [b, 1, ...],
+            # and autograd's parameter gradients they must make (the example and output weights are in them,
+            # so the factors' side weighs each example by 1) instead of k output passes and one more backward
+            w, v = (t.to(out.device, out.dtype) for t in check_weights(b, k))
+            per_plan, g_outs = weighted_layer_grads(out, w[:, None] * v[None, :], plans, also=outs)
+            grads = [g.unsqueeze(1) for g in g_outs]
+            v = out.new_ones(b, 1)
+            vgrads = [t for ts in per_plan for t in ts]
+        else:
+            copies = self.capture_copies
+            leaves = list(copies.values()) if copies else []  # per-example copies (their gradients too)
+            every = outs + leaves
+            per_out = [list(col) for col in zip(*self.output_gradient_passes(out, every, retain=verify))]
+            if leaves:
+                self.keep_copy_grads(per_out[len(outs):])
+                per_out = per_out[:len(outs)]
+            grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
+        if verify and not self.is_twin:
             # One random combination of outputs and examples checks every layer: sum_i w_i v . J_i from the
             # captured factors must equal autograd's gradient of sum_i w_i v . f(x_i). It does not when a
             # parameter is also used outside its module's forward, or when a module's batch is not its
@@ -394,6 +407,8 @@ class Featurizer:
                 self._plan_feature(p, g_calls, theirs, v if verify else None, verify, sink, emit, bad)
             p.inputs.clear()
             p.outputs.clear()
+        if verify:
+            self._note_checked(plans, per_plan, bad, k)
         if bad:
             self.exclude(bad)
             raise PlanChanged
@@ -404,6 +419,22 @@ class Featurizer:
         if verify and self.mark_verified():
             raise PlanChanged  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
+
+    def _note_checked(self, plans: list, per_plan: list, bad: list, k: int) -> None:
+        """After a round of the check: the layers it decided right (``_passed``, by name and weight map: their
+        gradients not all zero) and every layer's cost-model dims with the call's ``k`` (``_checked_dims``: the
+        twin's rounds see ``k = 1``)."""
+        for p, theirs in zip(plans, per_plan):
+            if p.costs and "dims" in p.costs:
+                G, din, S, _, dout = p.costs["dims"]
+                self._checked_dims[p.name] = (G, din, S, k, dout)
+            if p not in bad and all(bool(t.any()) for t in theirs):
+                self._passed.add((p.name, p.weight_map))
+
+    def all_passed(self) -> bool:
+        """Whether every layer of the current plan passed an earlier round of the check (then no round more
+        is needed: a layer's outcome depends on its own code, not on which other layers are planned)."""
+        return bool(self.plans) and all((p.name, p.weight_map) in self._passed for p in self.plans)
 
     def layout_misfits(self, plans: list, b: int) -> list:
         """The plans whose captured calls do not fit their kind's layout (:func:`layout_mismatch`: a forward of
@@ -598,8 +629,9 @@ class Featurizer:
         return twin
 
     def verify_on_twin(self, x: torch.Tensor) -> bool:
-        """The layer check, run on a perturbed copy of the model (up to 8 examples of ``x``), its outcome
-        (layers moved to the fallback, in-place copies) taken over and remembered for this model structure.
+        """The layer check, run on a perturbed copy of the model (up to ``capture.check.CHECK_EXAMPLES`` examples
+        of ``x``), its outcome (layers moved to the fallback, in-place copies) taken over and remembered for this
+        model structure.
         Which layers capture exactly is a property of the model's code, not of its values, and values such
         as a zero-initialised head (torchvision's ViT) make gradients zero, so a check on the model itself
         could decide nothing. True when the plan changed (the caller recomputes its block)."""
@@ -613,19 +645,28 @@ class Featurizer:
         other.plan_for_pairs(self.pairs_per_example)
         other.channels_last = self.channels_last
         named = dict(twin.named_parameters())
+        probe = x[: min(x.shape[0], CHECK_EXAMPLES)]
         candidates = [n for n in other.generic if named[n].dim() in (1, 2, 3)]
         if candidates and self.implementation == "layerwise":
             # parameters the model's own code multiplies directly: linear sites (checked with the rest)
-            other.sites = discover_sites(twin, other._call, x[: min(x.shape[0], 8)], candidates)
+            other.sites = discover_sites(twin, other._call, probe, candidates)
             if other.sites:
                 other._replan(set(), set(), {})
         with torch.enable_grad():
             for _ in range(2 * len(other.plans) + 2):  # each round moves a layer a step, or ends
                 try:
-                    other._features(x[: min(x.shape[0], 8)])
+                    other._features(probe)
                     break
                 except PlanChanged:
                     if other.verified:
+                        break
+                    if other.all_passed():
+                        # the layers left planned all passed the round that moved the others: decided, with no
+                        # round more (the fallback's per-example-copy decisions, which a last round makes here)
+                        other._layer_costs = dict(other._checked_dims)
+                        other.mark_verified()
+                        if other.generic:
+                            other.per_example_copies(probe)
                         break
         caches.VERIFIED.pop(twin, None)
         # kept for this call: should auto take the whole-model Jacobian, the per-example-copy check of the
@@ -652,7 +693,8 @@ class Featurizer:
         copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
         before = [(p.name, p.weight_map) for p in self.plans]
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
-        self._layer_costs = {p.name: p.costs["dims"] for p in other.plans if p.costs and "dims" in p.costs}
+        planned = {p.name for p in other.plans}
+        self._layer_costs = {n: d for n, d in other._checked_dims.items() if n in planned}
         self.sites = dict(other.sites)
         self.fallback_reasons = {n: why for n, why in other.fallback_reasons.items()}
         self._replan(names, affine, copies)
