@@ -366,15 +366,18 @@ class Featurizer:
                              "the unrolled forward's outputs differ from the module's")
                 raise PlanChanged
         if verify and self.is_twin:
-            # the twin only checks (its features are thrown away): one backward of the check's weighted sum
-            # gives both the output gradients the captured factors are formed from, as one "output" [b, 1, ...],
-            # and autograd's parameter gradients they must make (the example and output weights are in them,
-            # so the factors' side weighs each example by 1) instead of k output passes and one more backward
+            # the twin only checks (its features are thrown away): the output gradients of the v-combination of
+            # outputs, summed over examples, as one "output" [b, 1, ...] (instead of k output passes), and the
+            # captured rows weighed by the example weights w on the layer's side, against autograd's gradient
+            # of sum_i w_i v . f(x_i). The example weights must stay on the layer's side: weighed at the output,
+            # any assignment of captured rows to examples would sum to the right total (a layer called on
+            # [L, L] buckets with L = b would pass)
             w, v = (t.to(out.device, out.dtype) for t in check_weights(b, k))
-            per_plan, g_outs = weighted_layer_grads(out, w[:, None] * v[None, :], plans, also=outs)
-            grads = [g.unsqueeze(1) for g in g_outs]
-            v = out.new_ones(b, 1)
+            gs = torch.autograd.grad((out * v[None, :]).sum(), outs, retain_graph=True, allow_unused=True)
+            grads = [(torch.zeros_like(o) if g is None else g).unsqueeze(1) for g, o in zip(gs, outs)]
+            per_plan = weighted_layer_grads(out, w[:, None] * v[None, :], plans)
             vgrads = [t for ts in per_plan for t in ts]
+            v = w[:, None]  # [b, 1]: example i's weight on its one "output"
         else:
             copies = self.capture_copies
             leaves = list(copies.values()) if copies else []  # per-example copies (their gradients too)

@@ -280,20 +280,27 @@ class _BucketBias(nn.Module):
         return self.inp(x).sum(-1, keepdim=True) + self.bias(buckets).squeeze(-1).sum(-1)[None, :, None]
 
 
-@pytest.mark.parametrize("case", ["channels_layernorm", "bucket_bias"])
+@pytest.mark.parametrize("case", ["channels_layernorm", "bucket_bias", "bucket_bias_as_long_as_the_check_batch"])
 def test_forwards_of_their_own_and_calls_without_the_batch_are_misfits_by_shape(case):
     """A norm subclass normalizing another dimension and an Embedding called on a tensor without the batch do
     not fit their layouts: found from the captured shapes (explain() names them), on the fallback or captured
-    where the parameter is broadcast, and the kernels equal the spec; the rest stays captured."""
+    where the parameter is broadcast, and the kernels equal the spec; the rest stays captured. Where the
+    buckets' [L, L] happens to have the check's batch (L = CHECK_EXAMPLES), the shapes fit and the weighted
+    check must find it (its example weights on the layer's side: weighed at the output, rows of any meaning sum
+    to autograd's total, and the kernel was wrong)."""
     from lazyhasty.ntk import Featurizer, explain
+    from lazyhasty.ntk.capture.check import CHECK_EXAMPLES
 
     torch.manual_seed(0)
     if case == "channels_layernorm":
         m = nn.Sequential(nn.Conv2d(2, 4, 3), _ChannelsLayerNorm(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 9, 2))
         x, name, why = torch.randn(5, 2, 5, 5), "1.weight", "a call is not [b, ..., 4] -> the same shape as LayerNorm"
-    else:
-        m, x = _BucketBias(), torch.randn(6, 4, 3)
+    elif case == "bucket_bias":
+        m, x = _BucketBias(), torch.randn(6, CHECK_EXAMPLES + 1, 3)
         name, why = "bias.weight", "a call's first dimension is not the batch of"
+    else:
+        m, x = _BucketBias(), torch.randn(6, CHECK_EXAMPLES, 3)
+        name, why = "bias.weight", "differ from autograd's"
     m = m.double()
     x = x.double()
     fz = Featurizer(m, "layerwise", "full", None)

@@ -21,9 +21,10 @@ def grads_close(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
 # The layer check's random weights: the same draws on the tile path and the one-block trace path.
 CHECK_SEED = 1234
 # Examples of a block the check on a perturbed twin runs on: random example weights tell examples apart with
-# any number above one, and a first call pays the twin's forward and backward on them (8 before: a quarter of
-# the first call's twin time on timm's mobilenetv3, tests/ntk/test_capture_check.py checks the verdicts).
-CHECK_EXAMPLES = 3
+# any number above one, and a first call pays the twin's forward and backward on them (8 before). Not 3: the
+# per-example-copy decisions then cannot tell the batch from RGB channels, and timm's mobilenetv3 tried its 43
+# BatchNorm parameters one forward each.
+CHECK_EXAMPLES = 4
 
 
 def check_weights(b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +37,7 @@ def check_weights(b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return w, v
 
 
-def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list, also: list = ()):
+def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list) -> list[list[torch.Tensor]]:
     """What the layer check compares against, on both paths: autograd's gradient of
     ``sum_{i,a} wv[i, a] out[i, a]`` with respect to each plan's parameters (zeros where unused).
 
@@ -44,24 +45,19 @@ def weighted_layer_grads(out: torch.Tensor, wv: torch.Tensor, plans: list, also:
         out: the model's outputs ``[b, k]`` (the capture's graph; freed by this backward).
         wv: the weights ``[b, k]`` (``w_i v_a`` from :func:`check_weights`).
         plans: the planned layers.
-        also: more tensors of the graph whose gradients the same backward gives (the layers' captured outputs,
-            on a twin that only checks: ``[b, ...]`` each, zeros where unused).
 
     Returns:
-        Per plan, its parameters' gradients in :meth:`LayerPlan.params` order; with ``also``, the pair
-        ``(per plan, [gradient of each tensor of also])``.
+        Per plan, its parameters' gradients in :meth:`LayerPlan.params` order.
     """
     vparams = [t for p in plans for _, t in p.params()]
-    gs = torch.autograd.grad((out * wv).sum(), list(also) + vparams, allow_unused=True)
-    extra = [torch.zeros_like(t) if g is None else g for g, t in zip(gs[:len(also)], also)]
-    gs = gs[len(also):]
+    gs = torch.autograd.grad((out * wv).sum(), vparams, allow_unused=True)
     flat = [torch.zeros_like(t) if g is None else g for g, t in zip(gs, vparams)]
     per, pos = [], 0
     for p in plans:
         n = len(p.params())
         per.append(flat[pos: pos + n])
         pos += n
-    return (per, extra) if also else per
+    return per
 
 
 class PlanChanged(Exception):
