@@ -45,6 +45,8 @@ class Limits:
             (8x on a GPU: fewer, larger launches).
         symmetric_block_rows: materialized symmetric products cut ``m`` rows into ``m // this`` blocks (at most 8),
             each multiplied against the rows from its own on and mirrored.
+        product_slice_elements: a materialized product over more parameters than this is summed slice by
+            slice (float32: a single dot product over all of them accumulates its rounding; 0: never sliced).
     """
 
     trace_one_tile_max_n: int = 16
@@ -57,6 +59,7 @@ class Limits:
     row_block_min: int = 32
     ghost_chunk_elements: int = 1 << 23
     symmetric_block_rows: int = 64
+    product_slice_elements: int = 8192
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

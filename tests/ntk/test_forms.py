@@ -61,3 +61,27 @@ def test_symmetric_gram_is_x_xt_on_awkward_sizes(m_rows):
             m, x = _model(name, torch.float64)
             assert _rel(ntk_gram(m, x, kernel="full"), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
             assert _rel(ntk_gram(m, x, kernel="full", block_size=2), R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+
+
+@pytest.mark.parametrize("P", [7, 20, 23])
+def test_materialized_products_in_column_slices_equal_the_whole_product(P):
+    """Products over more than product_slice_elements parameters are sums over column slices (float32
+    accuracy over long Jacobians): equal to the one product for slices that do not divide P, in the full and
+    trace kernels, on diagonal (symmetric) and off-diagonal tiles."""
+    from lazyhasty.ntk import limits
+    from lazyhasty.ntk.forms.materialized import Materialized, product_t, symmetric_gram
+
+    torch.manual_seed(0)
+    A, B = torch.randn(5, 3, P, dtype=torch.float64), torch.randn(4, 3, P, dtype=torch.float64)
+    fa, fb = Materialized(A), Materialized(B)
+    want_full = torch.einsum("iap,jbp->iajb", A, B)
+    want_trace = torch.einsum("iap,jap->ij", A, B)
+    want_diag = torch.einsum("iap,jbp->iajb", A, A)
+    for ch in (0, 3, 7, 64):
+        with limits(product_slice_elements=ch, symmetric_block_rows=4):
+            assert torch.allclose(product_t(A[:, 0], B[:, 0]), A[:, 0] @ B[:, 0].T, rtol=1e-13, atol=1e-13)
+            assert torch.allclose(fa.full(fb), want_full, rtol=1e-13, atol=1e-13), ch
+            assert torch.allclose(fa.trace(fb), want_trace, rtol=1e-13, atol=1e-13), ch
+            assert torch.allclose(fa.full(fa), want_diag, rtol=1e-13, atol=1e-13), ch
+            X = A.reshape(15, P)
+            assert torch.allclose(symmetric_gram(X), X @ X.T, rtol=1e-13, atol=1e-13), ch
