@@ -459,3 +459,41 @@ def test_meta_device_models_are_named(entry):
 def test_a_meta_device_reference_is_named():
     with pytest.raises(ValueError, match="reference has tensors on the meta device"):
         ntk_alignment(_mlp(), torch.randn(10, 3), _mlp().to("meta"))
+
+
+def test_the_trial_forward_runs_once_per_structure_and_input_signature_and_ids_are_checked_every_call():
+    """The input checks' trial forwards (3 and 2 examples) run on a model's first call and again only when its
+    structure, modes, trainable parameters or the inputs' example shape change; token ids that an embedding
+    reads as they are stay range-checked on every call (a later batch with an id out of range is refused)."""
+    from lazyhasty._validate import SAMPLE, check_model_inputs
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(self.emb(ids).mean(1))
+
+    m = Tokens()
+    seen = []
+    m.register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[0]))
+    ids = torch.randint(0, 10, (6, 5))
+    check_model_inputs(ids, model=m)
+    assert seen == [SAMPLE, SAMPLE - 1]
+    check_model_inputs(torch.randint(0, 10, (8, 5)), model=m)
+    assert seen == [SAMPLE, SAMPLE - 1]  # the same signature: no forward
+    bad = ids.clone()
+    bad[-1, 0] = 10  # beyond the trial's examples
+    with pytest.raises(ValueError, match="token id 10 is out of range of model's nn.Embedding 'emb'"):
+        check_model_inputs(bad, model=m)
+    check_model_inputs(torch.randint(0, 10, (6, 7)), model=m)  # another example shape
+    assert len(seen) == 4
+    m.head.weight.requires_grad_(False)  # another set of trainable parameters
+    check_model_inputs(ids, model=m)
+    assert len(seen) == 6
+    m.head.requires_grad_(False)
+    m.emb.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        check_model_inputs(ids, model=m)

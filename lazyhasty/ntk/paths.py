@@ -66,12 +66,12 @@ _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("lazyhasty_ntk_path",
 
 @contextlib.contextmanager
 def path_override(name: str | None):
-    """Sends the NTK calls inside the block down the path ``name`` instead of the one :func:`choose_path`
+    """Sends the NTK calls inside the block down the path ``name`` instead of the one `choose_path`
     would take (for tests, which parametrize over paths instead of changing thresholds; and for benchmarks);
     ``explain()`` inside it shows the same choice. None: the usual choice.
 
     Args:
-        name: one of :data:`OVERRIDABLE`: ``"trace_one_block"`` (``kernel="trace"`` only), ``"one_tile"``
+        name: one of `OVERRIDABLE`: ``"trace_one_block"`` (``kernel="trace"`` only), ``"one_tile"``
             (``ntk_gram``, full or trace kernel: one block of all n), ``"tiles"`` (``block_size`` or the default
             block size; ``ntk_gram`` with ``kernel="full"`` / ``"trace"``, or ``ntk_alignment``).
 

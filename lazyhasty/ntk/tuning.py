@@ -1,10 +1,10 @@
 """The sizes at which the NTK engine switches from one form to another: one place for every threshold.
 
-Each field of :class:`Limits` is read when a call needs it, through :func:`current`; :func:`limits` changes some
+Each field of [`Limits`][lazyhasty.ntk.Limits] is read when a call needs it, through `current()`; [`limits`][lazyhasty.ntk.limits] changes some
 of them for the calls inside a ``with`` block (and ``explain()`` inside it lists the changed ones under
 ``switches``). Tests use it to send a call down each side of a switch on small models (instead of patching module
 constants); a user may use it to trade memory for speed. Values never change a kernel's value beyond float
-rounding: every side of every switch is exact and tested against :mod:`lazyhasty.ntk.naive`.
+rounding: every side of every switch is exact and tested against `lazyhasty.ntk.naive`.
 
 Example:
     >>> from lazyhasty.ntk import limits
@@ -78,19 +78,19 @@ _CURRENT: contextvars.ContextVar = contextvars.ContextVar("lazyhasty_ntk_limits"
 
 
 def current() -> Limits:
-    """The :class:`Limits` in effect (the defaults outside any :func:`limits` block)."""
+    """The [`Limits`][lazyhasty.ntk.Limits] in effect (the defaults outside any [`limits`][lazyhasty.ntk.limits] block)."""
     return _CURRENT.get()
 
 
 @contextlib.contextmanager
 def limits(**changes):
-    """Changes some :class:`Limits` for the NTK calls inside the ``with`` block (nested blocks compose).
+    """Changes some [`Limits`][lazyhasty.ntk.Limits] for the NTK calls inside the ``with`` block (nested blocks compose).
 
     Args:
-        **changes: field names of :class:`Limits` and their values (ints ``>= 0``).
+        **changes: field names of [`Limits`][lazyhasty.ntk.Limits] and their values (ints ``>= 0``).
 
     Returns:
-        A context manager yielding the :class:`Limits` in effect inside the block.
+        A context manager yielding the [`Limits`][lazyhasty.ntk.Limits] in effect inside the block.
 
     Raises:
         ValueError: an unknown name (the valid ones are listed) or a value that is not an int ``>= 0``.

@@ -85,3 +85,26 @@ def test_materialized_products_in_column_slices_equal_the_whole_product(P):
             assert torch.allclose(fa.full(fa), want_diag, rtol=1e-13, atol=1e-13), ch
             X = A.reshape(15, P)
             assert torch.allclose(symmetric_gram(X), X @ X.T, rtol=1e-13, atol=1e-13), ch
+
+
+@pytest.mark.parametrize("S,So", [(1, 1), (4, 4), (3, 5)])
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_grouped_ghost_products_equal_their_definition(S, So, chunk):
+    """A grouped linear map's ghost (a depthwise convolution: G groups) with the groups as a GEMM batch:
+    full, trace and diagonal tiles equal sum over groups and positions of (a_i . a_j)(g_ia . g_jb), for
+    cross tiles of different blocks and positions, in one chunk or one example at a time."""
+    from lazyhasty.ntk import Limits, limits
+    from lazyhasty.ntk.forms.ghost import GhostLinear
+
+    torch.manual_seed(0)
+    b, bo, k, G, din, do = 3, 4, 2, 5, 3, 2
+    ai, gi = torch.randn(b, S, G, din, dtype=torch.float64), torch.randn(b, k, S, G, do, dtype=torch.float64)
+    aj, gj = torch.randn(bo, So, G, din, dtype=torch.float64), torch.randn(bo, k, So, G, do, dtype=torch.float64)
+    A = torch.einsum("isgd,jtgd->isjtg", ai, aj)
+    want_full = torch.einsum("isjtg,iasge,jbtge->iajb", A, gi, gj)
+    want_diag = torch.einsum("isgd,itgd,iasge,ibtge->iab", ai, ai, gi, gi)
+    with limits(ghost_chunk_elements=chunk or Limits().ghost_chunk_elements):
+        fi, fj = GhostLinear(ai, gi), GhostLinear(aj, gj)
+        assert torch.allclose(fi.full(fj), want_full, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(fi.trace(fj), torch.einsum("iaja->ij", want_full), rtol=1e-12, atol=1e-12)
+        assert torch.allclose(fi.diagonal(), want_diag, rtol=1e-12, atol=1e-12)

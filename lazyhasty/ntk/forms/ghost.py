@@ -53,6 +53,7 @@ class Ghost:
                     K[i0:i1, i0:] += P.view(i1 - i0, S, b - i0, S).sum((1, 3))
         self.g = self._storage = None
         self.__dict__.pop("_gpos", None)
+        self.__dict__.pop("_gpos_groups", None)
 
     def _upper_a_block(self, grp: int, i0: int, i1: int) -> torch.Tensor:
         """``[(i1 - i0) S, (b - i0) S]``: ``a_i[s] . a_j[t]`` for rows ``i0:i1`` against rows ``i0:``."""
@@ -73,6 +74,8 @@ class Ghost:
     def full(self, o: "Ghost") -> torch.Tensor:
         b, k, S, G, do = self.g.shape
         bo, So = o.g.shape[0], o.g.shape[2]
+        if G > 1:
+            return self._full_groups(o)
         if S == 1 and So == 1 and G == 1 and len(self._chunks(bo, k * k)) == 1:
             # the common MLP case in one shot: no zero fill, one elementwise product in place
             Gm = (self.g[:, :, 0, 0].reshape(-1, do) @ o.g[:, :, 0, 0].reshape(bo * k, do).T).view(b, k, bo, k)
@@ -107,12 +110,57 @@ class Ghost:
             cache[grp] = self.g[:, :, :, grp].permute(0, 2, 1, 3).reshape(b * S, k * do)
         return cache[grp]
 
+    def _full_groups(self, o: "Ghost") -> torch.Tensor:
+        """:meth:`full` of a grouped map (a depthwise convolution: G up to the channels) with the groups as a
+        batch dimension of each GEMM, not a Python loop of G small ones; the sum over groups is the inner
+        dimension of the last product, next to positions and outputs."""
+        b, k, S, G, do = self.g.shape
+        bo, So = o.g.shape[0], o.g.shape[2]
+        out = self.g.new_zeros(b, k, bo, k)
+        if S == 1 and So == 1:  # K = sum_grp (a_i.a_j)_grp (g_ia.g_jb)_grp
+            gj = o.g[:, :, 0].permute(2, 0, 1, 3).reshape(G, bo * k, do)
+            for i0, i1 in self._chunks(bo, G * k * k):
+                ci = i1 - i0
+                A = self._a_gram_groups(o, i0, i1, 0, bo)  # [G, ci, bo]
+                gi = self.g[i0:i1, :, 0].permute(2, 0, 1, 3).reshape(G, ci * k, do)
+                Gm = torch.bmm(gi, gj.transpose(1, 2)).view(G, ci, k, bo, k)
+                out[i0:i1] = (Gm * A.view(G, ci, 1, bo, 1)).sum(0)
+            return out
+        gj = o.g.permute(3, 0, 2, 1, 4).reshape(G * bo, So, k * do)  # [G bo, So, k do]
+        for i0, i1 in self._chunks(bo, G * S * k * do):
+            ci = i1 - i0
+            A = self._a_gram_groups(o, i0, i1, 0, bo).view(G, ci * S, bo, So)
+            H = torch.bmm(A.permute(0, 2, 1, 3).reshape(G * bo, ci * S, So), gj)  # [G bo, ci S, k do]
+            H = H.view(G, bo, ci, S, k, do).permute(2, 0, 3, 5, 1, 4).reshape(ci, G * S * do, bo * k)
+            gi = self.g[i0:i1].permute(0, 1, 3, 2, 4).reshape(ci, k, G * S * do)
+            out[i0:i1] = torch.bmm(gi, H).view(ci, k, bo, k)
+        return out
+
+    def _g_by_position_groups(self) -> torch.Tensor:
+        """``[G, b S, k d_out]``: :meth:`_g_by_position` of every group at once (made once per block)."""
+        if "_gpos_groups" not in self.__dict__:
+            b, k, S, G, do = self.g.shape
+            self.__dict__["_gpos_groups"] = self.g.permute(3, 0, 2, 1, 4).reshape(G, b * S, k * do)
+        return self.__dict__["_gpos_groups"]
+
+    def _a_gram_groups(self, o, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+        """``[G, (i1 - i0) S, (j1 - j0) So]``: every group's :meth:`_a_gram` as one batched GEMM."""
+        raise NotImplementedError
+
     def trace(self, o: "Ghost") -> torch.Tensor:
         # sum_a sum_{s,t} A[s,t] (g_ia[s].g_ja[t]) = sum_{s,t} A[s,t] G[s,t] with G = sum_a g_ia[s].g_ja[t]:
         # the sum over outputs is the inner dimension of one GEMM (k d_out long) instead of k GEMMs
         b, k, S, G, do = self.g.shape
         bo, So = o.g.shape[0], o.g.shape[2]
         out = self.g.new_zeros(b, bo)
+        if G > 1:  # the groups as the batch of each GEMM (a depthwise convolution: G up to the channels)
+            gi_all, gj = self._g_by_position_groups(), o._g_by_position_groups()
+            for i0, i1 in self._chunks(bo, G * S * So):
+                ci = i1 - i0
+                A = self._a_gram_groups(o, i0, i1, 0, bo)  # [G, ci S, bo So]
+                A.mul_(torch.bmm(gi_all[:, i0 * S: i1 * S], gj.transpose(1, 2)))
+                out[i0:i1] = A.sum(0).view(ci, S, bo, So).sum((1, 3))
+            return out
         for grp in range(G):
             gi_all, gj = self._g_by_position(grp), o._g_by_position(grp)
             for i0, i1 in self._chunks(bo, S * So):
@@ -162,6 +210,12 @@ class GhostLinear(Ghost):
         aj = o.a[j0:j1, :, grp]
         S, So = ai.shape[1], aj.shape[1]
         return (ai.reshape(-1, ai.shape[-1]) @ aj.reshape(-1, aj.shape[-1]).T).view(i1 - i0, S, j1 - j0, So)
+
+    def _a_gram_groups(self, o, i0, i1, j0, j1):
+        G, din = self.a.shape[2], self.a.shape[3]
+        ai = self.a[i0:i1].permute(2, 0, 1, 3).reshape(G, -1, din)
+        aj = o.a[j0:j1].permute(2, 0, 1, 3).reshape(G, -1, din)
+        return torch.bmm(ai, aj.transpose(1, 2))
 
     def _self_a_gram(self, grp):
         a = self.a[:, :, grp]
