@@ -82,7 +82,6 @@ class Featurizer:
         self._pairs_per_example = 0.0
         self._layer_costs: dict = {}  # {plan name: (G, d_in, S, k, d_out)} from the layer check, for _auto_choice
         self.excluded: set[int] = set()
-        self.plans, self.generic = plan_layers(model, self.implementation)
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
         self._copies_owner: nn.Module | None = None  # set on a twin: the model its copy decisions are for
@@ -95,7 +94,9 @@ class Featurizer:
         self.fallback_reasons: dict[str, str] = {}
         self._why: dict[str, str] = {}  # {plan name: why it failed}, this round of the check
         known = caches.VERIFIED.get(self._user_model, {}).get(self.implementation)
-        if known is not None and known.key == self.fingerprint(self.implementation):
+        if known is None or known.key != self.fingerprint(self.implementation):
+            self.plans, self.generic = plan_layers(model, self.implementation)
+        else:
             # this model's structure was checked before: the same layers go to the fallback
             self.sites = dict(known.sites)
             self._layer_costs = dict(known.layer_costs)
