@@ -21,7 +21,7 @@ from .._loaders import model_device
 from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
-from .capture.check import CHECK_EXAMPLES, PlanChanged, check_weights, grads_close, weighted_layer_grads
+from .capture.check import CHECK_EXAMPLES, PlanChanged, check_scale, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import choose_form, form_costs
 from .capture.layouts import (
     embedding_factors, embedding_materialized, ghost_layout, layout_mismatch, linear_factors, linear_g, norm_grads,
@@ -112,6 +112,7 @@ class Featurizer:
         self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
         self._twin_tried = False  # the twin's check left this call undecided: the model's own blocks decide
         self._passed: set = set()  # (plan name, weight map) that a round of the check found right
+        self._check_scale = 0.0  # the largest reference gradient of the check's current round (grads_close)
         self._checked_dims: dict = {}  # plan name -> cost-model dims seen by the check, with the call's k
 
     # -- public ------------------------------------------------------------------------------------
@@ -378,6 +379,7 @@ class Featurizer:
             grads = [(torch.zeros_like(o) if g is None else g).unsqueeze(1) for g, o in zip(gs, outs)]
             per_plan = weighted_layer_grads(out, w[:, None] * v[None, :], plans)
             vgrads = [t for ts in per_plan for t in ts]
+            self._check_scale = check_scale(vgrads)
             v = w[:, None]  # [b, 1]: example i's weight on its one "output"
         else:
             copies = self.capture_copies
@@ -398,6 +400,7 @@ class Featurizer:
             v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
             per_plan = weighted_layer_grads(out, v, plans)
             vgrads = [t for ts in per_plan for t in ts]
+            self._check_scale = check_scale(vgrads)
         feats, pos, bad = [], 0, []
         misfits = self.layout_misfits(plans, b) if verify else []
         emit = sink if sink is not None else feats.append
@@ -461,7 +464,7 @@ class Featurizer:
             F = norm_grads(p, g_calls)
             if verify:
                 mine = torch.einsum("bk,bkp->p", v, F)
-                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs])):
+                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs]), self._check_scale):
                     bad.append(p)
             f = feat.Materialized(F)
             f.name = self._layer_key(p)
@@ -494,7 +497,7 @@ class Featurizer:
                         gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
                         g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
                     mine = batch_grad_from_factors(p, a, g_v)
-                if not all(grads_close(u, w) for u, w in zip(mine, theirs)):
+                if not all(grads_close(u, w, self._check_scale) for u, w in zip(mine, theirs)):
                     bad.append(p)
             if p.kind == "embedding" and F is None:
                 f = feat.GhostEmbedding(a, g)
@@ -1100,9 +1103,10 @@ class Featurizer:
             gen = torch.Generator(device="cpu").manual_seed(2468)
             v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
             ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
-            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1),
-                            (torch.zeros_like(t) if r is None else r).reshape(-1))
-                     for g, r, t in zip(gs, ref, every))
+            ref = [(torch.zeros_like(t) if r is None else r) for r, t in zip(ref, every)]
+            floor = check_scale(ref)
+            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1), r.reshape(-1), floor)
+                     for g, r in zip(gs, ref))
             if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
                 seen.clear()
             seen[key] = ok

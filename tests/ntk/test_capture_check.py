@@ -352,3 +352,33 @@ def test_a_block_is_computed_again_while_the_plan_changes_and_a_plan_that_never_
 
     with pytest.raises(RuntimeError, match="changed .* times without settling"):
         fz._settled(never)
+
+
+class _Twice(nn.Linear):
+    """``2 F.linear(x, W, b)``: its captured output gradient makes half of autograd's weight gradient."""
+
+    def forward(self, x):
+        return 2.0 * F.linear(x, self.weight, self.bias)
+
+
+class _Tiny(nn.Module):
+    def forward(self, x):
+        return x * 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_the_layer_check_is_relative_at_every_scale(kernel):
+    """A wrong layer on a float32 model whose outputs are of order 1e-5 (every gradient small): the check's
+    tolerance was absolute below 1 (1e-3 of 1 + max|grad|), it passed the layer and the kernel was 40% off;
+    relative to the check's largest gradient it fails, and the kernel is the spec's to float32 rounding. (A
+    gradient zero in exact arithmetic, an attention key's bias, stays within that floor: the outside zoo's
+    plans keep them captured.)"""
+    from lazyhasty.ntk import path_override
+
+    torch.manual_seed(0)
+    m = nn.Sequential(_Twice(3, 4), nn.Tanh(), nn.Linear(4, 2), _Tiny())
+    x = torch.randn(6, 3)
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()], kernel=kernel)
+    with path_override("trace_one_block" if kernel == "trace" else None):
+        got = ntk_gram(m, x, kernel=kernel, implementation="layerwise")
+    assert got.dtype == torch.float32 and _rel(got, want) <= 1e-4
