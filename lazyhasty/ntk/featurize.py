@@ -313,6 +313,18 @@ class Featurizer:
             # only the per-example-copy decisions, which it makes for its model (a first call on timm's
             # efficientnet formed the twin's copy Jacobians twice)
             self.per_example_copies(x)
+        elif self.generic and not self.by_layer:
+            # the fallback's Jacobian as the per-parameter parts torch.func returns (views; small ones joined):
+            # no [b, k, P] concatenation of a whole model's Jacobian, and each product spans one part
+            parts = self.fallback_jacobian(x, split=True)
+            self.k = parts[0].shape[1]
+            for J in parts:
+                f = feat.Materialized(J)
+                f.name = "generic"
+                if sink is not None:
+                    sink(f)
+                else:
+                    feats.append(f)
         elif self.generic:
             J = self.fallback_jacobian(x)
             self.k = J.shape[1]
@@ -796,20 +808,24 @@ class Featurizer:
             p.copy_input, p.copy_output = copies.get(p.name, (False, False))
         self.verified = False
 
-    def fallback_jacobian(self, x: torch.Tensor) -> torch.Tensor:
+    def fallback_jacobian(self, x: torch.Tensor, split: bool = False):
         """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
-        per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest."""
+        per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest. With
+        ``split``, the same as a list of ``[b, k, P_i]`` parts whose concatenation it is (:func:`_joined_parts`:
+        views of the large ones, the small ones joined), without the concatenated copy."""
         copies = self.per_example_copies(x)
         captured, self._captured_copies = self._captured_copies, None
         if not copies or any(n not in copies for n in self.generic):
             # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers: the
             # copies ride on it (splicing in the captured ones would copy the whole [b, k, P] once more)
-            return self._torch_func_jacobian(x, self.generic)
+            return self._torch_func_jacobian(x, self.generic, split)
         if (captured is not None and set(captured) == set(copies)
                 and all(t.shape[0] == x.shape[0] for t in captured.values())):
             parts = dict(captured)  # from the capture's own backward passes
         else:
             parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
+        if split:
+            return _joined_parts([parts[n] for n in self.generic])
         return torch.cat([parts[n] for n in self.generic], -1) if len(parts) > 1 else parts[self.generic[0]]
 
     def per_example_copies(self, x: torch.Tensor | None = None) -> list[str]:
@@ -985,8 +1001,9 @@ class Featurizer:
                 ops.update(mode.ops())
         return [got[n] if n in got else out.new_zeros(b, k, named[n].numel()) for n in names]
 
-    def _torch_func_jacobian(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop)."""
+    def _torch_func_jacobian(self, x: torch.Tensor, names: list[str], split: bool = False):
+        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop); with
+        ``split``, as a list of parts (:func:`_joined_parts`)."""
         from torch.func import functional_call, jacrev, vmap
 
         named = dict(self.model.named_parameters())
@@ -1002,10 +1019,10 @@ class Featurizer:
             try:
                 with torch.enable_grad(), exact_fp32(pending):
                     J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                    J = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
-                    J = torch.cat(J, -1) if len(J) > 1 else J[0]  # (one parameter: a view, no copy)
-                    if self._vmap_agrees(x, names, J):
-                        return J
+                    parts = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
+                    if self._vmap_agrees(x, names, parts):
+                        return _joined_parts(parts) if split else (
+                            torch.cat(parts, -1) if len(parts) > 1 else parts[0])  # (one parameter: a view)
             except (RuntimeError, NotImplementedError):
                 pass
             # some ops have no correct batching rule: nn.PReLU's backward raises under vmap(jacrev), except when
@@ -1015,13 +1032,15 @@ class Featurizer:
         from . import naive
 
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
-            return naive.jacobian_rows(self.model, [x], params=[named[n] for n in names])
+            J = naive.jacobian_rows(self.model, [x], params=[named[n] for n in names])
+        return [J] if split else J
 
     def _vmap_key(self, x: torch.Tensor, names: list[str]) -> tuple:
         return (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
 
-    def _vmap_agrees(self, x: torch.Tensor, names: list[str], J: torch.Tensor) -> bool:
-        """Whether torch.func's per-example Jacobians ``J`` ``[b, k, P]`` agree with autograd on one random
+    def _vmap_agrees(self, x: torch.Tensor, names: list[str], parts: list) -> bool:
+        """Whether torch.func's per-example Jacobians (``parts``, ``[b, k, P_i]`` per parameter) agree with
+        autograd on one random
         combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
         once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
         key = self._vmap_key(x, names)
@@ -1030,13 +1049,15 @@ class Featurizer:
             return seen[key]
         named = dict(self.model.named_parameters())
         gen = torch.Generator(device="cpu").manual_seed(4321)
-        wv = torch.randn(J.shape[:2], generator=gen, dtype=torch.float64).to(J.device, J.dtype)  # [b, k]
+        J0 = parts[0]
+        wv = torch.randn(J0.shape[:2], generator=gen, dtype=torch.float64).to(J0.device, J0.dtype)  # [b, k]
         with torch.enable_grad():
             out = tensor_output(self.model(x)).reshape(x.shape[0], -1)
             theirs = torch.autograd.grad((out * wv).sum(), [named[n] for n in names], allow_unused=True)
         theirs = torch.cat([(torch.zeros_like(named[n]) if g is None else g).reshape(-1) for n, g in zip(names, theirs)])
-        mine, theirs = torch.einsum("bk,bkp->p", wv, J.detach()), theirs.detach()
-        tol = 1e-4 if J.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        mine = torch.cat([torch.einsum("bk,bkp->p", wv, J.detach()) for J in parts])
+        theirs = theirs.detach()
+        tol = 1e-4 if J0.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
         ok = float((mine - theirs).norm()) <= tol * float(theirs.norm()) + 1e-30
         if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
             seen.clear()
@@ -1244,6 +1265,26 @@ def _tensor_state(t: torch.Tensor) -> tuple:
         except (RuntimeError, TypeError):
             pass  # a dtype without a byte view (quantized): identity, storage and version only
     return token
+
+
+def _joined_parts(parts: list) -> list:
+    """Per-parameter Jacobian parts ``[b, k, P_i]`` as features: each of at least ``limits``
+    ``product_slice_elements`` columns as it is (a view), the smaller ones joined into parts of about that size
+    (one GEMM for many biases, not one each)."""
+    least = max(1, tuning.current().product_slice_elements)
+    out, small, size = [], [], 0
+    for J in parts:
+        if J.shape[2] >= least:
+            out.append(J)
+            continue
+        small.append(J)
+        size += J.shape[2]
+        if size >= least:
+            out.append(torch.cat(small, -1) if len(small) > 1 else small[0])
+            small, size = [], 0
+    if small:
+        out.append(torch.cat(small, -1) if len(small) > 1 else small[0])
+    return out
 
 
 def _copy_agrees(J: torch.Tensor, ref) -> bool:
