@@ -102,10 +102,12 @@ def model_dtype(model: nn.Module) -> torch.dtype | None:
 
 def check_materialized(model: nn.Module, name: str) -> None:
     """Raise ``ValueError`` when ``model`` (the argument ``name``) has parameters or buffers on the meta device."""
-    for n, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.device.type == "meta":
-            raise ValueError(f"{name} has tensors on the meta device ({n!r}): they hold no values; materialize the "
-                             "module (to_empty(device=...) and load_state_dict) before measuring it")
+    for mname, module in model.named_modules():  # one traversal (named_parameters and named_buffers: one each)
+        for key, t in [*module._parameters.items(), *module._buffers.items()]:
+            if t is not None and t.device.type == "meta":
+                n = f"{mname}.{key}" if mname else key
+                raise ValueError(f"{name} has tensors on the meta device ({n!r}): they hold no values; materialize "
+                                 "the module (to_empty(device=...) and load_state_dict) before measuring it")
 
 
 def model_inputs(x: torch.Tensor, model: nn.Module, device=None) -> torch.Tensor:

@@ -159,12 +159,15 @@ class Featurizer:
         """``attempt()``'s value, computed again while it raises :class:`PlanChanged` (``reset()`` first, if
         given). Each change moves a layer one step towards the fallback (planned -> affine map -> fallback) or
         switches ``auto`` once, so the rounds are bounded; past the bound the plan is not settling: a bug."""
-        bound = 2 * (sum(1 for _ in self.model.modules()) + sum(1 for _ in self.model.parameters())) + 8
-        for _ in range(bound):
+        bound, rounds = None, 0
+        while bound is None or rounds < bound:
+            rounds += 1
             try:
                 with self._checking():
                     return attempt()
             except PlanChanged:
+                if bound is None:  # (counted only when the plan changed: a settled call does not traverse)
+                    bound = 2 * (sum(1 for _ in self.model.modules()) + sum(1 for _ in self.model.parameters())) + 8
                 if reset is not None:
                     reset()
         raise RuntimeError(f"lazyhasty: the layer plan of {type(self.model).__name__} changed {bound} times "
