@@ -21,7 +21,7 @@ from .._loaders import model_device
 from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
-from .capture.check import CHECK_EXAMPLES, PlanChanged, check_scale, check_weights, grads_close, weighted_layer_grads
+from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import choose_form, form_costs
 from .capture.layouts import (
     embedding_factors, embedding_materialized, ghost_layout, layout_mismatch, linear_factors, linear_g, norm_grads,
@@ -479,7 +479,8 @@ class Featurizer:
             F = norm_grads(p, g_calls)
             if verify:
                 mine = torch.einsum("bk,bkp->p", v, F)
-                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs]), self._check_scale):
+                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs]),
+                                   check_floor(theirs, self._check_scale)):
                     bad.append(p)
             f = feat.Materialized(F)
             f.name = self._layer_key(p)
@@ -512,7 +513,8 @@ class Featurizer:
                         gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
                         g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
                     mine = batch_grad_from_factors(p, a, g_v)
-                if not all(grads_close(u, w, self._check_scale) for u, w in zip(mine, theirs)):
+                floor = check_floor(theirs, self._check_scale)
+                if not all(grads_close(u, w, floor) for u, w in zip(mine, theirs)):
                     bad.append(p)
             if p.kind == "embedding" and F is None:
                 f = feat.GhostEmbedding(a, g)
@@ -1128,8 +1130,9 @@ class Featurizer:
             v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
             ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
             ref = [(torch.zeros_like(t) if r is None else r) for r, t in zip(ref, every)]
-            floor = check_scale(ref)
-            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1), r.reshape(-1), floor)
+            largest = check_scale(ref)
+            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1), r.reshape(-1),
+                                 check_floor([r], largest))
                      for g, r in zip(gs, ref))
             if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
                 seen.clear()

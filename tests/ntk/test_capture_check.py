@@ -382,3 +382,42 @@ def test_the_layer_check_is_relative_at_every_scale(kernel):
     with path_override("trace_one_block" if kernel == "trace" else None):
         got = ntk_gram(m, x, kernel=kernel, implementation="layerwise")
     assert got.dtype == torch.float32 and _rel(got, want) <= 1e-4
+
+
+class _NormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d whose forward also applies an activation (its captured output is
+    after the activation, so the plain norm layout is wrong)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class _BigBranch(nn.Module):
+    """A conv -> norm-with-activation path beside a linear branch whose gradients are ~300x larger."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = _NormAct(4)
+        self.head = nn.Linear(4 * 4 * 4, 2)
+        self.big = nn.Linear(3 * 6 * 6, 2)
+
+    def forward(self, x):
+        h = self.head(self.norm(self.conv(x)).flatten(1))
+        return h + self.big(300.0 * x.flatten(1))
+
+
+def test_a_layer_with_gradients_far_below_the_largest_is_still_checked_against_its_own():
+    """The check's floor is a layer's own scale (and at least a small share of the largest): with the largest
+    gradient of the check as the floor, a wrong layer whose gradients were ~300x smaller passed (timm's
+    efficientnet: a BatchNormAct2d taken as a plain norm, the float32 kernel 144% off)."""
+    from lazyhasty.ntk import Featurizer
+
+    torch.manual_seed(0)
+    m = _BigBranch().eval()
+    x = torch.randn(6, 3, 6, 6)
+    fz = Featurizer(m, "layerwise", "trace", None)
+    fz(x)
+    assert "norm" not in {p.name for p in fz.plans}, fz.describe()
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()], kernel="trace")
+    assert _rel(ntk_gram(m, x, kernel="trace", implementation="layerwise"), want) <= 1e-5

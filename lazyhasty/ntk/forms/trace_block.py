@@ -21,7 +21,7 @@ import torch
 
 from .. import tuning
 
-from ..capture.check import PlanChanged, check_scale, check_weights, grads_close, weighted_layer_grads
+from ..capture.check import PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from ..capture.cost import choose_form
 from ..capture.layouts import (
     convT_dims, embedding_factors, norm_grads, normalized_inputs, position_a, position_g, position_to_factor_layout,
@@ -141,7 +141,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         return []
     vt = torch.tensor(v, dtype=out.dtype, device=out.device)
     per_plan = weighted_layer_grads(out, w[:, None] * vt[None, :], plans)
-    floor = check_scale([t for ts in per_plan for t in ts])
+    largest = check_scale([t for ts in per_plan for t in ts])
 
     bad = []
     for p, st, m, ref in zip(plans, state, mine, per_plan):
@@ -155,6 +155,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         else:
             got = [m]
             ref = [torch.cat([t.reshape(-1) for t in ref])]
+        floor = check_floor(ref, largest)
         if not all(grads_close(u, w, floor) for u, w in zip(got, ref)):
             bad.append(p)
     for p in plans:
