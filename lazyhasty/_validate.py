@@ -19,8 +19,9 @@ from ._modes import measuring
 SAMPLE = 3  # examples of the trial forward: enough to tell one row per example from a batch-summed output
 # model -> {trial key: the nn.Embedding modules that read the raw inputs}: a trial forward that passed for this
 # structure, these modes and this input signature is not run again (a later call on a 12-model benchmark spent
-# 18% of its time in it: timm's efficientnet, 15 of 82 ms); the raw ids are still range-checked on every call
-_PASSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# 18% of its time in it: timm's efficientnet, 15 of 82 ms); the raw ids are still range-checked on every call.
+# One of the per-model caches that lazyhasty.ntk.capture.caches.forget drops.
+TRIAL_PASSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _shape(x: torch.Tensor) -> str:
@@ -106,7 +107,7 @@ def _trial_forward(model: nn.Module, x: torch.Tensor, name: str) -> None:
     the ids that embeddings read as they are."""
     try:
         key = _trial_key(model, x)
-        passed = _PASSED.setdefault(model, {})
+        passed = TRIAL_PASSED.setdefault(model, {})
     except TypeError:  # a model that cannot be weakly referenced: checked every time
         key, passed = None, {}
     if key in passed:

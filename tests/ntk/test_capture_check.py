@@ -421,3 +421,25 @@ def test_a_layer_with_gradients_far_below_the_largest_is_still_checked_against_i
     assert "norm" not in {p.name for p in fz.plans}, fz.describe()
     want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()], kernel="trace")
     assert _rel(ntk_gram(m, x, kernel="trace", implementation="layerwise"), want) <= 1e-5
+
+
+def test_forget_drops_every_per_model_cache_and_the_next_call_checks_anew():
+    """caches.forget(model) empties every per-model cache (the layer check's verdict, the mixing check, the
+    input checks' trial forwards, ...): the next call runs the checks again, with the same kernel."""
+    from lazyhasty._validate import SAMPLE
+    from lazyhasty.ntk.capture import caches
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    K = ntk_gram(m, x)
+    seen = []
+    m[0].register_forward_hook(lambda mod, a, o: seen.append(a[0].shape[0]))
+    ntk_gram(m, x)
+    assert seen[:2] != [SAMPLE, SAMPLE - 1]  # remembered: no trial forwards
+    caches.forget(m)
+    assert all(m not in cache for cache in caches.ALL)
+    seen.clear()
+    assert _rel(ntk_gram(m, x), K) <= 1e-12
+    assert seen[:2] == [SAMPLE, SAMPLE - 1]  # the input checks' trial forwards ran again
+    assert m in caches.VERIFIED and m in caches.TRIAL_PASSED

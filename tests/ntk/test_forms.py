@@ -108,3 +108,17 @@ def test_grouped_ghost_products_equal_their_definition(S, So, chunk):
         assert torch.allclose(fi.full(fj), want_full, rtol=1e-12, atol=1e-12)
         assert torch.allclose(fi.trace(fj), torch.einsum("iaja->ij", want_full), rtol=1e-12, atol=1e-12)
         assert torch.allclose(fi.diagonal(), want_diag, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("least", [0, 5, 40])
+def test_jacobian_features_in_parts_equal_the_spec(least):
+    """The whole-model Jacobian's features are torch.func's per-parameter parts (views; parts under
+    product_slice_elements columns joined): every parameter once, in any grouping, the spec's kernels."""
+    from lazyhasty.ntk import limits
+
+    for name in ("cnn_strided", "vit_tiny"):
+        m, x = _model(name, torch.float64)
+        with limits(product_slice_elements=least):
+            for kernel in ("full", "trace"):
+                got = ntk_gram(m, x, kernel=kernel, implementation="jacobian")
+                assert _rel(got, R.ntk_gram(m, [x], kernel=kernel)) <= 1e-10, (name, kernel, least)

@@ -1,14 +1,16 @@
 """Per-model caches, in one place: each is a ``WeakKeyDictionary`` keyed by the user's model (freed with it),
 holding what was decided for one structure and state: the layer check's verdict, which fallback parameters may
 be copied per example, the batch-mixing checks, torch.func's and the batched backward's checks, the capture
-sites and the one-block trace size. Each entry carries the structure key it was decided for, so a changed model
-is checked anew; :func:`forget` drops a model from all of them.
+sites, the one-block trace size and the input checks' trial forwards. Each entry carries the structure key it
+was decided for, so a changed model is checked anew; :func:`forget` drops a model from all of them.
 """
 from __future__ import annotations
 
 import weakref
 
 from torch import nn
+
+from ..._validate import TRIAL_PASSED  # (the input checks' trial forwards that passed, kept where they run)
 
 # nn.MultiheadAttention -> its InProjection (capture/sites.py)
 IN_PROJECTIONS: "weakref.WeakKeyDictionary[nn.MultiheadAttention, object]" = weakref.WeakKeyDictionary()
@@ -39,7 +41,7 @@ BATCHED_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyD
 TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 ALL = (IN_PROJECTIONS, RECURRENT, SITES, DIRECT, VERIFIED, COPYABLE, COPY_WHY, MIXING_CHECKED, VMAP_CHECKED,
-       BATCHED_CHECKED, TRACE_SIZES)
+       BATCHED_CHECKED, TRACE_SIZES, TRIAL_PASSED)
 
 
 def forget(model: nn.Module) -> None:
