@@ -22,12 +22,9 @@ from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
 from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
-from .capture.cost import choose_form, form_costs
-from .capture.layouts import (
-    embedding_factors, embedding_materialized, ghost_layout, layout_mismatch, linear_factors, linear_g, norm_grads,
-    to_materialized,
-)
-from .capture.maps import batch_grad_from_factors, split_params, map_parametrized_rows
+from .capture.cost import form_costs
+from .capture.layouts import layout_mismatch
+from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
 from .capture.plan import affine_candidate, plan_layers, trainable_params
 from .capture.sites import (
@@ -200,28 +197,17 @@ class Featurizer:
     def _trace_bytes_per_example(self, x: torch.Tensor) -> int:
         """Elements one example of ``x`` takes in :meth:`trace_gram` (one capture forward of it; remembered
         per model structure, input shape and plan by :meth:`trace_block_limit`)."""
-        from .capture.layouts import convT_dims, position_a
-
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
             out = self.capture(x1, grad=False)
         k = out.numel()
         per, widest = 0, 0
         for p in self.plans:
+            rule = rule_for(p)
             for xi, o in zip(p.inputs, p.outputs):
-                per += 3 * o.numel()
-                if p.kind in ("linear", "conv", "convT"):
-                    a = position_a(p, xi)  # [1, S, G, din]
-                    per += a.numel()
-                    dout = convT_dims(p.module)[2] if p.kind == "convT" else o.numel() // (a.shape[1] * a.shape[2])
-                    form = p.form or choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, dout, "trace",
-                                                 self.pairs_per_example)
-                    if form == "ghost":
-                        per += k * o.numel()
-                    else:
-                        widest = max(widest, a.shape[2] * a.shape[3] * dout)
-                elif p.kind == "embedding":
-                    per += k * o.numel()
+                kept, transient = rule.trace_elements(p, xi, o, k, self.pairs_per_example)
+                per += 3 * o.numel() + kept
+                widest = max(widest, transient)
             p.inputs.clear()
             p.outputs.clear()
         per += widest
@@ -472,58 +458,18 @@ class Featurizer:
         return out
 
     def _plan_feature(self, p, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
-        """One planned layer's feature from its captured calls (emitted), and on an unverified block its
-        check against autograd (``bad`` gains the layer when it fails); ``v`` ``[b, k]``: the check's
-        per-example output weights."""
-        if p.kind == "norm":
-            F = norm_grads(p, g_calls)
-            if verify:
-                mine = torch.einsum("bk,bkp->p", v, F)
-                if not grads_close(mine, torch.cat([t.reshape(-1) for t in theirs]),
-                                   check_floor(theirs, self._check_scale)):
-                    bad.append(p)
-            f = feat.Materialized(F)
-            f.name = self._layer_key(p)
-            emit(f)
-        else:
-            a, g = (embedding_factors if p.kind == "embedding" else linear_factors)(p, g_calls)
-            if p.form is None and p.kind == "embedding":
-                p.form = choose_form(p, 1, p.module.num_embeddings, a.shape[1], g.shape[1], g.shape[4], self.kernel,
-                                     self.pairs_per_example)
-            elif p.form is None:
-                p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], self.kernel,
-                                     self.pairs_per_example)
-            F = None
-            if p.kind == "embedding" and p.form == "materialized":
-                F = embedding_materialized(a, g, p.module.num_embeddings)
-            elif p.form == "materialized":
-                F = to_materialized(a, g, self.workspace(_materialized_numel(a, g)) if sink is not None else None)
-            if verify:
-                if F is not None and p.kind == "embedding":
-                    mine = [torch.einsum("bk,bkp->p", v, F).view(p.module.weight.shape)]
-                elif F is not None:  # the per-example gradients are at hand: sum them
-                    G, do = g.shape[2], g.shape[3]
-                    mine = split_params(p, torch.einsum("bk,bkp->p", v, F).view(G, do, -1))
-                else:
-                    # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
-                    gv_calls = [torch.einsum("bk,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
-                    if p.kind == "embedding":
-                        g_v = embedding_factors(p, gv_calls)[1][:, 0]
-                    else:
-                        gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
-                        g_v = (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0]
-                    mine = batch_grad_from_factors(p, a, g_v)
-                floor = check_floor(theirs, self._check_scale)
-                if not all(grads_close(u, w, floor) for u, w in zip(mine, theirs)):
-                    bad.append(p)
-            if p.kind == "embedding" and F is None:
-                f = feat.GhostEmbedding(a, g)
-            elif F is not None:
-                f = feat.Materialized(map_parametrized_rows(p, F) if p.weight_map else F)
-            else:
-                f = feat.GhostLinear(*ghost_layout(a, g))
-            f.name = self._layer_key(p)
-            emit(f)
+        """One planned layer's feature from its captured calls by its kind's rule (``capture.rules``), emitted,
+        and on an unverified block its check against autograd (``bad`` gains the layer when it fails); ``v``
+        ``[b, k]``: the check's per-example output weights."""
+        rule = rule_for(p)
+        ctx = TileContext(self.kernel, self.pairs_per_example, self.workspace if sink is not None else None)
+        f, mine = rule.tile_feature(p, g_calls, v if verify else None, ctx)
+        if verify:
+            floor = check_floor(theirs, self._check_scale)
+            if not all(grads_close(u, w, floor) for u, w in zip(mine, rule.check_reference(theirs))):
+                bad.append(p)
+        f.name = self._layer_key(p)
+        emit(f)
 
     def _layer_key(self, p) -> str:
         """The name of a planned layer's feature: with :attr:`by_layer`, the module owning its parameters
@@ -1314,6 +1260,3 @@ def _copy_agrees(J: torch.Tensor, ref) -> bool:
     return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
 
 
-def _materialized_numel(a: torch.Tensor, g: torch.Tensor) -> int:
-    b, k, G, do, _ = g.shape
-    return b * k * G * do * a.shape[2]

@@ -29,6 +29,7 @@ from .._validate import check_model_inputs
 from .args import check_args, ntk_backend
 from . import tuning
 from .blocks import default_block_size, one_trace_block, output_size
+from .capture.rules import rule_for
 from .featurize import Featurizer
 from .._probing import probing
 
@@ -306,9 +307,10 @@ def explain(model: nn.Module, x, *, kernel: str = "full", implementation: str = 
     for name, t in named:
         if id(t) in by_param:
             plan, copies = by_param[id(t)]
-            form = plan.form or ("ghost" if plan.kind == "embedding" else "materialized")
+            rule = rule_for(plan)
+            form = plan.form or rule.default_form
             costs = ({f: plan.costs[f] for f in ("ghost", "materialized")}  # flops a pair, forming included
-                     if plan.costs and plan.kind in ("linear", "conv", "convT", "embedding") else None)
+                     if plan.costs and rule.chooses_form else None)
             rows.append(_row(model, name, t, plan.kind, form, costs, copies))
         elif name in copied:
             rows.append(_row(model, name, t, "broadcast", "per-example copies", ops=at_ops.get(name)))

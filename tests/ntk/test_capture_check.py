@@ -316,12 +316,12 @@ def test_forwards_of_their_own_and_calls_without_the_batch_are_misfits_by_shape(
 def test_a_layout_that_raises_is_an_error_not_a_fallback(monkeypatch):
     """Captured tensors that fit their layout but make a layout function raise are a bug of the engine: the
     error reaches the caller (before, a broad except sent the layer to the fallback, a silent slowdown)."""
-    import lazyhasty.ntk.featurize as FZ
+    import lazyhasty.ntk.capture.rules as rules
 
     def broken(plan, grads):
         raise IndexError("a bug in a layout")
 
-    monkeypatch.setattr(FZ, "linear_factors", broken)
+    monkeypatch.setattr(rules, "linear_factors", broken)
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
     with pytest.raises(IndexError, match="a bug in a layout"):

@@ -279,3 +279,55 @@ def test_a_parameter_also_used_another_way_stays_on_torch_func_and_says_why():
     assert plan.generic == ["p"]
     assert "stand-ins at mul differ from autograd" in rows["p"]["fallback"]
     _exact(m, x)
+
+
+def test_every_layer_kind_has_one_rule_and_no_kind_dispatch_outside_capture():
+    """Issue 26: supporting a new family of layers is a change in ``capture/`` alone. Every LayerKind has its
+    rule in ``capture.rules.RULES``, and no module of the engine outside ``capture/`` branches on a layer's
+    kind (before the rules, ``featurize._plan_feature``, ``forms.trace_block._one_output`` and ``paths`` did)."""
+    import pathlib
+    import re
+
+    import lazyhasty.ntk
+    from lazyhasty.ntk.capture.plan import LayerKind
+    from lazyhasty.ntk.capture.rules import RULES
+
+    assert set(RULES) == set(LayerKind)
+    root = pathlib.Path(lazyhasty.ntk.__file__).parent
+    branch = re.compile(r"\.kind\s*(==|!=|in\b)|LayerKind\.")
+    offenders = [f"{f.relative_to(root)}:{i}: {line.strip()}" for f in sorted(root.rglob("*.py"))
+                 if "capture" not in f.relative_to(root).parts
+                 for i, line in enumerate(f.read_text().splitlines(), 1) if branch.search(line)]
+    assert not offenders, offenders
+
+
+def test_both_paths_reach_a_layer_through_its_rule(monkeypatch):
+    """The tile path and the one-block trace path take a layer's features and check from its kind's rule: a
+    rule put in its place (here the norm rule, wrapped to count its calls) is what both paths run, and the
+    kernels stay exact."""
+    from lazyhasty.ntk.capture import caches
+    from lazyhasty.ntk.capture import rules as rules_mod
+    from lazyhasty.ntk.capture.plan import LayerKind
+    from lazyhasty.ntk.paths import path_override
+
+    calls = {"tile": 0, "trace": 0}
+
+    class Counted(rules_mod.NormRule):
+        def tile_feature(self, *a):
+            calls["tile"] += 1
+            return super().tile_feature(*a)
+
+        def trace_output(self, *a):
+            calls["trace"] += 1
+            return super().trace_output(*a)
+
+    monkeypatch.setitem(rules_mod.RULES, LayerKind.NORM, Counted())
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for kernel, path in (("full", "tiles"), ("trace", "trace_one_block")):
+        caches.forget(m)
+        with path_override(path):
+            got = ntk_gram(m, x, kernel=kernel, implementation="layerwise")
+        assert _rel(got, R.ntk_gram(m, [x], kernel=kernel)) <= TOL, kernel
+    assert calls["tile"] > 0 and calls["trace"] > 0, calls

@@ -22,13 +22,7 @@ import torch
 from .. import tuning
 
 from ..capture.check import PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
-from ..capture.cost import choose_form
-from ..capture.layouts import (
-    convT_dims, embedding_factors, norm_grads, normalized_inputs, position_a, position_g, position_to_factor_layout,
-)
-from ..capture.maps import batch_grad_from_factors, map_parametrized_rows, split_params
-from .ghost import GhostEmbedding, GhostLinear
-
+from ..capture.rules import rule_for
 
 
 def row_blocks(b: int) -> list[tuple[int, int]]:
@@ -95,22 +89,14 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     misfits = fz.layout_misfits(plans, b) if not fz.verified else []
     if misfits:  # (checked here too when the check runs on the model itself: no twin, or an undecided one)
         return misfits
-    # per layer: position-major inputs (or embedding indices), form, accumulators
-    state = []
-    for p in plans:
-        if p.kind in ("linear", "conv", "convT"):
-            a_calls = [position_a(p, xi) for xi in p.inputs]
-            a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]  # [b, S, G, din]
-            if p.form is None:
-                p.form = choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, _dout(p), "trace",
-                                     fz.pairs_per_example or (b + 1) / 2)
-            ghost = GhostLinear.gathering(a, k, _dout(p)) if p.form == "ghost" else None
-            state.append({"a": a, "ghost": ghost})
-        elif p.kind == "embedding":
-            idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
-            state.append({"idx": idx, "ghost": GhostEmbedding.gathering(idx, k, p.module.embedding_dim, K)})
-        else:
-            state.append({"xhat": normalized_inputs(p)})  # once per block, not once per output
+    # per layer, by its kind's rule: what every output reuses (position-major inputs, embedding indices,
+    # normalized inputs; a gathering ghost), its form chosen
+    rules = [rule_for(p) for p in plans]
+    pairs = fz.pairs_per_example or (b + 1) / 2
+    state = [rule.trace_state(p, k, pairs, K) for rule, p in zip(rules, plans)]
+
+    def gram(F: torch.Tensor) -> None:  # K += F F^T for one output's materialized [b, P] gradients
+        _gram(F, K, dense, backend)
     verify = not fz.verified
     if verify:
         # the tile path's check (Featurizer._layer_features): the same weights, the same reference gradients
@@ -128,7 +114,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         for i, (p, st) in enumerate(zip(plans, state)):
             g_calls = gs[pos: pos + len(p.outputs)]
             pos += len(p.outputs)
-            contrib = _one_output(p, st, g_calls, K, dense, backend, fz.workspace, a_out, w if verify else None)
+            contrib = rules[i].trace_output(p, st, g_calls, gram, fz.workspace, a_out, w if verify else None)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
         del gs
@@ -144,65 +130,15 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
     largest = check_scale([t for ts in per_plan for t in ts])
 
     bad = []
-    for p, st, m, ref in zip(plans, state, mine, per_plan):
-        if p.kind in ("linear", "conv", "convT"):
-            # m: the v-combination of batch-summed gradients [G, d_out, d_in'], or for ghost layers of
-            # position-major gradients [b, S, G, d_out]
-            full = m if st["ghost"] is None else torch.einsum("b,bsgo,bsgi->goi", w, m, st["a"])
-            got = split_params(p, position_to_factor_layout(p, full))
-        elif p.kind == "embedding":  # m: [b, S, D] as the helper's [b, S, 1, D]
-            got = batch_grad_from_factors(p, st["idx"], (m * w[:, None, None]).unsqueeze(2))
-        else:
-            got = [m]
-            ref = [torch.cat([t.reshape(-1) for t in ref])]
+    for p, rule, st, m, ref in zip(plans, rules, state, mine, per_plan):
+        got = rule.trace_check(p, st, m, w)
         floor = check_floor(ref, largest)
-        if not all(grads_close(u, w, floor) for u, w in zip(got, ref)):
+        if not all(grads_close(u, w, floor) for u, w in zip(got, rule.check_reference(ref))):
             bad.append(p)
     for p in plans:
         p.inputs.clear()
         p.outputs.clear()
     return bad
-
-
-def _dout(p) -> int:
-    m = p.module
-    if p.kind == "convT":
-        return convT_dims(m)[2]
-    return m.out_features if p.kind == "linear" else m.out_channels // m.groups
-
-
-def _one_output(p, st, g_calls, K, dense, backend, workspace, a_out: int, w: torch.Tensor | None):
-    """Reduce one output's gradients of layer ``p`` into the kernel; with the check's example weights ``w``
-    ``[b]``, return what the check sums over outputs: the ``w``-weighted batch sum of materialized
-    per-example gradients (``[G, d_out, d_in']`` or ``[P]`` for norms), or, for ghost layers, the
-    position-major gradients (``[b, S, G, d_out]``; embeddings ``[b, S, D]``), whose weighted batch
-    gradient is formed once at the end."""
-    verify = w is not None
-    b = g_calls[0].shape[0]
-    if p.kind == "norm":
-        F = norm_grads(p, [g.unsqueeze(1) for g in g_calls], st.get("xhat"))[:, 0]  # [b, P]
-        _gram(F, K, dense, backend)
-        return w @ F if verify else None
-    if p.kind == "embedding":
-        _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
-        g = g[:, 0, :, 0]  # [b, S, D]
-        st["ghost"].set_output(a_out, g.unsqueeze(2))
-        return g
-    gp = [position_g(p, g, x.shape[2:]) for g, x in zip(g_calls, p.inputs)]
-    g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
-    if st["ghost"] is not None:
-        st["ghost"].set_output(a_out, g)
-        return g
-    a = st["a"]
-    b, _, G, din = a.shape
-    do = g.shape[3]
-    if G == 1:
-        F = torch.bmm(g[:, :, 0].transpose(1, 2), a[:, :, 0], out=workspace(b * do * din).view(b, do, din))
-    else:
-        F = torch.einsum("bsgo,bsgi->bgoi", g, a)
-    F = F.reshape(b, -1)
-    _gram(map_parametrized_rows(p, F) if p.weight_map else F, K, dense, backend)
-    return (w @ F).view(G, do, din) if verify else None  # the check needs only the weighted batch sum
 
 
 def _gram(F: torch.Tensor, K: torch.Tensor, dense: torch.Tensor, backend: str) -> None:
