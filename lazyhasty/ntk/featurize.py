@@ -23,6 +23,7 @@ from . import forms as feat
 from .._outputs import tensor_output
 from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import form_costs
+from .capture.backward import output_gradient_passes
 from .capture.layouts import layout_mismatch
 from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
@@ -1017,76 +1018,13 @@ class Featurizer:
 
 
     def output_gradient_passes(self, out: torch.Tensor, every: list, retain: bool):
-        """For each of ``out``'s ``[b, k]`` columns in turn, the gradients of its batch sum with respect to
-        each tensor of ``every`` (zeros where unused): from one batched backward where
-        :meth:`output_gradients` takes the block, else one backward pass per output (the graph freed after the
-        last one unless ``retain``). The one loop over outputs of both the tile and the one-block trace paths."""
-        batched = self.output_gradients(out, every)
-        k = out.shape[1]
-        for a in range(k):
-            if batched is not None:
-                yield [g[a] for g in batched]
-                continue
-            gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=retain or a + 1 < k, allow_unused=True)
-            yield [torch.zeros_like(t) if g is None else g for g, t in zip(gs, every)]
-
-    def output_gradients(self, out: torch.Tensor, every: list) -> list | None:
-        """``[k, *t.shape]`` per tensor of ``every``: the gradients of each of ``out``'s ``[b, k]`` columns'
-        batch sums, from one batched backward (autograd's ``is_grads_batched``, a vmap over the output axis),
-        where those gradients take at most ``limits`` ``batched_backward_bytes``; None otherwise (the caller then runs
-        its k backward passes). Small models are bound by the per-op overheads of k passes, which one batched
-        pass pays once. vmap over backward can be silently wrong for some sizes (torch.func's PReLU rule when
-        the batch equals the batched axis): once per model structure and block shape the v-weighted sum of the
-        k gradients is checked against one plain backward; a shape that fails (or has no batching rule) keeps
-        the k passes. The graph is retained (the caller may still need it)."""
-        b, k = out.shape
-        need = k * sum(t.numel() * t.element_size() for t in every)
-        if k < 2 or need > tuning.current().batched_backward_bytes:
-            self.backward_used = (f"{k} backward passes (block of {b}: "
-                                  + ("one output)" if k < 2 else
-                                     f"the k gradients take {need / 2**20:.3g} MiB > limits batched_backward_bytes)"))
-            return None
-        key = (self.fingerprint("batched"), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
+        """Each output's gradients with respect to ``every`` in turn (``capture.backward.output_gradient_passes``:
+        one batched backward where it fits and agrees, checked once per model structure and block shape, else
+        k passes); :attr:`backward_used` says which (``explain()``)."""
         seen = caches.BATCHED_CHECKED.setdefault(self._user_model, {})
-        if seen.get(key) is False:
-            self.backward_used = (f"{k} backward passes (block of {b}: the batched backward failed its check or "
-                                  "has no batching rule)")
-            return None
-        # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
-        with exact_fp32(key not in seen):
-            got = self._batched_output_gradients(out, every, key, seen)
-        self.backward_used = (f"one batched backward over the {k} outputs (block of {b})" if got is not None else
-                              f"{k} backward passes (block of {b}: the batched backward failed its check or has "
-                              "no batching rule)")
-        return got
-
-    def _batched_output_gradients(self, out: torch.Tensor, every: list, key: tuple, seen: dict) -> list | None:
-        b, k = out.shape
-        E = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k)
-        try:
-            gs = torch.autograd.grad(out, every, E, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        except RuntimeError as exc:  # an op without a batching rule for its backward
-            if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
-                raise
-            seen[key] = False
-            return None
-        gs = [t.new_zeros(k, *t.shape) if g is None else g for g, t in zip(gs, every)]
-        if key not in seen:
-            gen = torch.Generator(device="cpu").manual_seed(2468)
-            v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-            ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
-            ref = [(torch.zeros_like(t) if r is None else r) for r, t in zip(ref, every)]
-            largest = check_scale(ref)
-            ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1), r.reshape(-1),
-                                 check_floor([r], largest))
-                     for g, r in zip(gs, ref))
-            if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
-                seen.clear()
-            seen[key] = ok
-            if not ok:
-                return None
-        return gs
-
+        passes, self.backward_used = output_gradient_passes(out, every, retain, lambda: self.fingerprint("batched"),
+                                                            seen)
+        return passes
 
 
 def cuda_free_bytes(device) -> int:

@@ -13,7 +13,7 @@ from ntk_zoo import rel_error as _rel
 
 @pytest.mark.parametrize("kernel", ["full", "trace"])
 def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wrong(monkeypatch, kernel):
-    """Small blocks take one batched backward over the k outputs (Featurizer.output_gradients): the kernel is
+    """Small blocks take one batched backward over the k outputs (capture.backward.output_gradients): the kernel is
     the reference's; the check against one plain backward is remembered per block shape; a batched backward
     that is wrong (as a silently wrong batching rule would be) fails it and the k passes give the exact
     kernel; over the byte budget it is not tried."""

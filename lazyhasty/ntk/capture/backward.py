@@ -1,16 +1,92 @@
-"""The backward passes of a block: batched vector-Jacobian products (:func:`batched_vjp`, chunked by
-``limits`` ``vjp_chunk_elements``) and gradients through a parametrization (:func:`through_parametrization`).
+"""The backward passes of a block: each output's gradients at the captured tensors (:func:`output_gradient_passes`:
+one batched backward or k passes), batched vector-Jacobian products (:func:`batched_vjp`, chunked by ``limits``
+``vjp_chunk_elements``) and gradients through a parametrization (:func:`through_parametrization`).
 """
 from __future__ import annotations
 
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .. import tuning
+from ..._precision import exact_fp32
+from .check import check_floor, check_scale, grads_close
 
 
+def output_gradient_passes(out: torch.Tensor, every: list, retain: bool, structure: Callable[[], tuple], seen: dict):
+    """``(passes, used)``: ``passes`` yields, for each of ``out``'s ``[b, k]`` columns in turn, the gradients of
+    its batch sum with respect to each tensor of ``every`` (zeros where unused), from one batched backward where
+    :func:`output_gradients` takes the block, else one backward pass per output (the graph freed after the last
+    one unless ``retain``); ``used`` says which, for ``explain()``. The one loop over outputs of the tile path,
+    the one-block trace path and the per-example copies. ``structure()``: the model's structure key, and
+    ``seen``: its record of checked block shapes (``caches.BATCHED_CHECKED``)."""
+    batched, used = output_gradients(out, every, structure, seen)
+    return _passes(out, every, retain, batched), used
 
+
+def _passes(out: torch.Tensor, every: list, retain: bool, batched: list | None):
+    k = out.shape[1]
+    for a in range(k):
+        if batched is not None:
+            yield [g[a] for g in batched]
+            continue
+        gs = torch.autograd.grad(out[:, a].sum(), every, retain_graph=retain or a + 1 < k, allow_unused=True)
+        yield [torch.zeros_like(t) if g is None else g for g, t in zip(gs, every)]
+
+
+def output_gradients(out: torch.Tensor, every: list, structure: Callable[[], tuple], seen: dict):
+    """``(grads, used)``: ``grads`` ``[k, *t.shape]`` per tensor of ``every``, the gradients of each of ``out``'s
+    ``[b, k]`` columns' batch sums, from one batched backward (autograd's ``is_grads_batched``, a vmap over the
+    output axis), where those gradients take at most ``limits`` ``batched_backward_bytes``; None otherwise (the
+    caller then runs its k backward passes). Small models are bound by the per-op overheads of k passes, which one
+    batched pass pays once. vmap over backward can be silently wrong for some sizes (torch.func's PReLU rule when
+    the batch equals the batched axis): once per model structure and block shape (``seen``) the v-weighted sum of
+    the k gradients is checked against one plain backward; a shape that fails (or has no batching rule) keeps the
+    k passes. The graph is retained (the caller may still need it)."""
+    b, k = out.shape
+    need = k * sum(t.numel() * t.element_size() for t in every)
+    if k < 2 or need > tuning.current().batched_backward_bytes:
+        return None, (f"{k} backward passes (block of {b}: "
+                      + ("one output)" if k < 2 else
+                         f"the k gradients take {need / 2**20:.3g} MiB > limits batched_backward_bytes)"))
+    failed = (f"{k} backward passes (block of {b}: the batched backward failed its check or has no batching rule)")
+    key = (structure(), tuple(out.shape), out.dtype, tuple(tuple(t.shape) for t in every))
+    if seen.get(key) is False:
+        return None, failed
+    # a block shape's first batched backward is checked, and computed, in exact fp32 (tf32=True calls too)
+    with exact_fp32(key not in seen):
+        got = _batched_output_gradients(out, every, key, seen)
+    return got, (f"one batched backward over the {k} outputs (block of {b})" if got is not None else failed)
+
+
+def _batched_output_gradients(out: torch.Tensor, every: list, key: tuple, seen: dict) -> list | None:
+    """One batched backward over the k outputs (None: no batching rule, or it failed its first check)."""
+    b, k = out.shape
+    E = torch.eye(k, dtype=out.dtype, device=out.device)[:, None, :].expand(k, b, k)
+    try:
+        gs = torch.autograd.grad(out, every, E, is_grads_batched=True, retain_graph=True, allow_unused=True)
+    except RuntimeError as exc:  # an op without a batching rule for its backward
+        if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+            raise
+        seen[key] = False
+        return None
+    gs = [t.new_zeros(k, *t.shape) if g is None else g for g, t in zip(gs, every)]
+    if key not in seen:
+        gen = torch.Generator(device="cpu").manual_seed(2468)
+        v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        ref = torch.autograd.grad((out * v).sum(), every, retain_graph=True, allow_unused=True)
+        ref = [(torch.zeros_like(t) if r is None else r) for r, t in zip(ref, every)]
+        largest = check_scale(ref)
+        ok = all(grads_close(torch.einsum("k,k...->...", v, g).reshape(-1), r.reshape(-1),
+                             check_floor([r], largest))
+                 for g, r in zip(gs, ref))
+        if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
+            seen.clear()
+        seen[key] = ok
+        if not ok:
+            return None
+    return gs
 
 
 def batched_vjp(outputs: tuple, inputs: list, grads: tuple, extra: int = 0) -> torch.Tensor:
