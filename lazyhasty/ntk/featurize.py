@@ -24,6 +24,9 @@ from .._outputs import tensor_output
 from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import form_costs
 from .capture.backward import output_gradient_passes
+from .capture.fallback import (
+    copy_jacobian, copy_reference, decide_copies, joined_parts, per_example_leaves, torch_func_jacobian,
+)
 from .capture.layouts import layout_mismatch
 from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
@@ -86,6 +89,7 @@ class Featurizer:
         self._subs = None  # per-example copy leaves of the current capture forward
         self._standins = None  # and its stand-ins at operations (capture.broadcast), when any
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
+        self._vmap_failed = False  # torch.func could not run or disagreed: the exact loop from now on
         self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
         self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
         # {parameter name: why it is on the fallback} for parameters of layers the check moved there (explain())
@@ -763,7 +767,7 @@ class Featurizer:
     def fallback_jacobian(self, x: torch.Tensor, split: bool = False):
         """[b, k, P] per-example Jacobians for the fallback parameters only (in ``self.generic`` order):
         per-example copies where they apply (:meth:`per_example_copies`), torch.func for the rest. With
-        ``split``, the same as a list of ``[b, k, P_i]`` parts whose concatenation it is (:func:`_joined_parts`:
+        ``split``, the same as a list of ``[b, k, P_i]`` parts whose concatenation it is (:func:`~.capture.fallback.joined_parts`:
         views of the large ones, the small ones joined), without the concatenated copy."""
         copies = self.per_example_copies(x)
         captured, self._captured_copies = self._captured_copies, None
@@ -777,7 +781,7 @@ class Featurizer:
         else:
             parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
         if split:
-            return _joined_parts([parts[n] for n in self.generic])
+            return joined_parts([parts[n] for n in self.generic])
         return torch.cat([parts[n] for n in self.generic], -1) if len(parts) > 1 else parts[self.generic[0]]
 
     def per_example_copies(self, x: torch.Tensor | None = None) -> list[str]:
@@ -811,73 +815,18 @@ class Featurizer:
         return [n for n in self.generic if decided.get(n)]
 
     def _decide_copies(self, todo: list, decided: dict, probe: torch.Tensor, named: dict, twin) -> None:
-        """Whether per-example copies work for each fallback parameter of ``todo`` (``decided[name]``): a tuple of
-        operation names for stand-ins at the operations that broadcast it (:mod:`.capture.broadcast`), True for
-        copies of the parameter itself (tried for the rest), False when neither passes the check. Each way runs
-        one forward for all the parameters it tries (one at a time only where copies of several break the
-        forward together), and the check's reference gradient is one backward for all: a first call on timm's
-        efficientnet ran 42 forwards and backwards here before."""
+        """Whether per-example copies work for each parameter of ``todo`` (``capture.fallback.decide_copies`` on
+        ``twin``, the reasons into ``caches.COPY_WHY``)."""
         why = caches.COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
-        cap = tuning.current().copy_max_elements
-        for n in todo:
-            decided[n] = False
-            why[n] = (f"not a planned layer's parameter, and its per-example copies would take more than "
-                      f"{cap} elements (limits copy_max_elements)")
-        eligible = [n for n in todo if named[n].numel() * probe.shape[0] <= cap]
-        if not eligible:
-            return
-        ref = self._copy_reference(probe, eligible, twin)
-        ops: dict = {}
-        try:
-            Js = self._copy_jacobian(probe, eligible, twin, at_ops=eligible, ops=ops)
-        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:  # (torch asserts shapes)
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                raise
-            # a stand-in broke the forward: said in explain() (not a silent fallback)
-            broke = f"per-example stand-ins at its operations broke the forward ({type(exc).__name__}: {exc})"
-            why.update({n: broke for n in eligible})
-            Js = None
-        if Js is not None:
-            for n, J in zip(eligible, Js):
-                if ops.get(n) and _copy_agrees(J, ref.get(n)):
-                    decided[n] = tuple(ops[n])
-                elif ops.get(n):
-                    why[n] = (f"its per-example stand-ins at {', '.join(ops[n])} differ from autograd's (it is also "
-                              "used another way, or an operation after them mixes examples)")
-                else:
-                    why[n] = ("no elementwise operation broadcasts it against the batch (it enters a product, a "
-                              "concatenation or another operation with the examples), and copies of it do not "
-                              "give its per-example gradients")
-        rest = [n for n in eligible if not decided[n] and named[n].dim() > 0]
-        groups = [rest] if len(rest) > 1 else [[n] for n in rest]
-        while groups:
-            group = groups.pop(0)
-            try:
-                Js = self._copy_jacobian(probe, group, twin, at_ops=())
-            except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-                if isinstance(exc, torch.cuda.OutOfMemoryError):
-                    raise
-                if len(group) > 1:  # one of them broke the forward: each on its own
-                    groups.extend([n] for n in group)
-                continue  # the copies changed the output's shape or broke the forward: not this way
-            for n, J in zip(group, Js):
-                decided[n] = _copy_agrees(J, ref.get(n))
-        for n in eligible:
-            if decided[n]:
-                why.pop(n, None)
 
-    @torch.enable_grad()
-    def _copy_reference(self, x: torch.Tensor, names: list, model: nn.Module) -> dict:
-        """``{name: (w, v, autograd's gradient of sum_i w_i v . f(x_i))}`` for the per-example-copy check (one
-        forward and backward of the model itself for all ``names``; ``w`` ``[b]``, ``v`` ``[k]`` random)."""
-        named = dict(model.named_parameters())
-        out = self._call(x, model=model).reshape(x.shape[0], -1)
-        b, k = out.shape
-        gen = torch.Generator(device="cpu").manual_seed(4321)
-        w = torch.randn(b, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-        v = torch.randn(k, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
-        gs = torch.autograd.grad((out * w[:, None] * v[None, :]).sum(), [named[n] for n in names], allow_unused=True)
-        return {n: (w, v, g) for n, g in zip(names, gs) if g is not None}
+        def reference(x, names):
+            with torch.enable_grad():
+                out = self._call(x, model=twin).reshape(x.shape[0], -1)
+            return copy_reference(out, named, names)
+
+        decide_copies(todo, decided, why, probe, named,
+                      lambda x, names, at_ops, ops: self._copy_jacobian(x, names, twin, at_ops=at_ops, ops=ops),
+                      reference)
 
     def copy_failures(self) -> dict:
         """``{parameter name: why}`` for fallback parameters whose per-example stand-ins broke the forward."""
@@ -909,7 +858,7 @@ class Featurizer:
         named = dict(self.model.named_parameters())
         if at_ops:
             self._standins = BroadcastStandIns(named, at_ops, x.shape[0])
-        self._subs = _per_example_leaves(named, [n for n in names if n not in at_ops], x.shape[0]) or None
+        self._subs = per_example_leaves(named, [n for n in names if n not in at_ops], x.shape[0]) or None
         return self._subs
 
     def keep_copy_grads(self, per_output: list[list[torch.Tensor]]) -> None:
@@ -925,97 +874,38 @@ class Featurizer:
         self._subs = None
         self._standins = None
 
-    @torch.enable_grad()
     def _copy_jacobian(self, x: torch.Tensor, names: list[str], model: nn.Module | None = None,
                        at_ops=None, ops: dict | None = None) -> list[torch.Tensor]:
-        """``[b, k, numel]`` per parameter of ``names``: one forward with per-example copies (of the parameter,
-        or for ``at_ops`` (default: those :meth:`copy_ops` names) stand-ins at its operations), k backwards.
-        ``ops`` gains ``{name: operation names}`` of the stand-ins found."""
+        """``[b, k, numel]`` per parameter of ``names`` from per-example copies (``capture.fallback.copy_jacobian``;
+        ``at_ops``, default those :meth:`copy_ops` names: stand-ins at their operations)."""
         model = self.model if model is None else model
-        named = dict(model.named_parameters())
-        b = x.shape[0]
-        at_ops = set(self.copy_ops() if at_ops is None else at_ops) & set(names)
-        subs = _per_example_leaves(named, [n for n in names if n not in at_ops], b)
-        mode = BroadcastStandIns(named, at_ops, b) if at_ops else None
-        out = self._call(x, subs=subs, model=model, standins=mode).reshape(b, -1)
-        k = out.shape[1]
-        leaves = list(subs.values()) + ([s.leaf for s in mode.standins] if mode else [])
-        cols: list = [[] for _ in leaves]
-        if leaves:  # (none: no operation broadcast a candidate)
-            # one batched backward where it fits and agrees (output_gradient_passes), else k passes
-            for gs in self.output_gradient_passes(out, leaves, retain=True):
-                for c, g in zip(cols, gs):
-                    c.append(g)
-        got = {n: torch.stack([g.reshape(b, -1) for g in c], 1) for n, c in zip(subs, cols)}
-        if mode is not None:
-            got.update(standin_grads(mode.standins, [torch.stack(c, 1) for c in cols[len(subs):]], named))
-            if ops is not None:
-                ops.update(mode.ops())
-        return [got[n] if n in got else out.new_zeros(b, k, named[n].numel()) for n in names]
+        at_ops = self.copy_ops() if at_ops is None else at_ops
+
+        def call(inp, subs, standins):
+            return self._call(inp, subs=subs, model=model, standins=standins)
+
+        return copy_jacobian(call, dict(model.named_parameters()), x, names, set(at_ops),
+                             self.output_gradient_passes, ops)
 
     def _torch_func_jacobian(self, x: torch.Tensor, names: list[str], split: bool = False):
-        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func (or an exact loop); with
-        ``split``, as a list of parts (:func:`_joined_parts`)."""
-        from torch.func import functional_call, jacrev, vmap
-
-        named = dict(self.model.named_parameters())
-        b = x.shape[0]
-        if not getattr(self, "_vmap_failed", False):
-            sub = {n: named[n].detach() for n in names}
-
-            def f(p, xi):
-                return functional_call(self.model, p, (xi.unsqueeze(0),)).reshape(-1)
-
-            # a block shape not yet checked against autograd is checked in exact fp32 (in a tf32=True call too)
-            pending = self._vmap_key(x, names) not in caches.VMAP_CHECKED.get(self._user_model, {})
-            try:
-                with torch.enable_grad(), exact_fp32(pending):
-                    J = vmap(jacrev(f), in_dims=(None, 0))(sub, x)
-                    parts = [J[n].reshape(b, J[n].shape[1], -1) for n in names]
-                    if self._vmap_agrees(x, names, parts):
-                        return _joined_parts(parts) if split else (
-                            torch.cat(parts, -1) if len(parts) > 1 else parts[0])  # (one parameter: a view)
-            except (RuntimeError, NotImplementedError):
-                pass
+        """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func
+        (``capture.fallback.torch_func_jacobian``), or the exact loop; with ``split``, as a list of parts."""
+        if not self._vmap_failed:
+            key = (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
+            got = torch_func_jacobian(self.model, x, names, key, caches.VMAP_CHECKED.setdefault(self._user_model, {}),
+                                      split)
+            if got is not None:
+                return got
             # some ops have no correct batching rule: nn.PReLU's backward raises under vmap(jacrev), except when
             # the batch has as many examples as the model has outputs, where it silently mixes the two (torch
             # 2.13; errors of 5% here): the exact loop instead, from now on for this Featurizer
             self._vmap_failed = True
         from . import naive
 
+        named = dict(self.model.named_parameters())
         with torch.enable_grad():  # the exact per-example, per-output autograd loop
             J = naive.jacobian_rows(self.model, [x], params=[named[n] for n in names])
         return [J] if split else J
-
-    def _vmap_key(self, x: torch.Tensor, names: list[str]) -> tuple:
-        return (self.fingerprint("vmap"), tuple(x.shape), x.dtype, tuple(names))
-
-    def _vmap_agrees(self, x: torch.Tensor, names: list[str], parts: list) -> bool:
-        """Whether torch.func's per-example Jacobians (``parts``, ``[b, k, P_i]`` per parameter) agree with
-        autograd on one random
-        combination ``sum_i w_i v_i . f(x_i)`` of examples and outputs (one forward and backward of the block);
-        once per model structure, block shape and dtype (batching-rule bugs depend on the sizes), remembered."""
-        key = self._vmap_key(x, names)
-        seen = caches.VMAP_CHECKED.setdefault(self._user_model, {})
-        if key in seen:
-            return seen[key]
-        named = dict(self.model.named_parameters())
-        gen = torch.Generator(device="cpu").manual_seed(4321)
-        J0 = parts[0]
-        wv = torch.randn(J0.shape[:2], generator=gen, dtype=torch.float64).to(J0.device, J0.dtype)  # [b, k]
-        with torch.enable_grad():
-            out = tensor_output(self.model(x)).reshape(x.shape[0], -1)
-            theirs = torch.autograd.grad((out * wv).sum(), [named[n] for n in names], allow_unused=True)
-        theirs = torch.cat([(torch.zeros_like(named[n]) if g is None else g).reshape(-1) for n, g in zip(names, theirs)])
-        mine = torch.cat([torch.einsum("bk,bkp->p", wv, J.detach()) for J in parts])
-        theirs = theirs.detach()
-        tol = 1e-4 if J0.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
-        ok = float((mine - theirs).norm()) <= tol * float(theirs.norm()) + 1e-30
-        if len(seen) > 64:  # a bounded record (block shapes vary little within a run)
-            seen.clear()
-        seen[key] = ok
-        return ok
-
 
     def output_gradient_passes(self, out: torch.Tensor, every: list, retain: bool):
         """Each output's gradients with respect to ``every`` in turn (``capture.backward.output_gradient_passes``:
@@ -1086,18 +976,6 @@ class _AllSizes:
 _ALL_SIZES = _AllSizes()
 
 
-def _per_example_leaves(named: dict, names: list[str], b: int) -> dict:
-    """``{name: leaf}``: ``b`` copies of each parameter, ``[1, ...] -> [b, ...]`` or ``[...] -> [b, ...]``."""
-    subs = {}
-    for n in names:
-        p = named[n].detach()
-        if p.shape[0] == 1:
-            subs[n] = p.expand(b, *p.shape[1:]).clone().requires_grad_()
-        else:
-            subs[n] = p.unsqueeze(0).expand(b, *p.shape).clone().requires_grad_()
-    return subs
-
-
 def _fingerprint(model: nn.Module, implementation: str) -> tuple:
     return (implementation,
             tuple((n, id(m), type(m)) for n, m in model.named_modules()),
@@ -1155,46 +1033,5 @@ def _tensor_state(t: torch.Tensor) -> tuple:
         except (RuntimeError, TypeError):
             pass  # a dtype without a byte view (quantized): identity, storage and version only
     return token
-
-
-def _joined_parts(parts: list) -> list:
-    """Per-parameter Jacobian parts ``[b, k, P_i]`` as features: each of at least ``limits``
-    ``product_slice_elements`` columns as it is (a view), the smaller ones joined into parts of about that size
-    (one GEMM for many biases, not one each)."""
-    least = max(1, tuning.current().product_slice_elements)
-    out, small, size = [], [], 0
-    for J in parts:
-        if J.shape[2] >= least:
-            out.append(J)
-            continue
-        small.append(J)
-        size += J.shape[2]
-        if size >= least:
-            out.append(torch.cat(small, -1) if len(small) > 1 else small[0])
-            small, size = [], 0
-    if small:
-        out.append(torch.cat(small, -1) if len(small) > 1 else small[0])
-    return out
-
-
-def _copy_agrees(J: torch.Tensor, ref) -> bool:
-    """Whether per-example gradients ``J`` ``[b, k, numel]`` from copies agree with the check's reference ``ref``
-    (``(w, v, theirs)`` of :meth:`Featurizer._copy_reference`; None: the parameter is unused): ``sum_i w_i v . J_i``
-    against autograd's gradient of ``sum_i w_i v . f(x_i)``."""
-    if ref is None:
-        return False
-    w, v, theirs = ref
-    if J.shape[:2] != (w.shape[0], v.shape[0]):
-        return False  # with copies the model computed something of another shape (copies mixed)
-    mine = torch.einsum("i,a,iap->p", w, v, J)
-    if not bool(mine.any()):
-        return False  # the substituted copies were not what the model read (e.g. nn.LSTM)
-    theirs = theirs.reshape(-1)
-    # relative to the gradient's size (no absolute floor: a small gradient must still match). float64: 1e-6, not
-    # tighter: a float64 model may run some ops in float32 (T5's norms compute their variance in float32), whose
-    # rounding of the weighted backward differs from the per-output passes' by ~1e-8 (measured, T5 encoder norm
-    # weights behind later blocks); an op mixing examples is an O(1) error
-    rtol = 1e-4 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-6
-    return float((mine - theirs).norm()) <= rtol * float(theirs.norm())
 
 
