@@ -28,6 +28,7 @@ from .capture.fallback import (
     copy_jacobian, copy_reference, decide_copies, joined_parts, per_example_leaves, torch_func_jacobian,
 )
 from .capture.layouts import layout_mismatch
+from .capture.norm_calls import NormCallRecorder
 from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
 from .capture.plan import affine_candidate, plan_layers, trainable_params
@@ -213,8 +214,7 @@ class Featurizer:
                 kept, transient = rule.trace_elements(p, xi, o, k, self.pairs_per_example)
                 per += 3 * o.numel() + kept
                 widest = max(widest, transient)
-            p.inputs.clear()
-            p.outputs.clear()
+            p.release()
         per += widest
         if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
             named = dict(self.model.named_parameters())
@@ -418,8 +418,7 @@ class Featurizer:
                 bad.append(p)
             else:
                 self._plan_feature(p, g_calls, theirs, v if verify else None, verify, sink, emit, bad)
-            p.inputs.clear()
-            p.outputs.clear()
+            p.release()
         if verify:
             self._note_checked(plans, per_plan, bad, k)
         if bad:
@@ -508,13 +507,34 @@ class Featurizer:
 
         def reset():
             for p in self.plans:
-                p.inputs.clear()
-                p.outputs.clear()
-                p.versions.clear()
+                p.release()
+
+        active: list = []  # norm-call recorders entered by a module's pre-hook, not yet left
+
+        def enter_for(p):
+            def pre_hook(module, args):
+                rec = NormCallRecorder(p)
+                rec.__enter__()
+                active.append(rec)
+            return pre_hook
+
+        def leave_for(p):
+            def hook(module, args, output):
+                rec = active.pop()
+                rec.__exit__(None, None, None)
+                if not rec.recorded:
+                    self._why[p.name] = ("its forward made no norm call (F.batch_norm, F.layer_norm, F.group_norm, "
+                                         "F.rms_norm) on its own weight or bias")
+            return hook
+
+        def hooks(p):
+            if p.at_call:  # captured at its norm call inside the forward (capture.norm_calls)
+                return [p.module.register_forward_pre_hook(enter_for(p)), p.module.register_forward_hook(leave_for(p))]
+            return [p.module.register_forward_hook(hook_for(p))]
 
         for _ in range(2):
             reset()
-            handles = [p.module.register_forward_hook(hook_for(p)) for p in self.plans]
+            handles = [h for p in self.plans for h in hooks(p)]
             # attention and recurrent modules whose maps are planned run unrolled (the maps become hooked calls)
             unrolled = []
             for p in self.plans:
@@ -533,6 +553,8 @@ class Featurizer:
                     subs = self._copy_leaves(x) if grad else None
                     out = self._call(x, reset, subs=subs, standins=self._standins if grad else None)
             finally:
+                while active:  # the forward raised inside a recorded module: leave its mode
+                    active.pop().__exit__(None, None, None)
                 for h in handles:
                     h.remove()
                 for att in unrolled:

@@ -247,9 +247,43 @@ def test_norms_with_an_activation_a_permuted_layout_or_written_out_are_captured(
     m, x = _double(m), torch.randn(5, 3, 6, 6, dtype=torch.float64)
     plan, rows = _rows(m, x)
     assert plan.generic == []
-    assert rows["bn.weight"]["at_ops"] == ["batch_norm"] and rows["bn.bias"]["at_ops"] == ["batch_norm"]
-    assert rows["ln.weight"]["at_ops"] == ["layer_norm"] and rows["ln.bias"]["at_ops"] == ["layer_norm"]
+    # the norm subclasses with a forward of their own are captured at their norm call (capture.norm_calls): a
+    # norm layer's materialized gradients, with no stand-ins over the whole forward (before: stand-ins at
+    # batch_norm / layer_norm); the written-out RMS norm's weight by a stand-in at its mul
+    for name in ("bn.weight", "bn.bias", "ln.weight", "ln.bias"):
+        assert (rows[name]["kind"], rows[name]["form"]) == ("norm", "materialized"), rows[name]
     assert rows["rms.weight"]["at_ops"] == ["mul"]
+    _exact(m, x)
+
+
+class NormAlsoAdded(nn.BatchNorm2d):
+    """A norm whose weight is also added to its output: captured at its norm call, the check finds the other use."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x)) + 0.5 * self.weight.view(1, -1, 1, 1)
+
+
+class NoNormCall(nn.LayerNorm):
+    """A LayerNorm subclass writing the affine map out (no norm call on its own weight)."""
+
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * self.weight + self.bias
+
+
+def test_a_norm_at_its_call_whose_parameters_are_used_another_way_goes_to_the_fallback_and_says_why():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), NormAlsoAdded(4), nn.Flatten(), nn.Linear(4 * 16, 5), NoNormCall(5),
+                      nn.Linear(5, 2)).eval()
+    m, x = _double(m), torch.randn(5, 3, 6, 6, dtype=torch.float64)
+    plan, rows = _rows(m, x)
+    assert rows["1.weight"]["kind"] == "broadcast" and rows["1.weight"]["at_ops"] == ["add", "batch_norm"], rows
+    assert rows["1.bias"]["at_ops"] == ["batch_norm"], rows["1.bias"]  # (its module is on the fallback)
+    assert rows["4.weight"]["at_ops"] == ["mul"] and rows["4.bias"]["at_ops"] == ["add"], rows["4.weight"]
+    from lazyhasty.ntk import Featurizer
+
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert "made no norm call" in fz.fallback_reasons["4.weight"], fz.fallback_reasons
     _exact(m, x)
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .norm_calls import call_reduction, normalized_call_input
 from .plan import CONV_TRANSPOSE_TYPES, NORM_TYPES, LayerPlan
 
 
@@ -27,7 +28,8 @@ def layout_mismatch(plan: LayerPlan, b: int) -> str | None:
     first (``b`` examples), then ``nn.Linear``: ``[b, ..., G d_in]`` -> ``[b, ..., G d_out]`` at the same
     positions; convolutions: ``[b, C_in, *spatial]`` -> ``[b, C_out, *spatial']``; ``nn.Embedding``: indices
     ``[b, ...]`` -> ``[b, ..., D]``; norms: ``y`` the shape of ``x``, with ``normalized_shape`` trailing
-    (LayerNorm, RMSNorm) or the channels on dim 1 (BatchNorm, GroupNorm). A subclass whose forward is not its
+    (LayerNorm, RMSNorm) or the channels on dim 1 (BatchNorm, GroupNorm); a norm subclass with its own forward
+    (``plan.at_call``) is read at its norm call, whose output is its input's shape. A subclass whose forward is not its
     base class's (timm's ``LayerNorm2d`` permuting NCHW inputs, a Linear applied to halves of its input) or a
     module called on a tensor without the batch (T5's relative-position bias on ``[L, L]`` buckets) does not fit:
     the layer goes to the fallback with this reason (``explain()``), and any other error of a layout is a bug
@@ -268,6 +270,8 @@ def normalized_inputs(plan: LayerPlan) -> list:
     """Per call of a norm layer: its normalized input ``xhat`` (None for a transposed convolution's bias plan),
     which the weight's per-example gradient multiplies (computed once per block, for every output)."""
     m = plan.module
+    if plan.at_call:  # the recorded norm calls without their affine parameters
+        return [normalized_call_input(func, args, x) for x, (func, args) in zip(plan.inputs, plan.call_args)]
     out = []
     for x in plan.inputs:
         if isinstance(m, nn.LayerNorm):
@@ -291,9 +295,11 @@ def norm_grads(plan: LayerPlan, grads, xhats: list | None = None) -> torch.Tenso
     total = None
     if xhats is None:
         xhats = normalized_inputs(plan)
-    for xhat, gk in zip(xhats, grads):
+    for i, (xhat, gk) in enumerate(zip(xhats, grads)):
         b, k = gk.shape[:2]
-        if isinstance(m, nn.LayerNorm):
+        if plan.at_call:
+            red = call_reduction(*plan.call_args[i], gk)
+        elif isinstance(m, nn.LayerNorm):
             red = tuple(range(2, gk.dim() - len(m.normalized_shape)))  # leading (position) dims, after [b, k]
         elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):
             red = tuple(range(2, gk.dim() - len(m.normalized_shape)))

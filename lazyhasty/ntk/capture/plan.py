@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from .caches import DIRECT
+from .norm_calls import at_norm_call
 from .sites import InProjection, RecurrentProjection, capture_modules, matmul_sites
 
 
@@ -71,9 +72,20 @@ class LayerPlan:
     # "affine": a Linear subclass computing W(theta) in its forward (found out by the layer check), whose
     # effective map is read off the module itself (affine_map); False: the plain weight
     weight_map: str | bool = False
+    # a norm subclass with its own forward (timm's BatchNormAct2d, LayerNorm2d): captured at its norm call, not at
+    # its output (``norm_calls``); ``call_args`` holds each recorded call's function and other arguments
+    at_call: bool = False
+    call_args: list = field(default_factory=list)
 
     def __post_init__(self):
         self.kind = LayerKind(self.kind)
+
+    def release(self) -> None:
+        """Drop what the last capture recorded (inputs, outputs, version counters, call arguments)."""
+        self.inputs.clear()
+        self.outputs.clear()
+        self.versions.clear()
+        self.call_args.clear()
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         if self.weight_map == "affine":
@@ -214,7 +226,8 @@ def plan_layers(model: nn.Module, implementation: str, excluded: set[int] = froz
             continue
         kind = ("linear" if isinstance(m, (nn.Linear, InProjection, RecurrentProjection)) else "conv" if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                 else "embedding" if isinstance(m, nn.Embedding) else "norm")
-        plans.append(LayerPlan(name, m, kind, use_w, use_b, weight_map=mapped and use_w))
+        plans.append(LayerPlan(name, m, kind, use_w, use_b, weight_map=mapped and use_w,
+                               at_call=kind == "norm" and at_norm_call(m)))
         if use_w and mapped:
             covered.update(id(t) for t in originals)
         elif use_w:

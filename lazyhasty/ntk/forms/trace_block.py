@@ -136,8 +136,7 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         if not all(grads_close(u, w, floor) for u, w in zip(got, rule.check_reference(ref))):
             bad.append(p)
     for p in plans:
-        p.inputs.clear()
-        p.outputs.clear()
+        p.release()
     return bad
 
 
