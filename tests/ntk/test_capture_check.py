@@ -445,3 +445,34 @@ def test_forget_drops_every_per_model_cache_and_the_next_call_checks_anew():
     assert _rel(ntk_gram(m, x), K) <= 1e-12
     assert seen[:2] == [SAMPLE, SAMPLE - 1]  # the input checks' trial forwards ran again
     assert m in caches.VERIFIED and m in caches.TRIAL_PASSED
+
+
+def test_a_remembered_verdict_is_planned_once_and_later_calls_copy_that_plan(monkeypatch):
+    """Once a model's layer check is remembered, the first Featurizer that replans from it keeps the plan in the
+    Verdict and later calls copy it (LayerPlan.fresh) instead of planning the model again; the copies share no
+    captured tensors, a dtype copy of the model plans its own modules, and every kernel stays exact."""
+    from lazyhasty.ntk import featurize as FZ
+    from lazyhasty.ntk.capture import caches
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3),
+                      nn.LayerNorm(3)).eval()
+    x = torch.randn(5, 3, 6, 6)
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()])
+    ntk_gram(m, x, implementation="layerwise")  # checks and remembers
+    calls = []
+    real = FZ.plan_layers
+    monkeypatch.setattr(FZ, "plan_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = [ntk_gram(m, x, implementation="layerwise") for _ in range(3)]
+    assert len(calls) == 1, calls  # the first later call plans; the next two copy (before: one a call)
+    for K in got:
+        assert _rel(K, want) <= 1e-5
+    a = FZ.Featurizer(m, "layerwise", "full", None)
+    b = FZ.Featurizer(m, "layerwise", "full", None)
+    assert [p.name for p in a.plans] == [p.name for p in b.plans] and all(
+        p is not q and p.inputs is not q.inputs for p, q in zip(a.plans, b.plans))
+    assert all(p.module is dict(m.named_modules())[p.name] for p in a.plans)
+    d = FZ.Featurizer(m, "layerwise", "full", torch.float64)  # its own (float64) modules, not the template's
+    assert all(p.module is not q.module for p, q in zip(d.plans, a.plans))
+    assert _rel(ntk_gram(m, x.double(), implementation="layerwise", dtype=torch.float64), want) <= 1e-10
+    caches.forget(m)

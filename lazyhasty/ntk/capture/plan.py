@@ -6,7 +6,7 @@ materialized); it holds no captured tensor. Parameters no plan covers go to the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 import torch
@@ -79,6 +79,11 @@ class LayerPlan:
 
     def __post_init__(self):
         self.kind = LayerKind(self.kind)
+
+    def fresh(self) -> "LayerPlan":
+        """A copy of the plan's decisions (layer, kind, parameters, weight map, in-place copies) with nothing
+        captured and no form chosen yet (the form depends on the call: its outputs and example pairs)."""
+        return replace(self, form=None, inputs=[], outputs=[], versions=[], costs=None, call_args=[])
 
     def release(self) -> None:
         """Drop what the last capture recorded (inputs, outputs, version counters, call arguments)."""
