@@ -10,7 +10,6 @@ in ``paths``, the entry points in ``api``; the one-block trace kernel, on the sa
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -22,40 +21,24 @@ from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
 from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
-from .capture.cost import form_costs
+from .capture.cost import layerwise_or_jacobian
 from .capture.backward import output_gradient_passes
 from .capture.fallback import (
     copy_jacobian, copy_reference, decide_copies, joined_parts, per_example_leaves, torch_func_jacobian,
 )
 from .capture.layouts import layout_mismatch
-from .capture.norm_calls import NormCallRecorder
+from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
 from .capture.plan import affine_candidate, plan_layers, trainable_params
 from .capture.sites import (
-    InProjection, MatmulSite, RecurrentProjection, SiteRecorder, discover_sites, capture_modules, unrolled_attention, unrolled_recurrent,
+    InProjection, RecurrentProjection, discover_sites, capture_modules,
 )
 from .forms.trace_block import trace_gram as _trace_gram
 from . import tuning
 from .capture import caches
 from .capture.broadcast import BroadcastStandIns, standin_grads
 
-# implementation="auto" (Featurizer._auto_choice): where some parameters still need torch.func, the layerwise
-# pass plus that fallback against one whole-model Jacobian, by the cost model. The fallback's vmap(jacrev) runs a
-# forward and k backward passes through the whole model whatever share of the parameters it covers, so per
-# example the two differ by
-#     jacobian - layerwise = sum_l [pairs * materialized_l - pairs * min(ghost_l, materialized_l)] - (1 + k) F
-# (materialized_l includes forming the layer's per-example gradients, which the Jacobian pays too; F: the
-# forward's flops an example through the parameters, sum_l G S d_in d_out plus one per other parameter): the
-# layerwise pass wins only where its ghost forms save more than that extra pass. Measured (2-core CPU, n = 32-64,
-# layerwise / jacobian time, before attention and recurrences were captured): torchvision ViT (37% on the
-# fallback, mostly materialized) 1.5x, nn.TransformerEncoder classifier (41%) 1.4x, nn.MultiheadAttention (81%)
-# 1.5x, nn.LSTM (98%) 1.2x; resnet18 with its BatchNorms on the fallback (ghost convolutions) 0.2x.
-# The extra pass is weighted by PASS_FLOP_WEIGHT: its flops run as many small kernels through autograd, the
-# savings as large GEMMs. Measured (2-core CPU, an MLP with a 256-input cosine Linear on torch.func, n = 64,
-# trace): the extra capture pass took 28 ms for 54M modelled flops (~2 GFLOP/s), GEMMs run at ~80, so the
-# flop-only rule took layerwise (3.5M "saved" a example against 0.84M) and was 7% slower than torch.func.
-PASS_FLOP_WEIGHT = 16
 
 
 # Why a layer that failed the check is on the fallback (explain()), unless the check found a more specific reason.
@@ -497,86 +480,14 @@ class Featurizer:
         return owner_key(params[0]) if params else p.name
 
     def capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
-        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call.
+        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call
+        (:func:`~.capture.hooks.capture_forward`; with grad, per-example copies of the fallback parameters that
+        take them ride on it)."""
+        def forward(reset):
+            subs = self._copy_leaves(x) if grad else None
+            return self._call(x, reset, subs=subs, standins=self._standins if grad else None)
 
-        In-place safe: if the model modified a captured input or output in place after the layer ran (its
-        version counter moved), that layer switches to copies (:class:`LayerPlan` ``copy_input`` /
-        ``copy_output``, remembered per model structure) and the forward runs again."""
-        def hook_for(p):
-            def hook(module, args, output):
-                a = args[0].detach()
-                p.inputs.append(a.clone() if p.copy_input else a)
-                p.outputs.append(output)
-                p.versions.append((a._version, output._version))
-                if p.copy_output:
-                    return output.clone()  # the model continues on a copy; ``output`` stays as backward sees it
-                return None
-            return hook
-
-        def reset():
-            for p in self.plans:
-                p.release()
-
-        active: list = []  # norm-call recorders entered by a module's pre-hook, not yet left
-
-        def enter_for(p):
-            def pre_hook(module, args):
-                rec = NormCallRecorder(p)
-                rec.__enter__()
-                active.append(rec)
-            return pre_hook
-
-        def leave_for(p):
-            def hook(module, args, output):
-                rec = active.pop()
-                rec.__exit__(None, None, None)
-                if not rec.recorded:
-                    self._why[p.name] = ("its forward made no norm call (F.batch_norm, F.layer_norm, F.group_norm, "
-                                         "F.rms_norm) on its own weight or bias")
-            return hook
-
-        def hooks(p):
-            if p.at_call:  # captured at its norm call inside the forward (capture.norm_calls)
-                return [p.module.register_forward_pre_hook(enter_for(p)), p.module.register_forward_hook(leave_for(p))]
-            return [p.module.register_forward_hook(hook_for(p))]
-
-        for _ in range(2):
-            reset()
-            handles = [h for p in self.plans for h in hooks(p)]
-            # attention and recurrent modules whose maps are planned run unrolled (the maps become hooked calls)
-            unrolled = []
-            for p in self.plans:
-                if isinstance(p.module, (InProjection, RecurrentProjection)):
-                    owner = p.module._owner()
-                    if owner in unrolled:
-                        continue
-                    unrolled.append(owner)
-                    own = type(owner).forward.__get__(owner)
-                    owner.forward = (unrolled_attention(owner, p.module, own) if isinstance(p.module, InProjection)
-                                     else unrolled_recurrent(owner, own))
-            site_plans = [p for p in self.plans if isinstance(p.module, MatmulSite)]
-            recording = SiteRecorder(site_plans, x.shape[0]).mode if site_plans else contextlib.nullcontext()
-            try:
-                with torch.set_grad_enabled(grad), recording:
-                    subs = self._copy_leaves(x) if grad else None
-                    out = self._call(x, reset, subs=subs, standins=self._standins if grad else None)
-            finally:
-                while active:  # the forward raised inside a recorded module: leave its mode
-                    active.pop().__exit__(None, None, None)
-                for h in handles:
-                    h.remove()
-                for att in unrolled:
-                    del att.forward  # the class's forward again
-            moved = False
-            for p in self.plans:
-                for a, o, (va, vo) in zip(p.inputs, p.outputs, p.versions):
-                    if not p.copy_input and a._version != va:
-                        p.copy_input = moved = True
-                    if not p.copy_output and o._version != vo:
-                        p.copy_output = moved = True
-            if not moved:
-                break
-        return out
+        return capture_forward(self.plans, x.shape[0], forward, grad, self._why)
 
     def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None, model: nn.Module | None = None,
               standins: BroadcastStandIns | None = None) -> torch.Tensor:
@@ -718,8 +629,8 @@ class Featurizer:
 
     def _auto_choice(self) -> bool:
         """``implementation="auto"`` once the layer check is done: the whole-model Jacobian when the cost model
-        says it is cheaper than the layerwise pass plus its torch.func fallback (see the comment at the top of
-        this module). True when it switched."""
+        says it is cheaper than the layerwise pass plus its torch.func fallback
+        (:func:`~.capture.cost.layerwise_or_jacobian`). True when it switched."""
         if not self.auto or not self.plans or not self.generic:
             return False
         named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -729,26 +640,11 @@ class Featurizer:
         if not rest:
             self.auto_reason = "layerwise: the fallback parameters are all per-example copies (no torch.func pass)"
             return False
-        pairs = max(self.pairs_per_example, 1.0)
-        known = self._layer_costs
-        saved, forward, k = 0.0, float(sum(named[n].numel() for n in self.generic)), 1
-        for p in self.plans:
-            dims = known.get(p.name)
-            if dims is None:  # norms, embeddings, affine maps: one flop a parameter
-                forward += sum(t.numel() for _, t in p.params())
-                continue
-            c = form_costs(*dims, self.kernel, pairs)
-            k = dims[3]
-            materialized = pairs * c["materialized_pair"] + c["forming"]
-            saved += materialized - min(pairs * c["ghost"], materialized)
-            forward += c["forward"]
-        extra = PASS_FLOP_WEIGHT * (1 + k) * forward
-        if saved > extra:
-            self.auto_reason = (f"layerwise: its ghost forms save {saved:.3g} flops an example, more than the "
-                                f"torch.func pass of the fallback ({share:.0%} of the parameters) adds ({extra:.3g})")
+        layers = [(self._layer_costs.get(p.name), sum(t.numel() for _, t in p.params())) for p in self.plans]
+        jacobian, self.auto_reason = layerwise_or_jacobian(
+            layers, sum(named[n].numel() for n in self.generic), share, self.kernel, self.pairs_per_example)
+        if not jacobian:
             return False
-        self.auto_reason = (f"jacobian: the torch.func pass of the fallback ({share:.0%} of the parameters) adds "
-                            f"{extra:.3g} flops an example, more than the layerwise ghost forms save ({saved:.3g})")
         self.plans, self.generic = plan_layers(self.model, "jacobian")
         return True
 
