@@ -19,9 +19,9 @@ def one_trace_block(fz, x_all: torch.Tensor, block_size: int | None) -> bool:
 
 
 def output_size(fz, x: torch.Tensor) -> int:
-    """``k``: the number of outputs of ``fz``'s model on one example of ``x`` (a forward without grad)."""
-    with torch.no_grad():
-        return int(fz._call(fz._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
+    """``k``: the number of outputs of ``fz``'s model on one example of ``x`` (a forward without grad, once per
+    model structure and state, example shape, dtypes and device: ``Featurizer.output_size``)."""
+    return fz.output_size(x)
 
 
 def finite(K: torch.Tensor) -> torch.Tensor:

@@ -476,3 +476,25 @@ def test_a_remembered_verdict_is_planned_once_and_later_calls_copy_that_plan(mon
     assert all(p.module is not q.module for p, q in zip(d.plans, a.plans))
     assert _rel(ntk_gram(m, x.double(), implementation="layerwise", dtype=torch.float64), want) <= 1e-10
     caches.forget(m)
+
+
+def test_the_output_size_is_remembered_per_structure_and_example_shape():
+    """The one-example forward that sizes the outputs runs once per model structure and example shape (it was
+    one a call), and a changed head gives the new size."""
+    from lazyhasty.ntk.capture import caches
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    sized = []
+    m.register_forward_hook(lambda mod, args, out: sized.append(1) if args[0].shape[0] == 1 else None)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    for _ in range(3):
+        ntk_gram(m, x, kernel="full")
+    assert len(sized) == 1, sized
+    m[2] = nn.Linear(5, 4).double()
+    K = ntk_gram(m, x, kernel="full")
+    assert K.shape == (6, 4, 6, 4) and _rel(K, R.ntk_gram(m, [x], kernel="full")) <= 1e-10
+    after = len(sized)  # (the new structure's check ran one-example forwards too)
+    ntk_gram(m, x, kernel="full")
+    assert len(sized) == after
+    caches.forget(m)

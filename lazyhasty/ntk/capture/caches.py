@@ -1,7 +1,7 @@
 """Per-model caches, in one place: each is a ``WeakKeyDictionary`` keyed by the user's model (freed with it),
 holding what was decided for one structure and state: the layer check's verdict, which fallback parameters may
 be copied per example, the batch-mixing checks, torch.func's and the batched backward's checks, the capture
-sites, the one-block trace size and the input checks' trial forwards. Each entry carries the structure key it
+sites, the one-block trace size, the output size and the input checks' trial forwards. Each entry carries the structure key it
 was decided for, so a changed model is checked anew; :func:`forget` drops a model from all of them.
 """
 from __future__ import annotations
@@ -40,8 +40,11 @@ BATCHED_CHECKED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyD
 # Per model: (structure, example shape, plan) and the elements one example takes in a one-block trace kernel.
 TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+# Per model: (structure, example shape, dtypes, device) and the number of outputs k of one example.
+OUTPUT_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
 ALL = (IN_PROJECTIONS, RECURRENT, SITES, DIRECT, VERIFIED, COPYABLE, COPY_WHY, MIXING_CHECKED, VMAP_CHECKED,
-       BATCHED_CHECKED, TRACE_SIZES, TRIAL_PASSED)
+       BATCHED_CHECKED, TRACE_SIZES, OUTPUT_SIZES, TRIAL_PASSED)
 
 
 def forget(model: nn.Module) -> None:
