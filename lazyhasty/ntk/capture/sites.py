@@ -233,7 +233,9 @@ class MatmulSite(nn.Module):
         return self.layout in ("h@W", "grouped")
 
     def _get(self, name):
-        return dict(self._owner().named_parameters())[name]
+        # by its path (a walk down the module tree), not a dict of the whole model's parameters a read: the
+        # weight and bias are read at every recorded call (HF GPT-2: 14 ms of a 46 ms first call)
+        return self._owner().get_parameter(name)
 
     @property
     def weight(self) -> torch.Tensor:
