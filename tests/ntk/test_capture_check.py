@@ -498,3 +498,27 @@ def test_the_output_size_is_remembered_per_structure_and_example_shape():
     ntk_gram(m, x, kernel="full")
     assert len(sized) == after
     caches.forget(m)
+
+
+class _WideNormAlsoScaled(nn.LayerNorm):
+    """A wide LayerNorm whose weight also enters the output a second, small way: captured at its norm call,
+    the per-example gradients miss ~1% of the weight's."""
+
+    def forward(self, x):
+        return super().forward(x) + 0.01 * self.weight
+
+
+def test_the_check_tolerance_does_not_grow_with_a_layers_size():
+    """A float32 layer check compares max errors within 1e-3 of the gradient's scale, whatever the number of
+    entries: with the old factor sqrt(rows) a 1000-channel norm's flattened gradient had a 3% tolerance, and a
+    norm whose per-example gradients were ~1% off passed (its kernel wrong in float32, no warning)."""
+    from lazyhasty.ntk import Featurizer
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 1000), _WideNormAlsoScaled(1000), nn.Tanh(), nn.Linear(1000, 2))
+    x = torch.randn(6, 4)
+    fz = Featurizer(m, "layerwise", "full", None)
+    fz(x)
+    assert "1" not in {p.name for p in fz.plans}, fz.describe()
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()])
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-5

@@ -12,7 +12,15 @@ import torch
 
 def grads_close(mine: torch.Tensor, theirs: torch.Tensor, floor: float = 0.0) -> bool:
     """Whether a layer check's gradient ``mine`` equals autograd's ``theirs``: the same shape, and a max error
-    within 1e-3 (16/32-bit) or 1e-8 (float64) of ``max(|mine|, |theirs|, floor)``, times ``sqrt(rows)``.
+    within 1e-3 (16/32-bit) or 1e-7 (float64) of ``max(|mine|, |theirs|, floor)``.
+
+    No factor for the tensor's size: a max error does not grow with the number of entries (each is its own
+    reduction). Before, the tolerance was multiplied by ``sqrt(rows)``, and a flattened norm gradient's rows are
+    its entries: 5% of the largest on a 1280-channel norm, 13% on timm ViT's position embedding. Measured on
+    every layer check of ``benchmarks/outside_models.py`` in float32 (both kernels): the largest error of a
+    right layer is 0.008 of this tolerance (timm mobilenetv3; 0.001-0.002 on the transformers); in float64, 0.4
+    (HF T5, whose norms compute their variance in float32: errors up to 3.8e-8 of the scale), ~1e-7 elsewhere.
+    A wrong layer is off by percents (a norm's activation ignored: 144%; a second use of its weight: 1%).
 
     ``floor`` (:func:`check_floor`): the scale of the rounding a gradient zero in exact arithmetic carries (an
     attention key's bias under softmax: noise of its layer's weight gradient, not of its own). Relative, not to
@@ -25,8 +33,8 @@ def grads_close(mine: torch.Tensor, theirs: torch.Tensor, floor: float = 0.0) ->
     if not theirs.numel():
         return True
     scale = max(float(theirs.abs().max()), float(mine.abs().max()), floor)
-    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8) * scale
-    return float((mine - theirs).abs().max()) <= tol * max(1.0, mine.shape[0] ** 0.5)
+    tol = (1e-3 if theirs.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-7) * scale
+    return float((mine - theirs).abs().max()) <= tol
 
 
 # The layer check's random weights: the same draws on the tile path and the one-block trace path.
