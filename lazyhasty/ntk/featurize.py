@@ -11,6 +11,7 @@ in ``paths``, the entry points in ``api``; the one-block trace kernel, on the sa
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -351,7 +352,12 @@ class Featurizer:
 
     def _layer_features(self, x: torch.Tensor, sink=None):
         plans = self.plans
-        out = self.capture(x)
+        reps = self._replicas(x)
+        started = time.perf_counter()
+        if reps:  # every output's gradients from one backward of the block repeated k times
+            out, replicated = self._replicated_capture(x, reps)
+        else:
+            out = self.capture(x)
         b = x.shape[0]
         out = out.reshape(b, -1)
         k = self.k = out.shape[1]
@@ -391,6 +397,9 @@ class Featurizer:
             vgrads = [t for ts in per_plan for t in ts]
             self._check_scale = check_scale(vgrads)
             v = w[:, None]  # [b, 1]: example i's weight on its one "output"
+        elif reps:
+            grads = replicated  # each [b, k, ...]
+            self._note_backward(x, "replicated", time.perf_counter() - started, outs)
         else:
             copies = self.capture_copies
             leaves = list(copies.values()) if copies else []  # per-example copies (their gradients too)
@@ -400,6 +409,8 @@ class Featurizer:
                 self.keep_copy_grads(per_out[len(outs):])
                 per_out = per_out[:len(outs)]
             grads = [torch.stack(g, 1) for g in per_out]  # each [b, k, ...]
+            if not verify:
+                self._note_backward(x, "batched", time.perf_counter() - started, outs)
         if verify and not self.is_twin:
             # One random combination of outputs and examples checks every layer: sum_i w_i v . J_i from the
             # captured factors must equal autograd's gradient of sum_i w_i v . f(x_i). It does not when a
@@ -435,6 +446,81 @@ class Featurizer:
         if verify and self.mark_verified():
             raise PlanChanged  # auto chose the whole-model Jacobian: this block again, with that plan
         return feats
+
+    # -- the output gradients of a verified block: batched backward or the block repeated k times -----------------
+    def _replication_key(self, x: torch.Tensor) -> tuple:
+        # the thread count too: which way is faster depends on it (benchmarks/replicated_backward.py)
+        return (self.fingerprint("replicated"), tuple(x.shape), x.dtype, str(self.device), torch.get_num_threads())
+
+    def _replicas(self, x: torch.Tensor) -> int:
+        """``k`` when this verified block's output gradients come from one backward of the block repeated ``k``
+        times (:meth:`_replicated_capture`), else 0 (one batched backward or k passes: :meth:`output_gradient_passes`).
+
+        Which is faster depends on the model and the machine: on the 2-core CPU at 2 threads, the replicated
+        block takes 0.42x the batched backward's time on timm mobilenetv3 (n = 4: the legacy vmap of
+        ``is_grads_batched`` loops over k for depthwise convolutions' backward, the replicated one runs it once on
+        ``k b`` examples) and 1.0-1.75x on the transformers and ResNet (``benchmarks/results/replicated-backward-*``).
+        So it is measured, once per model structure, block shape, device and thread count: two calls each way,
+        alternating (every call exact either way), then the faster is kept (``caches.REPLICATED``; explain() says
+        which). Only while k times the block's captured tensors take at most ``limits``
+        ``replicated_backward_bytes`` (0: never), and not with per-example copies riding on the capture."""
+        cap = tuning.current().replicated_backward_bytes
+        if (cap == 0 or self.is_twin or not self.verified or not self.plans or type(x) is not torch.Tensor
+                or (self.generic and self.per_example_copies())):
+            return 0
+        st = caches.REPLICATED.get(self._user_model, {}).get(self._replication_key(x))
+        if st is None or st.get("never") or st["k"] < 2 or st["k"] * st["bytes"] > cap:
+            return 0
+        batched, replicated = st["batched"], st["replicated"]
+        if not replicated and batched:
+            # the replicated block is a batch of k b examples, a size the batch-mixing check has not seen: a
+            # model may mix examples only in large batches (a batch statistic above some size), so it is
+            # checked at that size first (once per structure), and a model that mixes there never replicates
+            try:
+                self._check_batch_independence(x.repeat(st["k"], *([1] * (x.dim() - 1))))
+            except ValueError:
+                st["never"] = True
+                return 0
+        if len(replicated) < min(2, len(batched)):
+            return st["k"]  # measuring: its turn
+        if len(batched) < 2:
+            return 0
+        return st["k"] if min(replicated) < min(batched) else 0
+
+    def _replicated_capture(self, x: torch.Tensor, reps: int):
+        """``(out [b, k], grads)``: the capture forward on ``x`` repeated ``reps`` (= k) times (``[k b, ...]``,
+        replica-major), then one backward of ``sum_r f_r(x^(r))``: replica r's gradients are output r's (the
+        examples are independent: the batch-mixing check ran). ``grads``: per captured call ``[b, k, ...]``;
+        the plans keep replica 0's inputs and outputs (views)."""
+        b = x.shape[0]
+        out = self.capture(x.repeat(reps, *([1] * (x.dim() - 1)))).reshape(reps * b, -1)
+        outs = [o for p in self.plans for o in p.outputs]
+        idx = torch.arange(reps, device=out.device)
+        E = out.new_zeros(reps, b, out.shape[1])
+        E[idx, :, idx] = 1  # replica r's rows weigh output r
+        gs = torch.autograd.grad(out, outs, E.view(reps * b, -1), allow_unused=True)
+        grads = [(torch.zeros_like(o) if g is None else g).view(reps, b, *o.shape[1:]).transpose(0, 1)
+                 for g, o in zip(gs, outs)]
+        for p in self.plans:
+            p.inputs[:] = [t[:b] for t in p.inputs]
+            p.outputs[:] = [t[:b] for t in p.outputs]
+        self.backward_used = (f"one backward of the block repeated {reps} times (block of {b}: measured faster "
+                              "than the batched backward for this model, shape and thread count)")
+        return out[:b], grads
+
+    def _note_backward(self, x: torch.Tensor, way: str, seconds: float, outs: list) -> None:
+        """Record one verified block's capture-and-gradients time for :meth:`_replicas`' measurement."""
+        key = self._replication_key(x)
+        known = caches.REPLICATED.setdefault(self._user_model, {})
+        st = known.get(key)
+        if st is None:
+            if len(known) > 16:  # a bounded record (block shapes vary little within a run)
+                known.clear()
+            size = sum(o.numel() * o.element_size() for o in outs)
+            st = known[key] = {"k": outs[0].shape[1] if way == "replicated" else self.k, "bytes": size,
+                               "batched": [], "replicated": []}
+        if len(st[way]) < 2:
+            st[way].append(seconds)
 
     def _note_checked(self, plans: list, per_plan: list, bad: list, k: int) -> None:
         """After a round of the check: the layers it decided right (``_passed``, by name and weight map: their

@@ -81,3 +81,96 @@ def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypa
             assert (got[:, 16:18] == 0).all()  # the unused input
             parts = L.split_rows(got, [a, b])
             assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])
+
+
+class _DepthwiseNet(nn.Module):
+    """Depthwise and pointwise convolutions with BatchNorm (eval) and an in-place activation, a class token
+    free head: the kind of model whose output gradients the replicated block can serve."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(inplace=True),
+                                  nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.Hardswish(),
+                                  nn.Conv2d(6, 4, 1))
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+@pytest.mark.parametrize("kernel", ["full", "trace"])
+def test_the_replicated_block_is_measured_against_the_batched_backward_and_exact_either_way(kernel):
+    """A verified block's output gradients from one backward of the block repeated k times
+    (Featurizer._replicated_capture): measured against the batched backward over two calls each, alternating,
+    then the faster kept (caches.REPLICATED); every call equals the spec either way; limits
+    replicated_backward_bytes=0 never replicates."""
+    from lazyhasty.ntk.capture import caches
+
+    torch.manual_seed(0)
+    m = _DepthwiseNet().double().eval()
+    with torch.no_grad():
+        for bn in (m.body[1], m.body[4]):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    want = R.ntk_gram(m, [x], kernel=kernel)
+    for _ in range(7):  # the check, then batched / replicated measured twice each, then the chosen way
+        assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    assert len(st["batched"]) == 2 and len(st["replicated"]) == 2, st
+    assert st["k"] == 3
+    caches.forget(m)
+    with limits(replicated_backward_bytes=0):
+        for _ in range(5):
+            assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-10
+    assert all(not st["replicated"] for st in caches.REPLICATED.get(m, {}).values())
+    caches.forget(m)
+
+
+def test_a_block_with_per_example_copies_is_not_replicated():
+    """Per-example copies ride on the capture's own backward passes: such a block keeps the batched backward."""
+    from lazyhasty.ntk.capture import caches
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+            self.scale = nn.Parameter(torch.randn(1, 4))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    torch.manual_seed(0)
+    m = Scaled().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    want = R.ntk_gram(m, [x])
+    for _ in range(5):
+        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    assert all(not st["replicated"] for st in caches.REPLICATED.get(m, {}).values())
+    caches.forget(m)
+
+
+def test_a_model_mixing_examples_only_in_the_replicated_batch_size_is_never_replicated():
+    """The replicated block has k b examples, a size the call's own blocks never had: a model that mixes
+    examples only in batches above 8 (a batch statistic) must not be measured that way (before the size was
+    checked, the kernel was 51% off with no error); the batch-mixing check at k b decides, once."""
+    from lazyhasty.ntk.capture import caches
+
+    class MixesAbove8(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return y - y.mean(0) if x.shape[0] > 8 else y
+
+    torch.manual_seed(0)
+    m = MixesAbove8().double()
+    x = torch.randn(4, 4, dtype=torch.float64)  # k b = 12 > 8
+    want = R.ntk_gram(m, [x])
+    for _ in range(5):
+        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    assert st.get("never") and not st["replicated"], st
+    caches.forget(m)

@@ -43,8 +43,12 @@ TRACE_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDict
 # Per model: (structure, example shape, dtypes, device) and the number of outputs k of one example.
 OUTPUT_SIZES: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
+# Per model: {(structure, block shape, dtype, device, threads): {"k", "bytes", "batched": [s], "replicated": [s]}}:
+# the measured times of a verified block's output gradients each way (Featurizer._replicas).
+REPLICATED: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
 ALL = (IN_PROJECTIONS, RECURRENT, SITES, DIRECT, VERIFIED, COPYABLE, COPY_WHY, MIXING_CHECKED, VMAP_CHECKED,
-       BATCHED_CHECKED, TRACE_SIZES, OUTPUT_SIZES, TRIAL_PASSED)
+       BATCHED_CHECKED, TRACE_SIZES, OUTPUT_SIZES, REPLICATED, TRIAL_PASSED)
 
 
 def forget(model: nn.Module) -> None:
