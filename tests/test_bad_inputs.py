@@ -268,7 +268,9 @@ def test_ntk_eigh_unconverged_warns_or_raises_with_the_residuals():
     assert float(res.residuals.max()) > 1e-4  # three iterations are far from the stated tolerance
     with pytest.raises(NotConverged, match="max_iter=3") as info:
         ntk_eigh(m, x, 4, max_bytes=0, block_size=4, max_iter=3, on_unconverged="raise")
-    assert torch.equal(info.value.result.residuals, res.residuals)
+    # the same result (to rounding: the engine may measure two exact ways of the output gradients on the first
+    # calls of a model, Featurizer._replicas, whose float64 roundings differ in the last bits)
+    assert torch.allclose(info.value.result.residuals, res.residuals, rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="on_unconverged"):
         ntk_eigh(m, x, 4, on_unconverged="ignore")
 

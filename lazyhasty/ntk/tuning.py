@@ -38,7 +38,9 @@ class Limits:
             repeated k times (measured against the batched backward once per model structure, block shape and
             thread count; the faster kept) while k times its captured tensors take at most this many bytes; 0:
             never. Measured (2-core CPU, 2 threads): timm mobilenetv3 n = 4 0.42x the batched backward's time,
-            efficientnet 0.65x, ConvNeXt 0.58x; transformers and ResNet 1.0-1.75x (not taken there).
+            efficientnet 0.65x, ConvNeXt 0.58x; transformers and ResNet 1.0-1.75x (not taken there). Both ways
+            are exact; their roundings differ in the last bits, so the first calls of a model (which alternate
+            while measuring) need not be bitwise equal (0 makes repeated calls bitwise reproducible).
         twin_max_bytes: the layer check runs on a perturbed copy of a model holding at most this many bytes of
             parameters and buffers; on the model itself above it.
         copy_max_elements: a broadcast parameter gets per-example copies while ``numel * b`` is at most this.
