@@ -354,9 +354,17 @@ class Featurizer:
         plans = self.plans
         reps = self._replicas(x)
         started = time.perf_counter()
+        out = None
         if reps:  # every output's gradients from one backward of the block repeated k times
-            out, replicated = self._replicated_capture(x, reps)
-        else:
+            try:
+                out, replicated = self._replicated_capture(x, reps)
+            except (ValueError, RuntimeError, TypeError, IndexError):
+                # the model cannot take the replicated block (its check passed at k b, but a later call may
+                # differ): the batched backward from now on, and this block captured again that way
+                caches.REPLICATED[self._user_model][self._replication_key(x)]["never"] = True
+                reps = 0
+                started = time.perf_counter()
+        if out is None:
             out = self.capture(x)
         b = x.shape[0]
         out = out.reshape(b, -1)
@@ -478,7 +486,9 @@ class Featurizer:
             # checked at that size first (once per structure), and a model that mixes there never replicates
             try:
                 self._check_batch_independence(x.repeat(st["k"], *([1] * (x.dim() - 1))))
-            except ValueError:
+            except (ValueError, RuntimeError, TypeError, IndexError):
+                # (a forward that cannot take k b examples, e.g. a hard-coded batch size: not this way either;
+                # an out-of-memory error too, which is a RuntimeError)
                 st["never"] = True
                 return 0
         if len(replicated) < min(2, len(batched)):

@@ -83,6 +83,19 @@ def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypa
             assert parts[0].shape == (7, 3, 4) and torch.equal(parts[1], got[:, 12:16])
 
 
+def _exact_calls_then_record(m, x, calls=5):
+    """``calls`` layerwise full kernels of ``m`` on ``x``, each equal to the spec; the model's records of the
+    two ways of the output gradients (``caches.REPLICATED``), which the model then forgets."""
+    from lazyhasty.ntk.capture import caches
+
+    want = R.ntk_gram(m, [x])
+    for _ in range(calls):
+        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    records = list(caches.REPLICATED.get(m, {}).values())
+    caches.forget(m)
+    return records
+
+
 class _DepthwiseNet(nn.Module):
     """Depthwise and pointwise convolutions with BatchNorm (eval) and an in-place activation, a class token
     free head: the kind of model whose output gradients the replicated block can serve."""
@@ -129,7 +142,6 @@ def test_the_replicated_block_is_measured_against_the_batched_backward_and_exact
 
 def test_a_block_with_per_example_copies_is_not_replicated():
     """Per-example copies ride on the capture's own backward passes: such a block keeps the batched backward."""
-    from lazyhasty.ntk.capture import caches
 
     class Scaled(nn.Module):
         def __init__(self):
@@ -141,20 +153,14 @@ def test_a_block_with_per_example_copies_is_not_replicated():
             return self.lin(x) * self.scale
 
     torch.manual_seed(0)
-    m = Scaled().double()
-    x = torch.randn(5, 3, dtype=torch.float64)
-    want = R.ntk_gram(m, [x])
-    for _ in range(5):
-        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
-    assert all(not st["replicated"] for st in caches.REPLICATED.get(m, {}).values())
-    caches.forget(m)
+    records = _exact_calls_then_record(Scaled().double(), torch.randn(5, 3, dtype=torch.float64))
+    assert all(not st["replicated"] for st in records)
 
 
 def test_a_model_mixing_examples_only_in_the_replicated_batch_size_is_never_replicated():
     """The replicated block has k b examples, a size the call's own blocks never had: a model that mixes
     examples only in batches above 8 (a batch statistic) must not be measured that way (before the size was
     checked, the kernel was 51% off with no error); the batch-mixing check at k b decides, once."""
-    from lazyhasty.ntk.capture import caches
 
     class MixesAbove8(nn.Module):
         def __init__(self):
@@ -166,11 +172,25 @@ def test_a_model_mixing_examples_only_in_the_replicated_batch_size_is_never_repl
             return y - y.mean(0) if x.shape[0] > 8 else y
 
     torch.manual_seed(0)
-    m = MixesAbove8().double()
-    x = torch.randn(4, 4, dtype=torch.float64)  # k b = 12 > 8
-    want = R.ntk_gram(m, [x])
-    for _ in range(5):
-        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
-    (st,) = caches.REPLICATED[m].values()
+    (st,) = _exact_calls_then_record(MixesAbove8().double(), torch.randn(4, 4, dtype=torch.float64))  # k b = 12 > 8
     assert st.get("never") and not st["replicated"], st
-    caches.forget(m)
+
+
+def test_a_model_that_cannot_take_the_replicated_block_keeps_the_batched_backward():
+    """A forward with its batch size written in (here: it runs only on blocks of at most 6 examples) cannot take
+    the block repeated k times: that way is dropped for the model, no error reaches the caller, and every call
+    equals the spec."""
+
+    class AtMostSix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            if x.shape[0] > 6:
+                raise RuntimeError("this model takes at most 6 examples at once")
+            return torch.tanh(self.lin(x))
+
+    torch.manual_seed(0)
+    (st,) = _exact_calls_then_record(AtMostSix().double(), torch.randn(4, 4, dtype=torch.float64))
+    assert st.get("never") and not st["replicated"], st
