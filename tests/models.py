@@ -53,3 +53,17 @@ def batches(x: torch.Tensor, size: int, form: str = "tensor"):
         elif form == "dict":
             out.append({"x": chunk, "y": torch.zeros(len(chunk))})
     return out
+
+
+class MixesAbove(nn.Module):
+    """A Linear whose output subtracts the batch mean only in batches of more than ``size`` examples (a model
+    mixing examples only in large batches: a smaller sample does not see it)."""
+
+    def __init__(self, size: int = 16):
+        super().__init__()
+        self.size = size
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y - y.mean(0) if x.shape[0] > self.size else y

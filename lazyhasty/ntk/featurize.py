@@ -23,7 +23,9 @@ from . import forms as feat
 from .._outputs import tensor_output
 from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from .capture.cost import layerwise_or_jacobian
-from .capture.backward import output_gradient_passes
+from .capture.backward import (
+    note_backward_time, output_gradient_passes, replicated_output_gradients, replication_turn,
+)
 from .capture.fallback import (
     copy_jacobian, copy_reference, decide_copies, joined_parts, per_example_leaves, torch_func_jacobian,
 )
@@ -476,41 +478,28 @@ class Featurizer:
         if (cap == 0 or self.is_twin or not self.verified or not self.plans or type(x) is not torch.Tensor
                 or (self.generic and self.per_example_copies())):
             return 0
-        st = caches.REPLICATED.get(self._user_model, {}).get(self._replication_key(x))
-        if st is None or st.get("never") or st["k"] < 2 or st["k"] * st["bytes"] > cap:
-            return 0
-        batched, replicated = st["batched"], st["replicated"]
-        if not replicated and batched:
+        record = caches.REPLICATED.get(self._user_model, {}).get(self._replication_key(x))
+        turn = replication_turn(record, cap)
+        if turn == "check":
             # the replicated block is a batch of k b examples, a size the batch-mixing check has not seen: a
             # model may mix examples only in large batches (a batch statistic above some size), so it is
             # checked at that size first (once per structure), and a model that mixes there never replicates
             try:
-                self._check_batch_independence(x.repeat(st["k"], *([1] * (x.dim() - 1))))
+                self._check_batch_independence(x.repeat(record["k"], *([1] * (x.dim() - 1))))
             except (ValueError, RuntimeError, TypeError, IndexError):
                 # (a forward that cannot take k b examples, e.g. a hard-coded batch size: not this way either;
                 # an out-of-memory error too, which is a RuntimeError)
-                st["never"] = True
+                record["never"] = True
                 return 0
-        if len(replicated) < min(2, len(batched)):
-            return st["k"]  # measuring: its turn
-        if len(batched) < 2:
-            return 0
-        return st["k"] if min(replicated) < min(batched) else 0
+        return record["k"] if turn in ("check", "replicated") else 0
 
     def _replicated_capture(self, x: torch.Tensor, reps: int):
         """``(out [b, k], grads)``: the capture forward on ``x`` repeated ``reps`` (= k) times (``[k b, ...]``,
-        replica-major), then one backward of ``sum_r f_r(x^(r))``: replica r's gradients are output r's (the
-        examples are independent: the batch-mixing check ran). ``grads``: per captured call ``[b, k, ...]``;
-        the plans keep replica 0's inputs and outputs (views)."""
+        replica-major), then one backward for every output (``capture.backward.replicated_output_gradients``);
+        ``grads``: per captured call ``[b, k, ...]``; the plans keep replica 0's inputs and outputs (views)."""
         b = x.shape[0]
         out = self.capture(x.repeat(reps, *([1] * (x.dim() - 1)))).reshape(reps * b, -1)
-        outs = [o for p in self.plans for o in p.outputs]
-        idx = torch.arange(reps, device=out.device)
-        E = out.new_zeros(reps, b, out.shape[1])
-        E[idx, :, idx] = 1  # replica r's rows weigh output r
-        gs = torch.autograd.grad(out, outs, E.view(reps * b, -1), allow_unused=True)
-        grads = [(torch.zeros_like(o) if g is None else g).view(reps, b, *o.shape[1:]).transpose(0, 1)
-                 for g, o in zip(gs, outs)]
+        grads = replicated_output_gradients(out, [o for p in self.plans for o in p.outputs], reps)
         for p in self.plans:
             p.inputs[:] = [t[:b] for t in p.inputs]
             p.outputs[:] = [t[:b] for t in p.outputs]
@@ -520,17 +509,8 @@ class Featurizer:
 
     def _note_backward(self, x: torch.Tensor, way: str, seconds: float, outs: list) -> None:
         """Record one verified block's capture-and-gradients time for :meth:`_replicas`' measurement."""
-        key = self._replication_key(x)
-        known = caches.REPLICATED.setdefault(self._user_model, {})
-        st = known.get(key)
-        if st is None:
-            if len(known) > 16:  # a bounded record (block shapes vary little within a run)
-                known.clear()
-            size = sum(o.numel() * o.element_size() for o in outs)
-            st = known[key] = {"k": outs[0].shape[1] if way == "replicated" else self.k, "bytes": size,
-                               "batched": [], "replicated": []}
-        if len(st[way]) < 2:
-            st[way].append(seconds)
+        note_backward_time(caches.REPLICATED.setdefault(self._user_model, {}), self._replication_key(x), way,
+                           seconds, self.k, sum(o.numel() * o.element_size() for o in outs))
 
     def _note_checked(self, plans: list, per_plan: list, bad: list, k: int) -> None:
         """After a round of the check: the layers it decided right (``_passed``, by name and weight map: their

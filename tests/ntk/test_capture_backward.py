@@ -8,6 +8,7 @@ from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_gram
 from lazyhasty.ntk import Limits, limits
 
+from models import MixesAbove
 from ntk_zoo import rel_error as _rel
 
 
@@ -161,18 +162,8 @@ def test_a_model_mixing_examples_only_in_the_replicated_batch_size_is_never_repl
     """The replicated block has k b examples, a size the call's own blocks never had: a model that mixes
     examples only in batches above 8 (a batch statistic) must not be measured that way (before the size was
     checked, the kernel was 51% off with no error); the batch-mixing check at k b decides, once."""
-
-    class MixesAbove8(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            y = self.lin(x)
-            return y - y.mean(0) if x.shape[0] > 8 else y
-
     torch.manual_seed(0)
-    (st,) = _exact_calls_then_record(MixesAbove8().double(), torch.randn(4, 4, dtype=torch.float64))  # k b = 12 > 8
+    (st,) = _exact_calls_then_record(MixesAbove(8).double(), torch.randn(4, 4, dtype=torch.float64))  # k b = 12 > 8
     assert st.get("never") and not st["replicated"], st
 
 
@@ -194,3 +185,24 @@ def test_a_model_that_cannot_take_the_replicated_block_keeps_the_batched_backwar
     torch.manual_seed(0)
     (st,) = _exact_calls_then_record(AtMostSix().double(), torch.randn(4, 4, dtype=torch.float64))
     assert st.get("never") and not st["replicated"], st
+
+
+def test_replication_turns_alternate_then_keep_the_faster():
+    """capture.backward.replication_turn on its own: batched first, the replicated way's first turn is its
+    check, two measured calls each, alternating, then the faster way; never beyond the byte cap, for k < 2, or
+    once marked never."""
+    from lazyhasty.ntk.capture.backward import note_backward_time, replication_turn
+
+    known, key, turns = {}, ("m",), []
+    assert replication_turn(None, 1 << 20) == "batched"
+    for seconds in (0.03, 0.01, 0.02, 0.012):
+        turn = "batched" if not known else replication_turn(known[key], 1 << 20)
+        turns.append(turn)
+        note_backward_time(known, key, "batched" if turn == "batched" else "replicated", seconds, 3, 100)
+    assert turns == ["batched", "check", "batched", "replicated"]
+    assert replication_turn(known[key], 1 << 20) == "replicated"  # min 0.01 < min 0.02
+    assert replication_turn(known[key], 299) == "batched"  # k * bytes = 300 > the cap
+    note_backward_time(known, key, "batched", 0.001, 3, 100)  # a third time is not kept: two each
+    assert known[key]["batched"] == [0.03, 0.02]
+    assert replication_turn({**known[key], "never": True}, 1 << 20) == "batched"
+    assert replication_turn({**known[key], "k": 1}, 1 << 20) == "batched"

@@ -9,6 +9,7 @@ from torch import nn
 
 from lazyhasty import reference as R
 from lazyhasty.metrics import ntk_alignment, ntk_gram
+from models import MixesAbove
 
 
 def _rel(a, b):
@@ -104,18 +105,6 @@ def test_unchanged_state_keeps_the_cached_check():
         featurize.Featurizer.verify_on_twin = real
 
 
-class _MixesAbove16(nn.Module):
-    """Mixes examples only in batches of more than 16 (a sample of 16 does not see it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        y = self.lin(x)
-        return y - y.mean(0) if x.shape[0] > 16 else y
-
-
 class _GradientMixing(nn.Module):
     """The same values as ``lin(x)``, gradients mixed over the batch: ``y + (y - y.detach()).mean(0)``."""
 
@@ -136,7 +125,7 @@ class _GradientMixing(nn.Module):
 ])
 def test_mixing_in_the_blocks_used_is_found(call):
     torch.manual_seed(0)
-    m, x = _MixesAbove16(), torch.randn(40, 4)
+    m, x = MixesAbove(16), torch.randn(40, 4)
     with pytest.raises(ValueError, match="depends on the other examples"):
         call(m, x)
     # small blocks do not mix: accepted, the kernel of the per-example model

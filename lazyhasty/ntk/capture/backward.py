@@ -89,6 +89,48 @@ def _batched_output_gradients(out: torch.Tensor, every: list, key: tuple, seen: 
     return gs
 
 
+def replicated_output_gradients(out: torch.Tensor, every: list, reps: int) -> list:
+    """Every output's gradients at ``every`` from one backward of a block captured ``reps`` (= k) times over:
+    ``out`` ``[k b, k]`` replica-major, replica r's rows weighed by output r (``sum_r f_r(x^(r))``), so
+    replica r's gradients are output r's (exact when the examples are independent). Returns per tensor of
+    ``every`` (``[k b, ...]``) its ``[b, k, ...]`` gradients (views); the graph is freed."""
+    b = out.shape[0] // reps
+    idx = torch.arange(reps, device=out.device)
+    E = out.new_zeros(reps, b, out.shape[1])
+    E[idx, :, idx] = 1  # replica r's rows weigh output r
+    gs = torch.autograd.grad(out, every, E.view(reps * b, -1), allow_unused=True)
+    return [(torch.zeros_like(t) if g is None else g).view(reps, b, *t.shape[1:]).transpose(0, 1)
+            for g, t in zip(gs, every)]
+
+
+def replication_turn(record: dict | None, cap: int) -> str:
+    """Which way the next verified block of one model, shape and thread count takes, from its ``record``
+    (``caches.REPLICATED``: ``{"k", "bytes", "batched": [s], "replicated": [s], "never"?}``): ``"batched"``,
+    ``"replicated"``, or ``"check"`` (the replicated way's first turn: the caller checks the model at ``k b``
+    examples first). Two measured calls each way, alternating, then the faster; only while ``k`` times the
+    block's captured ``bytes`` fit ``cap``."""
+    if record is None or record.get("never") or record["k"] < 2 or record["k"] * record["bytes"] > cap:
+        return "batched"
+    batched, replicated = record["batched"], record["replicated"]
+    if len(replicated) < min(2, len(batched)):
+        return "check" if not replicated else "replicated"  # measuring: its turn
+    if len(batched) < 2:
+        return "batched"
+    return "replicated" if min(replicated) < min(batched) else "batched"
+
+
+def note_backward_time(known: dict, key: tuple, way: str, seconds: float, k: int, size: int) -> None:
+    """Add one measured block time (``way``: ``"batched"`` / ``"replicated"``) to ``known[key]`` for
+    :func:`replication_turn` (at most two each; ``size``: the block's captured bytes)."""
+    record = known.get(key)
+    if record is None:
+        if len(known) > 16:  # a bounded record (block shapes vary little within a run)
+            known.clear()
+        record = known[key] = {"k": k, "bytes": size, "batched": [], "replicated": []}
+    if len(record[way]) < 2:
+        record[way].append(seconds)
+
+
 def batched_vjp(outputs: tuple, inputs: list, grads: tuple, extra: int = 0) -> torch.Tensor:
     """``[R, sum(numel(input)) + extra]``: the vector-Jacobian products of ``outputs`` for the ``R`` rows of
     ``grads``, each input's flattened in ``inputs`` order (one batched backward; one backward per row where an
