@@ -212,16 +212,15 @@ class Featurizer:
         per model structure, input shape and plan by :meth:`trace_block_limit`)."""
         x1 = self._prepare(x[:1], check=False)
         with torch.no_grad():
-            out = self.capture(x1, grad=False)
-        k = out.numel()
+            cap = self.capture(x1, grad=False)
+        k = cap.out.numel()
         per, widest = 0, 0
-        for p in self.plans:
+        for p, c in zip(cap.plans, cap.calls):
             rule = rule_for(p)
-            for xi, o in zip(p.inputs, p.outputs):
+            for xi, o in zip(c.inputs, c.outputs):
                 kept, transient = rule.trace_elements(p, xi, o, k, self.pairs_per_example)
                 per += 3 * o.numel() + kept
                 widest = max(widest, transient)
-            p.release()
         per += widest
         if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
             named = dict(self.model.named_parameters())
@@ -356,31 +355,31 @@ class Featurizer:
         plans = self.plans
         reps = self._replicas(x)
         started = time.perf_counter()
-        out = None
+        cap = None
         if reps:  # every output's gradients from one backward of the block repeated k times
             try:
-                out, replicated = self._replicated_capture(x, reps)
+                cap, replicated = self._replicated_capture(x, reps)
             except (ValueError, RuntimeError, TypeError, IndexError):
                 # the model cannot take the replicated block (its check passed at k b, but a later call may
                 # differ): the batched backward from now on, and this block captured again that way
                 caches.REPLICATED[self._user_model][self._replication_key(x)]["never"] = True
                 reps = 0
                 started = time.perf_counter()
-        if out is None:
-            out = self.capture(x)
+        if cap is None:
+            cap = self.capture(x)
         b = x.shape[0]
-        out = out.reshape(b, -1)
+        out = cap.out.reshape(b, -1)
         k = self.k = out.shape[1]
-        idle = [p for p in plans if not p.outputs]
+        idle = [p for p, c in zip(plans, cap.calls) if not c.outputs]
         if idle:
             # planned modules whose forward never ran (e.g. nn.MultiheadAttention reads out_proj.weight
             # itself): their parameters are used some other way, so they go to the fallback
             self.exclude(idle, "its forward never ran: the model uses its parameters another way")
             raise PlanChanged
-        outs = [o for p in plans for o in p.outputs]
+        outs = cap.outputs()
         if any(not o.requires_grad for o in outs):
             # a layer whose output does not need grad here (e.g. under a no-grad branch): fallback
-            bad = [p for p in plans if any(not o.requires_grad for o in p.outputs)]
+            bad = [p for p, c in zip(plans, cap.calls) if any(not o.requires_grad for o in c.outputs)]
             self.exclude(bad, "its output did not require grad in the forward")
             raise PlanChanged
         verify = not self.verified
@@ -433,17 +432,18 @@ class Featurizer:
             vgrads = [t for ts in per_plan for t in ts]
             self._check_scale = check_scale(vgrads)
         feats, pos, bad = [], 0, []
-        misfits = self.layout_misfits(plans, b) if verify else []
+        misfits = self.layout_misfits(cap, b) if verify else []
         emit = sink if sink is not None else feats.append
-        for i, p in enumerate(plans):
-            g_calls = grads[pos: pos + len(p.outputs)]
-            pos += len(p.outputs)
+        for i, (p, c) in enumerate(zip(plans, cap.calls)):
+            g_calls = grads[pos: pos + len(c.outputs)]
+            pos += len(c.outputs)
             theirs = per_plan[i] if verify else None
             if p in misfits:
                 bad.append(p)
             else:
-                self._plan_feature(p, g_calls, theirs, v if verify else None, verify, sink, emit, bad)
-            p.release()
+                self._plan_feature(p, c, g_calls, theirs, v if verify else None, verify, sink, emit, bad)
+            cap.calls[i] = None  # this layer's captured tensors go now (a streamed block holds one layer's at most)
+        del cap
         if verify:
             self._note_checked(plans, per_plan, bad, k)
         if bad:
@@ -494,18 +494,20 @@ class Featurizer:
         return record["k"] if turn in ("check", "replicated") else 0
 
     def _replicated_capture(self, x: torch.Tensor, reps: int):
-        """``(out [b, k], grads)``: the capture forward on ``x`` repeated ``reps`` (= k) times (``[k b, ...]``,
+        """``(captured, grads)``: the capture forward on ``x`` repeated ``reps`` (= k) times (``[k b, ...]``,
         replica-major), then one backward for every output (``capture.backward.replicated_output_gradients``);
-        ``grads``: per captured call ``[b, k, ...]``; the plans keep replica 0's inputs and outputs (views)."""
+        ``grads``: per captured call ``[b, k, ...]``; ``captured`` keeps replica 0's output, inputs and outputs
+        (views)."""
         b = x.shape[0]
-        out = self.capture(x.repeat(reps, *([1] * (x.dim() - 1)))).reshape(reps * b, -1)
-        grads = replicated_output_gradients(out, [o for p in self.plans for o in p.outputs], reps)
-        for p in self.plans:
-            p.inputs[:] = [t[:b] for t in p.inputs]
-            p.outputs[:] = [t[:b] for t in p.outputs]
+        cap = self.capture(x.repeat(reps, *([1] * (x.dim() - 1))))
+        out = cap.out.reshape(reps * b, -1)
+        grads = replicated_output_gradients(out, cap.outputs(), reps)
+        for c in cap.calls:
+            c.batch_slice(b)
+        cap.out = out[:b]
         self.backward_used = (f"one backward of the block repeated {reps} times (block of {b}: measured faster "
                               "than the batched backward for this model, shape and thread count)")
-        return out[:b], grads
+        return cap, grads
 
     def _note_backward(self, x: torch.Tensor, way: str, seconds: float, outs: list) -> None:
         """Record one verified block's capture-and-gradients time for :meth:`_replicas`' measurement."""
@@ -528,26 +530,27 @@ class Featurizer:
         is needed: a layer's outcome depends on its own code, not on which other layers are planned)."""
         return bool(self.plans) and all((p.name, p.weight_map) in self._passed for p in self.plans)
 
-    def layout_misfits(self, plans: list, b: int) -> list:
-        """The plans whose captured calls do not fit their kind's layout (:func:`layout_mismatch`: a forward of
+    def layout_misfits(self, cap, b: int) -> list:
+        """The plans of ``cap`` (a :class:`~.capture.captured.Captured`) whose captured calls do not fit their
+        kind's layout (:func:`layout_mismatch`: a forward of
         the subclass's own, a call without the batch), each reason kept for :meth:`exclude` (``explain()``
         shows it). Checked on unverified blocks, before any layout runs: any other error of a layout is raised,
         not sent to the fallback unseen."""
         out = []
-        for p in plans:
-            misfit = layout_mismatch(p, b)
+        for p, c in zip(cap.plans, cap.calls):
+            misfit = layout_mismatch(p, c, b)
             if misfit is not None:
                 self._why[p.name] = f"its captured tensors do not fit the {p.kind} layout: {misfit}"
                 out.append(p)
         return out
 
-    def _plan_feature(self, p, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
-        """One planned layer's feature from its captured calls by its kind's rule (``capture.rules``), emitted,
+    def _plan_feature(self, p, c, g_calls, theirs, v, verify: bool, sink, emit, bad: list) -> None:
+        """One planned layer's feature from its captured calls ``c`` by its kind's rule (``capture.rules``), emitted,
         and on an unverified block its check against autograd (``bad`` gains the layer when it fails); ``v``
         ``[b, k]``: the check's per-example output weights."""
         rule = rule_for(p)
         ctx = TileContext(self.kernel, self.pairs_per_example, self.workspace if sink is not None else None)
-        f, mine = rule.tile_feature(p, g_calls, v if verify else None, ctx)
+        f, mine = rule.tile_feature(p, c, g_calls, v if verify else None, ctx)
         if verify:
             floor = check_floor(theirs, self._check_scale)
             if not all(grads_close(u, w, floor) for u, w in zip(mine, rule.check_reference(theirs))):
@@ -568,10 +571,10 @@ class Featurizer:
         params = [names[id(t)] for _, t in p.params() if id(t) in names]
         return owner_key(params[0]) if params else p.name
 
-    def capture(self, x: torch.Tensor, grad: bool = True) -> torch.Tensor:
-        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call
-        (:func:`~.capture.hooks.capture_forward`; with grad, per-example copies of the fallback parameters that
-        take them ride on it)."""
+    def capture(self, x: torch.Tensor, grad: bool = True):
+        """Forward pass (with grad) recording each planned layer's inputs and outputs of every call: a
+        :class:`~.capture.captured.Captured` (:func:`~.capture.hooks.capture_forward`; with grad, per-example
+        copies of the fallback parameters that take them ride on it)."""
         def forward(reset):
             subs = self._copy_leaves(x) if grad else None
             return self._call(x, reset, subs=subs, standins=self._standins if grad else None)

@@ -365,3 +365,33 @@ def test_both_paths_reach_a_layer_through_its_rule(monkeypatch):
             got = ntk_gram(m, x, kernel=kernel, implementation="layerwise")
         assert _rel(got, R.ntk_gram(m, [x], kernel=kernel)) <= TOL, kernel
     assert calls["tile"] > 0 and calls["trace"] > 0, calls
+
+
+def test_a_capture_forward_returns_its_calls_as_a_value_and_plans_hold_no_tensor():
+    """``capture_forward`` returns a :class:`Captured` (the output and, per plan, its calls); the plans hold only
+    decisions, so a plan kept in a verdict's cache or reused for the next block holds no tensor of a block
+    (before, a LayerPlan carried ``inputs`` / ``outputs`` / ``versions`` / ``call_args`` of the last capture)."""
+    import dataclasses
+
+    from lazyhasty.ntk import Featurizer
+    from lazyhasty.ntk.capture import caches
+    from lazyhasty.ntk.capture.captured import Captured
+    from lazyhasty.ntk.capture.plan import LayerPlan
+
+    captured_fields = {"inputs", "outputs", "versions", "call_args"}
+    assert not captured_fields & {f.name for f in dataclasses.fields(LayerPlan)}
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(5), nn.ReLU(inplace=True), nn.Linear(5, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    ntk_gram(m, x)  # checks and remembers: later Featurizers copy the verdict's plans
+    fz = Featurizer(m, "layerwise", "full", None)
+    cap = fz.capture(x)
+    assert isinstance(cap, Captured) and cap.plans == fz.plans and len(cap.calls) == len(fz.plans)
+    assert torch.equal(cap.out, m(x))
+    by_name = dict(zip((p.name for p in cap.plans), cap.calls))
+    assert by_name["0"].inputs[0] is not x and torch.equal(by_name["0"].inputs[0], x)
+    assert by_name["1"].outputs[0].shape == (4, 5) and by_name["1"].outputs[0].requires_grad
+    # the in-place ReLU after the LayerNorm moved its output: the plan now hands the model a copy
+    assert [p.copy_output for p in cap.plans if p.name == "1"] == [True]
+    for p in fz.plans + [q for v in caches.VERIFIED[m].values() for t in v.planned for q in t[0]]:
+        assert not any(isinstance(getattr(p, f.name), (torch.Tensor, list)) for f in dataclasses.fields(p)), p.name

@@ -32,6 +32,8 @@ Modules, in the order a block goes through them:
 
 * :mod:`.plan`: which parameters get which per-layer treatment (``plan_layers`` -> ``LayerPlan``, ``LayerKind``);
 * :mod:`.sites`: capture sites of fused modules and of matmuls in the model's own code;
+* :mod:`.hooks`: the capture forward, returning a :mod:`.captured` value (per plan its calls' inputs and outputs;
+  plans hold decisions only);
 * :mod:`.broadcast`: per-example stand-ins for parameters broadcast against the batch;
 * :mod:`.backward`: the batched backward (vector-Jacobian products) and parametrizations;
 * :mod:`.layouts`: per-example factors from captured tensors;

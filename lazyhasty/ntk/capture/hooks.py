@@ -1,7 +1,7 @@
 """The capture forward: one forward pass recording each planned layer's calls (:func:`capture_forward`).
 
-Per plan, what its layer computed from, in ``plan.inputs`` / ``plan.outputs`` (one entry per call of the module
-in the forward): a forward hook on the module (its input and output), or for a norm subclass with a forward of
+Per plan, what its layer computed from, in a :class:`~.captured.Calls` of the :class:`~.captured.Captured` value
+it returns (one entry per call of the module in the forward): a forward hook on the module (its input and output), or for a norm subclass with a forward of
 its own a :class:`~.norm_calls.NormCallRecorder` entered and left by the module's hooks (its norm call's input
 and output). Attention and recurrent modules whose maps are planned run unrolled (``sites``), and matmul sites
 are recorded by a :class:`~.sites.SiteRecorder` mode around the forward.
@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from .captured import Captured
 from .norm_calls import NormCallRecorder
 from .sites import InProjection, MatmulSite, RecurrentProjection, SiteRecorder, unrolled_attention, unrolled_recurrent
 
@@ -25,38 +26,40 @@ NO_NORM_CALL = ("its forward made no norm call (F.batch_norm, F.layer_norm, F.gr
                 "weight or bias")
 
 
-def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dict) -> torch.Tensor:
+def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dict) -> Captured:
     """Run ``forward(reset)`` (the model on a block of ``b`` examples; ``reset()`` drops what was recorded, for a
-    forward that restarts) with every plan's capture installed, and return its output.
+    forward that restarts) with every plan's capture installed.
 
     Args:
-        plans: the :class:`~.plan.LayerPlan` s; each gains its calls' ``inputs``, ``outputs``, ``versions``
-            (and ``call_args`` for norms at their call), and ``copy_input`` / ``copy_output`` where an in-place op
-            moved a captured tensor.
+        plans: the :class:`~.plan.LayerPlan` s; ``copy_input`` / ``copy_output`` are set where an in-place op
+            moved a captured tensor (the forward then runs again with copies).
         grad: whether the forward records the graph (False: sizes only).
         why: ``{plan name: reason}`` gains :data:`NO_NORM_CALL` for a norm at its call whose forward made none
             (its layer then goes to the fallback with that reason).
+
+    Returns:
+        A :class:`~.captured.Captured`: the forward's output and, per plan, its calls' inputs, outputs, version
+        counters (and call arguments for norms at their call).
     """
-    def hook_for(p):
+    cap = Captured.empty(plans)
+
+    def hook_for(p, calls):
         def hook(module, args, output):
-            a = args[0].detach()
-            p.inputs.append(a.clone() if p.copy_input else a)
-            p.outputs.append(output)
-            p.versions.append((a._version, output._version))
+            calls.record(p, args[0], output)
             if p.copy_output:
                 return output.clone()  # the model continues on a copy; ``output`` stays as backward sees it
             return None
         return hook
 
-    def reset():
-        for p in plans:
-            p.release()
+    def reset():  # (in place: the hooks hold these records)
+        for calls in cap.calls:
+            calls.clear()
 
     active: list = []  # norm-call recorders entered by a module's pre-hook, not yet left
 
-    def enter_for(p):
+    def enter_for(p, calls):
         def pre_hook(module, args):
-            rec = NormCallRecorder(p)
+            rec = NormCallRecorder(p, calls)
             rec.__enter__()
             active.append(rec)
         return pre_hook
@@ -69,14 +72,15 @@ def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dic
                 why[p.name] = NO_NORM_CALL
         return hook
 
-    def hooks(p):
+    def hooks(p, calls):
         if p.at_call:  # captured at its norm call inside the forward (norm_calls)
-            return [p.module.register_forward_pre_hook(enter_for(p)), p.module.register_forward_hook(leave_for(p))]
-        return [p.module.register_forward_hook(hook_for(p))]
+            return [p.module.register_forward_pre_hook(enter_for(p, calls)),
+                    p.module.register_forward_hook(leave_for(p))]
+        return [p.module.register_forward_hook(hook_for(p, calls))]
 
     for _ in range(2):
         reset()
-        handles = [h for p in plans for h in hooks(p)]
+        handles = [h for p, calls in zip(plans, cap.calls) for h in hooks(p, calls)]
         # attention and recurrent modules whose maps are planned run unrolled (the maps become hooked calls)
         unrolled = []
         for p in plans:
@@ -88,8 +92,8 @@ def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dic
                 own = type(owner).forward.__get__(owner)
                 owner.forward = (unrolled_attention(owner, p.module, own) if isinstance(p.module, InProjection)
                                  else unrolled_recurrent(owner, own))
-        site_plans = [p for p in plans if isinstance(p.module, MatmulSite)]
-        recording = SiteRecorder(site_plans, b).mode if site_plans else contextlib.nullcontext()
+        sites = [(p, calls) for p, calls in zip(plans, cap.calls) if isinstance(p.module, MatmulSite)]
+        recording = SiteRecorder(sites, b).mode if sites else contextlib.nullcontext()
         try:
             with torch.set_grad_enabled(grad), recording:
                 out = forward(reset)
@@ -101,12 +105,13 @@ def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dic
             for att in unrolled:
                 del att.forward  # the class's forward again
         moved = False
-        for p in plans:
-            for a, o, (va, vo) in zip(p.inputs, p.outputs, p.versions):
-                if not p.copy_input and a._version != va:
-                    p.copy_input = moved = True
-                if not p.copy_output and o._version != vo:
-                    p.copy_output = moved = True
+        for p, calls in zip(plans, cap.calls):
+            moved_in, moved_out = calls.moved()
+            if moved_in and not p.copy_input:
+                p.copy_input = moved = True
+            if moved_out and not p.copy_output:
+                p.copy_output = moved = True
         if not moved:
             break
-    return out
+    cap.out = out
+    return cap

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .norm_calls import call_reduction, normalized_call_input
+from .captured import Calls
 from .plan import CONV_TRANSPOSE_TYPES, NORM_TYPES, LayerPlan
 
 
@@ -21,8 +22,8 @@ _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, n
               nn.ConvTranspose3d: 3}
 
 
-def layout_mismatch(plan: LayerPlan, b: int) -> str | None:
-    """Why the captured calls of a planned layer do not fit its kind's layout, or None when they do.
+def layout_mismatch(plan: LayerPlan, calls: Calls, b: int) -> str | None:
+    """Why the captured ``calls`` of a planned layer do not fit its kind's layout, or None when they do.
 
     The layouts below read a call's input ``x`` and output ``y`` as the base class's forward makes them: batch
     first (``b`` examples), then ``nn.Linear``: ``[b, ..., G d_in]`` -> ``[b, ..., G d_out]`` at the same
@@ -36,7 +37,7 @@ def layout_mismatch(plan: LayerPlan, b: int) -> str | None:
     that is raised, not hidden.
     """
     m = plan.module
-    for x, y in zip(plan.inputs, plan.outputs):
+    for x, y in zip(calls.inputs, calls.outputs):
         shapes = f"input {list(x.shape)}, output {list(y.shape)}"
         if x.dim() == 0 or y.dim() == 0 or x.shape[0] != b or y.shape[0] != b:
             return f"a call's first dimension is not the batch of {b} ({shapes})"
@@ -234,11 +235,11 @@ def linear_g(plan: LayerPlan, gk: torch.Tensor, spatial=None) -> torch.Tensor:
     return gk.reshape(b, k, G, m.out_channels // G, -1)
 
 
-def linear_factors(plan: LayerPlan, grads: list[torch.Tensor]):
-    """Natural layouts over all calls of the module (positions of the calls concatenated):
-    a ``[b, G, d_in', S]`` and g ``[b, k, G, d_out, S]``."""
-    a_calls = [linear_a(plan, x) for x in plan.inputs]
-    g_calls = [linear_g(plan, gk, x.shape[2:]) for gk, x in zip(grads, plan.inputs)]
+def linear_factors(plan: LayerPlan, inputs: list[torch.Tensor], grads: list[torch.Tensor]):
+    """Natural layouts over all calls of the module (positions of the calls concatenated) from the calls'
+    ``inputs`` and output gradients ``grads``: a ``[b, G, d_in', S]`` and g ``[b, k, G, d_out, S]``."""
+    a_calls = [linear_a(plan, x) for x in inputs]
+    g_calls = [linear_g(plan, gk, x.shape[2:]) for gk, x in zip(grads, inputs)]
     a = torch.cat(a_calls, -1) if len(a_calls) > 1 else a_calls[0]
     g = torch.cat(g_calls, -1) if len(g_calls) > 1 else g_calls[0]
     return a, g
@@ -249,11 +250,11 @@ def ghost_layout(a: torch.Tensor, g: torch.Tensor):
     return a.permute(0, 3, 1, 2), g.permute(0, 1, 4, 2, 3)
 
 
-def embedding_factors(plan: LayerPlan, grads):
-    """(idx [b, S], g [b, k, S, 1, D]) over all calls."""
+def embedding_factors(plan: LayerPlan, inputs: list[torch.Tensor], grads):
+    """(idx [b, S], g [b, k, S, 1, D]) over all calls, from their index ``inputs`` and output gradients."""
     m = plan.module
     idx_calls, g_calls = [], []
-    for idx, gk in zip(plan.inputs, grads):
+    for idx, gk in zip(inputs, grads):
         b, k = gk.shape[:2]
         idx = idx.reshape(b, -1)
         g = gk.reshape(b, k, -1, 1, m.embedding_dim)
@@ -266,14 +267,14 @@ def embedding_factors(plan: LayerPlan, grads):
     return idx, g
 
 
-def normalized_inputs(plan: LayerPlan) -> list:
-    """Per call of a norm layer: its normalized input ``xhat`` (None for a transposed convolution's bias plan),
-    which the weight's per-example gradient multiplies (computed once per block, for every output)."""
+def normalized_inputs(plan: LayerPlan, calls: Calls) -> list:
+    """Per call of a norm layer (``calls``): its normalized input ``xhat`` (None for a transposed convolution's
+    bias plan), which the weight's per-example gradient multiplies (computed once per block, for every output)."""
     m = plan.module
     if plan.at_call:  # the recorded norm calls without their affine parameters
-        return [normalized_call_input(func, args, x) for x, (func, args) in zip(plan.inputs, plan.call_args)]
+        return [normalized_call_input(func, args, x) for x, (func, args) in zip(calls.inputs, calls.call_args)]
     out = []
-    for x in plan.inputs:
+    for x in calls.inputs:
         if isinstance(m, nn.LayerNorm):
             out.append(F.layer_norm(x, m.normalized_shape, eps=m.eps))
         elif isinstance(m, nn.GroupNorm):
@@ -288,17 +289,17 @@ def normalized_inputs(plan: LayerPlan) -> list:
     return out
 
 
-def norm_grads(plan: LayerPlan, grads, xhats: list | None = None) -> torch.Tensor:
-    """Materialized per-example gradients [b, k, P] of a norm layer's affine parameters (``xhats``: its
-    :func:`normalized_inputs`, when already at hand)."""
+def norm_grads(plan: LayerPlan, calls: Calls, grads, xhats: list | None = None) -> torch.Tensor:
+    """Materialized per-example gradients [b, k, P] of a norm layer's affine parameters from its ``calls`` and
+    their output gradients ``grads`` (``xhats``: its :func:`normalized_inputs`, when already at hand)."""
     m = plan.module
     total = None
     if xhats is None:
-        xhats = normalized_inputs(plan)
+        xhats = normalized_inputs(plan, calls)
     for i, (xhat, gk) in enumerate(zip(xhats, grads)):
         b, k = gk.shape[:2]
         if plan.at_call:
-            red = call_reduction(*plan.call_args[i], gk)
+            red = call_reduction(*calls.call_args[i], gk)
         elif isinstance(m, nn.LayerNorm):
             red = tuple(range(2, gk.dim() - len(m.normalized_shape)))  # leading (position) dims, after [b, k]
         elif hasattr(nn, "RMSNorm") and isinstance(m, nn.RMSNorm):

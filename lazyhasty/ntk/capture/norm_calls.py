@@ -34,13 +34,14 @@ def at_norm_call(m: nn.Module) -> bool:
 
 class NormCallRecorder(TorchFunctionMode):
     """While active (the module's forward), records each norm call whose ``weight`` or ``bias`` is the module's
-    own into ``plan.inputs`` / ``plan.outputs`` / ``plan.call_args`` (the call's function and its other
-    arguments), with version counters for in-place safety; hands the model a copy of the output when the plan
-    asks for one (``copy_output``)."""
+    own into ``calls`` (a :class:`~.captured.Calls`: input, output, version counters for in-place safety, and in
+    ``call_args`` the call's function and its other arguments); hands the model a copy of the output when the
+    plan asks for one (``copy_output``)."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, calls):
         super().__init__()
         self.plan = plan
+        self.calls = calls
         m = plan.module
         self._own = [t for t in (m._parameters.get("weight"), m._parameters.get("bias")) if t is not None]
         self.recorded = 0  # norm calls recorded while active
@@ -56,14 +57,10 @@ class NormCallRecorder(TorchFunctionMode):
             return out
         if not any(a.get(k) is t for k in ("weight", "bias") for t in self._own):
             return out
-        p = self.plan
-        x = a["input"].detach()
-        p.inputs.append(x.clone() if p.copy_input else x)
-        p.outputs.append(out)
-        p.versions.append((x._version, out._version))
-        p.call_args.append((func, {k: v for k, v in a.items() if k not in ("input", "weight", "bias")}))
+        self.calls.record(self.plan, a["input"], out)
+        self.calls.call_args.append((func, {k: v for k, v in a.items() if k not in ("input", "weight", "bias")}))
         self.recorded += 1
-        return out.clone() if p.copy_output else out
+        return out.clone() if self.plan.copy_output else out
 
 
 def normalized_call_input(func, args: dict, x: torch.Tensor) -> torch.Tensor:

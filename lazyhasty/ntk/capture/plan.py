@@ -6,7 +6,7 @@ materialized); it holds no captured tensor. Parameters no plan covers go to the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -56,15 +56,13 @@ class LayerPlan:
     use_weight: bool
     use_bias: bool
     form: str | None = None  # ghost | materialized (chosen on the first block)
-    inputs: list = field(default_factory=list)
-    outputs: list = field(default_factory=list)
     # In-place safety: a later in-place op (ReLU(inplace=True), ``out += identity``) on a captured input or
     # output would change what the layer's gradient is computed from. Capture records the tensors' version
-    # counters; when one moved, the layer captures a copy of its input / hands the model a copy of its output
-    # (so the captured tensor stays the one the layer's backward sees) and the block is captured again.
+    # counters (``captured.Calls``); when one moved, the layer captures a copy of its input / hands the model a
+    # copy of its output (so the captured tensor stays the one the layer's backward sees) and the block is
+    # captured again.
     copy_input: bool = False
     copy_output: bool = False
-    versions: list = field(default_factory=list)
     costs: dict | None = None  # the cost model's flops per example pair for each form (set with ``form``)
     # the parameters reach the layer's effective (weight, bias) through an example-independent map; per-example
     # gradients of the effective weight go through it by one batched vector-Jacobian product (materialized):
@@ -73,24 +71,17 @@ class LayerPlan:
     # effective map is read off the module itself (affine_map); False: the plain weight
     weight_map: str | bool = False
     # a norm subclass with its own forward (timm's BatchNormAct2d, LayerNorm2d): captured at its norm call, not at
-    # its output (``norm_calls``); ``call_args`` holds each recorded call's function and other arguments
+    # its output (``norm_calls``; the calls' function and other arguments are in ``captured.Calls.call_args``)
     at_call: bool = False
-    call_args: list = field(default_factory=list)
 
     def __post_init__(self):
         self.kind = LayerKind(self.kind)
 
     def fresh(self) -> "LayerPlan":
-        """A copy of the plan's decisions (layer, kind, parameters, weight map, in-place copies) with nothing
-        captured and no form chosen yet (the form depends on the call: its outputs and example pairs)."""
-        return replace(self, form=None, inputs=[], outputs=[], versions=[], costs=None, call_args=[])
-
-    def release(self) -> None:
-        """Drop what the last capture recorded (inputs, outputs, version counters, call arguments)."""
-        self.inputs.clear()
-        self.outputs.clear()
-        self.versions.clear()
-        self.call_args.clear()
+        """A copy of the plan's decisions (layer, kind, parameters, weight map, in-place copies) with no form
+        chosen yet (the form depends on the call: its outputs and example pairs). A plan holds no captured
+        tensor: a capture forward returns them (``captured.Captured``)."""
+        return replace(self, form=None, costs=None)
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         if self.weight_map == "affine":

@@ -1,6 +1,7 @@
 """Capture rules, one per :class:`LayerKind`: what a planned layer's captured calls become.
 
-A rule turns one layer's captured inputs (``plan.inputs``) and output gradients into
+A rule turns one layer's captured calls (a :class:`~.captured.Calls` of the capture forward's
+:class:`~.captured.Captured`) and output gradients into
 
 * on the tile path, a feature object (``forms``: ghost or materialized) and, on an unverified block, the
   layer check's gradient ``sum_i w_i v . J_i`` in the parameters' shapes (:meth:`Rule.tile_feature`);
@@ -31,6 +32,7 @@ from .layouts import (
     normalized_inputs, position_a, position_g, position_to_factor_layout, to_materialized,
 )
 from .maps import batch_grad_from_factors, map_parametrized_rows, split_params
+from .captured import Calls
 from .plan import LayerKind, LayerPlan
 
 
@@ -63,9 +65,9 @@ class Rule:
     chooses_form = True
     default_form = "materialized"
 
-    def tile_feature(self, p: LayerPlan, g_calls: list, v: torch.Tensor | None, ctx: TileContext):
-        """``(feature, mine)``: layer ``p``'s feature from its output gradients ``g_calls`` (one ``[b, k, ...]``
-        per call) and, given the check's per-example output weights ``v`` ``[b, k]``, the check's gradient
+    def tile_feature(self, p: LayerPlan, c: Calls, g_calls: list, v: torch.Tensor | None, ctx: TileContext):
+        """``(feature, mine)``: layer ``p``'s feature from its captured calls ``c`` and their output gradients
+        ``g_calls`` (one ``[b, k, ...]`` per call) and, given the check's per-example output weights ``v`` ``[b, k]``, the check's gradient
         ``sum_{i,a} v[i, a] J_{i,a}`` as a list in the layout of :meth:`check_reference` (``mine`` None
         without ``v``)."""
         raise NotImplementedError
@@ -75,8 +77,8 @@ class Rule:
         :meth:`trace_check`'s ``mine``."""
         return theirs
 
-    def trace_state(self, p: LayerPlan, k: int, pairs: float, K: torch.Tensor) -> dict:
-        """Per block: what every output of the trace path reuses (the key ``"ghost"``, when present, holds a
+    def trace_state(self, p: LayerPlan, c: Calls, k: int, pairs: float, K: torch.Tensor) -> dict:
+        """Per block, from the layer's captured calls ``c``: what every output of the trace path reuses (the key ``"ghost"``, when present, holds a
         gathering ghost whose ``trace_upper_into`` adds its terms at the end); ``K``: the ``[b, b]`` kernel."""
         raise NotImplementedError
 
@@ -105,8 +107,8 @@ class PositionRule(Rule):
     The per-example gradient is ``sum_s g[s] a[s]^T``: ghost (the factors, :class:`GhostLinear`) or materialized
     (``[b, k, G d_out d_in']``, one batched GEMM), whichever the cost model finds cheaper."""
 
-    def tile_feature(self, p, g_calls, v, ctx):
-        a, g = linear_factors(p, g_calls)  # a [b, G, d_in', S], g [b, k, G, d_out, S]
+    def tile_feature(self, p, c, g_calls, v, ctx):
+        a, g = linear_factors(p, c.inputs, g_calls)  # a [b, G, d_in', S], g [b, k, G, d_out, S]
         if p.form is None:
             p.form = choose_form(p, a.shape[1], a.shape[2], a.shape[3], g.shape[1], g.shape[3], ctx.kernel,
                                  ctx.pairs_per_example)
@@ -120,7 +122,7 @@ class PositionRule(Rule):
         elif v is not None:
             # contract v with the [b, k, ...] gradients, then lay them out like g (without k)
             gv_calls = [torch.einsum("bk,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
-            gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, p.inputs)]
+            gv = [linear_g(p, gk, x.shape[2:]) for gk, x in zip(gv_calls, c.inputs)]
             mine = batch_grad_from_factors(p, a, (torch.cat(gv, -1) if len(gv) > 1 else gv[0])[:, 0])
         if F is None:
             return GhostLinear(*ghost_layout(a, g)), mine
@@ -134,15 +136,16 @@ class PositionRule(Rule):
             return convT_dims(m)[2]
         return m.out_features if p.kind == LayerKind.LINEAR else m.out_channels // m.groups
 
-    def trace_state(self, p, k, pairs, K):
-        a_calls = [position_a(p, xi) for xi in p.inputs]
+    def trace_state(self, p, c, k, pairs, K):
+        a_calls = [position_a(p, xi) for xi in c.inputs]
         a = torch.cat(a_calls, 1) if len(a_calls) > 1 else a_calls[0]  # [b, S, G, din]
         if p.form is None:
             p.form = choose_form(p, a.shape[2], a.shape[3], a.shape[1], k, self.dout(p), "trace", pairs)
-        return {"a": a, "ghost": GhostLinear.gathering(a, k, self.dout(p)) if p.form == "ghost" else None}
+        return {"a": a, "ghost": GhostLinear.gathering(a, k, self.dout(p)) if p.form == "ghost" else None,
+                "spatial": [x.shape[2:] for x in c.inputs]}  # each call's input positions (position_g)
 
     def trace_output(self, p, st, g_calls, gram, workspace, a_out, w):
-        gp = [position_g(p, g, x.shape[2:]) for g, x in zip(g_calls, p.inputs)]
+        gp = [position_g(p, g, spatial) for g, spatial in zip(g_calls, st["spatial"])]
         g = torch.cat(gp, 1) if len(gp) > 1 else gp[0]  # [b, S, G, do]
         if st["ghost"] is not None:
             st["ghost"].set_output(a_out, g)
@@ -179,8 +182,8 @@ class EmbeddingRule(Rule):
 
     default_form = "ghost"
 
-    def tile_feature(self, p, g_calls, v, ctx):
-        idx, g = embedding_factors(p, g_calls)  # idx [b, S], g [b, k, S, 1, D]
+    def tile_feature(self, p, c, g_calls, v, ctx):
+        idx, g = embedding_factors(p, c.inputs, g_calls)  # idx [b, S], g [b, k, S, 1, D]
         V = p.module.num_embeddings
         if p.form is None:
             p.form = choose_form(p, 1, V, idx.shape[1], g.shape[1], g.shape[4], ctx.kernel, ctx.pairs_per_example)
@@ -190,16 +193,17 @@ class EmbeddingRule(Rule):
             mine = [torch.einsum("bk,bkp->p", v, F).view(p.module.weight.shape)]
         elif v is not None:
             gv_calls = [torch.einsum("bk,bk...->b...", v, gk).unsqueeze(1) for gk in g_calls]
-            mine = batch_grad_from_factors(p, idx, embedding_factors(p, gv_calls)[1][:, 0])
+            mine = batch_grad_from_factors(p, idx, embedding_factors(p, c.inputs, gv_calls)[1][:, 0])
         return (GhostEmbedding(idx, g) if F is None else Materialized(F)), mine
 
-    def trace_state(self, p, k, pairs, K):
+    def trace_state(self, p, c, k, pairs, K):
         b = K.shape[0]
-        idx = torch.cat([i.reshape(b, -1) for i in p.inputs], 1)
-        return {"idx": idx, "ghost": GhostEmbedding.gathering(idx, k, p.module.embedding_dim, K)}
+        idx = torch.cat([i.reshape(b, -1) for i in c.inputs], 1)
+        return {"idx": idx, "inputs": c.inputs,
+                "ghost": GhostEmbedding.gathering(idx, k, p.module.embedding_dim, K)}
 
     def trace_output(self, p, st, g_calls, gram, workspace, a_out, w):
-        _, g = embedding_factors(p, [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
+        _, g = embedding_factors(p, st["inputs"], [gk.unsqueeze(1) for gk in g_calls])  # [b, 1, S, 1, D]
         g = g[:, 0, :, 0]  # [b, S, D]
         st["ghost"].set_output(a_out, g.unsqueeze(2))
         return g
@@ -217,18 +221,18 @@ class NormRule(Rule):
 
     chooses_form = False
 
-    def tile_feature(self, p, g_calls, v, ctx):
-        F = norm_grads(p, g_calls)
+    def tile_feature(self, p, c, g_calls, v, ctx):
+        F = norm_grads(p, c, g_calls)
         return Materialized(F), ([torch.einsum("bk,bkp->p", v, F)] if v is not None else None)
 
     def check_reference(self, theirs):
         return [torch.cat([t.reshape(-1) for t in theirs])]
 
-    def trace_state(self, p, k, pairs, K):
-        return {"xhat": normalized_inputs(p)}  # once per block, not once per output
+    def trace_state(self, p, c, k, pairs, K):
+        return {"xhat": normalized_inputs(p, c), "calls": c}  # once per block, not once per output
 
     def trace_output(self, p, st, g_calls, gram, workspace, a_out, w):
-        F = norm_grads(p, [g.unsqueeze(1) for g in g_calls], st["xhat"])[:, 0]  # [b, P]
+        F = norm_grads(p, st["calls"], [g.unsqueeze(1) for g in g_calls], st["xhat"])[:, 0]  # [b, P]
         gram(F)
         return w @ F if w is not None else None
 

@@ -360,25 +360,23 @@ def discover_sites(model: nn.Module, call, x: torch.Tensor, candidates: list[str
 
 class SiteRecorder:
     """A TorchFunctionMode for the capture forward: each call through a planned :class:`MatmulSite` is
-    recorded (input, output, version counters) like a module hook records a layer's call (``b``: the block's
-    examples, for products whose rows merge batch and positions: :meth:`MatmulSite.record`)."""
+    recorded (input, output, version counters) into its plan's :class:`~.captured.Calls` like a module hook
+    records a layer's call (``sites``: ``(plan, calls)`` pairs; ``b``: the block's examples, for products whose
+    rows merge batch and positions: :meth:`MatmulSite.record`)."""
 
-    def __init__(self, plans: list, b: int | None = None):
-        by_name = {p.module._names[0]: p for p in plans}
-        ids = {id(p.module.weight): name for name, p in by_name.items()}
-        bias_ids = {id(p.module.bias): p.module._names[1] for p in plans if p.module.bias is not None}
+    def __init__(self, sites: list, b: int | None = None):
+        by_name = {p.module._names[0]: (p, calls) for p, calls in sites}
+        ids = {id(p.module.weight): name for name, (p, _) in by_name.items()}
+        bias_ids = {id(p.module.bias): p.module._names[1] for p, _ in sites if p.module.bias is not None}
 
         class Recorder(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 site = _site_call(func, args, kwargs or {}, {**ids, **bias_ids})
-                p = by_name.get(site[0]) if site is not None else None
+                p, calls = by_name.get(site[0], (None, None)) if site is not None else (None, None)
                 if p is None or site[2] != p.module.layout:
                     return func(*args, **(kwargs or {}))
                 x, out, given = p.module.record(func, args, b)
-                x = x.detach()
-                p.inputs.append(x.clone() if p.copy_input else x)
-                p.outputs.append(out)
-                p.versions.append((x._version, out._version))
+                calls.record(p, x, out)
                 return given.clone() if p.copy_output else given
 
         self.mode = Recorder()

@@ -59,11 +59,12 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
     vacuous = bool(fz.plans) and not fz.verified
     plans = fz.plans
     b = x.shape[0]
-    out = fz.capture(x) if plans else None
+    cap = fz.capture(x) if plans else None
     K = torch.zeros(b, b, dtype=fz.dtype, device=x.device)  # upper row blocks (torch path)
     dense = torch.zeros_like(K)  # full products (Triton, fallback parameters)
     if plans:
-        bad = _layer_terms(fz, plans, out, K, dense, backend)
+        bad = _layer_terms(fz, cap, K, dense, backend)
+        del cap
         if bad:
             fz.exclude(bad)
             raise PlanChanged
@@ -79,21 +80,23 @@ def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | No
     return _mirror(K).add_(dense)
 
 
-def _layer_terms(fz, plans, out, K, dense, backend) -> list:
-    b = out.shape[0]
-    out = out.reshape(b, -1)
+def _layer_terms(fz, cap, K, dense, backend) -> list:
+    plans = cap.plans
+    b = cap.out.shape[0]
+    out = cap.out.reshape(b, -1)
     k = fz.k = out.shape[1]
-    outs = [o for p in plans for o in p.outputs]
+    outs = cap.outputs()
     if any(not o.requires_grad for o in outs):
-        return [p for p in plans if any(not o.requires_grad for o in p.outputs)]
-    misfits = fz.layout_misfits(plans, b) if not fz.verified else []
+        return [p for p, c in zip(plans, cap.calls) if any(not o.requires_grad for o in c.outputs)]
+    misfits = fz.layout_misfits(cap, b) if not fz.verified else []
     if misfits:  # (checked here too when the check runs on the model itself: no twin, or an undecided one)
         return misfits
     # per layer, by its kind's rule: what every output reuses (position-major inputs, embedding indices,
     # normalized inputs; a gathering ghost), its form chosen
     rules = [rule_for(p) for p in plans]
     pairs = fz.pairs_per_example or (b + 1) / 2
-    state = [rule.trace_state(p, k, pairs, K) for rule, p in zip(rules, plans)]
+    state = [rule.trace_state(p, c, k, pairs, K) for rule, p, c in zip(rules, plans, cap.calls)]
+    per_call = [len(c.outputs) for c in cap.calls]
 
     def gram(F: torch.Tensor) -> None:  # K += F F^T for one output's materialized [b, P] gradients
         _gram(F, K, dense, backend)
@@ -112,8 +115,8 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         gs = gs[:len(outs)]
         pos = 0
         for i, (p, st) in enumerate(zip(plans, state)):
-            g_calls = gs[pos: pos + len(p.outputs)]
-            pos += len(p.outputs)
+            g_calls = gs[pos: pos + per_call[i]]
+            pos += per_call[i]
             contrib = rules[i].trace_output(p, st, g_calls, gram, fz.workspace, a_out, w if verify else None)
             if verify:
                 mine[i] = contrib * v[a_out] if mine[i] is None else mine[i].add_(contrib, alpha=v[a_out])
@@ -135,8 +138,6 @@ def _layer_terms(fz, plans, out, K, dense, backend) -> list:
         floor = check_floor(ref, largest)
         if not all(grads_close(u, w, floor) for u, w in zip(got, rule.check_reference(ref))):
             bad.append(p)
-    for p in plans:
-        p.release()
     return bad
 
 
