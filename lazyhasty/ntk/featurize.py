@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -33,9 +32,10 @@ from .capture.layouts import layout_mismatch
 from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
 from .capture.mixing import check_per_example, check_probe_inputs
-from .capture.plan import affine_candidate, plan_layers, trainable_params
+from .capture.plan import trainable_params
+from .capture.planning import CHECK_FAILED, Planning
 from .capture.sites import (
-    InProjection, RecurrentProjection, discover_sites, capture_modules,
+    InProjection, RecurrentProjection, discover_sites,
 )
 from .forms.trace_block import trace_gram as _trace_gram
 from . import tuning
@@ -44,9 +44,6 @@ from .capture.broadcast import BroadcastStandIns, standin_grads
 
 
 
-# Why a layer that failed the check is on the fallback (explain()), unless the check found a more specific reason.
-CHECK_FAILED = ("its per-example gradients from the captured tensors differ from autograd's (a parameter also used "
-                "outside the module's forward, a forward other than its base class's, or a batch not on dim 0)")
 
 
 class Featurizer:
@@ -68,8 +65,6 @@ class Featurizer:
         self.auto_reason = ""
         self._auto_pending = False
         self._pairs_per_example = 0.0
-        self._layer_costs: dict = {}  # {plan name: (G, d_in, S, k, d_out)} from the layer check, for _auto_choice
-        self.excluded: set[int] = set()
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
         self._copies_owner: nn.Module | None = None  # set on a twin: the model its copy decisions are for
@@ -77,28 +72,13 @@ class Featurizer:
         self._standins = None  # and its stand-ins at operations (capture.broadcast), when any
         self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
         self._vmap_failed = False  # torch.func could not run or disagreed: the exact loop from now on
-        self.affine: set[int] = set()  # Linear subclasses planned as affine maps (after the plain plan failed)
-        self.sites: dict = {}  # fallback parameters the model multiplies directly (MatmulSite specs)
-        # {parameter name: why it is on the fallback} for parameters of layers the check moved there (explain())
-        self.fallback_reasons: dict[str, str] = {}
-        self._why: dict[str, str] = {}  # {plan name: why it failed}, this round of the check
         known = caches.VERIFIED.get(self._user_model, {}).get(self.implementation)
         if known is None or known.key != self.fingerprint(self.implementation):
-            self.plans, self.generic = plan_layers(model, self.implementation)
+            self.planning = Planning(model, self.implementation)  # the layer plan, as the check moves it
         else:
-            # this model's structure was checked before: the same layers go to the fallback
-            self.sites = dict(known.sites)
-            self._layer_costs = dict(known.layer_costs)
-            self.fallback_reasons = dict(known.reasons)
-            if not known.planned or model is not self._user_model:  # (a dtype copy has its own modules)
-                self._replan(known.excluded, known.affine, known.copies)
-                if model is self._user_model:
-                    known.planned.append((tuple(p.fresh() for p in self.plans), tuple(self.generic),
-                                          frozenset(self.excluded), frozenset(self.affine)))
-            else:
-                plans, generic, excluded, affine = known.planned[0]
-                self.plans, self.generic = [p.fresh() for p in plans], list(generic)
-                self.excluded, self.affine = set(excluded), set(affine)
+            # this model's structure was checked before: the same layers go to the fallback (the verdict's plan
+            # copied; a dtype copy has its own modules and plans by name)
+            self.planning = Planning.from_verdict(model, self.implementation, known, model is self._user_model)
             self.verified = True
             self._auto_pending = self.auto  # decided once the call's pairs per example are known
         self.k: int | None = None
@@ -113,6 +93,21 @@ class Featurizer:
         self._checked_dims: dict = {}  # plan name -> cost-model dims seen by the check, with the call's k
 
     # -- public ------------------------------------------------------------------------------------
+    @property
+    def plans(self) -> list:
+        """The planned layers (``planning.plans``)."""
+        return self.planning.plans
+
+    @property
+    def generic(self) -> list:
+        """Names of the parameters on the exact fallback (``planning.generic``)."""
+        return self.planning.generic
+
+    @property
+    def fallback_reasons(self) -> dict:
+        """``{parameter name: why it is on the fallback}`` (``planning.reasons``; ``explain()`` shows them)."""
+        return self.planning.reasons
+
     def fingerprint(self, tag: str, model: nn.Module | None = None) -> tuple:
         """``(tag, structure)`` of ``model`` (default: the user's model) for the per-model caches: modules and
         parameters by name, object, type, shape, dtype, device and requires_grad. Walked once per Featurizer
@@ -540,7 +535,7 @@ class Featurizer:
         for p, c in zip(cap.plans, cap.calls):
             misfit = layout_mismatch(p, c, b)
             if misfit is not None:
-                self._why[p.name] = f"its captured tensors do not fit the {p.kind} layout: {misfit}"
+                self.planning.why[p.name] = f"its captured tensors do not fit the {p.kind} layout: {misfit}"
                 out.append(p)
         return out
 
@@ -579,7 +574,7 @@ class Featurizer:
             subs = self._copy_leaves(x) if grad else None
             return self._call(x, reset, subs=subs, standins=self._standins if grad else None)
 
-        return capture_forward(self.plans, x.shape[0], forward, grad, self._why)
+        return capture_forward(self.plans, x.shape[0], forward, grad, self.planning.why)
 
     def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None, model: nn.Module | None = None,
               standins: BroadcastStandIns | None = None) -> torch.Tensor:
@@ -657,9 +652,9 @@ class Featurizer:
         candidates = [n for n in other.generic if named[n].dim() in (1, 2, 3)]
         if candidates and self.implementation == "layerwise":
             # parameters the model's own code multiplies directly: linear sites (checked with the rest)
-            other.sites = discover_sites(twin, other._call, probe, candidates)
-            if other.sites:
-                other._replan(set(), set(), {})
+            other.planning.sites = discover_sites(twin, other._call, probe, candidates)
+            if other.planning.sites:
+                other.planning.replan(set(), set(), {})
         with torch.enable_grad():
             for _ in range(2 * len(other.plans) + 2):  # each round moves a layer a step, or ends
                 try:
@@ -671,7 +666,7 @@ class Featurizer:
                     if other.all_passed():
                         # the layers left planned all passed the round that moved the others: decided, with no
                         # round more (the fallback's per-example-copy decisions, which a last round makes here)
-                        other._layer_costs = dict(other._checked_dims)
+                        other.planning.layer_costs = dict(other._checked_dims)
                         other.mark_verified()
                         if other.generic:
                             other.per_example_copies(probe)
@@ -686,38 +681,25 @@ class Featurizer:
             # whatever the values (a mismatch decides; only agreement can be by accident), so they go to the
             # fallback now rather than being found again there, one more round and one more twin later.
             self._twin_tried = True
-            bad = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
+            bad, affine = other.planning.module_names(twin)
             if not bad:
                 return False
-            before = [(p.name, p.weight_map) for p in self.plans]
-            self.sites = dict(other.sites)
-            self.fallback_reasons.update(other.fallback_reasons)
-            known = {n for n, m in capture_modules(self.model, self.sites) if id(m) in self.excluded}
-            self._replan(known | bad, {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine},
-                         {p.name: (p.copy_input, p.copy_output) for p in other.plans})
-            return [(p.name, p.weight_map) for p in self.plans] != before
-        names = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.excluded}
-        affine = {n for n, m in capture_modules(twin, other.sites) if id(m) in other.affine}
-        copies = {p.name: (p.copy_input, p.copy_output) for p in other.plans}
-        before = [(p.name, p.weight_map) for p in self.plans]
+            mine, before = self.planning, self.planning.signature()
+            mine.sites = dict(other.planning.sites)
+            mine.reasons.update(other.planning.reasons)
+            known, _ = mine.module_names()
+            mine.replan(known | bad, affine, other.planning.copies())
+            return mine.signature() != before
+        names, affine = other.planning.module_names(twin)
+        mine, before = self.planning, self.planning.signature()
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
         planned = {p.name for p in other.plans}
-        self._layer_costs = {n: d for n, d in other._checked_dims.items() if n in planned}
-        self.sites = dict(other.sites)
-        self.fallback_reasons = {n: why for n, why in other.fallback_reasons.items()}
-        self._replan(names, affine, copies)
+        mine.layer_costs = {n: d for n, d in other._checked_dims.items() if n in planned}
+        mine.sites = dict(other.planning.sites)
+        mine.reasons = dict(other.planning.reasons)
+        mine.replan(names, affine, other.planning.copies())
         switched = self.mark_verified()
-        return switched or [(p.name, p.weight_map) for p in self.plans] != before
-
-    def _replan(self, excluded_names, affine_names, copies: dict) -> None:
-        """Plans again with these modules on the fallback / planned as affine maps, by name."""
-        named = capture_modules(self.model, self.sites)
-        self.excluded = {id(m) for n, m in named if n in excluded_names}
-        self.affine = {id(m) for n, m in named if n in affine_names}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
-                                               self.sites)
-        for p in self.plans:
-            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
+        return switched or mine.signature() != before
 
     def _auto_choice(self) -> bool:
         """``implementation="auto"`` once the layer check is done: the whole-model Jacobian when the cost model
@@ -732,54 +714,28 @@ class Featurizer:
         if not rest:
             self.auto_reason = "layerwise: the fallback parameters are all per-example copies (no torch.func pass)"
             return False
-        layers = [(self._layer_costs.get(p.name), sum(t.numel() for _, t in p.params())) for p in self.plans]
+        layers = [(self.planning.layer_costs.get(p.name), sum(t.numel() for _, t in p.params())) for p in self.plans]
         jacobian, self.auto_reason = layerwise_or_jacobian(
             layers, sum(named[n].numel() for n in self.generic), share, self.kernel, self.pairs_per_example)
         if not jacobian:
             return False
-        self.plans, self.generic = plan_layers(self.model, "jacobian")
+        self.planning.whole_model_jacobian()
         return True
 
     def mark_verified(self) -> bool:
         """Record the layer check's outcome for this model structure; True when ``auto`` then switched to the
         whole-model Jacobian (the caller recomputes its block with the new plan)."""
         self.verified = True
-        if not self._layer_costs:  # checked in place: this block's layer shapes
-            self._layer_costs = {p.name: p.costs["dims"] for p in self.plans if p.costs and "dims" in p.costs}
-        named = capture_modules(self.model, self.sites)
-        names = frozenset(n for n, m in named if id(m) in self.excluded)
-        affine = frozenset(n for n, m in named if id(m) in self.affine)
-        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans if p.copy_input or p.copy_output}
-        caches.VERIFIED.setdefault(self._user_model, {})[self.implementation] = Verdict(
-            self.fingerprint(self.implementation), names, copies, affine, dict(self.sites), dict(self._layer_costs),
-            dict(self.fallback_reasons))
+        if not self.planning.layer_costs:  # checked in place: this block's layer shapes
+            self.planning.layer_costs = {p.name: p.costs["dims"] for p in self.plans if p.costs and "dims" in p.costs}
+        caches.VERIFIED.setdefault(self._user_model, {})[self.implementation] = self.planning.verdict(
+            self.fingerprint(self.implementation))
         return self._auto_choice()
 
     def exclude(self, bad, why: str = CHECK_FAILED) -> None:
-        """Moves the layers ``bad`` (plans that failed the check) to the fallback; a Linear subclass first gets
-        a second chance as an affine map (:func:`lazyhasty.ntk.capture.maps.affine_map`).
-
-        Args:
-            bad: the failing :class:`LayerPlan` objects.
-            why: the reason, recorded per parameter in :attr:`fallback_reasons` (``explain()`` shows it), unless
-                the check recorded a more specific one for the layer (captured tensors that do not fit its layout).
-        """
-        names = {id(t): n for n, t in self.model.named_parameters()}
-        for p in bad:
-            reason = self._why.pop(p.name, why)
-            if affine_candidate(p.module) and p.weight_map != "affine":
-                self.affine.add(id(p.module))
-            else:
-                self.affine.discard(id(p.module))
-                self.excluded.add(id(p.module))
-                for _, t in p.params():
-                    if id(t) in names:
-                        self.fallback_reasons[names[id(t)]] = reason
-        copies = {p.name: (p.copy_input, p.copy_output) for p in self.plans}
-        self.plans, self.generic = plan_layers(self.model, self.implementation, self.excluded, self.affine,
-                                               self.sites)
-        for p in self.plans:
-            p.copy_input, p.copy_output = copies.get(p.name, (False, False))
+        """Move the layers ``bad`` a step towards the fallback (:meth:`~.capture.planning.Planning.exclude`,
+        ``why`` recorded per parameter); the plan is unverified again."""
+        self.planning.exclude(bad, why)
         self.verified = False
 
     def fallback_jacobian(self, x: torch.Tensor, split: bool = False):
@@ -956,33 +912,6 @@ def owner_key(param_name: str) -> str:
     if sep and (head == "" or head.endswith(".")):
         return head[:-1] if head else ""
     return owner
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The layer check's outcome for one model structure and state (``caches.VERIFIED[model][implementation]``).
-
-    Attributes:
-        key: :meth:`Featurizer.fingerprint` of the model it holds for.
-        excluded: names (:func:`capture_modules`) of the modules moved to the fallback.
-        copies: ``{plan name: (copy_input, copy_output)}``: layers capturing copies (in-place ops).
-        affine: names of the Linear subclasses planned as affine maps.
-        sites: the matmul sites found on the twin (``{parameter name: MatmulSite spec}``).
-        layer_costs: ``{plan name: (G, d_in, S, k, d_out)}``, for ``implementation="auto"``.
-        reasons: ``{parameter name: why it is on the fallback}``.
-    """
-
-    key: tuple
-    excluded: frozenset
-    copies: dict
-    affine: frozenset
-    sites: dict
-    layer_costs: dict
-    reasons: dict = field(default_factory=dict)
-    # the plan these decisions give, made once by the first Featurizer that replans from them: (plans as
-    # templates, generic names, excluded and affine module ids); a later call copies it (LayerPlan.fresh) instead
-    # of planning the model again (~5 ms a call on timm's efficientnet: two module traversals and the kinds)
-    planned: list = field(default_factory=list)  # (at most one entry: the Verdict itself is frozen)
 
 
 class _AllSizes:

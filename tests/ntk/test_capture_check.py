@@ -450,8 +450,10 @@ def test_a_remembered_verdict_is_planned_once_and_later_calls_copy_that_plan(mon
     want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()])
     ntk_gram(m, x, implementation="layerwise")  # checks and remembers
     calls = []
-    real = FZ.plan_layers
-    monkeypatch.setattr(FZ, "plan_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from lazyhasty.ntk.capture import planning
+
+    real = planning.plan_layers
+    monkeypatch.setattr(planning, "plan_layers", lambda *a, **k: calls.append(1) or real(*a, **k))
     got = [ntk_gram(m, x, implementation="layerwise") for _ in range(3)]
     assert len(calls) == 1, calls  # the first later call plans; the next two copy (before: one a call)
     for K in got:

@@ -31,6 +31,7 @@ batch is not dim 0, fails that check and is moved to the exact fallback, so no t
 Modules, in the order a block goes through them:
 
 * :mod:`.plan`: which parameters get which per-layer treatment (``plan_layers`` -> ``LayerPlan``, ``LayerKind``);
+* :mod:`.planning`: the plan as the layer check moves it (``Planning``) and its remembered ``Verdict``;
 * :mod:`.sites`: capture sites of fused modules and of matmuls in the model's own code;
 * :mod:`.hooks`: the capture forward, returning a :mod:`.captured` value (per plan its calls' inputs and outputs;
   plans hold decisions only);
