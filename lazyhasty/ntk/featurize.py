@@ -25,9 +25,8 @@ from .capture.cost import layerwise_or_jacobian
 from .capture.backward import (
     note_backward_time, output_gradient_passes, replicated_output_gradients, replication_turn,
 )
-from .capture.fallback import (
-    copy_jacobian, copy_reference, decide_copies, joined_parts, per_example_leaves, torch_func_jacobian,
-)
+from .capture.copies import PerExampleCopies
+from .capture.fallback import joined_parts, torch_func_jacobian
 from .capture.layouts import layout_mismatch
 from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
@@ -40,7 +39,7 @@ from .capture.sites import (
 from .forms.trace_block import trace_gram as _trace_gram
 from . import tuning
 from .capture import caches
-from .capture.broadcast import BroadcastStandIns, standin_grads
+from .capture.broadcast import BroadcastStandIns
 
 
 
@@ -67,10 +66,9 @@ class Featurizer:
         self._pairs_per_example = 0.0
         self.verified = False
         self.is_twin = False  # the perturbed copy verify_on_twin checks (it checks itself in place)
-        self._copies_owner: nn.Module | None = None  # set on a twin: the model its copy decisions are for
-        self._subs = None  # per-example copy leaves of the current capture forward
-        self._standins = None  # and its stand-ins at operations (capture.broadcast), when any
-        self._captured_copies = None  # their gradients {name: [b, k, numel]}, for fallback_jacobian
+        # the per-example copies of fallback parameters: decisions, the copies on a capture, their gradients (its
+        # owner is set to the checked model on a twin: it decides for that model)
+        self.copies = PerExampleCopies(self._user_model, self._call, self.output_gradient_passes)
         self._vmap_failed = False  # torch.func could not run or disagreed: the exact loop from now on
         known = caches.VERIFIED.get(self._user_model, {}).get(self.implementation)
         if known is None or known.key != self.fingerprint(self.implementation):
@@ -251,12 +249,7 @@ class Featurizer:
         forward that just ran, then ``{("op", i): leaf}`` for the stand-ins at operations
         (:mod:`.capture.broadcast`), in that order (None when there are none); their gradients go to
         :meth:`keep_copy_grads`."""
-        mode = getattr(self, "_standins", None)
-        if not self._subs and not (mode and mode.standins):
-            return None
-        out = dict(self._subs or {})
-        out.update({("op", i): s.leaf for i, s in enumerate(mode.standins if mode else ())})
-        return out
+        return self.copies.riding()
 
     def workspace(self, numel: int) -> torch.Tensor:
         """A reused buffer of ``numel`` elements (per-example gradients of one layer at a time)."""
@@ -572,7 +565,7 @@ class Featurizer:
         copies of the fallback parameters that take them ride on it)."""
         def forward(reset):
             subs = self._copy_leaves(x) if grad else None
-            return self._call(x, reset, subs=subs, standins=self._standins if grad else None)
+            return self._call(x, reset, subs=subs, standins=self.copies.standins if grad else None)
 
         return capture_forward(self.plans, x.shape[0], forward, grad, self.planning.why)
 
@@ -643,7 +636,7 @@ class Featurizer:
             return False  # a model too large to copy: the check runs on the model itself
         other = Featurizer(twin, self.implementation, self.kernel, None)  # "auto" is "layerwise" here: no switch
         other.is_twin = True
-        other._copies_owner = self._user_model  # its per-example-copy check decides for this model
+        other.copies.owner = self._user_model  # its per-example-copy check decides for this model
         other.checked_mixing = _ALL_SIZES  # this block passed the check already
         other.plan_for_pairs(self.pairs_per_example)
         other.channels_last = self.channels_last
@@ -744,7 +737,7 @@ class Featurizer:
         ``split``, the same as a list of ``[b, k, P_i]`` parts whose concatenation it is (:func:`~.capture.fallback.joined_parts`:
         views of the large ones, the small ones joined), without the concatenated copy."""
         copies = self.per_example_copies(x)
-        captured, self._captured_copies = self._captured_copies, None
+        captured = self.copies.take()
         if not copies or any(n not in copies for n in self.generic):
             # a torch.func pass runs anyway, and its cost hardly depends on how many parameters it covers: the
             # copies ride on it (splicing in the captured ones would copy the whole [b, k, P] once more)
@@ -753,7 +746,8 @@ class Featurizer:
                 and all(t.shape[0] == x.shape[0] for t in captured.values())):
             parts = dict(captured)  # from the capture's own backward passes
         else:
-            parts = dict(zip(copies, self._copy_jacobian(x, copies)))  # instead of any torch.func pass
+            # instead of any torch.func pass
+            parts = dict(zip(copies, self.copies.jacobian(x, copies, self.model, self.copy_ops())))
         if split:
             return joined_parts([parts[n] for n in self.generic])
         return torch.cat([parts[n] for n in self.generic], -1) if len(parts) > 1 else parts[self.generic[0]]
@@ -763,103 +757,36 @@ class Featurizer:
         by ``b`` copies of itself (``[1, ...] -> [b, ...]``, else ``[...] -> [b, ...]``): class tokens,
         positional embeddings, layer scales, hand-written biases — parameters the model only broadcasts
         against the batch. Autograd's gradient of each copy is then that example's gradient, without a
-        whole-model torch.func pass. Decided once per model structure on a few examples of ``x``: the
-        substituted forward must run and the per-example gradients, weighted by random example weights
-        and output weights, must equal autograd's gradient of the same weighted sum through the model
-        itself (an op that mixed the copies between examples fails it). ``[]`` without ``x`` before that."""
-        owner = self._copies_owner or self._user_model  # a twin's decisions are its model's
-        fp = (self.fingerprint("copies", owner), self.dtype)
-        known = caches.COPYABLE.get(owner)
-        shape = None if x is None else (tuple(x.shape[1:]), x.dtype)
-        if known is None or known[0] != fp or (x is not None and known[1] != shape):
-            known = (fp, shape, {})  # name -> passed the check
-        decided = known[2]
-        todo = [n for n in self.generic if n not in decided]
-        if todo and x is not None:
-            # checked on a perturbed copy of the model: whether copies work is a property of the code, and
-            # values such as a zero-initialised head (torchvision's ViT) would make every gradient zero
-            # (a twin checks on itself: it is the perturbed copy, and one deep copy per check is enough)
-            twin = (self.model if self.is_twin else getattr(self, "_twin", None) or self._perturbed_twin(99)
-                    or self.model)  # too large to copy: the model itself
-            named = dict(twin.named_parameters())
-            probe = x[: min(x.shape[0], 4)]
-            with exact_fp32():  # a check: never in TF32
-                self._decide_copies(todo, decided, probe, named, twin)
-            caches.COPYABLE[owner] = (fp, shape, decided)
-        return [n for n in self.generic if decided.get(n)]
+        whole-model torch.func pass. Decided once per model structure on a few examples of ``x``, on a perturbed
+        twin (:meth:`~.capture.copies.PerExampleCopies.decided`); ``[]`` without ``x`` before that."""
+        def twin():
+            # (a twin checks on itself: it is the perturbed copy, and one deep copy per check is enough; a model
+            # too large to copy: the model itself)
+            return (self.model if self.is_twin else getattr(self, "_twin", None) or self._perturbed_twin(99)
+                    or self.model)
 
-    def _decide_copies(self, todo: list, decided: dict, probe: torch.Tensor, named: dict, twin) -> None:
-        """Whether per-example copies work for each parameter of ``todo`` (``capture.fallback.decide_copies`` on
-        ``twin``, the reasons into ``caches.COPY_WHY``)."""
-        why = caches.COPY_WHY.setdefault(self._copies_owner or self._user_model, {})
-
-        def reference(x, names):
-            with torch.enable_grad():
-                out = self._call(x, model=twin).reshape(x.shape[0], -1)
-            return copy_reference(out, named, names)
-
-        decide_copies(todo, decided, why, probe, named,
-                      lambda x, names, at_ops, ops: self._copy_jacobian(x, names, twin, at_ops=at_ops, ops=ops),
-                      reference)
+        key = (self.fingerprint("copies", self.copies.owner), self.dtype)
+        return self.copies.decided(self.generic, key, x, twin)
 
     def copy_failures(self) -> dict:
         """``{parameter name: why}`` for fallback parameters whose per-example stand-ins broke the forward."""
-        return {n: why for n, why in caches.COPY_WHY.get(self._copies_owner or self._user_model, {}).items()
-                if n in self.generic}
+        return self.copies.failures(self.generic)
 
     def copy_ops(self) -> dict:
         """``{parameter name: operation names}`` of the fallback parameters captured by stand-ins at operations
-        (:mod:`.capture.broadcast`) rather than by copies of themselves (known once :meth:`per_example_copies`
-        decided)."""
-        owner = self._copies_owner or self._user_model
-        known = caches.COPYABLE.get(owner)
-        if known is None:
-            return {}
-        return {n: list(v) for n, v in known[2].items() if isinstance(v, tuple) and n in self.generic}
+        (:mod:`.capture.broadcast`) rather than by copies of themselves."""
+        return self.copies.ops(self.generic)
 
     def _copy_leaves(self, x: torch.Tensor) -> dict | None:
-        """For the capture forward of a verified plan: ``{name: [b, ...] leaf}`` copies of the fallback
-        parameters that take them, so the capture's own k backward passes give their per-example gradients
-        (kept in ``_captured_copies`` for :meth:`fallback_jacobian`); None when there are none."""
-        self._subs = None
-        self._standins = None
-        if not (self.verified and self.generic):
-            return None
-        names = self.per_example_copies()
-        if not names:
-            return None
-        at_ops = set(self.copy_ops())
-        named = dict(self.model.named_parameters())
-        if at_ops:
-            self._standins = BroadcastStandIns(named, at_ops, x.shape[0])
-        self._subs = per_example_leaves(named, [n for n in names if n not in at_ops], x.shape[0]) or None
-        return self._subs
+        """For the capture forward of a verified plan: the copies of the fallback parameters that take them
+        (``PerExampleCopies.ride``), so the capture's own backward passes give their per-example gradients."""
+        names = self.per_example_copies() if self.verified and self.generic else []
+        return self.copies.ride(self.model, names, set(self.copy_ops()) if names else set(), x.shape[0])
 
     def keep_copy_grads(self, per_output: list[list[torch.Tensor]]) -> None:
-        """``per_output[j][a]``: output a's gradient of copy leaf j (``[b, ...]``) from the capture's backward
-        passes -> ``_captured_copies`` ``{name: [b, k, numel]}``."""
-        subs = self._subs or {}
-        got = {n: torch.stack([g.reshape(g.shape[0], -1) for g in cols], 1) for n, cols in zip(subs, per_output)}
-        mode = getattr(self, "_standins", None)
-        if mode is not None and mode.standins:
-            grads = [torch.stack(cols, 1) for cols in per_output[len(subs):]]
-            got.update(standin_grads(mode.standins, grads, dict(self.model.named_parameters())))
-        self._captured_copies = got
-        self._subs = None
-        self._standins = None
-
-    def _copy_jacobian(self, x: torch.Tensor, names: list[str], model: nn.Module | None = None,
-                       at_ops=None, ops: dict | None = None) -> list[torch.Tensor]:
-        """``[b, k, numel]`` per parameter of ``names`` from per-example copies (``capture.fallback.copy_jacobian``;
-        ``at_ops``, default those :meth:`copy_ops` names: stand-ins at their operations)."""
-        model = self.model if model is None else model
-        at_ops = self.copy_ops() if at_ops is None else at_ops
-
-        def call(inp, subs, standins):
-            return self._call(inp, subs=subs, model=model, standins=standins)
-
-        return copy_jacobian(call, dict(model.named_parameters()), x, names, set(at_ops),
-                             self.output_gradient_passes, ops)
+        """``per_output[j][a]``: output a's gradient of copy leaf j from the capture's backward passes (taken by
+        :meth:`fallback_jacobian`)."""
+        self.copies.keep(per_output, self.model)
 
     def _torch_func_jacobian(self, x: torch.Tensor, names: list[str], split: bool = False):
         """[b, k, P] per-example Jacobians of the parameters ``names`` by torch.func

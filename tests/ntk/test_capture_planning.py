@@ -51,3 +51,50 @@ def test_a_verdict_replans_by_name_and_its_template_is_copied():
     assert all(p is not q for p, q in zip(copied.plans, again.plans))
     other = Planning.from_verdict(_model(), "layerwise", verdict, template=False)  # another copy: by name
     assert other.signature() == planning.signature() and other.excluded != again.excluded
+
+
+def test_per_example_copies_decide_once_per_owner_and_hand_their_gradients_over_once():
+    """``capture/copies.py`` on its own: decisions keyed by the owner model (a twin decides for its model), the
+    copies riding on a forward and the gradients kept for the fallback taken once."""
+    from lazyhasty.ntk.capture import caches
+    from lazyhasty.ntk.capture.backward import output_gradient_passes
+    from lazyhasty.ntk.capture.copies import PerExampleCopies
+
+    class Tokened(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.pos = nn.Parameter(torch.randn(1, 3))
+
+        def forward(self, x):
+            return self.lin(x + self.pos)
+
+    torch.manual_seed(0)
+    owner, twin = Tokened().double(), Tokened().double()
+
+    def call(x, subs=None, model=None, standins=None):
+        from torch.func import functional_call
+        model = owner if model is None else model
+        return functional_call(model, subs, (x,), strict=False) if subs else model(x)
+
+    def passes(out, leaves, retain):
+        return output_gradient_passes(out, leaves, retain, lambda: ("t",), {})[0]
+
+    copies = PerExampleCopies(owner, call, passes)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    used = []
+    assert copies.decided(["pos"], ("key",), None) == []  # undecided without examples
+    assert copies.decided(["pos"], ("key",), x, lambda: used.append(1) or twin) == ["pos"]
+    assert copies.decided(["pos"], ("key",), x, lambda: used.append(1) or twin) == ["pos"] and used == [1]
+    assert caches.COPYABLE[owner][2] == {"pos": True} and twin not in caches.COPYABLE
+    leaves = copies.ride(owner, ["pos"], set(), 5)
+    assert list(leaves) == ["pos"] and leaves["pos"].shape == (5, 3) and copies.riding() == leaves
+    out = call(x, subs=leaves).reshape(5, -1)
+    per_output = [list(col) for col in zip(*passes(out, list(leaves.values()), False))]
+    copies.keep(per_output, owner)
+    got = copies.take()
+    assert copies.take() is None and copies.riding() is None
+    J = torch.stack([torch.autograd.functional.jacobian(lambda p: owner.lin(x[i] + p), owner.pos.detach()[0])
+                     for i in range(5)])  # [b, k, 3]
+    assert torch.allclose(got["pos"], J, atol=1e-12)
+    caches.forget(owner)

@@ -11,8 +11,9 @@
   takes the exact per-example loop (``ntk.naive.jacobian_rows``).
 
 Results are ``[b, k, numel]`` per parameter; :func:`joined_parts` makes features of them without one concatenated
-``[b, k, P]`` copy. The functions take the model call and the output passes as arguments: the caller
-(``featurize.Featurizer``) keeps the per-model records (``caches.COPYABLE``, ``COPY_WHY``, ``VMAP_CHECKED``).
+``[b, k, P]`` copy. The functions take the model call and the output passes as arguments: their callers keep the
+per-model records (``copies.PerExampleCopies``: ``caches.COPYABLE``, ``COPY_WHY``; ``featurize.Featurizer``:
+``VMAP_CHECKED``).
 """
 from __future__ import annotations
 
