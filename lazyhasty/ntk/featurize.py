@@ -20,7 +20,10 @@ from .._loaders import model_device
 from .._precision import exact_fp32
 from . import forms as feat
 from .._outputs import tensor_output
-from .capture.check import CHECK_EXAMPLES, PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
+from .capture.check import (
+    CHECK_EXAMPLES, CheckRounds, PlanChanged, check_floor, check_scale, check_weights, grads_close, model_bytes,
+    perturbed_twin, weighted_layer_grads,
+)
 from .capture.cost import layerwise_or_jacobian
 from .capture.backward import (
     note_backward_time, output_gradient_passes, replicated_output_gradients, replication_turn,
@@ -86,9 +89,7 @@ class Featurizer:
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
         self._twin_tried = False  # the twin's check left this call undecided: the model's own blocks decide
-        self._passed: set = set()  # (plan name, weight map) that a round of the check found right
-        self._check_scale = 0.0  # the largest reference gradient of the check's current round (grads_close)
-        self._checked_dims: dict = {}  # plan name -> cost-model dims seen by the check, with the call's k
+        self.rounds = CheckRounds()  # what the layer check's rounds found (layers right, their dims)
 
     # -- public ------------------------------------------------------------------------------------
     @property
@@ -392,7 +393,7 @@ class Featurizer:
             grads = [(torch.zeros_like(o) if g is None else g).unsqueeze(1) for g, o in zip(gs, outs)]
             per_plan = weighted_layer_grads(out, w[:, None] * v[None, :], plans)
             vgrads = [t for ts in per_plan for t in ts]
-            self._check_scale = check_scale(vgrads)
+            self.rounds.scale = check_scale(vgrads)
             v = w[:, None]  # [b, 1]: example i's weight on its one "output"
         elif reps:
             grads = replicated  # each [b, k, ...]
@@ -418,7 +419,7 @@ class Featurizer:
             v = w[:, None] * v[None, :]  # [b, k]: example i's output weights
             per_plan = weighted_layer_grads(out, v, plans)
             vgrads = [t for ts in per_plan for t in ts]
-            self._check_scale = check_scale(vgrads)
+            self.rounds.scale = check_scale(vgrads)
         feats, pos, bad = [], 0, []
         misfits = self.layout_misfits(cap, b) if verify else []
         emit = sink if sink is not None else feats.append
@@ -433,7 +434,7 @@ class Featurizer:
             cap.calls[i] = None  # this layer's captured tensors go now (a streamed block holds one layer's at most)
         del cap
         if verify:
-            self._note_checked(plans, per_plan, bad, k)
+            self.rounds.note(plans, per_plan, bad, k)
         if bad:
             self.exclude(bad)
             raise PlanChanged
@@ -502,22 +503,6 @@ class Featurizer:
         note_backward_time(caches.REPLICATED.setdefault(self._user_model, {}), self._replication_key(x), way,
                            seconds, self.k, sum(o.numel() * o.element_size() for o in outs))
 
-    def _note_checked(self, plans: list, per_plan: list, bad: list, k: int) -> None:
-        """After a round of the check: the layers it decided right (``_passed``, by name and weight map: their
-        gradients not all zero) and every layer's cost-model dims with the call's ``k`` (``_checked_dims``: the
-        twin's rounds see ``k = 1``)."""
-        for p, theirs in zip(plans, per_plan):
-            if p.costs and "dims" in p.costs:
-                G, din, S, _, dout = p.costs["dims"]
-                self._checked_dims[p.name] = (G, din, S, k, dout)
-            if p not in bad and all(bool(t.any()) for t in theirs):
-                self._passed.add((p.name, p.weight_map))
-
-    def all_passed(self) -> bool:
-        """Whether every layer of the current plan passed an earlier round of the check (then no round more
-        is needed: a layer's outcome depends on its own code, not on which other layers are planned)."""
-        return bool(self.plans) and all((p.name, p.weight_map) in self._passed for p in self.plans)
-
     def layout_misfits(self, cap, b: int) -> list:
         """The plans of ``cap`` (a :class:`~.capture.captured.Captured`) whose captured calls do not fit their
         kind's layout (:func:`layout_mismatch`: a forward of
@@ -540,7 +525,7 @@ class Featurizer:
         ctx = TileContext(self.kernel, self.pairs_per_example, self.workspace if sink is not None else None)
         f, mine = rule.tile_feature(p, c, g_calls, v if verify else None, ctx)
         if verify:
-            floor = check_floor(theirs, self._check_scale)
+            floor = check_floor(theirs, self.rounds.scale)
             if not all(grads_close(u, w, floor) for u, w in zip(mine, rule.check_reference(theirs))):
                 bad.append(p)
         f.name = self._layer_key(p)
@@ -605,24 +590,11 @@ class Featurizer:
     def twin_fits(self) -> bool:
         """Whether the layer check runs on a perturbed copy (the model holds at most ``limits`` ``twin_max_bytes`` in
         parameters and buffers) rather than on the model itself."""
-        size = sum(t.numel() * t.element_size() for t in list(self.model.parameters()) + list(self.model.buffers()))
-        return size <= tuning.current().twin_max_bytes
+        return model_bytes(self.model) <= tuning.current().twin_max_bytes
 
     def _perturbed_twin(self, seed: int) -> nn.Module | None:
-        """A deep copy of the model with every parameter perturbed by noise of its own scale (so no gradient
-        is zero by the values' accident), or None when the model holds more than ``limits`` ``twin_max_bytes``."""
-        if not self.twin_fits():
-            return None
-        twin = copy.deepcopy(self.model)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        with torch.no_grad():
-            for t in twin.parameters():
-                # drawn on the CPU (the same twin on any device) in the parameter's precision: float64 draws
-                # were a quarter of a first call on the paper's ResNet18 (11M parameters)
-                dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
-                noise = torch.randn(t.shape, generator=gen, dtype=dtype).to(t.device, t.dtype)
-                t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
-        return twin
+        """:func:`~.capture.check.perturbed_twin` of the model, or None when it does not :meth:`twin_fits`."""
+        return perturbed_twin(self.model, seed) if self.twin_fits() else None
 
     def verify_on_twin(self, x: torch.Tensor) -> bool:
         """The layer check, run on a perturbed copy of the model (up to ``capture.check.CHECK_EXAMPLES`` examples
@@ -656,10 +628,10 @@ class Featurizer:
                 except PlanChanged:
                     if other.verified:
                         break
-                    if other.all_passed():
+                    if other.rounds.all_passed(other.plans):
                         # the layers left planned all passed the round that moved the others: decided, with no
                         # round more (the fallback's per-example-copy decisions, which a last round makes here)
-                        other.planning.layer_costs = dict(other._checked_dims)
+                        other.planning.layer_costs = dict(other.rounds.dims)
                         other.mark_verified()
                         if other.generic:
                             other.per_example_copies(probe)
@@ -687,7 +659,7 @@ class Featurizer:
         mine, before = self.planning, self.planning.signature()
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)
         planned = {p.name for p in other.plans}
-        mine.layer_costs = {n: d for n, d in other._checked_dims.items() if n in planned}
+        mine.layer_costs = {n: d for n, d in other.rounds.dims.items() if n in planned}
         mine.sites = dict(other.planning.sites)
         mine.reasons = dict(other.planning.reasons)
         mine.replan(names, affine, other.planning.copies())

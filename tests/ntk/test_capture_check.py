@@ -513,3 +513,30 @@ def test_the_check_tolerance_does_not_grow_with_a_layers_size():
     assert "1" not in {p.name for p in fz.plans}, fz.describe()
     want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()])
     assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-5
+
+
+def test_the_perturbed_twin_and_the_check_rounds_on_their_own():
+    """``capture.check.perturbed_twin``: the same structure, every parameter moved, the model untouched;
+    ``CheckRounds``: a layer counts as passed only with a nonzero gradient and outside ``bad``, and
+    ``all_passed`` asks it of every plan."""
+    from types import SimpleNamespace
+
+    from lazyhasty.ntk.capture.check import CheckRounds, model_bytes, perturbed_twin
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    nn.init.zeros_(m[2].weight)
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    twin = perturbed_twin(m, 7)
+    assert all(torch.equal(t, before[n]) for n, t in m.state_dict().items())
+    assert [n for n, _ in twin.named_parameters()] == [n for n, _ in m.named_parameters()]
+    assert all(not torch.equal(a, b) for a, b in zip(twin.parameters(), m.parameters()))
+    assert bool(twin[2].weight.abs().min() > 0)  # a zero-initialised head is not zero on the twin
+    assert model_bytes(m) == 4 * (12 + 4 + 4 + 4 + 8 + 2) + 4 * 8 + 8  # parameters, running stats, the counter
+    rounds = CheckRounds()
+    a = SimpleNamespace(name="a", weight_map=False, costs={"dims": (1, 3, 1, 1, 4)})
+    b = SimpleNamespace(name="b", weight_map=False, costs=None)
+    c = SimpleNamespace(name="c", weight_map=False, costs=None)
+    rounds.note([a, b, c], [[torch.ones(2)], [torch.zeros(2)], [torch.ones(2)]], [c], k=5)
+    assert rounds.passed == {("a", False)} and rounds.dims == {"a": (1, 3, 1, 5, 4)}
+    assert rounds.all_passed([a]) and not rounds.all_passed([a, b]) and not rounds.all_passed([])

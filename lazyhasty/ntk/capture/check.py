@@ -1,12 +1,15 @@
 """The layer check shared by the tile and one-block trace paths: random example and output weights
 (:func:`check_weights`, seeded by :data:`CHECK_SEED`), autograd's gradient of the same weighted sum per layer
-(:func:`weighted_layer_grads`) and the comparison (:func:`grads_close`); :class:`PlanChanged`, raised when its
+(:func:`weighted_layer_grads`) and the comparison (:func:`grads_close`); the perturbed twin it runs on
+(:func:`perturbed_twin`), what its rounds found (:class:`CheckRounds`); :class:`PlanChanged`, raised when its
 outcome changed the plan a block ran on.
 """
 from __future__ import annotations
 
+import copy
 
 import torch
+from torch import nn
 
 
 
@@ -102,3 +105,55 @@ class PlanChanged(Exception):
     """Raised by a block's computation when the layer check changed the plan it ran on (layers moved to the
     fallback or planned as affine maps, or ``auto`` took the whole-model Jacobian): the block is computed again,
     with the new plan, by ``Featurizer._settled`` (the one place that loops)."""
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (what a deep copy of it takes)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def perturbed_twin(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` with every parameter perturbed by noise of its own scale (so no gradient is zero
+    by the values' accident: a zero-initialised head, torchvision's ViT). Which layers capture exactly is a property
+    of the model's code, not of its values, so the check's outcome holds for the model."""
+    twin = copy.deepcopy(model)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for t in twin.parameters():
+            # drawn on the CPU (the same twin on any device) in the parameter's precision: float64 draws
+            # were a quarter of a first call on the paper's ResNet18 (11M parameters)
+            dtype = t.dtype if t.dtype in (torch.float32, torch.float64) else torch.float32
+            noise = torch.randn(t.shape, generator=gen, dtype=dtype).to(t.device, t.dtype)
+            t.add_(noise * (0.5 * float(t.abs().mean()) + 0.1))
+    return twin
+
+
+class CheckRounds:
+    """What the layer check's rounds on one Featurizer found so far.
+
+    Attributes:
+        passed: ``(plan name, weight map)`` of the layers a round found right (their gradients not all zero).
+        dims: ``{plan name: (G, d_in, S, k, d_out)}``: each layer's cost-model dims, with the call's ``k`` (a
+            twin's rounds see ``k = 1``).
+        scale: the largest reference gradient of the current round (:func:`check_floor`).
+    """
+
+    def __init__(self):
+        self.passed: set = set()
+        self.dims: dict = {}
+        self.scale = 0.0
+
+    def note(self, plans: list, per_plan: list, bad: list, k: int) -> None:
+        """After a round: record the layers it decided right and every layer's dims (``per_plan``: autograd's
+        gradients per plan; ``bad``: the plans that failed)."""
+        for p, theirs in zip(plans, per_plan):
+            if p.costs and "dims" in p.costs:
+                G, din, S, _, dout = p.costs["dims"]
+                self.dims[p.name] = (G, din, S, k, dout)
+            if p not in bad and all(bool(t.any()) for t in theirs):
+                self.passed.add((p.name, p.weight_map))
+
+    def all_passed(self, plans: list) -> bool:
+        """Whether every layer of ``plans`` passed an earlier round (then no round more is needed: a layer's
+        outcome depends on its own code, not on which other layers are planned)."""
+        return bool(plans) and all((p.name, p.weight_map) in self.passed for p in plans)
