@@ -565,7 +565,7 @@ def test_zoo_on_cuda_matches_naive(name):
 def test_cuda_memory_budget_counts_the_allocators_cache(monkeypatch):
     """Free memory for a trace block = the driver's free bytes + what torch's allocator caches unused
     (a second large call must not see less memory than the first just because its blocks are cached)."""
-    from lazyhasty.ntk.featurize import cuda_free_bytes
+    from lazyhasty.ntk.tuning import cuda_free_bytes
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 40 << 30)

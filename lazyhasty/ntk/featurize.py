@@ -33,13 +33,13 @@ from .capture.fallback import joined_parts, torch_func_jacobian
 from .capture.layouts import layout_mismatch
 from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
-from .capture.mixing import check_per_example, check_probe_inputs
+from .capture.mixing import check_block_mixing, check_per_example
 from .capture.plan import trainable_params
 from .capture.planning import CHECK_FAILED, Planning
 from .capture.sites import (
     InProjection, RecurrentProjection, discover_sites,
 )
-from .forms.trace_block import trace_gram as _trace_gram
+from .forms.trace_block import trace_block_limit, trace_gram as _trace_gram
 from . import tuning
 from .capture import caches
 from .capture.broadcast import BroadcastStandIns
@@ -171,22 +171,9 @@ class Featurizer:
         return exact_fp32(not self.verified)
 
     def trace_block_limit(self, x: torch.Tensor, budget: int | None = None) -> int:
-        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes (default
-        :class:`~lazyhasty.ntk.tuning.Limits` ``trace_block_bytes`` on CPU, half the free memory on CUDA), from what one example of ``x``
-        needs: layer inputs as patches, activations and gradients, every output's gradients of ghost
-        layers, one output's per-example gradients of the widest materialized layer, and the ``[b, b]``
-        kernels."""
-        key = (self.fingerprint("trace-size"), tuple(x.shape[1:]), x.dtype, str(self.device),
-               tuple((p.name, p.form) for p in self.plans), tuple(self.generic))
-        known = caches.TRACE_SIZES.get(self._user_model)
-        per = known[1] if known is not None and known[0] == key else self._trace_bytes_per_example(x)
-        caches.TRACE_SIZES[self._user_model] = (key, per)
-        if budget is None:
-            budget = cuda_free_bytes(self.device) // 2 if self.device.type == "cuda" else tuning.current().trace_block_bytes
-        # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
-        # both models' kernels in an alignment)
-        elems = budget / (torch.finfo(self.dtype).bits // 8)
-        return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
+        """Most examples :meth:`trace_gram` takes in one block within ``budget`` bytes
+        (:func:`~.forms.trace_block.trace_block_limit`)."""
+        return trace_block_limit(self, x, budget)
 
     def output_size(self, x: torch.Tensor) -> int:
         """``k``: the number of outputs of the model on one example of ``x``, from a forward without grad;
@@ -200,26 +187,6 @@ class Featurizer:
             k = int(self._call(self._prepare(x[:1], check=False)).reshape(1, -1).shape[1])
         caches.OUTPUT_SIZES[self._user_model] = (key, k)
         return k
-
-    def _trace_bytes_per_example(self, x: torch.Tensor) -> int:
-        """Elements one example of ``x`` takes in :meth:`trace_gram` (one capture forward of it; remembered
-        per model structure, input shape and plan by :meth:`trace_block_limit`)."""
-        x1 = self._prepare(x[:1], check=False)
-        with torch.no_grad():
-            cap = self.capture(x1, grad=False)
-        k = cap.out.numel()
-        per, widest = 0, 0
-        for p, c in zip(cap.plans, cap.calls):
-            rule = rule_for(p)
-            for xi, o in zip(c.inputs, c.outputs):
-                kept, transient = rule.trace_elements(p, xi, o, k, self.pairs_per_example)
-                per += 3 * o.numel() + kept
-                widest = max(widest, transient)
-        per += widest
-        if self.generic:  # per-example Jacobians [k, P] of the fallback parameters
-            named = dict(self.model.named_parameters())
-            per += k * sum(named[n].numel() for n in self.generic)
-        return per
 
     def trace_gram(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         """``[b, b]`` trace kernel of one block, one output's backward pass at a time (see ``forms.trace_block``)."""
@@ -266,25 +233,10 @@ class Featurizer:
 
     # -- internals ---------------------------------------------------------------------------------
     def _check_batch_independence(self, x: torch.Tensor) -> None:
-        """:func:`check_probe_inputs` on the whole block ``x`` ``[b, ...]``, outputs and gradients, once per
-        model structure and state, train/eval flags, example shape and block size ``b`` (a model may mix
-        examples only in large batches): whether a model mixes examples is a property of its code, not of the
-        values. Non-finite inputs are checked on every block (non-finite outputs make the kernel non-finite:
-        an error there)."""
-        b = x.shape[0]
-        self.checked_mixing.add(b)
-        key = (self.fingerprint("mixing"), tuple(m.training for m in self.model.modules()), tuple(x.shape[1:]),
-               x.dtype, str(x.device))
-        known = caches.MIXING_CHECKED.get(self._user_model)
-        if known is not None and known[0] == key and b in known[1]:
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
-            return
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        check_probe_inputs(self._call, x, sample=None, params=params)
-        sizes = known[1] if known is not None and known[0] == key and len(known[1]) < 64 else set()
-        sizes.add(b)
-        caches.MIXING_CHECKED[self._user_model] = (key, sizes)
+        """The batch-mixing check of the block ``x`` (:func:`~.capture.mixing.check_block_mixing`), once per
+        block size in this call."""
+        self.checked_mixing.add(x.shape[0])
+        check_block_mixing(self._user_model, self.model, self._call, x, self.fingerprint("mixing"))
 
     def _features(self, x: torch.Tensor, sink=None):
         self._block = x  # the examples the per-example-copy check may use (per_example_copies)
@@ -788,18 +740,6 @@ class Featurizer:
         passes, self.backward_used = output_gradient_passes(out, every, retain, lambda: self.fingerprint("batched"),
                                                             seen)
         return passes
-
-
-def cuda_free_bytes(device) -> int:
-    """Bytes a new allocation on a CUDA ``device`` can use: the driver's free memory plus what torch's
-    caching allocator holds unused. The driver's figure alone counts the cache as taken: after a first
-    call on a large probe set (its blocks stay cached) a second one sees less memory, falls from one
-    block to tiles and runs several times slower. Seen on an H100: the paper's ResNet18, trace alignment
-    of 10,000 examples, in the benchmark after a first call or other cases, ran past 140 and 250 s; with
-    this budget two consecutive calls took 25.5 s each (41.5 GiB held by the cache between them)."""
-    free = torch.cuda.mem_get_info(device)[0]
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
 
 
 def owner_key(param_name: str) -> str:

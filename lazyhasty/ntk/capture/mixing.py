@@ -1,6 +1,6 @@
 """Guards against models whose examples are not independent: per-example outputs and gradients that mix the batch
-(:func:`check_probe_inputs`; train-mode BatchNorm, batch statistics) and modules that cannot be planned per example
-(:func:`check_per_example`).
+(:func:`check_probe_inputs`; train-mode BatchNorm, batch statistics), remembered per model structure and block size
+(:func:`check_block_mixing`), and modules that cannot be planned per example (:func:`check_per_example`).
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import nn
 
 from ..._outputs import tensor_output
 from ..._precision import exact_fp32
+from . import caches
 
 
 def check_per_example(model: nn.Module) -> None:
@@ -93,3 +94,23 @@ def check_probe_inputs(call, x: torch.Tensor, *, sample: int | None = 16, params
             "the model's gradient for an example depends on the other examples of the batch while its outputs "
             "do not (e.g. a term such as (y - y.detach()).mean(0)): the per-example tangent kernel is ill-defined; "
             "remove the term that mixes the gradients of examples")
+
+
+def check_block_mixing(owner: nn.Module, model: nn.Module, call, x: torch.Tensor, structure: tuple) -> None:
+    """:func:`check_probe_inputs` on the whole block ``x`` ``[b, ...]`` of ``model`` (``call(x)``: its output),
+    outputs and gradients, once per model structure and state (``structure``), train/eval flags, example shape and
+    block size ``b`` (a model may mix examples only in large batches), remembered for ``owner`` (the user's model)
+    in ``caches.MIXING_CHECKED``: whether a model mixes examples is a property of its code, not of the values.
+    Non-finite inputs are checked on every block (non-finite outputs make the kernel non-finite: an error there)."""
+    b = x.shape[0]
+    key = (structure, tuple(m.training for m in model.modules()), tuple(x.shape[1:]), x.dtype, str(x.device))
+    known = caches.MIXING_CHECKED.get(owner)
+    if known is not None and known[0] == key and b in known[1]:
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError("the probe inputs contain NaN/inf: the tangent kernel is undefined")
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    check_probe_inputs(call, x, sample=None, params=params)
+    sizes = known[1] if known is not None and known[0] == key and len(known[1]) < 64 else set()
+    sizes.add(b)
+    caches.MIXING_CHECKED[owner] = (key, sizes)

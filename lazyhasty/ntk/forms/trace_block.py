@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import tuning
+from ..capture import caches
 
 from ..capture.check import PlanChanged, check_floor, check_scale, check_weights, grads_close, weighted_layer_grads
 from ..capture.rules import rule_for
@@ -42,6 +43,48 @@ def _mirror(K: torch.Tensor) -> torch.Tensor:
     """Upper block triangle (diagonal blocks full) to the symmetric matrix."""
     out = torch.triu(K)
     return out.add_(torch.triu(K, 1).T)
+
+
+def trace_block_limit(fz, x: torch.Tensor, budget: int | None = None) -> int:
+    """Most examples :func:`trace_gram` takes in one block of the Featurizer ``fz`` within ``budget`` bytes (default
+    :class:`~lazyhasty.ntk.tuning.Limits` ``trace_block_bytes`` on CPU, half the free memory on CUDA), from what
+    one example of ``x`` needs (:func:`trace_elements_per_example`; remembered per model structure, example shape,
+    device and plan in ``caches.TRACE_SIZES``) and the ``[b, b]`` kernels."""
+    key = (fz.fingerprint("trace-size"), tuple(x.shape[1:]), x.dtype, str(fz.device),
+           tuple((p.name, p.form) for p in fz.plans), tuple(fz.generic))
+    known = caches.TRACE_SIZES.get(fz._user_model)
+    per = known[1] if known is not None and known[0] == key else trace_elements_per_example(fz, x)
+    caches.TRACE_SIZES[fz._user_model] = (key, per)
+    if budget is None:
+        budget = (tuning.cuda_free_bytes(fz.device) // 2 if fz.device.type == "cuda"
+                  else tuning.current().trace_block_bytes)
+    # b examples need about b * per + 6 b^2 elements (the [b, b] kernels: accumulators, mirror, and
+    # both models' kernels in an alignment)
+    elems = budget / (torch.finfo(fz.dtype).bits // 8)
+    return int(max(1, (-per + (per * per + 24 * elems) ** 0.5) / 12))
+
+
+def trace_elements_per_example(fz, x: torch.Tensor) -> int:
+    """Elements one example of ``x`` takes in :func:`trace_gram` (one capture forward of it, without grad): per
+    layer call its output's gradients (3x: the output, its gradient, the row blocks' share) and what its rule
+    keeps (``Rule.trace_elements``: inputs as patches, every output's gradients of ghost layers), one output's
+    per-example gradients of the widest materialized layer, and the fallback's per-example Jacobian ``[k, P]``."""
+    x1 = fz._prepare(x[:1], check=False)
+    with torch.no_grad():
+        cap = fz.capture(x1, grad=False)
+    k = cap.out.numel()
+    per, widest = 0, 0
+    for p, c in zip(cap.plans, cap.calls):
+        rule = rule_for(p)
+        for xi, o in zip(c.inputs, c.outputs):
+            kept, transient = rule.trace_elements(p, xi, o, k, fz.pairs_per_example)
+            per += 3 * o.numel() + kept
+            widest = max(widest, transient)
+    per += widest
+    if fz.generic:  # per-example Jacobians [k, P] of the fallback parameters
+        named = dict(fz.model.named_parameters())
+        per += k * sum(named[n].numel() for n in fz.generic)
+    return per
 
 
 def trace_gram(fz, x: torch.Tensor, backend: str = "torch") -> torch.Tensor | None:
