@@ -17,8 +17,9 @@ with the providers
 * ``naive``: ``lazyhasty.reference`` (one ``autograd.grad`` per example and output), one round, trace kernel
   only (the full kernel's naive time is the same Jacobian rows and one more einsum).
 
-Timed providers: one warm-up call (lazyhasty's: five), then ``BENCH_OUTSIDE_ROUNDS`` rounds (default 2; the median of 2 is their mean).
-Ratios are within one run only.
+Timed providers: one warm-up call (lazyhasty's: five), then ``BENCH_OUTSIDE_ROUNDS`` rounds (default 2; the median of 2 is their mean),
+each after ``gc.collect()`` (every provider alike). ``BENCH_OUTSIDE_SCALE=s`` multiplies every case's n by s
+(``outside_models.cases``). Ratios are within one run only.
 
 Each row's ``extra_info`` records ``fp32_rel_err``: the relative Frobenius error of its float32 kernel against
 the float64 kernel of the same weights (torch.func's, or the loop's, in float64). The ``lazyhasty-auto`` rows
@@ -29,6 +30,7 @@ model's verdict (its choice against the measured layerwise and jacobian times: w
 """
 import copy
 import functools
+import gc
 import json
 import math
 import os
@@ -54,6 +56,13 @@ PROVIDERS = ["lazyhasty-auto", "lazyhasty-auto-first", "lazyhasty-layerwise", "l
 # torch.func's "no batching rule" notes on SDPA; transformers' config notices
 pytestmark = [pytest.mark.filterwarnings("ignore:There is a performance drop"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+def _collected():
+    """Every timed round starts after a full garbage collection: a gen-2 collection of the process's earlier
+    garbage (deep copies, other providers' graphs) landing inside one timed call cost ~0.2 s here, more than
+    a whole later call, and fell on whichever provider happened to cross the threshold."""
+    gc.collect()
 
 
 def _contract(J, kernel):
@@ -141,9 +150,12 @@ def test_outside_ntk(benchmark, case, kernel, provider):
             return R.ntk_gram(model, [x], kernel=kernel)
         rounds, warmup = 1, 0
     elif provider == "lazyhasty-auto-first":
-        # a fresh copy each round: every per-model cache (layer check, vmap and copy decisions) starts empty
+        # a fresh copy each round: every per-model cache (layer check, vmap and copy decisions) starts empty;
+        # the collection after it keeps the deep copy's garbage out of the timed call (as _collected does)
         def setup():
-            return (copy.deepcopy(model),), {}
+            fresh = copy.deepcopy(model)
+            gc.collect()
+            return (fresh,), {}
 
         def fn(fresh):
             return ntk_gram(fresh, x, kernel=kernel)
@@ -159,7 +171,7 @@ def test_outside_ntk(benchmark, case, kernel, provider):
         if provider == "lazyhasty-auto":
             benchmark.extra_info.update(_auto_plan(model, x, kernel))
     benchmark.group = f"outside {case} {kernel} n={n}"
-    K = benchmark.pedantic(fn, setup=setup, rounds=rounds, warmup_rounds=warmup)
+    K = benchmark.pedantic(fn, setup=setup or _collected, rounds=rounds, warmup_rounds=warmup)
     want = _float64_kernel(case, kernel)
     benchmark.extra_info["fp32_rel_err"] = float((K.double() - want).norm() / want.norm())
 

@@ -5,11 +5,14 @@
 Per model of ``benchmarks/outside_models.py`` (at the benchmark's n) and kernel: a fresh deep copy of the model
 (its per-model caches cold) in a process that has already run other models, one first call (the layer check on a
 perturbed twin, the per-example-copy decisions, the batch-mixing and batched-backward checks included), then two
-later calls; the ratio first / the faster later one. ``torch.set_num_threads(THREADS)`` (default 1: with two
-threads on a shared 2-core machine the times swung 3-100x). An A/B of two trees runs this twice, one after the
+later calls; the ratio first / the faster later one. Every timed call starts after ``gc.collect()``, first and
+later alike: without it a gen-2 collection of the deep copy's garbage (~0.2 s here) landed in the first call.
+``torch.set_num_threads(THREADS)`` (default 1: with two threads on a shared 2-core machine the times swung
+3-100x); ``BENCH_OUTSIDE_SCALE=s`` multiplies every n by s. An A/B of two trees runs this twice, one after the
 other, with ``PYTHONPATH`` pointing at each.
 """
 import copy
+import gc
 import json
 import os
 import sys
@@ -36,18 +39,21 @@ def main(out_path, wanted):
         ntk_gram(copy.deepcopy(model), x, kernel="trace")  # the process's own warm-up (imports, kernels)
         for kernel in ("trace", "full"):
             fresh = copy.deepcopy(model)
+            gc.collect()
             t0 = time.perf_counter()
             ntk_gram(fresh, x, kernel=kernel)
             first = time.perf_counter() - t0
             later = []
             for _ in range(2):
+                gc.collect()
                 t0 = time.perf_counter()
                 ntk_gram(fresh, x, kernel=kernel)
                 later.append(time.perf_counter() - t0)
             rows[f"{name}|{kernel}"] = {"n": n, "first_s": first, "later_s": later, "ratio": first / min(later)}
             print(f"{name:22s} {kernel:5s} n={n:3d} first {first:.3f} s, later {min(later):.3f} s: "
                   f"{first / min(later):.1f}x", flush=True)
-    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "cases": rows},
+    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "scale": int(os.environ.get("BENCH_OUTSIDE_SCALE", "1")), "cases": rows},
               open(out_path, "w"), indent=1)
 
 

@@ -161,7 +161,11 @@ def timm_resmlp():
 
 
 def cases():
-    """name -> (model factory, input factory, n); only the libraries that are installed."""
+    """name -> (model factory, input factory, n); only the libraries that are installed.
+
+    ``BENCH_OUTSIDE_SCALE=s`` (default 1) multiplies every n by s: at the default n (4-16, sized for the naive
+    provider) fixed per-call costs weigh most; a probe set of a real run is larger.
+    """
     out = {}
     if _has("transformers"):
         # n = 8 where vmap fails (masked attention; GPT-2's pooling reads the ids): both sides loop over examples
@@ -183,4 +187,7 @@ def cases():
             "timm-vit": (timm_vit, images, 16),
             "timm-resmlp": (timm_resmlp, images, 16),
         })
-    return out
+    scale = int(os.environ.get("BENCH_OUTSIDE_SCALE", "1"))
+    if scale < 1:
+        raise ValueError(f"BENCH_OUTSIDE_SCALE must be a positive integer, got {scale}")
+    return {name: (make_model, make_x, n * scale) for name, (make_model, make_x, n) in out.items()}
