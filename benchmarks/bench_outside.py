@@ -184,9 +184,11 @@ def report(path: str) -> str:
     (``auto``'s time over that of the implementation it took: the same plan, ideally 1.00)."""
     data = json.load(open(path))
     rows = defaultdict(lambda: defaultdict(dict))  # case -> kernel -> provider -> benchmark
+    sizes = {}  # case -> n, from the group name ("outside CASE KERNEL n=N")
     for b in data["benchmarks"]:
         p = b["params"]
         rows[p["case"]][p["kernel"]][p["provider"]] = b
+        sizes[p["case"]] = (b.get("group") or "").rpartition("n=")[2]
     info = data["machine_info"]
     lines = [f"device: {info.get('device')}; torch {info['lazyhasty']['torch']}; commit {info.get('commit', '')[:10]}",
              "", "| model | trace | full | first / later call (trace, full) | fp32 error / torch.func's (trace, full) "
@@ -233,7 +235,7 @@ def report(path: str) -> str:
             else:
                 cells["cost"].append("-")
                 cells["noise"].append("-")
-        lines.append(f"| {case} | {cells['speed']['trace']} | {cells['speed']['full']} | {', '.join(cells['first'])} "
+        lines.append(f"| {case} (n={sizes[case]}) | {cells['speed']['trace']} | {cells['speed']['full']} | {', '.join(cells['first'])} "
                      f"| {', '.join(cells['err'])} | {'; '.join(cells['cost'])} | {', '.join(cells['noise'])} | {share} |")
     if speedups:
         gm = math.exp(sum(math.log(r) for r in speedups) / len(speedups))
