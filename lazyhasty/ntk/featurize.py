@@ -793,6 +793,10 @@ def plan_state(model: nn.Module) -> tuple:
     modules read their buffers (running statistics) the way the engine captures them whatever their values.
     Train/eval flags are left out too (a model's mode changes mixing, which the mixing check keys by, not
     which layers capture exactly: the layer check is kept across ``model.eval()`` / ``model.train()``).
+    So are the values of the running statistics a subclass of torch's running-stat norms inherits
+    (:data:`RUNNING_STATISTICS`, e.g. timm's ``BatchNormAct2d``): every train-mode forward updates them in place,
+    and keyed by them every training step re-ran every check (a logging step of timm's mobilenetv3 took 4-10x
+    its time); they enter by identity, shape, dtype and device, as torch's own norms read them.
 
     Returns:
         A hashable tuple; equal tuples mean the cached checks still hold.
@@ -802,14 +806,25 @@ def plan_state(model: nn.Module) -> tuple:
         state.append((name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
         if type(m).__module__.startswith("torch."):
             continue
+        statistics = RUNNING_STATISTICS if isinstance(m, nn.modules.batchnorm._NormBase) else ()
         for key, value in m.__dict__.items():
             if key == "_buffers":
-                state.extend((name, k, _tensor_state(t)) for k, t in value.items() if t is not None)
+                state.extend((name, k, _statistic_state(t) if k in statistics else _tensor_state(t))
+                             for k, t in value.items() if t is not None)
             elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
                 state.append((name, key, _tensor_state(value)))
             elif isinstance(value, _SCALARS) and key != "training":
                 state.append((name, key, value))
     return tuple(state)
+
+
+# The buffers torch's running-stat norms (``nn.modules.batchnorm._NormBase``: BatchNorm, InstanceNorm, SyncBatchNorm)
+# register: statistics a train-mode forward updates, read as the norm call's arguments.
+RUNNING_STATISTICS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+def _statistic_state(t: torch.Tensor) -> tuple:
+    return (id(t), tuple(t.shape), t.dtype, str(t.device))
 
 
 def _tensor_state(t: torch.Tensor) -> tuple:

@@ -105,6 +105,55 @@ def test_unchanged_state_keeps_the_cached_check():
         featurize.Featurizer.verify_on_twin = real
 
 
+class _ScaledNormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d`` in miniature: a BatchNorm subclass with a forward of its own (the norm call, a
+    scale buffer of its own, then an activation)."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+                         self.momentum, self.eps)
+        return torch.tanh(self.scale * y)
+
+
+def _norm_act_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), _ScaledNormAct(3), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    return net, torch.randn(5, 2, 6, 6, dtype=torch.float64)
+
+
+def test_training_steps_keep_the_cached_check_of_a_norm_subclass():
+    """A train-mode step updates a norm subclass's running statistics in place; the layer check stays (keyed by
+    their values, every logging step of timm's mobilenetv3 re-ran it: 4-10x a call), and the kernel follows the
+    new statistics exactly. A buffer of the subclass's own still decides the plan."""
+    from lazyhasty.ntk import featurize
+
+    net, x = _norm_act_net()
+    ntk_gram(net.eval(), x)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    runs = []
+    real = featurize.Featurizer.verify_on_twin
+    try:
+        featurize.Featurizer.verify_on_twin = lambda self, x: runs.append(1) or real(self, x)
+        for _ in range(2):
+            net.train()
+            net(torch.randn(8, 2, 6, 6, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+            net.eval()
+            assert _rel(ntk_gram(net, x), R.ntk_gram(net, [x])) <= 1e-10
+        assert runs == []
+        assert bool(net[1].running_mean.any())  # the statistics moved
+        net[1].scale.fill_(2.0)
+        assert _rel(ntk_gram(net, x), R.ntk_gram(net, [x])) <= 1e-10
+        assert runs == [1]
+    finally:
+        featurize.Featurizer.verify_on_twin = real
+
+
 class _GradientMixing(nn.Module):
     """The same values as ``lin(x)``, gradients mixed over the batch: ``y + (y - y.detach()).mean(0)``."""
 
