@@ -33,7 +33,7 @@ from .capture.fallback import joined_parts, torch_func_jacobian
 from .capture.layouts import layout_mismatch
 from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
-from .capture.mixing import check_block_mixing, check_per_example
+from .capture.mixing import check_block_mixing, check_per_example, check_probe_inputs
 from .capture.plan import trainable_params
 from .capture.planning import CHECK_FAILED, Planning
 from .capture.sites import (
@@ -423,10 +423,12 @@ class Featurizer:
         turn = replication_turn(record, cap)
         if turn == "check":
             # the replicated block is a batch of k b examples, a size the batch-mixing check has not seen: a
-            # model may mix examples only in large batches (a batch statistic above some size), so it is
-            # checked at that size first (once per structure), and a model that mixes there never replicates
+            # model may mix examples only in large batches (a batch statistic above some size), so its outputs
+            # are checked at that size first (once per structure), and a model that mixes there never
+            # replicates. Outputs only, without grad: the gradients were checked at the block's own size, and
+            # with them this turn cost 2-3x a steady call (timm efficientnet, mobilenetv3)
             try:
-                self._check_batch_independence(x.repeat(record["k"], *([1] * (x.dim() - 1))))
+                check_probe_inputs(self._call, x.repeat(record["k"], *([1] * (x.dim() - 1))), sample=None)
             except (ValueError, RuntimeError, TypeError, IndexError):
                 # (a forward that cannot take k b examples, e.g. a hard-coded batch size: not this way either;
                 # an out-of-memory error too, which is a RuntimeError)
