@@ -10,7 +10,7 @@ with the providers
 * ``lazyhasty-auto`` (``implementation="auto"``), ``lazyhasty-layerwise``, ``lazyhasty-jacobian``: later calls
   (five untimed warm-up calls: the layer check, then the measurement of the two ways of the output gradients);
 * ``lazyhasty-auto-first``: the first call on a fresh copy of the model (layer check included: what a user's
-  first logging step costs), one round;
+  first logging step costs), each round on a fresh copy;
 * ``torch.func``: ``vmap(jacrev)`` per-example Jacobians and their contraction, as in ``bench_zoo.py``;
 * ``jacrev-loop``: a per-example ``jacrev`` loop, only where ``vmap`` cannot run (masked attention reads the
   mask's values);
@@ -159,7 +159,7 @@ def test_outside_ntk(benchmark, case, kernel, provider):
 
         def fn(fresh):
             return ntk_gram(fresh, x, kernel=kernel)
-        rounds, warmup = 1, 0
+        warmup = 0  # (ROUNDS rounds, each on a fresh copy: a single first call is at the mercy of a shared machine)
     else:
         implementation = provider.split("-", 1)[1]
 

@@ -53,7 +53,7 @@ def main(out_path, wanted):
             print(f"{name:22s} {kernel:5s} n={n:3d} first {first:.3f} s, later {min(later):.3f} s: "
                   f"{first / min(later):.1f}x", flush=True)
     json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "scale": int(os.environ.get("BENCH_OUTSIDE_SCALE", "1")), "cases": rows},
+               "scale": float(os.environ.get("BENCH_OUTSIDE_SCALE", "1")), "cases": rows},
               open(out_path, "w"), indent=1)
 
 
