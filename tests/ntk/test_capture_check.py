@@ -589,3 +589,43 @@ def test_the_perturbed_twin_and_the_check_rounds_on_their_own():
     rounds.note([a, b, c], [[torch.ones(2)], [torch.zeros(2)], [torch.ones(2)]], [c], k=5)
     assert rounds.passed == {("a", False)} and rounds.dims == {"a": (1, 3, 1, 5, 4)}
     assert rounds.all_passed([a]) and not rounds.all_passed([a, b]) and not rounds.all_passed([])
+
+
+class _DeepGated(nn.Module):
+    """A deep chain of Linear + eval-mode BatchNorm (nothing renormalises) feeding a hard-sigmoid gate, as timm's
+    squeeze-excite blocks in mobilenetv3."""
+
+    def __init__(self, d: int = 16, depth: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(d, d), nn.BatchNorm1d(d))])
+        for m in self.body:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=d ** -0.5)  # a scale-preserving init
+        self.gate = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h * nn.functional.hardsigmoid(self.gate(h)))
+
+
+def test_the_twin_keeps_the_scale_of_a_deep_model_so_its_gates_do_not_saturate():
+    """The twin's noise keeps each tensor's root mean square: added as it was, it compounded over the chain
+    (outputs ~600x the model's), every gate saturated, the gate's gradient was zero and the check undecided on
+    the twin, so it ran again on the model's own block (timm mobilenetv3's first call)."""
+    from lazyhasty.ntk.capture.check import perturbed_twin
+    from lazyhasty.ntk.featurize import Featurizer
+
+    torch.manual_seed(0)
+    m = _DeepGated().eval()
+    x = torch.randn(6, 16)
+    twin = perturbed_twin(m, 98)
+    with torch.no_grad():
+        ratio = float(twin(x).norm() / m(x).norm())
+    assert 0.2 < ratio < 5, ratio
+    assert all(not torch.equal(a, b) for a, b in zip(twin.parameters(), m.parameters()))
+    fz = Featurizer(m, "layerwise", "trace", None)
+    fz(x)
+    assert fz.verified and not fz._twin_tried  # decided on the twin
+    want = R.ntk_gram(copy.deepcopy(m).double(), [x.double()], kernel="trace")
+    assert _rel(ntk_gram(m, x, kernel="trace", implementation="layerwise"), want) <= 1e-5
