@@ -26,14 +26,14 @@ from .capture.check import (
 )
 from .capture.cost import layerwise_or_jacobian
 from .capture.backward import (
-    note_backward_time, output_gradient_passes, replicated_output_gradients, replication_turn,
+    begin_measurement, note_backward_time, output_gradient_passes, replicated_output_gradients, replication_turn,
 )
 from .capture.copies import PerExampleCopies
 from .capture.fallback import joined_parts, torch_func_jacobian
 from .capture.layouts import layout_mismatch
 from .capture.hooks import capture_forward
 from .capture.rules import TileContext, rule_for
-from .capture.mixing import check_block_mixing, check_per_example, check_probe_inputs
+from .capture.mixing import check_block_mixing, check_per_example, outputs_agree
 from .capture.plan import trainable_params
 from .capture.planning import CHECK_FAILED, Planning
 from .capture.sites import (
@@ -89,6 +89,9 @@ class Featurizer:
         self.channels_last = any(isinstance(m, nn.Conv2d) for m in model.modules())
         self.backward_used: str | None = None  # how the last block's output gradients were formed (explain())
         self._twin_tried = False  # the twin's check left this call undecided: the model's own blocks decide
+        # (k, captured bytes per example) of the block the layer check captured (a twin's own, or taken over from
+        # the twin): the size of a first block before it is captured (_replicas)
+        self._twin_capture: tuple[int, float] | None = None
         self.rounds = CheckRounds()  # what the layer check's rounds found (layers right, their dims)
 
     # -- public ------------------------------------------------------------------------------------
@@ -294,15 +297,16 @@ class Featurizer:
 
     def _layer_features(self, x: torch.Tensor, sink=None):
         plans = self.plans
-        reps = self._replicas(x)
+        reps, check = self._replicas(x)
         started = time.perf_counter()
         cap = None
         if reps:  # every output's gradients from one backward of the block repeated k times
             try:
-                cap, replicated = self._replicated_capture(x, reps)
+                cap, replicated = self._replicated_capture(x, reps, check)
             except (ValueError, RuntimeError, TypeError, IndexError):
-                # the model cannot take the replicated block (its check passed at k b, but a later call may
-                # differ): the batched backward from now on, and this block captured again that way
+                # the model cannot take the replicated block, or its outputs there differ from the block's own
+                # (the check turn: it mixes examples in large batches): the batched backward from now on, and
+                # this block captured again that way
                 caches.REPLICATED[self._user_model][self._replication_key(x)]["never"] = True
                 reps = 0
                 started = time.perf_counter()
@@ -334,6 +338,7 @@ class Featurizer:
                              "the unrolled forward's outputs differ from the module's")
                 raise PlanChanged
         if verify and self.is_twin:
+            self._twin_capture = (k, sum(o.numel() * o.element_size() for o in outs) / b)
             # the twin only checks (its features are thrown away): the output gradients of the v-combination of
             # outputs, summed over examples, as one "output" [b, 1, ...] (instead of k output passes), and the
             # captured rows weighed by the example weights w on the layer's side, against autograd's gradient
@@ -403,53 +408,66 @@ class Featurizer:
         # the thread count too: which way is faster depends on it (benchmarks/replicated_backward.py)
         return (self.fingerprint("replicated"), tuple(x.shape), x.dtype, str(self.device), torch.get_num_threads())
 
-    def _replicas(self, x: torch.Tensor) -> int:
-        """``k`` when this verified block's output gradients come from one backward of the block repeated ``k``
-        times (:meth:`_replicated_capture`), else 0 (one batched backward or k passes: :meth:`output_gradient_passes`).
+    def _replicas(self, x: torch.Tensor) -> tuple[int, bool]:
+        """``(k, check)`` when this verified block's output gradients come from one backward of the block repeated
+        ``k`` times (:meth:`_replicated_capture`; ``check``: its first turn, whose outputs are compared with the
+        block's own), else ``(0, False)`` (one batched backward or k passes: :meth:`output_gradient_passes`).
 
         Which is faster depends on the model and the machine: on the 2-core CPU at 2 threads, the replicated
         block takes 0.42x the batched backward's time on timm mobilenetv3 (n = 4: the legacy vmap of
         ``is_grads_batched`` loops over k for depthwise convolutions' backward, the replicated one runs it once on
         ``k b`` examples) and 1.0-1.75x on the transformers and ResNet (``benchmarks/results/replicated-backward-*``).
         So it is measured, once per model structure, block shape, device and thread count: two calls each way,
-        alternating (every call exact either way), then the faster is kept (``caches.REPLICATED``; explain() says
-        which). Only while k times the block's captured tensors take at most ``limits``
-        ``replicated_backward_bytes`` (0: never), and not with per-example copies riding on the capture."""
+        alternating, the replicated way first (every call exact either way), then the faster is kept
+        (``caches.REPLICATED``; explain() says which). The first verified block begins the measurement when the
+        layer check's capture on the twin gave its size (a first call then pays the faster way on models such as
+        these, not the batched backward and its first-shape check); otherwise a batched block begins it. Only while
+        k times the block's captured tensors take at most ``limits`` ``replicated_backward_bytes`` (0: never), and
+        not with per-example copies riding on the capture."""
         cap = tuning.current().replicated_backward_bytes
         if (cap == 0 or self.is_twin or not self.verified or not self.plans or type(x) is not torch.Tensor
                 or (self.generic and self.per_example_copies())):
-            return 0
-        record = caches.REPLICATED.get(self._user_model, {}).get(self._replication_key(x))
+            return 0, False
+        known = caches.REPLICATED.get(self._user_model, {})
+        record = known.get(self._replication_key(x))
+        if record is None and self._twin_capture is not None:
+            k, per_example = self._twin_capture
+            record = begin_measurement(caches.REPLICATED.setdefault(self._user_model, {}), self._replication_key(x),
+                                       k, int(per_example * x.shape[0]))
         turn = replication_turn(record, cap)
-        if turn == "check":
-            # the replicated block is a batch of k b examples, a size the batch-mixing check has not seen: a
-            # model may mix examples only in large batches (a batch statistic above some size), so its outputs
-            # are checked at that size first (once per structure), and a model that mixes there never
-            # replicates. Outputs only, without grad: the gradients were checked at the block's own size, and
-            # with them this turn cost 2-3x a steady call (timm efficientnet, mobilenetv3)
-            try:
-                check_probe_inputs(self._call, x.repeat(record["k"], *([1] * (x.dim() - 1))), sample=None)
-            except (ValueError, RuntimeError, TypeError, IndexError):
-                # (a forward that cannot take k b examples, e.g. a hard-coded batch size: not this way either;
-                # an out-of-memory error too, which is a RuntimeError)
-                record["never"] = True
-                return 0
-        return record["k"] if turn in ("check", "replicated") else 0
+        if turn in ("check", "replicated"):
+            return record["k"], turn == "check"
+        return 0, False
 
-    def _replicated_capture(self, x: torch.Tensor, reps: int):
+    def _replicated_capture(self, x: torch.Tensor, reps: int, check: bool = False):
         """``(captured, grads)``: the capture forward on ``x`` repeated ``reps`` (= k) times (``[k b, ...]``,
         replica-major), then one backward for every output (``capture.backward.replicated_output_gradients``);
         ``grads``: per captured call ``[b, k, ...]``; ``captured`` keeps replica 0's output, inputs and outputs
-        (views)."""
+        (views).
+
+        With ``check`` (the way's first turn for this model and shape), every replica's outputs must first equal
+        those of a forward of the block alone, without grad: a batch of ``k b`` examples is a size the batch-mixing
+        check has not seen, and a model may mix examples only in large batches (a statistic above some size),
+        which changes its outputs there (ValueError: the caller keeps the batched backward). One no-grad forward
+        of ``b`` examples: the earlier check, outputs of ``k b`` and ``k b / 2`` examples, cost 0.5-0.7x a steady
+        call (timm efficientnet, mobilenetv3)."""
         b = x.shape[0]
         cap = self.capture(x.repeat(reps, *([1] * (x.dim() - 1))))
         out = cap.out.reshape(reps * b, -1)
+        if check:
+            with torch.no_grad():
+                own = self._call(x).reshape(b, -1)
+            if not outputs_agree(out.detach().reshape(reps, b, -1), own.expand(reps, b, own.shape[1])):
+                raise ValueError("the model's outputs on the block repeated k times differ from the block's own")
         grads = replicated_output_gradients(out, cap.outputs(), reps)
         for c in cap.calls:
             c.batch_slice(b)
         cap.out = out[:b]
-        self.backward_used = (f"one backward of the block repeated {reps} times (block of {b}: measured faster "
-                              "than the batched backward for this model, shape and thread count)")
+        record = caches.REPLICATED[self._user_model][self._replication_key(x)]
+        self.backward_used = (f"one backward of the block repeated {reps} times (block of {b}: " + (
+            "measured faster than the batched backward for this model, shape and thread count)"
+            if len(record["batched"]) >= 2 and len(record["replicated"]) >= 2 else
+            "measuring it against the batched backward, two calls each way, for this model, shape and thread count)"))
         return cap, grads
 
     def _note_backward(self, x: torch.Tensor, way: str, seconds: float, outs: list) -> None:
@@ -609,6 +627,7 @@ class Featurizer:
             known, _ = mine.module_names()
             mine.replan(known | bad, affine, other.planning.copies())
             return mine.signature() != before
+        self._twin_capture = other._twin_capture
         names, affine = other.planning.module_names(twin)
         mine, before = self.planning, self.planning.signature()
         # the twin's layer shapes (embeddings: one flop a parameter in the comparison)

@@ -17,9 +17,13 @@ def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wr
     """Small blocks take one batched backward over the k outputs (capture.backward.output_gradients): the kernel is
     the reference's; the check against one plain backward is remembered per block shape; a batched backward
     that is wrong (as a silently wrong batching rule would be) fails it and the k passes give the exact
-    kernel; over the byte budget it is not tried."""
+    kernel; over the byte budget it is not tried. (The replicated block, measured against it, is off here.)"""
+    import contextlib
+
     from lazyhasty.ntk.capture import caches
 
+    stack = contextlib.ExitStack()
+    stack.enter_context(limits(replicated_backward_bytes=0))
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -49,6 +53,7 @@ def test_batched_backward_is_checked_once_per_block_shape_and_falls_back_when_wr
     with limits(batched_backward_bytes=0):
         assert _rel(ntk_gram(m, x, kernel=kernel, implementation="layerwise"), want) <= 1e-12
         assert checks() == []  # over the budget: the k passes, nothing tried
+    stack.close()
 
 
 def test_batched_vjp_chunks_rows_unused_inputs_and_the_per_row_fallback(monkeypatch):
@@ -161,28 +166,48 @@ def test_a_block_with_per_example_copies_is_not_replicated():
 def test_a_model_mixing_examples_only_in_the_replicated_batch_size_is_never_replicated():
     """The replicated block has k b examples, a size the call's own blocks never had: a model that mixes
     examples only in batches above 8 (a batch statistic) must not be measured that way (before the size was
-    checked, the kernel was 51% off with no error); the batch-mixing check at k b decides, once."""
+    checked, the kernel was 51% off with no error); its outputs at k b, compared with the block's own on the
+    replicated way's first turn, decide, once (and that call is exact: its block is captured again, batched)."""
     torch.manual_seed(0)
     (st,) = _exact_calls_then_record(MixesAbove(8).double(), torch.randn(4, 4, dtype=torch.float64))  # k b = 12 > 8
     assert st.get("never") and not st["replicated"], st
 
 
-def test_the_replicated_size_is_checked_on_outputs_without_grad(monkeypatch):
-    """The check at k b examples compares outputs only, in no-grad forwards (the block's own size had its
-    gradients checked): with gradients it cost 2-3x a steady call on timm's efficientnet and mobilenetv3."""
-    import lazyhasty.ntk.featurize as featurize
+class _LoggedDepthwiseNet(_DepthwiseNet):
+    """:class:`_DepthwiseNet` noting each forward's batch size and grad mode in ``log`` (a twin copies its own)."""
 
-    seen = []
-    real = featurize.check_probe_inputs
+    def __init__(self):
+        super().__init__()
+        self.log = []
 
-    def spy(call, x, **kw):
-        seen.append((x.shape[0], kw.get("params")))
-        return real(call, x, **kw)
+    def forward(self, x):
+        self.log.append((x.shape[0], torch.is_grad_enabled()))
+        return super().forward(x)
 
-    monkeypatch.setattr(featurize, "check_probe_inputs", spy)
+
+def test_a_first_call_replicates_and_checks_the_replicated_size_with_one_forward_of_the_block():
+    """The layer check's capture on the twin gives the block's size, so the first call begins the measurement
+    with the replicated block (timm's efficientnet and mobilenetv3: faster than the batched backward and its
+    first-shape check); that turn's check is one no-grad forward of the block's own b examples, whose outputs
+    every replica's must equal. Before: the first call was batched and the second checked k b and k b / 2
+    examples (0.5-0.7x a steady call on those models)."""
+    from lazyhasty.ntk.capture import caches
+
     torch.manual_seed(0)
-    (st,) = _exact_calls_then_record(_DepthwiseNet().double().eval(), torch.randn(4, 3, 5, 5, dtype=torch.float64))
-    assert st["replicated"] and seen == [(12, None)], (st, seen)  # k b = 3 x 4, once, no parameters: outputs only
+    m = _LoggedDepthwiseNet().double().eval()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    want = R.ntk_gram(m, [x])
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    assert len(st["replicated"]) == 1 and not st["batched"], st  # the first call replicated
+    assert (12, True) in m.log and (4, False) in m.log, m.log  # k b = 3 x 4 with grad; the block alone without
+    assert all(size != 6 for size, _ in m.log) and m.log.count((12, False)) == 0, m.log  # no k b (/ 2) check
+    m.log.clear()
+    for _ in range(4):  # then batched, replicated, batched, and the faster way
+        assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    assert len(st["replicated"]) == 2 and len(st["batched"]) == 2, st
+    assert (4, False) not in m.log, m.log  # checked once
+    caches.forget(m)
 
 
 def test_a_model_that_cannot_take_the_replicated_block_keeps_the_batched_backward():
@@ -206,10 +231,10 @@ def test_a_model_that_cannot_take_the_replicated_block_keeps_the_batched_backwar
 
 
 def test_replication_turns_alternate_then_keep_the_faster():
-    """capture.backward.replication_turn on its own: batched first, the replicated way's first turn is its
-    check, two measured calls each, alternating, then the faster way; never beyond the byte cap, for k < 2, or
-    once marked never."""
-    from lazyhasty.ntk.capture.backward import note_backward_time, replication_turn
+    """capture.backward.replication_turn on its own: from a batched block, or from a record begun before any
+    (replicated first), the replicated way's first turn is its check, two measured calls each, alternating, then
+    the faster way; never beyond the byte cap, for k < 2, or once marked never."""
+    from lazyhasty.ntk.capture.backward import begin_measurement, note_backward_time, replication_turn
 
     known, key, turns = {}, ("m",), []
     assert replication_turn(None, 1 << 20) == "batched"
@@ -218,6 +243,15 @@ def test_replication_turns_alternate_then_keep_the_faster():
         turns.append(turn)
         note_backward_time(known, key, "batched" if turn == "batched" else "replicated", seconds, 3, 100)
     assert turns == ["batched", "check", "batched", "replicated"]
+    # a record begun before any block (its size from the layer check's capture): the replicated way first
+    begun, turns = {}, []
+    record = begin_measurement(begun, key, 3, 100)
+    for seconds in (0.01, 0.03, 0.012, 0.02):
+        turn = replication_turn(record, 1 << 20)
+        turns.append(turn)
+        note_backward_time(begun, key, "batched" if turn == "batched" else "replicated", seconds, 3, 100)
+    assert turns == ["check", "batched", "replicated", "batched"]
+    assert replication_turn(record, 1 << 20) == "replicated"
     assert replication_turn(known[key], 1 << 20) == "replicated"  # min 0.01 < min 0.02
     assert replication_turn(known[key], 299) == "batched"  # k * bytes = 300 > the cap
     note_backward_time(known, key, "batched", 0.001, 3, 100)  # a third time is not kept: two each

@@ -116,7 +116,9 @@ def test_explain_shows_the_implicit_switches():
     plan = explain(m, x, kernel="trace")
     sw = plan.switches
     assert sw["backend"] == "torch" and sw["layer check"].startswith("on a perturbed copy")
-    assert sw["input layout"].startswith("channels-last") and sw["output gradients"].startswith("one batched")
+    # (a first call begins measuring the replicated block against the batched backward, replicated first)
+    assert sw["input layout"].startswith("channels-last") and sw["output gradients"].startswith(
+        "one backward of the block repeated 3 times (block of 8: measuring it against the batched backward")
     assert "layer check: on a perturbed copy" in str(plan) and plan.to_dict()["switches"] == sw
     assert "alignment reduction" in explain(m, x, kernel="trace", purpose="alignment").switches
 

@@ -105,18 +105,31 @@ def replicated_output_gradients(out: torch.Tensor, every: list, reps: int) -> li
 
 def replication_turn(record: dict | None, cap: int) -> str:
     """Which way the next verified block of one model, shape and thread count takes, from its ``record``
-    (``caches.REPLICATED``: ``{"k", "bytes", "batched": [s], "replicated": [s], "never"?}``): ``"batched"``,
-    ``"replicated"``, or ``"check"`` (the replicated way's first turn: the caller checks the model at ``k b``
-    examples first). Two measured calls each way, alternating, then the faster; only while ``k`` times the
-    block's captured ``bytes`` fit ``cap``."""
+    (``caches.REPLICATED``: ``{"k", "bytes", "batched": [s], "replicated": [s], "first", "never"?}``): ``"batched"``,
+    ``"replicated"``, or ``"check"`` (the replicated way's first turn: the caller compares its outputs with the
+    block's own first). Two measured calls each way, alternating, the replicated way first (a record begun before
+    any block ran, :func:`begin_measurement`, starts there; one begun by a batched block goes on from it), then the
+    faster; only while ``k`` times the block's captured ``bytes`` fit ``cap``."""
     if record is None or record.get("never") or record["k"] < 2 or record["k"] * record["bytes"] > cap:
         return "batched"
     batched, replicated = record["batched"], record["replicated"]
-    if len(replicated) < min(2, len(batched)):
-        return "check" if not replicated else "replicated"  # measuring: its turn
-    if len(batched) < 2:
-        return "batched"
+    if len(batched) < 2 or len(replicated) < 2:  # measuring: the ways alternate from the record's first
+        order = ("replicated", "batched") if record.get("first") == "replicated" else ("batched", "replicated")
+        way = order[(len(batched) + len(replicated)) % 2]
+        if len(record[way]) >= 2:
+            way = order[1] if way == order[0] else order[0]
+        return ("check" if not replicated else "replicated") if way == "replicated" else "batched"
     return "replicated" if min(replicated) < min(batched) else "batched"
+
+
+def begin_measurement(known: dict, key: tuple, k: int, size: int, first: str = "replicated") -> dict:
+    """The empty record of one model, block shape and thread count in ``known`` (``caches.REPLICATED``, bounded):
+    ``k`` outputs, ``size`` the block's captured bytes (measured, or estimated from the layer check's capture),
+    ``first`` the way measured first."""
+    if len(known) > 16:  # a bounded record (block shapes vary little within a run)
+        known.clear()
+    record = known[key] = {"k": k, "bytes": size, "batched": [], "replicated": [], "first": first}
+    return record
 
 
 def note_backward_time(known: dict, key: tuple, way: str, seconds: float, k: int, size: int) -> None:
@@ -124,9 +137,7 @@ def note_backward_time(known: dict, key: tuple, way: str, seconds: float, k: int
     :func:`replication_turn` (at most two each; ``size``: the block's captured bytes)."""
     record = known.get(key)
     if record is None:
-        if len(known) > 16:  # a bounded record (block shapes vary little within a run)
-            known.clear()
-        record = known[key] = {"k": k, "bytes": size, "batched": [], "replicated": []}
+        record = begin_measurement(known, key, k, size, first=way)
     if len(record[way]) < 2:
         record[way].append(seconds)
 
