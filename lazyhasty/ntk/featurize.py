@@ -524,7 +524,8 @@ class Featurizer:
             subs = self._copy_leaves(x) if grad else None
             return self._call(x, reset, subs=subs, standins=self.copies.standins if grad else None)
 
-        return capture_forward(self.plans, x.shape[0], forward, grad, self.planning.why)
+        # (the twin probes: its capture copies every captured tensor while finding the layers that need copies)
+        return capture_forward(self.plans, x.shape[0], forward, grad, self.planning.why, probe=self.is_twin)
 
     def _call(self, x: torch.Tensor, reset=None, subs: dict | None = None, model: nn.Module | None = None,
               standins: BroadcastStandIns | None = None) -> torch.Tensor:

@@ -395,3 +395,42 @@ def test_a_capture_forward_returns_its_calls_as_a_value_and_plans_hold_no_tensor
     assert [p.copy_output for p in cap.plans if p.name == "1"] == [True]
     for p in fz.plans + [q for v in caches.VERIFIED[m].values() for t in v.planned for q in t[0]]:
         assert not any(isinstance(getattr(p, f.name), (torch.Tensor, list)) for f in dataclasses.fields(p)), p.name
+
+
+def test_a_probing_capture_finds_the_copies_in_one_forward():
+    """The twin's capture probes (``capture_forward(probe=True)``): every captured input and output is a copy and
+    the model's own tensors are watched, so one forward finds the layers an in-place op needs copies for (the same
+    as the two forwards of a plain capture find) and its records are right. Before, the twin's first capture
+    ran its forward twice on models with in-place activations (timm's squeeze-excite: ~10 ms of a first call)."""
+    from lazyhasty.ntk.capture.hooks import capture_forward
+    from lazyhasty.ntk.capture.planning import Planning
+
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.relu_(self.a(x))  # a's output changed in place
+            y = self.b(h)
+            h += y  # b's input (h) changed in place after b read it
+            return self.c(h)
+
+    torch.manual_seed(0)
+    m, x = Residual().double(), torch.randn(5, 4, dtype=torch.float64)
+    found = {}
+    for probe in (True, False):
+        plans = Planning(m, "layerwise").plans
+        runs = []
+
+        def forward(reset):
+            runs.append(1)
+            return m(x)
+
+        cap = capture_forward(plans, 5, forward, True, {}, probe=probe)
+        found[probe] = ({p.name: (p.copy_input, p.copy_output) for p in plans}, len(runs))
+        by_name = dict(zip((p.name for p in plans), cap.calls))
+        assert torch.equal(by_name["b"].inputs[0], torch.relu(m.a(x)).detach())  # the value b read
+        assert torch.equal(cap.out, m(x))
+    assert found[True][1] == 1 and found[False][1] == 2, found
+    assert found[True][0] == found[False][0] == {"a": (False, True), "b": (True, False), "c": (False, False)}, found

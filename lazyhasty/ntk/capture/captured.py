@@ -24,19 +24,38 @@ class Calls:
             (``ReLU(inplace=True)``, ``out += identity``) moved the counter, and the capture runs again with copies.
         call_args: for a norm captured at its norm call (``plan.at_call``): each call's function and its other
             arguments (``norm_calls``); empty otherwise.
+        probe: every call's input is copied and its output handed on to the model as a copy, whatever the plan
+            says, while the model's own input and the copy it continues on are watched for in-place ops
+            (``watched``): one forward both captures safely and finds which layers need copies (the layer check's
+            captures on the twin: the second forward an in-place op cost was ~10 ms of a timm mobilenetv3 first
+            call).
     """
 
     inputs: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
     versions: list = field(default_factory=list)
     call_args: list = field(default_factory=list)
+    probe: bool = False
+    watched: tuple = field(default_factory=lambda: ([], []))
 
     def record(self, plan, x: torch.Tensor, out: torch.Tensor) -> None:
         """Record the call ``x -> out`` of ``plan``'s layer (``x`` copied when ``plan.copy_input``)."""
         x = x.detach()
-        self.inputs.append(x.clone() if plan.copy_input else x)
+        self.inputs.append(x.clone() if plan.copy_input or self.probe else x)
         self.outputs.append(out)
         self.versions.append((x._version, out._version))
+        if self.probe:
+            self.watched[0].append((x, x._version))
+
+    def hand_on(self, plan, out: torch.Tensor) -> torch.Tensor:
+        """What the model continues on after a recorded call: a copy of ``out`` when ``plan.copy_output`` (or
+        probing), so that an in-place op of the model leaves the recorded ``out`` as backward sees it; else ``out``."""
+        if not (plan.copy_output or self.probe):
+            return out
+        handed = out.clone()
+        if self.probe:
+            self.watched[1].append((handed, handed._version))
+        return handed
 
     def clear(self) -> None:
         """Drop every recorded call (a forward that restarts; the hooks keep this record)."""
@@ -44,9 +63,14 @@ class Calls:
         self.outputs.clear()
         self.versions.clear()
         self.call_args.clear()
+        for w in self.watched:
+            w.clear()
 
     def moved(self) -> tuple[bool, bool]:
-        """Whether an input / an output of these calls changed in place after its call."""
+        """Whether an input / an output of these calls changed in place after its call (probing: the model's own
+        input, and the copy of the output it continued on)."""
+        if self.probe:
+            return tuple(any(t._version != v for t, v in w) for w in self.watched)
         return (any(a._version != va for a, (va, _) in zip(self.inputs, self.versions)),
                 any(o._version != vo for o, (_, vo) in zip(self.outputs, self.versions)))
 
@@ -65,8 +89,8 @@ class Captured:
     out: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, plans: list) -> "Captured":
-        return cls(list(plans), [Calls() for _ in plans])
+    def empty(cls, plans: list, probe: bool = False) -> "Captured":
+        return cls(list(plans), [Calls(probe=probe) for _ in plans])
 
     def outputs(self) -> list:
         """Every planned layer's call outputs, plan by plan (what the output gradients are taken for)."""

@@ -26,7 +26,7 @@ NO_NORM_CALL = ("its forward made no norm call (F.batch_norm, F.layer_norm, F.gr
                 "weight or bias")
 
 
-def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dict) -> Captured:
+def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dict, probe: bool = False) -> Captured:
     """Run ``forward(reset)`` (the model on a block of ``b`` examples; ``reset()`` drops what was recorded, for a
     forward that restarts) with every plan's capture installed.
 
@@ -36,19 +36,20 @@ def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dic
         grad: whether the forward records the graph (False: sizes only).
         why: ``{plan name: reason}`` gains :data:`NO_NORM_CALL` for a norm at its call whose forward made none
             (its layer then goes to the fallback with that reason).
+        probe: copy every captured input and output while finding which layers need copies
+            (:class:`~.captured.Calls` ``probe``): one forward, never a second.
 
     Returns:
         A :class:`~.captured.Captured`: the forward's output and, per plan, its calls' inputs, outputs, version
         counters (and call arguments for norms at their call).
     """
-    cap = Captured.empty(plans)
+    cap = Captured.empty(plans, probe)
 
     def hook_for(p, calls):
         def hook(module, args, output):
             calls.record(p, args[0], output)
-            if p.copy_output:
-                return output.clone()  # the model continues on a copy; ``output`` stays as backward sees it
-            return None
+            handed = calls.hand_on(p, output)  # a copy, or ``output`` itself
+            return None if handed is output else handed
         return hook
 
     def reset():  # (in place: the hooks hold these records)
@@ -111,7 +112,7 @@ def capture_forward(plans: list, b: int, forward: Callable, grad: bool, why: dic
                 p.copy_input = moved = True
             if moved_out and not p.copy_output:
                 p.copy_output = moved = True
-        if not moved:
+        if not moved or probe:  # (probing, every captured tensor was a copy: this forward's records hold)
             break
     cap.out = out
     return cap

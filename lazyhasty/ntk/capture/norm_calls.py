@@ -60,7 +60,7 @@ class NormCallRecorder(TorchFunctionMode):
         self.calls.record(self.plan, a["input"], out)
         self.calls.call_args.append((func, {k: v for k, v in a.items() if k not in ("input", "weight", "bias")}))
         self.recorded += 1
-        return out.clone() if self.plan.copy_output else out
+        return self.calls.hand_on(self.plan, out)
 
 
 def normalized_call_input(func, args: dict, x: torch.Tensor) -> torch.Tensor:

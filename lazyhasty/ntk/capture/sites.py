@@ -377,7 +377,7 @@ class SiteRecorder:
                     return func(*args, **(kwargs or {}))
                 x, out, given = p.module.record(func, args, b)
                 calls.record(p, x, out)
-                return given.clone() if p.copy_output else given
+                return calls.hand_on(p, given)
 
         self.mode = Recorder()
 
