@@ -9,7 +9,8 @@ are recorded by a :class:`~.sites.SiteRecorder` mode around the forward.
 In-place safe: each captured tensor's version counter is recorded; when the model changed a captured input or
 output in place after the layer ran (``ReLU(inplace=True)``, ``out += identity``), that layer switches to copies
 (``LayerPlan.copy_input`` / ``copy_output``, remembered per model structure by the caller's verdict) and the
-forward runs again.
+forward runs again; a probing capture (the layer check's, on the twin) copies every captured tensor and finds the
+same switches in one forward.
 """
 from __future__ import annotations
 
