@@ -4,11 +4,13 @@
 
 Per model of ``benchmarks/outside_models.py`` (at the benchmark's n) and kernel: a fresh deep copy of the model
 (its per-model caches cold) in a process that has already run other models, one first call (the layer check on a
-perturbed twin, the per-example-copy decisions, the batch-mixing and batched-backward checks included), then two
-later calls; the ratio first / the faster later one. Every timed call starts after ``gc.collect()``, first and
+perturbed twin, the per-example-copy decisions, the batch-mixing and batched-backward checks included), then four
+untimed calls (the measurement of the two ways of the output gradients, ``Featurizer._replicas``, as
+``bench_outside``'s warm-up), then two later calls; the ratio first / the faster later one (before ``aef4571ddd``
+the later calls were the second and third, two of those measurement turns). Every timed call starts after ``gc.collect()``, first and
 later alike: without it a gen-2 collection of the deep copy's garbage (~0.2 s here) landed in the first call.
 ``torch.set_num_threads(THREADS)`` (default 1: with two threads on a shared 2-core machine the times swung
-3-100x); ``BENCH_OUTSIDE_SCALE=s`` multiplies every n by s. An A/B of two trees runs this twice, one after the
+3-100x; ``bench_outside``'s first / later column is the same ratio at 2 threads); ``BENCH_OUTSIDE_SCALE=s`` multiplies every n by s. An A/B of two trees runs this twice, one after the
 other, with ``PYTHONPATH`` pointing at each.
 """
 import copy
@@ -43,6 +45,8 @@ def main(out_path, wanted):
             t0 = time.perf_counter()
             ntk_gram(fresh, x, kernel=kernel)
             first = time.perf_counter() - t0
+            for _ in range(4):  # the two ways of the output gradients measured (bench_outside's warm-up)
+                ntk_gram(fresh, x, kernel=kernel)
             later = []
             for _ in range(2):
                 gc.collect()
