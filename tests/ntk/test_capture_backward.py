@@ -258,3 +258,28 @@ def test_replication_turns_alternate_then_keep_the_faster():
     assert known[key]["batched"] == [0.03, 0.02]
     assert replication_turn({**known[key], "never": True}, 1 << 20) == "batched"
     assert replication_turn({**known[key], "k": 1}, 1 << 20) == "batched"
+
+
+def test_the_first_calls_replicated_block_is_sized_from_the_twin_and_kept_within_the_byte_cap():
+    """The first call's replicated block is sized before it is captured, from the twin's capture (its probe of 4
+    examples, scaled to the block's 8): the estimate equals the block's captured bytes. Where k times it exceeds
+    ``limits`` ``replicated_backward_bytes``, no block is replicated, the first call's included."""
+    from lazyhasty.ntk import Featurizer
+    from lazyhasty.ntk.capture import caches
+
+    torch.manual_seed(0)
+    m = _DepthwiseNet().double().eval()
+    x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
+    want = R.ntk_gram(m, [x])
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    fz = Featurizer(m, "layerwise", "full", None)
+    measured = sum(o.numel() * o.element_size() for o in fz.capture(x).outputs())
+    assert st["bytes"] == measured and st["replicated"], (st, measured)
+    caches.forget(m)
+    with limits(replicated_backward_bytes=3 * measured - 1):  # k = 3: just over the cap
+        for _ in range(5):
+            assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    assert not st["replicated"] and len(st["batched"]) == 2, st
+    caches.forget(m)
