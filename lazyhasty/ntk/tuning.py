@@ -36,8 +36,8 @@ class Limits:
             0.016 -> 0.0135 s; larger blocks gain nothing and would hold k times the gradients.
         replicated_backward_bytes: a verified block's output gradients may come from one backward of the block
             repeated k times (measured against the batched backward once per model structure, block shape and
-            thread count, the replicated way first when the twin's capture gave the block's size; the faster kept) while k times its captured tensors take at most this many bytes; 0:
-            never. Measured (2-core CPU, 2 threads): timm mobilenetv3 n = 4 0.42x the batched backward's time,
+            thread count, the replicated way first when the twin's capture gave the block's size; the faster
+            kept) while k times its captured tensors take at most this many bytes; 0: never. Measured (2-core CPU, 2 threads): timm mobilenetv3 n = 4 0.42x the batched backward's time,
             efficientnet 0.65x, ConvNeXt 0.58x; transformers and ResNet 1.0-1.75x (not taken there). Both ways
             are exact; their roundings differ in the last bits, so the first calls of a model (which alternate
             while measuring) need not be bitwise equal (0 makes repeated calls bitwise reproducible).

@@ -185,6 +185,17 @@ class _LoggedDepthwiseNet(_DepthwiseNet):
         return super().forward(x)
 
 
+def _first_exact_call(m, x):
+    """One layerwise full kernel of ``m`` on ``x`` (a first call), equal to the spec: ``(the spec, the model's one
+    record of the two ways of the output gradients)``."""
+    from lazyhasty.ntk.capture import caches
+
+    want = R.ntk_gram(m, [x])
+    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
+    (st,) = caches.REPLICATED[m].values()
+    return want, st
+
+
 def test_a_first_call_replicates_and_checks_the_replicated_size_with_one_forward_of_the_block():
     """The layer check's capture on the twin gives the block's size, so the first call begins the measurement
     with the replicated block (timm's efficientnet and mobilenetv3: faster than the batched backward and its
@@ -196,9 +207,7 @@ def test_a_first_call_replicates_and_checks_the_replicated_size_with_one_forward
     torch.manual_seed(0)
     m = _LoggedDepthwiseNet().double().eval()
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
-    want = R.ntk_gram(m, [x])
-    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
-    (st,) = caches.REPLICATED[m].values()
+    want, st = _first_exact_call(m, x)
     assert len(st["replicated"]) == 1 and not st["batched"], st  # the first call replicated
     assert (12, True) in m.log and (4, False) in m.log, m.log  # k b = 3 x 4 with grad; the block alone without
     assert all(size != 6 for size, _ in m.log) and m.log.count((12, False)) == 0, m.log  # no k b (/ 2) check
@@ -270,9 +279,7 @@ def test_the_first_calls_replicated_block_is_sized_from_the_twin_and_kept_within
     torch.manual_seed(0)
     m = _DepthwiseNet().double().eval()
     x = torch.randn(8, 3, 5, 5, dtype=torch.float64)
-    want = R.ntk_gram(m, [x])
-    assert _rel(ntk_gram(m, x, implementation="layerwise"), want) <= 1e-10
-    (st,) = caches.REPLICATED[m].values()
+    want, st = _first_exact_call(m, x)
     fz = Featurizer(m, "layerwise", "full", None)
     measured = sum(o.numel() * o.element_size() for o in fz.capture(x).outputs())
     assert st["bytes"] == measured and st["replicated"], (st, measured)
